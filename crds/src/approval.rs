@@ -29,15 +29,42 @@ pub const MAX_DECISIONS: u64 = 32;
     shortname = "approval",
     category = "tollgate",
     derive = "PartialEq",
-    printcolumn(name = "Agent", type_ = "string", json_path = ".spec.identityRef.name",
-        description = "The agent whose call waits"),
-    printcolumn(name = "Tool", type_ = "string", json_path = ".spec.tool", description = "The tool called"),
-    printcolumn(name = "Run", type_ = "string", json_path = ".spec.runId", priority = 1, description = "The run id"),
-    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase",
-        description = "Pending, Approved, Denied, Expired or Cancelled"),
-    printcolumn(name = "Expires", type_ = "date", json_path = ".spec.expiresAt",
-        description = "When the request is denied if undecided"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Agent",
+        type_ = "string",
+        json_path = ".spec.identityRef.name",
+        description = "The agent whose call waits"
+    ),
+    printcolumn(
+        name = "Tool",
+        type_ = "string",
+        json_path = ".spec.tool",
+        description = "The tool called"
+    ),
+    printcolumn(
+        name = "Run",
+        type_ = "string",
+        json_path = ".spec.runId",
+        priority = 1,
+        description = "The run id"
+    ),
+    printcolumn(
+        name = "Phase",
+        type_ = "string",
+        json_path = ".status.phase",
+        description = "Pending, Approved, Denied, Expired or Cancelled"
+    ),
+    printcolumn(
+        name = "Expires",
+        type_ = "date",
+        json_path = ".spec.expiresAt",
+        description = "When the request is denied if undecided"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(

@@ -3,7 +3,6 @@
 //! egress except DNS, the Tollgate gateway and `spec.network.egress`.
 
 use k8s_openapi::api::networking::v1::NetworkPolicyEgressRule;
-use k8s_openapi::api::rbac::v1::PolicyRule;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -82,7 +81,10 @@ pub struct Owner {
 pub struct ServiceAccountSettings {
     /// Name of the ServiceAccount. Defaults to `agent-<metadata.name>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
     pub name: Option<String>,
     /// Audience of the projected token the agent presents to the gateway.
     #[serde(default = "default_audience")]
@@ -104,7 +106,11 @@ fn default_token_expiration() -> i64 {
 
 impl Default for ServiceAccountSettings {
     fn default() -> Self {
-        Self { name: None, token_audience: default_audience(), token_expiration_seconds: default_token_expiration() }
+        Self {
+            name: None,
+            token_audience: default_audience(),
+            token_expiration_seconds: default_token_expiration(),
+        }
     }
 }
 
@@ -113,19 +119,38 @@ impl Default for ServiceAccountSettings {
 #[serde(rename_all = "camelCase")]
 pub struct KubernetesAccess {
     /// RBAC rules for a namespaced Role bound to the agent's ServiceAccount. Rules over
-    /// tollgate.dev or rbac.authorization.k8s.io, the escalate, bind and impersonate verbs, and
-    /// non-resource URLs are refused: an agent never raises its own rights.
+    /// tollgate.dev or rbac.authorization.k8s.io and the escalate, bind and impersonate verbs are
+    /// refused: an agent never raises its own rights.
     #[serde(default)]
     #[schemars(length(max = 64))]
-    #[x_kube(
-        validation = kube::core::Rule::new("self.all(r, !has(r.apiGroups) || !r.apiGroups.exists(g, g == 'tollgate.dev' || g == 'rbac.authorization.k8s.io'))")
-            .message("rules may not cover tollgate.dev or rbac.authorization.k8s.io: an agent cannot grant itself rights"),
-        validation = kube::core::Rule::new("self.all(r, !r.verbs.exists(v, v == 'escalate' || v == 'bind' || v == 'impersonate'))")
-            .message("the escalate, bind and impersonate verbs are not allowed for agents"),
-        validation = kube::core::Rule::new("self.all(r, !has(r.nonResourceURLs) || size(r.nonResourceURLs) == 0)")
-            .message("nonResourceURLs cannot be granted through a namespaced Role"),
-    )]
-    pub rules: Vec<PolicyRule>,
+    pub rules: Vec<AccessRule>,
+}
+
+/// One RBAC rule of the agent's Role: the shape of rbac/v1 PolicyRule without nonResourceURLs,
+/// which a namespaced Role cannot grant, and with bounded lists.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = kube::core::Rule::new("!self.apiGroups.exists(g, g == 'tollgate.dev' || g == 'rbac.authorization.k8s.io')")
+        .message("rules may not cover tollgate.dev or rbac.authorization.k8s.io: an agent cannot grant itself rights"),
+    validation = kube::core::Rule::new("!self.verbs.exists(v, v == 'escalate' || v == 'bind' || v == 'impersonate')")
+        .message("the escalate, bind and impersonate verbs are not allowed for agents"),
+)]
+pub struct AccessRule {
+    /// API groups of the resources; "" is the core group.
+    #[serde(default)]
+    #[schemars(length(max = 32), inner(length(max = 253)))]
+    pub api_groups: Vec<String>,
+    /// Resources (plural names, optionally with a subresource such as pods/log).
+    #[schemars(length(min = 1, max = 32), inner(length(min = 1, max = 253)))]
+    pub resources: Vec<String>,
+    /// Restricts the rule to objects with these names; empty means all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 253)))]
+    pub resource_names: Vec<String>,
+    /// Verbs allowed, such as get, list, watch, create, update, patch, delete.
+    #[schemars(length(min = 1, max = 16), inner(length(min = 1, max = 64)))]
+    pub verbs: Vec<String>,
 }
 
 /// Network egress allowed beyond DNS and the Tollgate gateway.
@@ -239,7 +264,10 @@ impl AgentIdentity {
     pub fn service_account_name(&self) -> String {
         match &self.spec.service_account.name {
             Some(name) => name.clone(),
-            None => format!("agent-{}", self.metadata.name.as_deref().unwrap_or_default()),
+            None => format!(
+                "agent-{}",
+                self.metadata.name.as_deref().unwrap_or_default()
+            ),
         }
     }
 }

@@ -39,13 +39,30 @@ pub const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$";
     shortname = "agpol",
     category = "tollgate",
     derive = "PartialEq",
-    printcolumn(name = "Agent", type_ = "string", json_path = ".spec.identityRef.name",
-        description = "The AgentIdentity this policy governs"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status",
-        description = "Whether the policy compiled and is enforced"),
-    printcolumn(name = "Hash", type_ = "string", json_path = ".status.policyHash", priority = 1,
-        description = "The policy hash recorded in every audit record"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Agent",
+        type_ = "string",
+        json_path = ".spec.identityRef.name",
+        description = "The AgentIdentity this policy governs"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "Whether the policy compiled and is enforced"
+    ),
+    printcolumn(
+        name = "Hash",
+        type_ = "string",
+        json_path = ".status.policyHash",
+        priority = 1,
+        description = "The policy hash recorded in every audit record"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new(
@@ -79,7 +96,10 @@ pub struct AgentPolicySpec {
 #[serde(rename_all = "camelCase")]
 pub struct Upstream {
     /// Name tools refer to, and the path segment of the gateway's MCP proxy (/mcp/<name>).
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: String,
     /// An MCP server (streamable HTTP transport). Without it the upstream is reachable only
     /// through the decision API, for orchestrators that call tools themselves.
@@ -129,7 +149,10 @@ pub struct ToolRules {
 )]
 pub struct AllowedTool {
     /// The tool's exact name. No case folding, normalisation or prefix matching is applied.
-    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9_.-]{1,128}$"))]
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[A-Za-z0-9_.-]{1,128}$")
+    )]
     pub name: String,
     /// The upstream (spec.upstreams[].name) that serves this tool.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -169,7 +192,9 @@ pub struct AllowedTool {
 }
 
 /// How much a tool may do without a person.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, JsonSchema,
+)]
 pub enum Autonomy {
     /// Every call waits for approval.
     #[default]
@@ -333,7 +358,11 @@ pub struct ExecutionLimits {
     #[schemars(range(min = 1))]
     pub max_wall_clock_seconds: Option<i64>,
     /// The most one run may cost, in US dollars, as a decimal string such as "2.00".
-    #[serde(default, rename = "maxCostUSD", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "maxCostUSD",
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schemars(regex(pattern = r"^[0-9]{1,9}(\.[0-9]{1,6})?$"))]
     #[x_kube(validation = Rule::new("double(self) > 0.0").message("maxCostUSD must be greater than zero"))]
     pub max_cost_usd: Option<String>,
@@ -359,7 +388,11 @@ pub struct IdentityWindow {
     #[schemars(range(min = 1))]
     pub max_runs: Option<i64>,
     /// The most all runs in the window may cost, in US dollars, as a decimal string.
-    #[serde(default, rename = "maxCostUSD", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "maxCostUSD",
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schemars(regex(pattern = r"^[0-9]{1,9}(\.[0-9]{1,6})?$"))]
     #[x_kube(validation = Rule::new("double(self) > 0.0").message("maxCostUSD must be greater than zero"))]
     pub max_cost_usd: Option<String>,
@@ -423,7 +456,9 @@ pub struct ProtectedResource {
 }
 
 /// An admission operation, named as in AdmissionReview.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema,
+)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Operation {
     /// Creating an object.

@@ -87,11 +87,17 @@ pub fn control_plane() -> &'static ControlPlane {
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize().expect("the repository root exists")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .expect("the repository root exists")
 }
 
 fn ready_timeout() -> Duration {
-    let seconds = std::env::var("TOLLGATE_E2E_READY_TIMEOUT").ok().and_then(|s| s.parse().ok()).unwrap_or(90);
+    let seconds = std::env::var("TOLLGATE_E2E_READY_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(90);
     Duration::from_secs(seconds)
 }
 
@@ -101,7 +107,10 @@ impl ControlPlane {
         let root = repo_root();
         let runs = root.join("target/e2e-runs");
         std::fs::create_dir_all(&runs)?;
-        let dir = tempfile::Builder::new().prefix("cp-").tempdir_in(&runs)?.keep();
+        let dir = tempfile::Builder::new()
+            .prefix("cp-")
+            .tempdir_in(&runs)?
+            .keep();
         // Whatever happens to this process from here on, the supervisor stops what we start and
         // removes the directory once we are gone.
         let supervisor = process::Supervisor::spawn(&dir)?;
@@ -115,7 +124,10 @@ impl ControlPlane {
         let kcm_port = free_port()?;
         let server = format!("https://127.0.0.1:{apiserver_port}");
         for user in User::ALL {
-            std::fs::write(dir.join(kubeconfig_name(user)), pki.kubeconfig(&server, user)?)?;
+            std::fs::write(
+                dir.join(kubeconfig_name(user)),
+                pki.kubeconfig(&server, user)?,
+            )?;
         }
 
         let etcd = supervisor.start(
@@ -132,7 +144,9 @@ impl ControlPlane {
                 "--log-level=warn".to_owned(),
             ]),
         )?;
-        wait_until(&etcd, ready_timeout(), || http_get_ok(etcd_client, "/health"))?;
+        wait_until(&etcd, ready_timeout(), || {
+            http_get_ok(etcd_client, "/health")
+        })?;
 
         let file = |name: &str| dir.join(name).display().to_string();
         let apiserver = supervisor.start(
@@ -160,7 +174,8 @@ impl ControlPlane {
         )?;
         let admin_kubeconfig = dir.join(kubeconfig_name(User::Admin));
         wait_until(&apiserver, ready_timeout(), || {
-            kubectl_with(&admin_kubeconfig, &["get", "--raw", "/readyz"]).is_ok_and(|out| out.trim() == "ok")
+            kubectl_with(&admin_kubeconfig, &["get", "--raw", "/readyz"])
+                .is_ok_and(|out| out.trim() == "ok")
         })?;
 
         let kcm = supervisor.start(
@@ -181,10 +196,27 @@ impl ControlPlane {
         // The controller manager is ready once the service-account controller has created the
         // default ServiceAccount of the default namespace.
         wait_until(&kcm, ready_timeout(), || {
-            kubectl_with(&admin_kubeconfig, &["get", "serviceaccount", "default", "-n", "default", "-o", "name"]).is_ok()
+            kubectl_with(
+                &admin_kubeconfig,
+                &[
+                    "get",
+                    "serviceaccount",
+                    "default",
+                    "-n",
+                    "default",
+                    "-o",
+                    "name",
+                ],
+            )
+            .is_ok()
         })?;
 
-        Ok(ControlPlane { dir, server, ca_pem: pki.ca_pem(), _processes: vec![etcd, apiserver, kcm] })
+        Ok(ControlPlane {
+            dir,
+            server,
+            ca_pem: pki.ca_pem(),
+            _processes: vec![etcd, apiserver, kcm],
+        })
     }
 
     /// The apiserver's URL, `https://127.0.0.1:<port>`.
@@ -210,10 +242,12 @@ impl ControlPlane {
 
     /// A kube client authenticated as `user`. Create it inside the test's own runtime.
     pub async fn client(&self, user: User) -> kube::Client {
-        let kubeconfig = Kubeconfig::read_from(self.kubeconfig(user)).expect("the harness wrote a valid kubeconfig");
-        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-            .await
-            .expect("the kubeconfig loads");
+        let kubeconfig = Kubeconfig::read_from(self.kubeconfig(user))
+            .expect("the harness wrote a valid kubeconfig");
+        let config =
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .expect("the kubeconfig loads");
         kube::Client::try_from(config).expect("a client can be built from the kubeconfig")
     }
 
@@ -230,19 +264,34 @@ impl ControlPlane {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let name = format!("{test}-{}-{n}", std::process::id() % 100_000);
         let api: Api<Namespace> = Api::all(self.client(User::Admin).await);
-        let namespace = Namespace { metadata: ObjectMeta { name: Some(name.clone()), ..Default::default() }, ..Default::default() };
-        api.create(&PostParams::default(), &namespace).await.unwrap_or_else(|e| panic!("create namespace {name}: {e}"));
+        let namespace = Namespace {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        api.create(&PostParams::default(), &namespace)
+            .await
+            .unwrap_or_else(|e| panic!("create namespace {name}: {e}"));
         name
     }
 }
 
 /// Runs kubectl with a kubeconfig and returns its stdout, or an error holding its stderr.
 fn kubectl_with(kubeconfig: &Path, args: &[&str]) -> Result<String> {
-    let output = Command::new("kubectl").arg(format!("--kubeconfig={}", kubeconfig.display())).args(args).output()?;
+    let output = Command::new("kubectl")
+        .arg(format!("--kubeconfig={}", kubeconfig.display()))
+        .args(args)
+        .output()?;
     if output.status.success() {
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     } else {
-        bail!("kubectl {}: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim())
+        bail!(
+            "kubectl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        )
     }
 }
 
@@ -259,10 +308,17 @@ fn build() -> Result<PathBuf> {
         .output()
         .with_context(|| format!("run {}", script.display()))?;
     if !output.status.success() {
-        bail!("{} failed ({}); its output is above", script.display(), output.status);
+        bail!(
+            "{} failed ({}); its output is above",
+            script.display(),
+            output.status
+        );
     }
     let stdout = String::from_utf8(output.stdout)?;
-    let dir = stdout.lines().last().context("build.sh printed no directory")?;
+    let dir = stdout
+        .lines()
+        .last()
+        .context("build.sh printed no directory")?;
     Ok(PathBuf::from(dir))
 }
 
@@ -273,7 +329,9 @@ fn free_port() -> Result<u16> {
 
 fn http_get_ok(port: u16, path: &str) -> bool {
     use std::io::{Read, Write};
-    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
     let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
     if write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").is_err() {
         return false;
@@ -292,7 +350,12 @@ fn wait_until(process: &Process, timeout: Duration, mut ready: impl FnMut() -> b
             return Ok(());
         }
         if let Some(status) = process.exited() {
-            bail!("{} exited with {status} before it was ready; last lines of {}:\n{}", process.name(), process.log().display(), process.log_tail(40));
+            bail!(
+                "{} exited with {status} before it was ready; last lines of {}:\n{}",
+                process.name(),
+                process.log().display(),
+                process.log_tail(40)
+            );
         }
         if start.elapsed() > timeout {
             bail!(
@@ -304,5 +367,62 @@ fn wait_until(process: &Process, timeout: Duration, mut ready: impl FnMut() -> b
             );
         }
         std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Installs Tollgate's CRDs from `config/crd/bases/` with `kubectl apply --server-side`, as a
+/// platform team would, and waits until they are Established. Runs once per test binary.
+pub fn install_crds() {
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    INSTALLED.get_or_init(|| {
+        let cp = control_plane();
+        let bases = repo_root().join("config/crd/bases");
+        let output = cp
+            .kubectl(User::Admin)
+            .args([
+                "apply",
+                "--server-side",
+                "--field-manager=tollgate-e2e",
+                "-f",
+            ])
+            .arg(&bases)
+            .output()
+            .expect("kubectl runs");
+        assert!(
+            output.status.success(),
+            "kubectl apply of the CRDs failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let output = cp
+            .kubectl(User::Admin)
+            .args(["wait", "--for=condition=Established", "--timeout=60s", "-f"])
+            .arg(&bases)
+            .output()
+            .expect("kubectl runs");
+        assert!(
+            output.status.success(),
+            "the CRDs did not become Established:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    });
+}
+
+/// Retries `check` every 250 ms until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {}s waiting for {what}",
+            timeout.as_secs()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }

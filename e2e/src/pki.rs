@@ -8,8 +8,8 @@ use anyhow::Result;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 
 use crate::User;
@@ -36,7 +36,11 @@ impl Pki {
         let mut ca = CertificateParams::new(Vec::<String>::new())?;
         ca.distinguished_name = name("tollgate-e2e-ca", &[]);
         ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        ca.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         let ca_pem = ca.self_signed(&ca_key)?.pem();
         let ca_issuer = Issuer::new(ca, ca_key);
 
@@ -47,10 +51,17 @@ impl Pki {
             "kubernetes.default".to_owned(),
             "kubernetes.default.svc".to_owned(),
         ])?;
-        server.subject_alt_names.push(SanType::IpAddress([127, 0, 0, 1].into()));
-        server.subject_alt_names.push(SanType::IpAddress([10, 0, 0, 1].into()));
+        server
+            .subject_alt_names
+            .push(SanType::IpAddress([127, 0, 0, 1].into()));
+        server
+            .subject_alt_names
+            .push(SanType::IpAddress([10, 0, 0, 1].into()));
         server.distinguished_name = name("kube-apiserver", &[]);
-        server.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        server.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
         server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let server_pem = server.signed_by(&server_key, &ca_issuer)?.pem();
 
@@ -83,7 +94,10 @@ impl Pki {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.distinguished_name = name(user.name(), user.groups());
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         let cert = params.signed_by(&key, &self.ca_issuer)?.pem();
         let b64 = |s: &str| STANDARD.encode(s.as_bytes());

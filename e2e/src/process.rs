@@ -47,7 +47,9 @@ impl Supervisor {
             .stderr(Stdio::null())
             .spawn()
             .context("start the e2e supervisor")?;
-        Ok(Self { dir: dir.to_owned() })
+        Ok(Self {
+            dir: dir.to_owned(),
+        })
     }
 
     /// Starts `command` with its output in `<dir>/<name>.log`.
@@ -60,9 +62,16 @@ impl Supervisor {
             .stderr(out)
             .spawn()
             .with_context(|| format!("start {name}"))?;
-        let mut pids = OpenOptions::new().create(true).append(true).open(self.dir.join("pids"))?;
+        let mut pids = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("pids"))?;
         writeln!(pids, "{}", child.id())?;
-        Ok(Process { name: name.to_owned(), log, child: Mutex::new(child) })
+        Ok(Process {
+            name: name.to_owned(),
+            log,
+            child: Mutex::new(child),
+        })
     }
 }
 

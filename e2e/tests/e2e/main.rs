@@ -1,0 +1,3 @@
+//! End-to-end tests against the real control plane. One test binary, so one control plane.
+
+mod crds;
