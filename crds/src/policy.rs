@@ -268,7 +268,7 @@ pub struct FieldConstraint {
     #[serde(default, rename = "enum", skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 256), inner(length(max = 1024)))]
     pub enum_: Option<Vec<String>>,
-    /// A regular expression (RE2 syntax, anchored by you) the whole string must match.
+    /// A regular expression (RE2 syntax) the whole string must match; Tollgate anchors it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 1024))]
     pub pattern: Option<String>,

@@ -1,9 +1,34 @@
 //! tollgate-engine: every Tollgate decision, as pure functions.
 //!
 //! Contract: no Kubernetes client, no network, no clock (time is an argument), no global state.
-//! Compiles an AgentPolicy, evaluates tool calls against it and a run's state, computes budgets,
-//! autonomy and graduation, decides admission for agent identities, and builds the desired child
-//! objects of an AgentIdentity. Every other crate asks this one; none decides on its own.
+//! It compiles an AgentPolicy ([`CompiledPolicy::compile`]), evaluates tool calls against it and
+//! a run's state ([`CompiledPolicy::evaluate`], [`CompiledPolicy::record`],
+//! [`CompiledPolicy::report`]), redacts results ([`redact`]), computes graduation
+//! ([`CompiledPolicy::eligible_for`]), decides admission for agents' own API writes
+//! ([`admission::admit`]), and builds the desired child objects of an AgentIdentity
+//! ([`children::desired_children`]). Every other crate asks this one; none decides on its own.
 //!
-//! The policy engine arrives with its own issue; this crate currently holds only the contract.
+//! Untrusted JSON is parsed with [`canonical::parse_strict`]; approvals bind to
+//! [`canonical::digest`] of the arguments.
 #![forbid(unsafe_code)]
+
+pub mod admission;
+pub mod budget;
+pub mod canonical;
+mod cel;
+pub mod children;
+pub mod compile;
+pub mod decision;
+pub mod duration;
+mod evaluate;
+pub mod graduation;
+pub mod selector;
+
+pub use budget::{Ceiling, RunState, Usage, WindowState};
+pub use compile::{CompileError, CompileErrors, CompiledPolicy};
+pub use decision::{ApprovalRequirement, Decision, DenyCode, RuleRef};
+pub use evaluate::{Agent, ToolCall, deny_without_policy, redact};
+pub use graduation::TrackRecord;
+
+#[cfg(test)]
+mod tests;
