@@ -1,5 +1,10 @@
 //! kubectl-tollgate: the kubectl plugin for people: approve, deny, kill, audit replay and
 //! verify, drift, doctor, and offline policy checks.
 //!
-//! The commands arrive with their own issues; this crate currently holds only the contract.
+//! Contract: only I/O and wiring; every decision comes from tollgate-engine. Today it has the
+//! offline commands: `check` (are these manifests valid, and what would be enforced) and
+//! `decide` (what would the policy answer to this call). The cluster commands arrive with the
+//! operator, admission and audit issues.
 #![forbid(unsafe_code)]
+
+pub mod offline;

@@ -4,22 +4,37 @@
 
 use std::sync::Arc;
 
-use cel::{Context, Program, Value};
+use cel::{Context, Env, Program, Value};
 
 /// The variables a condition may use.
 pub const VARIABLES: [&str; 3] = ["args", "run", "agent"];
 
 /// A compiled CEL condition.
-#[derive(Debug)]
 pub(crate) struct Condition {
     program: Program,
     source: Arc<str>,
+    // Building the standard environment costs tens of microseconds, so it is built once per
+    // condition, at compile time, and shared by every evaluation.
+    env: Arc<Env>,
+    uses: [bool; 3],
+}
+
+impl std::fmt::Debug for Condition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Condition")
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Condition {
     pub(crate) fn compile(source: &str) -> Result<Self, String> {
-        let program = Program::compile(source).map_err(|e| format!("invalid CEL: {e}"))?;
+        let env = Arc::new(Env::stdlib());
+        let program = env
+            .compile(source)
+            .map_err(|e| format!("invalid CEL: {e}"))?;
         let references = program.references();
+        let uses = VARIABLES.map(|v| references.has_variable(v));
         let mut unknown: Vec<&str> = references
             .variables()
             .into_iter()
@@ -35,7 +50,19 @@ impl Condition {
         Ok(Self {
             program,
             source: source.into(),
+            env,
+            uses,
         })
+    }
+
+    /// Whether the condition reads `run`.
+    pub(crate) fn uses_run(&self) -> bool {
+        self.uses[1]
+    }
+
+    /// Whether the condition reads `agent`.
+    pub(crate) fn uses_agent(&self) -> bool {
+        self.uses[2]
     }
 
     pub(crate) fn source(&self) -> &str {
@@ -49,8 +76,14 @@ impl Condition {
         run: &serde_json::Value,
         agent: &serde_json::Value,
     ) -> Result<bool, String> {
-        let mut context = Context::default();
-        for (name, value) in [("args", args), ("run", run), ("agent", agent)] {
+        let mut context = Context::with_env(self.env.clone());
+        for (i, (name, value)) in [("args", args), ("run", run), ("agent", agent)]
+            .into_iter()
+            .enumerate()
+        {
+            if !self.uses[i] {
+                continue;
+            }
             let value =
                 cel::to_value(value).map_err(|e| format!("{name} cannot be given to CEL: {e}"))?;
             context.add_variable_from_value(name, value);

@@ -340,7 +340,11 @@ impl CompiledPolicy {
         }
         let spec_value = serde_json::to_value(spec).expect("a policy spec serialises to JSON");
         Ok(CompiledPolicy {
-            id: format!("{namespace}/{name}").into(),
+            id: if namespace.is_empty() {
+                name.into()
+            } else {
+                format!("{namespace}/{name}").into()
+            },
             generation: policy.metadata.generation,
             hash: canonical::digest(&spec_value).into(),
             identity: spec.identity_ref.name.clone(),

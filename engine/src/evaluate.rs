@@ -13,6 +13,7 @@ use tollgate_crds::policy::{AdditionalFields, Autonomy, JsonType};
 
 use crate::budget::{Ceiling, RunState, Usage, WindowState};
 use crate::canonical;
+use crate::cel::Condition;
 use crate::compile::{CompiledPolicy, CompiledTool, FieldCheck, is_valid_tool_name};
 use crate::decision::{ApprovalRequirement, Decision, DenyCode, RuleRef};
 
@@ -60,13 +61,22 @@ pub fn deny_without_policy(reason: &str) -> Decision {
 type Refusal = (DenyCode, Cow<'static, str>, String);
 
 impl CompiledPolicy {
+    /// The rule behind a decision. Clauses about one tool are written relative to its entry and
+    /// made absolute here, such as `spec.tools.allowed[update_order_status].when`.
     fn rule(&self, tool: Option<&CompiledTool>, clause: impl Into<Cow<'static, str>>) -> RuleRef {
+        let clause = clause.into();
+        let clause = match tool {
+            Some(tool) if !clause.starts_with("spec.") => {
+                Cow::Owned(format!("spec.tools.allowed[{}].{clause}", tool.name))
+            }
+            _ => clause,
+        };
         RuleRef {
             policy: self.id.clone(),
             generation: self.generation,
             policy_hash: self.hash.clone(),
             tool: tool.map(|t| t.name.clone()),
-            clause: clause.into(),
+            clause,
         }
     }
 
@@ -151,7 +161,7 @@ impl CompiledPolicy {
                 Some(tool),
                 (
                     DenyCode::MalformedArguments,
-                    "spec.tools.allowed.arguments".into(),
+                    "arguments".into(),
                     "the arguments must be a JSON object".to_owned(),
                 ),
             );
@@ -167,11 +177,7 @@ impl CompiledPolicy {
         };
 
         if let Some(condition) = &tool.when {
-            match condition.evaluate(
-                call.arguments,
-                &run_variable(call.run_id, run),
-                &agent_variable(agent),
-            ) {
+            match check_condition(condition, call, run, agent) {
                 Ok(true) => {}
                 Ok(false) => {
                     return self.deny(
@@ -219,30 +225,24 @@ impl CompiledPolicy {
                     (Some((_, _, message)), _) => {
                         Some(format!("{message}; approval is needed to go past it"))
                     }
-                    (None, Some(condition)) => {
-                        match condition.evaluate(
-                            call.arguments,
-                            &run_variable(call.run_id, run),
-                            &agent_variable(agent),
-                        ) {
-                            Ok(true) => Some(format!(
-                                "escalateWhen holds for tool {}: {}",
-                                tool.name,
-                                condition.source()
-                            )),
-                            Ok(false) => None,
-                            Err(e) => {
-                                return self.deny(
-                                    Some(tool),
-                                    (
-                                        DenyCode::ConditionError,
-                                        "escalateWhen".into(),
-                                        format!("tool {:?}: {e}", call.tool),
-                                    ),
-                                );
-                            }
+                    (None, Some(condition)) => match check_condition(condition, call, run, agent) {
+                        Ok(true) => Some(format!(
+                            "escalateWhen holds for tool {}: {}",
+                            tool.name,
+                            condition.source()
+                        )),
+                        Ok(false) => None,
+                        Err(e) => {
+                            return self.deny(
+                                Some(tool),
+                                (
+                                    DenyCode::ConditionError,
+                                    "escalateWhen".into(),
+                                    format!("tool {:?}: {e}", call.tool),
+                                ),
+                            );
                         }
-                    }
+                    },
                     (None, None) => None,
                 },
                 Autonomy::AuditBased => {
@@ -558,6 +558,25 @@ fn json_type_name(t: JsonType) -> &'static str {
         JsonType::Array => "array",
         JsonType::Object => "object",
     }
+}
+
+fn check_condition(
+    condition: &Condition,
+    call: &ToolCall<'_>,
+    run: &RunState,
+    agent: &Agent<'_>,
+) -> Result<bool, String> {
+    let run = if condition.uses_run() {
+        run_variable(call.run_id, run)
+    } else {
+        Value::Null
+    };
+    let agent = if condition.uses_agent() {
+        agent_variable(agent)
+    } else {
+        Value::Null
+    };
+    condition.evaluate(call.arguments, &run, &agent)
 }
 
 fn run_variable(run_id: &str, run: &RunState) -> Value {

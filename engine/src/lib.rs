@@ -22,6 +22,7 @@ pub mod decision;
 pub mod duration;
 mod evaluate;
 pub mod graduation;
+pub mod manifest;
 pub mod selector;
 
 pub use budget::{Ceiling, RunState, Usage, WindowState};

@@ -210,6 +210,12 @@ fn tool_rules() {
     assert_eq!(&*rule.policy, "ns/support");
     assert_eq!(rule.generation, Some(4));
     assert!(message.contains("blocked by policy"));
+    let p = tools(json!([{"name": "t", "arguments": {"fields": {"n": {"type": "integer"}}}}]));
+    let Decision::Deny { rule, .. } = decide(&p, "t", json!({"n": "x"})) else {
+        panic!()
+    };
+    assert_eq!(rule.clause, "spec.tools.allowed[t].arguments.fields");
+    assert_eq!(rule.tool.as_deref(), Some("t"));
 }
 
 #[test]
