@@ -51,3 +51,9 @@ pub enum OnTimeout {
     #[default]
     Deny,
 }
+
+/// The cluster-wide kill switch: a ConfigMap of this name in Tollgate's namespace. While its
+/// `engaged` key is `"true"`, every agent is stopped as if its own switch were engaged.
+pub const GLOBAL_KILL_SWITCH: &str = "tollgate-kill-switch";
+/// The ConfigMap key that engages the global switch.
+pub const GLOBAL_KILL_SWITCH_KEY: &str = "engaged";

@@ -79,11 +79,12 @@ pub struct Owner {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceAccountSettings {
-    /// Name of the ServiceAccount. Defaults to `agent-<metadata.name>`.
+    /// Name of the ServiceAccount; it must start with `agent-`, which is how admission tells
+    /// agents' requests from everyone else's. Defaults to `agent-<metadata.name>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(
-        length(min = 1, max = 253),
-        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+        length(min = 7, max = 253),
+        regex(pattern = r"^agent-[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
     )]
     pub name: Option<String>,
     /// Audience of the projected token the agent presents to the gateway.

@@ -184,3 +184,89 @@ fn describe(write: &ApiWrite<'_>) -> String {
     };
     format!("{operation} of {group} {}{sub}{name}", write.resource)
 }
+
+/// Where injected agent pods find their token and the gateway.
+pub const TOKEN_MOUNT_PATH: &str = "/var/run/secrets/tollgate.dev";
+/// The injected volume's name.
+pub const TOKEN_VOLUME: &str = "tollgate-token";
+
+/// Decides whether a pod may run as an agent's ServiceAccount: its labels must match the
+/// identity's podSelector and no kill switch may be engaged.
+pub fn admit_pod(
+    identity: &tollgate_crds::AgentIdentity,
+    killed: bool,
+    pod_labels: &BTreeMap<String, String>,
+) -> Verdict {
+    let name = identity.metadata.name.as_deref().unwrap_or_default();
+    let rule = format!("AgentIdentity {name}");
+    if killed {
+        return Verdict::Denied {
+            rule: format!("{rule} spec.killSwitch"),
+            message: format!(
+                "the kill switch of agent {name} is engaged; no new pods run as {}",
+                identity.service_account_name()
+            ),
+        };
+    }
+    match crate::selector::Selector::compile(&identity.spec.pod_selector) {
+        Ok(selector) if selector.matches(pod_labels) => Verdict::Allowed,
+        Ok(_) => Verdict::Denied {
+            rule: format!("{rule} spec.podSelector"),
+            message: format!(
+                "pods running as {} must match the podSelector of AgentIdentity {name}; this pod's labels do not",
+                identity.service_account_name()
+            ),
+        },
+        Err(e) => Verdict::Denied {
+            rule: format!("{rule} spec.podSelector"),
+            message: format!("AgentIdentity {name} has an invalid podSelector: {e}"),
+        },
+    }
+}
+
+/// The JSON patch that gives an agent pod its gateway token (a projected ServiceAccount token
+/// with the identity's audience and lifetime, mounted read-only in every container) and sets
+/// TOLLGATE_URL. `pod` is the pod as submitted.
+pub fn pod_injection(
+    identity: &tollgate_crds::AgentIdentity,
+    gateway_url: &str,
+    pod: &serde_json::Value,
+) -> Vec<serde_json::Value> {
+    use serde_json::json;
+    let settings = &identity.spec.service_account;
+    let volume = json!({
+        "name": TOKEN_VOLUME,
+        "projected": {"sources": [{"serviceAccountToken": {
+            "audience": settings.token_audience, "expirationSeconds": settings.token_expiration_seconds, "path": "token"
+        }}]}
+    });
+    let mut patch = Vec::new();
+    let volumes = pod.pointer("/spec/volumes").and_then(|v| v.as_array());
+    if volumes.is_some_and(|v| v.iter().any(|v| v["name"] == TOKEN_VOLUME)) {
+        return patch;
+    }
+    match volumes {
+        Some(_) => patch.push(json!({"op": "add", "path": "/spec/volumes/-", "value": volume})),
+        None => patch.push(json!({"op": "add", "path": "/spec/volumes", "value": [volume]})),
+    }
+    let mount = json!({"name": TOKEN_VOLUME, "mountPath": TOKEN_MOUNT_PATH, "readOnly": true});
+    let env = json!({"name": "TOLLGATE_URL", "value": gateway_url});
+    for kind in ["containers", "initContainers"] {
+        let Some(containers) = pod
+            .pointer(&format!("/spec/{kind}"))
+            .and_then(|c| c.as_array())
+        else {
+            continue;
+        };
+        for (i, container) in containers.iter().enumerate() {
+            for (field, value) in [("volumeMounts", &mount), ("env", &env)] {
+                if container.get(field).is_some_and(|v| v.is_array()) {
+                    patch.push(json!({"op": "add", "path": format!("/spec/{kind}/{i}/{field}/-"), "value": value}));
+                } else {
+                    patch.push(json!({"op": "add", "path": format!("/spec/{kind}/{i}/{field}"), "value": [value]}));
+                }
+            }
+        }
+    }
+    patch
+}

@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admission;
+pub mod approval;
 pub mod budget;
 pub mod canonical;
 mod cel;

@@ -1,0 +1,396 @@
+//! The admission face: the endpoints the kube-apiserver calls. Each parses the AdmissionReview,
+//! asks tollgate-engine, and answers; nothing here decides on its own.
+//!
+//! | path | what |
+//! |---|---|
+//! | `/admission/validate-tollgate` | AgentIdentity and AgentPolicy compile and escalation checks; ApprovalRequest integrity |
+//! | `/admission/mutate-approvals` | stamps appended decisions with the authenticated user and time |
+//! | `/admission/validate-agents` | guards agents' own API writes (kill switch, self-escalation, freezes, protected objects) |
+//! | `/admission/validate-pods` | refuses agent pods that do not match their identity or whose kill switch is engaged |
+//! | `/admission/mutate-pods` | gives agent pods their gateway token and TOLLGATE_URL |
+//!
+//! A body that is not an AdmissionReview gets HTTP 400 with a JSON error naming what is wrong;
+//! a body over [`MAX_BODY`] gets 413. Neither can panic or hang the server.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use jiff::Timestamp;
+use kube::core::DynamicObject;
+use kube::core::admission::{
+    AdmissionRequest, AdmissionResponse, AdmissionReview, Operation as AdmissionOperation,
+};
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use tollgate_crds::policy::Operation;
+use tollgate_crds::{AgentIdentity, AgentPolicy, ApprovalRequest};
+use tollgate_engine::admission::{self, ApiWrite, Verdict};
+use tollgate_engine::approval::{self, Author};
+use tollgate_engine::{CompiledPolicy, children};
+
+use crate::cluster::ClusterView;
+use crate::metrics::Metrics;
+
+/// The largest AdmissionReview accepted (the apiserver's own request limit is 3 MiB).
+pub const MAX_BODY: usize = 4 * 1024 * 1024;
+
+/// Settings of the admission face.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The username of the gateway's ServiceAccount, the only creator of ApprovalRequests.
+    pub gateway_username: String,
+    /// The gateway URL injected into agent pods as TOLLGATE_URL.
+    pub gateway_url: String,
+}
+
+/// Everything a handler needs.
+pub struct AdmissionState {
+    /// The cluster as the webhook sees it.
+    pub view: Arc<dyn ClusterView>,
+    /// Settings.
+    pub settings: Settings,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// The clock (a function, so tests can fix time).
+    pub now: fn() -> Timestamp,
+}
+
+impl std::fmt::Debug for AdmissionState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdmissionState")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The admission router.
+pub fn router(state: Arc<AdmissionState>) -> Router {
+    Router::new()
+        .route("/admission/validate-tollgate", post(validate_tollgate))
+        .route("/admission/mutate-approvals", post(mutate_approvals))
+        .route("/admission/validate-agents", post(validate_agents))
+        .route("/admission/validate-pods", post(validate_pods))
+        .route("/admission/mutate-pods", post(mutate_pods))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+type Handler = fn(&AdmissionState, &AdmissionRequest<DynamicObject>) -> AdmissionResponse;
+
+/// Parses, decides with `handler`, answers, and counts.
+fn answer(
+    state: &AdmissionState,
+    endpoint: &'static str,
+    body: &[u8],
+    handler: Handler,
+) -> Response {
+    let started = Instant::now();
+    let request = serde_json::from_slice::<AdmissionReview<DynamicObject>>(body)
+        .map_err(|e| format!("malformed AdmissionReview: {e}"))
+        .and_then(|review| {
+            let request: Result<AdmissionRequest<DynamicObject>, _> = review.try_into();
+            request.map_err(|e| format!("malformed AdmissionReview: {e}"))
+        });
+    let response = match request {
+        Ok(request) => {
+            let response = handler(state, &request);
+            let outcome = if response.allowed {
+                "allowed"
+            } else {
+                "denied"
+            };
+            state
+                .metrics
+                .reviews
+                .with_label_values(&[endpoint, outcome])
+                .inc();
+            axum::Json(response.into_review()).into_response()
+        }
+        Err(error) => {
+            state
+                .metrics
+                .reviews
+                .with_label_values(&[endpoint, "malformed"])
+                .inc();
+            tracing::warn!(endpoint, %error, "refused a malformed AdmissionReview");
+            (StatusCode::BAD_REQUEST, axum::Json(json!({"error": error}))).into_response()
+        }
+    };
+    state
+        .metrics
+        .duration
+        .with_label_values(&[endpoint])
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+async fn validate_tollgate(State(state): State<Arc<AdmissionState>>, body: Bytes) -> Response {
+    answer(&state, "validate-tollgate", &body, decide_tollgate)
+}
+async fn mutate_approvals(State(state): State<Arc<AdmissionState>>, body: Bytes) -> Response {
+    answer(&state, "mutate-approvals", &body, stamp_approvals)
+}
+async fn validate_agents(State(state): State<Arc<AdmissionState>>, body: Bytes) -> Response {
+    answer(&state, "validate-agents", &body, decide_agent_write)
+}
+async fn validate_pods(State(state): State<Arc<AdmissionState>>, body: Bytes) -> Response {
+    answer(&state, "validate-pods", &body, decide_pod)
+}
+async fn mutate_pods(State(state): State<Arc<AdmissionState>>, body: Bytes) -> Response {
+    answer(&state, "mutate-pods", &body, inject_pod)
+}
+
+fn typed<T: DeserializeOwned>(object: &DynamicObject) -> Result<T, String> {
+    serde_json::to_value(object)
+        .and_then(serde_json::from_value)
+        .map_err(|e| format!("cannot read the object: {e}"))
+}
+
+fn deny(request: &AdmissionRequest<DynamicObject>, message: String) -> AdmissionResponse {
+    AdmissionResponse::from(request).deny(message)
+}
+
+fn decide_tollgate(
+    state: &AdmissionState,
+    request: &AdmissionRequest<DynamicObject>,
+) -> AdmissionResponse {
+    let allow = AdmissionResponse::from(request);
+    let Some(object) = &request.object else {
+        return allow;
+    };
+    let name = request.name.as_str();
+    match request.kind.kind.as_str() {
+        "AgentPolicy" => match typed::<AgentPolicy>(object).map(|p| CompiledPolicy::compile(&p)) {
+            Ok(Ok(_)) => allow,
+            Ok(Err(errors)) => deny(request, format!("AgentPolicy {name} is invalid: {errors}")),
+            Err(e) => deny(request, e),
+        },
+        "AgentIdentity" => match typed::<AgentIdentity>(object) {
+            Ok(identity) => {
+                let errors = children::escalation_errors(&identity.spec.kubernetes.rules);
+                if errors.is_empty() {
+                    allow
+                } else {
+                    let list: Vec<String> = errors.iter().map(|e| format!("\n- {e}")).collect();
+                    deny(
+                        request,
+                        format!(
+                            "AgentIdentity {name} would let the agent raise its own rights:{}",
+                            list.concat()
+                        ),
+                    )
+                }
+            }
+            Err(e) => deny(request, e),
+        },
+        "ApprovalRequest" => {
+            let author = Author {
+                username: &request.user_info.username.clone().unwrap_or_default(),
+                groups: &request.user_info.groups.clone().unwrap_or_default(),
+            };
+            let verdict = typed::<ApprovalRequest>(object).and_then(|new| {
+                match (&request.operation, &request.old_object) {
+                    (AdmissionOperation::Create, _) => {
+                        approval::validate_create(&new, &author, &state.settings.gateway_username)
+                    }
+                    (AdmissionOperation::Update, Some(old)) => {
+                        let old: ApprovalRequest = typed(old)?;
+                        let namespace = request.namespace.as_deref().unwrap_or_default();
+                        let identity = state.view.identity(namespace, &old.spec.identity_ref.name);
+                        let agent_username = identity.as_ref().map_or_else(
+                            || {
+                                format!(
+                                    "system:serviceaccount:{namespace}:agent-{}",
+                                    old.spec.identity_ref.name
+                                )
+                            },
+                            |i| {
+                                format!(
+                                    "system:serviceaccount:{namespace}:{}",
+                                    i.service_account_name()
+                                )
+                            },
+                        );
+                        let killed = state.view.global_kill()
+                            || identity.is_some_and(|i| i.spec.kill_switch.engaged);
+                        approval::validate_update(
+                            &old,
+                            &new,
+                            &author,
+                            &agent_username,
+                            killed,
+                            (state.now)(),
+                        )
+                    }
+                    _ => Ok(()),
+                }
+            });
+            match verdict {
+                Ok(()) => allow,
+                Err(e) => deny(request, format!("ApprovalRequest {name}: {e}")),
+            }
+        }
+        _ => allow,
+    }
+}
+
+fn stamp_approvals(
+    state: &AdmissionState,
+    request: &AdmissionRequest<DynamicObject>,
+) -> AdmissionResponse {
+    let allow = AdmissionResponse::from(request);
+    let Some(object) = &request.object else {
+        return allow;
+    };
+    let parsed = typed::<ApprovalRequest>(object).and_then(|new| {
+        Ok((
+            new,
+            request
+                .old_object
+                .as_ref()
+                .map(typed::<ApprovalRequest>)
+                .transpose()?,
+        ))
+    });
+    let (new, old) = match parsed {
+        Ok(pair) => pair,
+        Err(e) => return deny(request, e),
+    };
+    let user = request.user_info.username.clone().unwrap_or_default();
+    let at = (state.now)().strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
+    let mut operations = Vec::new();
+    for i in approval::appended(old.as_ref(), &new) {
+        operations
+            .push(json!({"op": "add", "path": format!("/spec/decisions/{i}/user"), "value": user}));
+        operations
+            .push(json!({"op": "add", "path": format!("/spec/decisions/{i}/at"), "value": at}));
+    }
+    with_patch(request, allow, operations)
+}
+
+fn with_patch(
+    request: &AdmissionRequest<DynamicObject>,
+    allow: AdmissionResponse,
+    operations: Vec<Value>,
+) -> AdmissionResponse {
+    if operations.is_empty() {
+        return allow;
+    }
+    match serde_json::from_value::<json_patch::Patch>(Value::Array(operations)) {
+        Ok(patch) => allow
+            .with_patch(patch)
+            .unwrap_or_else(|e| deny(request, format!("cannot encode the patch: {e}"))),
+        Err(e) => deny(request, format!("cannot build the patch: {e}")),
+    }
+}
+
+fn labels_of(object: Option<&DynamicObject>) -> Option<&BTreeMap<String, String>> {
+    object.and_then(|o| o.metadata.labels.as_ref())
+}
+
+fn decide_agent_write(
+    state: &AdmissionState,
+    request: &AdmissionRequest<DynamicObject>,
+) -> AdmissionResponse {
+    let allow = AdmissionResponse::from(request);
+    let username = request.user_info.username.as_deref().unwrap_or_default();
+    let Some(identity) = state.view.identity_by_username(username) else {
+        return allow;
+    };
+    let agent = identity.metadata.name.clone().unwrap_or_default();
+    let namespace = identity.metadata.namespace.clone().unwrap_or_default();
+    let killed = state.view.global_kill() || identity.spec.kill_switch.engaged;
+    let policies = state.view.policies_for(&namespace, &agent);
+    let compiled = match policies.as_slice() {
+        [policy] => CompiledPolicy::compile(policy).ok(),
+        _ => None,
+    };
+    let operation = match request.operation {
+        AdmissionOperation::Create => Operation::Create,
+        AdmissionOperation::Update => Operation::Update,
+        AdmissionOperation::Delete => Operation::Delete,
+        AdmissionOperation::Connect => Operation::Connect,
+    };
+    let write = ApiWrite {
+        operation,
+        group: &request.resource.group,
+        resource: &request.resource.resource,
+        subresource: request.sub_resource.as_deref().unwrap_or_default(),
+        name: &request.name,
+        labels: labels_of(request.object.as_ref()),
+        old_labels: labels_of(request.old_object.as_ref()),
+    };
+    match admission::admit(&agent, killed, compiled.as_ref(), &write, (state.now)()) {
+        Verdict::Allowed => allow,
+        Verdict::Denied { rule, message } => {
+            // An audit event, as a structured line until the audit store lands.
+            tracing::info!(target: "tollgate::audit", agent, namespace, username, rule, message, operation = ?request.operation, resource = %request.resource.resource, name = %request.name, "agent write denied");
+            deny(request, format!("Tollgate: {message} [rule: {rule}]"))
+        }
+    }
+}
+
+/// The agent identity a pod would run as, if any.
+fn pod_identity(
+    state: &AdmissionState,
+    request: &AdmissionRequest<DynamicObject>,
+) -> Option<Arc<AgentIdentity>> {
+    let object = request.object.as_ref()?;
+    let namespace = request.namespace.as_deref()?;
+    let service_account = object
+        .data
+        .pointer("/spec/serviceAccountName")
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    state.view.identity_by_username(&format!(
+        "system:serviceaccount:{namespace}:{service_account}"
+    ))
+}
+
+fn decide_pod(
+    state: &AdmissionState,
+    request: &AdmissionRequest<DynamicObject>,
+) -> AdmissionResponse {
+    let allow = AdmissionResponse::from(request);
+    if request.operation != AdmissionOperation::Create {
+        return allow;
+    }
+    let Some(identity) = pod_identity(state, request) else {
+        return allow;
+    };
+    let killed = state.view.global_kill() || identity.spec.kill_switch.engaged;
+    let empty = BTreeMap::new();
+    let labels = labels_of(request.object.as_ref()).unwrap_or(&empty);
+    match admission::admit_pod(&identity, killed, labels) {
+        Verdict::Allowed => allow,
+        Verdict::Denied { rule, message } => {
+            deny(request, format!("Tollgate: {message} [rule: {rule}]"))
+        }
+    }
+}
+
+fn inject_pod(
+    state: &AdmissionState,
+    request: &AdmissionRequest<DynamicObject>,
+) -> AdmissionResponse {
+    let allow = AdmissionResponse::from(request);
+    if request.operation != AdmissionOperation::Create {
+        return allow;
+    }
+    let Some(identity) = pod_identity(state, request) else {
+        return allow;
+    };
+    let Some(object) = &request.object else {
+        return allow;
+    };
+    let pod = json!({"spec": object.data.get("spec").cloned().unwrap_or(Value::Null)});
+    let operations = admission::pod_injection(&identity, &state.settings.gateway_url, &pod);
+    with_patch(request, allow, operations)
+}

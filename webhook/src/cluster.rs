@@ -1,0 +1,157 @@
+//! What the webhook knows of the cluster: agent identities, their policies, and the global kill
+//! switch. In a cluster it is kept by watches (never polling); tests give a fixed view.
+
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client};
+use tollgate_crds::common::{GLOBAL_KILL_SWITCH, GLOBAL_KILL_SWITCH_KEY};
+use tollgate_crds::{AgentIdentity, AgentPolicy};
+
+/// A read-only view of the Tollgate objects in the cluster.
+pub trait ClusterView: Send + Sync {
+    /// Every AgentIdentity.
+    fn identities(&self) -> Vec<Arc<AgentIdentity>>;
+    /// Every AgentPolicy.
+    fn policies(&self) -> Vec<Arc<AgentPolicy>>;
+    /// Whether the global kill switch is engaged.
+    fn global_kill(&self) -> bool;
+
+    /// The identity whose ServiceAccount authenticates as `username`.
+    fn identity_by_username(&self, username: &str) -> Option<Arc<AgentIdentity>> {
+        let (namespace, service_account) = service_account_of(username)?;
+        self.identities().into_iter().find(|i| {
+            i.metadata.namespace.as_deref() == Some(namespace)
+                && i.service_account_name() == service_account
+        })
+    }
+
+    /// The identity `name` in `namespace`.
+    fn identity(&self, namespace: &str, name: &str) -> Option<Arc<AgentIdentity>> {
+        self.identities().into_iter().find(|i| {
+            i.metadata.namespace.as_deref() == Some(namespace)
+                && i.metadata.name.as_deref() == Some(name)
+        })
+    }
+
+    /// The policies governing identity `name` in `namespace`, sorted by name.
+    fn policies_for(&self, namespace: &str, name: &str) -> Vec<Arc<AgentPolicy>> {
+        let mut policies: Vec<_> = self
+            .policies()
+            .into_iter()
+            .filter(|p| {
+                p.metadata.namespace.as_deref() == Some(namespace)
+                    && p.spec.identity_ref.name == name
+            })
+            .collect();
+        policies.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        policies
+    }
+}
+
+/// `(namespace, name)` of a ServiceAccount username, `system:serviceaccount:NS:NAME`.
+pub fn service_account_of(username: &str) -> Option<(&str, &str)> {
+    let rest = username.strip_prefix("system:serviceaccount:")?;
+    let (namespace, name) = rest.split_once(':')?;
+    (!namespace.is_empty() && !name.is_empty() && !name.contains(':')).then_some((namespace, name))
+}
+
+/// A fixed view, for tests and standalone use.
+#[derive(Debug, Clone, Default)]
+pub struct StaticView {
+    /// The identities.
+    pub identities: Vec<Arc<AgentIdentity>>,
+    /// The policies.
+    pub policies: Vec<Arc<AgentPolicy>>,
+    /// The global kill switch.
+    pub global_kill: bool,
+}
+
+impl ClusterView for StaticView {
+    fn identities(&self) -> Vec<Arc<AgentIdentity>> {
+        self.identities.clone()
+    }
+    fn policies(&self) -> Vec<Arc<AgentPolicy>> {
+        self.policies.clone()
+    }
+    fn global_kill(&self) -> bool {
+        self.global_kill
+    }
+}
+
+/// A view kept current by watches on the apiserver.
+#[derive(Clone)]
+pub struct WatchedView {
+    identities: Store<AgentIdentity>,
+    policies: Store<AgentPolicy>,
+    switches: Store<ConfigMap>,
+}
+
+impl std::fmt::Debug for WatchedView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WatchedView").finish_non_exhaustive()
+    }
+}
+
+impl WatchedView {
+    /// Starts the watches; `tollgate_namespace` holds the global kill switch.
+    pub fn start(client: Client, tollgate_namespace: &str) -> Self {
+        fn spawn<K>(api: Api<K>, config: watcher::Config) -> Store<K>
+        where
+            K: kube::Resource<DynamicType = ()>
+                + Clone
+                + std::fmt::Debug
+                + serde::de::DeserializeOwned
+                + Send
+                + Sync
+                + 'static,
+        {
+            use futures::StreamExt;
+            let (reader, writer) = reflector::store();
+            let stream = reflector::reflector(writer, watcher(api, config))
+                .default_backoff()
+                .touched_objects();
+            tokio::spawn(stream.for_each(|event| async move {
+                if let Err(e) = event {
+                    tracing::warn!(error = %e, "watch error; retrying with backoff");
+                }
+            }));
+            reader
+        }
+        let switch =
+            watcher::Config::default().fields(&format!("metadata.name={GLOBAL_KILL_SWITCH}"));
+        WatchedView {
+            identities: spawn(Api::all(client.clone()), watcher::Config::default()),
+            policies: spawn(Api::all(client.clone()), watcher::Config::default()),
+            switches: spawn(Api::namespaced(client, tollgate_namespace), switch),
+        }
+    }
+
+    /// Waits until every watch has listed once.
+    pub async fn ready(&self) {
+        let _ = self.identities.wait_until_ready().await;
+        let _ = self.policies.wait_until_ready().await;
+        let _ = self.switches.wait_until_ready().await;
+    }
+}
+
+impl ClusterView for WatchedView {
+    fn identities(&self) -> Vec<Arc<AgentIdentity>> {
+        self.identities.state()
+    }
+    fn policies(&self) -> Vec<Arc<AgentPolicy>> {
+        self.policies.state()
+    }
+    fn global_kill(&self) -> bool {
+        self.switches.state().iter().any(|cm| {
+            cm.metadata.name.as_deref() == Some(GLOBAL_KILL_SWITCH)
+                && cm
+                    .data
+                    .as_ref()
+                    .and_then(|d| d.get(GLOBAL_KILL_SWITCH_KEY))
+                    .is_some_and(|v| v == "true")
+        })
+    }
+}

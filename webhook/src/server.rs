@@ -1,0 +1,119 @@
+//! Serving: the admission router over rustls on one port, with the certificate and key read
+//! from files and reloaded when they change (cert-manager rotates them in place), and a plain
+//! port for probes and metrics that never needs a certificate.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum_server::Handle;
+use axum_server::tls_rustls::RustlsConfig;
+
+use crate::metrics::Metrics;
+
+/// Where the serving certificate lives.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+/// Readiness, flipped once the watches have synced.
+#[derive(Debug, Clone, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    /// Marks the server ready.
+    pub fn set_ready(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    fn is_ready(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Installs ring as rustls' process-wide crypto provider (once; later calls are harmless).
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Loads the certificate and starts watching its files; a change is picked up within
+/// `interval`. A file that cannot be read keeps the previous certificate in service.
+pub async fn tls_config(files: &TlsFiles, interval: Duration) -> std::io::Result<RustlsConfig> {
+    install_crypto_provider();
+    let config = RustlsConfig::from_pem_file(&files.cert, &files.key).await?;
+    let reloading = config.clone();
+    let files = files.clone();
+    tokio::spawn(async move {
+        let modified = |files: &TlsFiles| -> Option<(SystemTime, SystemTime)> {
+            Some((
+                std::fs::metadata(&files.cert).ok()?.modified().ok()?,
+                std::fs::metadata(&files.key).ok()?.modified().ok()?,
+            ))
+        };
+        let mut last = modified(&files);
+        loop {
+            tokio::time::sleep(interval).await;
+            let now = modified(&files);
+            if now.is_some() && now != last {
+                match reloading
+                    .reload_from_pem_file(&files.cert, &files.key)
+                    .await
+                {
+                    Ok(()) => {
+                        tracing::info!(cert = %files.cert.display(), "reloaded the serving certificate");
+                        last = now;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the new certificate cannot be loaded; keeping the previous one")
+                    }
+                }
+            }
+        }
+    });
+    Ok(config)
+}
+
+/// Serves `app` over TLS until `handle` is shut down.
+pub async fn serve_tls(
+    app: Router,
+    addr: SocketAddr,
+    config: RustlsConfig,
+    handle: Handle<SocketAddr>,
+) -> std::io::Result<()> {
+    axum_server::bind_rustls(addr, config)
+        .handle(handle)
+        .serve(app.into_make_service())
+        .await
+}
+
+/// The probe router: /healthz, /readyz and /metrics.
+pub fn probes(readiness: Readiness, metrics: Metrics) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(
+                |State((readiness, _)): State<(Readiness, Metrics)>| async move {
+                    if readiness.is_ready() {
+                        (StatusCode::OK, "ok")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "watches not synced")
+                    }
+                },
+            ),
+        )
+        .route(
+            "/metrics",
+            get(|State((_, metrics)): State<(Readiness, Metrics)>| async move { metrics.render() }),
+        )
+        .with_state((readiness, metrics))
+}
