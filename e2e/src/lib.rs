@@ -426,3 +426,21 @@ where
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+impl ControlPlane {
+    /// A kube client that authenticates with a bearer token, as an agent's pod would.
+    pub async fn client_with_token(&self, token: &str) -> kube::Client {
+        use base64::Engine;
+        let kubeconfig = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: e2e\n  cluster:\n    server: {}\n    certificate-authority-data: {}\nusers:\n- name: token\n  user:\n    token: {token}\ncontexts:\n- name: token\n  context: {{cluster: e2e, user: token}}\ncurrent-context: token\n",
+            self.server,
+            base64::engine::general_purpose::STANDARD.encode(&self.ca_pem),
+        );
+        let kubeconfig = Kubeconfig::from_yaml(&kubeconfig).expect("a valid token kubeconfig");
+        let config =
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .expect("the kubeconfig loads");
+        kube::Client::try_from(config).expect("a client can be built")
+    }
+}

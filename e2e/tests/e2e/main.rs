@@ -1,3 +1,4 @@
 //! End-to-end tests against the real control plane. One test binary, so one control plane.
 
+mod admission;
 mod crds;

@@ -1,0 +1,646 @@
+//! The admission face on the real apiserver: the webhook runs in this process over TLS on
+//! 127.0.0.1, is registered by URL with its caBundle, and the kube-apiserver calls it.
+//!
+//! The webhook configurations only match namespaces labelled `tollgate-e2e/admission=enabled`,
+//! so the other e2e tests in this binary are untouched.
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::Client;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+use tollgate_crds::{AgentIdentity, AgentPolicy, ApprovalRequest};
+use tollgate_e2e::{User, control_plane, eventually, install_crds};
+
+const LABEL: &str = "tollgate-e2e/admission";
+const GATEWAY: &str = "system:serviceaccount:tollgate-system:tollgate-gateway";
+
+/// Starts the webhook once for this test binary and registers it with the apiserver.
+fn webhook() {
+    static STARTED: OnceLock<()> = OnceLock::new();
+    STARTED.get_or_init(|| {
+        install_crds();
+        let cp = control_plane();
+        let dir = cp.dir().join("webhook");
+        std::fs::create_dir_all(&dir).unwrap();
+        let (ca_pem, cert_pem, key_pem) = serving_certificate();
+        std::fs::write(dir.join("tls.crt"), cert_pem).unwrap();
+        std::fs::write(dir.join("tls.key"), key_pem).unwrap();
+        let port = free_port();
+        let probe = free_port();
+        let kubeconfig = cp.kubeconfig(User::Admin);
+        let tls = tollgate_webhook::server::TlsFiles {
+            cert: dir.join("tls.crt"),
+            key: dir.join("tls.key"),
+        };
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let config = kube::Config::from_custom_kubeconfig(
+                    kube::config::Kubeconfig::read_from(kubeconfig).unwrap(),
+                    &Default::default(),
+                )
+                .await
+                .unwrap();
+                let client = Client::try_from(config).unwrap();
+                let settings = tollgate_webhook::Settings {
+                    gateway_username: GATEWAY.into(),
+                    gateway_url: "https://tollgate-gateway.tollgate-system.svc:8443".into(),
+                };
+                let handle = axum_server::Handle::new();
+                let listen = format!("127.0.0.1:{port}").parse().unwrap();
+                let probes = format!("127.0.0.1:{probe}").parse().unwrap();
+                if let Err(e) = tollgate_webhook::run_in_cluster(
+                    client,
+                    settings,
+                    "tollgate-system",
+                    tls,
+                    listen,
+                    probes,
+                    handle,
+                )
+                .await
+                {
+                    panic!("the webhook stopped: {e:#}");
+                }
+            });
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !http_ok(probe, "/readyz") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the webhook did not become ready"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let registration = registration(port, &ca_pem);
+        let file = dir.join("webhooks.yaml");
+        std::fs::write(&file, registration).unwrap();
+        let output = cp
+            .kubectl(User::Admin)
+            .args(["apply", "--server-side", "-f"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "registering the webhooks failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let output = cp
+            .kubectl(User::Admin)
+            .args(["apply", "--server-side", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                use std::io::Write;
+                child.stdin.take().unwrap().write_all(RBAC.as_bytes())?;
+                child.wait_with_output()
+            })
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "granting approvers RBAC failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    });
+}
+
+/// Approvers (and carol, who is not one) may patch ApprovalRequests as far as RBAC goes; the
+/// gateway may create them. Whether a decision counts is the webhook's business.
+const RBAC: &str = r#"
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: tollgate-e2e-approver}
+rules:
+- apiGroups: [tollgate.dev]
+  resources: [approvalrequests]
+  verbs: [get, list, watch, patch, update, create]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: tollgate-e2e-approver}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: tollgate-e2e-approver}
+subjects:
+- {apiGroup: rbac.authorization.k8s.io, kind: Group, name: tollgate-approvers}
+- {apiGroup: rbac.authorization.k8s.io, kind: User, name: carol}
+- {apiGroup: rbac.authorization.k8s.io, kind: User, name: "system:serviceaccount:tollgate-system:tollgate-gateway"}
+"#;
+
+fn registration(port: u16, ca_pem: &str) -> String {
+    use base64::Engine;
+    let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem);
+    let url = |path: &str| format!("https://127.0.0.1:{port}/admission/{path}");
+    let selector = format!("namespaceSelector: {{matchLabels: {{{LABEL}: enabled}}}}");
+    format!(
+        r#"apiVersion: admissionregistration.k8s.io/v1
+kind: MutatingWebhookConfiguration
+metadata: {{name: tollgate-e2e}}
+webhooks:
+- name: approvals.mutate.tollgate.dev
+  clientConfig: {{url: "{mutate_approvals}", caBundle: {ca}}}
+  rules: [{{apiGroups: [tollgate.dev], apiVersions: [v1alpha1], operations: [CREATE, UPDATE], resources: [approvalrequests]}}]
+  {selector}
+  admissionReviewVersions: [v1]
+  sideEffects: None
+  failurePolicy: Fail
+  timeoutSeconds: 5
+- name: pods.mutate.tollgate.dev
+  clientConfig: {{url: "{mutate_pods}", caBundle: {ca}}}
+  rules: [{{apiGroups: [""], apiVersions: [v1], operations: [CREATE], resources: [pods]}}]
+  matchConditions:
+  - {{name: agent-service-account, expression: "has(object.spec.serviceAccountName) && object.spec.serviceAccountName.startsWith('agent-')"}}
+  {selector}
+  admissionReviewVersions: [v1]
+  sideEffects: None
+  failurePolicy: Fail
+  reinvocationPolicy: IfNeeded
+  timeoutSeconds: 5
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingWebhookConfiguration
+metadata: {{name: tollgate-e2e}}
+webhooks:
+- name: objects.validate.tollgate.dev
+  clientConfig: {{url: "{validate_tollgate}", caBundle: {ca}}}
+  rules: [{{apiGroups: [tollgate.dev], apiVersions: [v1alpha1], operations: [CREATE, UPDATE], resources: [agentidentities, agentpolicies, approvalrequests]}}]
+  {selector}
+  admissionReviewVersions: [v1]
+  sideEffects: None
+  failurePolicy: Fail
+  timeoutSeconds: 5
+- name: agents.validate.tollgate.dev
+  clientConfig: {{url: "{validate_agents}", caBundle: {ca}}}
+  rules: [{{apiGroups: ["*"], apiVersions: ["*"], operations: [CREATE, UPDATE, DELETE, CONNECT], resources: ["*/*"]}}]
+  matchConditions:
+  - {{name: agent-service-account, expression: "request.userInfo.username.matches('^system:serviceaccount:[^:]+:agent-')"}}
+  {selector}
+  admissionReviewVersions: [v1]
+  sideEffects: None
+  failurePolicy: Fail
+  timeoutSeconds: 5
+- name: pods.validate.tollgate.dev
+  clientConfig: {{url: "{validate_pods}", caBundle: {ca}}}
+  rules: [{{apiGroups: [""], apiVersions: [v1], operations: [CREATE], resources: [pods]}}]
+  matchConditions:
+  - {{name: agent-service-account, expression: "has(object.spec.serviceAccountName) && object.spec.serviceAccountName.startsWith('agent-')"}}
+  {selector}
+  admissionReviewVersions: [v1]
+  sideEffects: None
+  failurePolicy: Fail
+  timeoutSeconds: 5
+"#,
+        mutate_approvals = url("mutate-approvals"),
+        mutate_pods = url("mutate-pods"),
+        validate_tollgate = url("validate-tollgate"),
+        validate_agents = url("validate-agents"),
+        validate_pods = url("validate-pods"),
+    )
+}
+
+fn serving_certificate() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut leaf = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    leaf.subject_alt_names
+        .push(SanType::IpAddress([127, 0, 0, 1].into()));
+    let cert = leaf.signed_by(&key, &issuer).unwrap().pem();
+    (ca_pem, cert, key.serialize_pem())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn http_ok(port: u16, path: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = write!(stream, "GET {path} HTTP/1.0\r\n\r\n");
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200")
+}
+
+/// A namespace the webhooks apply to.
+async fn namespace(test: &str) -> String {
+    let cp = control_plane();
+    let ns = cp.namespace(test).await;
+    let api: Api<Namespace> = Api::all(cp.client(User::Admin).await);
+    let patch = json!({"metadata": {"labels": {LABEL: "enabled"}}});
+    api.patch(&ns, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    ns
+}
+
+fn identity(name: &str, rules: Value, killed: bool) -> AgentIdentity {
+    serde_json::from_value(json!({
+        "apiVersion": "tollgate.dev/v1alpha1", "kind": "AgentIdentity",
+        "metadata": {"name": name},
+        "spec": {"description": "e2e agent", "owner": {"team": "e2e", "contacts": ["alice"]},
+                 "podSelector": {"matchLabels": {"app": name}}, "kubernetes": {"rules": rules},
+                 "killSwitch": {"engaged": killed}}
+    }))
+    .unwrap()
+}
+
+fn policy(name: &str, kubernetes: Value) -> AgentPolicy {
+    serde_json::from_value(json!({
+        "apiVersion": "tollgate.dev/v1alpha1", "kind": "AgentPolicy",
+        "metadata": {"name": name},
+        "spec": {"identityRef": {"name": name}, "kubernetes": kubernetes}
+    }))
+    .unwrap()
+}
+
+/// Creates the policy and the identity, and what the operator will create for it (its
+/// ServiceAccount, Role and RoleBinding, built by the engine); returns a client holding a
+/// TokenRequest token of the agent's ServiceAccount, once the webhook knows the agent.
+async fn agent(ns: &str, name: &str, rules: Value, kubernetes: Value) -> Client {
+    let cp = control_plane();
+    let admin = cp.client(User::Admin).await;
+    Api::<AgentPolicy>::namespaced(admin.clone(), ns)
+        .create(&PostParams::default(), &policy(name, kubernetes))
+        .await
+        .unwrap();
+    let identity = Api::<AgentIdentity>::namespaced(admin.clone(), ns)
+        .create(&PostParams::default(), &identity(name, rules, false))
+        .await
+        .unwrap();
+    let gateway = tollgate_engine::children::GatewayPeer {
+        namespace: "tollgate-system".into(),
+        pod_labels: BTreeMap::new(),
+        port: 8443,
+    };
+    let children = tollgate_engine::children::desired_children(&identity, &gateway, false).unwrap();
+    let pp = PostParams::default();
+    Api::<ServiceAccount>::namespaced(admin.clone(), ns)
+        .create(&pp, &children.service_account)
+        .await
+        .unwrap();
+    Api::<Role>::namespaced(admin.clone(), ns)
+        .create(&pp, &children.role)
+        .await
+        .unwrap();
+    Api::<RoleBinding>::namespaced(admin.clone(), ns)
+        .create(&pp, children.role_binding.as_ref().unwrap())
+        .await
+        .unwrap();
+    let sa = identity.service_account_name();
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec!["https://kubernetes.default.svc.cluster.local".into()],
+            expiration_seconds: Some(3600),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let token = Api::<ServiceAccount>::namespaced(admin.clone(), ns)
+        .create_token_request(&sa, &pp, &request)
+        .await
+        .unwrap();
+    let token = token.status.unwrap().token;
+    // The webhook learns of the identity by watch: wait until it refuses a pod with the wrong
+    // labels for this ServiceAccount (a server-side dry run changes nothing).
+    let pods: Api<Pod> = Api::namespaced(admin, ns);
+    let probe = pod(&sa, "someone-else");
+    eventually(
+        "the webhook to know the agent",
+        Duration::from_secs(30),
+        || {
+            let (pods, probe) = (pods.clone(), probe.clone());
+            async move {
+                pods.create(
+                    &PostParams {
+                        dry_run: true,
+                        ..Default::default()
+                    },
+                    &probe,
+                )
+                .await
+                .is_err()
+                .then_some(())
+            }
+        },
+    )
+    .await;
+    cp.client_with_token(&token).await
+}
+
+fn pod(service_account: &str, app: &str) -> Pod {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"generateName": "agent-", "labels": {"app": app}},
+        "spec": {"serviceAccountName": service_account, "containers": [{"name": "agent", "image": "registry.example.com/agent:1"}]}
+    }))
+    .unwrap()
+}
+
+fn refusal<T: std::fmt::Debug>(result: Result<T, kube::Error>) -> String {
+    match result {
+        Err(kube::Error::Api(status)) => status.message,
+        other => panic!("expected the apiserver to refuse, got {other:?}"),
+    }
+}
+
+fn deployment(name: &str, labels: Value) -> Deployment {
+    serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "labels": labels},
+        "spec": {"selector": {"matchLabels": {"app": name}}, "template": {"metadata": {"labels": {"app": name}},
+                 "spec": {"containers": [{"name": "c", "image": "registry.example.com/web:1"}]}}}
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn an_agent_cannot_delete_production_even_with_rbac() {
+    webhook();
+    let ns = namespace("adm-prod").await;
+    let admin = control_plane().client(User::Admin).await;
+    let deployments: Api<Deployment> = Api::namespaced(admin, &ns);
+    deployments
+        .create(
+            &PostParams::default(),
+            &deployment("web-prod", json!({"env": "production"})),
+        )
+        .await
+        .unwrap();
+    deployments
+        .create(&PostParams::default(), &deployment("web-test", json!({})))
+        .await
+        .unwrap();
+    let rules = json!([{"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "delete"]}]);
+    let guards = json!({"protectedResources": [{"operations": ["DELETE"], "selector": {"matchLabels": {"env": "production"}}}]});
+    let agent = agent(&ns, "deployer", rules, guards).await;
+    let as_agent: Api<Deployment> = Api::namespaced(agent, &ns);
+
+    let message = refusal(as_agent.delete("web-prod", &DeleteParams::default()).await);
+    assert!(
+        message.contains("spec.kubernetes.protectedResources[0]")
+            && message.contains("DELETE of apps deployments web-prod"),
+        "{message}"
+    );
+    assert!(
+        deployments.get("web-prod").await.is_ok(),
+        "the production Deployment is still there"
+    );
+    as_agent
+        .delete("web-test", &DeleteParams::default())
+        .await
+        .expect("an unprotected Deployment can be deleted");
+}
+
+#[tokio::test]
+async fn freeze_windows_and_the_kill_switch_block_writes_rbac_allows() {
+    webhook();
+    let ns = namespace("adm-freeze").await;
+    let rules = json!([{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create", "update"]}]);
+    let now = jiff::Timestamp::now();
+    let window = json!({"freezeWindows": [{"start": (now - jiff::SignedDuration::from_hours(1)).to_string(), "end": (now + jiff::SignedDuration::from_hours(1)).to_string(), "reason": "e2e freeze"}]});
+    let frozen = agent(&ns, "frozen", rules.clone(), window).await;
+    let message = refusal(
+        Api::<ConfigMap>::namespaced(frozen, &ns)
+            .create(&PostParams::default(), &config_map("a"))
+            .await,
+    );
+    assert!(
+        message.contains("freezeWindows[0]") && message.contains("e2e freeze"),
+        "{message}"
+    );
+
+    let free = agent(&ns, "free", rules, json!({})).await;
+    let as_free: Api<ConfigMap> = Api::namespaced(free, &ns);
+    as_free
+        .create(&PostParams::default(), &config_map("before"))
+        .await
+        .expect("RBAC allows it and nothing forbids it");
+    let admin = control_plane().client(User::Admin).await;
+    let kill = json!({"spec": {"killSwitch": {"engaged": true, "reason": "e2e"}}});
+    Api::<AgentIdentity>::namespaced(admin, &ns)
+        .patch("free", &PatchParams::default(), &Patch::Merge(&kill))
+        .await
+        .unwrap();
+    let message = eventually(
+        "the kill switch to block writes",
+        Duration::from_secs(30),
+        || {
+            let api = as_free.clone();
+            async move {
+                api.create(&PostParams::default(), &config_map("after"))
+                    .await
+                    .err()
+                    .map(|e| e.to_string())
+            }
+        },
+    )
+    .await;
+    assert!(
+        message.contains("kill switch of agent free is engaged"),
+        "{message}"
+    );
+}
+
+fn config_map(name: &str) -> ConfigMap {
+    serde_json::from_value(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": {"k": "v"}})).unwrap()
+}
+
+fn approval_request(name: &str, expires_in: jiff::SignedDuration) -> Value {
+    json!({
+        "apiVersion": "tollgate.dev/v1alpha1", "kind": "ApprovalRequest",
+        "metadata": {"name": name},
+        "spec": {"identityRef": {"name": "mailer"}, "policyRef": {"name": "mailer", "policyHash": format!("sha256:{}", "a".repeat(64))},
+                 "runId": "run-1", "step": 1, "tool": "send_customer_email", "arguments": {"to": "C000001"},
+                 "argumentsDigest": format!("sha256:{}", "b".repeat(64)), "reason": "tool send_customer_email is irreversible",
+                 "approvers": {"groups": ["tollgate-approvers"]}, "minApprovals": 1,
+                 "expiresAt": (jiff::Timestamp::now() + expires_in).strftime("%Y-%m-%dT%H:%M:%SZ").to_string()}
+    })
+}
+
+fn append(verdict: &str, user: &str) -> Patch<Value> {
+    Patch::Json(serde_json::from_value(json!([{"op": "add", "path": "/spec/decisions/-", "value": {"verdict": verdict, "user": user}}])).unwrap())
+}
+
+#[tokio::test]
+async fn approvals_are_stamped_and_cannot_be_forged() {
+    webhook();
+    let cp = control_plane();
+    let ns = namespace("adm-approve").await;
+    let mailer = agent(&ns, "mailer", json!([]), json!({})).await;
+    let as_gateway = |name: &str, request: Value| {
+        let mut command = cp.kubectl(User::Admin);
+        command
+            .args(["create", "-n", &ns, "--as", GATEWAY, "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = command.spawn().unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(request.to_string().as_bytes())
+            .unwrap();
+        let output = child.wait_with_output().unwrap();
+        assert!(
+            output.status.success(),
+            "the gateway creates {name}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    as_gateway(
+        "req-1",
+        approval_request("req-1", jiff::SignedDuration::from_mins(5)),
+    );
+
+    let alice: Api<ApprovalRequest> = Api::namespaced(cp.client(User::Alice).await, &ns);
+    let carol: Api<ApprovalRequest> = Api::namespaced(cp.client(User::Carol).await, &ns);
+    let agent: Api<ApprovalRequest> = Api::namespaced(mailer, &ns);
+    let pp = PatchParams::default();
+
+    let message = refusal(carol.patch("req-1", &pp, &append("Approve", "carol")).await);
+    assert!(message.contains("carol is not an approver"), "{message}");
+    let message = refusal(agent.patch("req-1", &pp, &append("Approve", "alice")).await);
+    assert!(
+        message.contains("self-escalation")
+            || message.contains("its own call")
+            || message.contains("forbidden"),
+        "{message}"
+    );
+
+    let approved = alice
+        .patch("req-1", &pp, &append("Approve", "bob"))
+        .await
+        .expect("alice may approve");
+    let decision = &approved.spec.decisions[0];
+    assert_eq!(
+        decision.user.as_deref(),
+        Some("alice"),
+        "the decision is stamped with the authenticated user, not the written one"
+    );
+    assert!(decision.at.is_some());
+    let message = refusal(alice.patch("req-1", &pp, &append("Deny", "alice")).await);
+    assert!(message.contains("alice has already decided"), "{message}");
+    let message = refusal(
+        Api::<ApprovalRequest>::namespaced(cp.client(User::Alice).await, &ns)
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(approval_request(
+                    "forged",
+                    jiff::SignedDuration::from_mins(5),
+                ))
+                .unwrap(),
+            )
+            .await,
+    );
+    assert!(message.contains("only the Tollgate gateway"), "{message}");
+
+    as_gateway(
+        "req-2",
+        approval_request("req-2", jiff::SignedDuration::from_secs(3)),
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let message = refusal(alice.patch("req-2", &pp, &append("Approve", "alice")).await);
+    assert!(message.contains("expired"), "{message}");
+}
+
+#[tokio::test]
+async fn agent_pods_must_match_their_identity() {
+    webhook();
+    let ns = namespace("adm-pods").await;
+    let _ = agent(&ns, "runner", json!([]), json!({})).await;
+    let pods: Api<Pod> = Api::namespaced(control_plane().client(User::Admin).await, &ns);
+    let message = refusal(
+        pods.create(&PostParams::default(), &pod("agent-runner", "impostor"))
+            .await,
+    );
+    assert!(
+        message.contains("must match the podSelector of AgentIdentity runner"),
+        "{message}"
+    );
+    let created = pods
+        .create(&PostParams::default(), &pod("agent-runner", "runner"))
+        .await
+        .expect("a matching pod is admitted");
+    let spec = created.spec.unwrap();
+    let volume = spec
+        .volumes
+        .unwrap()
+        .into_iter()
+        .find(|v| v.name == "tollgate-token")
+        .expect("the token volume is injected");
+    let token = &volume.projected.unwrap().sources.unwrap()[0]
+        .service_account_token
+        .clone()
+        .unwrap();
+    assert_eq!(token.audience.as_deref(), Some("tollgate"));
+    let env = spec.containers[0].env.clone().unwrap();
+    assert!(env.iter().any(|e| e.name == "TOLLGATE_URL"), "{env:?}");
+}
+
+#[tokio::test]
+async fn an_invalid_policy_is_refused_at_apply_with_every_message() {
+    webhook();
+    let cp = control_plane();
+    let ns = namespace("adm-policy").await;
+    let dir = cp.dir().join("adm-policy");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("policy.yaml");
+    std::fs::write(
+        &file,
+        r#"apiVersion: tollgate.dev/v1alpha1
+kind: AgentPolicy
+metadata: {name: broken}
+spec:
+  identityRef: {name: broken}
+  tools:
+    allowed:
+      - name: lookup
+        arguments:
+          fields:
+            id: {type: string, pattern: "C[0-9"}
+      - name: update
+        when: "args.ids.all(id, "
+"#,
+    )
+    .unwrap();
+    let output = cp
+        .kubectl(User::Admin)
+        .args(["apply", "-n", &ns, "-f"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for expected in [
+        "spec.tools.allowed[0].arguments.fields.id.pattern: invalid regular expression",
+        "spec.tools.allowed[1].when: invalid CEL",
+        "2 problem(s)",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "missing {expected:?} in: {stderr}"
+        );
+    }
+}
