@@ -644,3 +644,21 @@ spec:
         );
     }
 }
+
+#[tokio::test]
+async fn the_shipped_webhook_configuration_is_valid() {
+    install_crds();
+    let cp = control_plane();
+    let file = tollgate_e2e::repo_root().join("config/webhook/manifests.yaml");
+    let output = cp
+        .kubectl(User::Admin)
+        .args(["apply", "--dry-run=server", "-f"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "config/webhook/manifests.yaml is refused: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
