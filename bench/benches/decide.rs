@@ -16,7 +16,12 @@ use serde_json::{Value, json};
 use tollgate_bench::{sample_policy, wide_policy};
 use tollgate_engine::{Agent, CompiledPolicy, RunState, ToolCall, WindowState};
 
-const AGENT: Agent<'static> = Agent { name: "support-agent-v2", namespace: "support", username: "system:serviceaccount:support:agent-support-agent-v2", killed: false };
+const AGENT: Agent<'static> = Agent {
+    name: "support-agent-v2",
+    namespace: "support",
+    username: "system:serviceaccount:support:agent-support-agent-v2",
+    killed: false,
+};
 
 const SAMPLE_CEDAR: &str = r#"
 forbid (principal, action in [Action::"delete_customer_record", Action::"access_payment_raw", Action::"bulk_send_email"], resource);
@@ -52,7 +57,9 @@ allow if {
 fn wide_cedar(n: usize) -> String {
     let mut text = String::new();
     for i in 0..50 {
-        text.push_str(&format!("forbid (principal, action == Action::\"blocked_{i:02}\", resource);\n"));
+        text.push_str(&format!(
+            "forbid (principal, action == Action::\"blocked_{i:02}\", resource);\n"
+        ));
     }
     for i in 0..n {
         text.push_str(&format!(
@@ -79,66 +86,196 @@ struct Peers {
 
 impl Peers {
     fn new(cedar: Option<&str>, rego: &str) -> Self {
-        let cedar = cedar.map(|text| (PolicySet::from_str(text).expect("valid cedar"), Authorizer::new(), Entities::empty()));
+        let cedar = cedar.map(|text| {
+            (
+                PolicySet::from_str(text).expect("valid cedar"),
+                Authorizer::new(),
+                Entities::empty(),
+            )
+        });
         let mut engine = regorus::Engine::new();
-        engine.add_policy("tollgate.rego".into(), rego.into()).expect("valid rego");
-        Peers { cedar, rego: engine }
+        engine
+            .add_policy("tollgate.rego".into(), rego.into())
+            .expect("valid rego");
+        Peers {
+            cedar,
+            rego: engine,
+        }
     }
 }
 
 fn tollgate_allows(policy: &CompiledPolicy, tool: &str, args: &Value) -> bool {
     let (run, window) = (RunState::default(), WindowState::default());
-    policy.evaluate(&AGENT, &ToolCall { run_id: "run-1", tool, arguments: args }, &run, &window, now()).is_allowed()
+    policy
+        .evaluate(
+            &AGENT,
+            &ToolCall {
+                run_id: "run-1",
+                tool,
+                arguments: args,
+            },
+            &run,
+            &window,
+            now(),
+        )
+        .is_allowed()
 }
 
-fn cedar_allows(cedar: &(PolicySet, Authorizer, Entities), principal: &EntityUid, action: &EntityUid, resource: &EntityUid, args: &Value) -> bool {
+fn cedar_allows(
+    cedar: &(PolicySet, Authorizer, Entities),
+    principal: &EntityUid,
+    action: &EntityUid,
+    resource: &EntityUid,
+    args: &Value,
+) -> bool {
     let (policies, authorizer, entities) = cedar;
     let context = Context::from_json_value(args.clone(), None).expect("a cedar context");
-    let request = Request::new(principal.clone(), action.clone(), resource.clone(), context, None).expect("a cedar request");
-    authorizer.is_authorized(&request, policies, entities).decision() == cedar_policy::Decision::Allow
+    let request = Request::new(
+        principal.clone(),
+        action.clone(),
+        resource.clone(),
+        context,
+        None,
+    )
+    .expect("a cedar request");
+    authorizer
+        .is_authorized(&request, policies, entities)
+        .decision()
+        == cedar_policy::Decision::Allow
 }
 
 fn rego_allows(engine: &mut regorus::Engine, tool: &str, args: &Value) -> bool {
     engine.set_input(regorus::Value::from(json!({"tool": tool, "args": args})));
-    engine.eval_rule("data.tollgate.allow".to_owned()).expect("rego evaluates") == regorus::Value::from(true)
+    engine
+        .eval_rule("data.tollgate.allow".to_owned())
+        .expect("rego evaluates")
+        == regorus::Value::from(true)
 }
 
 fn now() -> jiff::Timestamp {
     jiff::Timestamp::from_second(1_790_000_000).expect("a valid timestamp")
 }
 
-fn scenario(c: &mut Criterion, name: &str, policy: &CompiledPolicy, peers: &mut Peers, tool: &str, args: Value, expected: bool) {
+fn scenario(
+    c: &mut Criterion,
+    name: &str,
+    policy: &CompiledPolicy,
+    peers: &mut Peers,
+    tool: &str,
+    args: Value,
+    expected: bool,
+) {
     let principal = EntityUid::from_str(r#"Agent::"support-agent-v2""#).unwrap();
     let action = EntityUid::from_str(&format!("Action::{tool:?}")).unwrap();
     let resource = EntityUid::from_str(r#"Upstream::"crm""#).unwrap();
-    assert_eq!(tollgate_allows(policy, tool, &args), expected, "{name}: tollgate");
+    assert_eq!(
+        tollgate_allows(policy, tool, &args),
+        expected,
+        "{name}: tollgate"
+    );
     if let Some(cedar) = &peers.cedar {
-        assert_eq!(cedar_allows(cedar, &principal, &action, &resource, &args), expected, "{name}: cedar");
+        assert_eq!(
+            cedar_allows(cedar, &principal, &action, &resource, &args),
+            expected,
+            "{name}: cedar"
+        );
     }
-    assert_eq!(rego_allows(&mut peers.rego, tool, &args), expected, "{name}: regorus");
+    assert_eq!(
+        rego_allows(&mut peers.rego, tool, &args),
+        expected,
+        "{name}: regorus"
+    );
 
     let mut group = c.benchmark_group(name);
-    group.bench_function("tollgate", |b| b.iter(|| black_box(tollgate_allows(policy, black_box(tool), black_box(&args)))));
+    group.bench_function("tollgate", |b| {
+        b.iter(|| black_box(tollgate_allows(policy, black_box(tool), black_box(&args))))
+    });
     if let Some(cedar) = &peers.cedar {
-        group.bench_function("cedar", |b| b.iter(|| black_box(cedar_allows(cedar, &principal, &action, &resource, black_box(&args)))));
+        group.bench_function("cedar", |b| {
+            b.iter(|| {
+                black_box(cedar_allows(
+                    cedar,
+                    &principal,
+                    &action,
+                    &resource,
+                    black_box(&args),
+                ))
+            })
+        });
     }
-    group.bench_function("regorus", |b| b.iter(|| black_box(rego_allows(&mut peers.rego, black_box(tool), black_box(&args)))));
+    group.bench_function("regorus", |b| {
+        b.iter(|| {
+            black_box(rego_allows(
+                &mut peers.rego,
+                black_box(tool),
+                black_box(&args),
+            ))
+        })
+    });
     group.finish();
 }
 
 fn decisions(c: &mut Criterion) {
     let sample = sample_policy();
     let mut peers = Peers::new(Some(SAMPLE_CEDAR), SAMPLE_REGO);
-    scenario(c, "sample/allow", &sample, &mut peers, "read_customer_record", json!({"customer_id": "C123456"}), true);
-    scenario(c, "sample/deny-blocked", &sample, &mut peers, "delete_customer_record", json!({"customer_id": "C123456"}), false);
-    scenario(c, "sample/deny-constraint", &sample, &mut peers, "update_order_status", json!({"status": "deleted", "order_ids": ["O-1"]}), false);
+    scenario(
+        c,
+        "sample/allow",
+        &sample,
+        &mut peers,
+        "read_customer_record",
+        json!({"customer_id": "C123456"}),
+        true,
+    );
+    scenario(
+        c,
+        "sample/deny-blocked",
+        &sample,
+        &mut peers,
+        "delete_customer_record",
+        json!({"customer_id": "C123456"}),
+        false,
+    );
+    scenario(
+        c,
+        "sample/deny-constraint",
+        &sample,
+        &mut peers,
+        "update_order_status",
+        json!({"status": "deleted", "order_ids": ["O-1"]}),
+        false,
+    );
     let mut rego_only = Peers::new(None, SAMPLE_REGO);
-    scenario(c, "sample/allow-cel", &sample, &mut rego_only, "update_order_status", json!({"status": "refunded", "order_ids": ["O-1", "O-2"]}), true);
+    scenario(
+        c,
+        "sample/allow-cel",
+        &sample,
+        &mut rego_only,
+        "update_order_status",
+        json!({"status": "refunded", "order_ids": ["O-1", "O-2"]}),
+        true,
+    );
 
     let wide = wide_policy(500);
     let mut peers = Peers::new(Some(&wide_cedar(500)), &wide_rego(500));
-    scenario(c, "500-tools/allow", &wide, &mut peers, "tool_0250", json!({"id": "C123456", "mode": "b"}), true);
-    scenario(c, "500-tools/deny-unknown", &wide, &mut peers, "tool_9999", json!({"id": "C123456"}), false);
+    scenario(
+        c,
+        "500-tools/allow",
+        &wide,
+        &mut peers,
+        "tool_0250",
+        json!({"id": "C123456", "mode": "b"}),
+        true,
+    );
+    scenario(
+        c,
+        "500-tools/deny-unknown",
+        &wide,
+        &mut peers,
+        "tool_9999",
+        json!({"id": "C123456"}),
+        false,
+    );
 }
 
 criterion_group! {

@@ -10,9 +10,11 @@ use tollgate_engine::CompiledPolicy;
 pub fn sample_policy() -> CompiledPolicy {
     let text = include_str!("../../config/samples/support-agent.yaml");
     for document in serde_yaml::Deserializer::from_str(text) {
-        let value: serde_yaml::Value = serde::Deserialize::deserialize(document).expect("valid YAML");
+        let value: serde_yaml::Value =
+            serde::Deserialize::deserialize(document).expect("valid YAML");
         if value["kind"] == "AgentPolicy" {
-            let mut policy: AgentPolicy = serde_yaml::from_value(value).expect("a valid AgentPolicy");
+            let mut policy: AgentPolicy =
+                serde_yaml::from_value(value).expect("a valid AgentPolicy");
             policy.metadata.namespace = Some("support".into());
             return CompiledPolicy::compile(&policy).expect("the sample compiles");
         }

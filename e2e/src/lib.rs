@@ -10,6 +10,7 @@
 //! Each test creates its own namespace with [`ControlPlane::namespace`].
 #![forbid(unsafe_code)]
 
+pub mod admission;
 mod pki;
 mod process;
 

@@ -1,0 +1,276 @@
+//! Tollgate's admission webhook in this process, over real TLS on 127.0.0.1, registered with
+//! the control plane by URL and caBundle so the kube-apiserver calls it.
+//!
+//! The registration only matches namespaces labelled `tollgate-e2e/admission=enabled`, so tests
+//! that do not opt in are untouched.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use kube::Client;
+
+use crate::{User, control_plane, install_crds};
+
+/// The namespace label the e2e webhook registration selects.
+pub const LABEL: &str = "tollgate-e2e/admission";
+/// The gateway's username, the only creator of ApprovalRequests.
+pub const GATEWAY: &str = "system:serviceaccount:tollgate-system:tollgate-gateway";
+
+/// Starts the webhook once for this process and registers it with the apiserver.
+pub fn webhook() {
+    static STARTED: OnceLock<()> = OnceLock::new();
+    STARTED.get_or_init(|| {
+        install_crds();
+        let cp = control_plane();
+        let dir = cp.dir().join("webhook");
+        std::fs::create_dir_all(&dir).unwrap();
+        let (ca_pem, cert_pem, key_pem) = serving_certificate();
+        std::fs::write(dir.join("tls.crt"), cert_pem).unwrap();
+        std::fs::write(dir.join("tls.key"), key_pem).unwrap();
+        let port = free_port();
+        let probe = free_port();
+        let kubeconfig = cp.kubeconfig(User::Admin);
+        let tls = tollgate_webhook::server::TlsFiles {
+            cert: dir.join("tls.crt"),
+            key: dir.join("tls.key"),
+        };
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let config = kube::Config::from_custom_kubeconfig(
+                    kube::config::Kubeconfig::read_from(kubeconfig).unwrap(),
+                    &Default::default(),
+                )
+                .await
+                .unwrap();
+                let client = Client::try_from(config).unwrap();
+                let settings = tollgate_webhook::Settings {
+                    gateway_username: GATEWAY.into(),
+                    gateway_url: "https://tollgate-gateway.tollgate-system.svc:8443".into(),
+                };
+                let handle = axum_server::Handle::new();
+                let listen = format!("127.0.0.1:{port}").parse().unwrap();
+                let probes = format!("127.0.0.1:{probe}").parse().unwrap();
+                if let Err(e) = tollgate_webhook::run_in_cluster(
+                    client,
+                    settings,
+                    "tollgate-system",
+                    tls,
+                    listen,
+                    probes,
+                    handle,
+                )
+                .await
+                {
+                    panic!("the webhook stopped: {e:#}");
+                }
+            });
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !http_ok(probe, "/readyz") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the webhook did not become ready"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let registration = registration(port, &ca_pem);
+        let file = dir.join("webhooks.yaml");
+        std::fs::write(&file, registration).unwrap();
+        let output = cp
+            .kubectl(User::Admin)
+            .args(["apply", "--server-side", "-f"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "registering the webhooks failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let output = cp
+            .kubectl(User::Admin)
+            .args(["apply", "--server-side", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                use std::io::Write;
+                child.stdin.take().unwrap().write_all(RBAC.as_bytes())?;
+                child.wait_with_output()
+            })
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "granting approvers RBAC failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    });
+}
+
+/// Approvers (and carol, who is not one) may patch ApprovalRequests as far as RBAC goes; the
+/// gateway may create them. Whether a decision counts is the webhook's business.
+const RBAC: &str = r#"
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: tollgate-e2e-approver}
+rules:
+- apiGroups: [tollgate.dev]
+  resources: [approvalrequests]
+  verbs: [get, list, watch, patch, update, create]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: tollgate-e2e-approver}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: tollgate-e2e-approver}
+subjects:
+- {apiGroup: rbac.authorization.k8s.io, kind: Group, name: tollgate-approvers}
+- {apiGroup: rbac.authorization.k8s.io, kind: User, name: carol}
+- {apiGroup: rbac.authorization.k8s.io, kind: User, name: "system:serviceaccount:tollgate-system:tollgate-gateway"}
+"#;
+
+fn registration(port: u16, ca_pem: &str) -> String {
+    use base64::Engine;
+    let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem);
+    let url = |path: &str| format!("https://127.0.0.1:{port}/admission/{path}");
+    let selector = format!("namespaceSelector: {{matchLabels: {{{LABEL}: enabled}}}}");
+    format!(
+        r#"apiVersion: admissionregistration.k8s.io/v1
+kind: MutatingWebhookConfiguration
+metadata: {{name: tollgate-e2e}}
+webhooks:
+- name: approvals.mutate.tollgate.dev
+  clientConfig: {{url: "{mutate_approvals}", caBundle: {ca}}}
+  rules: [{{apiGroups: [tollgate.dev], apiVersions: [v1alpha1], operations: [CREATE, UPDATE], resources: [approvalrequests]}}]
+  {selector}
+  admissionReviewVersions: [v1]
+  sideEffects: None
+  failurePolicy: Fail
+  timeoutSeconds: 5
+- name: pods.mutate.tollgate.dev
+  clientConfig: {{url: "{mutate_pods}", caBundle: {ca}}}
+  rules: [{{apiGroups: [""], apiVersions: [v1], operations: [CREATE], resources: [pods]}}]
+  matchConditions:
+  - {{name: agent-service-account, expression: "has(object.spec.serviceAccountName) && object.spec.serviceAccountName.startsWith('agent-')"}}
+  {selector}
+  admissionReviewVersions: [v1]
+  sideEffects: None
+  failurePolicy: Fail
+  reinvocationPolicy: IfNeeded
+  timeoutSeconds: 5
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingWebhookConfiguration
+metadata: {{name: tollgate-e2e}}
+webhooks:
+- name: objects.validate.tollgate.dev
+  clientConfig: {{url: "{validate_tollgate}", caBundle: {ca}}}
+  rules: [{{apiGroups: [tollgate.dev], apiVersions: [v1alpha1], operations: [CREATE, UPDATE], resources: [agentidentities, agentpolicies, approvalrequests]}}]
+  {selector}
+  admissionReviewVersions: [v1]
+  sideEffects: None
+  failurePolicy: Fail
+  timeoutSeconds: 5
+- name: agents.validate.tollgate.dev
+  clientConfig: {{url: "{validate_agents}", caBundle: {ca}}}
+  rules: [{{apiGroups: ["*"], apiVersions: ["*"], operations: [CREATE, UPDATE, DELETE, CONNECT], resources: ["*/*"]}}]
+  matchConditions:
+  - {{name: agent-service-account, expression: "request.userInfo.username.matches('^system:serviceaccount:[^:]+:agent-')"}}
+  {selector}
+  admissionReviewVersions: [v1]
+  sideEffects: None
+  failurePolicy: Fail
+  timeoutSeconds: 5
+- name: pods.validate.tollgate.dev
+  clientConfig: {{url: "{validate_pods}", caBundle: {ca}}}
+  rules: [{{apiGroups: [""], apiVersions: [v1], operations: [CREATE], resources: [pods]}}]
+  matchConditions:
+  - {{name: agent-service-account, expression: "has(object.spec.serviceAccountName) && object.spec.serviceAccountName.startsWith('agent-')"}}
+  {selector}
+  admissionReviewVersions: [v1]
+  sideEffects: None
+  failurePolicy: Fail
+  timeoutSeconds: 5
+"#,
+        mutate_approvals = url("mutate-approvals"),
+        mutate_pods = url("mutate-pods"),
+        validate_tollgate = url("validate-tollgate"),
+        validate_agents = url("validate-agents"),
+        validate_pods = url("validate-pods"),
+    )
+}
+
+fn serving_certificate() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut leaf = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    leaf.subject_alt_names
+        .push(SanType::IpAddress([127, 0, 0, 1].into()));
+    let cert = leaf.signed_by(&key, &issuer).unwrap().pem();
+    (ca_pem, cert, key.serialize_pem())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn http_ok(port: u16, path: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = write!(stream, "GET {path} HTTP/1.0\r\n\r\n");
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200")
+}
+
+/// Removes the webhook registration (for measuring the apiserver without it); [`register`]
+/// puts it back.
+pub fn unregister() {
+    let cp = control_plane();
+    for kind in [
+        "mutatingwebhookconfiguration",
+        "validatingwebhookconfiguration",
+    ] {
+        let output = cp
+            .kubectl(User::Admin)
+            .args(["delete", kind, "tollgate-e2e", "--ignore-not-found"])
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+/// Registers the running webhook again after [`unregister`].
+pub fn register() {
+    let cp = control_plane();
+    let output = cp
+        .kubectl(User::Admin)
+        .args(["apply", "--server-side", "-f"])
+        .arg(cp.dir().join("webhook/webhooks.yaml"))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
