@@ -27,8 +27,8 @@ pub fn webhook() {
         let (ca_pem, cert_pem, key_pem) = serving_certificate();
         std::fs::write(dir.join("tls.crt"), cert_pem).unwrap();
         std::fs::write(dir.join("tls.key"), key_pem).unwrap();
-        let port = free_port();
-        let probe = free_port();
+        let port = crate::free_port().unwrap();
+        let probe = crate::free_port().unwrap();
         let kubeconfig = cp.kubeconfig(User::Admin);
         let tls = tollgate_webhook::server::TlsFiles {
             cert: dir.join("tls.crt"),
@@ -71,7 +71,7 @@ pub fn webhook() {
             });
         });
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while !http_ok(probe, "/readyz") {
+        while !crate::http_get_ok(probe, "/readyz") {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the webhook did not become ready"
@@ -217,25 +217,6 @@ fn serving_certificate() -> (String, String, String) {
         .push(SanType::IpAddress([127, 0, 0, 1].into()));
     let cert = leaf.signed_by(&key, &issuer).unwrap().pem();
     (ca_pem, cert, key.serialize_pem())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn http_ok(port: u16, path: &str) -> bool {
-    use std::io::{Read, Write};
-    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = write!(stream, "GET {path} HTTP/1.0\r\n\r\n");
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response);
-    response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200")
 }
 
 /// Removes the webhook registration (for measuring the apiserver without it); [`register`]

@@ -323,12 +323,12 @@ fn build() -> Result<PathBuf> {
     Ok(PathBuf::from(dir))
 }
 
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
 }
 
-fn http_get_ok(port: u16, path: &str) -> bool {
+pub(crate) fn http_get_ok(port: u16, path: &str) -> bool {
     use std::io::{Read, Write};
     let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
         return false;

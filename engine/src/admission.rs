@@ -50,21 +50,6 @@ impl Verdict {
     }
 }
 
-/// Groups and resources an agent may never write, whatever its RBAC: they would let it raise its
-/// own rights, loosen its isolation or disable Tollgate.
-const SELF_ESCALATION: &[(&str, &str, &str)] = &[
-    ("tollgate.dev", "*", "Tollgate's own kinds"),
-    ("rbac.authorization.k8s.io", "*", "RBAC"),
-    ("networking.k8s.io", "networkpolicies", "NetworkPolicies"),
-    (
-        "admissionregistration.k8s.io",
-        "*",
-        "admission webhooks and policies",
-    ),
-    ("apiextensions.k8s.io", "*", "CustomResourceDefinitions"),
-    ("certificates.k8s.io", "*", "certificate signing"),
-];
-
 /// Decides one write by an agent. `policy` is None when the agent has no usable policy, which
 /// denies every write (fail closed).
 pub fn admit(
@@ -91,19 +76,21 @@ pub fn admit(
         );
     };
     let id = policy.id();
-    for (group, resource, label) in SELF_ESCALATION {
-        if write.group == *group && (*resource == "*" || write.resource == *resource) {
-            return denied(
-                format!("{id} tollgate:self-escalation"),
-                format!("agents may not write {label}; {what} is refused"),
-            );
-        }
-    }
-    if write.group.is_empty() && write.resource == "serviceaccounts" && write.subresource == "token"
+    let target = if write.subresource.is_empty() {
+        write.resource.to_owned()
+    } else {
+        format!("{}/{}", write.resource, write.subresource)
+    };
+    if let Some((_, _, label)) =
+        crate::children::SELF_ESCALATION
+            .iter()
+            .find(|(group, resource, _)| {
+                write.group == *group && (*resource == "*" || target == *resource)
+            })
     {
         return denied(
             format!("{id} tollgate:self-escalation"),
-            format!("agents may not mint ServiceAccount tokens; {what} is refused"),
+            format!("agents may not write {label}; {what} is refused"),
         );
     }
     for freeze in &policy.freezes {

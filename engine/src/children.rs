@@ -204,10 +204,12 @@ fn port(protocol: &str, number: i32) -> NetworkPolicyPort {
     }
 }
 
-/// What an agent's rules may never cover: (group, resource, why). A rule covers an entry when
-/// its groups include the group or `*` and its resources include the resource, `*`, or a
-/// matching `res/*` or `*/sub` wildcard.
-const FORBIDDEN: &[(&str, &str, &str)] = &[
+/// What an agent may never write, whatever its RBAC, and what its rules may never cover:
+/// (group, resource, what it is). These would let it raise its own rights, loosen its isolation
+/// or disable Tollgate. One list serves both the escalation check here and admission: a rule
+/// covers an entry when its groups include the group or `*` and its resources include the
+/// resource, `*`, or a matching `res/*` or `*/sub` wildcard.
+pub(crate) const SELF_ESCALATION: &[(&str, &str, &str)] = &[
     ("tollgate.dev", "*", "Tollgate's own kinds"),
     ("rbac.authorization.k8s.io", "*", "RBAC"),
     (
@@ -219,11 +221,11 @@ const FORBIDDEN: &[(&str, &str, &str)] = &[
     (
         "admissionregistration.k8s.io",
         "*",
-        "admission webhooks, which enforce Tollgate",
+        "admission webhooks and policies, which enforce Tollgate",
     ),
     ("apiextensions.k8s.io", "*", "CustomResourceDefinitions"),
+    ("certificates.k8s.io", "*", "certificate signing"),
 ];
-
 /// Verbs that let a subject act beyond its own rules.
 const ESCALATING_VERBS: &[&str] = &["escalate", "bind", "impersonate"];
 
@@ -256,7 +258,7 @@ pub fn escalation_errors(rules: &[AccessRule]) -> Vec<CompileError> {
                 hint: "list the verbs the agent needs".to_owned(),
             });
         }
-        for (group, resource, why) in FORBIDDEN {
+        for (group, resource, why) in SELF_ESCALATION {
             let group_covered = rule.api_groups.iter().any(|g| g == "*" || g == group);
             let resource_covered = if *resource == "*" {
                 !rule.resources.is_empty()
