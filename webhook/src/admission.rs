@@ -218,8 +218,9 @@ fn decide_tollgate(
                                 )
                             },
                         );
-                        let killed = state.view.global_kill()
-                            || identity.is_some_and(|i| i.spec.kill_switch.engaged);
+                        let killed = identity
+                            .as_deref()
+                            .map_or_else(|| state.view.global_kill(), |i| state.view.is_killed(i));
                         approval::validate_update(
                             &old,
                             &new,
@@ -306,7 +307,7 @@ fn decide_agent_write(
     };
     let agent = identity.metadata.name.clone().unwrap_or_default();
     let namespace = identity.metadata.namespace.clone().unwrap_or_default();
-    let killed = state.view.global_kill() || identity.spec.kill_switch.engaged;
+    let killed = state.view.is_killed(&identity);
     let policies = state.view.policies_for(&namespace, &agent);
     let compiled = match policies.as_slice() {
         [policy] => CompiledPolicy::compile(policy).ok(),
@@ -337,11 +338,15 @@ fn decide_agent_write(
     }
 }
 
-/// The agent identity a pod would run as, if any.
-fn pod_identity(
+/// The agent identity a pod being created would run as, if any. Only creation matters: a pod's
+/// ServiceAccount and labels the selector judges cannot change afterwards without a new pod.
+fn created_agent_pod(
     state: &AdmissionState,
     request: &AdmissionRequest<DynamicObject>,
 ) -> Option<Arc<AgentIdentity>> {
+    if request.operation != AdmissionOperation::Create {
+        return None;
+    }
     let object = request.object.as_ref()?;
     let namespace = request.namespace.as_deref()?;
     let service_account = object
@@ -359,13 +364,10 @@ fn decide_pod(
     request: &AdmissionRequest<DynamicObject>,
 ) -> AdmissionResponse {
     let allow = AdmissionResponse::from(request);
-    if request.operation != AdmissionOperation::Create {
-        return allow;
-    }
-    let Some(identity) = pod_identity(state, request) else {
+    let Some(identity) = created_agent_pod(state, request) else {
         return allow;
     };
-    let killed = state.view.global_kill() || identity.spec.kill_switch.engaged;
+    let killed = state.view.is_killed(&identity);
     let empty = BTreeMap::new();
     let labels = labels_of(request.object.as_ref()).unwrap_or(&empty);
     match admission::admit_pod(&identity, killed, labels) {
@@ -381,10 +383,7 @@ fn inject_pod(
     request: &AdmissionRequest<DynamicObject>,
 ) -> AdmissionResponse {
     let allow = AdmissionResponse::from(request);
-    if request.operation != AdmissionOperation::Create {
-        return allow;
-    }
-    let Some(identity) = pod_identity(state, request) else {
+    let Some(identity) = created_agent_pod(state, request) else {
         return allow;
     };
     let Some(object) = &request.object else {

@@ -19,6 +19,11 @@ pub trait ClusterView: Send + Sync {
     /// Whether the global kill switch is engaged.
     fn global_kill(&self) -> bool;
 
+    /// Whether `identity` is stopped: its own kill switch or the global one is engaged.
+    fn is_killed(&self, identity: &AgentIdentity) -> bool {
+        identity.spec.kill_switch.engaged || self.global_kill()
+    }
+
     /// The identity whose ServiceAccount authenticates as `username`.
     fn identity_by_username(&self, username: &str) -> Option<Arc<AgentIdentity>> {
         let (namespace, service_account) = service_account_of(username)?;
