@@ -1,8 +1,29 @@
 //! tollgate-audit: the tamper-evident audit trail.
 //!
-//! Contract: the audit record and its hash chain, the stores behind one trait (embedded SQLite by
-//! default, PostgreSQL for several gateway replicas), queries, verification and replay. An append
-//! is acknowledged only once it is durable.
-//!
-//! The store arrives with its own issue; this crate currently holds only the contract.
+//! - [`Entry`] and [`Record`]: what happened, to whom, under which rule and policy hash, with
+//!   arguments and results redacted by configurable [`Redactor`] rules and digested whole.
+//! - The hash chain: every record is sealed with the SHA-256 of its body, its position and its
+//!   predecessor's hash. [`verify()`] names the first record that breaks it. Retention prunes old
+//!   records behind a checkpoint record, so what remains still verifies.
+//! - [`Store`]: [`SqliteStore`] (embedded, the default) and [`PostgresStore`] (several gateway
+//!   replicas, one chain each). [`AuditLog`] is a chain's writer: group commit, and an append is
+//!   acknowledged only once it is durable.
+//! - [`replay`]: a run as a timeline; what-if re-evaluation of recorded calls against a
+//!   candidate policy.
 #![forbid(unsafe_code)]
+
+pub mod log;
+pub mod record;
+pub mod redact;
+pub mod replay;
+mod sql;
+pub mod store;
+pub mod verify;
+
+pub use log::{AppendError, Appended, AuditLog, WriterConfig};
+pub use record::{
+    ApprovalRef, Checkpoint, Counters, Entry, Event, Identity, PolicyRef, Record, SCHEMA,
+};
+pub use redact::{RedactionRules, Redactor};
+pub use store::{Head, PostgresStore, Query, SqliteStore, Store, StoreError};
+pub use verify::{Broken, ChainReport, Fault, VerifyError, verify};

@@ -12,6 +12,7 @@
 
 pub mod admission;
 mod pki;
+pub mod postgres;
 mod process;
 
 use std::path::{Path, PathBuf};

@@ -1,4 +1,5 @@
 //! End-to-end tests against the real control plane. One test binary, so one control plane.
 
 mod admission;
+mod audit;
 mod crds;

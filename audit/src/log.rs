@@ -1,0 +1,257 @@
+//! The chain's writer: numbers, links and seals entries and commits them in groups.
+//!
+//! Callers [`AuditLog::append`] from any task; one writer task owns the chain's head. It takes the
+//! first waiting entry, gathers every entry queued behind it (up to `max_batch`, waiting at most
+//! `window` for more), seals them in order and commits them in one transaction. Each caller is
+//! answered only after that commit returned: an acknowledged record is durable. If a commit
+//! fails, every caller in the batch gets the error and the head does not move.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::record::{Checkpoint, Entry, Event, GENESIS, Identity, Record};
+use crate::store::{Head, Store, StoreError};
+
+/// How a writer batches.
+#[derive(Debug, Clone)]
+pub struct WriterConfig {
+    /// The chain this writer extends: unique per writer process (the pod name for replicas).
+    pub chain: String,
+    /// How long the writer waits for more entries after the first one of a batch. Zero (the
+    /// default) commits at once; entries that arrive during a commit form the next batch.
+    pub window: Duration,
+    /// The most entries in one transaction.
+    pub max_batch: usize,
+    /// How many entries may wait before `append` waits for room.
+    pub queue: usize,
+}
+
+/// The longest window a writer accepts.
+pub const MAX_WINDOW: Duration = Duration::from_millis(10);
+
+impl WriterConfig {
+    /// Defaults for `chain`.
+    pub fn new(chain: impl Into<String>) -> Self {
+        Self {
+            chain: chain.into(),
+            window: Duration::ZERO,
+            max_batch: 4096,
+            queue: 65_536,
+        }
+    }
+}
+
+/// Where an appended record landed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    /// The chain.
+    pub chain: Arc<str>,
+    /// Its sequence number.
+    pub seq: u64,
+    /// Its hash.
+    pub hash: String,
+}
+
+/// Why an append was not acknowledged.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AppendError {
+    /// The store refused the batch; nothing of it was written.
+    #[error("audit record not written: {0}")]
+    Store(Arc<str>),
+    /// The writer task has stopped.
+    #[error("audit writer has stopped")]
+    Closed,
+}
+
+/// A writer that cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The store refused.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A configuration value is out of range.
+    #[error("audit writer configuration: {0}")]
+    Config(String),
+}
+
+struct Job {
+    entry: Entry,
+    done: oneshot::Sender<Result<Appended, AppendError>>,
+}
+
+/// A handle to a chain's writer. Cheap to clone; the writer stops when every handle is dropped.
+#[derive(Debug, Clone)]
+pub struct AuditLog {
+    jobs: mpsc::Sender<Job>,
+    chain: Arc<str>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job")
+            .field("event", &self.entry.event)
+            .finish()
+    }
+}
+
+impl AuditLog {
+    /// Claims `config.chain` in `store`, reads its head and starts the writer task.
+    pub async fn open<S: Store>(
+        store: Arc<S>,
+        config: WriterConfig,
+    ) -> Result<(Self, tokio::task::JoinHandle<()>), OpenError> {
+        if config.window > MAX_WINDOW {
+            return Err(OpenError::Config(format!(
+                "window {:?} exceeds the maximum {MAX_WINDOW:?}",
+                config.window
+            )));
+        }
+        if config.chain.is_empty() || config.chain.len() > 253 {
+            return Err(OpenError::Config(
+                "chain must be 1 to 253 characters".to_owned(),
+            ));
+        }
+        if config.max_batch == 0 || config.queue == 0 {
+            return Err(OpenError::Config(
+                "max_batch and queue must be positive".to_owned(),
+            ));
+        }
+        store.claim(&config.chain).await?;
+        let head = store.head(&config.chain).await?;
+        let chain: Arc<str> = config.chain.as_str().into();
+        let (jobs, rx) = mpsc::channel(config.queue);
+        let writer = Writer {
+            store,
+            chain: chain.clone(),
+            head: head.unwrap_or(Head {
+                seq: 0,
+                hash: GENESIS.to_owned(),
+            }),
+            window: config.window,
+            max_batch: config.max_batch,
+        };
+        let task = tokio::spawn(writer.run(rx));
+        Ok((Self { jobs, chain }, task))
+    }
+
+    /// The chain this log writes.
+    pub fn chain(&self) -> &str {
+        &self.chain
+    }
+
+    /// Appends `entry`; returns once it is durable.
+    pub async fn append(&self, entry: Entry) -> Result<Appended, AppendError> {
+        let (done, answer) = oneshot::channel();
+        self.jobs
+            .send(Job { entry, done })
+            .await
+            .map_err(|_| AppendError::Closed)?;
+        answer.await.map_err(|_| AppendError::Closed)?
+    }
+
+    /// Retention: prunes this chain's records older than `before`. First appends a checkpoint
+    /// naming the last pruned record and its hash, then deletes the records and stores that
+    /// record as the chain's anchor. Returns how many records were pruned.
+    pub async fn prune<S: Store>(
+        &self,
+        store: &S,
+        before: Timestamp,
+        writer: Identity,
+    ) -> Result<u64, AppendError> {
+        let err = |e: StoreError| AppendError::Store(e.to_string().into());
+        let Some(through) = store
+            .last_before(&self.chain, before.as_microsecond())
+            .await
+            .map_err(err)?
+        else {
+            return Ok(0);
+        };
+        let mut entry = Entry::new(Timestamp::now(), Event::Checkpoint, writer);
+        entry.checkpoint = Some(Checkpoint {
+            through_seq: through.seq,
+            through_hash: through.hash.clone(),
+            pruned_before: before,
+        });
+        self.append(entry).await?;
+        store.prune(&self.chain, &through).await.map_err(err)
+    }
+}
+
+struct Writer<S> {
+    store: Arc<S>,
+    chain: Arc<str>,
+    head: Head,
+    window: Duration,
+    max_batch: usize,
+}
+
+impl<S: Store> Writer<S> {
+    async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+        let mut jobs = Vec::with_capacity(self.max_batch);
+        while let Some(first) = rx.recv().await {
+            jobs.push(first);
+            if !self.window.is_zero() {
+                let deadline = tokio::time::Instant::now() + self.window;
+                while jobs.len() < self.max_batch {
+                    match tokio::time::timeout_at(deadline, rx.recv()).await {
+                        Ok(Some(job)) => jobs.push(job),
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+            }
+            while jobs.len() < self.max_batch {
+                match rx.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
+                }
+            }
+            self.commit(&mut jobs).await;
+        }
+    }
+
+    async fn commit(&mut self, jobs: &mut Vec<Job>) {
+        let mut records = Vec::with_capacity(jobs.len());
+        let mut prev = self.head.hash.clone();
+        for (i, job) in jobs.iter().enumerate() {
+            let record = Record::seal(&self.chain, self.head.seq + 1 + i as u64, &prev, &job.entry);
+            prev.clone_from(&record.hash);
+            records.push(record);
+        }
+        match self.store.append(&records).await {
+            Ok(()) => {
+                if let Some(last) = records.last() {
+                    self.head = Head {
+                        seq: last.seq,
+                        hash: last.hash.clone(),
+                    };
+                }
+                for (job, record) in jobs.drain(..).zip(records) {
+                    let _ = job.done.send(Ok(Appended {
+                        chain: self.chain.clone(),
+                        seq: record.seq,
+                        hash: record.hash,
+                    }));
+                }
+            }
+            Err(e) => {
+                tracing::error!(chain = %self.chain, error = %e, "audit batch not written");
+                let message: Arc<str> = e.to_string().into();
+                for job in jobs.drain(..) {
+                    let _ = job.done.send(Err(AppendError::Store(message.clone())));
+                }
+                // A commit can fail after the database applied it (a connection lost during
+                // COMMIT): continue from what the store holds, never from a guess.
+                match self.store.head(&self.chain).await {
+                    Ok(Some(head)) => self.head = head,
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::error!(chain = %self.chain, error = %e, "audit head not re-read")
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,394 @@
+//! The audit record: what happened, to whom, under which rule; and its seal in the hash chain.
+//!
+//! An [`Entry`] is what a writer hands in. The chain's writer numbers it, links it to its
+//! predecessor and seals it into a [`Record`]. The seal is
+//!
+//! ```text
+//! hash = sha256("tollgate-audit/v1" LF chain LF seq LF prev LF body)
+//! ```
+//!
+//! where `body` is the entry's JSON exactly as stored. The seal binds the body, its position
+//! (chain and sequence) and its predecessor, so verification needs no JSON parsing: changing,
+//! deleting, inserting or reordering a record breaks either a seal or a link.
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tollgate_engine::{Ceiling, Decision, Usage, canonical};
+
+use crate::redact::Redactor;
+
+/// The version of the record body written by this build. Readers refuse bodies of a newer one.
+pub const SCHEMA: u32 = 1;
+
+/// The `prev` of a chain's first record.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+const DOMAIN: &[u8] = b"tollgate-audit/v1\n";
+
+/// What kind of event a record describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Event {
+    /// A tool call was evaluated; `decision` says how.
+    Decide,
+    /// The outcome of a call: result, tokens, cost, error.
+    Report,
+    /// An approval was decided (approved, denied by an approver, expired) and the waiting call
+    /// released or refused.
+    Approval,
+    /// A ceiling was breached and the run halted.
+    Halt,
+    /// A kill switch was engaged or disengaged.
+    Kill,
+    /// Input was refused before it could be evaluated (malformed JSON-RPC, oversized body,
+    /// unknown identity). `error` says why.
+    Rejected,
+    /// The writer recorded that the records up to `checkpoint.throughSeq` were pruned by
+    /// retention; it anchors what remains.
+    Checkpoint,
+}
+
+impl Event {
+    /// The name stored in the index column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Event::Decide => "decide",
+            Event::Report => "report",
+            Event::Approval => "approval",
+            Event::Halt => "halt",
+            Event::Kill => "kill",
+            Event::Rejected => "rejected",
+            Event::Checkpoint => "checkpoint",
+        }
+    }
+}
+
+/// Who acted: the authenticated identity, never what a request claimed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Identity {
+    /// The authenticated username (`system:serviceaccount:NS:SA`, or the API key's identity in
+    /// standalone mode).
+    pub username: String,
+    /// The pod named in the token's claims, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    /// The token's id (its `jti` claim or the digest of the token), never the token itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_id: Option<String>,
+}
+
+/// The policy a decision was made under.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicyRef {
+    /// `namespace/name` of the AgentPolicy.
+    pub name: String,
+    /// Its content hash (`sha256:…`).
+    pub hash: String,
+    /// Its metadata.generation, if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<i64>,
+}
+
+/// The approval behind a released or refused call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ApprovalRef {
+    /// `namespace/name` of the ApprovalRequest.
+    pub name: String,
+    /// Its phase when recorded (Pending, Approved, Denied, Expired, Cancelled).
+    pub phase: String,
+    /// The authenticated people who decided, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approvers: Vec<String>,
+}
+
+/// The run's counters after the event.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Counters {
+    /// Steps (evaluated calls) so far.
+    pub steps: u64,
+    /// Tokens reported so far.
+    pub tokens: u64,
+    /// Cost reported so far, in US dollars, as a decimal string.
+    pub cost_usd: String,
+}
+
+/// The writer's note that old records were pruned: the last pruned record and its hash, which
+/// the first remaining record must link to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Checkpoint {
+    /// The last pruned sequence number.
+    pub through_seq: u64,
+    /// The hash of that record.
+    pub through_hash: String,
+    /// The retention cut-off that selected the records.
+    pub pruned_before: Timestamp,
+}
+
+/// What a writer hands in; the chain's writer seals it into a [`Record`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Entry {
+    /// When the event happened.
+    pub time: Timestamp,
+    /// What kind of event.
+    pub event: Event,
+    /// Who acted.
+    pub identity: Identity,
+    /// `namespace/name` of the AgentIdentity acted for, once known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// The run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<String>,
+    /// The step in the run (1-based), for decisions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<u64>,
+    /// The tool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool: Option<String>,
+    /// The call's arguments, redacted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<Value>,
+    /// `sha256:…` of the canonical text of the unredacted arguments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arguments_digest: Option<String>,
+    /// The call's result, redacted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    /// `sha256:…` of the canonical text of the unredacted result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result_digest: Option<String>,
+    /// JSON pointers of the values redaction replaced (`/arguments/…`, `/result/…`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redacted: Vec<String>,
+    /// The engine's decision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<Decision>,
+    /// The policy in force.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyRef>,
+    /// The approval involved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<ApprovalRef>,
+    /// The run's counters after the event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counters: Option<Counters>,
+    /// Usage reported after the call, for reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    /// The ceiling breached, for halts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ceiling: Option<Ceiling>,
+    /// What went wrong: the reason input was rejected, or the upstream's error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Time spent deciding or calling, in microseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_us: Option<u64>,
+    /// For checkpoints: what was pruned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<Checkpoint>,
+}
+
+impl Entry {
+    /// An entry with only the required fields set.
+    pub fn new(time: Timestamp, event: Event, identity: Identity) -> Self {
+        Self {
+            time,
+            event,
+            identity,
+            agent: None,
+            run: None,
+            step: None,
+            tool: None,
+            arguments: None,
+            arguments_digest: None,
+            result: None,
+            result_digest: None,
+            redacted: Vec::new(),
+            decision: None,
+            policy: None,
+            approval: None,
+            counters: None,
+            usage: None,
+            ceiling: None,
+            error: None,
+            latency_us: None,
+            checkpoint: None,
+        }
+    }
+
+    /// Records the call's arguments: redacted by `redactor`, with the digest of the whole.
+    pub fn set_arguments(&mut self, redactor: &Redactor, arguments: &Value) {
+        self.arguments_digest = Some(canonical::digest(arguments));
+        let mut redacted = arguments.clone();
+        redactor.redact(&mut redacted, "/arguments", &mut self.redacted);
+        self.arguments = Some(redacted);
+    }
+
+    /// Records the call's result: redacted by `redactor`, with the digest of the whole.
+    pub fn set_result(&mut self, redactor: &Redactor, result: &Value) {
+        self.result_digest = Some(canonical::digest(result));
+        let mut redacted = result.clone();
+        redactor.redact(&mut redacted, "/result", &mut self.redacted);
+        self.result = Some(redacted);
+    }
+
+    /// The outcome stored in the index column: the decision's kind, with the deny code.
+    pub fn outcome(&self) -> Option<String> {
+        if let Some(approval) = &self.approval
+            && self.event == Event::Approval
+        {
+            return Some(approval.phase.to_ascii_lowercase());
+        }
+        self.decision.as_ref().map(outcome_of)
+    }
+}
+
+/// `allow`, `deny:<Code>`, `requireApproval` or `halt`.
+pub fn outcome_of(decision: &Decision) -> String {
+    match decision {
+        Decision::Allow { .. } => "allow".to_owned(),
+        Decision::Deny { code, .. } => format!("deny:{}", code.as_str()),
+        Decision::RequireApproval { .. } => "requireApproval".to_owned(),
+        Decision::Halt { .. } => "halt".to_owned(),
+    }
+}
+
+/// The stored form of an entry: the body carries its schema version.
+#[derive(Serialize)]
+struct BodyOut<'a> {
+    schema: u32,
+    #[serde(flatten)]
+    entry: &'a Entry,
+}
+
+#[derive(Deserialize)]
+struct BodyIn {
+    schema: u32,
+    #[serde(flatten)]
+    rest: serde_json::Map<String, Value>,
+}
+
+/// A sealed record, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// The chain (one per writer).
+    pub chain: String,
+    /// Position in the chain, from 1.
+    pub seq: u64,
+    /// The predecessor's hash, [`GENESIS`] for the first record.
+    pub prev: String,
+    /// This record's seal, lowercase hex.
+    pub hash: String,
+    /// The entry's JSON, exactly as sealed.
+    pub body: String,
+    /// Index columns derived from the body, for queries. Verification does not trust them.
+    pub index: Index,
+}
+
+/// The columns stores index. Derived from the body when the record is sealed; `verify --deep`
+/// derives them again and compares.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Index {
+    /// Event time, microseconds since the Unix epoch.
+    pub time_us: i64,
+    /// [`Event::as_str`].
+    pub event: String,
+    /// The agent.
+    pub agent: Option<String>,
+    /// The run.
+    pub run: Option<String>,
+    /// The tool.
+    pub tool: Option<String>,
+    /// [`Entry::outcome`].
+    pub outcome: Option<String>,
+}
+
+impl Index {
+    /// The index of an entry.
+    pub fn of(entry: &Entry) -> Self {
+        Self {
+            time_us: entry.time.as_microsecond(),
+            event: entry.event.as_str().to_owned(),
+            agent: entry.agent.clone(),
+            run: entry.run.clone(),
+            tool: entry.tool.clone(),
+            outcome: entry.outcome(),
+        }
+    }
+}
+
+/// A body that cannot be read back.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// Not JSON, or not an entry.
+    #[error("record body is not a valid entry: {0}")]
+    Invalid(#[from] serde_json::Error),
+    /// Written by a newer Tollgate.
+    #[error("record body has schema {found}; this build reads schema {SCHEMA} and older")]
+    Schema {
+        /// The body's schema.
+        found: u32,
+    },
+}
+
+impl Record {
+    /// Seals `entry` as record `seq` of `chain`, after a record whose hash is `prev`.
+    pub fn seal(chain: &str, seq: u64, prev: &str, entry: &Entry) -> Self {
+        let body = serde_json::to_string(&BodyOut {
+            schema: SCHEMA,
+            entry,
+        })
+        .expect("an entry always serialises");
+        let hash = seal(chain, seq, prev, &body);
+        Self {
+            chain: chain.to_owned(),
+            seq,
+            prev: prev.to_owned(),
+            hash,
+            body,
+            index: Index::of(entry),
+        }
+    }
+
+    /// The entry in the body.
+    pub fn entry(&self) -> Result<Entry, BodyError> {
+        parse_body(&self.body)
+    }
+}
+
+/// Reads a stored body back into an entry.
+pub fn parse_body(body: &str) -> Result<Entry, BodyError> {
+    let BodyIn { schema, rest } = serde_json::from_str(body)?;
+    if schema > SCHEMA {
+        return Err(BodyError::Schema { found: schema });
+    }
+    Ok(serde_json::from_value(Value::Object(rest))?)
+}
+
+/// The seal of a record, lowercase hex.
+pub fn seal(chain: &str, seq: u64, prev: &str, body: &str) -> String {
+    hex::encode(seal_bytes(chain, seq, prev, body))
+}
+
+/// The seal of a record, raw.
+pub fn seal_bytes(chain: &str, seq: u64, prev: &str, body: &str) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    hasher.update(DOMAIN);
+    hasher.update(chain.as_bytes());
+    hasher.update(b"\n");
+    hasher.update(seq.to_string().as_bytes());
+    hasher.update(b"\n");
+    hasher.update(prev.as_bytes());
+    hasher.update(b"\n");
+    hasher.update(body.as_bytes());
+    hasher.finalize().into()
+}

@@ -1,0 +1,313 @@
+//! Reading the trail back: a run as a timeline, and what-if re-evaluation of recorded calls
+//! against a candidate policy.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+use serde_json::Value;
+use tollgate_engine::{Agent, CompiledPolicy, Decision, RunState, ToolCall, WindowState};
+
+use crate::record::{BodyError, Entry, Event, Record, outcome_of};
+
+/// A record read back: its place in the chain and its entry.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Step {
+    /// The chain.
+    pub chain: String,
+    /// Its sequence number.
+    pub seq: u64,
+    /// Its hash.
+    pub hash: String,
+    /// The entry.
+    #[serde(flatten)]
+    pub entry: Entry,
+}
+
+/// Reads records back into steps; the error names the record whose body cannot be read.
+pub fn steps(records: &[Record]) -> Result<Vec<Step>, ReadError> {
+    records
+        .iter()
+        .map(|r| {
+            Ok(Step {
+                chain: r.chain.clone(),
+                seq: r.seq,
+                hash: r.hash.clone(),
+                entry: r.entry().map_err(|source| ReadError {
+                    chain: r.chain.clone(),
+                    seq: r.seq,
+                    source,
+                })?,
+            })
+        })
+        .collect()
+}
+
+/// A record whose body cannot be read.
+#[derive(Debug, thiserror::Error)]
+#[error("chain {chain:?}, record {seq}: {source}")]
+pub struct ReadError {
+    /// The chain.
+    pub chain: String,
+    /// The record.
+    pub seq: u64,
+    /// Why.
+    #[source]
+    pub source: BodyError,
+}
+
+fn short(hash: &str) -> &str {
+    let hex = hash.strip_prefix("sha256:").unwrap_or(hash);
+    &hex[..hex.len().min(12)]
+}
+
+fn decision_line(decision: &Decision) -> String {
+    match decision {
+        Decision::Allow { review, .. } => {
+            if *review {
+                "ALLOWED (queued for review)".to_owned()
+            } else {
+                "ALLOWED".to_owned()
+            }
+        }
+        Decision::Deny { code, message, .. } => format!("DENIED {}: {message}", code.as_str()),
+        Decision::RequireApproval { approval, .. } => format!(
+            "WAITS FOR APPROVAL: {} of {:?} within {}s ({})",
+            approval.min_approvals,
+            approval.approvers,
+            approval.timeout.as_secs(),
+            approval.reason
+        ),
+        Decision::Halt { message, .. } => format!("HALTED: {message}"),
+    }
+}
+
+/// The steps as a timeline for people: one block per record, in order.
+pub fn timeline(steps: &[Step]) -> String {
+    let mut out = String::new();
+    let runs: std::collections::BTreeSet<&str> = steps
+        .iter()
+        .filter_map(|s| s.entry.run.as_deref())
+        .collect();
+    let agents: std::collections::BTreeSet<&str> = steps
+        .iter()
+        .filter_map(|s| s.entry.agent.as_deref())
+        .collect();
+    let _ = writeln!(
+        out,
+        "run {} · agent {} · {} record(s)",
+        runs.into_iter().collect::<Vec<_>>().join(", "),
+        agents.into_iter().collect::<Vec<_>>().join(", "),
+        steps.len()
+    );
+    for step in steps {
+        let e = &step.entry;
+        let what = match (e.event, &e.tool) {
+            (Event::Decide, Some(tool)) => format!("call {tool}"),
+            (Event::Report, Some(tool)) => format!("result of {tool}"),
+            (event, Some(tool)) => format!("{} {tool}", event.as_str()),
+            (event, None) => event.as_str().to_owned(),
+        };
+        let step_no = e.step.map(|s| format!("step {s} · ")).unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "\n{}  {step_no}{what}  [{}#{}]",
+            e.time, step.chain, step.seq
+        );
+        let mut who = e.identity.username.clone();
+        if let Some(pod) = &e.identity.pod {
+            let _ = write!(who, " (pod {pod})");
+        }
+        let _ = writeln!(out, "    who       {who}");
+        if let Some(decision) = &e.decision {
+            let _ = writeln!(out, "    decision  {}", decision_line(decision));
+            let rule = decision.rule();
+            let _ = writeln!(
+                out,
+                "    rule      {} {} @ {}",
+                rule.policy,
+                rule.clause,
+                short(&rule.policy_hash)
+            );
+        } else if let Some(policy) = &e.policy {
+            let _ = writeln!(
+                out,
+                "    policy    {} @ {}",
+                policy.name,
+                short(&policy.hash)
+            );
+        }
+        if let Some(approval) = &e.approval {
+            let by = if approval.approvers.is_empty() {
+                String::new()
+            } else {
+                format!(" by {}", approval.approvers.join(", "))
+            };
+            let _ = writeln!(
+                out,
+                "    approval  {} {}{by}",
+                approval.name, approval.phase
+            );
+        }
+        if let Some(arguments) = &e.arguments {
+            let _ = writeln!(
+                out,
+                "    args      {}  ({})",
+                arguments,
+                e.arguments_digest.as_deref().unwrap_or("no digest")
+            );
+        }
+        if let Some(result) = &e.result {
+            let _ = writeln!(out, "    result    {result}");
+        }
+        if let Some(usage) = &e.usage {
+            let _ = writeln!(
+                out,
+                "    usage     {} token(s), ${}",
+                usage.tokens, usage.cost
+            );
+        }
+        if let Some(error) = &e.error {
+            let _ = writeln!(out, "    error     {error}");
+        }
+        if let Some(c) = &e.counters {
+            let _ = writeln!(
+                out,
+                "    budget    steps {}, tokens {}, cost ${}",
+                c.steps, c.tokens, c.cost_usd
+            );
+        }
+        if let Some(ceiling) = &e.ceiling {
+            let _ = writeln!(out, "    ceiling   {}", ceiling.clause());
+        }
+        if !e.redacted.is_empty() {
+            let _ = writeln!(out, "    redacted  {}", e.redacted.join(", "));
+        }
+        if let Some(latency) = e.latency_us {
+            let _ = writeln!(out, "    latency   {latency} µs");
+        }
+    }
+    out
+}
+
+/// A recorded decision the candidate policy would make differently.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Change {
+    /// When the call was made.
+    pub time: jiff::Timestamp,
+    /// The agent.
+    pub agent: String,
+    /// The run.
+    pub run: String,
+    /// The step.
+    pub step: Option<u64>,
+    /// The tool.
+    pub tool: String,
+    /// What was decided then.
+    pub recorded: Decision,
+    /// What the candidate decides.
+    pub candidate: Decision,
+    /// The recorded arguments were partly redacted, so the candidate saw `[REDACTED]` where the
+    /// agent sent a secret; a rule on those fields may decide differently on the real values.
+    pub redacted_arguments: bool,
+}
+
+/// The outcome of a what-if run.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WhatIf {
+    /// Recorded calls of the policy's agent that were re-evaluated.
+    pub evaluated: u64,
+    /// The ones that would be decided differently.
+    pub changes: Vec<Change>,
+}
+
+/// Re-evaluates the recorded calls of `policy`'s agent (steps in time order) with the candidate
+/// `policy`, replaying each run's budget state as the candidate would have kept it, and lists
+/// every call whose decision would change (kind or deny code).
+pub fn what_if(policy: &CompiledPolicy, steps: &[Step]) -> WhatIf {
+    let (namespace, _) = policy.id().split_once('/').unwrap_or(("", policy.id()));
+    let agent_id = if namespace.is_empty() {
+        None
+    } else {
+        Some(format!("{namespace}/{}", policy.identity()))
+    };
+    let matches = |agent: &str| match &agent_id {
+        Some(id) => agent == id,
+        None => agent.rsplit('/').next() == Some(policy.identity()),
+    };
+    let mut runs: BTreeMap<String, RunState> = BTreeMap::new();
+    let mut window = WindowState::default();
+    let mut pending: BTreeMap<(String, String), Value> = BTreeMap::new();
+    let mut out = WhatIf::default();
+    for step in steps {
+        let e = &step.entry;
+        let (Some(agent), Some(run_id)) = (&e.agent, &e.run) else {
+            continue;
+        };
+        if !matches(agent) {
+            continue;
+        }
+        let (namespace, name) = agent.split_once('/').unwrap_or(("", agent));
+        let run = runs.entry(run_id.clone()).or_default();
+        let arguments = e.arguments.clone().unwrap_or(Value::Null);
+        match (e.event, &e.tool, &e.decision) {
+            (Event::Decide, Some(tool), Some(recorded)) => {
+                let killed = matches!(
+                    recorded.deny_code(),
+                    Some(tollgate_engine::DenyCode::KillSwitch)
+                );
+                let who = Agent {
+                    name,
+                    namespace,
+                    username: &e.identity.username,
+                    killed,
+                };
+                let call = ToolCall {
+                    run_id,
+                    tool,
+                    arguments: &arguments,
+                };
+                let candidate = policy.evaluate(&who, &call, run, &window, e.time);
+                policy.record(&call, &candidate, run, &mut window, e.time);
+                if matches!(candidate, Decision::RequireApproval { .. }) {
+                    pending.insert((run_id.clone(), tool.clone()), arguments.clone());
+                }
+                out.evaluated += 1;
+                if outcome_of(recorded) != outcome_of(&candidate) {
+                    out.changes.push(Change {
+                        time: e.time,
+                        agent: agent.clone(),
+                        run: run_id.clone(),
+                        step: e.step,
+                        tool: tool.clone(),
+                        recorded: recorded.clone(),
+                        candidate,
+                        redacted_arguments: e.redacted.iter().any(|p| p.starts_with("/arguments")),
+                    });
+                }
+            }
+            (Event::Approval, Some(tool), _)
+                if e.approval.as_ref().is_some_and(|a| a.phase == "Approved") =>
+            {
+                if let Some(arguments) = pending.remove(&(run_id.clone(), tool.clone())) {
+                    let call = ToolCall {
+                        run_id,
+                        tool,
+                        arguments: &arguments,
+                    };
+                    policy.release(&call, run);
+                }
+            }
+            (Event::Report, _, _) => {
+                if let Some(usage) = &e.usage {
+                    policy.report(usage, run, &mut window, e.time);
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}

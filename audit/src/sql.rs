@@ -1,0 +1,70 @@
+//! SQL both stores share. SQLite reads `$1` as a parameter named "$1" and numbers parameters by
+//! first appearance, so numbering them in order of appearance makes one text serve both.
+
+use crate::store::Query;
+
+/// A bound parameter.
+#[derive(Debug, Clone)]
+pub(crate) enum Param {
+    Text(String),
+    Int(i64),
+}
+
+/// A WHERE … ORDER BY … LIMIT clause and its parameters.
+#[derive(Debug, Clone)]
+pub(crate) struct Filter {
+    pub sql: String,
+    pub params: Vec<Param>,
+}
+
+impl Filter {
+    pub fn of(query: &Query) -> Self {
+        let mut clauses = Vec::new();
+        let mut params = Vec::new();
+        let mut text = |column: &str, value: &Option<String>| {
+            if let Some(value) = value {
+                params.push(Param::Text(value.clone()));
+                clauses.push(format!("{column} = ${}", params.len()));
+            }
+        };
+        text("run", &query.run);
+        text("agent", &query.agent);
+        text("tool", &query.tool);
+        text("event", &query.event);
+        if let Some(since) = query.since_us {
+            params.push(Param::Int(since));
+            clauses.push(format!("time_us >= ${}", params.len()));
+        }
+        if let Some(until) = query.until_us {
+            params.push(Param::Int(until));
+            clauses.push(format!("time_us < ${}", params.len()));
+        }
+        let mut sql = String::new();
+        if !clauses.is_empty() {
+            sql.push_str("WHERE ");
+            sql.push_str(&clauses.join(" AND "));
+        }
+        sql.push_str(" ORDER BY time_us, chain, seq");
+        if let Some(limit) = query.limit {
+            params.push(Param::Int(i64::try_from(limit).unwrap_or(i64::MAX)));
+            sql.push_str(&format!(" LIMIT ${}", params.len()));
+        }
+        Self { sql, params }
+    }
+}
+
+pub(crate) const TOOL_USE: &str = "SELECT agent, tool, COUNT(*), \
+     SUM(CASE WHEN outcome = 'allow' THEN 1 ELSE 0 END), MAX(time_us) \
+     FROM tollgate_audit_records \
+     WHERE event = 'decide' AND agent IS NOT NULL AND tool IS NOT NULL \
+       AND time_us >= $1 AND time_us < $2 \
+     GROUP BY agent, tool ORDER BY agent, tool";
+
+pub(crate) const OUTCOMES: &str = "SELECT tool, outcome, COUNT(*) \
+     FROM tollgate_audit_records \
+     WHERE agent = $1 AND time_us >= $2 AND tool IS NOT NULL AND outcome IS NOT NULL \
+     GROUP BY tool, outcome ORDER BY tool, outcome";
+
+pub(crate) const LAST_BEFORE: &str = "SELECT seq, hash FROM tollgate_audit_records \
+     WHERE chain = $1 AND time_us < $2 \
+     ORDER BY seq DESC LIMIT 1";

@@ -1,0 +1,201 @@
+//! Where records live: one trait, two stores.
+//!
+//! - [`SqliteStore`]: an embedded database file (WAL, `synchronous=FULL`), the default. One
+//!   writer process.
+//! - [`PostgresStore`]: several gateway replicas write concurrently, each to its own chain.
+//!
+//! Both keep the same two tables: `tollgate_audit_records` (one row per record: chain, seq,
+//! prev, hash, body and index columns) and `tollgate_audit_anchors` (per chain, the last record
+//! pruned by retention). [`Store::append`] commits a batch in one transaction and returns only
+//! once the transaction is durable.
+
+use std::future::Future;
+
+use crate::record::Record;
+
+mod postgres;
+mod sqlite;
+
+pub use postgres::PostgresStore;
+pub use sqlite::SqliteStore;
+
+/// The last record of a chain, or the anchor left by pruning.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    /// Sequence number.
+    pub seq: u64,
+    /// Its hash.
+    pub hash: String,
+}
+
+/// Which records a query selects. Every set field must match; results are in order: by time,
+/// then by chain and sequence.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Query {
+    /// Only this run.
+    pub run: Option<String>,
+    /// Only this agent (`namespace/name`).
+    pub agent: Option<String>,
+    /// Only this tool.
+    pub tool: Option<String>,
+    /// Only this event kind ([`crate::Event::as_str`]).
+    pub event: Option<String>,
+    /// At or after, microseconds since the epoch.
+    pub since_us: Option<i64>,
+    /// Before, microseconds since the epoch.
+    pub until_us: Option<i64>,
+    /// At most this many records (the earliest ones).
+    pub limit: Option<u64>,
+}
+
+/// How often an agent called a tool in a window: the "used" half of the permission-drift audit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolUse {
+    /// `namespace/name` of the agent.
+    pub agent: String,
+    /// The tool.
+    pub tool: String,
+    /// Decide records for it (whatever the decision).
+    pub calls: u64,
+    /// Of those, allowed.
+    pub allowed: u64,
+    /// The last call, microseconds since the epoch.
+    pub last_us: i64,
+}
+
+/// One tool's decisions for one agent in a window: the input of graduation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolOutcome {
+    /// The tool.
+    pub tool: String,
+    /// The outcome column: `allow`, `deny:<Code>`, `requireApproval`, `halt`, or an approval's
+    /// phase (`approved`, `denied`, `expired`).
+    pub outcome: String,
+    /// How many records.
+    pub count: u64,
+}
+
+/// A store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite refused.
+    #[error("sqlite audit store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL refused.
+    #[error("postgres audit store: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// Another writer extended this chain: two processes use the same writer name.
+    #[error(
+        "chain {chain:?} already has a record {seq}: another writer uses the same chain name; give every writer its own"
+    )]
+    Conflict {
+        /// The chain.
+        chain: String,
+        /// The sequence number that was taken.
+        seq: u64,
+    },
+    /// Another live writer holds the chain.
+    #[error("chain {0:?} is held by another live writer; give every replica its own writer name")]
+    Held(String),
+    /// A stored value is out of range (a negative sequence, a bad timestamp).
+    #[error("audit store holds an invalid value: {0}")]
+    Corrupt(String),
+    /// The blocking task running the query was lost.
+    #[error("audit store task failed: {0}")]
+    Task(String),
+}
+
+/// A place to keep records. Implemented by [`SqliteStore`] and [`PostgresStore`]; the test suite
+/// in `tests/store.rs` runs unchanged against both.
+pub trait Store: Send + Sync + 'static {
+    /// Takes `chain` for this process's writer: refuses when another live writer holds it.
+    fn claim(&self, chain: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The last record of `chain`, else its anchor, else None for a new chain.
+    fn head(&self, chain: &str) -> impl Future<Output = Result<Option<Head>, StoreError>> + Send;
+
+    /// Commits `batch` (consecutive records of one chain) in one transaction. Returns once it is
+    /// durable. A sequence number that is already taken fails the whole batch with
+    /// [`StoreError::Conflict`].
+    fn append(&self, batch: &[Record]) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Every chain with records or an anchor, sorted.
+    fn chains(&self) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+
+    /// The anchor of `chain`: the last record pruned, if any.
+    fn anchor(&self, chain: &str) -> impl Future<Output = Result<Option<Head>, StoreError>> + Send;
+
+    /// Up to `limit` records of `chain` with seq greater than `after`, in sequence order.
+    fn scan(
+        &self,
+        chain: &str,
+        after: u64,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Record>, StoreError>> + Send;
+
+    /// The records `query` selects.
+    fn query(&self, query: &Query) -> impl Future<Output = Result<Vec<Record>, StoreError>> + Send;
+
+    /// Per agent and tool, the decide records in `[since_us, until_us)`.
+    fn tool_use(
+        &self,
+        since_us: i64,
+        until_us: i64,
+    ) -> impl Future<Output = Result<Vec<ToolUse>, StoreError>> + Send;
+
+    /// Per tool and outcome, the records of `agent` since `since_us`.
+    fn outcomes(
+        &self,
+        agent: &str,
+        since_us: i64,
+    ) -> impl Future<Output = Result<Vec<ToolOutcome>, StoreError>> + Send;
+
+    /// The last record of `chain` whose time is before `before_us`.
+    fn last_before(
+        &self,
+        chain: &str,
+        before_us: i64,
+    ) -> impl Future<Output = Result<Option<Head>, StoreError>> + Send;
+
+    /// Deletes the records of `chain` up to and including `through.seq` and makes `through` the
+    /// chain's anchor, in one transaction. Returns how many records were deleted.
+    fn prune(
+        &self,
+        chain: &str,
+        through: &Head,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+}
+
+/// The DDL both stores run (PostgreSQL and SQLite accept the same text).
+pub(crate) const SCHEMA_SQL: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS tollgate_audit_records (
+        chain TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        prev TEXT NOT NULL,
+        hash TEXT NOT NULL,
+        time_us BIGINT NOT NULL,
+        event TEXT NOT NULL,
+        agent TEXT,
+        run TEXT,
+        tool TEXT,
+        outcome TEXT,
+        body TEXT NOT NULL,
+        PRIMARY KEY (chain, seq)
+    )",
+    "CREATE INDEX IF NOT EXISTS tollgate_audit_run ON tollgate_audit_records (run, time_us)",
+    "CREATE INDEX IF NOT EXISTS tollgate_audit_agent ON tollgate_audit_records (agent, time_us)",
+    "CREATE INDEX IF NOT EXISTS tollgate_audit_time ON tollgate_audit_records (time_us)",
+    "CREATE TABLE IF NOT EXISTS tollgate_audit_anchors (
+        chain TEXT PRIMARY KEY,
+        seq BIGINT NOT NULL,
+        hash TEXT NOT NULL
+    )",
+];
+
+pub(crate) fn to_i64(seq: u64) -> Result<i64, StoreError> {
+    i64::try_from(seq).map_err(|_| StoreError::Corrupt(format!("sequence {seq} is out of range")))
+}
+
+pub(crate) fn to_u64(seq: i64) -> Result<u64, StoreError> {
+    u64::try_from(seq).map_err(|_| StoreError::Corrupt(format!("negative sequence {seq}")))
+}

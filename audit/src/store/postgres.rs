@@ -1,0 +1,312 @@
+//! The shared store: PostgreSQL, for several gateway replicas. Each replica writes its own chain
+//! and holds a session advisory lock on it, so two processes can never extend one chain.
+//! Appends are one multi-row INSERT per batch inside a transaction; with PostgreSQL's default
+//! `synchronous_commit = on`, COMMIT returns once the WAL is flushed.
+
+use std::sync::Arc;
+
+use tokio::sync::Mutex;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, NoTls, Row};
+
+use super::{Head, Query, SCHEMA_SQL, Store, StoreError, ToolOutcome, ToolUse, to_i64, to_u64};
+use crate::record::{Index, Record};
+use crate::sql::{Filter, Param};
+
+/// An audit store in a PostgreSQL database.
+#[derive(Debug, Clone)]
+pub struct PostgresStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    writer: Mutex<Client>,
+    reader: Client,
+}
+
+async fn connect(url: &str) -> Result<Client, StoreError> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::error!(error = %e, "postgres audit store connection ended");
+        }
+    });
+    Ok(client)
+}
+
+impl PostgresStore {
+    /// Connects to `url` (a libpq URL or key=value string) and creates the tables if needed.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let writer = connect(url).await?;
+        // Concurrent replicas may race to create the tables; a transaction-level advisory lock
+        // serialises the DDL.
+        writer
+            .batch_execute("BEGIN; SELECT pg_advisory_xact_lock(7419001);")
+            .await?;
+        for statement in SCHEMA_SQL {
+            writer.batch_execute(statement).await?;
+        }
+        writer.batch_execute("COMMIT").await?;
+        let reader = connect(url).await?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                writer: Mutex::new(writer),
+                reader,
+            }),
+        })
+    }
+}
+
+const COLUMNS: &str = "chain, seq, prev, hash, time_us, event, agent, run, tool, outcome, body";
+
+fn record(row: &Row) -> Result<Record, StoreError> {
+    Ok(Record {
+        chain: row.try_get(0)?,
+        seq: to_u64(row.try_get(1)?)?,
+        prev: row.try_get(2)?,
+        hash: row.try_get(3)?,
+        index: Index {
+            time_us: row.try_get(4)?,
+            event: row.try_get(5)?,
+            agent: row.try_get(6)?,
+            run: row.try_get(7)?,
+            tool: row.try_get(8)?,
+            outcome: row.try_get(9)?,
+        },
+        body: row.try_get(10)?,
+    })
+}
+
+fn head(row: Option<Row>) -> Result<Option<Head>, StoreError> {
+    row.map(|r| {
+        Ok(Head {
+            seq: to_u64(r.try_get(0)?)?,
+            hash: r.try_get(1)?,
+        })
+    })
+    .transpose()
+}
+
+impl Store for PostgresStore {
+    async fn claim(&self, chain: &str) -> Result<(), StoreError> {
+        let writer = self.inner.writer.lock().await;
+        let row = writer
+            .query_one(
+                "SELECT pg_try_advisory_lock(7419002, hashtext($1))",
+                &[&chain],
+            )
+            .await?;
+        if row.try_get::<_, bool>(0)? {
+            Ok(())
+        } else {
+            Err(StoreError::Held(chain.to_owned()))
+        }
+    }
+
+    async fn head(&self, chain: &str) -> Result<Option<Head>, StoreError> {
+        let last = self
+            .inner
+            .reader
+            .query_opt(
+                "SELECT seq, hash FROM tollgate_audit_records WHERE chain = $1 ORDER BY seq DESC LIMIT 1",
+                &[&chain],
+            )
+            .await?;
+        if last.is_some() {
+            return head(last);
+        }
+        self.anchor(chain).await
+    }
+
+    async fn append(&self, batch: &[Record]) -> Result<(), StoreError> {
+        let Some(first) = batch.first() else {
+            return Ok(());
+        };
+        let mut chain = Vec::with_capacity(batch.len());
+        let mut seq = Vec::with_capacity(batch.len());
+        let mut prev = Vec::with_capacity(batch.len());
+        let mut hash = Vec::with_capacity(batch.len());
+        let mut time = Vec::with_capacity(batch.len());
+        let mut event = Vec::with_capacity(batch.len());
+        let mut agent = Vec::with_capacity(batch.len());
+        let mut run = Vec::with_capacity(batch.len());
+        let mut tool = Vec::with_capacity(batch.len());
+        let mut outcome = Vec::with_capacity(batch.len());
+        let mut body = Vec::with_capacity(batch.len());
+        for r in batch {
+            chain.push(r.chain.as_str());
+            seq.push(to_i64(r.seq)?);
+            prev.push(r.prev.as_str());
+            hash.push(r.hash.as_str());
+            time.push(r.index.time_us);
+            event.push(r.index.event.as_str());
+            agent.push(r.index.agent.as_deref());
+            run.push(r.index.run.as_deref());
+            tool.push(r.index.tool.as_deref());
+            outcome.push(r.index.outcome.as_deref());
+            body.push(r.body.as_str());
+        }
+        let mut writer = self.inner.writer.lock().await;
+        let tx = writer.transaction().await?;
+        let inserted = tx
+            .execute(
+                "INSERT INTO tollgate_audit_records (chain, seq, prev, hash, time_us, event, agent, run, tool, outcome, body)
+                 SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], $5::bigint[], $6::text[],
+                                      $7::text[], $8::text[], $9::text[], $10::text[], $11::text[])",
+                &[
+                    &chain, &seq, &prev, &hash, &time, &event, &agent, &run, &tool, &outcome, &body,
+                ],
+            )
+            .await;
+        match inserted {
+            Ok(_) => {}
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+                return Err(StoreError::Conflict {
+                    chain: first.chain.clone(),
+                    seq: first.seq,
+                });
+            }
+            Err(e) => return Err(e.into()),
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn chains(&self) -> Result<Vec<String>, StoreError> {
+        let rows = self
+            .inner
+            .reader
+            .query(
+                "SELECT DISTINCT chain FROM tollgate_audit_records
+                 UNION SELECT chain FROM tollgate_audit_anchors ORDER BY 1",
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<_, _>>()?)
+    }
+
+    async fn anchor(&self, chain: &str) -> Result<Option<Head>, StoreError> {
+        head(
+            self.inner
+                .reader
+                .query_opt(
+                    "SELECT seq, hash FROM tollgate_audit_anchors WHERE chain = $1",
+                    &[&chain],
+                )
+                .await?,
+        )
+    }
+
+    async fn scan(&self, chain: &str, after: u64, limit: usize) -> Result<Vec<Record>, StoreError> {
+        let rows = self
+            .inner
+            .reader
+            .query(
+                &format!(
+                    "SELECT {COLUMNS} FROM tollgate_audit_records WHERE chain = $1 AND seq > $2 ORDER BY seq LIMIT $3"
+                ),
+                &[&chain, &to_i64(after)?, &(limit as i64)],
+            )
+            .await?;
+        rows.iter().map(record).collect()
+    }
+
+    async fn query(&self, query: &Query) -> Result<Vec<Record>, StoreError> {
+        let filter = Filter::of(query);
+        let params: Vec<Box<dyn ToSql + Sync + Send>> = filter
+            .params
+            .iter()
+            .map(|p| -> Box<dyn ToSql + Sync + Send> {
+                match p {
+                    Param::Text(s) => Box::new(s.clone()),
+                    Param::Int(i) => Box::new(*i),
+                }
+            })
+            .collect();
+        let refs: Vec<&(dyn ToSql + Sync)> = params
+            .iter()
+            .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+            .collect();
+        let rows = self
+            .inner
+            .reader
+            .query(
+                &format!(
+                    "SELECT {COLUMNS} FROM tollgate_audit_records {}",
+                    filter.sql
+                ),
+                &refs,
+            )
+            .await?;
+        rows.iter().map(record).collect()
+    }
+
+    async fn tool_use(&self, since_us: i64, until_us: i64) -> Result<Vec<ToolUse>, StoreError> {
+        let rows = self
+            .inner
+            .reader
+            .query(crate::sql::TOOL_USE, &[&since_us, &until_us])
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ToolUse {
+                    agent: r.try_get(0)?,
+                    tool: r.try_get(1)?,
+                    calls: to_u64(r.try_get(2)?)?,
+                    allowed: to_u64(r.try_get(3)?)?,
+                    last_us: r.try_get(4)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn outcomes(&self, agent: &str, since_us: i64) -> Result<Vec<ToolOutcome>, StoreError> {
+        let rows = self
+            .inner
+            .reader
+            .query(crate::sql::OUTCOMES, &[&agent, &since_us])
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ToolOutcome {
+                    tool: r.try_get(0)?,
+                    outcome: r.try_get(1)?,
+                    count: to_u64(r.try_get(2)?)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn last_before(&self, chain: &str, before_us: i64) -> Result<Option<Head>, StoreError> {
+        head(
+            self.inner
+                .reader
+                .query_opt(crate::sql::LAST_BEFORE, &[&chain, &before_us])
+                .await?,
+        )
+    }
+
+    async fn prune(&self, chain: &str, through: &Head) -> Result<u64, StoreError> {
+        let seq = to_i64(through.seq)?;
+        let mut writer = self.inner.writer.lock().await;
+        let tx = writer.transaction().await?;
+        let deleted = tx
+            .execute(
+                "DELETE FROM tollgate_audit_records WHERE chain = $1 AND seq <= $2",
+                &[&chain, &seq],
+            )
+            .await?;
+        tx.execute(
+            "INSERT INTO tollgate_audit_anchors (chain, seq, hash) VALUES ($1, $2, $3)
+             ON CONFLICT (chain) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+            &[&chain, &seq, &through.hash],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(deleted)
+    }
+}

@@ -1,0 +1,214 @@
+//! A throwaway PostgreSQL server on loopback, for the audit store's tests and benchmarks.
+//!
+//! The server comes from Debian's `postgresql` package; when it is missing the harness installs
+//! it with apt-get (this needs root, as in CI). PostgreSQL refuses to run as root, so as root the
+//! harness runs initdb and the server as the package's `postgres` user through `setpriv`, which
+//! execs in place: the supervisor's signal reaches the server itself. The data directory lives
+//! under /tmp (every user can reach it) and is removed with the test binary.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::process::{Process, Supervisor};
+
+/// A running server.
+#[derive(Debug)]
+pub struct Postgres {
+    port: u16,
+    dir: PathBuf,
+    _server: Process,
+}
+
+static POSTGRES: OnceLock<Postgres> = OnceLock::new();
+
+/// The PostgreSQL server of this test binary, started on first use. Panics with the reason
+/// when it cannot start: a test that needs PostgreSQL must not pass without one.
+pub fn postgres() -> &'static Postgres {
+    POSTGRES.get_or_init(|| match Postgres::start() {
+        Ok(server) => server,
+        Err(e) => panic!("PostgreSQL did not start: {e:#}"),
+    })
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// The directory holding initdb and postgres, newest major version first.
+fn bin_dir() -> Option<PathBuf> {
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let version = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("postgres").exists().then_some((version, bin))
+        })
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, bin)| bin)
+}
+
+fn install() -> Result<PathBuf> {
+    if let Some(bin) = bin_dir() {
+        return Ok(bin);
+    }
+    if !is_root() {
+        bail!(
+            "PostgreSQL is not installed and this user cannot install it: run `apt-get install -y postgresql` as root"
+        );
+    }
+    let apt = |args: &[&str]| {
+        Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let packages = ["install", "-y", "--no-install-recommends", "postgresql"];
+    let installed = apt(&packages) || (apt(&["update"]) && apt(&packages));
+    if !installed {
+        bail!("apt-get install postgresql failed");
+    }
+    bin_dir().context("postgresql installed, but /usr/lib/postgresql/*/bin/postgres is missing")
+}
+
+/// `command` as the server's user: the `postgres` account when we are root.
+fn as_server_user(program: &Path, root: bool) -> Command {
+    if root {
+        let mut command = Command::new("setpriv");
+        command
+            .args([
+                "--reuid=postgres",
+                "--regid=postgres",
+                "--init-groups",
+                "--",
+            ])
+            .arg(program);
+        command
+    } else {
+        Command::new(program)
+    }
+}
+
+impl Postgres {
+    fn start() -> Result<Self> {
+        let bin = install()?;
+        let root = is_root();
+        let dir = tempfile::Builder::new()
+            .prefix("tollgate-pg-")
+            .tempdir_in("/tmp")?
+            .keep();
+        let supervisor = Supervisor::spawn(&dir)?;
+        let data = dir.join("data");
+        if root {
+            let status = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&dir)
+                .status()?;
+            if !status.success() {
+                bail!("chown {} to postgres failed", dir.display());
+            }
+        }
+        let initdb = as_server_user(&bin.join("initdb"), root)
+            .args(["--auth=trust", "--username=tollgate", "--encoding=UTF8"])
+            .arg("-D")
+            .arg(&data)
+            .output()
+            .context("run initdb")?;
+        if !initdb.status.success() {
+            bail!("initdb failed: {}", String::from_utf8_lossy(&initdb.stderr));
+        }
+        let port = crate::free_port()?;
+        let server = supervisor.start(
+            "postgres",
+            as_server_user(&bin.join("postgres"), root)
+                .arg("-D")
+                .arg(&data)
+                .args([
+                    "-c",
+                    "listen_addresses=127.0.0.1",
+                    "-c",
+                    &format!("port={port}"),
+                    "-c",
+                    &format!("unix_socket_directories={}", dir.display()),
+                    "-c",
+                    "max_connections=200",
+                    // Durability stays on: fsync and synchronous_commit keep their defaults.
+                ]),
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+                && std::fs::read_to_string(server.log())
+                    .is_ok_and(|log| log.contains("ready to accept connections"))
+            {
+                break;
+            }
+            if let Some(status) = server.exited() {
+                bail!("postgres exited with {status}:\n{}", server.log_tail(30));
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "postgres was not ready within 60s:\n{}",
+                    server.log_tail(30)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(Self {
+            port,
+            dir,
+            _server: server,
+        })
+    }
+
+    /// The server's directory (data and log).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A connection URL for `database`.
+    pub fn url(&self, database: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=tollgate dbname={database}",
+            self.port
+        )
+    }
+
+    /// Creates a new empty database and returns its URL; every test gets its own.
+    pub fn database(&self, prefix: &str) -> Result<String> {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "{}_{}_{}",
+            prefix.replace(|c: char| !c.is_ascii_alphanumeric(), "_"),
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let psql = bin_dir()
+            .map(|b| b.join("psql"))
+            .filter(|p| p.exists())
+            .unwrap_or_else(|| PathBuf::from("psql"));
+        let output = Command::new(psql)
+            .args(["-v", "ON_ERROR_STOP=1", "-q", "-d"])
+            .arg(self.url("postgres"))
+            .args(["-c", &format!("CREATE DATABASE {name}")])
+            .output()
+            .context("run psql")?;
+        if !output.status.success() {
+            bail!(
+                "CREATE DATABASE {name} failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(self.url(&name))
+    }
+}

@@ -1,0 +1,665 @@
+//! The audit trail on real stores: one suite, run unchanged on SQLite and on a real PostgreSQL
+//! server; tampering through SQL, the way an attacker with database access would; and a writer
+//! process killed with SIGKILL under load.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use jiff::{SignedDuration, Timestamp};
+use serde_json::json;
+use tollgate_audit::record::seal;
+use tollgate_audit::store::{Query, ToolOutcome};
+use tollgate_audit::{
+    AuditLog, Entry, Event, Fault, Head, Identity, PostgresStore, Redactor, SqliteStore, Store,
+    VerifyError, WriterConfig, verify,
+};
+use tollgate_e2e::postgres::postgres;
+use tollgate_engine::{CompiledPolicy, Decision, DenyCode, RuleRef};
+
+/// Raw SQL access to a store's database, as an attacker would have it.
+trait Raw {
+    async fn exec(&self, sql: &str);
+}
+
+struct RawSqlite(std::path::PathBuf);
+
+impl Raw for RawSqlite {
+    async fn exec(&self, sql: &str) {
+        let conn = rusqlite::Connection::open(&self.0).unwrap();
+        conn.execute_batch(sql).unwrap();
+    }
+}
+
+struct RawPostgres(String);
+
+impl Raw for RawPostgres {
+    async fn exec(&self, sql: &str) {
+        let (client, connection) = tokio_postgres::connect(&self.0, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client.batch_execute(sql).await.unwrap();
+    }
+}
+
+fn rule(tool: &str) -> RuleRef {
+    RuleRef {
+        policy: "shop/support".into(),
+        generation: Some(1),
+        policy_hash: "sha256:0123456789abcdef".into(),
+        tool: Some(tool.into()),
+        clause: format!("spec.tools.allowed[{tool}]").into(),
+    }
+}
+
+fn identity(agent: &str) -> Identity {
+    Identity {
+        username: format!("system:serviceaccount:shop:agent-{agent}"),
+        pod: Some(format!("{agent}-7f9c")),
+        token_id: Some("jti-1".into()),
+    }
+}
+
+/// A decide entry for `agent`'s call of `tool` in `run`.
+fn decide(time: Timestamp, agent: &str, run: &str, step: u64, tool: &str, allow: bool) -> Entry {
+    let mut entry = Entry::new(time, Event::Decide, identity(agent));
+    entry.agent = Some(format!("shop/{agent}"));
+    entry.run = Some(run.to_owned());
+    entry.step = Some(step);
+    entry.tool = Some(tool.to_owned());
+    entry.set_arguments(
+        &Redactor::default(),
+        &json!({"order": step, "apiKey": "sk-live-secret"}),
+    );
+    entry.decision = Some(if allow {
+        Decision::Allow {
+            rule: rule(tool),
+            review: false,
+        }
+    } else {
+        Decision::Deny {
+            code: DenyCode::ToolNotAllowed,
+            rule: rule(tool),
+            message: format!("{tool} is not an allowed tool"),
+        }
+    });
+    entry.latency_us = Some(12);
+    entry
+}
+
+async fn open<S: Store>(store: &Arc<S>, chain: &str) -> AuditLog {
+    let (log, _task) = AuditLog::open(store.clone(), WriterConfig::new(chain))
+        .await
+        .expect("open the writer");
+    log
+}
+
+async fn broken<S: Store>(store: &S, heads: &BTreeMap<String, Head>, deep: bool) -> (u64, Fault) {
+    match verify(store, deep, heads).await {
+        Err(VerifyError::Broken(b)) => (b.seq, b.fault),
+        other => panic!("expected a broken chain, got {other:?}"),
+    }
+}
+
+/// The suite every store passes.
+async fn suite<S: Store>(store: S, second: S) {
+    let store = Arc::new(store);
+    let log = open(&store, "gw-0").await;
+    let t0 = Timestamp::now() - SignedDuration::from_hours(24 * 100);
+
+    // Concurrent appends: every one acknowledged, numbered 1..=N without gaps, in one chain.
+    let mut tasks = Vec::new();
+    for i in 0..200u64 {
+        let log = log.clone();
+        tasks.push(tokio::spawn(async move {
+            let time = t0 + SignedDuration::from_secs(i as i64);
+            let agent = if i % 2 == 0 { "support" } else { "deploy" };
+            let tool = if i % 3 == 0 { "refund" } else { "lookup_order" };
+            log.append(decide(
+                time,
+                agent,
+                &format!("run-{}", i % 4),
+                i,
+                tool,
+                i % 5 != 0,
+            ))
+            .await
+            .expect("append")
+        }));
+    }
+    let mut seqs = Vec::new();
+    for task in tasks {
+        seqs.push(task.await.unwrap().seq);
+    }
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=200).collect::<Vec<_>>());
+
+    let reports = verify(store.as_ref(), true, &BTreeMap::new())
+        .await
+        .expect("verifies");
+    assert_eq!(reports.len(), 1);
+    assert_eq!(reports[0].records, 200);
+    assert_eq!(reports[0].head.as_ref().unwrap().seq, 200);
+
+    // A run in order, with what was recorded: redacted arguments and their digest.
+    let run = store
+        .query(&Query {
+            run: Some("run-1".into()),
+            ..Query::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(run.len(), 50);
+    let entries: Vec<Entry> = run.iter().map(|r| r.entry().unwrap()).collect();
+    assert!(entries.windows(2).all(|w| w[0].time <= w[1].time));
+    assert!(entries.iter().all(|e| e.run.as_deref() == Some("run-1")));
+    assert_eq!(
+        entries[0].arguments,
+        Some(json!({"order": 1, "apiKey": "[REDACTED]"}))
+    );
+    assert_eq!(entries[0].redacted, ["/arguments/apiKey"]);
+    assert!(
+        entries[0]
+            .arguments_digest
+            .as_deref()
+            .unwrap()
+            .starts_with("sha256:")
+    );
+
+    // An agent over a time window.
+    let window = store
+        .query(&Query {
+            agent: Some("shop/support".into()),
+            since_us: Some((t0 + SignedDuration::from_secs(10)).as_microsecond()),
+            until_us: Some((t0 + SignedDuration::from_secs(20)).as_microsecond()),
+            ..Query::default()
+        })
+        .await
+        .unwrap();
+    let steps: Vec<u64> = window
+        .iter()
+        .map(|r| r.entry().unwrap().step.unwrap())
+        .collect();
+    assert_eq!(steps, [10, 12, 14, 16, 18]);
+
+    // Tools each agent used (drift), and decisions per tool (graduation).
+    let used = store
+        .tool_use(t0.as_microsecond(), Timestamp::now().as_microsecond())
+        .await
+        .unwrap();
+    let summary: Vec<(String, String, u64)> = used
+        .iter()
+        .map(|u| (u.agent.clone(), u.tool.clone(), u.calls))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("shop/deploy".to_owned(), "lookup_order".to_owned(), 67),
+            ("shop/deploy".to_owned(), "refund".to_owned(), 33),
+            ("shop/support".to_owned(), "lookup_order".to_owned(), 66),
+            ("shop/support".to_owned(), "refund".to_owned(), 34),
+        ]
+    );
+    let outcomes = store
+        .outcomes("shop/support", t0.as_microsecond())
+        .await
+        .unwrap();
+    let refund: Vec<&ToolOutcome> = outcomes.iter().filter(|o| o.tool == "refund").collect();
+    // Support's refunds are the even multiples of 3 below 200: i = 0, 6, …, 198 (34 calls);
+    // the multiples of 5 among them (0, 30, …, 180: 7 calls) were denied.
+    assert_eq!(
+        refund
+            .iter()
+            .map(|o| (o.outcome.as_str(), o.count))
+            .collect::<Vec<_>>(),
+        [("allow", 27), ("deny:ToolNotAllowed", 7)]
+    );
+
+    // A second writer on the same chain is refused while this one lives.
+    let err = AuditLog::open(Arc::new(second), WriterConfig::new("gw-0"))
+        .await
+        .expect_err("a second writer of gw-0");
+    assert!(
+        err.to_string().contains("held by another live writer"),
+        "{err}"
+    );
+
+    // Retention: records older than 90 days go behind a checkpoint; the rest still verifies,
+    // and the writer continues after it.
+    let recent = Timestamp::now();
+    for step in 0..10 {
+        log.append(decide(
+            recent,
+            "support",
+            "run-new",
+            step,
+            "lookup_order",
+            true,
+        ))
+        .await
+        .unwrap();
+    }
+    let pruned = log
+        .prune(
+            store.as_ref(),
+            Timestamp::now() - SignedDuration::from_hours(24 * 90),
+            identity("gateway"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(pruned, 200);
+    let after = log
+        .append(decide(
+            recent,
+            "support",
+            "run-new",
+            11,
+            "lookup_order",
+            true,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        after.seq, 212,
+        "10 new records, a checkpoint, then this one"
+    );
+    let reports = verify(store.as_ref(), true, &BTreeMap::new())
+        .await
+        .expect("verifies after pruning");
+    assert_eq!(
+        reports[0].anchor.as_ref().map(|a| a.seq),
+        Some(200),
+        "{reports:?}"
+    );
+    assert_eq!(reports[0].records, 12);
+
+    // A restarted writer continues the chain.
+    drop(log);
+    let log = open(&store, "gw-0").await;
+    let next = log
+        .append(decide(
+            recent,
+            "support",
+            "run-new",
+            12,
+            "lookup_order",
+            true,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(next.seq, 213);
+    verify(store.as_ref(), false, &BTreeMap::new())
+        .await
+        .expect("verifies after a restart");
+}
+
+#[tokio::test]
+async fn sqlite_store_passes_the_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.db");
+    suite(
+        SqliteStore::open(&path).unwrap(),
+        SqliteStore::open(&path).unwrap(),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn postgres_store_passes_the_suite() {
+    let url = postgres().database("suite").unwrap();
+    suite(
+        PostgresStore::connect(&url).await.unwrap(),
+        PostgresStore::connect(&url).await.unwrap(),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn postgres_replicas_write_concurrently_each_to_its_own_chain() {
+    let url = postgres().database("replicas").unwrap();
+    let mut replicas = Vec::new();
+    for replica in 0..3 {
+        let store = Arc::new(PostgresStore::connect(&url).await.unwrap());
+        replicas.push(open(&store, &format!("gw-{replica}")).await);
+    }
+    let mut tasks = Vec::new();
+    for (r, log) in replicas.iter().enumerate() {
+        for i in 0..100u64 {
+            let log = log.clone();
+            tasks.push(tokio::spawn(async move {
+                log.append(decide(
+                    Timestamp::now(),
+                    "support",
+                    &format!("run-{r}"),
+                    i,
+                    "lookup_order",
+                    true,
+                ))
+                .await
+                .unwrap()
+            }));
+        }
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let reader = PostgresStore::connect(&url).await.unwrap();
+    let reports = verify(&reader, false, &BTreeMap::new()).await.unwrap();
+    let chains: Vec<(String, u64)> = reports
+        .iter()
+        .map(|r| (r.chain.clone(), r.records))
+        .collect();
+    assert_eq!(
+        chains,
+        [
+            ("gw-0".to_owned(), 100),
+            ("gw-1".to_owned(), 100),
+            ("gw-2".to_owned(), 100)
+        ]
+    );
+}
+
+/// Ten records in chain "gw-0"; returns their hashes by seq (index 0 is seq 1).
+async fn ten<S: Store>(store: S) -> (Arc<S>, Vec<String>) {
+    let store = Arc::new(store);
+    let log = open(&store, "gw-0").await;
+    let mut hashes = Vec::new();
+    for step in 1..=10 {
+        let tool = if step == 4 { "refund" } else { "lookup_order" };
+        hashes.push(
+            log.append(decide(
+                Timestamp::now(),
+                "support",
+                "run-1",
+                step,
+                tool,
+                true,
+            ))
+            .await
+            .unwrap()
+            .hash,
+        );
+    }
+    (store, hashes)
+}
+
+fn head(seq: u64, hashes: &[String]) -> BTreeMap<String, Head> {
+    BTreeMap::from([(
+        "gw-0".to_owned(),
+        Head {
+            seq,
+            hash: hashes[seq as usize - 1].clone(),
+        },
+    )])
+}
+
+const NONE: &BTreeMap<String, Head> = &BTreeMap::new();
+
+/// Every tampering an attacker with write access to the database can do, each on a fresh chain.
+async fn tampering<S: Store, R: Raw>(fresh: impl AsyncFn() -> (S, R)) {
+    // Changing one field of a record's body.
+    let (store, raw) = fresh().await;
+    let (store, _) = ten(store).await;
+    raw.exec("UPDATE tollgate_audit_records SET body = replace(body, '\"lookup_order\"', '\"delete_everything\"') WHERE seq = 6").await;
+    let (seq, fault) = broken(store.as_ref(), NONE, false).await;
+    assert_eq!(seq, 6);
+    assert!(matches!(fault, Fault::Altered { .. }), "{fault}");
+
+    // Deleting a record.
+    let (store, raw) = fresh().await;
+    let (store, _) = ten(store).await;
+    raw.exec("DELETE FROM tollgate_audit_records WHERE seq = 5")
+        .await;
+    let (seq, fault) = broken(store.as_ref(), NONE, false).await;
+    assert_eq!(seq, 5);
+    assert_eq!(
+        fault,
+        Fault::Missing {
+            before: 4,
+            found: 6
+        }
+    );
+
+    // Inserting a forged record at 5, renumbering the rest and sealing the forgery correctly:
+    // the forgery links, but the record it displaced no longer does.
+    let (store, raw) = fresh().await;
+    let (store, hashes) = ten(store).await;
+    let forged_body = store.scan("gw-0", 3, 1).await.unwrap()[0].body.clone();
+    let forged_hash = seal("gw-0", 5, &hashes[3], &forged_body);
+    raw.exec("UPDATE tollgate_audit_records SET seq = -seq WHERE seq >= 5")
+        .await;
+    raw.exec("UPDATE tollgate_audit_records SET seq = 1 - seq WHERE seq < 0")
+        .await;
+    raw.exec(&format!(
+        "INSERT INTO tollgate_audit_records (chain, seq, prev, hash, time_us, event, body) \
+         VALUES ('gw-0', 5, '{}', '{forged_hash}', 0, 'decide', '{}')",
+        hashes[3],
+        forged_body.replace('\'', "''")
+    ))
+    .await;
+    let (seq, fault) = broken(store.as_ref(), NONE, false).await;
+    assert_eq!(seq, 6, "the first record that no longer holds");
+    assert!(matches!(fault, Fault::Altered { .. }), "{fault}");
+
+    // Swapping two records (their contents change places; the positions stay).
+    let (store, raw) = fresh().await;
+    let (store, _) = ten(store).await;
+    raw.exec(
+        "UPDATE tollgate_audit_records SET seq = CASE seq WHEN 3 THEN 7 ELSE 3 END + 100 WHERE seq IN (3, 7); \
+         UPDATE tollgate_audit_records SET seq = seq - 100 WHERE seq > 100",
+    )
+    .await;
+    let (seq, fault) = broken(store.as_ref(), NONE, false).await;
+    assert_eq!(seq, 3);
+    assert!(matches!(fault, Fault::Altered { .. }), "{fault}");
+
+    // Rewriting the tail with fresh seals passes the chain alone, but not a head kept elsewhere.
+    let (store, raw) = fresh().await;
+    let (store, hashes) = ten(store).await;
+    let records = store.scan("gw-0", 0, 100).await.unwrap();
+    let mut prev = hashes[7].clone();
+    for record in &records[8..] {
+        let body = record.body.replace("lookup_order", "drop_database");
+        let hash = seal("gw-0", record.seq, &prev, &body);
+        raw.exec(&format!(
+            "UPDATE tollgate_audit_records SET body = '{}', prev = '{prev}', hash = '{hash}' WHERE seq = {}",
+            body.replace('\'', "''"),
+            record.seq
+        ))
+        .await;
+        prev = hash;
+    }
+    verify(store.as_ref(), false, NONE)
+        .await
+        .expect("a full rewrite re-seals the chain");
+    let (seq, fault) = broken(store.as_ref(), &head(10, &hashes), false).await;
+    assert_eq!(seq, 10);
+    assert!(matches!(fault, Fault::HeadMismatch { .. }), "{fault}");
+
+    // Truncating the tail, against a head kept elsewhere.
+    let (store, raw) = fresh().await;
+    let (store, hashes) = ten(store).await;
+    raw.exec("DELETE FROM tollgate_audit_records WHERE seq > 7")
+        .await;
+    let (seq, fault) = broken(store.as_ref(), &head(10, &hashes), false).await;
+    assert_eq!(seq, 10);
+    assert_eq!(fault, Fault::Truncated { last: 7 });
+
+    // Deleting old records and forging the anchor pruning leaves: no checkpoint confirms it.
+    let (store, raw) = fresh().await;
+    let (store, hashes) = ten(store).await;
+    raw.exec(&format!(
+        "DELETE FROM tollgate_audit_records WHERE seq <= 4; \
+         INSERT INTO tollgate_audit_anchors (chain, seq, hash) VALUES ('gw-0', 4, '{}')",
+        hashes[3]
+    ))
+    .await;
+    let (seq, fault) = broken(store.as_ref(), NONE, false).await;
+    assert_eq!(seq, 4);
+    assert_eq!(fault, Fault::UnrecordedPrune { through: 4 });
+
+    // Deleting old records without an anchor.
+    let (store, raw) = fresh().await;
+    let (store, _) = ten(store).await;
+    raw.exec("DELETE FROM tollgate_audit_records WHERE seq <= 2")
+        .await;
+    let (seq, fault) = broken(store.as_ref(), NONE, false).await;
+    assert_eq!(seq, 1);
+    assert_eq!(
+        fault,
+        Fault::Missing {
+            before: 0,
+            found: 3
+        }
+    );
+
+    // Changing an index column hides a record from queries; the deep check names it.
+    let (store, raw) = fresh().await;
+    let (store, _) = ten(store).await;
+    raw.exec("UPDATE tollgate_audit_records SET tool = 'lookup_order' WHERE seq = 4")
+        .await;
+    verify(store.as_ref(), false, NONE)
+        .await
+        .expect("the seals hold");
+    let (seq, fault) = broken(store.as_ref(), NONE, true).await;
+    assert_eq!(seq, 4);
+    assert!(matches!(fault, Fault::Index(_)), "{fault}");
+}
+
+#[tokio::test]
+async fn tampering_with_sqlite_fails_verification_naming_the_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let counter = std::sync::atomic::AtomicU32::new(0);
+    tampering(async || {
+        let path = dir.path().join(format!(
+            "audit-{}.db",
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        (SqliteStore::open(&path).unwrap(), RawSqlite(path))
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn tampering_with_postgres_fails_verification_naming_the_record() {
+    tampering(async || {
+        let url = postgres().database("tamper").unwrap();
+        (
+            PostgresStore::connect(&url).await.unwrap(),
+            RawPostgres(url),
+        )
+    })
+    .await;
+}
+
+/// Starts the writer process, lets it acknowledge at least `min` records, kills it with
+/// SIGKILL, and returns every acknowledgement it printed.
+fn kill_writer_under_load(store_args: &[&str], min: usize) -> Vec<(u64, String)> {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_audit-writer"))
+        .args(store_args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the writer");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let mut acked = Vec::new();
+    while acked.len() < min {
+        let line = lines
+            .next()
+            .expect("the writer stopped early")
+            .expect("read the writer's output");
+        acked.push(line);
+    }
+    child.kill().expect("SIGKILL the writer");
+    child.wait().unwrap();
+    // Acknowledgements printed before the kill are still in the pipe.
+    acked.extend(lines.map_while(Result::ok));
+    acked
+        .iter()
+        .map(|line| {
+            let (seq, hash) = line.split_once(' ').expect("SEQ HASH");
+            (seq.parse().unwrap(), hash.to_owned())
+        })
+        .collect()
+}
+
+async fn every_acknowledged_record_is_there<S: Store>(store: S, acked: &[(u64, String)]) {
+    let reports = verify(&store, true, &BTreeMap::new())
+        .await
+        .expect("the chain verifies after the crash");
+    let stored = store
+        .scan("crash-writer", 0, usize::MAX >> 1)
+        .await
+        .unwrap();
+    assert!(stored.len() >= acked.len());
+    let by_seq: BTreeMap<u64, &str> = stored.iter().map(|r| (r.seq, r.hash.as_str())).collect();
+    for (seq, hash) in acked {
+        assert_eq!(
+            by_seq.get(seq).copied(),
+            Some(hash.as_str()),
+            "acknowledged record {seq} is missing or differs"
+        );
+    }
+    assert_eq!(reports[0].records as usize, stored.len());
+}
+
+#[tokio::test]
+async fn sqlite_writer_killed_under_load_loses_no_acknowledged_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.db");
+    let acked = kill_writer_under_load(&["--sqlite", path.to_str().unwrap()], 3000);
+    assert!(acked.len() >= 3000);
+    every_acknowledged_record_is_there(SqliteStore::open(&path).unwrap(), &acked).await;
+}
+
+#[tokio::test]
+async fn postgres_writer_killed_under_load_loses_no_acknowledged_record() {
+    let url = postgres().database("crash").unwrap();
+    let acked = kill_writer_under_load(&["--postgres", &url], 3000);
+    every_acknowledged_record_is_there(PostgresStore::connect(&url).await.unwrap(), &acked).await;
+}
+
+#[tokio::test]
+async fn what_if_lists_the_decisions_a_candidate_policy_would_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path().join("audit.db")).unwrap());
+    let log = open(&store, "gw-0").await;
+    let t = Timestamp::now();
+    // Recorded under a policy that allowed both tools.
+    for (step, tool) in [(1, "lookup_order"), (2, "refund"), (3, "lookup_order")] {
+        log.append(decide(t, "support", "run-1", step, tool, true))
+            .await
+            .unwrap();
+    }
+    let candidate: tollgate_crds::policy::AgentPolicy = serde_yaml::from_str(
+        r#"
+apiVersion: tollgate.dev/v1alpha1
+kind: AgentPolicy
+metadata: {name: support, namespace: shop}
+spec:
+  identityRef: {name: support}
+  tools:
+    allowed:
+      - name: lookup_order
+        arguments:
+          additionalFields: Allow
+          fields:
+            order: {type: integer, required: true}
+"#,
+    )
+    .unwrap();
+    let candidate = CompiledPolicy::compile(&candidate).unwrap();
+    let records = store.query(&Query::default()).await.unwrap();
+    let steps = tollgate_audit::replay::steps(&records).unwrap();
+    let result = tollgate_audit::replay::what_if(&candidate, &steps);
+    assert_eq!(result.evaluated, 3);
+    assert_eq!(result.changes.len(), 1, "{result:?}");
+    let change = &result.changes[0];
+    assert_eq!((change.tool.as_str(), change.step), ("refund", Some(2)));
+    assert!(change.recorded.is_allowed());
+    assert_eq!(change.candidate.deny_code(), Some(DenyCode::ToolNotAllowed));
+    assert!(change.redacted_arguments);
+}
