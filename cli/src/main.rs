@@ -5,13 +5,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use kubectl_tollgate::offline;
+use kubectl_tollgate::{audit, offline};
 
 #[derive(Debug, Parser)]
 #[command(
     name = "kubectl-tollgate",
     version,
-    about = "Tollgate for people: check policies, and (soon) approve, deny, kill and audit"
+    about = "Tollgate for people: check policies, replay and verify the audit trail, and (soon) approve, deny and kill"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -40,6 +40,63 @@ enum Command {
         /// The run id.
         #[arg(long, default_value = "offline")]
         run_id: String,
+    },
+    /// Read the audit trail: replay a run, verify the hash chain, export, what-if.
+    Audit {
+        /// The audit store: a SQLite file (`sqlite:PATH` or a path) or a PostgreSQL URL.
+        #[arg(
+            long,
+            env = "TOLLGATE_AUDIT_STORE",
+            default_value = "tollgate-audit.db"
+        )]
+        store: audit::Location,
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Print a run as a timeline: who, what, which rule, approved by whom, budgets at each step.
+    Replay {
+        /// The run id.
+        #[arg(long)]
+        run: String,
+        /// Print the records as JSON lines instead.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every chain; name the first record that breaks one. Exits 1 on a break.
+    Verify {
+        /// Also check each record's index columns against its body.
+        #[arg(long)]
+        deep: bool,
+        /// A head kept outside the database (as printed by an earlier verify), CHAIN:SEQ:HASH;
+        /// catches a rewritten or truncated tail. Repeatable.
+        #[arg(long = "head")]
+        heads: Vec<String>,
+    },
+    /// Write the records of a window as JSON lines.
+    Export {
+        /// How far back, such as 720h.
+        #[arg(long, default_value = "720h")]
+        since: String,
+        /// Only this agent (namespace/name).
+        #[arg(long)]
+        agent: Option<String>,
+    },
+    /// Re-evaluate the recorded calls of a policy's agent against a candidate policy and list
+    /// every decision that would change.
+    WhatIf {
+        /// A file holding the candidate AgentPolicy.
+        #[arg(long)]
+        policy: PathBuf,
+        /// How far back, such as 720h.
+        #[arg(long, default_value = "720h")]
+        since: String,
+        /// Print JSON instead.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -73,6 +130,36 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let decision = offline::decide(&policy, &tool, &args, &run_id, jiff::Timestamp::now())?;
             println!("{}", serde_json::to_string_pretty(&decision)?);
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit { store, command } => {
+            let now = jiff::Timestamp::now();
+            let action = match command {
+                AuditCommand::Replay { run, json } => audit::Action::Replay { run, json },
+                AuditCommand::Verify { deep, heads } => audit::Action::Verify { deep, heads },
+                AuditCommand::Export { since, agent } => audit::Action::Export {
+                    since: audit::since(&since, now)?,
+                    agent,
+                },
+                AuditCommand::WhatIf {
+                    policy,
+                    since,
+                    json,
+                } => audit::Action::WhatIf {
+                    policy,
+                    since: audit::since(&since, now)?,
+                    json,
+                },
+            };
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let outcome = runtime.block_on(audit::run(&store, action))?;
+            print!("{}", outcome.text);
+            Ok(if outcome.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
     }
 }
