@@ -12,7 +12,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::record::{Checkpoint, Entry, Event, GENESIS, Identity, Record};
+use crate::record::{Checkpoint, Entry, Event, GENESIS, Identity, Prepared, Record};
 use crate::store::{Head, Store, StoreError};
 
 /// How a writer batches.
@@ -78,7 +78,7 @@ pub enum OpenError {
 }
 
 struct Job {
-    entry: Entry,
+    entry: Prepared,
     done: oneshot::Sender<Result<Appended, AppendError>>,
 }
 
@@ -92,7 +92,7 @@ pub struct AuditLog {
 impl std::fmt::Debug for Job {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Job")
-            .field("event", &self.entry.event)
+            .field("event", &self.entry.index.event)
             .finish()
     }
 }
@@ -142,8 +142,10 @@ impl AuditLog {
         &self.chain
     }
 
-    /// Appends `entry`; returns once it is durable.
+    /// Appends `entry`; returns once it is durable. The entry is serialised here, on the
+    /// caller's task, so the chain's writer only numbers, links and hashes.
     pub async fn append(&self, entry: Entry) -> Result<Appended, AppendError> {
+        let entry = Prepared::new(&entry);
         let (done, answer) = oneshot::channel();
         self.jobs
             .send(Job { entry, done })
@@ -215,8 +217,13 @@ impl<S: Store> Writer<S> {
     async fn commit(&mut self, jobs: &mut Vec<Job>) {
         let mut records = Vec::with_capacity(jobs.len());
         let mut prev = self.head.hash.clone();
-        for (i, job) in jobs.iter().enumerate() {
-            let record = Record::seal(&self.chain, self.head.seq + 1 + i as u64, &prev, &job.entry);
+        for (i, job) in jobs.iter_mut().enumerate() {
+            let prepared = Prepared {
+                body: std::mem::take(&mut job.entry.body),
+                index: std::mem::take(&mut job.entry.index),
+            };
+            let record =
+                Record::seal_prepared(&self.chain, self.head.seq + 1 + i as u64, &prev, prepared);
             prev.clone_from(&record.hash);
             records.push(record);
         }

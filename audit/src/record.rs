@@ -262,19 +262,33 @@ pub fn outcome_of(decision: &Decision) -> String {
     }
 }
 
-/// The stored form of an entry: the body carries its schema version.
-#[derive(Serialize)]
-struct BodyOut<'a> {
-    schema: u32,
-    #[serde(flatten)]
-    entry: &'a Entry,
-}
-
 #[derive(Deserialize)]
 struct BodyIn {
     schema: u32,
     #[serde(flatten)]
     rest: serde_json::Map<String, Value>,
+}
+
+/// An entry's stored body and index, ready to be sealed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prepared {
+    /// `{"schema":N,…the entry's fields…}`.
+    pub body: String,
+    /// The index columns.
+    pub index: Index,
+}
+
+impl Prepared {
+    /// Serialises `entry` with the schema version as its first field.
+    pub fn new(entry: &Entry) -> Self {
+        let json = serde_json::to_string(entry).expect("an entry always serialises");
+        // The entry always has fields (time, event, identity), so its object is never empty.
+        let body = format!("{{\"schema\":{SCHEMA},{}", &json[1..]);
+        Self {
+            body,
+            index: Index::of(entry),
+        }
+    }
 }
 
 /// A sealed record, as stored.
@@ -343,19 +357,20 @@ pub enum BodyError {
 impl Record {
     /// Seals `entry` as record `seq` of `chain`, after a record whose hash is `prev`.
     pub fn seal(chain: &str, seq: u64, prev: &str, entry: &Entry) -> Self {
-        let body = serde_json::to_string(&BodyOut {
-            schema: SCHEMA,
-            entry,
-        })
-        .expect("an entry always serialises");
-        let hash = seal(chain, seq, prev, &body);
+        Self::seal_prepared(chain, seq, prev, Prepared::new(entry))
+    }
+
+    /// Seals an entry prepared earlier (by the appending task, so that the chain's writer only
+    /// hashes).
+    pub fn seal_prepared(chain: &str, seq: u64, prev: &str, prepared: Prepared) -> Self {
+        let hash = seal(chain, seq, prev, &prepared.body);
         Self {
             chain: chain.to_owned(),
             seq,
             prev: prev.to_owned(),
             hash,
-            body,
-            index: Index::of(entry),
+            body: prepared.body,
+            index: prepared.index,
         }
     }
 

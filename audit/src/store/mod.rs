@@ -166,9 +166,16 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<u64, StoreError>> + Send;
 }
 
-/// The DDL both stores run (PostgreSQL and SQLite accept the same text).
-pub(crate) const SCHEMA_SQL: &[&str] = &[
-    "CREATE TABLE IF NOT EXISTS tollgate_audit_records (
+/// The DDL both stores run (PostgreSQL and SQLite accept the same text). SQLite appends
+/// `WITHOUT ROWID` to the records table: the rows are then clustered by (chain, seq) and the
+/// primary key needs no index of its own.
+pub(crate) fn schema(table_options: &str) -> Vec<String> {
+    let mut statements = vec![format!("{RECORDS_TABLE}{table_options}")];
+    statements.extend(SCHEMA_REST.iter().map(|s| (*s).to_owned()));
+    statements
+}
+
+const RECORDS_TABLE: &str = "CREATE TABLE IF NOT EXISTS tollgate_audit_records (
         chain TEXT NOT NULL,
         seq BIGINT NOT NULL,
         prev TEXT NOT NULL,
@@ -181,7 +188,9 @@ pub(crate) const SCHEMA_SQL: &[&str] = &[
         outcome TEXT,
         body TEXT NOT NULL,
         PRIMARY KEY (chain, seq)
-    )",
+    )";
+
+const SCHEMA_REST: &[&str] = &[
     "CREATE INDEX IF NOT EXISTS tollgate_audit_run ON tollgate_audit_records (run, time_us)",
     "CREATE INDEX IF NOT EXISTS tollgate_audit_agent ON tollgate_audit_records (agent, time_us)",
     "CREATE INDEX IF NOT EXISTS tollgate_audit_time ON tollgate_audit_records (time_us)",

@@ -9,7 +9,7 @@ use tokio::sync::Mutex;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row};
 
-use super::{Head, Query, SCHEMA_SQL, Store, StoreError, ToolOutcome, ToolUse, to_i64, to_u64};
+use super::{Head, Query, Store, StoreError, ToolOutcome, ToolUse, to_i64, to_u64};
 use crate::record::{Index, Record};
 use crate::sql::{Filter, Param};
 
@@ -44,8 +44,8 @@ impl PostgresStore {
         writer
             .batch_execute("BEGIN; SELECT pg_advisory_xact_lock(7419001);")
             .await?;
-        for statement in SCHEMA_SQL {
-            writer.batch_execute(statement).await?;
+        for statement in super::schema("") {
+            writer.batch_execute(&statement).await?;
         }
         writer.batch_execute("COMMIT").await?;
         let reader = connect(url).await?;

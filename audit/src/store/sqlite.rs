@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params_from_iter};
 
-use super::{Head, Query, SCHEMA_SQL, Store, StoreError, ToolOutcome, ToolUse, to_i64, to_u64};
+use super::{Head, Query, Store, StoreError, ToolOutcome, ToolUse, to_i64, to_u64};
 use crate::record::{Index, Record};
 use crate::sql::{Filter, Param};
 
@@ -35,6 +35,8 @@ fn open(path: &Path) -> Result<Connection, StoreError> {
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
+    // 64 MiB of page cache: index pages of busy runs and agents stay in memory.
+    conn.pragma_update(None, "cache_size", -65536)?;
     Ok(conn)
 }
 
@@ -43,8 +45,8 @@ impl SqliteStore {
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
         let path = path.as_ref().to_owned();
         let writer = open(&path)?;
-        for statement in SCHEMA_SQL {
-            writer.execute(statement, [])?;
+        for statement in super::schema("") {
+            writer.execute(&statement, [])?;
         }
         let reader = open(&path)?;
         Ok(Self {

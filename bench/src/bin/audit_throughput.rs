@@ -1,0 +1,255 @@
+//! Audit trail throughput: durable appends per second through the group-commit writer on SQLite
+//! and on a real PostgreSQL server, beside a plain batched INSERT of the same rows with no chain
+//! (the floor each store sets), and verification throughput.
+//!
+//! `cargo run --release --manifest-path bench/Cargo.toml --bin audit-throughput [RECORDS]`
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use jiff::Timestamp;
+use serde_json::json;
+use tollgate_audit::record::GENESIS;
+use tollgate_audit::verify::ChainVerifier;
+use tollgate_audit::{
+    AuditLog, Counters, Entry, Event, Identity, PolicyRef, PostgresStore, Record, Redactor,
+    SqliteStore, Store, WriterConfig, verify,
+};
+use tollgate_engine::{Decision, RuleRef};
+
+/// A realistic decide record: identity, redacted arguments and digest, decision, counters.
+fn entry(i: u64, redactor: &Redactor) -> Entry {
+    let mut entry = Entry::new(
+        Timestamp::now(),
+        Event::Decide,
+        Identity {
+            username: "system:serviceaccount:support:agent-support-agent-v2".into(),
+            pod: Some("support-agent-5d8f9c7b6-x2k4q".into()),
+            token_id: Some("0b7e3a4c-6f1d-4c1e-9a55-2f4e8d7c1b90".into()),
+        },
+    );
+    entry.agent = Some("support/support-agent-v2".into());
+    entry.run = Some(format!("run-{}", i % 1000));
+    entry.step = Some(i / 1000 + 1);
+    entry.tool = Some("update_order_status".into());
+    entry.set_arguments(
+        redactor,
+        &json!({"status": "refunded", "order_ids": ["O-1001", "O-1002"], "apiKey": "sk-live-1"}),
+    );
+    entry.decision = Some(Decision::Allow {
+        rule: RuleRef {
+            policy: "support/support-agent-v2".into(),
+            generation: Some(3),
+            policy_hash: "sha256:adaf035b0418a710f50ce0999330b201f0a28561d884ec923382756699f6dbed"
+                .into(),
+            tool: Some("update_order_status".into()),
+            clause: "spec.tools.allowed[update_order_status]".into(),
+        },
+        review: false,
+    });
+    entry.policy = Some(PolicyRef {
+        name: "support/support-agent-v2".into(),
+        hash: "sha256:adaf035b0418a710f50ce0999330b201f0a28561d884ec923382756699f6dbed".into(),
+        generation: Some(3),
+    });
+    entry.counters = Some(Counters {
+        steps: i / 1000 + 1,
+        tokens: 1200,
+        cost_usd: "0.0180".into(),
+    });
+    entry.latency_us = Some(41);
+    entry
+}
+
+struct Appends {
+    per_second: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+/// `records` appends from `writers` concurrent tasks; each append returns once durable.
+async fn appends<S: Store>(
+    store: Arc<S>,
+    chain: &str,
+    records: u64,
+    window: Duration,
+    writers: u64,
+) -> Appends {
+    let mut config = WriterConfig::new(chain);
+    config.window = window;
+    let (log, _task) = AuditLog::open(store, config)
+        .await
+        .expect("open the writer");
+    let redactor = Arc::new(Redactor::default());
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let log = log.clone();
+        let redactor = redactor.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut i = w;
+            while i < records {
+                let entry = entry(i, &redactor);
+                let t = Instant::now();
+                log.append(entry).await.expect("append");
+                latencies.push(t.elapsed());
+                i += writers;
+            }
+            latencies
+        }));
+    }
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await.unwrap());
+    }
+    let elapsed = start.elapsed();
+    latencies.sort_unstable();
+    Appends {
+        per_second: records as f64 / elapsed.as_secs_f64(),
+        p50: latencies[latencies.len() / 2],
+        p99: latencies[latencies.len() * 99 / 100],
+    }
+}
+
+/// The same rows, sealed up front, committed in batches of 4096 straight through the store.
+async fn floor<S: Store>(store: &S, chain: &str, records: u64) -> f64 {
+    let redactor = Redactor::default();
+    let mut prev = GENESIS.to_owned();
+    let rows: Vec<Record> = (0..records)
+        .map(|i| {
+            let record = Record::seal(chain, i + 1, &prev, &entry(i, &redactor));
+            prev.clone_from(&record.hash);
+            record
+        })
+        .collect();
+    let start = Instant::now();
+    for batch in rows.chunks(4096) {
+        store.append(batch).await.expect("append");
+    }
+    records as f64 / start.elapsed().as_secs_f64()
+}
+
+async fn verify_rate<S: Store>(store: &S) -> (u64, f64) {
+    let start = Instant::now();
+    let reports = verify(store, false, &BTreeMap::new())
+        .await
+        .expect("verifies");
+    let records: u64 = reports.iter().map(|r| r.records).sum();
+    (records, records as f64 / start.elapsed().as_secs_f64())
+}
+
+fn in_memory_verify(records: u64) -> f64 {
+    let redactor = Redactor::default();
+    let mut prev = GENESIS.to_owned();
+    let t = Instant::now();
+    let entries: Vec<Entry> = (0..records).map(|i| entry(i, &redactor)).collect();
+    println!(
+        "build entries: {:.2} µs each",
+        t.elapsed().as_secs_f64() * 1e6 / records as f64
+    );
+    let t = Instant::now();
+    let rows: Vec<Record> = entries
+        .iter()
+        .enumerate()
+        .map(|(i, entry)| {
+            let i = i as u64;
+            let record = Record::seal("mem", i + 1, &prev, entry);
+            prev.clone_from(&record.hash);
+            record
+        })
+        .collect();
+    println!(
+        "seal: {:.2} µs each",
+        t.elapsed().as_secs_f64() * 1e6 / records as f64
+    );
+    let bytes: usize = rows.iter().map(|r| r.body.len()).sum();
+    println!(
+        "record body: {} bytes on average",
+        bytes / rows.len().max(1)
+    );
+    let start = Instant::now();
+    let mut verifier = ChainVerifier::new("mem", None, false, None);
+    for page in rows.chunks(tollgate_audit::verify::PAGE) {
+        verifier.push_all(page).expect("verifies");
+    }
+    verifier.finish().expect("verifies");
+    records as f64 / start.elapsed().as_secs_f64()
+}
+
+fn report(name: &str, a: &Appends, floor: f64) {
+    println!(
+        "{name:<40} {:>9.0} appends/s  p50 {:>7.2} ms  p99 {:>7.2} ms  (plain batched INSERT: {:>9.0} rows/s, ratio {:.2})",
+        a.per_second,
+        a.p50.as_secs_f64() * 1e3,
+        a.p99.as_secs_f64() * 1e3,
+        floor,
+        a.per_second / floor
+    );
+}
+
+/// (commit window, concurrent appending tasks) measured on each store.
+const CASES: [(Duration, u64); 3] = [
+    (Duration::ZERO, 256),
+    (Duration::ZERO, 2048),
+    (Duration::from_millis(2), 2048),
+];
+
+#[tokio::main]
+async fn main() {
+    let records: u64 = std::env::args()
+        .nth(1)
+        .map(|s| s.parse().expect("RECORDS is a number"))
+        .unwrap_or(200_000);
+    println!("{records} records per run; every append is acknowledged only once durable\n");
+
+    let dir = tempfile::tempdir().unwrap();
+    let floor_store = SqliteStore::open(dir.path().join("floor.db")).unwrap();
+    let sqlite_floor = floor(&floor_store, "gw-0", records).await;
+    for (i, (window, writers)) in CASES.into_iter().enumerate() {
+        let store = Arc::new(SqliteStore::open(dir.path().join(format!("audit-{i}.db"))).unwrap());
+        let a = appends(store.clone(), "gw-0", records, window, writers).await;
+        report(
+            &format!("sqlite, {writers} tasks, window {window:?}"),
+            &a,
+            sqlite_floor,
+        );
+        if i == 0 {
+            let (n, rate) = verify_rate(store.as_ref()).await;
+            println!(
+                "{:<40} {rate:>9.0} records/s ({n} records)",
+                "sqlite verify"
+            );
+        }
+    }
+
+    let postgres = tollgate_e2e::postgres::postgres();
+    let floor_store = PostgresStore::connect(&postgres.database("floor").unwrap())
+        .await
+        .unwrap();
+    let postgres_floor = floor(&floor_store, "gw-0", records).await;
+    for (i, (window, writers)) in CASES.into_iter().enumerate() {
+        let url = postgres.database("bench").unwrap();
+        let store = Arc::new(PostgresStore::connect(&url).await.unwrap());
+        let a = appends(store.clone(), "gw-0", records, window, writers).await;
+        report(
+            &format!("postgres, {writers} tasks, window {window:?}"),
+            &a,
+            postgres_floor,
+        );
+        if i == 0 {
+            let (n, rate) = verify_rate(store.as_ref()).await;
+            println!(
+                "{:<40} {rate:>9.0} records/s ({n} records)",
+                "postgres verify"
+            );
+        }
+    }
+
+    let rate = in_memory_verify(records.max(1_000_000));
+    println!(
+        "{:<40} {rate:>9.0} records/s",
+        "verify, chain check in memory"
+    );
+}
