@@ -227,19 +227,20 @@ impl<S: Store> Writer<S> {
             prev.clone_from(&record.hash);
             records.push(record);
         }
-        match self.store.append(&records).await {
+        let acks: Vec<(u64, String)> = records.iter().map(|r| (r.seq, r.hash.clone())).collect();
+        match self.store.append(records).await {
             Ok(()) => {
-                if let Some(last) = records.last() {
+                if let Some((seq, hash)) = acks.last() {
                     self.head = Head {
-                        seq: last.seq,
-                        hash: last.hash.clone(),
+                        seq: *seq,
+                        hash: hash.clone(),
                     };
                 }
-                for (job, record) in jobs.drain(..).zip(records) {
+                for (job, (seq, hash)) in jobs.drain(..).zip(acks) {
                     let _ = job.done.send(Ok(Appended {
                         chain: self.chain.clone(),
-                        seq: record.seq,
-                        hash: record.hash,
+                        seq,
+                        hash,
                     }));
                 }
             }

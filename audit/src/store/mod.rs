@@ -117,7 +117,7 @@ pub trait Store: Send + Sync + 'static {
     /// Commits `batch` (consecutive records of one chain) in one transaction. Returns once it is
     /// durable. A sequence number that is already taken fails the whole batch with
     /// [`StoreError::Conflict`].
-    fn append(&self, batch: &[Record]) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn append(&self, batch: Vec<Record>) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Every chain with records or an anchor, sorted.
     fn chains(&self) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
@@ -191,7 +191,7 @@ const RECORDS_TABLE: &str = "CREATE TABLE IF NOT EXISTS tollgate_audit_records (
     )";
 
 const SCHEMA_REST: &[&str] = &[
-    "CREATE INDEX IF NOT EXISTS tollgate_audit_run ON tollgate_audit_records (run, time_us)",
+    "CREATE INDEX IF NOT EXISTS tollgate_audit_run ON tollgate_audit_records (run) WHERE run IS NOT NULL",
     "CREATE INDEX IF NOT EXISTS tollgate_audit_agent ON tollgate_audit_records (agent, time_us)",
     "CREATE INDEX IF NOT EXISTS tollgate_audit_time ON tollgate_audit_records (time_us)",
     "CREATE TABLE IF NOT EXISTS tollgate_audit_anchors (

@@ -119,7 +119,7 @@ impl Store for PostgresStore {
         self.anchor(chain).await
     }
 
-    async fn append(&self, batch: &[Record]) -> Result<(), StoreError> {
+    async fn append(&self, batch: Vec<Record>) -> Result<(), StoreError> {
         let Some(first) = batch.first() else {
             return Ok(());
         };
@@ -134,7 +134,7 @@ impl Store for PostgresStore {
         let mut tool = Vec::with_capacity(batch.len());
         let mut outcome = Vec::with_capacity(batch.len());
         let mut body = Vec::with_capacity(batch.len());
-        for r in batch {
+        for r in &batch {
             chain.push(r.chain.as_str());
             seq.push(to_i64(r.seq)?);
             prev.push(r.prev.as_str());

@@ -199,11 +199,10 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn append(&self, batch: &[Record]) -> Result<(), StoreError> {
+    async fn append(&self, batch: Vec<Record>) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
         }
-        let batch = batch.to_vec();
         self.write(move |conn| {
             let tx = conn.transaction()?;
             {
