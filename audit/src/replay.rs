@@ -72,13 +72,22 @@ fn decision_line(decision: &Decision) -> String {
             }
         }
         Decision::Deny { code, message, .. } => format!("DENIED {}: {message}", code.as_str()),
-        Decision::RequireApproval { approval, .. } => format!(
-            "WAITS FOR APPROVAL: {} of {:?} within {}s ({})",
-            approval.min_approvals,
-            approval.approvers,
-            approval.timeout.as_secs(),
-            approval.reason
-        ),
+        Decision::RequireApproval { approval, .. } => {
+            let who: Vec<String> = approval
+                .approvers
+                .groups
+                .iter()
+                .map(|g| format!("group {g}"))
+                .chain(approval.approvers.users.iter().map(|u| format!("user {u}")))
+                .collect();
+            format!(
+                "WAITS FOR APPROVAL: {} of [{}] within {}s ({})",
+                approval.min_approvals,
+                who.join(", "),
+                approval.timeout.as_secs(),
+                approval.reason
+            )
+        }
         Decision::Halt { message, .. } => format!("HALTED: {message}"),
     }
 }

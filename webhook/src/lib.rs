@@ -1,13 +1,15 @@
 //! tollgate-webhook: one axum + rustls server with two faces, admission (called by the
 //! kube-apiserver) and egress (called by agents: decision API, MCP proxy).
 //!
-//! Contract: only I/O and wiring; every decision comes from tollgate-engine and every record will
-//! go through tollgate-audit. The admission face is here ([`admission`]); the egress face arrives
-//! with its own issue.
+//! Contract: only I/O and wiring; every decision comes from tollgate-engine and every record goes
+//! through tollgate-audit. The admission face is [`admission`]; the egress face is [`gateway`]
+//! (today its decision API in standalone mode: API keys, a policy directory, an embedded audit
+//! store).
 #![forbid(unsafe_code)]
 
 pub mod admission;
 pub mod cluster;
+pub mod gateway;
 pub mod metrics;
 pub mod server;
 

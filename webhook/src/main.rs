@@ -1,4 +1,5 @@
-//! `tollgate-webhook`: the admission face of Tollgate.
+//! `tollgate-webhook`: the admission face of Tollgate in a cluster, and the gateway in standalone
+//! mode (`tollgate-webhook standalone`).
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
@@ -11,9 +12,11 @@ use tollgate_webhook::{Settings, server::TlsFiles};
 #[command(
     name = "tollgate-webhook",
     version,
-    about = "Tollgate's admission webhook"
+    about = "Tollgate's admission webhook; `standalone` runs the gateway with no cluster"
 )]
 struct Args {
+    #[command(subcommand)]
+    mode: Option<Mode>,
     /// Address of the TLS listener the kube-apiserver calls.
     #[arg(long, env = "TOLLGATE_LISTEN", default_value = "0.0.0.0:8443")]
     listen: SocketAddr,
@@ -53,6 +56,82 @@ struct Args {
     gateway_url: String,
 }
 
+#[derive(Debug, clap::Subcommand)]
+enum Mode {
+    /// The gateway's decision API with no cluster: policies from a directory (reloaded on
+    /// change), API keys from a file, an embedded SQLite audit store.
+    Standalone {
+        /// Directory of AgentIdentity and AgentPolicy YAML.
+        #[arg(long, default_value = "config/samples")]
+        policies: PathBuf,
+        /// API key file (see the README).
+        #[arg(long, default_value = "config/standalone/keys.yaml")]
+        keys: PathBuf,
+        /// The audit store: a SQLite file or a PostgreSQL URL.
+        #[arg(
+            long,
+            env = "TOLLGATE_AUDIT_STORE",
+            default_value = "tollgate-audit.db"
+        )]
+        audit: String,
+        /// This writer's audit chain.
+        #[arg(long, default_value = "standalone")]
+        chain: String,
+        /// Address to listen on. Plain HTTP, so only a loopback address is accepted.
+        #[arg(long, default_value = "127.0.0.1:8480")]
+        listen: SocketAddr,
+    },
+}
+
+async fn standalone(
+    policies: PathBuf,
+    keys: PathBuf,
+    audit: String,
+    chain: String,
+    listen: SocketAddr,
+) -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use tollgate_audit::{AuditLog, PostgresStore, Redactor, SqliteStore, WriterConfig};
+    use tollgate_webhook::gateway::{self, keys::Keys, policies::WatchedDir};
+
+    if !listen.ip().is_loopback() {
+        anyhow::bail!(
+            "--listen {listen}: standalone mode serves plain HTTP, so it listens on loopback only"
+        );
+    }
+    if !policies.is_dir() {
+        anyhow::bail!("--policies {}: not a directory", policies.display());
+    }
+    let keys = Keys::load(&keys).map_err(anyhow::Error::msg)?;
+    let config = WriterConfig::new(chain);
+    let log = if audit.starts_with("postgres://")
+        || audit.starts_with("postgresql://")
+        || audit.contains("host=")
+    {
+        let store = Arc::new(PostgresStore::connect(&audit).await?);
+        AuditLog::open(store, config).await?.0
+    } else {
+        let path = audit.strip_prefix("sqlite:").unwrap_or(&audit);
+        let store = Arc::new(SqliteStore::open(path)?);
+        AuditLog::open(store, config).await?.0
+    };
+    let policies = WatchedDir::start(policies, std::time::Duration::from_secs(1));
+    let gateway = Arc::new(gateway::Gateway::new(
+        policies,
+        keys,
+        log,
+        Redactor::default(),
+    ));
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    tracing::info!(%listen, audit = %audit, "tollgate gateway (standalone) listening");
+    axum::serve(listener, gateway::router(gateway))
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -62,6 +141,16 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
+    if let Some(Mode::Standalone {
+        policies,
+        keys,
+        audit,
+        chain,
+        listen,
+    }) = args.mode
+    {
+        return standalone(policies, keys, audit, chain, listen).await;
+    }
     tollgate_webhook::server::install_crypto_provider();
     let client = kube::Client::try_default().await?;
     let settings = Settings {

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# A scripted sample agent against the gateway in standalone mode. Start the gateway first:
+#
+#   cargo run -p tollgate-webhook -- standalone
+#
+# then run this script. It makes the calls a support agent would, prints each decision, and ends
+# with the replay of its run from the audit store.
+set -euo pipefail
+url=${TOLLGATE_URL:-http://127.0.0.1:8480}
+key=${TOLLGATE_KEY:-tg-demo-support-key}
+run=${RUN_ID:-demo-$(date +%s)}
+
+# The first `cargo run` builds the gateway; wait for it (up to 15 minutes on a fresh machine).
+for _ in $(seq 1 450); do
+  curl -sf "$url/healthz" >/dev/null 2>&1 && break
+  sleep 2
+done
+curl -sf "$url/healthz" >/dev/null || { echo "no gateway at $url; start it first (see the README)" >&2; exit 1; }
+
+call() { # endpoint json
+  curl -sS -X POST "$url/$1" -H "Authorization: Bearer $key" -H 'Content-Type: application/json' -d "$2"
+  echo
+}
+
+echo "== 1. allowed: read a customer record"
+call v1/decide '{"runId":"'"$run"'","tool":"read_customer_record","arguments":{"customer_id":"C000042"}}'
+echo "== the orchestrator reports the result; the gateway returns only the resultFields"
+call v1/report '{"runId":"'"$run"'","tool":"read_customer_record","result":{"customer_id":"C000042","order_history":[],"contact_info":"ada@example.com","ssn":"123-45-6789"},"usage":{"tokens":1200,"cost":"0.02"}}'
+echo "== 2. blocked: delete a customer record"
+call v1/decide '{"runId":"'"$run"'","tool":"delete_customer_record","arguments":{"customer_id":"C000042"}}'
+echo "== 3. constraint breach: an order id that is not O-…"
+call v1/decide '{"runId":"'"$run"'","tool":"update_order_status","arguments":{"status":"refunded","order_ids":["O-1","X-2"]}}'
+echo "== 4. irreversible: e-mailing a customer waits for a support lead"
+call v1/decide '{"runId":"'"$run"'","tool":"send_customer_email","arguments":{"customer_id":"C000042","subject":"Your refund","body":"Done."}}'
+echo "== 5. budget: the run reports 60000 tokens, over maxTokensPerRun 50000, and is halted"
+call v1/report '{"runId":"'"$run"'","tool":"read_customer_record","usage":{"tokens":60000,"cost":"0.90"}}'
+call v1/decide '{"runId":"'"$run"'","tool":"read_customer_record","arguments":{"customer_id":"C000042"}}'
+echo "== 6. a request that names another agent is refused (and audited): only the key says who is calling"
+call v1/decide '{"runId":"'"$run"'","tool":"read_customer_record","agent":"default/deploy-agent","arguments":{"customer_id":"C000042"}}'
+echo
+echo "== replay of run $run from the audit store"
+if command -v kubectl-tollgate >/dev/null; then
+  kubectl-tollgate audit replay --run "$run"
+else
+  cargo run -q -p kubectl-tollgate -- audit replay --run "$run"
+fi

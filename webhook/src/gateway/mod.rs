@@ -1,0 +1,505 @@
+//! The egress face: the decision API agents and orchestrators call before every tool call.
+//!
+//! - `POST /v1/decide`: a tool call in, the engine's decision out (code, rule, message, and the
+//!   approval requirement when people must decide).
+//! - `POST /v1/report`: the outcome of a call (result, tokens, cost, error). The result comes back
+//!   redacted to the tool's `resultFields`; usage that breaches a ceiling halts the run.
+//!
+//! Every request is authenticated first (standalone: an API key, see [`keys`]); the agent is the
+//! key's and nothing in the request can name another. Every decision, and every refused request
+//! (unauthenticated, malformed, oversized), is written to the audit trail before the answer
+//! leaves; if the audit trail cannot take the record, the call is refused (fail closed).
+//!
+//! The contract is in `webhook/openapi/gateway.yaml`.
+
+pub mod keys;
+pub mod policies;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use jiff::Timestamp;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tollgate_audit::{AuditLog, Counters, Entry, Event, Identity, PolicyRef, Redactor};
+use tollgate_engine::{
+    Agent, CompiledPolicy, Decision, RunState, ToolCall, Usage, WindowState, canonical,
+    deny_without_policy,
+};
+
+use keys::{KeyHolder, Keys};
+use policies::WatchedDir;
+
+/// The largest request body the gateway reads.
+pub const MAX_BODY: usize = 1024 * 1024;
+
+/// The header that may carry the run id instead of the body.
+pub const RUN_HEADER: &str = "tollgate-run-id";
+
+/// Run ids are 1 to 128 characters of `[A-Za-z0-9._:-]`.
+fn valid_run_id(run: &str) -> bool {
+    (1..=128).contains(&run.len())
+        && run
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// Budget state of one agent: its identity window and its runs. One lock per agent, held while a
+/// call is evaluated and recorded, so parallel calls cannot race past a ceiling.
+#[derive(Debug, Default)]
+struct AgentState {
+    window: WindowState,
+    runs: HashMap<String, RunState>,
+}
+
+/// The gateway's shared state.
+pub struct Gateway {
+    policies: WatchedDir,
+    keys: Keys,
+    audit: AuditLog,
+    redactor: Redactor,
+    state: Mutex<HashMap<String, Arc<Mutex<AgentState>>>>,
+    now: fn() -> Timestamp,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("audit", &self.audit.chain())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Gateway {
+    /// A gateway over `policies`, authenticating with `keys` and recording to `audit`.
+    pub fn new(policies: WatchedDir, keys: Keys, audit: AuditLog, redactor: Redactor) -> Self {
+        Self {
+            policies,
+            keys,
+            audit,
+            redactor,
+            state: Mutex::new(HashMap::new()),
+            now: Timestamp::now,
+        }
+    }
+
+    fn agent_state(&self, agent: &str) -> Arc<Mutex<AgentState>> {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(agent.to_owned())
+            .or_default()
+            .clone()
+    }
+}
+
+/// The gateway's router.
+pub fn router(gateway: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/v1/decide", post(decide))
+        .route("/v1/report", post(report))
+        .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .with_state(gateway)
+}
+
+/// A refusal before any decision: what is wrong, as a stable code and words.
+struct Refusal {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn response(&self) -> Response {
+        (
+            self.status,
+            axum::Json(json!({"error": {"code": self.code, "message": self.message}})),
+        )
+            .into_response()
+    }
+}
+
+fn audit_unavailable(e: impl std::fmt::Display) -> Response {
+    tracing::error!(error = %e, "audit trail refused a record; the call is refused");
+    Refusal::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "AuditUnavailable",
+        "the audit trail cannot record this call, so it must not proceed; retry later",
+    )
+    .response()
+}
+
+fn authenticate<'a>(gateway: &'a Gateway, headers: &HeaderMap) -> Result<&'a KeyHolder, Refusal> {
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .ok_or_else(|| {
+            Refusal::new(
+                StatusCode::UNAUTHORIZED,
+                "Unauthenticated",
+                "no Authorization header: send Authorization: Bearer <key>",
+            )
+        })?
+        .to_str()
+        .unwrap_or_default();
+    let token = value
+        .strip_prefix("Bearer ")
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| {
+            Refusal::new(
+                StatusCode::UNAUTHORIZED,
+                "Unauthenticated",
+                "the Authorization header must be Bearer <key>",
+            )
+        })?;
+    gateway.keys.holder(token).ok_or_else(|| {
+        Refusal::new(
+            StatusCode::UNAUTHORIZED,
+            "Unauthenticated",
+            "the key is not known",
+        )
+    })
+}
+
+fn identity_of(holder: Option<&KeyHolder>) -> Identity {
+    match holder {
+        Some(h) => Identity {
+            username: format!("apikey:{}", h.name),
+            pod: None,
+            token_id: Some(h.key_id.clone()),
+        },
+        None => Identity {
+            username: "anonymous".to_owned(),
+            ..Identity::default()
+        },
+    }
+}
+
+/// Reads, authenticates and parses a request; a refusal is audited and answered.
+async fn admit<T: for<'de> Deserialize<'de>>(
+    gateway: &Gateway,
+    headers: &HeaderMap,
+    body: Body,
+    path: &str,
+) -> Result<(KeyHolder, T), Response> {
+    let refuse = async |holder: Option<&KeyHolder>, refusal: Refusal| {
+        let mut entry = Entry::new((gateway.now)(), Event::Rejected, identity_of(holder));
+        entry.agent = holder.map(|h| h.agent.clone());
+        entry.error = Some(format!("{path}: {}: {}", refusal.code, refusal.message));
+        match gateway.audit.append(entry).await {
+            Ok(_) => refusal.response(),
+            Err(e) => audit_unavailable(e),
+        }
+    };
+    let holder = match authenticate(gateway, headers) {
+        Ok(holder) => holder,
+        Err(refusal) => return Err(refuse(None, refusal).await),
+    };
+    let bytes = match axum::body::to_bytes(body, MAX_BODY).await {
+        Ok(bytes) => bytes,
+        Err(_) => {
+            return Err(refuse(
+                Some(holder),
+                Refusal::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "PayloadTooLarge",
+                    format!("the request body exceeds {MAX_BODY} bytes"),
+                ),
+            )
+            .await);
+        }
+    };
+    let parsed = canonical::parse_strict(&bytes)
+        .map_err(|e| e.to_string())
+        .and_then(|value| match value {
+            Value::Object(_) => serde_json::from_value::<T>(value).map_err(|e| e.to_string()),
+            _ => Err("it must be a JSON object".to_owned()),
+        });
+    match parsed {
+        Ok(request) => Ok((holder.clone(), request)),
+        Err(e) => Err(refuse(
+            Some(holder),
+            Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "MalformedRequest",
+                format!("the request body is not a valid request: {e}"),
+            ),
+        )
+        .await),
+    }
+}
+
+fn run_id(body_run: Option<String>, headers: &HeaderMap) -> Result<String, Refusal> {
+    let header_run = headers
+        .get(RUN_HEADER)
+        .map(|v| v.to_str().unwrap_or("\u{0}").to_owned());
+    let run = match (body_run, header_run) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "MalformedRequest",
+                format!("runId {a:?} and the {RUN_HEADER} header {b:?} disagree"),
+            ));
+        }
+        (Some(run), _) | (None, Some(run)) => run,
+        (None, None) => {
+            return Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "MalformedRequest",
+                format!("a run id is required: runId in the body or the {RUN_HEADER} header"),
+            ));
+        }
+    };
+    if !valid_run_id(&run) {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "MalformedRequest",
+            format!("run id {run:?} must be 1 to 128 characters of A-Z a-z 0-9 . _ : -"),
+        ));
+    }
+    Ok(run)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct DecideRequest {
+    run_id: Option<String>,
+    tool: String,
+    #[serde(default = "empty_object")]
+    arguments: Value,
+}
+
+fn empty_object() -> Value {
+    Value::Object(Default::default())
+}
+
+fn counters(run: &RunState) -> Counters {
+    Counters {
+        steps: run.steps,
+        tokens: run.tokens,
+        cost_usd: run.cost.to_string(),
+    }
+}
+
+fn policy_ref(policy: &CompiledPolicy) -> PolicyRef {
+    PolicyRef {
+        name: policy.id().to_owned(),
+        hash: policy.hash().to_owned(),
+        generation: policy.generation(),
+    }
+}
+
+async fn decide(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    let (holder, request) =
+        match admit::<DecideRequest>(&gateway, &headers, body, "/v1/decide").await {
+            Ok(ok) => ok,
+            Err(response) => return response,
+        };
+    let identity = identity_of(Some(&holder));
+    let now = (gateway.now)();
+    let run = match run_id(request.run_id.clone(), &headers) {
+        Ok(run) => run,
+        Err(refusal) => {
+            let mut entry = Entry::new(now, Event::Rejected, identity);
+            entry.agent = Some(holder.agent.clone());
+            entry.tool = Some(request.tool.clone());
+            entry.error = Some(format!("/v1/decide: {}: {}", refusal.code, refusal.message));
+            return match gateway.audit.append(entry).await {
+                Ok(_) => refusal.response(),
+                Err(e) => audit_unavailable(e),
+            };
+        }
+    };
+
+    let set = gateway.policies.current();
+    let agent = set.agents.get(&holder.agent);
+    let (decision, policy, run_counters) = match agent.map(|a| (a, &a.policy)) {
+        Some((agent, Ok(policy))) => {
+            let state = gateway.agent_state(&agent.id);
+            let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+            let AgentState { window, runs } = &mut *state;
+            let run_state = runs.entry(run.clone()).or_default();
+            let who = Agent {
+                name: &agent.name,
+                namespace: &agent.namespace,
+                username: &identity.username,
+                killed: agent.killed,
+            };
+            let call = ToolCall {
+                run_id: &run,
+                tool: &request.tool,
+                arguments: &request.arguments,
+            };
+            let decision = policy.evaluate(&who, &call, run_state, window, now);
+            policy.record(&call, &decision, run_state, window, now);
+            (decision, Some(policy.clone()), Some(counters(run_state)))
+        }
+        Some((agent, Err(reason))) if agent.killed => (
+            deny_without_policy(&format!(
+                "the kill switch of agent {} is engaged; and {reason}",
+                agent.id
+            )),
+            None,
+            None,
+        ),
+        Some((_, Err(reason))) => (deny_without_policy(reason), None, None),
+        None => (
+            deny_without_policy(&format!(
+                "the key's agent {} has no AgentIdentity in the policy directory",
+                holder.agent
+            )),
+            None,
+            None,
+        ),
+    };
+
+    let step = run_counters.as_ref().map(|c| c.steps);
+    let mut entry = Entry::new(now, Event::Decide, identity);
+    entry.agent = Some(holder.agent.clone());
+    entry.run = Some(run.clone());
+    entry.step = step;
+    entry.tool = Some(request.tool.clone());
+    entry.set_arguments(&gateway.redactor, &request.arguments);
+    entry.decision = Some(decision.clone());
+    entry.policy = policy.as_deref().map(policy_ref);
+    entry.counters = run_counters;
+    entry.latency_us = Some(started.elapsed().as_micros() as u64);
+    if let Decision::Halt { ceiling, .. } = &decision {
+        entry.ceiling = Some(ceiling.clone());
+    }
+    let appended = match gateway.audit.append(entry).await {
+        Ok(appended) => appended,
+        Err(e) => return audit_unavailable(e),
+    };
+    let mut body = serde_json::to_value(&decision).expect("a decision serialises");
+    if let Value::Object(map) = &mut body {
+        map.insert("runId".into(), Value::String(run));
+        if let Some(step) = step {
+            map.insert("step".into(), step.into());
+        }
+        map.insert(
+            "audit".into(),
+            json!({"chain": appended.chain.as_ref(), "seq": appended.seq}),
+        );
+    }
+    (StatusCode::OK, axum::Json(body)).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ReportRequest {
+    run_id: Option<String>,
+    tool: String,
+    #[serde(default)]
+    result: Option<Value>,
+    #[serde(default)]
+    usage: Option<Usage>,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+async fn report(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    let (holder, request) =
+        match admit::<ReportRequest>(&gateway, &headers, body, "/v1/report").await {
+            Ok(ok) => ok,
+            Err(response) => return response,
+        };
+    let identity = identity_of(Some(&holder));
+    let now = (gateway.now)();
+    let run = match run_id(request.run_id.clone(), &headers) {
+        Ok(run) => run,
+        Err(refusal) => return refusal.response(),
+    };
+    let set = gateway.policies.current();
+    let Some(Ok(policy)) = set.agents.get(&holder.agent).map(|a| a.policy.clone()) else {
+        return Refusal::new(
+            StatusCode::CONFLICT,
+            "NoPolicy",
+            format!(
+                "agent {} has no usable policy; nothing to report against",
+                holder.agent
+            ),
+        )
+        .response();
+    };
+    let usage = request.usage.clone().unwrap_or_default();
+    let (breach, run_counters) = {
+        let state = gateway.agent_state(&holder.agent);
+        let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+        let AgentState { window, runs } = &mut *state;
+        let Some(run_state) = runs.get_mut(&run) else {
+            return Refusal::new(
+                StatusCode::CONFLICT,
+                "UnknownRun",
+                format!("run {run:?} has no decided call to report on"),
+            )
+            .response();
+        };
+        let breach = policy.report(&usage, run_state, window, now);
+        (breach, counters(run_state))
+    };
+    let (visible, removed) = match (&request.result, policy.result_fields(&request.tool)) {
+        (Some(result), Some(fields)) => {
+            let (visible, removed) = tollgate_engine::redact(result, fields);
+            (Some(visible), removed)
+        }
+        (result, None) => (result.clone(), Vec::new()),
+        (None, Some(_)) => (None, Vec::new()),
+    };
+
+    let mut entry = Entry::new(now, Event::Report, identity.clone());
+    entry.agent = Some(holder.agent.clone());
+    entry.run = Some(run.clone());
+    entry.tool = Some(request.tool.clone());
+    if let Some(result) = &request.result {
+        entry.set_result(&gateway.redactor, result);
+    }
+    entry.usage = request.usage.clone();
+    entry.error = request.error.clone();
+    entry.policy = Some(policy_ref(&policy));
+    entry.counters = Some(run_counters.clone());
+    entry.latency_us = Some(started.elapsed().as_micros() as u64);
+    if let Err(e) = gateway.audit.append(entry).await {
+        return audit_unavailable(e);
+    }
+    let mut body = json!({
+        "runId": run,
+        "result": visible,
+        "withheldFields": removed,
+        "counters": {"steps": run_counters.steps, "tokens": run_counters.tokens, "costUSD": run_counters.cost_usd},
+    });
+    if let Some(ceiling) = breach {
+        let mut halt = Entry::new(now, Event::Halt, identity);
+        halt.agent = Some(holder.agent.clone());
+        halt.run = Some(body["runId"].as_str().unwrap_or_default().to_owned());
+        halt.policy = Some(policy_ref(&policy));
+        halt.counters = Some(run_counters);
+        halt.ceiling = Some(ceiling.clone());
+        halt.error = Some(format!(
+            "{} breached; the run is halted and every further call of it is refused",
+            ceiling.clause()
+        ));
+        if let Err(e) = gateway.audit.append(halt).await {
+            return audit_unavailable(e);
+        }
+        tracing::warn!(agent = %holder.agent, clause = ceiling.clause(), "run halted");
+        body["halted"] = json!({"ceiling": ceiling, "clause": ceiling.clause()});
+    }
+    (StatusCode::OK, axum::Json(body)).into_response()
+}

@@ -1,0 +1,563 @@
+//! The decision API in process, on a real SQLite audit store: every path, and the attacks
+//! SECURITY.md names, each as its own test. Every test ends by verifying the audit chain and
+//! checking what it recorded.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tollgate_audit::{AuditLog, Entry, Query, Redactor, SqliteStore, Store, WriterConfig, verify};
+use tollgate_webhook::gateway::keys::Keys;
+use tollgate_webhook::gateway::policies::{PolicySet, WatchedDir};
+use tollgate_webhook::gateway::{self, Gateway};
+use tower::ServiceExt;
+
+const SUPPORT_KEY: &str = "support-key-1";
+const DEPLOY_KEY: &str = "deploy-key-1";
+
+fn sha(key: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(key.as_bytes()))
+}
+
+fn keys() -> Keys {
+    Keys::parse(&format!(
+        "keys:\n  - {{name: support, agent: default/support-agent-v2, sha256: {}}}\n  - {{name: deploy, agent: default/deploy-agent, sha256: {}}}\n",
+        sha(SUPPORT_KEY),
+        sha(DEPLOY_KEY)
+    ))
+    .unwrap()
+}
+
+fn samples() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/samples")
+}
+
+struct Harness {
+    app: axum::Router,
+    store: Arc<SqliteStore>,
+    _dir: tempfile::TempDir,
+}
+
+async fn harness_with(policies: WatchedDir) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path().join("audit.db")).unwrap());
+    let (log, _) = AuditLog::open(store.clone(), WriterConfig::new("gw-test"))
+        .await
+        .unwrap();
+    let gateway = Arc::new(Gateway::new(policies, keys(), log, Redactor::default()));
+    Harness {
+        app: gateway::router(gateway),
+        store,
+        _dir: dir,
+    }
+}
+
+async fn harness() -> Harness {
+    harness_with(WatchedDir::fixed(PolicySet::load(&samples()))).await
+}
+
+impl Harness {
+    async fn post_raw(
+        &self,
+        path: &str,
+        key: Option<&str>,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> (StatusCode, Value) {
+        let mut request = Request::post(path).header("content-type", "application/json");
+        if let Some(key) = key {
+            request = request.header("authorization", format!("Bearer {key}"));
+        }
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = self
+            .app
+            .clone()
+            .oneshot(request.body(Body::from(body)).unwrap())
+            .await
+            .unwrap();
+        let status = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    async fn post(&self, path: &str, key: &str, body: Value) -> (StatusCode, Value) {
+        self.post_raw(path, Some(key), &[], body.to_string().into_bytes())
+            .await
+    }
+
+    async fn decide(&self, run: &str, tool: &str, arguments: Value) -> Value {
+        let (status, body) = self
+            .post(
+                "/v1/decide",
+                SUPPORT_KEY,
+                json!({"runId": run, "tool": tool, "arguments": arguments}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body
+    }
+
+    /// Verifies the chain and returns every recorded entry.
+    async fn audit(&self) -> Vec<Entry> {
+        verify(self.store.as_ref(), true, &BTreeMap::new())
+            .await
+            .expect("the audit chain verifies");
+        self.store
+            .query(&Query::default())
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.entry().unwrap())
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn every_decision_path_answers_and_is_recorded() {
+    let h = harness().await;
+    let allowed = h
+        .decide(
+            "r1",
+            "read_customer_record",
+            json!({"customer_id": "C000042"}),
+        )
+        .await;
+    assert_eq!(allowed["decision"], "allow");
+    assert_eq!(allowed["step"], 1);
+    assert_eq!(allowed["audit"]["seq"], 1);
+
+    let blocked = h
+        .decide(
+            "r1",
+            "delete_customer_record",
+            json!({"customer_id": "C000042"}),
+        )
+        .await;
+    assert_eq!(
+        (blocked["decision"].as_str(), blocked["code"].as_str()),
+        (Some("deny"), Some("ToolBlocked"))
+    );
+    assert_eq!(blocked["rule"]["clause"], "spec.tools.blocked");
+
+    let breach = h
+        .decide("r1", "read_customer_record", json!({"customer_id": "42"}))
+        .await;
+    assert_eq!(breach["code"], "ArgumentConstraint", "{breach}");
+
+    let approval = h
+        .decide(
+            "r1",
+            "send_customer_email",
+            json!({"customer_id": "C000042", "subject": "Refund", "body": "Done."}),
+        )
+        .await;
+    assert_eq!(approval["decision"], "requireApproval");
+    assert!(
+        approval["approval"]["argumentsDigest"]
+            .as_str()
+            .unwrap()
+            .starts_with("sha256:")
+    );
+
+    // The result comes back cut to resultFields; the usage counts.
+    let (status, reported) = h
+        .post(
+            "/v1/report",
+            SUPPORT_KEY,
+            json!({"runId": "r1", "tool": "read_customer_record",
+                   "result": {"customer_id": "C000042", "ssn": "123-45-6789", "apiToken": "t-1"},
+                   "usage": {"tokens": 100, "cost": "0.01"}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{reported}");
+    assert_eq!(reported["result"], json!({"customer_id": "C000042"}));
+    assert_eq!(reported["withheldFields"], json!(["apiToken", "ssn"]));
+
+    // A breach halts the run; it is never retried.
+    let (_, halted) = h
+        .post(
+            "/v1/report",
+            SUPPORT_KEY,
+            json!({"runId": "r1", "tool": "read_customer_record", "usage": {"tokens": 60000}}),
+        )
+        .await;
+    assert_eq!(halted["halted"]["clause"], "spec.execution.maxTokensPerRun");
+    let after = h
+        .decide(
+            "r1",
+            "read_customer_record",
+            json!({"customer_id": "C000042"}),
+        )
+        .await;
+    assert_eq!(after["decision"], "halt");
+
+    let entries = h.audit().await;
+    let kinds: Vec<(&str, Option<String>)> = entries
+        .iter()
+        .map(|e| (e.event.as_str(), e.outcome()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("decide", Some("allow".into())),
+            ("decide", Some("deny:ToolBlocked".into())),
+            ("decide", Some("deny:ArgumentConstraint".into())),
+            ("decide", Some("requireApproval".into())),
+            ("report", None),
+            ("report", None),
+            ("halt", None),
+            ("decide", Some("halt".into())),
+        ]
+    );
+    let first = &entries[0];
+    assert_eq!(first.identity.username, "apikey:support");
+    assert_eq!(first.agent.as_deref(), Some("default/support-agent-v2"));
+    assert!(first.policy.as_ref().unwrap().hash.starts_with("sha256:"));
+    assert_eq!(first.counters.as_ref().unwrap().steps, 1);
+    // The secret in the reported result is redacted in the trail; the digest covers it whole.
+    let report = &entries[4];
+    assert_eq!(report.result.as_ref().unwrap()["apiToken"], "[REDACTED]");
+    assert!(report.result_digest.is_some());
+}
+
+#[tokio::test]
+async fn a_key_for_one_agent_cannot_act_as_another() {
+    let h = harness().await;
+    // A body field naming another agent is refused outright, and recorded.
+    let (status, body) = h
+        .post(
+            "/v1/decide",
+            SUPPORT_KEY,
+            json!({"runId": "r1", "tool": "read_customer_record", "agent": "default/deploy-agent",
+                   "arguments": {"customer_id": "C000042"}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field `agent`"),
+        "{body}"
+    );
+    // Headers claiming another identity are ignored: the decision is the key's agent's.
+    let (status, body) = h
+        .post_raw(
+            "/v1/decide",
+            Some(SUPPORT_KEY),
+            &[
+                ("x-tollgate-agent", "default/deploy-agent"),
+                ("impersonate-user", "system:serviceaccount:default:agent-deploy-agent"),
+            ],
+            json!({"runId": "r2", "tool": "read_customer_record", "arguments": {"customer_id": "C000042"}})
+                .to_string()
+                .into_bytes(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["rule"]["policy"], "support-agent-v2");
+    let entries = h.audit().await;
+    assert_eq!(entries[0].event.as_str(), "rejected");
+    assert_eq!(
+        entries[0].agent.as_deref(),
+        Some("default/support-agent-v2")
+    );
+    assert!(
+        entries
+            .iter()
+            .all(|e| e.agent.as_deref() == Some("default/support-agent-v2"))
+    );
+}
+
+#[tokio::test]
+async fn unauthenticated_malformed_and_oversized_requests_are_refused_and_recorded() {
+    let h = harness().await;
+    let call = json!({"runId": "r1", "tool": "read_customer_record"})
+        .to_string()
+        .into_bytes();
+    let (status, body) = h.post_raw("/v1/decide", None, &[], call.clone()).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(body["error"]["code"], "Unauthenticated");
+    let (status, _) = h
+        .post_raw("/v1/decide", Some("guessed-key"), &[], call.clone())
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    for (bytes, needle) in [
+        (
+            b"{\"runId\":\"r1\",\"tool\":\"a\",\"tool\":\"b\"}".to_vec(),
+            "duplicate key",
+        ),
+        (b"{\"runId\":\"r1\"".to_vec(), "EOF"),
+        (b"[]".to_vec(), "must be a JSON object"),
+        (b"{\"runId\":\"r1\",\"tool\":\"a\"} {}".to_vec(), "trailing"),
+    ] {
+        let (status, body) = h
+            .post_raw("/v1/decide", Some(SUPPORT_KEY), &[], bytes)
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains(needle),
+            "{needle}: {body}"
+        );
+    }
+    let (status, body) = h
+        .post_raw(
+            "/v1/decide",
+            Some(SUPPORT_KEY),
+            &[],
+            vec![b' '; gateway::MAX_BODY + 1],
+        )
+        .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+
+    // Run ids: required, well-formed, and the header and body must agree.
+    let (status, body) = h
+        .post(
+            "/v1/decide",
+            SUPPORT_KEY,
+            json!({"tool": "read_customer_record"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("run id is required")
+    );
+    let (status, _) = h
+        .post(
+            "/v1/decide",
+            SUPPORT_KEY,
+            json!({"runId": "r 1\n", "tool": "read_customer_record"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, body) = h
+        .post_raw(
+            "/v1/decide",
+            Some(SUPPORT_KEY),
+            &[("tollgate-run-id", "r2")],
+            json!({"runId": "r1", "tool": "read_customer_record"})
+                .to_string()
+                .into_bytes(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("disagree")
+    );
+
+    let entries = h.audit().await;
+    assert_eq!(entries.len(), 10, "every refusal is recorded");
+    assert!(entries.iter().all(|e| e.event.as_str() == "rejected"));
+    assert_eq!(entries[0].identity.username, "anonymous");
+    assert!(
+        entries[2]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("duplicate key")
+    );
+}
+
+#[tokio::test]
+async fn tool_name_tricks_are_denied() {
+    let h = harness().await;
+    for tool in [
+        "read_customer_record ",
+        "READ_CUSTOMER_RECORD",
+        "read_customer_record\u{0}",
+        "read_customer_rec\u{043e}rd", // Cyrillic o
+        "crm/read_customer_record",
+        "*",
+        "",
+    ] {
+        let decision = h
+            .decide("r1", tool, json!({"customer_id": "C000042"}))
+            .await;
+        assert_eq!(decision["decision"], "deny", "{tool:?}: {decision}");
+    }
+    // A blocked tool stays blocked under any spelling that reaches the engine.
+    let decision = h.decide("r1", "delete_customer_record", json!({})).await;
+    assert_eq!(decision["code"], "ToolBlocked");
+}
+
+#[tokio::test]
+async fn parallel_calls_cannot_race_past_a_ceiling() {
+    // maxSteps 25 on the support sample: 100 calls at once in one run, exactly 25 evaluated
+    // before the ceiling.
+    let h = Arc::new(harness().await);
+    let mut tasks = Vec::new();
+    for _ in 0..100 {
+        let h = h.clone();
+        tasks.push(tokio::spawn(async move {
+            h.decide(
+                "race",
+                "read_customer_record",
+                json!({"customer_id": "C000042"}),
+            )
+            .await["decision"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }));
+    }
+    let mut allowed = 0;
+    for task in tasks {
+        if task.await.unwrap() == "allow" {
+            allowed += 1;
+        }
+    }
+    assert_eq!(allowed, 25);
+}
+
+#[tokio::test]
+async fn rotating_run_ids_does_not_escape_the_identity_window() {
+    // perIdentity maxRuns 100 per hour on the support sample: the 101st run is refused.
+    let h = harness().await;
+    for run in 0..100 {
+        let d = h
+            .decide(
+                &format!("run-{run}"),
+                "read_customer_record",
+                json!({"customer_id": "C000042"}),
+            )
+            .await;
+        assert_eq!(d["decision"], "allow", "{d}");
+    }
+    let d = h
+        .decide(
+            "run-100",
+            "read_customer_record",
+            json!({"customer_id": "C000042"}),
+        )
+        .await;
+    assert_eq!(d["decision"], "halt", "{d}");
+    assert_eq!(d["rule"]["clause"], "spec.execution.perIdentity.maxRuns");
+}
+
+#[tokio::test]
+async fn a_broken_policy_denies_with_its_reason_and_edits_take_effect_on_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let sample = std::fs::read_to_string(samples().join("support-agent.yaml")).unwrap();
+    std::fs::write(dir.path().join("support.yaml"), &sample).unwrap();
+    let h = harness_with(WatchedDir::start(
+        dir.path().to_owned(),
+        Duration::from_millis(50),
+    ))
+    .await;
+    let args = json!({"customer_id": "C000042"});
+    assert_eq!(
+        h.decide("r1", "read_customer_record", args.clone()).await["decision"],
+        "allow"
+    );
+
+    // A policy that no longer compiles: the agent is denied with the reason, not left on the
+    // previous version.
+    std::fs::write(
+        dir.path().join("support.yaml"),
+        sample.replace("maxSteps: 25", "maxSteps: -1"),
+    )
+    .unwrap();
+    let d = wait_for(&h, "r1", |d| d["code"] == "NoPolicy").await;
+    assert!(
+        d["message"].as_str().unwrap().contains("does not compile"),
+        "{d}"
+    );
+
+    // The kill switch engaged in the file: the next call is denied.
+    std::fs::write(
+        dir.path().join("support.yaml"),
+        sample.replace("engaged: false", "engaged: true"),
+    )
+    .unwrap();
+    wait_for(&h, "r2", |d| d["code"] == "KillSwitch").await;
+    h.audit().await;
+}
+
+async fn wait_for(h: &Harness, run: &str, done: impl Fn(&Value) -> bool) -> Value {
+    for _ in 0..100 {
+        let d = h
+            .decide(
+                run,
+                "read_customer_record",
+                json!({"customer_id": "C000042"}),
+            )
+            .await;
+        if done(&d) {
+            return d;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the gateway did not pick up the change");
+}
+
+#[test]
+fn key_files_name_what_is_wrong() {
+    let err = Keys::parse("keys:\n  - {name: a, agent: default/x, sha256: nothex}\n").unwrap_err();
+    assert!(err.contains("keys[0].sha256"), "{err}");
+    let err = Keys::parse(&format!(
+        "keys:\n  - {{name: a, agent: x, sha256: {}}}\n",
+        sha("k")
+    ))
+    .unwrap_err();
+    assert!(err.contains("keys[0].agent"), "{err}");
+    let err = Keys::parse("keys:\n  - {name: a, agent: default/x, sha256: 00, role: admin}\n")
+        .unwrap_err();
+    assert!(err.contains("unknown field `role`"), "{err}");
+    assert!(keys().holder(SUPPORT_KEY).is_some());
+    assert!(keys().holder("support-key-2").is_none());
+}
+
+#[tokio::test]
+async fn the_openapi_document_matches_what_the_gateway_accepts() {
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("openapi/gateway.yaml"))
+            .unwrap();
+    let doc: Value = serde_yaml::from_str(&text).unwrap();
+    let fields = |schema: &str| -> Vec<String> {
+        let mut names: Vec<String> = doc["components"]["schemas"][schema]["properties"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(fields("DecideRequest"), ["arguments", "runId", "tool"]);
+    assert_eq!(
+        fields("ReportRequest"),
+        ["error", "result", "runId", "tool", "usage"]
+    );
+    // The documented example is accepted as it stands.
+    let example = doc["paths"]["/v1/decide"]["post"]["requestBody"]["content"]["application/json"]
+        ["example"]
+        .clone();
+    let h = harness().await;
+    let (status, body) = h.post("/v1/decide", SUPPORT_KEY, example).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["decision"], "allow");
+    // Every deny code the document lists is one the engine can give.
+    for code in doc["components"]["schemas"]["Decision"]["properties"]["code"]["enum"]
+        .as_array()
+        .unwrap()
+    {
+        serde_json::from_value::<tollgate_engine::DenyCode>(code.clone()).unwrap_or_else(|e| {
+            panic!("the document lists {code}, which the engine never gives: {e}")
+        });
+    }
+}
