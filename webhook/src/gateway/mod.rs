@@ -13,6 +13,7 @@
 //! The contract is in `webhook/openapi/gateway.yaml`.
 
 pub mod keys;
+pub mod mcp;
 pub mod policies;
 
 use std::collections::HashMap;
@@ -67,6 +68,8 @@ pub struct Gateway {
     redactor: Redactor,
     state: Mutex<HashMap<String, Arc<Mutex<AgentState>>>>,
     now: fn() -> Timestamp,
+    http: reqwest::Client,
+    secrets: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -87,7 +90,53 @@ impl Gateway {
             redactor,
             state: Mutex::new(HashMap::new()),
             now: Timestamp::now,
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .expect("an HTTP client with default settings builds"),
+            secrets: None,
         }
+    }
+
+    /// Reads per-upstream credentials from `dir`, laid out as a mounted Secret:
+    /// `dir/<namespace>/<secret name>/<key>`.
+    pub fn with_secrets(mut self, dir: std::path::PathBuf) -> Self {
+        self.secrets = Some(dir);
+        self
+    }
+
+    /// The header and value the gateway adds when it forwards a call of `agent` to `upstream`,
+    /// from the AgentIdentity's credentials. An error when one is declared but cannot be read:
+    /// the call is then not forwarded without it.
+    fn credential(&self, agent: &str, upstream: &str) -> Result<Option<(String, String)>, String> {
+        let set = self.policies.current();
+        let Some(entry) = set.agents.get(agent) else {
+            return Ok(None);
+        };
+        let Some(credential) = entry.credentials.iter().find(|c| c.upstream == upstream) else {
+            return Ok(None);
+        };
+        let Some(dir) = &self.secrets else {
+            return Err(format!(
+                "agent {agent} declares a credential for upstream {upstream:?}, but the gateway has no secrets directory"
+            ));
+        };
+        let path = dir
+            .join(&entry.namespace)
+            .join(&credential.secret_ref.name)
+            .join(&credential.secret_ref.key);
+        let value = std::fs::read_to_string(&path).map_err(|e| {
+            format!(
+                "credential for upstream {upstream:?}: read {}: {e}",
+                path.display()
+            )
+        })?;
+        Ok(Some((
+            credential.header.clone(),
+            credential
+                .format
+                .replace("{}", value.trim_end_matches(['\n', '\r'])),
+        )))
     }
 
     fn agent_state(&self, agent: &str) -> Arc<Mutex<AgentState>> {
@@ -100,11 +149,103 @@ impl Gateway {
     }
 }
 
+/// A decided and recorded call.
+pub(crate) struct Decided {
+    pub decision: Decision,
+    pub step: Option<u64>,
+    pub audit: tollgate_audit::Appended,
+    pub policy: Option<Arc<CompiledPolicy>>,
+}
+
+impl Gateway {
+    /// Evaluates one call of `holder`'s agent in `run` and records the decision; the answer is
+    /// only returned once the record is durable.
+    pub(crate) async fn decide_call(
+        &self,
+        holder: &KeyHolder,
+        run: &str,
+        tool: &str,
+        arguments: &Value,
+        started: Instant,
+    ) -> Result<Decided, Response> {
+        let identity = identity_of(Some(holder));
+        let now = (self.now)();
+        let run = run.to_owned();
+        let set = self.policies.current();
+        let agent = set.agents.get(&holder.agent);
+        let (decision, policy, run_counters) = match agent.map(|a| (a, &a.policy)) {
+            Some((agent, Ok(policy))) => {
+                let state = self.agent_state(&agent.id);
+                let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+                let AgentState { window, runs } = &mut *state;
+                let run_state = runs.entry(run.clone()).or_default();
+                let who = Agent {
+                    name: &agent.name,
+                    namespace: &agent.namespace,
+                    username: &identity.username,
+                    killed: agent.killed,
+                };
+                let call = ToolCall {
+                    run_id: &run,
+                    tool,
+                    arguments,
+                };
+                let decision = policy.evaluate(&who, &call, run_state, window, now);
+                policy.record(&call, &decision, run_state, window, now);
+                (decision, Some(policy.clone()), Some(counters(run_state)))
+            }
+            Some((agent, Err(reason))) if agent.killed => (
+                deny_without_policy(&format!(
+                    "the kill switch of agent {} is engaged; and {reason}",
+                    agent.id
+                )),
+                None,
+                None,
+            ),
+            Some((_, Err(reason))) => (deny_without_policy(reason), None, None),
+            None => (
+                deny_without_policy(&format!(
+                    "the key's agent {} has no AgentIdentity in the policy directory",
+                    holder.agent
+                )),
+                None,
+                None,
+            ),
+        };
+
+        let step = run_counters.as_ref().map(|c| c.steps);
+        let mut entry = Entry::new(now, Event::Decide, identity);
+        entry.agent = Some(holder.agent.clone());
+        entry.run = Some(run.clone());
+        entry.step = step;
+        entry.tool = Some(tool.to_owned());
+        entry.set_arguments(&self.redactor, arguments);
+        entry.decision = Some(decision.clone());
+        entry.policy = policy.as_deref().map(policy_ref);
+        entry.counters = run_counters;
+        entry.latency_us = Some(started.elapsed().as_micros() as u64);
+        if let Decision::Halt { ceiling, .. } = &decision {
+            entry.ceiling = Some(ceiling.clone());
+        }
+        let appended = match self.audit.append(entry).await {
+            Ok(appended) => appended,
+            Err(e) => return Err(audit_unavailable(e)),
+        };
+        Ok(Decided {
+            decision,
+            step,
+            audit: appended,
+            policy,
+        })
+    }
+}
+
 /// The gateway's router.
 pub fn router(gateway: Arc<Gateway>) -> Router {
     Router::new()
         .route("/v1/decide", post(decide))
         .route("/v1/report", post(report))
+        .route("/mcp/{upstream}", post(mcp::proxy))
         .route("/healthz", axum::routing::get(|| async { "ok" }))
         .with_state(gateway)
 }
@@ -326,66 +467,14 @@ async fn decide(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: B
         }
     };
 
-    let set = gateway.policies.current();
-    let agent = set.agents.get(&holder.agent);
-    let (decision, policy, run_counters) = match agent.map(|a| (a, &a.policy)) {
-        Some((agent, Ok(policy))) => {
-            let state = gateway.agent_state(&agent.id);
-            let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
-            let AgentState { window, runs } = &mut *state;
-            let run_state = runs.entry(run.clone()).or_default();
-            let who = Agent {
-                name: &agent.name,
-                namespace: &agent.namespace,
-                username: &identity.username,
-                killed: agent.killed,
-            };
-            let call = ToolCall {
-                run_id: &run,
-                tool: &request.tool,
-                arguments: &request.arguments,
-            };
-            let decision = policy.evaluate(&who, &call, run_state, window, now);
-            policy.record(&call, &decision, run_state, window, now);
-            (decision, Some(policy.clone()), Some(counters(run_state)))
-        }
-        Some((agent, Err(reason))) if agent.killed => (
-            deny_without_policy(&format!(
-                "the kill switch of agent {} is engaged; and {reason}",
-                agent.id
-            )),
-            None,
-            None,
-        ),
-        Some((_, Err(reason))) => (deny_without_policy(reason), None, None),
-        None => (
-            deny_without_policy(&format!(
-                "the key's agent {} has no AgentIdentity in the policy directory",
-                holder.agent
-            )),
-            None,
-            None,
-        ),
+    let decided = match gateway
+        .decide_call(&holder, &run, &request.tool, &request.arguments, started)
+        .await
+    {
+        Ok(decided) => decided,
+        Err(response) => return response,
     };
-
-    let step = run_counters.as_ref().map(|c| c.steps);
-    let mut entry = Entry::new(now, Event::Decide, identity);
-    entry.agent = Some(holder.agent.clone());
-    entry.run = Some(run.clone());
-    entry.step = step;
-    entry.tool = Some(request.tool.clone());
-    entry.set_arguments(&gateway.redactor, &request.arguments);
-    entry.decision = Some(decision.clone());
-    entry.policy = policy.as_deref().map(policy_ref);
-    entry.counters = run_counters;
-    entry.latency_us = Some(started.elapsed().as_micros() as u64);
-    if let Decision::Halt { ceiling, .. } = &decision {
-        entry.ceiling = Some(ceiling.clone());
-    }
-    let appended = match gateway.audit.append(entry).await {
-        Ok(appended) => appended,
-        Err(e) => return audit_unavailable(e),
-    };
+    let (decision, step, appended) = (decided.decision, decided.step, decided.audit);
     let mut body = serde_json::to_value(&decision).expect("a decision serialises");
     if let Value::Object(map) = &mut body {
         map.insert("runId".into(), Value::String(run));

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
-use tollgate_crds::identity::AgentIdentity;
+use tollgate_crds::identity::{AgentIdentity, ToolCredential};
 use tollgate_engine::CompiledPolicy;
 use tollgate_engine::manifest::{self, Object};
 
@@ -29,6 +29,10 @@ pub struct AgentEntry {
     pub killed: bool,
     /// Its compiled policy, or why there is none.
     pub policy: Result<Arc<CompiledPolicy>, String>,
+    /// MCP endpoints of the policy's upstreams, by name.
+    pub upstreams: BTreeMap<String, String>,
+    /// Per-upstream credentials the gateway adds when it forwards (the agent never holds them).
+    pub credentials: Vec<ToolCredential>,
 }
 
 /// Every agent, by `namespace/name`.
@@ -48,7 +52,8 @@ impl PolicySet {
     /// Loads every *.yaml / *.yml file under `dir` (recursively).
     pub fn load(dir: &Path) -> Self {
         let mut set = Self::default();
-        let mut policies: Vec<(String, Result<CompiledPolicy, String>)> = Vec::new();
+        type Upstreams = BTreeMap<String, String>;
+        let mut policies: Vec<(String, Result<CompiledPolicy, String>, Upstreams)> = Vec::new();
         for file in yaml_files(dir) {
             let text = match std::fs::read_to_string(&file) {
                 Ok(text) => text,
@@ -76,13 +81,19 @@ impl PolicySet {
                                 file.display()
                             )
                         });
-                        policies.push((target, compiled));
+                        let upstreams = policy
+                            .spec
+                            .upstreams
+                            .iter()
+                            .filter_map(|u| Some((u.name.clone(), u.mcp.as_ref()?.url.clone())))
+                            .collect();
+                        policies.push((target, compiled, upstreams));
                     }
                     Ok(Object::Other { .. }) => {}
                 }
             }
         }
-        for (target, compiled) in policies {
+        for (target, compiled, upstreams) in policies {
             let Some(agent) = set.agents.get_mut(&target) else {
                 set.problems.push(format!(
                     "an AgentPolicy names AgentIdentity {target}, which is not in the directory"
@@ -91,6 +102,7 @@ impl PolicySet {
             };
             agent.policy = match (&agent.policy, compiled) {
                 (Err(reason), Ok(policy)) if reason.starts_with("no AgentPolicy") => {
+                    agent.upstreams = upstreams;
                     Ok(Arc::new(policy))
                 }
                 (_, Err(reason)) => Err(reason),
@@ -118,6 +130,8 @@ impl PolicySet {
                 name,
                 killed: identity.spec.kill_switch.engaged,
                 policy: Err(format!("no AgentPolicy names AgentIdentity {id}")),
+                upstreams: BTreeMap::new(),
+                credentials: identity.spec.credentials.clone(),
             },
         );
     }

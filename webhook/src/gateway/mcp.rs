@@ -1,0 +1,639 @@
+//! The MCP proxy: `/mcp/{upstream}`, streamable HTTP transport, JSON-RPC 2.0.
+//!
+//! One JSON-RPC message per POST. What passes:
+//! - `initialize`, `ping` and the `notifications/initialized` and `notifications/cancelled`
+//!   notifications are forwarded as they are;
+//! - `tools/list` is forwarded and its answer cut to the tools the policy allows from this
+//!   upstream;
+//! - `tools/call` is decided first (as `/v1/decide` decides) and forwarded only when allowed,
+//!   with the agent's credential for this upstream added by the gateway; the result's
+//!   `structuredContent` is cut to the tool's `resultFields`. A refusal is a JSON-RPC error whose
+//!   `data` carries the decision: code, rule, message.
+//!
+//! Everything else is refused without reaching the upstream: batches (removed from MCP in
+//! 2025-06-18, and a way to slip a second call behind a first), other methods (resources,
+//! prompts, sampling replies), JSON-RPC responses, and anything malformed. Method names match
+//! exactly, so `Tools/Call` or `tools/call ` is an unknown method, not a call.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use jiff::Timestamp;
+use serde_json::{Map, Value, json};
+use tollgate_audit::{Entry, Event};
+use tollgate_engine::{Decision, canonical};
+
+use super::{
+    Gateway, KeyHolder, MAX_BODY, RUN_HEADER, audit_unavailable, authenticate, identity_of,
+    valid_run_id,
+};
+
+/// JSON-RPC error codes the proxy answers with.
+pub mod codes {
+    /// The body is not JSON.
+    pub const PARSE_ERROR: i64 = -32700;
+    /// Not a valid JSON-RPC request, or a batch.
+    pub const INVALID_REQUEST: i64 = -32600;
+    /// A method the gateway does not let through.
+    pub const METHOD_NOT_FOUND: i64 = -32601;
+    /// Bad parameters (a tools/call without a name, a run id that is missing or malformed).
+    pub const INVALID_PARAMS: i64 = -32602;
+    /// The policy refused the call (deny, halt, or approval required); `data` says why.
+    pub const DENIED: i64 = -32001;
+    /// The upstream could not be reached or answered with something that is not MCP.
+    pub const UPSTREAM: i64 = -32002;
+}
+
+/// The header the streamable HTTP transport carries the session in.
+pub const SESSION_HEADER: &str = "mcp-session-id";
+const PROTOCOL_HEADER: &str = "mcp-protocol-version";
+
+fn rpc_error(
+    status: StatusCode,
+    id: Value,
+    code: i64,
+    message: String,
+    data: Option<Value>,
+) -> Response {
+    let mut error = json!({"code": code, "message": message});
+    if let Some(data) = data {
+        error["data"] = data;
+    }
+    (
+        status,
+        axum::Json(json!({"jsonrpc": "2.0", "id": id, "error": error})),
+    )
+        .into_response()
+}
+
+impl Gateway {
+    async fn reject(
+        &self,
+        holder: Option<&KeyHolder>,
+        upstream: &str,
+        error: String,
+    ) -> Result<(), Response> {
+        let mut entry = Entry::new((self.now)(), Event::Rejected, identity_of(holder));
+        entry.agent = holder.map(|h| h.agent.clone());
+        entry.error = Some(format!("/mcp/{upstream}: {error}"));
+        self.audit
+            .append(entry)
+            .await
+            .map(|_| ())
+            .map_err(audit_unavailable)
+    }
+}
+
+/// Refuses before anything reaches the upstream: the refusal is audited, then answered.
+async fn refuse(
+    gateway: &Gateway,
+    holder: Option<&KeyHolder>,
+    upstream: &str,
+    status: StatusCode,
+    id: Value,
+    code: i64,
+    message: String,
+) -> Response {
+    if let Err(response) = gateway.reject(holder, upstream, message.clone()).await {
+        return response;
+    }
+    rpc_error(status, id, code, message, None)
+}
+
+pub(super) async fn proxy(
+    State(gateway): State<Arc<Gateway>>,
+    Path(upstream): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let holder = match authenticate(&gateway, &headers) {
+        Ok(holder) => holder.clone(),
+        Err(refusal) => {
+            return match gateway
+                .reject(
+                    None,
+                    &upstream,
+                    format!("{}: {}", refusal.code, refusal.message),
+                )
+                .await
+            {
+                Ok(()) => refusal.response(),
+                Err(response) => response,
+            };
+        }
+    };
+    let Ok(bytes) = axum::body::to_bytes(body, MAX_BODY).await else {
+        return refuse(
+            &gateway,
+            Some(&holder),
+            &upstream,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Value::Null,
+            codes::INVALID_REQUEST,
+            format!("the request body exceeds {MAX_BODY} bytes"),
+        )
+        .await;
+    };
+    let message = match canonical::parse_strict(&bytes) {
+        Ok(Value::Object(message)) => message,
+        Ok(Value::Array(_)) => {
+            return refuse(
+                &gateway,
+                Some(&holder),
+                &upstream,
+                StatusCode::BAD_REQUEST,
+                Value::Null,
+                codes::INVALID_REQUEST,
+                "JSON-RPC batches are not accepted: send one message per request".to_owned(),
+            )
+            .await;
+        }
+        Ok(_) => {
+            return refuse(
+                &gateway,
+                Some(&holder),
+                &upstream,
+                StatusCode::BAD_REQUEST,
+                Value::Null,
+                codes::INVALID_REQUEST,
+                "a JSON-RPC message must be a JSON object".to_owned(),
+            )
+            .await;
+        }
+        Err(e) => {
+            return refuse(
+                &gateway,
+                Some(&holder),
+                &upstream,
+                StatusCode::BAD_REQUEST,
+                Value::Null,
+                codes::PARSE_ERROR,
+                format!("the body is not valid JSON: {e}"),
+            )
+            .await;
+        }
+    };
+    let id = message.get("id").cloned();
+    let reply_id = id.clone().unwrap_or(Value::Null);
+    let shape = check_shape(&message);
+    let method = match shape {
+        Ok(method) => method,
+        Err(problem) => {
+            return refuse(
+                &gateway,
+                Some(&holder),
+                &upstream,
+                StatusCode::BAD_REQUEST,
+                reply_id,
+                codes::INVALID_REQUEST,
+                problem,
+            )
+            .await;
+        }
+    };
+
+    let set = gateway.policies.current();
+    let url = set
+        .agents
+        .get(&holder.agent)
+        .and_then(|agent| agent.upstreams.get(&upstream))
+        .cloned();
+    let Some(url) = url else {
+        return refuse(
+            &gateway,
+            Some(&holder),
+            &upstream,
+            StatusCode::NOT_FOUND,
+            reply_id,
+            codes::INVALID_REQUEST,
+            format!(
+                "upstream {upstream:?} is not an MCP upstream of agent {}'s policy",
+                holder.agent
+            ),
+        )
+        .await;
+    };
+
+    match (method.as_str(), id.is_some()) {
+        ("initialize" | "ping", true)
+        | ("notifications/initialized" | "notifications/cancelled", false) => forward(
+            &gateway,
+            &holder,
+            &url,
+            &upstream,
+            &headers,
+            &Value::Object(message),
+        )
+        .await
+        .unwrap_or_else(|e| e),
+        ("tools/list", true) => {
+            list_tools(&gateway, &holder, &url, &upstream, &headers, message).await
+        }
+        ("tools/call", true) => {
+            call_tool(
+                &gateway, &holder, &url, &upstream, &headers, message, started,
+            )
+            .await
+        }
+        (method, true) => {
+            refuse(
+                &gateway,
+                Some(&holder),
+                &upstream,
+                StatusCode::OK,
+                reply_id,
+                codes::METHOD_NOT_FOUND,
+                format!("method {method:?} is not allowed through Tollgate's gateway"),
+            )
+            .await
+        }
+        (method, false) => {
+            // Per the transport, notifications are acknowledged with 202; unknown ones are
+            // recorded and dropped, never forwarded.
+            if let Err(response) = gateway
+                .reject(
+                    Some(&holder),
+                    &upstream,
+                    format!("notification {method:?} dropped"),
+                )
+                .await
+            {
+                return response;
+            }
+            StatusCode::ACCEPTED.into_response()
+        }
+    }
+}
+
+/// The JSON-RPC method of a request or notification; anything else is refused with the reason.
+fn check_shape(message: &Map<String, Value>) -> Result<String, String> {
+    if message.get("jsonrpc") != Some(&Value::String("2.0".to_owned())) {
+        return Err("a JSON-RPC message must carry \"jsonrpc\": \"2.0\"".to_owned());
+    }
+    for key in message.keys() {
+        if !matches!(key.as_str(), "jsonrpc" | "id" | "method" | "params") {
+            return Err(format!(
+                "unexpected member {key:?}: the gateway accepts requests and notifications only"
+            ));
+        }
+    }
+    let Some(method) = message.get("method") else {
+        return Err(
+            "JSON-RPC responses are not accepted: the gateway sends no requests to clients"
+                .to_owned(),
+        );
+    };
+    let Value::String(method) = method else {
+        return Err("\"method\" must be a string".to_owned());
+    };
+    match message.get("id") {
+        None | Some(Value::String(_)) => {}
+        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => {}
+        Some(other) => {
+            return Err(format!(
+                "\"id\" must be a string or an integer, not {other}"
+            ));
+        }
+    }
+    if let Some(params) = message.get("params")
+        && !params.is_object()
+    {
+        return Err("\"params\" must be an object".to_owned());
+    }
+    Ok(method.clone())
+}
+
+fn run_of(headers: &HeaderMap) -> Result<String, String> {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .map(|v| v.to_str().unwrap_or("\u{0}").to_owned())
+    };
+    let run = header(RUN_HEADER)
+        .or_else(|| header(SESSION_HEADER))
+        .ok_or_else(|| {
+            format!(
+                "a run id is required: the {RUN_HEADER} header, or an MCP session ({SESSION_HEADER})"
+            )
+        })?;
+    if valid_run_id(&run) {
+        Ok(run)
+    } else {
+        Err(format!(
+            "run id {run:?} must be 1 to 128 characters of A-Z a-z 0-9 . _ : -"
+        ))
+    }
+}
+
+/// Sends `message` upstream and returns the upstream's JSON-RPC answer (`Ok(None)` for an
+/// accepted notification), with the session header to pass back.
+async fn send(
+    gateway: &Gateway,
+    holder: &KeyHolder,
+    url: &str,
+    upstream: &str,
+    headers: &HeaderMap,
+    message: &Value,
+) -> Result<(Option<Value>, Option<HeaderValue>), String> {
+    let mut request = gateway
+        .http
+        .post(url)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .timeout(Duration::from_secs(120))
+        .body(message.to_string());
+    for name in [SESSION_HEADER, PROTOCOL_HEADER] {
+        if let Some(value) = headers.get(name) {
+            request = request.header(name, value);
+        }
+    }
+    if let Some((header, value)) = gateway.credential(&holder.agent, upstream)? {
+        request = request.header(header, value);
+    }
+    let response = request
+        .send()
+        .await
+        .map_err(|e| format!("upstream {upstream:?} unreachable: {e}"))?;
+    let status = response.status();
+    let session = response.headers().get(SESSION_HEADER).cloned();
+    let sse = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let body = response
+        .bytes()
+        .await
+        .map_err(|e| format!("upstream {upstream:?} broke off its answer: {e}"))?;
+    if status == reqwest::StatusCode::ACCEPTED && body.is_empty() {
+        return Ok((None, session));
+    }
+    if !status.is_success() && body.is_empty() {
+        return Err(format!("upstream {upstream:?} answered HTTP {status}"));
+    }
+    let answer = if sse {
+        answer_in_events(&body, message.get("id"))
+    } else {
+        serde_json::from_slice(&body).ok()
+    };
+    match answer {
+        Some(answer) => Ok((Some(answer), session)),
+        None => Err(format!(
+            "upstream {upstream:?} answered HTTP {status} without a JSON-RPC answer"
+        )),
+    }
+}
+
+/// The JSON-RPC answer to `id` among the `data:` events of an SSE body.
+fn answer_in_events(body: &[u8], id: Option<&Value>) -> Option<Value> {
+    let text = std::str::from_utf8(body).ok()?;
+    let mut data = String::new();
+    let mut found = None;
+    for line in text.lines().chain(std::iter::once("")) {
+        if let Some(rest) = line.strip_prefix("data:") {
+            data.push_str(rest.strip_prefix(' ').unwrap_or(rest));
+            data.push('\n');
+        } else if line.is_empty() && !data.is_empty() {
+            if let Ok(message) = serde_json::from_str::<Value>(&data)
+                && message.get("id") == id
+                && (message.get("result").is_some() || message.get("error").is_some())
+            {
+                found = Some(message);
+            }
+            data.clear();
+        }
+    }
+    found
+}
+
+fn answer(status: StatusCode, body: Option<Value>, session: Option<HeaderValue>) -> Response {
+    let mut response = match body {
+        Some(body) => (status, axum::Json(body)).into_response(),
+        None => StatusCode::ACCEPTED.into_response(),
+    };
+    if let Some(session) = session {
+        response.headers_mut().insert(SESSION_HEADER, session);
+    }
+    response
+}
+
+async fn forward(
+    gateway: &Gateway,
+    holder: &KeyHolder,
+    url: &str,
+    upstream: &str,
+    headers: &HeaderMap,
+    message: &Value,
+) -> Result<Response, Response> {
+    match send(gateway, holder, url, upstream, headers, message).await {
+        Ok((body, session)) => Ok(answer(StatusCode::OK, body, session)),
+        Err(e) => Err(rpc_error(
+            StatusCode::BAD_GATEWAY,
+            message.get("id").cloned().unwrap_or(Value::Null),
+            codes::UPSTREAM,
+            e,
+            None,
+        )),
+    }
+}
+
+async fn list_tools(
+    gateway: &Gateway,
+    holder: &KeyHolder,
+    url: &str,
+    upstream: &str,
+    headers: &HeaderMap,
+    message: Map<String, Value>,
+) -> Response {
+    let message = Value::Object(message);
+    let (body, session) = match send(gateway, holder, url, upstream, headers, &message).await {
+        Ok(ok) => ok,
+        Err(e) => {
+            return rpc_error(
+                StatusCode::BAD_GATEWAY,
+                message["id"].clone(),
+                codes::UPSTREAM,
+                e,
+                None,
+            );
+        }
+    };
+    let set = gateway.policies.current();
+    let policy = set
+        .agents
+        .get(&holder.agent)
+        .and_then(|a| a.policy.as_ref().ok())
+        .cloned();
+    let mut body = body.unwrap_or(Value::Null);
+    if let Some(tools) = body
+        .pointer_mut("/result/tools")
+        .and_then(Value::as_array_mut)
+    {
+        tools.retain(|tool| {
+            let Some(name) = tool.get("name").and_then(Value::as_str) else {
+                return false;
+            };
+            policy.as_ref().is_some_and(|p| {
+                p.allows_tool(name) && p.upstream_of(name).is_none_or(|u| u == upstream)
+            })
+        });
+    }
+    answer(StatusCode::OK, Some(body), session)
+}
+
+async fn call_tool(
+    gateway: &Gateway,
+    holder: &KeyHolder,
+    url: &str,
+    upstream: &str,
+    headers: &HeaderMap,
+    message: Map<String, Value>,
+    started: Instant,
+) -> Response {
+    let id = message["id"].clone();
+    let params = message.get("params").cloned().unwrap_or_else(|| json!({}));
+    let Some(Value::String(tool)) = params.get("name") else {
+        return refuse(
+            gateway,
+            Some(holder),
+            upstream,
+            StatusCode::OK,
+            id,
+            codes::INVALID_PARAMS,
+            "tools/call needs params.name, a string".to_owned(),
+        )
+        .await;
+    };
+    let arguments = match params.get("arguments") {
+        None => json!({}),
+        Some(Value::Object(a)) => Value::Object(a.clone()),
+        Some(_) => {
+            return refuse(
+                gateway,
+                Some(holder),
+                upstream,
+                StatusCode::OK,
+                id,
+                codes::INVALID_PARAMS,
+                "params.arguments must be an object".to_owned(),
+            )
+            .await;
+        }
+    };
+    let run = match run_of(headers) {
+        Ok(run) => run,
+        Err(problem) => {
+            return refuse(
+                gateway,
+                Some(holder),
+                upstream,
+                StatusCode::OK,
+                id,
+                codes::INVALID_PARAMS,
+                problem,
+            )
+            .await;
+        }
+    };
+    let decided = match gateway
+        .decide_call(holder, &run, tool, &arguments, started)
+        .await
+    {
+        Ok(decided) => decided,
+        Err(response) => return response,
+    };
+    let policy = decided.policy.clone();
+    let served_here = policy
+        .as_ref()
+        .is_some_and(|p| p.upstream_of(tool).is_none_or(|u| u == upstream));
+    if !decided.decision.is_allowed() || !served_here {
+        let data = if decided.decision.is_allowed() {
+            json!({"decision": "deny", "code": "ToolNotAllowed",
+                   "message": format!("tool {tool:?} is not served by upstream {upstream:?}")})
+        } else {
+            let mut data = serde_json::to_value(&decided.decision).expect("a decision serialises");
+            data["audit"] =
+                json!({"chain": decided.audit.chain.as_ref(), "seq": decided.audit.seq});
+            data
+        };
+        let message = match &decided.decision {
+            Decision::Deny { message, .. } | Decision::Halt { message, .. } => message.clone(),
+            Decision::RequireApproval { approval, .. } => {
+                format!("the call waits for approval: {}", approval.reason)
+            }
+            Decision::Allow { .. } => data["message"].as_str().unwrap_or_default().to_owned(),
+        };
+        if decided.decision.is_allowed()
+            && let Err(response) = gateway
+                .reject(Some(holder), upstream, message.clone())
+                .await
+        {
+            return response;
+        }
+        return rpc_error(
+            StatusCode::OK,
+            id,
+            codes::DENIED,
+            format!("Tollgate refused the call: {message}"),
+            Some(data),
+        );
+    }
+
+    // Forward exactly what was decided: the checked name and arguments, nothing else from the
+    // client's params except the request's _meta.
+    let mut forwarded = json!({
+        "jsonrpc": "2.0", "id": id, "method": "tools/call",
+        "params": {"name": tool, "arguments": arguments}
+    });
+    if let Some(meta) = params.get("_meta") {
+        forwarded["params"]["_meta"] = meta.clone();
+    }
+    let outcome = send(gateway, holder, url, upstream, headers, &forwarded).await;
+    let now: Timestamp = (gateway.now)();
+    let mut entry = Entry::new(now, Event::Report, identity_of(Some(holder)));
+    entry.agent = Some(holder.agent.clone());
+    entry.run = Some(run);
+    entry.tool = Some(tool.clone());
+    entry.latency_us = Some(started.elapsed().as_micros() as u64);
+    let response = match outcome {
+        Ok((Some(mut body), session)) => {
+            if let Some(result) = body.get("result") {
+                entry.set_result(&gateway.redactor, result);
+            }
+            if let Some(error) = body.get("error") {
+                entry.error = Some(error.to_string());
+            }
+            if let (Some(policy), Some(structured)) =
+                (&policy, body.pointer_mut("/result/structuredContent"))
+                && let Some(fields) = policy.result_fields(tool)
+            {
+                let (visible, _) = tollgate_engine::redact(structured, fields);
+                *structured = visible.clone();
+                // Text content cannot be cut field by field: it is replaced by the visible
+                // structured content.
+                body["result"]["content"] = json!([{"type": "text", "text": visible.to_string()}]);
+            }
+            answer(StatusCode::OK, Some(body), session)
+        }
+        Ok((None, session)) => answer(StatusCode::ACCEPTED, None, session),
+        Err(e) => {
+            entry.error = Some(e.clone());
+            rpc_error(
+                StatusCode::BAD_GATEWAY,
+                forwarded["id"].clone(),
+                codes::UPSTREAM,
+                e,
+                None,
+            )
+        }
+    };
+    if let Err(e) = gateway.audit.append(entry).await {
+        return audit_unavailable(e);
+    }
+    response
+}

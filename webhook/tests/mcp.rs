@@ -1,0 +1,496 @@
+//! The MCP proxy in front of a real MCP server (rmcp, streamable HTTP, stateful sessions with
+//! SSE answers): what passes, what is cut, what never reaches the upstream.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, CallToolResult, ListToolsResult,
+    PaginatedRequestParams, ServerCapabilities, ServerConfig, Tool,
+};
+use rmcp::service::RequestContext;
+use rmcp::transport::streamable_http_server::{
+    StreamableHttpServerConfig, StreamableHttpService, session::local::LocalSessionManager,
+};
+use rmcp::{ErrorData, RoleServer, ServerHandler};
+use serde_json::{Value, json};
+use tollgate_audit::{AuditLog, Query, Redactor, SqliteStore, Store, WriterConfig, verify};
+use tollgate_webhook::gateway::keys::Keys;
+use tollgate_webhook::gateway::policies::{PolicySet, WatchedDir};
+use tollgate_webhook::gateway::{self, Gateway, mcp};
+use tower::ServiceExt;
+
+const KEY: &str = "support-key-1";
+const CREDENTIAL: &str = "crm-secret-123";
+
+/// What the upstream received: tool, arguments, Authorization header.
+type Calls = Arc<Mutex<Vec<(String, Value, Option<String>)>>>;
+
+#[derive(Clone)]
+struct Crm {
+    calls: Calls,
+}
+
+impl ServerHandler for Crm {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+    }
+
+    async fn list_tools(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, ErrorData> {
+        let schema = Arc::new(serde_json::Map::from_iter([(
+            "type".to_owned(),
+            json!("object"),
+        )]));
+        Ok(ListToolsResult::with_all_items(
+            [
+                "read_customer_record",
+                "update_order_status",
+                "send_customer_email",
+                "delete_customer_record",
+                "export_all_customers",
+            ]
+            .into_iter()
+            .map(|name| Tool::new(name, "a CRM tool", schema.clone()))
+            .collect(),
+        ))
+    }
+
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        let auth = context
+            .extensions
+            .get::<axum::http::request::Parts>()
+            .and_then(|parts| parts.headers.get("authorization"))
+            .map(|v| v.to_str().unwrap().to_owned());
+        let arguments = Value::Object(request.arguments.clone().unwrap_or_default());
+        self.calls
+            .lock()
+            .unwrap()
+            .push((request.name.to_string(), arguments, auth));
+        Ok(CallToolResult::structured(json!({
+            "customer_id": "C000042",
+            "order_history": ["O-1"],
+            "contact_info": "ada@example.com",
+            "ssn": "123-45-6789"
+        }))
+        .into())
+    }
+}
+
+/// Starts the upstream; returns its URL and what it received.
+async fn upstream() -> (String, Calls) {
+    let calls: Calls = Arc::default();
+    let handler = Crm {
+        calls: calls.clone(),
+    };
+    let service: StreamableHttpService<Crm, LocalSessionManager> = StreamableHttpService::new(
+        move || Ok(handler.clone()),
+        Default::default(),
+        StreamableHttpServerConfig::default(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(listener, axum::Router::new().nest_service("/mcp", service))
+            .await
+            .unwrap();
+    });
+    (format!("http://{addr}/mcp"), calls)
+}
+
+struct Harness {
+    app: axum::Router,
+    store: Arc<SqliteStore>,
+    calls: Calls,
+    _dir: tempfile::TempDir,
+}
+
+async fn harness() -> Harness {
+    let (url, calls) = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let samples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/samples");
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    let sample = std::fs::read_to_string(samples.join("support-agent.yaml")).unwrap();
+    std::fs::write(
+        policies.join("support.yaml"),
+        sample.replace("http://crm-mcp.support.svc:8080/mcp", &url),
+    )
+    .unwrap();
+    let secrets = dir.path().join("secrets/default/crm-token");
+    std::fs::create_dir_all(&secrets).unwrap();
+    std::fs::write(secrets.join("token"), format!("{CREDENTIAL}\n")).unwrap();
+
+    let store = Arc::new(SqliteStore::open(dir.path().join("audit.db")).unwrap());
+    let (log, _) = AuditLog::open(store.clone(), WriterConfig::new("gw-test"))
+        .await
+        .unwrap();
+    let keys = Keys::parse(&format!(
+        "keys:\n  - {{name: support, agent: default/support-agent-v2, sha256: {}}}\n",
+        {
+            use sha2::Digest;
+            hex::encode(sha2::Sha256::digest(KEY.as_bytes()))
+        }
+    ))
+    .unwrap();
+    let gateway = Gateway::new(
+        WatchedDir::fixed(PolicySet::load(&policies)),
+        keys,
+        log,
+        Redactor::default(),
+    )
+    .with_secrets(dir.path().join("secrets"));
+    Harness {
+        app: gateway::router(Arc::new(gateway)),
+        store,
+        calls,
+        _dir: dir,
+    }
+}
+
+struct Reply {
+    status: StatusCode,
+    session: Option<String>,
+    body: Value,
+}
+
+impl Harness {
+    async fn send(&self, session: Option<&str>, body: Vec<u8>) -> Reply {
+        let mut request = Request::post("/mcp/crm")
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .header("authorization", format!("Bearer {KEY}"));
+        if let Some(session) = session {
+            request = request.header(mcp::SESSION_HEADER, session);
+        }
+        let response = self
+            .app
+            .clone()
+            .oneshot(request.body(Body::from(body)).unwrap())
+            .await
+            .unwrap();
+        let status = response.status();
+        let session = response
+            .headers()
+            .get(mcp::SESSION_HEADER)
+            .map(|v| v.to_str().unwrap().to_owned());
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap()
+        };
+        Reply {
+            status,
+            session,
+            body,
+        }
+    }
+
+    async fn rpc(&self, session: Option<&str>, message: Value) -> Reply {
+        self.send(session, message.to_string().into_bytes()).await
+    }
+
+    /// initialize + notifications/initialized through the gateway; returns the session.
+    async fn session(&self) -> String {
+        let init = self
+            .rpc(
+                None,
+                json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+                    "protocolVersion": "2025-06-18", "capabilities": {},
+                    "clientInfo": {"name": "tollgate-test", "version": "1"}}}),
+            )
+            .await;
+        assert_eq!(init.status, StatusCode::OK, "{}", init.body);
+        assert!(
+            init.body["result"]["serverInfo"].is_object(),
+            "{}",
+            init.body
+        );
+        let session = init.session.expect("the upstream's session comes back");
+        let initialized = self
+            .rpc(
+                Some(&session),
+                json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+            )
+            .await;
+        assert_eq!(initialized.status, StatusCode::ACCEPTED);
+        session
+    }
+
+    async fn call(&self, session: &str, id: u64, tool: &str, arguments: Value) -> Reply {
+        self.rpc(
+            Some(session),
+            json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+                   "params": {"name": tool, "arguments": arguments}}),
+        )
+        .await
+    }
+}
+
+#[tokio::test]
+async fn tools_list_shows_only_what_the_policy_allows() {
+    let h = harness().await;
+    let session = h.session().await;
+    let list = h
+        .rpc(
+            Some(&session),
+            json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}),
+        )
+        .await;
+    let names: Vec<&str> = list.body["result"]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "read_customer_record",
+            "update_order_status",
+            "send_customer_email"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn an_allowed_call_is_forwarded_once_with_the_credential_and_its_result_cut() {
+    let h = harness().await;
+    let session = h.session().await;
+    let reply = h
+        .call(
+            &session,
+            3,
+            "read_customer_record",
+            json!({"customer_id": "C000042"}),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(
+        reply.body["result"]["structuredContent"],
+        json!({"customer_id": "C000042", "order_history": ["O-1"], "contact_info": "ada@example.com"})
+    );
+    let text = reply.body["result"]["content"][0]["text"].as_str().unwrap();
+    assert!(!text.contains("123-45-6789"), "{text}");
+    let calls = h.calls.lock().unwrap().clone();
+    assert_eq!(
+        calls,
+        [(
+            "read_customer_record".to_owned(),
+            json!({"customer_id": "C000042"}),
+            Some(format!("Bearer {CREDENTIAL}"))
+        )]
+    );
+
+    // The decision and the result are in the trail; the session is the run.
+    verify(h.store.as_ref(), true, &BTreeMap::new())
+        .await
+        .unwrap();
+    let run = h
+        .store
+        .query(&Query {
+            run: Some(session.clone()),
+            ..Query::default()
+        })
+        .await
+        .unwrap();
+    let events: Vec<String> = run.iter().map(|r| r.index.event.clone()).collect();
+    assert_eq!(events, ["decide", "report"]);
+}
+
+#[tokio::test]
+async fn refused_calls_are_json_rpc_errors_and_never_reach_the_upstream() {
+    let h = harness().await;
+    let session = h.session().await;
+    for (id, tool, arguments, code) in [
+        (10, "delete_customer_record", json!({}), "ToolBlocked"),
+        (11, "export_all_customers", json!({}), "ToolNotAllowed"),
+        (
+            12,
+            "read_customer_record",
+            json!({"customer_id": "42"}),
+            "ArgumentConstraint",
+        ),
+        (
+            13,
+            "Read_Customer_Record",
+            json!({"customer_id": "C000042"}),
+            "ToolNotAllowed",
+        ),
+    ] {
+        let reply = h.call(&session, id, tool, arguments).await;
+        assert_eq!(reply.body["id"], id, "{}", reply.body);
+        assert_eq!(
+            reply.body["error"]["code"],
+            mcp::codes::DENIED,
+            "{}",
+            reply.body
+        );
+        assert_eq!(
+            reply.body["error"]["data"]["code"], code,
+            "{tool}: {}",
+            reply.body
+        );
+        assert!(reply.body["error"]["data"]["rule"]["clause"].is_string());
+    }
+    let approval = h
+        .call(
+            &session,
+            14,
+            "send_customer_email",
+            json!({"customer_id": "C000042", "subject": "Hi", "body": "Done."}),
+        )
+        .await;
+    assert_eq!(
+        approval.body["error"]["data"]["decision"],
+        "requireApproval"
+    );
+    assert!(h.calls.lock().unwrap().is_empty(), "nothing was forwarded");
+}
+
+#[tokio::test]
+async fn batches_responses_and_other_methods_cannot_smuggle_a_call() {
+    let h = harness().await;
+    let session = h.session().await;
+    let call = json!({"jsonrpc": "2.0", "id": 20, "method": "tools/call",
+                      "params": {"name": "read_customer_record", "arguments": {"customer_id": "C000042"}}});
+
+    // A batch, even of allowed calls.
+    let batch = h
+        .send(
+            Some(&session),
+            json!([call.clone(), call.clone()]).to_string().into_bytes(),
+        )
+        .await;
+    assert_eq!(batch.status, StatusCode::BAD_REQUEST);
+    assert_eq!(batch.body["error"]["code"], mcp::codes::INVALID_REQUEST);
+
+    // Methods other than the ones the gateway knows, including near-misses of tools/call.
+    for method in [
+        "Tools/Call",
+        "tools/call ",
+        "tools/call/",
+        "resources/read",
+        "sampling/createMessage",
+    ] {
+        let reply = h
+            .rpc(
+                Some(&session),
+                json!({"jsonrpc": "2.0", "id": 21, "method": method,
+                       "params": {"name": "delete_customer_record", "arguments": {}}}),
+            )
+            .await;
+        assert_eq!(
+            reply.body["error"]["code"],
+            mcp::codes::METHOD_NOT_FOUND,
+            "{method}: {}",
+            reply.body
+        );
+    }
+    // A tools/call sent as a notification (no id) is dropped, not forwarded.
+    let notification = h
+        .rpc(
+            Some(&session),
+            json!({"jsonrpc": "2.0", "method": "tools/call",
+                   "params": {"name": "delete_customer_record", "arguments": {}}}),
+        )
+        .await;
+    assert_eq!(notification.status, StatusCode::ACCEPTED);
+
+    // Duplicate keys: which "name" would the upstream read? Neither: refused.
+    let duplicate = h
+        .send(
+            Some(&session),
+            br#"{"jsonrpc":"2.0","id":22,"method":"tools/call","params":{"name":"read_customer_record","name":"delete_customer_record","arguments":{}}}"#.to_vec(),
+        )
+        .await;
+    assert_eq!(
+        duplicate.body["error"]["code"],
+        mcp::codes::PARSE_ERROR,
+        "{}",
+        duplicate.body
+    );
+
+    // Extra members, a response, a wrong version, params that are not an object.
+    for message in [
+        json!({"jsonrpc": "2.0", "id": 23, "method": "tools/list", "extra": {"method": "tools/call"}}),
+        json!({"jsonrpc": "2.0", "id": 24, "result": {}}),
+        json!({"jsonrpc": "1.0", "id": 25, "method": "tools/list"}),
+        json!({"jsonrpc": "2.0", "id": 26, "method": "tools/call", "params": ["delete_customer_record"]}),
+        json!({"jsonrpc": "2.0", "id": {"x": 1}, "method": "tools/list"}),
+    ] {
+        let reply = h.rpc(Some(&session), message.clone()).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{message}: {}",
+            reply.body
+        );
+        assert_eq!(reply.body["error"]["code"], mcp::codes::INVALID_REQUEST);
+    }
+    assert!(h.calls.lock().unwrap().is_empty(), "nothing was forwarded");
+    verify(h.store.as_ref(), true, &BTreeMap::new())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_call_without_a_session_or_run_is_refused_and_an_unknown_upstream_is_named() {
+    let h = harness().await;
+    let reply = h
+        .rpc(
+            None,
+            json!({"jsonrpc": "2.0", "id": 30, "method": "tools/call",
+                   "params": {"name": "read_customer_record", "arguments": {"customer_id": "C000042"}}}),
+        )
+        .await;
+    assert_eq!(
+        reply.body["error"]["code"],
+        mcp::codes::INVALID_PARAMS,
+        "{}",
+        reply.body
+    );
+
+    let response = h
+        .app
+        .clone()
+        .oneshot(
+            Request::post("/mcp/billing")
+                .header("authorization", format!("Bearer {KEY}"))
+                .body(Body::from(
+                    json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}).to_string(),
+                ))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    let body: Value =
+        serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"billing\" is not an MCP upstream"),
+        "{body}"
+    );
+    let response = h
+        .app
+        .clone()
+        .oneshot(Request::post("/mcp/crm").body(Body::from("{}")).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+}
