@@ -1,0 +1,384 @@
+//! The gateway on loopback: decisions per second and latency of `POST /v1/decide` beside OPA's
+//! REST API evaluating the same rules, and the latency the MCP proxy adds over calling an MCP
+//! server directly.
+//!
+//! `cargo run --release --bin gateway-load [SECONDS] [CONNECTIONS]`; OPA is taken from `$OPA`
+//! (default `../target/opa-bin/opa`, built with
+//! `GOBIN=$PWD/target/opa-bin go install github.com/open-policy-agent/opa@v1.22.3`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, CallToolResult, ServerCapabilities, ServerConfig,
+};
+use rmcp::service::RequestContext;
+use rmcp::transport::streamable_http_server::{
+    StreamableHttpServerConfig, StreamableHttpService, session::local::LocalSessionManager,
+};
+use rmcp::{ErrorData, RoleServer, ServerHandler};
+use serde_json::{Value, json};
+use tollgate_audit::{AuditLog, Redactor, SqliteStore, WriterConfig};
+use tollgate_webhook::gateway::keys::Keys;
+use tollgate_webhook::gateway::policies::{PolicySet, WatchedDir};
+use tollgate_webhook::gateway::{self, Gateway};
+
+const KEY: &str = "bench-key";
+
+/// The same rules as the Rego below: one tool with a pattern-checked argument, one with an enum,
+/// a size limit and a condition over every item; three blocked tools.
+fn policy(upstream: &str) -> String {
+    format!(
+        r#"
+apiVersion: tollgate.dev/v1alpha1
+kind: AgentIdentity
+metadata: {{name: bench-agent, namespace: bench}}
+spec:
+  description: load
+  owner: {{team: bench, contacts: [bench@example.com]}}
+  podSelector: {{matchLabels: {{app: bench}}}}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: AgentPolicy
+metadata: {{name: bench-agent, namespace: bench}}
+spec:
+  identityRef: {{name: bench-agent}}
+  upstreams:
+    - name: crm
+      mcp: {{url: "{upstream}"}}
+  tools:
+    allowed:
+      - name: read_customer_record
+        upstream: crm
+        arguments:
+          additionalFields: Deny
+          fields:
+            customer_id: {{type: string, required: true, pattern: "^C[0-9]{{6}}$"}}
+      - name: update_order_status
+        upstream: crm
+        arguments:
+          fields:
+            status: {{type: string, required: true, enum: [cancelled, refunded, processing]}}
+            order_ids: {{type: array, required: true, maxItems: 10}}
+        when: "args.order_ids.all(id, id.startsWith('O-'))"
+    blocked: [delete_customer_record, access_payment_raw, bulk_send_email]
+"#
+    )
+}
+
+const REGO: &str = r#"
+package tollgate
+import rego.v1
+
+default allow := false
+
+blocked := {"delete_customer_record", "access_payment_raw", "bulk_send_email"}
+
+allow if {
+    input.tool == "read_customer_record"
+    not blocked[input.tool]
+    regex.match(`^C[0-9]{6}$`, input.args.customer_id)
+    every k, _ in input.args { k == "customer_id" }
+}
+
+allow if {
+    input.tool == "update_order_status"
+    input.args.status in {"cancelled", "refunded", "processing"}
+    count(input.args.order_ids) <= 10
+    every id in input.args.order_ids { startswith(id, "O-") }
+}
+"#;
+
+#[derive(Clone)]
+struct Upstream;
+
+impl ServerHandler for Upstream {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+    }
+
+    async fn call_tool(
+        &self,
+        _request: CallToolRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        Ok(CallToolResult::structured(json!({"customer_id": "C000042", "status": "open"})).into())
+    }
+}
+
+async fn serve(router: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    format!("http://{addr}")
+}
+
+struct Load {
+    rate: f64,
+    p50: Duration,
+    p99: Duration,
+    count: usize,
+}
+
+/// `connections` closed-loop clients POST `body(i)` to `url` for `seconds`.
+async fn load(
+    url: &str,
+    auth: Option<&str>,
+    seconds: u64,
+    connections: usize,
+    body: fn(usize, usize) -> Value,
+    check: fn(&Value) -> bool,
+) -> Load {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(connections)
+        .build()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for worker in 0..connections {
+        let client = client.clone();
+        let url = url.to_owned();
+        let auth = auth.map(str::to_owned);
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut i = 0;
+            while Instant::now() < deadline {
+                let mut request = client.post(&url).json(&body(worker, i));
+                if let Some(auth) = &auth {
+                    request = request.header("authorization", auth);
+                }
+                let t = Instant::now();
+                let answer: Value = request.send().await.unwrap().json().await.unwrap();
+                latencies.push(t.elapsed());
+                assert!(check(&answer), "unexpected answer: {answer}");
+                i += 1;
+            }
+            latencies
+        }));
+    }
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await.unwrap());
+    }
+    let elapsed = start.elapsed();
+    latencies.sort_unstable();
+    Load {
+        rate: latencies.len() as f64 / elapsed.as_secs_f64(),
+        p50: latencies[latencies.len() / 2],
+        p99: latencies[latencies.len() * 99 / 100],
+        count: latencies.len(),
+    }
+}
+
+fn call(worker: usize, i: usize) -> (&'static str, Value) {
+    if i % 2 == 0 {
+        (
+            "read_customer_record",
+            json!({"customer_id": format!("C{:06}", (worker * 7919 + i) % 1_000_000)}),
+        )
+    } else {
+        (
+            "update_order_status",
+            json!({"status": "refunded", "order_ids": ["O-1", format!("O-{i}")]}),
+        )
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3} ms", d.as_secs_f64() * 1e3)
+}
+
+fn print(name: &str, l: &Load) {
+    println!(
+        "{name:<44} {:>9.0}/s  p50 {:>10}  p99 {:>10}  ({} requests)",
+        l.rate,
+        ms(l.p50),
+        ms(l.p99),
+        l.count
+    );
+}
+
+/// Sequential JSON-RPC calls over one session; per-call latencies sorted.
+async fn mcp_calls(url: &str, auth: Option<&str>, calls: usize) -> Vec<Duration> {
+    let client = reqwest::Client::new();
+    let post = |body: Value, session: Option<String>| {
+        let mut request = client
+            .post(url)
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .body(body.to_string());
+        if let Some(auth) = auth {
+            request = request.header("authorization", auth);
+        }
+        if let Some(session) = session {
+            request = request.header("mcp-session-id", session);
+        }
+        request.header("tollgate-run-id", "mcp-bench").send()
+    };
+    let init = post(
+        json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "bench", "version": "1"}}}),
+        None,
+    )
+    .await
+    .unwrap();
+    let session = init
+        .headers()
+        .get("mcp-session-id")
+        .map(|v| v.to_str().unwrap().to_owned());
+    init.bytes().await.unwrap();
+    post(
+        json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+        session.clone(),
+    )
+    .await
+    .unwrap();
+    let mut latencies = Vec::new();
+    for i in 0..calls {
+        let body = json!({"jsonrpc": "2.0", "id": i + 1, "method": "tools/call",
+                          "params": {"name": "read_customer_record", "arguments": {"customer_id": "C000042"}}});
+        let t = Instant::now();
+        let text = post(body, session.clone())
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        latencies.push(t.elapsed());
+        assert!(text.contains("C000042"), "{text}");
+    }
+    latencies.sort_unstable();
+    latencies
+}
+
+#[tokio::main]
+async fn main() {
+    let seconds: u64 = std::env::args().nth(1).map_or(10, |s| s.parse().unwrap());
+    let connections: usize = std::env::args().nth(2).map_or(32, |s| s.parse().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+
+    let upstream = serve(
+        axum::Router::new().nest_service(
+            "/mcp",
+            StreamableHttpService::<Upstream, LocalSessionManager>::new(
+                || Ok(Upstream),
+                Default::default(),
+                // Stateless, plain JSON answers: an SSE answer in two writes meets delayed ACKs on
+                // loopback (about 40 ms per call) and would hide what the proxy adds.
+                StreamableHttpServerConfig::default()
+                    .with_legacy_session_mode(false)
+                    .with_json_response(true),
+            ),
+        ),
+    )
+    .await;
+    std::fs::write(
+        dir.path().join("bench.yaml"),
+        policy(&format!("{upstream}/mcp")),
+    )
+    .unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path().join("audit.db")).unwrap());
+    let (log, _) = AuditLog::open(store, WriterConfig::new("bench"))
+        .await
+        .unwrap();
+    let keys = {
+        use sha2::Digest;
+        Keys::parse(&format!(
+            "keys:\n  - {{name: bench, agent: bench/bench-agent, sha256: {}}}\n",
+            hex::encode(sha2::Sha256::digest(KEY.as_bytes()))
+        ))
+        .unwrap()
+    };
+    let gateway = Gateway::new(
+        WatchedDir::fixed(PolicySet::load(dir.path())),
+        keys,
+        log,
+        Redactor::default(),
+    );
+    let gw = serve(gateway::router(Arc::new(gateway))).await;
+    let auth = format!("Bearer {KEY}");
+
+    println!(
+        "{seconds}s per run, {connections} connections, client and servers on the same 2 cores\n"
+    );
+    let tollgate = load(
+        &format!("{gw}/v1/decide"),
+        Some(&auth),
+        seconds,
+        connections,
+        |worker, i| {
+            let (tool, args) = call(worker, i);
+            json!({"runId": format!("w{worker}-{}", i / 1000), "tool": tool, "arguments": args})
+        },
+        |answer| answer["decision"] == "allow",
+    )
+    .await;
+    print("tollgate /v1/decide (durable audit record each)", &tollgate);
+
+    let opa = PathBuf::from(std::env::var("OPA").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../target/opa-bin/opa").to_owned()
+    }));
+    if opa.exists() {
+        let rego = dir.path().join("tollgate.rego");
+        std::fs::write(&rego, REGO).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut child = std::process::Command::new(&opa)
+            .args(["run", "--server", "--log-level", "error", "--addr"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg(&rego)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start OPA");
+        let client = reqwest::Client::new();
+        let health = format!("http://127.0.0.1:{port}/health");
+        while client.get(&health).send().await.is_err() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let opa_load = load(
+            &format!("http://127.0.0.1:{port}/v1/data/tollgate/allow"),
+            None,
+            seconds,
+            connections,
+            |worker, i| {
+                let (tool, args) = call(worker, i);
+                json!({"input": {"tool": tool, "args": args}})
+            },
+            |answer| answer["result"] == true,
+        )
+        .await;
+        let _ = child.kill();
+        print("OPA REST /v1/data (no decision log)", &opa_load);
+        println!(
+            "{:<44} {:>9.2}x throughput, p50 {:.2}x, p99 {:.2}x",
+            "tollgate / OPA",
+            tollgate.rate / opa_load.rate,
+            tollgate.p50.as_secs_f64() / opa_load.p50.as_secs_f64(),
+            tollgate.p99.as_secs_f64() / opa_load.p99.as_secs_f64()
+        );
+    } else {
+        println!("OPA not found at {} (set OPA=…)", opa.display());
+    }
+
+    let calls = 2000;
+    let direct = mcp_calls(&format!("{upstream}/mcp"), None, calls).await;
+    let proxied = mcp_calls(&format!("{gw}/mcp/crm"), Some(&auth), calls).await;
+    let p = |v: &[Duration], q: usize| v[v.len() * q / 100];
+    println!(
+        "\nMCP tools/call, {calls} sequential calls:\n{:<44} p50 {:>10}  p99 {:>10}\n{:<44} p50 {:>10}  p99 {:>10}\n{:<44} p50 {:>10}",
+        "direct to the MCP server",
+        ms(p(&direct, 50)),
+        ms(p(&direct, 99)),
+        "through the gateway (decide, audit x2, forward)",
+        ms(p(&proxied, 50)),
+        ms(p(&proxied, 99)),
+        "added by the gateway",
+        ms(p(&proxied, 50).saturating_sub(p(&direct, 50))),
+    );
+}
