@@ -80,6 +80,9 @@ enum Mode {
         /// Address to listen on. Plain HTTP, so only a loopback address is accepted.
         #[arg(long, default_value = "127.0.0.1:8480")]
         listen: SocketAddr,
+        /// Per-upstream credentials, laid out as mounted Secrets: DIR/<namespace>/<secret>/<key>.
+        #[arg(long)]
+        secrets: Option<PathBuf>,
     },
 }
 
@@ -89,6 +92,7 @@ async fn standalone(
     audit: String,
     chain: String,
     listen: SocketAddr,
+    secrets: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     use std::sync::Arc;
     use tollgate_audit::{AuditLog, PostgresStore, Redactor, SqliteStore, WriterConfig};
@@ -116,12 +120,11 @@ async fn standalone(
         AuditLog::open(store, config).await?.0
     };
     let policies = WatchedDir::start(policies, std::time::Duration::from_secs(1));
-    let gateway = Arc::new(gateway::Gateway::new(
-        policies,
-        keys,
-        log,
-        Redactor::default(),
-    ));
+    let mut gateway = gateway::Gateway::new(policies, keys, log, Redactor::default());
+    if let Some(secrets) = secrets {
+        gateway = gateway.with_secrets(secrets);
+    }
+    let gateway = Arc::new(gateway);
     let listener = tokio::net::TcpListener::bind(listen).await?;
     tracing::info!(%listen, audit = %audit, "tollgate gateway (standalone) listening");
     axum::serve(listener, gateway::router(gateway))
@@ -147,9 +150,10 @@ async fn main() -> anyhow::Result<()> {
         audit,
         chain,
         listen,
+        secrets,
     }) = args.mode
     {
-        return standalone(policies, keys, audit, chain, listen).await;
+        return standalone(policies, keys, audit, chain, listen, secrets).await;
     }
     tollgate_webhook::server::install_crypto_provider();
     let client = kube::Client::try_default().await?;
