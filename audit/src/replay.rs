@@ -320,3 +320,65 @@ pub fn what_if(policy: &CompiledPolicy, steps: &[Step]) -> WhatIf {
     }
     out
 }
+
+/// Budget state rebuilt from the trail: what a restarted gateway continues from.
+#[derive(Debug, Default)]
+pub struct Rebuilt {
+    /// Each run's state, by run id.
+    pub runs: BTreeMap<String, RunState>,
+    /// The agent's identity window.
+    pub window: WindowState,
+}
+
+/// Rebuilds run and window state from recorded entries of one agent, in order, under `policy`:
+/// each decision is recorded as it was made (not re-decided), each released approval charged,
+/// each reported usage counted. Feeding every entry of the agent since the start of its window
+/// and of the runs it will continue gives the state the gateway had when it stopped.
+pub fn rebuild(policy: &CompiledPolicy, entries: &[Entry]) -> Rebuilt {
+    let mut out = Rebuilt::default();
+    let mut pending: BTreeMap<(String, String), Value> = BTreeMap::new();
+    for e in entries {
+        let Some(run_id) = &e.run else {
+            continue;
+        };
+        let run = out.runs.entry(run_id.clone()).or_default();
+        let arguments = e.arguments.clone().unwrap_or(Value::Null);
+        match (e.event, &e.tool, &e.decision) {
+            (Event::Decide, Some(tool), Some(decision)) => {
+                let call = ToolCall {
+                    run_id,
+                    tool,
+                    arguments: &arguments,
+                };
+                policy.record(&call, decision, run, &mut out.window, e.time);
+                if matches!(decision, Decision::RequireApproval { .. }) {
+                    pending.insert((run_id.clone(), tool.clone()), arguments.clone());
+                }
+            }
+            (Event::Approval, Some(tool), _)
+                if e.approval.as_ref().is_some_and(|a| a.phase == "Approved") =>
+            {
+                if let Some(arguments) = pending.remove(&(run_id.clone(), tool.clone())) {
+                    let call = ToolCall {
+                        run_id,
+                        tool,
+                        arguments: &arguments,
+                    };
+                    policy.release(&call, run);
+                }
+            }
+            (Event::Report, _, _) => {
+                if let Some(usage) = &e.usage {
+                    policy.report(usage, run, &mut out.window, e.time);
+                }
+            }
+            (Event::Halt, _, _) => {
+                if let Some(ceiling) = &e.ceiling {
+                    run.halted.get_or_insert_with(|| ceiling.clone());
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}

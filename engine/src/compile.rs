@@ -169,6 +169,12 @@ impl CompiledPolicy {
         self.generation
     }
 
+    /// The per-identity budget window (`spec.execution.perIdentity.window`), if the policy sets
+    /// one.
+    pub fn budget_window(&self) -> Option<std::time::Duration> {
+        self.budget.window
+    }
+
     /// The AgentIdentity (in the policy's namespace) this policy governs.
     pub fn identity(&self) -> &str {
         &self.identity

@@ -108,19 +108,20 @@ async fn standalone(
     }
     let keys = Keys::load(&keys).map_err(anyhow::Error::msg)?;
     let config = WriterConfig::new(chain);
-    let log = if audit.starts_with("postgres://")
+    let (log, history): (AuditLog, Arc<dyn gateway::History>) = if audit.starts_with("postgres://")
         || audit.starts_with("postgresql://")
         || audit.contains("host=")
     {
         let store = Arc::new(PostgresStore::connect(&audit).await?);
-        AuditLog::open(store, config).await?.0
+        (AuditLog::open(store.clone(), config).await?.0, store)
     } else {
         let path = audit.strip_prefix("sqlite:").unwrap_or(&audit);
         let store = Arc::new(SqliteStore::open(path)?);
-        AuditLog::open(store, config).await?.0
+        (AuditLog::open(store.clone(), config).await?.0, store)
     };
     let policies = WatchedDir::start(policies, std::time::Duration::from_secs(1));
-    let mut gateway = gateway::Gateway::new(policies, keys, log, Redactor::default());
+    let mut gateway =
+        gateway::Gateway::new(policies, keys, log, Redactor::default()).with_history(history);
     if let Some(secrets) = secrets {
         gateway = gateway.with_secrets(secrets);
     }

@@ -561,3 +561,79 @@ async fn the_openapi_document_matches_what_the_gateway_accepts() {
         });
     }
 }
+
+#[tokio::test]
+async fn a_restarted_gateway_continues_budgets_from_the_audit_trail() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path().join("audit.db")).unwrap());
+    let start = |store: Arc<SqliteStore>| async move {
+        let (log, _) = AuditLog::open(store.clone(), WriterConfig::new("gw-test"))
+            .await
+            .unwrap();
+        let gateway = Gateway::new(
+            WatchedDir::fixed(PolicySet::load(&samples())),
+            keys(),
+            log,
+            Redactor::default(),
+        )
+        .with_history(store.clone());
+        Harness {
+            app: gateway::router(Arc::new(gateway)),
+            store,
+            _dir: tempfile::tempdir().unwrap(),
+        }
+    };
+    let args = json!({"customer_id": "C000042"});
+    let first = start(store.clone()).await;
+    // 24 of the run's 25 steps, 40,000 of its 50,000 tokens, and 99 more runs in the window.
+    for _ in 0..24 {
+        assert_eq!(
+            first
+                .decide("long", "read_customer_record", args.clone())
+                .await["decision"],
+            "allow"
+        );
+    }
+    let (_, body) = first
+        .post(
+            "/v1/report",
+            SUPPORT_KEY,
+            json!({"runId": "long", "tool": "read_customer_record", "usage": {"tokens": 40000}}),
+        )
+        .await;
+    assert!(body.get("halted").is_none(), "{body}");
+    for run in 0..99 {
+        first
+            .decide(&format!("r{run}"), "read_customer_record", args.clone())
+            .await;
+    }
+    drop(first);
+
+    // The second gateway knows nothing in memory; it continues from the trail.
+    let second = start(store.clone()).await;
+    let (_, body) = second
+        .post(
+            "/v1/report",
+            SUPPORT_KEY,
+            json!({"runId": "long", "tool": "read_customer_record", "usage": {"tokens": 20000}}),
+        )
+        .await;
+    assert_eq!(body["counters"]["tokens"], 60000, "{body}");
+    assert_eq!(
+        body["halted"]["clause"], "spec.execution.maxTokensPerRun",
+        "{body}"
+    );
+    let halted = second
+        .decide("long", "read_customer_record", args.clone())
+        .await;
+    assert_eq!(halted["decision"], "halt");
+    // The window held 100 runs before the restart: a new run id is refused.
+    let rotated = second
+        .decide("fresh-run", "read_customer_record", args.clone())
+        .await;
+    assert_eq!(
+        rotated["rule"]["clause"], "spec.execution.perIdentity.maxRuns",
+        "{rotated}"
+    );
+    second.audit().await;
+}

@@ -58,6 +58,46 @@ fn valid_run_id(run: &str) -> bool {
 struct AgentState {
     window: WindowState,
     runs: HashMap<String, RunState>,
+    /// Whether the window has been rebuilt from the trail since the gateway started.
+    window_loaded: bool,
+}
+
+/// Reads an agent's recorded entries back, so that a restarted gateway continues every run's
+/// budget and the identity's window from the audit trail instead of from zero.
+pub trait History: Send + Sync + 'static {
+    /// The agent's entries, oldest first: of one run, or since a time.
+    fn entries<'a>(
+        &'a self,
+        agent: &'a str,
+        run: Option<&'a str>,
+        since_us: Option<i64>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<Entry>, String>> + Send + 'a>>;
+}
+
+impl<S: tollgate_audit::Store> History for S {
+    fn entries<'a>(
+        &'a self,
+        agent: &'a str,
+        run: Option<&'a str>,
+        since_us: Option<i64>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<Entry>, String>> + Send + 'a>>
+    {
+        Box::pin(async move {
+            let records = self
+                .query(&tollgate_audit::Query {
+                    agent: Some(agent.to_owned()),
+                    run: run.map(str::to_owned),
+                    since_us,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            records
+                .iter()
+                .map(|r| r.entry().map_err(|e| e.to_string()))
+                .collect()
+        })
+    }
 }
 
 /// The gateway's shared state.
@@ -70,6 +110,7 @@ pub struct Gateway {
     now: fn() -> Timestamp,
     http: reqwest::Client,
     secrets: Option<std::path::PathBuf>,
+    history: Option<Arc<dyn History>>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -95,7 +136,71 @@ impl Gateway {
                 .build()
                 .expect("an HTTP client with default settings builds"),
             secrets: None,
+            history: None,
         }
+    }
+
+    /// Continues budgets from `history` (the audit store) after a restart.
+    pub fn with_history(mut self, history: Arc<dyn History>) -> Self {
+        self.history = Some(history);
+        self
+    }
+
+    /// Rebuilds, once per gateway lifetime, the agent's window and the state of `run` from the
+    /// audit trail. A trail that cannot be read refuses the call (fail closed).
+    async fn hydrate(
+        &self,
+        agent: &str,
+        run: &str,
+        policy: &CompiledPolicy,
+        now: Timestamp,
+    ) -> Result<(), Response> {
+        let state = self.agent_state(agent);
+        let Some(history) = &self.history else {
+            return Ok(());
+        };
+        let (need_window, need_run) = {
+            let state = state.lock().unwrap_or_else(|e| e.into_inner());
+            (!state.window_loaded, !state.runs.contains_key(run))
+        };
+        let window = match (need_window, policy.budget_window()) {
+            (true, Some(span)) => {
+                let since = now
+                    .checked_sub(
+                        jiff::SignedDuration::try_from(span).unwrap_or(jiff::SignedDuration::MAX),
+                    )
+                    .unwrap_or(Timestamp::MIN);
+                let entries = history
+                    .entries(agent, None, Some(since.as_microsecond()))
+                    .await
+                    .map_err(audit_unavailable)?;
+                Some(tollgate_audit::replay::rebuild(policy, &entries).window)
+            }
+            (true, None) => Some(WindowState::default()),
+            (false, _) => None,
+        };
+        let run_state = if need_run {
+            let entries = history
+                .entries(agent, Some(run), None)
+                .await
+                .map_err(audit_unavailable)?;
+            tollgate_audit::replay::rebuild(policy, &entries)
+                .runs
+                .remove(run)
+        } else {
+            None
+        };
+        let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(window) = window
+            && !state.window_loaded
+        {
+            state.window = window;
+            state.window_loaded = true;
+        }
+        if let Some(run_state) = run_state {
+            state.runs.entry(run.to_owned()).or_insert(run_state);
+        }
+        Ok(())
     }
 
     /// Reads per-upstream credentials from `dir`, laid out as a mounted Secret:
@@ -177,7 +282,7 @@ impl Gateway {
             Some((agent, Ok(policy))) => {
                 let state = self.agent_state(&agent.id);
                 let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
-                let AgentState { window, runs } = &mut *state;
+                let AgentState { window, runs, .. } = &mut *state;
                 let run_state = runs.entry(run.clone()).or_default();
                 let who = Agent {
                     name: &agent.name,
@@ -528,10 +633,13 @@ async fn report(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: B
         .response();
     };
     let usage = request.usage.clone().unwrap_or_default();
+    if let Err(response) = gateway.hydrate(&holder.agent, &run, &policy, now).await {
+        return response;
+    }
     let (breach, run_counters) = {
         let state = gateway.agent_state(&holder.agent);
         let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
-        let AgentState { window, runs } = &mut *state;
+        let AgentState { window, runs, .. } = &mut *state;
         let Some(run_state) = runs.get_mut(&run) else {
             return Refusal::new(
                 StatusCode::CONFLICT,
