@@ -63,6 +63,7 @@ pub fn webhook() {
                     listen,
                     probes,
                     handle,
+                    None,
                 )
                 .await
                 {

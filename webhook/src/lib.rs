@@ -22,8 +22,27 @@ pub use admission::{AdmissionState, Settings};
 /// How often the certificate files are checked for a change.
 pub const CERT_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 
-/// Runs the admission face in a cluster: watches, TLS with reload, probes. Returns when either
-/// server stops.
+/// The egress face in a cluster: where it listens and where it records.
+pub struct GatewayConfig {
+    /// The TLS listener agents call (same certificate as the admission face).
+    pub listen: SocketAddr,
+    /// This replica's audit writer.
+    pub audit: tollgate_audit::AuditLog,
+    /// The audit store read back after a restart.
+    pub history: Arc<dyn gateway::History>,
+}
+
+impl std::fmt::Debug for GatewayConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayConfig")
+            .field("listen", &self.listen)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Runs the admission face in a cluster, and the gateway when `gateway` is set: watches, TLS
+/// with reload, probes. Returns when any server stops.
+#[allow(clippy::too_many_arguments)]
 pub async fn run_in_cluster(
     client: kube::Client,
     settings: Settings,
@@ -32,8 +51,9 @@ pub async fn run_in_cluster(
     listen: SocketAddr,
     probe_listen: SocketAddr,
     handle: axum_server::Handle<SocketAddr>,
+    gateway: Option<GatewayConfig>,
 ) -> anyhow::Result<()> {
-    let view = cluster::WatchedView::start(client, tollgate_namespace);
+    let view = cluster::WatchedView::start(client.clone(), tollgate_namespace);
     let metrics = metrics::Metrics::default();
     let readiness = server::Readiness::default();
     {
@@ -44,8 +64,19 @@ pub async fn run_in_cluster(
             tracing::info!("watches synced; ready");
         });
     }
+    let view = Arc::new(view);
+    let gateway_server = gateway.map(|config| {
+        let gateway = gateway::Gateway::new(
+            gateway::Policies::Cluster(gateway::ClusterPolicies::new(view.clone(), client.clone())),
+            gateway::TokenReviewer::new(client.clone()),
+            config.audit,
+            tollgate_audit::Redactor::default(),
+        )
+        .with_history(config.history);
+        (config.listen, gateway::router(Arc::new(gateway)))
+    });
     let state = Arc::new(AdmissionState {
-        view: Arc::new(view),
+        view,
         settings,
         metrics: metrics.clone(),
         now: jiff::Timestamp::now,
@@ -53,8 +84,18 @@ pub async fn run_in_cluster(
     let config = server::tls_config(&tls, CERT_RELOAD_INTERVAL).await?;
     let probes = tokio::net::TcpListener::bind(probe_listen).await?;
     let probe_server = axum::serve(probes, server::probes(readiness, metrics));
+    let gateway_task = async {
+        match gateway_server {
+            Some((listen, router)) => {
+                tracing::info!(%listen, "gateway listening");
+                server::serve_tls(router, listen, config.clone(), handle.clone()).await
+            }
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
-        result = server::serve_tls(admission::router(state), listen, config, handle) => result?,
+        result = server::serve_tls(admission::router(state), listen, config.clone(), handle.clone()) => result?,
+        result = gateway_task => result?,
         result = probe_server => result?,
     }
     Ok(())

@@ -54,6 +54,16 @@ struct Args {
         default_value = "https://tollgate-gateway.tollgate-system.svc:8443"
     )]
     gateway_url: String,
+    /// Serve the gateway (decision API and MCP proxy) on this address too, with the same
+    /// certificate. Needs --audit.
+    #[arg(long, env = "TOLLGATE_GATEWAY_LISTEN", requires = "audit")]
+    gateway_listen: Option<SocketAddr>,
+    /// The gateway's audit store: a SQLite file or a PostgreSQL URL.
+    #[arg(long, env = "TOLLGATE_AUDIT_STORE")]
+    audit: Option<String>,
+    /// This replica's audit chain (its pod name).
+    #[arg(long, env = "POD_NAME", default_value = "tollgate-gateway")]
+    chain: String,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -86,6 +96,30 @@ enum Mode {
     },
 }
 
+/// The audit writer for `chain` and the store it reads back: PostgreSQL for a URL, else SQLite.
+async fn open_audit(
+    audit: &str,
+    chain: String,
+) -> anyhow::Result<(
+    tollgate_audit::AuditLog,
+    std::sync::Arc<dyn tollgate_webhook::gateway::History>,
+)> {
+    use std::sync::Arc;
+    use tollgate_audit::{AuditLog, PostgresStore, SqliteStore, WriterConfig};
+    let config = WriterConfig::new(chain);
+    if audit.starts_with("postgres://")
+        || audit.starts_with("postgresql://")
+        || audit.contains("host=")
+    {
+        let store = Arc::new(PostgresStore::connect(audit).await?);
+        Ok((AuditLog::open(store.clone(), config).await?.0, store))
+    } else {
+        let path = audit.strip_prefix("sqlite:").unwrap_or(audit);
+        let store = Arc::new(SqliteStore::open(path)?);
+        Ok((AuditLog::open(store.clone(), config).await?.0, store))
+    }
+}
+
 async fn standalone(
     policies: PathBuf,
     keys: PathBuf,
@@ -95,7 +129,7 @@ async fn standalone(
     secrets: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     use std::sync::Arc;
-    use tollgate_audit::{AuditLog, PostgresStore, Redactor, SqliteStore, WriterConfig};
+    use tollgate_audit::Redactor;
     use tollgate_webhook::gateway::{self, keys::Keys, policies::WatchedDir};
 
     if !listen.ip().is_loopback() {
@@ -107,18 +141,7 @@ async fn standalone(
         anyhow::bail!("--policies {}: not a directory", policies.display());
     }
     let keys = Keys::load(&keys).map_err(anyhow::Error::msg)?;
-    let config = WriterConfig::new(chain);
-    let (log, history): (AuditLog, Arc<dyn gateway::History>) = if audit.starts_with("postgres://")
-        || audit.starts_with("postgresql://")
-        || audit.contains("host=")
-    {
-        let store = Arc::new(PostgresStore::connect(&audit).await?);
-        (AuditLog::open(store.clone(), config).await?.0, store)
-    } else {
-        let path = audit.strip_prefix("sqlite:").unwrap_or(&audit);
-        let store = Arc::new(SqliteStore::open(path)?);
-        (AuditLog::open(store.clone(), config).await?.0, store)
-    };
+    let (log, history) = open_audit(&audit, chain).await?;
     let policies = WatchedDir::start(policies, std::time::Duration::from_secs(1));
     let mut gateway =
         gateway::Gateway::new(policies, keys, log, Redactor::default()).with_history(history);
@@ -175,6 +198,17 @@ async fn main() -> anyhow::Result<()> {
         cert: args.tls_cert,
         key: args.tls_key,
     };
+    let gateway = match (args.gateway_listen, &args.audit) {
+        (Some(listen), Some(audit)) => {
+            let (audit, history) = open_audit(audit, args.chain.clone()).await?;
+            Some(tollgate_webhook::GatewayConfig {
+                listen,
+                audit,
+                history,
+            })
+        }
+        _ => None,
+    };
     tollgate_webhook::run_in_cluster(
         client,
         settings,
@@ -183,6 +217,7 @@ async fn main() -> anyhow::Result<()> {
         args.listen,
         args.probe_listen,
         handle,
+        gateway,
     )
     .await
 }

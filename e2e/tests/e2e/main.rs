@@ -3,3 +3,4 @@
 mod admission;
 mod audit;
 mod crds;
+mod gateway;

@@ -42,6 +42,12 @@ pub struct KeyHolder {
     pub key_id: String,
 }
 
+impl From<Keys> for super::Auth {
+    fn from(keys: Keys) -> Self {
+        super::Auth::Keys(keys)
+    }
+}
+
 /// The keys, by hash.
 #[derive(Debug, Default, Clone)]
 pub struct Keys {

@@ -28,7 +28,7 @@ use tollgate_audit::{Entry, Event};
 use tollgate_engine::{Decision, canonical};
 
 use super::{
-    Gateway, KeyHolder, MAX_BODY, RUN_HEADER, audit_unavailable, authenticate, identity_of,
+    Caller, Gateway, MAX_BODY, RUN_HEADER, audit_unavailable, authenticate, identity_of,
     valid_run_id,
 };
 
@@ -73,7 +73,7 @@ fn rpc_error(
 impl Gateway {
     async fn reject(
         &self,
-        holder: Option<&KeyHolder>,
+        holder: Option<&Caller>,
         upstream: &str,
         error: String,
     ) -> Result<(), Response> {
@@ -91,7 +91,7 @@ impl Gateway {
 /// Refuses before anything reaches the upstream: the refusal is audited, then answered.
 async fn refuse(
     gateway: &Gateway,
-    holder: Option<&KeyHolder>,
+    holder: Option<&Caller>,
     upstream: &str,
     status: StatusCode,
     id: Value,
@@ -111,8 +111,8 @@ pub(super) async fn proxy(
     body: Body,
 ) -> Response {
     let started = Instant::now();
-    let holder = match authenticate(&gateway, &headers) {
-        Ok(holder) => holder.clone(),
+    let holder = match authenticate(&gateway, &headers).await {
+        Ok(holder) => holder,
         Err(refusal) => {
             return match gateway
                 .reject(
@@ -197,12 +197,10 @@ pub(super) async fn proxy(
         }
     };
 
-    let set = gateway.policies.current();
-    let url = set
-        .agents
-        .get(&holder.agent)
-        .and_then(|agent| agent.upstreams.get(&upstream))
-        .cloned();
+    let url = gateway
+        .policies
+        .agent(&holder.agent)
+        .and_then(|agent| agent.upstreams.get(&upstream).cloned());
     let Some(url) = url else {
         return refuse(
             &gateway,
@@ -334,7 +332,7 @@ fn run_of(headers: &HeaderMap) -> Result<String, String> {
 /// accepted notification), with the session header to pass back.
 async fn send(
     gateway: &Gateway,
-    holder: &KeyHolder,
+    holder: &Caller,
     url: &str,
     upstream: &str,
     headers: &HeaderMap,
@@ -352,7 +350,7 @@ async fn send(
             request = request.header(name, value);
         }
     }
-    if let Some((header, value)) = gateway.credential(&holder.agent, upstream)? {
+    if let Some((header, value)) = gateway.credential(&holder.agent, upstream).await? {
         request = request.header(header, value);
     }
     let response = request
@@ -424,7 +422,7 @@ fn answer(status: StatusCode, body: Option<Value>, session: Option<HeaderValue>)
 
 async fn forward(
     gateway: &Gateway,
-    holder: &KeyHolder,
+    holder: &Caller,
     url: &str,
     upstream: &str,
     headers: &HeaderMap,
@@ -444,7 +442,7 @@ async fn forward(
 
 async fn list_tools(
     gateway: &Gateway,
-    holder: &KeyHolder,
+    holder: &Caller,
     url: &str,
     upstream: &str,
     headers: &HeaderMap,
@@ -463,12 +461,10 @@ async fn list_tools(
             );
         }
     };
-    let set = gateway.policies.current();
-    let policy = set
-        .agents
-        .get(&holder.agent)
-        .and_then(|a| a.policy.as_ref().ok())
-        .cloned();
+    let policy = gateway
+        .policies
+        .agent(&holder.agent)
+        .and_then(|a| a.policy.as_ref().ok().cloned());
     let mut body = body.unwrap_or(Value::Null);
     if let Some(tools) = body
         .pointer_mut("/result/tools")
@@ -488,7 +484,7 @@ async fn list_tools(
 
 async fn call_tool(
     gateway: &Gateway,
-    holder: &KeyHolder,
+    holder: &Caller,
     url: &str,
     upstream: &str,
     headers: &HeaderMap,

@@ -12,6 +12,7 @@
 //!
 //! The contract is in `webhook/openapi/gateway.yaml`.
 
+pub mod cluster;
 pub mod keys;
 pub mod mcp;
 pub mod policies;
@@ -35,7 +36,8 @@ use tollgate_engine::{
     deny_without_policy,
 };
 
-use keys::{KeyHolder, Keys};
+pub use cluster::{ClusterPolicies, TokenReviewer};
+use keys::Keys;
 use policies::WatchedDir;
 
 /// The largest request body the gateway reads.
@@ -50,6 +52,53 @@ fn valid_run_id(run: &str) -> bool {
         && run
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// Who is calling, as authenticated: never taken from the request's content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The authenticated username (`system:serviceaccount:NS:SA`, or `apikey:NAME`).
+    pub username: String,
+    /// `namespace/name` of the AgentIdentity the caller acts as.
+    pub agent: String,
+    /// The pod named in the token's claims.
+    pub pod: Option<String>,
+    /// Names the credential in the audit trail without revealing it.
+    pub token_id: String,
+}
+
+/// How callers authenticate.
+#[derive(Debug)]
+pub enum Auth {
+    /// Standalone: static API keys.
+    Keys(Keys),
+    /// In a cluster: ServiceAccount tokens (audience `tollgate`) through TokenReview.
+    TokenReview(TokenReviewer),
+}
+
+/// Where policies come from.
+#[derive(Debug, Clone)]
+pub enum Policies {
+    /// Standalone: a directory of YAML, reloaded on change.
+    Dir(WatchedDir),
+    /// In a cluster: the watched AgentIdentities, AgentPolicies and global kill switch.
+    Cluster(ClusterPolicies),
+}
+
+impl From<WatchedDir> for Policies {
+    fn from(dir: WatchedDir) -> Self {
+        Self::Dir(dir)
+    }
+}
+
+impl Policies {
+    /// The agent `namespace/name` as it stands now.
+    pub fn agent(&self, id: &str) -> Option<Arc<policies::AgentEntry>> {
+        match self {
+            Policies::Dir(dir) => dir.current().agents.get(id).cloned().map(Arc::new),
+            Policies::Cluster(cluster) => cluster.agent(id),
+        }
+    }
 }
 
 /// Budget state of one agent: its identity window and its runs. One lock per agent, held while a
@@ -102,8 +151,8 @@ impl<S: tollgate_audit::Store> History for S {
 
 /// The gateway's shared state.
 pub struct Gateway {
-    policies: WatchedDir,
-    keys: Keys,
+    policies: Policies,
+    auth: Auth,
     audit: AuditLog,
     redactor: Redactor,
     state: Mutex<HashMap<String, Arc<Mutex<AgentState>>>>,
@@ -123,10 +172,15 @@ impl std::fmt::Debug for Gateway {
 
 impl Gateway {
     /// A gateway over `policies`, authenticating with `keys` and recording to `audit`.
-    pub fn new(policies: WatchedDir, keys: Keys, audit: AuditLog, redactor: Redactor) -> Self {
+    pub fn new(
+        policies: impl Into<Policies>,
+        auth: impl Into<Auth>,
+        audit: AuditLog,
+        redactor: Redactor,
+    ) -> Self {
         Self {
-            policies,
-            keys,
+            policies: policies.into(),
+            auth: auth.into(),
             audit,
             redactor,
             state: Mutex::new(HashMap::new()),
@@ -213,14 +267,32 @@ impl Gateway {
     /// The header and value the gateway adds when it forwards a call of `agent` to `upstream`,
     /// from the AgentIdentity's credentials. An error when one is declared but cannot be read:
     /// the call is then not forwarded without it.
-    fn credential(&self, agent: &str, upstream: &str) -> Result<Option<(String, String)>, String> {
-        let set = self.policies.current();
-        let Some(entry) = set.agents.get(agent) else {
+    async fn credential(
+        &self,
+        agent: &str,
+        upstream: &str,
+    ) -> Result<Option<(String, String)>, String> {
+        let Some(entry) = self.policies.agent(agent) else {
             return Ok(None);
         };
         let Some(credential) = entry.credentials.iter().find(|c| c.upstream == upstream) else {
             return Ok(None);
         };
+        if let Policies::Cluster(cluster) = &self.policies {
+            let value = cluster
+                .secret(
+                    &entry.namespace,
+                    &credential.secret_ref.name,
+                    &credential.secret_ref.key,
+                )
+                .await?;
+            return Ok(Some((
+                credential.header.clone(),
+                credential
+                    .format
+                    .replace("{}", value.trim_end_matches(['\n', '\r'])),
+            )));
+        }
         let Some(dir) = &self.secrets else {
             return Err(format!(
                 "agent {agent} declares a credential for upstream {upstream:?}, but the gateway has no secrets directory"
@@ -267,7 +339,7 @@ impl Gateway {
     /// only returned once the record is durable.
     pub(crate) async fn decide_call(
         &self,
-        holder: &KeyHolder,
+        holder: &Caller,
         run: &str,
         tool: &str,
         arguments: &Value,
@@ -276,8 +348,13 @@ impl Gateway {
         let identity = identity_of(Some(holder));
         let now = (self.now)();
         let run = run.to_owned();
-        let set = self.policies.current();
-        let agent = set.agents.get(&holder.agent);
+        let agent = self.policies.agent(&holder.agent);
+        let agent = agent.as_deref();
+        if let Some(agent) = agent
+            && let Ok(policy) = &agent.policy
+        {
+            self.hydrate(&agent.id, &run, policy, now).await?;
+        }
         let (decision, policy, run_counters) = match agent.map(|a| (a, &a.policy)) {
             Some((agent, Ok(policy))) => {
                 let state = self.agent_state(&agent.id);
@@ -356,7 +433,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
 }
 
 /// A refusal before any decision: what is wrong, as a stable code and words.
-struct Refusal {
+pub(crate) struct Refusal {
     status: StatusCode,
     code: &'static str,
     message: String,
@@ -390,14 +467,14 @@ fn audit_unavailable(e: impl std::fmt::Display) -> Response {
     .response()
 }
 
-fn authenticate<'a>(gateway: &'a Gateway, headers: &HeaderMap) -> Result<&'a KeyHolder, Refusal> {
+async fn authenticate(gateway: &Gateway, headers: &HeaderMap) -> Result<Caller, Refusal> {
     let value = headers
         .get(header::AUTHORIZATION)
         .ok_or_else(|| {
             Refusal::new(
                 StatusCode::UNAUTHORIZED,
                 "Unauthenticated",
-                "no Authorization header: send Authorization: Bearer <key>",
+                "no Authorization header: send Authorization: Bearer <token>",
             )
         })?
         .to_str()
@@ -409,24 +486,42 @@ fn authenticate<'a>(gateway: &'a Gateway, headers: &HeaderMap) -> Result<&'a Key
             Refusal::new(
                 StatusCode::UNAUTHORIZED,
                 "Unauthenticated",
-                "the Authorization header must be Bearer <key>",
+                "the Authorization header must be Bearer <token>",
             )
         })?;
-    gateway.keys.holder(token).ok_or_else(|| {
-        Refusal::new(
-            StatusCode::UNAUTHORIZED,
-            "Unauthenticated",
-            "the key is not known",
-        )
-    })
+    match &gateway.auth {
+        Auth::Keys(keys) => keys
+            .holder(token)
+            .map(|h| Caller {
+                username: format!("apikey:{}", h.name),
+                agent: h.agent.clone(),
+                pod: None,
+                token_id: h.key_id.clone(),
+            })
+            .ok_or_else(|| {
+                Refusal::new(
+                    StatusCode::UNAUTHORIZED,
+                    "Unauthenticated",
+                    "the key is not known",
+                )
+            }),
+        Auth::TokenReview(reviewer) => match &gateway.policies {
+            Policies::Cluster(cluster) => reviewer.review(token, cluster).await,
+            Policies::Dir(_) => Err(Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Misconfigured",
+                "token authentication needs the cluster policy source",
+            )),
+        },
+    }
 }
 
-fn identity_of(holder: Option<&KeyHolder>) -> Identity {
-    match holder {
-        Some(h) => Identity {
-            username: format!("apikey:{}", h.name),
-            pod: None,
-            token_id: Some(h.key_id.clone()),
+fn identity_of(caller: Option<&Caller>) -> Identity {
+    match caller {
+        Some(c) => Identity {
+            username: c.username.clone(),
+            pod: c.pod.clone(),
+            token_id: Some(c.token_id.clone()),
         },
         None => Identity {
             username: "anonymous".to_owned(),
@@ -441,8 +536,8 @@ async fn admit<T: for<'de> Deserialize<'de>>(
     headers: &HeaderMap,
     body: Body,
     path: &str,
-) -> Result<(KeyHolder, T), Response> {
-    let refuse = async |holder: Option<&KeyHolder>, refusal: Refusal| {
+) -> Result<(Caller, T), Response> {
+    let refuse = async |holder: Option<&Caller>, refusal: Refusal| {
         let mut entry = Entry::new((gateway.now)(), Event::Rejected, identity_of(holder));
         entry.agent = holder.map(|h| h.agent.clone());
         entry.error = Some(format!("{path}: {}: {}", refusal.code, refusal.message));
@@ -451,10 +546,11 @@ async fn admit<T: for<'de> Deserialize<'de>>(
             Err(e) => audit_unavailable(e),
         }
     };
-    let holder = match authenticate(gateway, headers) {
+    let holder = match authenticate(gateway, headers).await {
         Ok(holder) => holder,
         Err(refusal) => return Err(refuse(None, refusal).await),
     };
+    let holder = &holder;
     let bytes = match axum::body::to_bytes(body, MAX_BODY).await {
         Ok(bytes) => bytes,
         Err(_) => {
@@ -620,8 +716,11 @@ async fn report(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: B
         Ok(run) => run,
         Err(refusal) => return refusal.response(),
     };
-    let set = gateway.policies.current();
-    let Some(Ok(policy)) = set.agents.get(&holder.agent).map(|a| a.policy.clone()) else {
+    let Some(Ok(policy)) = gateway
+        .policies
+        .agent(&holder.agent)
+        .map(|a| a.policy.clone())
+    else {
         return Refusal::new(
             StatusCode::CONFLICT,
             "NoPolicy",

@@ -1,0 +1,260 @@
+//! The gateway in a cluster: callers authenticate with their ServiceAccount token (audience
+//! `tollgate`) through TokenReview, and policies come from the watched AgentIdentities,
+//! AgentPolicies and global kill switch, never from polling.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use base64::Engine as _;
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, PostParams};
+use sha2::{Digest, Sha256};
+use tollgate_engine::CompiledPolicy;
+
+use super::policies::AgentEntry;
+use super::{Caller, Refusal};
+use crate::cluster::ClusterView;
+
+/// The audience agents' tokens must be issued for.
+pub const AUDIENCE: &str = "tollgate";
+
+/// How long a reviewed token is trusted at most, whatever its own expiry.
+const MAX_CACHE: Duration = Duration::from_secs(300);
+const MAX_ENTRIES: usize = 100_000;
+
+/// Compiled policies by (uid, resourceVersion), or why one does not compile.
+type Compiled = HashMap<(String, String), Result<Arc<CompiledPolicy>, String>>;
+
+/// Policies from the cluster view, compiled once per object version.
+#[derive(Clone)]
+pub struct ClusterPolicies {
+    view: Arc<dyn ClusterView>,
+    client: kube::Client,
+    compiled: Arc<Mutex<Compiled>>,
+}
+
+impl std::fmt::Debug for ClusterPolicies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterPolicies").finish_non_exhaustive()
+    }
+}
+
+impl ClusterPolicies {
+    /// Policies from `view`; `client` reads credential Secrets.
+    pub fn new(view: Arc<dyn ClusterView>, client: kube::Client) -> Self {
+        Self {
+            view,
+            client,
+            compiled: Arc::default(),
+        }
+    }
+
+    /// The agent `namespace/name`: its identity, kill switch (its own or the global one) and
+    /// compiled policy.
+    pub fn agent(&self, id: &str) -> Option<Arc<AgentEntry>> {
+        let (namespace, name) = id.split_once('/')?;
+        let identity = self.view.identity(namespace, name)?;
+        let policies = self.view.policies_for(namespace, name);
+        let mut upstreams = Default::default();
+        let policy = match policies.as_slice() {
+            [] => Err(format!("no AgentPolicy names AgentIdentity {id}")),
+            [policy] => {
+                upstreams = policy
+                    .spec
+                    .upstreams
+                    .iter()
+                    .filter_map(|u| Some((u.name.clone(), u.mcp.as_ref()?.url.clone())))
+                    .collect();
+                let key = (
+                    policy.metadata.uid.clone().unwrap_or_default(),
+                    policy.metadata.resource_version.clone().unwrap_or_default(),
+                );
+                let mut cache = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
+                if cache.len() > 10_000 {
+                    cache.clear();
+                }
+                cache
+                    .entry(key)
+                    .or_insert_with(|| {
+                        CompiledPolicy::compile(policy).map(Arc::new).map_err(|e| {
+                            format!(
+                                "AgentPolicy {namespace}/{} does not compile: {e}",
+                                policy.metadata.name.as_deref().unwrap_or_default()
+                            )
+                        })
+                    })
+                    .clone()
+            }
+            more => Err(format!(
+                "{} AgentPolicies name AgentIdentity {id}; exactly one must",
+                more.len()
+            )),
+        };
+        Some(Arc::new(AgentEntry {
+            id: id.to_owned(),
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            killed: self.view.is_killed(&identity),
+            policy,
+            upstreams,
+            credentials: identity.spec.credentials.clone(),
+        }))
+    }
+
+    /// A key of a Secret in the agent's namespace.
+    pub(crate) async fn secret(
+        &self,
+        namespace: &str,
+        name: &str,
+        key: &str,
+    ) -> Result<String, String> {
+        let secret = Api::<Secret>::namespaced(self.client.clone(), namespace)
+            .get(name)
+            .await
+            .map_err(|e| format!("credential Secret {namespace}/{name}: {e}"))?;
+        let bytes = secret
+            .data
+            .and_then(|mut d| d.remove(key))
+            .ok_or_else(|| format!("credential Secret {namespace}/{name} has no key {key:?}"))?;
+        String::from_utf8(bytes.0)
+            .map_err(|_| format!("credential Secret {namespace}/{name} key {key:?} is not UTF-8"))
+    }
+}
+
+/// Reviews ServiceAccount tokens with the apiserver and caches the answer by the token's digest
+/// until the token expires (at most five minutes).
+pub struct TokenReviewer {
+    client: kube::Client,
+    cache: Mutex<HashMap<[u8; 32], (Caller, Instant)>>,
+}
+
+impl std::fmt::Debug for TokenReviewer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenReviewer").finish_non_exhaustive()
+    }
+}
+
+impl From<TokenReviewer> for super::Auth {
+    fn from(reviewer: TokenReviewer) -> Self {
+        super::Auth::TokenReview(reviewer)
+    }
+}
+
+fn unauthenticated(message: impl Into<String>) -> Refusal {
+    Refusal::new(StatusCode::UNAUTHORIZED, "Unauthenticated", message)
+}
+
+/// The `exp` claim of a JWT, read without verifying it (the apiserver has verified the token).
+fn expiry(token: &str) -> Option<u64> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()?
+        .get("exp")?
+        .as_u64()
+}
+
+impl TokenReviewer {
+    /// A reviewer using `client` (which needs `create` on `tokenreviews`).
+    pub fn new(client: kube::Client) -> Self {
+        Self {
+            client,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The caller `token` authenticates, acting as the AgentIdentity whose ServiceAccount it
+    /// belongs to.
+    pub(crate) async fn review(
+        &self,
+        token: &str,
+        policies: &ClusterPolicies,
+    ) -> Result<Caller, Refusal> {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some((caller, until)) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&digest)
+            && *until > Instant::now()
+        {
+            return Ok(caller.clone());
+        }
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(token.to_owned()),
+                audiences: Some(vec![AUDIENCE.to_owned()]),
+            },
+            ..TokenReview::default()
+        };
+        let answer = Api::<TokenReview>::all(self.client.clone())
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "TokenReview failed");
+                Refusal::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "AuthenticationUnavailable",
+                    "the token cannot be reviewed now; retry later",
+                )
+            })?;
+        let status = answer.status.unwrap_or_default();
+        if status.authenticated != Some(true) {
+            return Err(unauthenticated(format!(
+                "the token is not valid for audience {AUDIENCE}{}",
+                status.error.map(|e| format!(": {e}")).unwrap_or_default()
+            )));
+        }
+        if !status
+            .audiences
+            .as_ref()
+            .is_some_and(|a| a.iter().any(|a| a == AUDIENCE))
+        {
+            return Err(unauthenticated(format!(
+                "the token was not issued for audience {AUDIENCE}"
+            )));
+        }
+        let user = status.user.unwrap_or_default();
+        let username = user.username.unwrap_or_default();
+        let identity = policies
+            .view
+            .identity_by_username(&username)
+            .ok_or_else(|| {
+                Refusal::new(
+                    StatusCode::FORBIDDEN,
+                    "NotAnAgent",
+                    format!("{username} is not the ServiceAccount of any AgentIdentity"),
+                )
+            })?;
+        let extra = user.extra.unwrap_or_default();
+        let claim = |key: &str| extra.get(key).and_then(|v| v.first()).cloned();
+        let caller = Caller {
+            agent: format!(
+                "{}/{}",
+                identity.metadata.namespace.as_deref().unwrap_or_default(),
+                identity.metadata.name.as_deref().unwrap_or_default()
+            ),
+            pod: claim("authentication.kubernetes.io/pod-name"),
+            token_id: claim("authentication.kubernetes.io/credential-id")
+                .unwrap_or_else(|| hex::encode(&digest[..8])),
+            username,
+        };
+        let now_unix = jiff::Timestamp::now().as_second().max(0) as u64;
+        let ttl = expiry(token)
+            .map(|exp| Duration::from_secs(exp.saturating_sub(now_unix)))
+            .unwrap_or(MAX_CACHE)
+            .min(MAX_CACHE);
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= MAX_ENTRIES {
+            let now = Instant::now();
+            cache.retain(|_, (_, until)| *until > now);
+        }
+        cache.insert(digest, (caller.clone(), Instant::now() + ttl));
+        Ok(caller)
+    }
+}
