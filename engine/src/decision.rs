@@ -65,6 +65,10 @@ pub enum DenyCode {
     ConditionFailed,
     /// The tool's `when` or `escalateWhen` condition could not be evaluated.
     ConditionError,
+    /// The call needed approval and an approver denied it.
+    ApprovalDenied,
+    /// The call needed approval and nobody approved it before the request expired.
+    ApprovalExpired,
 }
 
 impl DenyCode {
@@ -83,6 +87,8 @@ impl DenyCode {
             DenyCode::ItemLimit => "ItemLimit",
             DenyCode::ConditionFailed => "ConditionFailed",
             DenyCode::ConditionError => "ConditionError",
+            DenyCode::ApprovalDenied => "ApprovalDenied",
+            DenyCode::ApprovalExpired => "ApprovalExpired",
         }
     }
 }

@@ -1,13 +1,18 @@
 //! The gateway in a cluster: an agent calls with a TokenRequest token for its ServiceAccount,
-//! reviewed by the real apiserver; policies come from watches; engaging the kill switch with
-//! kubectl denies the next call.
+//! reviewed by the real apiserver; policies come from watches; a call that needs approval waits
+//! until alice approves it with a patch (admission stamps her); engaging the kill switch with
+//! kubectl releases a waiting call as denied and denies the next one.
 
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::{Value, json};
 use tollgate_audit::{AuditLog, Redactor, SqliteStore, WriterConfig};
+use tollgate_crds::ApprovalRequest;
+use tollgate_e2e::admission::{GATEWAY, LABEL, webhook};
 use tollgate_e2e::{User, control_plane, eventually, install_crds, repo_root};
 use tollgate_webhook::cluster::WatchedView;
 use tollgate_webhook::gateway::{self, ClusterPolicies, Gateway, TokenReviewer};
@@ -22,12 +27,18 @@ fn run(command: &mut Command) -> String {
     String::from_utf8(output.stdout).unwrap()
 }
 
-async fn decide(client: &reqwest::Client, url: &str, token: &str, run: &str) -> (u16, Value) {
+async fn call(
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+    run: &str,
+    tool: &str,
+    arguments: Value,
+) -> (u16, Value) {
     let response = client
         .post(format!("{url}/v1/decide"))
         .bearer_auth(token)
-        .json(&json!({"runId": run, "tool": "read_customer_record",
-                      "arguments": {"customer_id": "C000042"}}))
+        .json(&json!({"runId": run, "tool": tool, "arguments": arguments}))
         .send()
         .await
         .unwrap();
@@ -35,13 +46,58 @@ async fn decide(client: &reqwest::Client, url: &str, token: &str, run: &str) -> 
     (status, response.json().await.unwrap())
 }
 
+async fn decide(client: &reqwest::Client, url: &str, token: &str, run: &str) -> (u16, Value) {
+    call(
+        client,
+        url,
+        token,
+        run,
+        "read_customer_record",
+        json!({"customer_id": "C000042"}),
+    )
+    .await
+}
+
+fn email(subject: &str) -> Value {
+    json!({"customer_id": "C000042", "subject": subject, "body": "Your refund is on its way."})
+}
+
+/// The one ApprovalRequest of `ns` whose arguments carry `subject`, once the gateway made it.
+async fn request_for(api: &Api<ApprovalRequest>, subject: &str) -> String {
+    eventually(
+        "the gateway creates the ApprovalRequest",
+        Duration::from_secs(30),
+        || async {
+            api.list(&ListParams::default())
+                .await
+                .unwrap()
+                .items
+                .into_iter()
+                .find(|r| r.spec.arguments["subject"] == subject)
+                .and_then(|r| r.metadata.name)
+        },
+    )
+    .await
+}
+
 #[tokio::test]
 async fn an_agent_token_calls_through_the_gateway_and_the_kill_switch_stops_the_next_call() {
     let cp = control_plane();
     install_crds();
+    webhook();
     let ns = cp.namespace("gateway").await;
-    let sample =
-        std::fs::read_to_string(repo_root().join("config/samples/support-agent.yaml")).unwrap();
+    Api::<Namespace>::all(cp.client(User::Admin).await)
+        .patch(
+            &ns,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"labels": {LABEL: "enabled"}}})),
+        )
+        .await
+        .unwrap();
+    // Alice and bob (group tollgate-approvers) approve e-mails in this test.
+    let sample = std::fs::read_to_string(repo_root().join("config/samples/support-agent.yaml"))
+        .unwrap()
+        .replace("groups: [support-leads]", "groups: [tollgate-approvers]");
     let manifest = repo_root().join(format!("target/e2e-runs/gateway-{ns}.yaml"));
     std::fs::write(&manifest, &sample).unwrap();
     run(cp
@@ -72,6 +128,18 @@ async fn an_agent_token_calls_through_the_gateway_and_the_kill_switch_stops_the_
             .args(["create", "token", "agent-support-agent-v2", "-n", &ns]));
 
     let client = cp.client(User::Admin).await;
+    // The gateway creates ApprovalRequests as its own ServiceAccount: admission accepts them
+    // from nobody else.
+    let as_gateway = {
+        let mut config = kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(cp.kubeconfig(User::Admin)).unwrap(),
+            &Default::default(),
+        )
+        .await
+        .unwrap();
+        config.auth_info.impersonate = Some(GATEWAY.to_owned());
+        kube::Client::try_from(config).unwrap()
+    };
     let view = WatchedView::start(client.clone(), "tollgate-system");
     view.ready().await;
     let dir = tempfile::tempdir().unwrap();
@@ -80,7 +148,7 @@ async fn an_agent_token_calls_through_the_gateway_and_the_kill_switch_stops_the_
         .await
         .unwrap();
     let gateway = Gateway::new(
-        gateway::Policies::Cluster(ClusterPolicies::new(Arc::new(view), client.clone())),
+        gateway::Policies::Cluster(ClusterPolicies::new(Arc::new(view), as_gateway)),
         TokenReviewer::new(client),
         log,
         Redactor::default(),
@@ -110,7 +178,59 @@ async fn an_agent_token_calls_through_the_gateway_and_the_kill_switch_stops_the_
     let (status, body) = decide(&http, &url, wrong_audience.trim(), "run-1").await;
     assert_eq!(status, 401, "{body}");
 
-    // Engage the kill switch with kubectl; the next call is denied.
+    // An e-mail waits for approval; alice approves with a patch and the call is released.
+    let requests: Api<ApprovalRequest> = Api::namespaced(cp.client(User::Alice).await, &ns);
+    let waiting = tokio::spawn({
+        let (http, url, token) = (http.clone(), url.clone(), token.to_owned());
+        async move {
+            call(
+                &http,
+                &url,
+                &token,
+                "run-1",
+                "send_customer_email",
+                email("refund"),
+            )
+            .await
+        }
+    });
+    let name = request_for(&requests, "refund").await;
+    let approve = Patch::Json::<Value>(
+        serde_json::from_value(json!([{"op": "add", "path": "/spec/decisions/-",
+                                       "value": {"verdict": "Approve"}}]))
+        .unwrap(),
+    );
+    let approved_at = Instant::now();
+    requests
+        .patch(&name, &PatchParams::default(), &approve)
+        .await
+        .expect("alice may approve");
+    let (status, released) = waiting.await.unwrap();
+    eprintln!(
+        "approval: patch to released call in {:?}",
+        approved_at.elapsed()
+    );
+    assert_eq!(status, 200, "{released}");
+    assert_eq!(released["decision"], "allow", "{released}");
+
+    // A second e-mail waits; engaging the kill switch releases it as denied.
+    let waiting = tokio::spawn({
+        let (http, url, token) = (http.clone(), url.clone(), token.to_owned());
+        async move {
+            call(
+                &http,
+                &url,
+                &token,
+                "run-1",
+                "send_customer_email",
+                email("second"),
+            )
+            .await
+        }
+    });
+    request_for(&requests, "second").await;
+
+    // Engage the kill switch with kubectl; the waiting call and the next call are denied.
     let engaged = Instant::now();
     run(cp.kubectl(User::Admin).args([
         "patch",
@@ -136,16 +256,27 @@ async fn an_agent_token_calls_through_the_gateway_and_the_kill_switch_stops_the_
         engaged.elapsed()
     );
     assert_eq!(denied["decision"], "deny");
+    let (_, released) = waiting.await.unwrap();
+    assert_eq!(released["code"], "KillSwitch", "{released}");
 
     // Every decision is in the trail under the ServiceAccount's username.
     let records = tollgate_audit::Store::query(store.as_ref(), &tollgate_audit::Query::default())
         .await
         .unwrap();
-    let first = records
+    let entries: Vec<_> = records.iter().map(|r| r.entry().unwrap()).collect();
+    let first = entries
         .iter()
-        .map(|r| r.entry().unwrap())
         .find(|e| e.event == tollgate_audit::Event::Decide)
         .unwrap();
+    let approval = entries
+        .iter()
+        .find(|e| e.event == tollgate_audit::Event::Approval)
+        .and_then(|e| e.approval.clone())
+        .unwrap();
+    assert_eq!(
+        (approval.phase.as_str(), approval.approvers),
+        ("Approved", vec!["alice".to_owned()])
+    );
     assert_eq!(
         first.identity.username,
         format!("system:serviceaccount:{ns}:agent-support-agent-v2")

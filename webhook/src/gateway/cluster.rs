@@ -104,6 +104,11 @@ impl ClusterPolicies {
         }))
     }
 
+    /// The client the gateway acts with.
+    pub(crate) fn client(&self) -> kube::Client {
+        self.client.clone()
+    }
+
     /// A key of a Secret in the agent's namespace.
     pub(crate) async fn secret(
         &self,

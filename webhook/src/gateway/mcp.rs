@@ -543,6 +543,13 @@ async fn call_tool(
         Ok(decided) => decided,
         Err(response) => return response,
     };
+    let decided = match gateway
+        .await_approval(holder, &run, tool, &arguments, decided)
+        .await
+    {
+        Ok(decided) => decided,
+        Err(response) => return response,
+    };
     let policy = decided.policy.clone();
     let served_here = policy
         .as_ref()

@@ -12,6 +12,7 @@
 //!
 //! The contract is in `webhook/openapi/gateway.yaml`.
 
+pub mod approvals;
 pub mod cluster;
 pub mod keys;
 pub mod mcp;
@@ -670,6 +671,14 @@ async fn decide(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: B
 
     let decided = match gateway
         .decide_call(&holder, &run, &request.tool, &request.arguments, started)
+        .await
+    {
+        Ok(decided) => decided,
+        Err(response) => return response,
+    };
+    // A call that needs people waits for them here (in a cluster).
+    let decided = match gateway
+        .await_approval(&holder, &run, &request.tool, &request.arguments, decided)
         .await
     {
         Ok(decided) => decided,
