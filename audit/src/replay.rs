@@ -249,7 +249,7 @@ pub fn what_if(policy: &CompiledPolicy, steps: &[Step]) -> WhatIf {
     };
     let mut runs: BTreeMap<String, RunState> = BTreeMap::new();
     let mut window = WindowState::default();
-    let mut pending: BTreeMap<(String, String), Value> = BTreeMap::new();
+    let mut pending = Pending::new();
     let mut out = WhatIf::default();
     for step in steps {
         let e = &step.entry;
@@ -298,27 +298,47 @@ pub fn what_if(policy: &CompiledPolicy, steps: &[Step]) -> WhatIf {
                     });
                 }
             }
-            (Event::Approval, Some(tool), _)
-                if e.approval.as_ref().is_some_and(|a| a.phase == "Approved") =>
-            {
-                if let Some(arguments) = pending.remove(&(run_id.clone(), tool.clone())) {
-                    let call = ToolCall {
-                        run_id,
-                        tool,
-                        arguments: &arguments,
-                    };
-                    policy.release(&call, run);
-                }
-            }
-            (Event::Report, _, _) => {
-                if let Some(usage) = &e.usage {
-                    policy.report(usage, run, &mut window, e.time);
-                }
-            }
-            _ => {}
+            _ => apply_outcome(policy, e, run, &mut window, &mut pending),
         }
     }
     out
+}
+
+/// Calls waiting for approval in a replay, by (run, tool), with their recorded arguments.
+type Pending = BTreeMap<(String, String), Value>;
+
+/// Applies what happened after a decision: an approved call is charged to its run when it is
+/// released, and reported usage is counted (which may halt the run).
+fn apply_outcome(
+    policy: &CompiledPolicy,
+    e: &Entry,
+    run: &mut RunState,
+    window: &mut WindowState,
+    pending: &mut Pending,
+) {
+    let Some(run_id) = &e.run else {
+        return;
+    };
+    match (e.event, &e.tool) {
+        (Event::Approval, Some(tool))
+            if e.approval.as_ref().is_some_and(|a| a.phase == "Approved") =>
+        {
+            if let Some(arguments) = pending.remove(&(run_id.clone(), tool.clone())) {
+                let call = ToolCall {
+                    run_id,
+                    tool,
+                    arguments: &arguments,
+                };
+                policy.release(&call, run);
+            }
+        }
+        (Event::Report, _) => {
+            if let Some(usage) = &e.usage {
+                policy.report(usage, run, window, e.time);
+            }
+        }
+        _ => {}
+    }
 }
 
 /// Budget state rebuilt from the trail: what a restarted gateway continues from.
@@ -336,7 +356,7 @@ pub struct Rebuilt {
 /// and of the runs it will continue gives the state the gateway had when it stopped.
 pub fn rebuild(policy: &CompiledPolicy, entries: &[Entry]) -> Rebuilt {
     let mut out = Rebuilt::default();
-    let mut pending: BTreeMap<(String, String), Value> = BTreeMap::new();
+    let mut pending = Pending::new();
     for e in entries {
         let Some(run_id) = &e.run else {
             continue;
@@ -355,29 +375,12 @@ pub fn rebuild(policy: &CompiledPolicy, entries: &[Entry]) -> Rebuilt {
                     pending.insert((run_id.clone(), tool.clone()), arguments.clone());
                 }
             }
-            (Event::Approval, Some(tool), _)
-                if e.approval.as_ref().is_some_and(|a| a.phase == "Approved") =>
-            {
-                if let Some(arguments) = pending.remove(&(run_id.clone(), tool.clone())) {
-                    let call = ToolCall {
-                        run_id,
-                        tool,
-                        arguments: &arguments,
-                    };
-                    policy.release(&call, run);
-                }
-            }
-            (Event::Report, _, _) => {
-                if let Some(usage) = &e.usage {
-                    policy.report(usage, run, &mut out.window, e.time);
-                }
-            }
             (Event::Halt, _, _) => {
                 if let Some(ceiling) = &e.ceiling {
                     run.halted.get_or_insert_with(|| ceiling.clone());
                 }
             }
-            _ => {}
+            _ => apply_outcome(policy, e, run, &mut out.window, &mut pending),
         }
     }
     out

@@ -31,28 +31,8 @@ permit (principal == Agent::"support-agent-v2", action == Action::"update_order_
 when { context has status && ["cancelled", "refunded", "processing"].contains(context.status) };
 "#;
 
-const SAMPLE_REGO: &str = r#"
-package tollgate
-import rego.v1
-
-default allow := false
-
-blocked := {"delete_customer_record", "access_payment_raw", "bulk_send_email"}
-
-allow if {
-    input.tool == "read_customer_record"
-    not blocked[input.tool]
-    regex.match(`^C[0-9]{6}$`, input.args.customer_id)
-    every k, _ in input.args { k == "customer_id" }
-}
-
-allow if {
-    input.tool == "update_order_status"
-    input.args.status in {"cancelled", "refunded", "processing"}
-    count(input.args.order_ids) <= 10
-    every id in input.args.order_ids { startswith(id, "O-") }
-}
-"#;
+/// The support sample's tool rules in Rego (shared with the gateway load bench).
+const SAMPLE_REGO: &str = include_str!("../rules/sample.rego");
 
 fn wide_cedar(n: usize) -> String {
     let mut text = String::new();
