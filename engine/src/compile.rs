@@ -197,6 +197,14 @@ impl CompiledPolicy {
         self.tools.get(tool)?.upstream.as_deref()
     }
 
+    /// Whether `upstream`'s MCP proxy may offer and forward `tool`: the tool is allowed, and
+    /// served by that upstream (or names none).
+    pub fn serves_through(&self, tool: &str, upstream: &str) -> bool {
+        self.tools
+            .get(tool)
+            .is_some_and(|t| t.upstream.as_deref().is_none_or(|u| u == upstream))
+    }
+
     /// The result fields an allowed tool may return, if it restricts them.
     pub fn result_fields(&self, tool: &str) -> Option<&[String]> {
         self.tools.get(tool)?.result_fields.as_deref()

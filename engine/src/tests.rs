@@ -1475,3 +1475,22 @@ mod properties {
         }
     }
 }
+
+#[test]
+fn an_mcp_upstream_serves_only_allowed_tools_it_hosts() {
+    let policy = policy_with(json!({
+        "upstreams": [{"name": "crm"}, {"name": "billing"}],
+        "tools": {"allowed": [
+            {"name": "lookup", "upstream": "crm"},
+            {"name": "charge", "upstream": "billing"},
+            {"name": "anywhere"}
+        ], "blocked": ["drop"]}
+    }))
+    .unwrap();
+    assert!(policy.serves_through("lookup", "crm"));
+    assert!(!policy.serves_through("lookup", "billing"));
+    assert!(!policy.serves_through("charge", "crm"));
+    assert!(policy.serves_through("anywhere", "crm"));
+    assert!(!policy.serves_through("drop", "crm"));
+    assert!(!policy.serves_through("unknown", "crm"));
+}

@@ -474,9 +474,9 @@ async fn list_tools(
             let Some(name) = tool.get("name").and_then(Value::as_str) else {
                 return false;
             };
-            policy.as_ref().is_some_and(|p| {
-                p.allows_tool(name) && p.upstream_of(name).is_none_or(|u| u == upstream)
-            })
+            policy
+                .as_ref()
+                .is_some_and(|p| p.serves_through(name, upstream))
         });
     }
     answer(StatusCode::OK, Some(body), session)
@@ -553,7 +553,7 @@ async fn call_tool(
     let policy = decided.policy.clone();
     let served_here = policy
         .as_ref()
-        .is_some_and(|p| p.upstream_of(tool).is_none_or(|u| u == upstream));
+        .is_some_and(|p| p.serves_through(tool, upstream));
     if !decided.decision.is_allowed() || !served_here {
         let data = if decided.decision.is_allowed() {
             json!({"decision": "deny", "code": "ToolNotAllowed",
