@@ -139,41 +139,32 @@ pub(super) async fn proxy(
         )
         .await;
     };
-    let message = match canonical::parse_strict(&bytes) {
-        Ok(Value::Object(message)) => message,
-        Ok(Value::Array(_)) => {
+    let parsed = match canonical::parse_strict(&bytes) {
+        Ok(Value::Object(message)) => Ok(message),
+        Ok(Value::Array(_)) => Err((
+            codes::INVALID_REQUEST,
+            "JSON-RPC batches are not accepted: send one message per request".to_owned(),
+        )),
+        Ok(_) => Err((
+            codes::INVALID_REQUEST,
+            "a JSON-RPC message must be a JSON object".to_owned(),
+        )),
+        Err(e) => Err((
+            codes::PARSE_ERROR,
+            format!("the body is not valid JSON: {e}"),
+        )),
+    };
+    let message = match parsed {
+        Ok(message) => message,
+        Err((code, problem)) => {
             return refuse(
                 &gateway,
                 Some(&holder),
                 &upstream,
                 StatusCode::BAD_REQUEST,
                 Value::Null,
-                codes::INVALID_REQUEST,
-                "JSON-RPC batches are not accepted: send one message per request".to_owned(),
-            )
-            .await;
-        }
-        Ok(_) => {
-            return refuse(
-                &gateway,
-                Some(&holder),
-                &upstream,
-                StatusCode::BAD_REQUEST,
-                Value::Null,
-                codes::INVALID_REQUEST,
-                "a JSON-RPC message must be a JSON object".to_owned(),
-            )
-            .await;
-        }
-        Err(e) => {
-            return refuse(
-                &gateway,
-                Some(&holder),
-                &upstream,
-                StatusCode::BAD_REQUEST,
-                Value::Null,
-                codes::PARSE_ERROR,
-                format!("the body is not valid JSON: {e}"),
+                code,
+                problem,
             )
             .await;
         }
