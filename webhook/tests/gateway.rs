@@ -637,3 +637,37 @@ async fn a_restarted_gateway_continues_budgets_from_the_audit_trail() {
     );
     second.audit().await;
 }
+
+#[tokio::test]
+async fn refused_reports_are_recorded_too() {
+    let h = harness().await;
+    let (status, body) = h
+        .post(
+            "/v1/report",
+            SUPPORT_KEY,
+            json!({"runId": "never-decided", "tool": "read_customer_record", "usage": {"tokens": 5}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"]["code"], "UnknownRun");
+    let (status, _) = h
+        .post(
+            "/v1/report",
+            SUPPORT_KEY,
+            json!({"tool": "read_customer_record"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let entries = h.audit().await;
+    let errors: Vec<&str> = entries
+        .iter()
+        .filter(|e| e.event.as_str() == "rejected")
+        .map(|e| e.error.as_deref().unwrap())
+        .collect();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(
+        errors[0].starts_with("/v1/report: UnknownRun"),
+        "{errors:?}"
+    );
+    assert!(errors[1].contains("run id is required"), "{errors:?}");
+}

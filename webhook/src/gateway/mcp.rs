@@ -484,36 +484,19 @@ async fn call_tool(
 ) -> Response {
     let id = message["id"].clone();
     let params = message.get("params").cloned().unwrap_or_else(|| json!({}));
-    let Some(Value::String(tool)) = params.get("name") else {
-        return refuse(
-            gateway,
-            Some(holder),
-            upstream,
-            StatusCode::OK,
-            id,
-            codes::INVALID_PARAMS,
-            "tools/call needs params.name, a string".to_owned(),
-        )
-        .await;
-    };
-    let arguments = match params.get("arguments") {
-        None => json!({}),
-        Some(Value::Object(a)) => Value::Object(a.clone()),
-        Some(_) => {
-            return refuse(
-                gateway,
-                Some(holder),
-                upstream,
-                StatusCode::OK,
-                id,
-                codes::INVALID_PARAMS,
-                "params.arguments must be an object".to_owned(),
-            )
-            .await;
-        }
-    };
-    let run = match run_of(headers) {
-        Ok(run) => run,
+    let checked = (|| {
+        let Some(Value::String(tool)) = params.get("name") else {
+            return Err("tools/call needs params.name, a string".to_owned());
+        };
+        let arguments = match params.get("arguments") {
+            None => json!({}),
+            Some(Value::Object(a)) => Value::Object(a.clone()),
+            Some(_) => return Err("params.arguments must be an object".to_owned()),
+        };
+        Ok((tool.clone(), arguments, run_of(headers)?))
+    })();
+    let (tool, arguments, run) = match checked {
+        Ok(checked) => checked,
         Err(problem) => {
             return refuse(
                 gateway,
@@ -527,6 +510,7 @@ async fn call_tool(
             .await;
         }
     };
+    let tool = &tool;
     let decided = match gateway
         .decide_call(holder, &run, tool, &arguments, started)
         .await

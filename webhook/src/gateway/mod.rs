@@ -423,6 +423,26 @@ impl Gateway {
     }
 }
 
+impl Gateway {
+    /// Records that a request of `caller` was refused before any decision, then answers it.
+    async fn refuse_recorded(
+        &self,
+        caller: &Caller,
+        tool: Option<&str>,
+        path: &str,
+        refusal: Refusal,
+    ) -> Response {
+        let mut entry = Entry::new((self.now)(), Event::Rejected, identity_of(Some(caller)));
+        entry.agent = Some(caller.agent.clone());
+        entry.tool = tool.map(str::to_owned);
+        entry.error = Some(format!("{path}: {}: {}", refusal.code, refusal.message));
+        match self.audit.append(entry).await {
+            Ok(_) => refusal.response(),
+            Err(e) => audit_unavailable(e),
+        }
+    }
+}
+
 /// The gateway's router.
 pub fn router(gateway: Arc<Gateway>) -> Router {
     Router::new()
@@ -653,19 +673,12 @@ async fn decide(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: B
             Ok(ok) => ok,
             Err(response) => return response,
         };
-    let identity = identity_of(Some(&holder));
-    let now = (gateway.now)();
     let run = match run_id(request.run_id.clone(), &headers) {
         Ok(run) => run,
         Err(refusal) => {
-            let mut entry = Entry::new(now, Event::Rejected, identity);
-            entry.agent = Some(holder.agent.clone());
-            entry.tool = Some(request.tool.clone());
-            entry.error = Some(format!("/v1/decide: {}: {}", refusal.code, refusal.message));
-            return match gateway.audit.append(entry).await {
-                Ok(_) => refusal.response(),
-                Err(e) => audit_unavailable(e),
-            };
+            return gateway
+                .refuse_recorded(&holder, Some(&request.tool), "/v1/decide", refusal)
+                .await;
         }
     };
 
@@ -723,41 +736,51 @@ async fn report(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: B
     let now = (gateway.now)();
     let run = match run_id(request.run_id.clone(), &headers) {
         Ok(run) => run,
-        Err(refusal) => return refusal.response(),
+        Err(refusal) => {
+            return gateway
+                .refuse_recorded(&holder, Some(&request.tool), "/v1/report", refusal)
+                .await;
+        }
     };
     let Some(Ok(policy)) = gateway
         .policies
         .agent(&holder.agent)
         .map(|a| a.policy.clone())
     else {
-        return Refusal::new(
+        let refusal = Refusal::new(
             StatusCode::CONFLICT,
             "NoPolicy",
             format!(
                 "agent {} has no usable policy; nothing to report against",
                 holder.agent
             ),
-        )
-        .response();
+        );
+        return gateway
+            .refuse_recorded(&holder, Some(&request.tool), "/v1/report", refusal)
+            .await;
     };
     let usage = request.usage.clone().unwrap_or_default();
     if let Err(response) = gateway.hydrate(&holder.agent, &run, &policy, now).await {
         return response;
     }
-    let (breach, run_counters) = {
+    let reported = {
         let state = gateway.agent_state(&holder.agent);
         let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
         let AgentState { window, runs, .. } = &mut *state;
-        let Some(run_state) = runs.get_mut(&run) else {
-            return Refusal::new(
-                StatusCode::CONFLICT,
-                "UnknownRun",
-                format!("run {run:?} has no decided call to report on"),
-            )
-            .response();
-        };
-        let breach = policy.report(&usage, run_state, window, now);
-        (breach, counters(run_state))
+        runs.get_mut(&run).map(|run_state| {
+            let breach = policy.report(&usage, run_state, window, now);
+            (breach, counters(run_state))
+        })
+    };
+    let Some((breach, run_counters)) = reported else {
+        let refusal = Refusal::new(
+            StatusCode::CONFLICT,
+            "UnknownRun",
+            format!("run {run:?} has no decided call to report on"),
+        );
+        return gateway
+            .refuse_recorded(&holder, Some(&request.tool), "/v1/report", refusal)
+            .await;
     };
     let (visible, removed) = match (&request.result, policy.result_fields(&request.tool)) {
         (Some(result), Some(fields)) => {
