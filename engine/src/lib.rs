@@ -6,7 +6,8 @@
 //! [`CompiledPolicy::report`]), redacts results ([`redact`]), computes graduation
 //! ([`CompiledPolicy::eligible_for`]), decides admission for agents' own API writes
 //! ([`admission::admit`]), and builds the desired child objects of an AgentIdentity
-//! ([`children::desired_children`]). Every other crate asks this one; none decides on its own.
+//! ([`children::desired_children`]), and computes the status
+//! the operator writes ([`status`]). Every other crate asks this one; none decides on its own.
 //!
 //! Untrusted JSON is parsed with [`canonical::parse_strict`]; approvals bind to
 //! [`canonical::digest`] of the arguments.
@@ -25,6 +26,7 @@ mod evaluate;
 pub mod graduation;
 pub mod manifest;
 pub mod selector;
+pub mod status;
 
 pub use budget::{Ceiling, RunState, Usage, WindowState};
 pub use compile::{CompileError, CompileErrors, CompiledPolicy};

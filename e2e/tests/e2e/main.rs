@@ -4,3 +4,4 @@ mod admission;
 mod audit;
 mod crds;
 mod gateway;
+mod operator;

@@ -1,0 +1,912 @@
+//! The operator on the real control plane, as its own ServiceAccount with the shipped RBAC:
+//! identities become exactly-scoped objects that follow the spec, the kill switches (the
+//! agent's and the cluster-wide one) take rights and egress away and give them back, approvals
+//! settle, expire on time and are pruned after retention, and one replica leads.
+
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ServiceAccount};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::Client;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+use tollgate_crds::approval::Phase;
+use tollgate_crds::{AgentIdentity, AgentPolicy, ApprovalRequest};
+use tollgate_e2e::admission::{GATEWAY, LABEL, webhook};
+use tollgate_e2e::operator::{Operator, Options};
+use tollgate_e2e::{User, control_plane, eventually, repo_root};
+use tollgate_operator::leader::Timing;
+
+const WAIT: Duration = Duration::from_secs(30);
+const AGENT: &str = "support-agent-v2";
+
+/// The sample support agent (identity and policy) applied with kubectl into `ns`.
+fn apply_sample(ns: &str) {
+    let sample = std::fs::read_to_string(repo_root().join("config/samples/support-agent.yaml"))
+        .unwrap()
+        .replace("groups: [support-leads]", "groups: [tollgate-approvers]");
+    apply_text(ns, &sample);
+}
+
+fn apply_text(ns: &str, text: &str) {
+    let file = repo_root().join(format!(
+        "target/e2e-runs/operator-{ns}-{}.yaml",
+        Timestamp::now().as_nanosecond()
+    ));
+    std::fs::write(&file, text).unwrap();
+    let output = control_plane()
+        .kubectl(User::Admin)
+        .args(["apply", "-n", ns, "-f"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "kubectl apply: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// What the apiserver's authorizer answers for `subject` doing `verb` on `resource`
+/// (`plural` or `plural.group`) in `ns`: a SubjectAccessReview, asked by the admin, so no
+/// admission of the agent's own requests is involved.
+fn can_i(ns: &str, subject: &str, verb: &str, resource: &str) -> bool {
+    let (resource, group) = resource.split_once('.').unwrap_or((resource, ""));
+    let review = json!({
+        "apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+        "spec": {
+            "user": subject,
+            "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{ns}"), "system:authenticated"],
+            "resourceAttributes": {"namespace": ns, "verb": verb, "group": group, "resource": resource}
+        }
+    });
+    let mut child = control_plane()
+        .kubectl(User::Admin)
+        .args(["create", "-o", "json", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(
+        &mut child.stdin.take().unwrap(),
+        review.to_string().as_bytes(),
+    )
+    .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "SubjectAccessReview: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    answer["status"]["allowed"] == true
+}
+
+fn condition(identity: &AgentIdentity, type_: &str) -> Option<(String, String, String)> {
+    identity
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+async fn identity_where(
+    api: &Api<AgentIdentity>,
+    name: &str,
+    what: &str,
+    check: impl Fn(&AgentIdentity) -> bool,
+) -> AgentIdentity {
+    eventually(what, WAIT, || async {
+        api.get(name).await.ok().filter(|i| check(i))
+    })
+    .await
+}
+
+fn ready(identity: &AgentIdentity) -> bool {
+    condition(identity, "Ready").is_some_and(|c| c.0 == "True")
+        && identity.status.as_ref().and_then(|s| s.observed_generation)
+            == identity.metadata.generation
+}
+
+async fn label_for_admission(client: &Client, ns: &str) {
+    Api::<Namespace>::all(client.clone())
+        .patch(
+            ns,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"labels": {LABEL: "enabled"}}})),
+        )
+        .await
+        .unwrap();
+}
+
+async fn client_as(user_or_sa: &str) -> Client {
+    let cp = control_plane();
+    let mut config = kube::Config::from_custom_kubeconfig(
+        kube::config::Kubeconfig::read_from(cp.kubeconfig(User::Admin)).unwrap(),
+        &Default::default(),
+    )
+    .await
+    .unwrap();
+    config.auth_info.impersonate = Some(user_or_sa.to_owned());
+    Client::try_from(config).unwrap()
+}
+
+/// An ApprovalRequest as the gateway creates it.
+async fn request_approval(ns: &str, name: &str, min_approvals: i32, expires_in: Duration) {
+    let arguments = json!({"to": "c@example.com", "subject": name});
+    let request: ApprovalRequest = serde_json::from_value(json!({
+        "apiVersion": "tollgate.dev/v1alpha1", "kind": "ApprovalRequest",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "identityRef": {"name": AGENT},
+            "policyRef": {"name": AGENT, "policyHash": format!("sha256:{}", "0".repeat(64))},
+            "runId": "run-1", "step": 1, "tool": "send_customer_email",
+            "argumentsDigest": tollgate_engine::canonical::digest(&arguments),
+            "arguments": arguments,
+            "reason": "tool send_customer_email is irreversible",
+            "approvers": {"groups": ["tollgate-approvers"]},
+            "minApprovals": min_approvals,
+            "expiresAt": (Timestamp::now() + jiff::SignedDuration::try_from(expires_in).unwrap()).to_string(),
+            "onTimeout": "Deny"
+        }
+    }))
+    .unwrap();
+    Api::<ApprovalRequest>::namespaced(client_as(GATEWAY).await, ns)
+        .create(&PostParams::default(), &request)
+        .await
+        .unwrap_or_else(|e| panic!("the gateway creates {name}: {e}"));
+}
+
+fn decide(ns: &str, user: User, name: &str, verdict: &str) -> Result<(), String> {
+    let patch = json!([{"op": "add", "path": "/spec/decisions/-", "value": {"verdict": verdict}}]);
+    let output = control_plane()
+        .kubectl(user)
+        .args([
+            "patch",
+            "approvalrequest",
+            name,
+            "-n",
+            ns,
+            "--type",
+            "json",
+            "-p",
+        ])
+        .arg(patch.to_string())
+        .output()
+        .unwrap();
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).into_owned())
+    }
+}
+
+async fn phase_of(api: &Api<ApprovalRequest>, name: &str) -> Option<(Phase, Option<String>)> {
+    let request = api.get(name).await.ok()?;
+    let status = request.status?;
+    Some((status.phase, status.reason))
+}
+
+async fn events_for(client: &Client, ns: &str, name: &str) -> Vec<(String, String)> {
+    Api::<Event>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_becomes_scoped_objects_that_follow_its_spec_and_its_kill_switch() {
+    let cp = control_plane();
+    webhook();
+    let admin = cp.client(User::Admin).await;
+    let ns = cp.namespace("operator").await;
+    label_for_admission(&admin, &ns).await;
+    let operator = Operator::start(&ns, Options::default());
+    apply_sample(&ns);
+
+    let identities: Api<AgentIdentity> = Api::namespaced(admin.clone(), &ns);
+    let identity = identity_where(&identities, AGENT, "the identity to be Ready", ready).await;
+    let uid = identity.metadata.uid.clone().unwrap();
+    let status = identity.status.clone().unwrap();
+    assert_eq!(
+        status.service_account_name.as_deref(),
+        Some("agent-support-agent-v2")
+    );
+    let sa = format!("system:serviceaccount:{ns}:agent-support-agent-v2");
+    assert_eq!(status.username.as_deref(), Some(sa.as_str()));
+    for type_ in ["RBACApplied", "NetworkIsolated"] {
+        assert_eq!(condition(&identity, type_).unwrap().0, "True", "{type_}");
+    }
+    assert_eq!(
+        condition(&identity, "KillSwitchEngaged").unwrap().0,
+        "False"
+    );
+
+    // The children, owned by the identity, hold exactly what it declares.
+    let owned_by_identity =
+        |refs: Option<&Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>>| {
+            refs.is_some_and(|r| {
+                r.len() == 1
+                    && r[0].uid == uid
+                    && r[0].kind == "AgentIdentity"
+                    && r[0].controller == Some(true)
+            })
+        };
+    let account = Api::<ServiceAccount>::namespaced(admin.clone(), &ns)
+        .get("agent-support-agent-v2")
+        .await
+        .unwrap();
+    assert_eq!(account.automount_service_account_token, Some(false));
+    assert!(owned_by_identity(
+        account.metadata.owner_references.as_ref()
+    ));
+    let child = "tollgate-agent-support-agent-v2";
+    let role = Api::<Role>::namespaced(admin.clone(), &ns)
+        .get(child)
+        .await
+        .unwrap();
+    assert!(owned_by_identity(role.metadata.owner_references.as_ref()));
+    let rules = role.rules.unwrap();
+    assert_eq!(rules.len(), 1);
+    assert_eq!(
+        rules[0].resources.as_deref(),
+        Some(&["configmaps".to_owned()][..])
+    );
+    assert_eq!(rules[0].verbs, vec!["get".to_owned(), "list".to_owned()]);
+    let bindings: Api<RoleBinding> = Api::namespaced(admin.clone(), &ns);
+    let binding = bindings.get(child).await.unwrap();
+    assert!(owned_by_identity(
+        binding.metadata.owner_references.as_ref()
+    ));
+    let policies: Api<NetworkPolicy> = Api::namespaced(admin.clone(), &ns);
+    let egress_rules = |np: &NetworkPolicy| {
+        np.spec
+            .as_ref()
+            .and_then(|s| s.egress.as_ref())
+            .map_or(0, Vec::len)
+    };
+    let np = policies.get(child).await.unwrap();
+    assert_eq!(egress_rules(&np), 2, "DNS and the gateway only: {np:?}");
+    assert_eq!(
+        np.spec.as_ref().unwrap().policy_types.as_deref(),
+        Some(&["Egress".to_owned()][..])
+    );
+
+    // The apiserver grants each declared rule and nothing else.
+    assert!(can_i(&ns, &sa, "get", "configmaps"));
+    assert!(can_i(&ns, &sa, "list", "configmaps"));
+    for (verb, resource) in [
+        ("delete", "configmaps"),
+        ("create", "configmaps"),
+        ("get", "secrets"),
+        ("create", "pods"),
+        ("create", "rolebindings.rbac.authorization.k8s.io"),
+        ("patch", "agentidentities.tollgate.dev"),
+    ] {
+        assert!(
+            !can_i(&ns, &sa, verb, resource),
+            "{verb} {resource} must be denied"
+        );
+    }
+    assert!(
+        !can_i("default", &sa, "get", "configmaps"),
+        "only its own namespace"
+    );
+
+    // The policy is compiled and bound.
+    let policy = eventually("the policy to be Ready", WAIT, || async {
+        Api::<AgentPolicy>::namespaced(admin.clone(), &ns)
+            .get(AGENT)
+            .await
+            .ok()
+            .filter(|p| {
+                p.status.as_ref().is_some_and(|s| {
+                    s.conditions
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.status == "True")
+                        && s.conditions
+                            .iter()
+                            .any(|c| c.type_ == "IdentityBound" && c.status == "True")
+                })
+            })
+    })
+    .await;
+    assert!(
+        policy
+            .status
+            .unwrap()
+            .policy_hash
+            .unwrap()
+            .starts_with("sha256:")
+    );
+
+    // Editing the spec: the Role follows.
+    identities
+        .patch(
+            AGENT,
+            &PatchParams::default(),
+            &Patch::Json::<()>(
+                serde_json::from_value(json!([{"op": "add", "path": "/spec/kubernetes/rules/-",
+                "value": {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}}]))
+                .unwrap(),
+            ),
+        )
+        .await
+        .unwrap();
+    eventually("the new rule to be granted", WAIT, || async {
+        can_i(&ns, &sa, "get", "pods").then_some(())
+    })
+    .await;
+    assert!(!can_i(&ns, &sa, "delete", "pods"));
+
+    // A pending approval, then the kill switch.
+    request_approval(&ns, "email-1", 1, Duration::from_secs(600)).await;
+    let engaged_at = Timestamp::now();
+    let output = cp
+        .kubectl(User::Admin)
+        .args([
+            "patch",
+            "agentidentity",
+            AGENT,
+            "-n",
+            &ns,
+            "--type",
+            "merge",
+            "-p",
+        ])
+        .arg(r#"{"spec":{"killSwitch":{"engaged":true,"reason":"incident 7"}}}"#)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    eventually(
+        "the kill switch to take the agent's rights",
+        WAIT,
+        || async { (!can_i(&ns, &sa, "get", "configmaps")).then_some(()) },
+    )
+    .await;
+    assert!(bindings.get_opt(child).await.unwrap().is_none());
+    let killed = identity_where(&identities, AGENT, "KillSwitchEngaged", |i| {
+        condition(i, "KillSwitchEngaged").is_some_and(|c| c.0 == "True") && !ready(i)
+    })
+    .await;
+    let (_, reason, message) = condition(&killed, "KillSwitchEngaged").unwrap();
+    assert_eq!(reason, "AgentSwitch");
+    assert!(message.contains("incident 7"), "{message}");
+    let kill = killed.status.as_ref().unwrap().kill_switch.clone().unwrap();
+    assert_eq!(kill.reason.as_deref(), Some("incident 7"));
+    let at = kill.engaged_at.unwrap().0;
+    assert!(
+        at >= engaged_at - jiff::SignedDuration::from_secs(1),
+        "engagedAt {at} is when it was engaged ({engaged_at})"
+    );
+    assert_eq!(condition(&killed, "RBACApplied").unwrap().0, "False");
+    let np = eventually("deny-all egress", WAIT, || async {
+        policies
+            .get(child)
+            .await
+            .ok()
+            .filter(|np| egress_rules(np) == 0)
+    })
+    .await;
+    assert_eq!(
+        np.spec.unwrap().policy_types.unwrap(),
+        vec!["Egress".to_owned()]
+    );
+    let approvals: Api<ApprovalRequest> = Api::namespaced(admin.clone(), &ns);
+    let (phase, reason) = eventually("the pending approval to be denied", WAIT, || async {
+        phase_of(&approvals, "email-1")
+            .await
+            .filter(|(p, _)| *p != Phase::Pending)
+    })
+    .await;
+    assert_eq!(
+        (phase, reason.as_deref()),
+        (Phase::Denied, Some("KillSwitch"))
+    );
+    assert!(
+        events_for(&admin, &ns, AGENT)
+            .await
+            .iter()
+            .any(|(reason, _)| reason == "KillSwitchEngaged"),
+        "an Event records the kill switch"
+    );
+
+    // Disengaged: everything comes back.
+    identities
+        .patch(
+            AGENT,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"killSwitch": {"engaged": false}}})),
+        )
+        .await
+        .unwrap();
+    eventually("rights to come back", WAIT, || async {
+        can_i(&ns, &sa, "get", "configmaps").then_some(())
+    })
+    .await;
+    let restored = identity_where(&identities, AGENT, "Ready again", ready).await;
+    assert!(restored.status.unwrap().kill_switch.is_none());
+    eventually("egress to come back", WAIT, || async {
+        policies
+            .get(child)
+            .await
+            .ok()
+            .filter(|np| egress_rules(np) == 2)
+    })
+    .await;
+    eventually("an Event for the release", WAIT, || async {
+        events_for(&admin, &ns, AGENT)
+            .await
+            .iter()
+            .any(|(reason, _)| reason == "KillSwitchReleased")
+            .then_some(())
+    })
+    .await;
+
+    // A new ServiceAccount name: the new one is made and bound, the old one removed.
+    identities
+        .patch(
+            AGENT,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"serviceAccount": {"name": "agent-support-bot"}}})),
+        )
+        .await
+        .unwrap();
+    let renamed = format!("system:serviceaccount:{ns}:agent-support-bot");
+    eventually(
+        "the renamed ServiceAccount to hold the rights",
+        WAIT,
+        || async { can_i(&ns, &renamed, "get", "configmaps").then_some(()) },
+    )
+    .await;
+    let accounts: Api<ServiceAccount> = Api::namespaced(admin.clone(), &ns);
+    eventually("the old ServiceAccount to go", WAIT, || async {
+        accounts
+            .get_opt("agent-support-agent-v2")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(!can_i(&ns, &sa, "get", "configmaps"));
+
+    // Metrics and probes.
+    let metrics = operator.get("/metrics");
+    assert!(
+        metrics.contains("tollgate_operator_reconciliations_total{controller=\"agentidentity\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tollgate_operator_agents{state=\"ready\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tollgate_operator_approvals{phase=\"Denied\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("tollgate_operator_reconcile_duration_seconds_bucket"));
+    assert_eq!(operator.get("/readyz"), "ok");
+
+    // Deleting the identity: garbage collection removes every child; the policy says so.
+    identities
+        .delete(AGENT, &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(
+        "the children to be collected",
+        Duration::from_secs(60),
+        || async {
+            let gone = accounts
+                .get_opt("agent-support-bot")
+                .await
+                .unwrap()
+                .is_none()
+                && Api::<Role>::namespaced(admin.clone(), &ns)
+                    .get_opt(child)
+                    .await
+                    .unwrap()
+                    .is_none()
+                && bindings.get_opt(child).await.unwrap().is_none()
+                && policies.get_opt(child).await.unwrap().is_none();
+            gone.then_some(())
+        },
+    )
+    .await;
+    eventually(
+        "the policy to report its missing identity",
+        WAIT,
+        || async {
+            let policy = Api::<AgentPolicy>::namespaced(admin.clone(), &ns)
+                .get(AGENT)
+                .await
+                .ok()?;
+            policy.status?.conditions.into_iter().find(|c| {
+                c.type_ == "IdentityBound"
+                    && c.status == "False"
+                    && c.reason == "IdentityNotFound"
+                    && c.message
+                        .contains(&format!("AgentIdentity {ns}/{AGENT} does not exist"))
+            })
+        },
+    )
+    .await;
+    operator.stop().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approvals_need_distinct_approvers_expire_on_time_and_are_pruned_after_retention() {
+    let cp = control_plane();
+    webhook();
+    let admin = cp.client(User::Admin).await;
+    let ns = cp.namespace("approvals").await;
+    label_for_admission(&admin, &ns).await;
+    let _operator = Operator::start(
+        &ns,
+        Options {
+            approval_retention: Duration::from_secs(8),
+            ..Options::default()
+        },
+    );
+    apply_sample(&ns);
+    let approvals: Api<ApprovalRequest> = Api::namespaced(admin.clone(), &ns);
+
+    // Two distinct approvers are needed; one approving twice does not count twice.
+    request_approval(&ns, "two-keys", 2, Duration::from_secs(120)).await;
+    request_approval(&ns, "soon", 1, Duration::from_secs(4)).await;
+    request_approval(&ns, "refused", 1, Duration::from_secs(120)).await;
+    decide(&ns, User::Alice, "two-keys", "Approve").unwrap();
+    let again = decide(&ns, User::Alice, "two-keys", "Approve").unwrap_err();
+    assert!(again.contains("already decided"), "{again}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        phase_of(&approvals, "two-keys")
+            .await
+            .is_none_or(|(p, _)| p == Phase::Pending),
+        "one approver of two must not settle it"
+    );
+    decide(&ns, User::Bob, "two-keys", "Approve").unwrap();
+    let (phase, reason) = eventually("two approvals to approve", WAIT, || async {
+        phase_of(&approvals, "two-keys")
+            .await
+            .filter(|(p, _)| *p != Phase::Pending)
+    })
+    .await;
+    assert_eq!(
+        (phase, reason.as_deref()),
+        (Phase::Approved, Some("ApprovedBy"))
+    );
+    let message = approvals
+        .get("two-keys")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .conditions[0]
+        .message
+        .clone();
+    assert!(
+        message.contains("alice") && message.contains("bob"),
+        "{message}"
+    );
+
+    decide(&ns, User::Bob, "refused", "Deny").unwrap();
+    let (phase, reason) = eventually("a denial to deny", WAIT, || async {
+        phase_of(&approvals, "refused")
+            .await
+            .filter(|(p, _)| *p != Phase::Pending)
+    })
+    .await;
+    assert_eq!(
+        (phase, reason.as_deref()),
+        (Phase::Denied, Some("DeniedBy"))
+    );
+
+    // Nobody decides: expired and denied at expiresAt, not at the next poll.
+    let (phase, reason) = eventually("the undecided request to expire", WAIT, || async {
+        phase_of(&approvals, "soon")
+            .await
+            .filter(|(p, _)| *p != Phase::Pending)
+    })
+    .await;
+    assert_eq!(
+        (phase, reason.as_deref()),
+        (Phase::Expired, Some("Timeout"))
+    );
+    let soon = approvals.get("soon").await.unwrap();
+    let late = soon
+        .status
+        .unwrap()
+        .decided_at
+        .unwrap()
+        .0
+        .duration_since(soon.spec.expires_at.0);
+    assert!(
+        late >= jiff::SignedDuration::ZERO && late < jiff::SignedDuration::from_secs(3),
+        "expired {late} after expiresAt"
+    );
+    // A decision after expiry is refused by admission.
+    assert!(decide(&ns, User::Alice, "soon", "Approve").is_err());
+
+    // History is kept through the retention period, then pruned.
+    assert!(approvals.get_opt("two-keys").await.unwrap().is_some());
+    eventually(
+        "decided requests to be pruned after retention",
+        WAIT,
+        || async {
+            let left = approvals
+                .list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .len();
+            (left == 0).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_global_kill_switch_stops_every_agent_and_releasing_it_restores_them() {
+    let cp = control_plane();
+    let admin = cp.client(User::Admin).await;
+    let ns = cp.namespace("global-kill").await;
+    let _operator = Operator::start(&ns, Options::default());
+    let sample =
+        std::fs::read_to_string(repo_root().join("config/samples/support-agent.yaml")).unwrap();
+    let identity_only = sample.split("\n---").next().unwrap().to_owned();
+    apply_text(&ns, &identity_only);
+    apply_text(
+        &ns,
+        &identity_only.replace("name: support-agent-v2", "name: second-agent"),
+    );
+    let identities: Api<AgentIdentity> = Api::namespaced(admin.clone(), &ns);
+    let agents = [
+        ("support-agent-v2", "agent-support-agent-v2"),
+        ("second-agent", "agent-second-agent"),
+    ];
+    for (name, account) in agents {
+        identity_where(&identities, name, "Ready", ready).await;
+        let sa = format!("system:serviceaccount:{ns}:{account}");
+        eventually("the agent's rights", WAIT, || async {
+            can_i(&ns, &sa, "get", "configmaps").then_some(())
+        })
+        .await;
+    }
+
+    let switches: Api<ConfigMap> = Api::namespaced(admin.clone(), &ns);
+    let switch: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": tollgate_crds::common::GLOBAL_KILL_SWITCH},
+        "data": {"engaged": "true", "reason": "incident 9: runaway agents"}
+    }))
+    .unwrap();
+    switches
+        .create(&PostParams::default(), &switch)
+        .await
+        .unwrap();
+    for (name, account) in agents {
+        let sa = format!("system:serviceaccount:{ns}:{account}");
+        eventually("every agent to lose its rights", WAIT, || async {
+            (!can_i(&ns, &sa, "get", "configmaps")).then_some(())
+        })
+        .await;
+        let killed = identity_where(&identities, name, "GlobalSwitch", |i| {
+            condition(i, "KillSwitchEngaged").is_some_and(|c| c.1 == "GlobalSwitch")
+        })
+        .await;
+        let message = condition(&killed, "KillSwitchEngaged").unwrap().2;
+        assert!(
+            message.contains(&format!("ConfigMap {ns}/tollgate-kill-switch"))
+                && message.contains("incident 9"),
+            "{message}"
+        );
+        assert_eq!(
+            killed
+                .status
+                .unwrap()
+                .kill_switch
+                .unwrap()
+                .reason
+                .as_deref(),
+            Some("incident 9: runaway agents")
+        );
+    }
+    switches
+        .patch(
+            tollgate_crds::common::GLOBAL_KILL_SWITCH,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"data": {"engaged": "false"}})),
+        )
+        .await
+        .unwrap();
+    for (name, account) in agents {
+        let sa = format!("system:serviceaccount:{ns}:{account}");
+        eventually("rights to come back", WAIT, || async {
+            can_i(&ns, &sa, "get", "configmaps").then_some(())
+        })
+        .await;
+        identity_where(&identities, name, "Ready again", ready).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_replica_leads_a_standby_takes_over_and_a_lost_lease_stops_the_leader() {
+    let cp = control_plane();
+    let admin = cp.client(User::Admin).await;
+    let ns = cp.namespace("leader").await;
+    let quick = Timing {
+        duration: Duration::from_secs(4),
+        renew_every: Duration::from_secs(1),
+    };
+    let leases: Api<Lease> = Api::namespaced(admin.clone(), &ns);
+    let holder = || async {
+        leases
+            .get_opt(tollgate_operator::LEASE)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|l| l.spec?.holder_identity)
+    };
+    let first = Operator::start(
+        &ns,
+        Options {
+            holder: "first".into(),
+            lease: quick,
+            ..Options::default()
+        },
+    );
+    eventually("the first replica to lead", WAIT, || async {
+        (holder().await.as_deref() == Some("first")).then_some(())
+    })
+    .await;
+    let second = Operator::start(
+        &ns,
+        Options {
+            holder: "second".into(),
+            lease: quick,
+            ..Options::default()
+        },
+    );
+    assert_eq!(
+        second.get("/readyz"),
+        "ok",
+        "a standby is ready (healthy, waiting)"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        holder().await.as_deref(),
+        Some("first"),
+        "one leader at a time"
+    );
+
+    apply_sample(&ns);
+    let identities: Api<AgentIdentity> = Api::namespaced(admin.clone(), &ns);
+    identity_where(&identities, AGENT, "Ready under the first leader", ready).await;
+    assert!(
+        !second
+            .get("/metrics")
+            .contains("tollgate_operator_reconciliations_total{"),
+        "the standby reconciles nothing"
+    );
+
+    // A graceful stop releases the lease; the standby takes over at once.
+    first.stop().unwrap();
+    eventually("the standby to lead", Duration::from_secs(10), || async {
+        (holder().await.as_deref() == Some("second")).then_some(())
+    })
+    .await;
+    identities
+        .patch(
+            AGENT,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"killSwitch": {"engaged": true}}})),
+        )
+        .await
+        .unwrap();
+    identity_where(&identities, AGENT, "the new leader to reconcile", |i| {
+        condition(i, "KillSwitchEngaged").is_some_and(|c| c.0 == "True")
+    })
+    .await;
+
+    // Someone else takes the lease: the leader stops instead of acting beside it.
+    leases
+        .patch(
+            tollgate_operator::LEASE,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"holderIdentity": "intruder",
+                "renewTime": Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()}})),
+        )
+        .await
+        .unwrap();
+    eventually("the leader to stop", Duration::from_secs(10), || async {
+        second.finished().then_some(())
+    })
+    .await;
+    let error = second.stop().unwrap_err();
+    assert!(
+        error.contains("leadership lost") && error.contains("intruder"),
+        "{error}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_that_does_not_compile_or_names_no_identity_says_why() {
+    let cp = control_plane();
+    let admin = cp.client(User::Admin).await;
+    // No admission here, so the apiserver stores what only the engine can refuse.
+    let ns = cp.namespace("policy-status").await;
+    let _operator = Operator::start(&ns, Options::default());
+    let sample =
+        std::fs::read_to_string(repo_root().join("config/samples/support-agent.yaml")).unwrap();
+    let policy = sample.split("\n---").nth(1).unwrap().to_owned();
+    apply_text(
+        &ns,
+        &policy
+            .replace(
+                "identityRef: {name: support-agent-v2}",
+                "identityRef: {name: ghost}",
+            )
+            .replace(
+                "when: \"args.order_ids.all(id, id.startsWith('O-'))\"",
+                "when: \"args.order_ids.all(id, \"",
+            ),
+    );
+    let policies: Api<AgentPolicy> = Api::namespaced(admin.clone(), &ns);
+    let status = eventually("the policy status", WAIT, || async {
+        let status = policies.get(AGENT).await.ok()?.status?;
+        (status.conditions.len() == 2).then_some(status)
+    })
+    .await;
+    let find = |t: &str| {
+        status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == t)
+            .unwrap()
+            .clone()
+    };
+    let bound = find("IdentityBound");
+    assert_eq!(
+        (bound.status.as_str(), bound.reason.as_str()),
+        ("False", "IdentityNotFound")
+    );
+    assert!(
+        bound
+            .message
+            .contains(&format!("AgentIdentity {ns}/ghost does not exist")),
+        "{}",
+        bound.message
+    );
+    let ready = find("Ready");
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "CompileFailed")
+    );
+    assert!(
+        ready.message.contains("update_order_status") || ready.message.contains("when"),
+        "{}",
+        ready.message
+    );
+    assert!(status.policy_hash.is_none());
+    let events = events_for(&admin, &ns, AGENT).await;
+    assert!(
+        events.iter().any(|(r, _)| r == "CompileFailed"),
+        "{events:?}"
+    );
+}
