@@ -211,7 +211,14 @@ impl Gateway {
             }
             let phase = tollgate_engine::approval::phase(&latest, (self.now)());
             if phase.is_final() {
-                return (phase, approvers(&latest));
+                // The operator denies pending requests with reason KillSwitch when a switch is
+                // engaged; the waiting call is then a kill-switch denial, not an approver's.
+                let killed =
+                    latest.status.as_ref().and_then(|s| s.reason.as_deref()) == Some("KillSwitch");
+                return (
+                    if killed { Phase::Cancelled } else { phase },
+                    approvers(&latest),
+                );
             }
             if (self.now)() >= expires {
                 return (Phase::Expired, approvers(&latest));
