@@ -51,6 +51,9 @@ pub const MANAGER: &str = "tollgate-operator";
 pub const LEASE: &str = "tollgate-operator";
 /// The key of the global kill switch ConfigMap that says why it was engaged.
 pub const GLOBAL_KILL_SWITCH_REASON_KEY: &str = "reason";
+/// Reconciliations of one controller in flight at once: enough to keep the apiserver busy,
+/// few enough that a burst of a thousand identities never trips its in-flight limits.
+pub const CONCURRENCY: u16 = 32;
 /// Default retention of decided ApprovalRequests: the audit retention, 90 days.
 pub const DEFAULT_APPROVAL_RETENTION: Duration = Duration::from_secs(90 * 24 * 3600);
 
@@ -516,16 +519,20 @@ pub async fn run(
         });
     }
 
+    let config = || kube::runtime::controller::Config::default().concurrency(CONCURRENCY);
     let run_identity = identity_controller
+        .with_config(config())
         .reconcile_all_on(identity_trigger)
         .graceful_shutdown_on(stopped())
         .run(identity::reconcile, identity::error_policy, context.clone())
         .for_each(|_| async {});
     let run_policy = policy_controller
+        .with_config(config())
         .graceful_shutdown_on(stopped())
         .run(policy::reconcile, policy::error_policy, context.clone())
         .for_each(|_| async {});
     let run_approval = approval_controller
+        .with_config(config())
         .reconcile_all_on(approval_trigger)
         .graceful_shutdown_on(stopped())
         .run(approval::reconcile, approval::error_policy, context.clone())
