@@ -163,6 +163,24 @@ webhooks:
   failurePolicy: Fail
   reinvocationPolicy: IfNeeded
   timeoutSeconds: 5
+- name: identities.mutate.tollgate.dev
+  clientConfig: {{url: "{mutate_kill_switches}", caBundle: {ca}}}
+  rules: [{{apiGroups: [tollgate.dev], apiVersions: [v1alpha1], operations: [CREATE, UPDATE], resources: [agentidentities]}}]
+  {selector}
+  admissionReviewVersions: [v1]
+  sideEffects: None
+  failurePolicy: Fail
+  timeoutSeconds: 5
+- name: killswitch.mutate.tollgate.dev
+  clientConfig: {{url: "{mutate_kill_switches}", caBundle: {ca}}}
+  rules: [{{apiGroups: [""], apiVersions: [v1], operations: [CREATE, UPDATE], resources: [configmaps]}}]
+  matchConditions:
+  - {{name: global-kill-switch, expression: "object.metadata.name == 'tollgate-kill-switch'"}}
+  {selector}
+  admissionReviewVersions: [v1]
+  sideEffects: None
+  failurePolicy: Ignore
+  timeoutSeconds: 5
 ---
 apiVersion: admissionregistration.k8s.io/v1
 kind: ValidatingWebhookConfiguration
@@ -199,6 +217,7 @@ webhooks:
 "#,
         mutate_approvals = url("mutate-approvals"),
         mutate_pods = url("mutate-pods"),
+        mutate_kill_switches = url("mutate-kill-switches"),
         validate_tollgate = url("validate-tollgate"),
         validate_agents = url("validate-agents"),
         validate_pods = url("validate-pods"),

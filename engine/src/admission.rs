@@ -177,6 +177,23 @@ pub const TOKEN_MOUNT_PATH: &str = "/var/run/secrets/tollgate.dev";
 /// The injected volume's name.
 pub const TOKEN_VOLUME: &str = "tollgate-token";
 
+/// Who engaged a kill switch, as admission stamps it in
+/// [`crate::status::KILL_SWITCH_BY_ANNOTATION`]: the authenticated `user` of the write that
+/// engages it, what was recorded before while it stays engaged, nobody once it is released.
+/// Whatever the writer put in the annotation itself never counts. `old` is the switch and its
+/// recorded engager before the write (None on create).
+pub fn kill_switch_engaged_by(
+    old: Option<(bool, Option<&str>)>,
+    engaged: bool,
+    user: &str,
+) -> Option<String> {
+    match old {
+        _ if !engaged => None,
+        Some((true, recorded)) => recorded.map(str::to_owned),
+        _ => Some(user.to_owned()),
+    }
+}
+
 /// Decides whether a pod may run as an agent's ServiceAccount: its labels must match the
 /// identity's podSelector and no kill switch may be engaged.
 pub fn admit_pod(
@@ -256,4 +273,37 @@ pub fn pod_injection(
         }
     }
     patch
+}
+
+#[cfg(test)]
+mod kill_switch_tests {
+    use super::kill_switch_engaged_by;
+
+    #[test]
+    fn the_engager_is_whoever_engaged_it_never_what_the_writer_claims() {
+        // Created engaged, engaged by a write, kept while engaged, cleared when released.
+        assert_eq!(
+            kill_switch_engaged_by(None, true, "alice").as_deref(),
+            Some("alice")
+        );
+        assert_eq!(kill_switch_engaged_by(None, false, "alice"), None);
+        assert_eq!(
+            kill_switch_engaged_by(Some((false, None)), true, "bob").as_deref(),
+            Some("bob")
+        );
+        assert_eq!(
+            kill_switch_engaged_by(Some((true, Some("alice"))), true, "mallory").as_deref(),
+            Some("alice"),
+            "a later write while engaged does not take the credit"
+        );
+        assert_eq!(
+            kill_switch_engaged_by(Some((true, Some("alice"))), false, "bob"),
+            None
+        );
+        // A forged value left over from before is replaced by the real engager.
+        assert_eq!(
+            kill_switch_engaged_by(Some((false, Some("forged"))), true, "carol").as_deref(),
+            Some("carol")
+        );
+    }
 }

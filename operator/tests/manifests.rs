@@ -19,7 +19,7 @@ fn documents(text: &str) -> Vec<Value> {
 
 fn rules(docs: &[Value], kind: &str) -> Value {
     docs.iter()
-        .find(|d| d["kind"] == Value::from(kind))
+        .find(|d| d["kind"] == kind)
         .unwrap_or_else(|| panic!("no {kind}"))["rules"]
         .clone()
 }

@@ -29,10 +29,12 @@ use kube::core::admission::{
 };
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
+use tollgate_crds::common::{GLOBAL_KILL_SWITCH, GLOBAL_KILL_SWITCH_KEY};
 use tollgate_crds::policy::Operation;
 use tollgate_crds::{AgentIdentity, AgentPolicy, ApprovalRequest};
 use tollgate_engine::admission::{self, ApiWrite, Verdict};
 use tollgate_engine::approval::{self, Author};
+use tollgate_engine::status::KILL_SWITCH_BY_ANNOTATION;
 use tollgate_engine::{CompiledPolicy, children};
 
 use crate::cluster::ClusterView;
@@ -75,6 +77,10 @@ pub fn router(state: Arc<AdmissionState>) -> Router {
     Router::new()
         .route("/admission/validate-tollgate", post(validate_tollgate))
         .route("/admission/mutate-approvals", post(mutate_approvals))
+        .route(
+            "/admission/mutate-kill-switches",
+            post(mutate_kill_switches),
+        )
         .route("/admission/validate-agents", post(validate_agents))
         .route("/admission/validate-pods", post(validate_pods))
         .route("/admission/mutate-pods", post(mutate_pods))
@@ -136,6 +142,9 @@ async fn validate_tollgate(State(state): State<Arc<AdmissionState>>, body: Bytes
 }
 async fn mutate_approvals(State(state): State<Arc<AdmissionState>>, body: Bytes) -> Response {
     answer(&state, "mutate-approvals", &body, stamp_approvals)
+}
+async fn mutate_kill_switches(State(state): State<Arc<AdmissionState>>, body: Bytes) -> Response {
+    answer(&state, "mutate-kill-switches", &body, stamp_kill_switch)
 }
 async fn validate_agents(State(state): State<Arc<AdmissionState>>, body: Bytes) -> Response {
     answer(&state, "validate-agents", &body, decide_agent_write)
@@ -274,6 +283,70 @@ fn stamp_approvals(
             .push(json!({"op": "add", "path": format!("/spec/decisions/{i}/at"), "value": at}));
     }
     with_patch(request, allow, operations)
+}
+
+/// Stamps who engaged a kill switch (an AgentIdentity's, or the global ConfigMap) with the
+/// authenticated user, replacing whatever the writer put there.
+fn stamp_kill_switch(
+    _state: &AdmissionState,
+    request: &AdmissionRequest<DynamicObject>,
+) -> AdmissionResponse {
+    let allow = AdmissionResponse::from(request);
+    let Some(object) = &request.object else {
+        return allow;
+    };
+    let engaged_of = |o: &DynamicObject| -> Result<bool, String> {
+        match request.kind.kind.as_str() {
+            "AgentIdentity" => Ok(typed::<AgentIdentity>(o)?.spec.kill_switch.engaged),
+            _ => Ok(o.data["data"][GLOBAL_KILL_SWITCH_KEY] == "true"),
+        }
+    };
+    if request.kind.kind == "ConfigMap" && request.name != GLOBAL_KILL_SWITCH {
+        return allow;
+    }
+    let by_of = |o: &DynamicObject| -> Option<String> {
+        o.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(KILL_SWITCH_BY_ANNOTATION))
+            .cloned()
+    };
+    let old = match request
+        .old_object
+        .as_ref()
+        .map(|o| Ok::<_, String>((engaged_of(o)?, by_of(o))))
+    {
+        None => None,
+        Some(Ok(old)) => Some(old),
+        Some(Err(e)) => return deny(request, e),
+    };
+    let engaged = match engaged_of(object) {
+        Ok(engaged) => engaged,
+        Err(e) => return deny(request, e),
+    };
+    let user = request.user_info.username.clone().unwrap_or_default();
+    let desired = tollgate_engine::admission::kill_switch_engaged_by(
+        old.as_ref().map(|(e, by)| (*e, by.as_deref())),
+        engaged,
+        &user,
+    );
+    let current = by_of(object);
+    if current == desired {
+        return allow;
+    }
+    let key = format!(
+        "/metadata/annotations/{}",
+        KILL_SWITCH_BY_ANNOTATION
+            .replace('~', "~0")
+            .replace('/', "~1")
+    );
+    let operation = match (&desired, object.metadata.annotations.is_some()) {
+        (Some(by), true) => json!({"op": "add", "path": key, "value": by}),
+        (Some(by), false) => json!({"op": "add", "path": "/metadata/annotations",
+                                    "value": {KILL_SWITCH_BY_ANNOTATION: by}}),
+        (None, _) => json!({"op": "remove", "path": key}),
+    };
+    with_patch(request, allow, vec![operation])
 }
 
 fn with_patch(

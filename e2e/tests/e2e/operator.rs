@@ -366,7 +366,8 @@ async fn an_identity_becomes_scoped_objects_that_follow_its_spec_and_its_kill_sw
             "merge",
             "-p",
         ])
-        .arg(r#"{"spec":{"killSwitch":{"engaged":true,"reason":"incident 7"}}}"#)
+        // The writer's claim of who engaged it is replaced by admission with who did.
+        .arg(r#"{"metadata":{"annotations":{"tollgate.dev/kill-switch-engaged-by":"mallory"}},"spec":{"killSwitch":{"engaged":true,"reason":"incident 7"}}}"#)
         .output()
         .unwrap();
     assert!(
@@ -390,6 +391,7 @@ async fn an_identity_becomes_scoped_objects_that_follow_its_spec_and_its_kill_sw
     assert!(message.contains("incident 7"), "{message}");
     let kill = killed.status.as_ref().unwrap().kill_switch.clone().unwrap();
     assert_eq!(kill.reason.as_deref(), Some("incident 7"));
+    assert_eq!(kill.engaged_by.as_deref(), Some("tollgate-admin"));
     let at = kill.engaged_at.unwrap().0;
     assert!(
         at >= engaged_at - jiff::SignedDuration::from_secs(1),
@@ -666,7 +668,9 @@ async fn approvals_need_distinct_approvers_expire_on_time_and_are_pruned_after_r
 async fn the_global_kill_switch_stops_every_agent_and_releasing_it_restores_them() {
     let cp = control_plane();
     let admin = cp.client(User::Admin).await;
+    webhook();
     let ns = cp.namespace("global-kill").await;
+    label_for_admission(&admin, &ns).await;
     let _operator = Operator::start(&ns, Options::default());
     let sample =
         std::fs::read_to_string(repo_root().join("config/samples/support-agent.yaml")).unwrap();
@@ -692,7 +696,8 @@ async fn the_global_kill_switch_stops_every_agent_and_releasing_it_restores_them
 
     let switches: Api<ConfigMap> = Api::namespaced(admin.clone(), &ns);
     let switch: ConfigMap = serde_json::from_value(json!({
-        "metadata": {"name": tollgate_crds::common::GLOBAL_KILL_SWITCH},
+        "metadata": {"name": tollgate_crds::common::GLOBAL_KILL_SWITCH,
+                     "annotations": {"tollgate.dev/kill-switch-engaged-by": "mallory"}},
         "data": {"engaged": "true", "reason": "incident 9: runaway agents"}
     }))
     .unwrap();
@@ -716,16 +721,9 @@ async fn the_global_kill_switch_stops_every_agent_and_releasing_it_restores_them
                 && message.contains("incident 9"),
             "{message}"
         );
-        assert_eq!(
-            killed
-                .status
-                .unwrap()
-                .kill_switch
-                .unwrap()
-                .reason
-                .as_deref(),
-            Some("incident 9: runaway agents")
-        );
+        let record = killed.status.unwrap().kill_switch.unwrap();
+        assert_eq!(record.reason.as_deref(), Some("incident 9: runaway agents"));
+        assert_eq!(record.engaged_by.as_deref(), Some("tollgate-admin"));
     }
     switches
         .patch(
