@@ -132,6 +132,22 @@ subjects:
 - {apiGroup: rbac.authorization.k8s.io, kind: Group, name: tollgate-approvers}
 - {apiGroup: rbac.authorization.k8s.io, kind: User, name: carol}
 - {apiGroup: rbac.authorization.k8s.io, kind: User, name: "system:serviceaccount:tollgate-system:tollgate-gateway"}
+---
+# What the gateway does after a budget breach (config/gateway/rbac.yaml grants the same).
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: tollgate-e2e-gateway-breach}
+rules:
+- {apiGroups: [tollgate.dev], resources: [agentidentities], verbs: [get, patch]}
+- {apiGroups: [events.k8s.io], resources: [events], verbs: [create, patch]}
+- {apiGroups: [""], resources: [secrets], resourceNames: [tollgate-notify], verbs: [get]}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: tollgate-e2e-gateway-breach}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: tollgate-e2e-gateway-breach}
+subjects:
+- {apiGroup: rbac.authorization.k8s.io, kind: User, name: "system:serviceaccount:tollgate-system:tollgate-gateway"}
 "#;
 
 fn registration(port: u16, ca_pem: &str) -> String {

@@ -177,6 +177,29 @@ pub const TOKEN_MOUNT_PATH: &str = "/var/run/secrets/tollgate.dev";
 /// The injected volume's name.
 pub const TOKEN_VOLUME: &str = "tollgate-token";
 
+/// The one change the gateway may make to an AgentIdentity: engaging its kill switch after a
+/// budget breach (`onBudgetExceeded.engageKillSwitch`), with a reason. Anything else it writes,
+/// including releasing a switch, is refused, so a compromised gateway cannot widen an agent.
+pub fn gateway_identity_update(
+    old: &tollgate_crds::AgentIdentity,
+    new: &tollgate_crds::AgentIdentity,
+) -> Result<(), String> {
+    if !new.spec.kill_switch.engaged {
+        return Err("the gateway may only engage a kill switch, never release one".to_owned());
+    }
+    let mut unchanged = new.spec.clone();
+    unchanged.kill_switch = old.spec.kill_switch.clone();
+    if unchanged != old.spec {
+        return Err(
+            "the gateway may change nothing in an AgentIdentity but spec.killSwitch".to_owned(),
+        );
+    }
+    if new.metadata.labels != old.metadata.labels {
+        return Err("the gateway may not change an AgentIdentity's labels".to_owned());
+    }
+    Ok(())
+}
+
 /// Who engaged a kill switch, as admission stamps it in
 /// [`crate::status::KILL_SWITCH_BY_ANNOTATION`]: the authenticated `user` of the write that
 /// engages it, what was recorded before while it stays engaged, nobody once it is released.
@@ -277,7 +300,50 @@ pub fn pod_injection(
 
 #[cfg(test)]
 mod kill_switch_tests {
-    use super::kill_switch_engaged_by;
+    use super::{gateway_identity_update, kill_switch_engaged_by};
+    use serde_json::json;
+    use tollgate_crds::AgentIdentity;
+
+    fn identity(kill: serde_json::Value, verbs: &[&str]) -> AgentIdentity {
+        serde_json::from_value(json!({
+            "apiVersion": "tollgate.dev/v1alpha1", "kind": "AgentIdentity",
+            "metadata": {"name": "a", "namespace": "ns", "labels": {"team": "x"}},
+            "spec": {"description": "d", "owner": {"team": "t", "contacts": ["c"]},
+                     "podSelector": {"matchLabels": {"app": "a"}},
+                     "kubernetes": {"rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": verbs}]},
+                     "killSwitch": kill}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_gateway_may_engage_a_kill_switch_and_do_nothing_else() {
+        let old = identity(json!({}), &["get"]);
+        let engaged = identity(
+            json!({"engaged": true, "reason": "budget breach"}),
+            &["get"],
+        );
+        assert!(gateway_identity_update(&old, &engaged).is_ok());
+        let widened = identity(json!({"engaged": true}), &["get", "delete"]);
+        assert!(
+            gateway_identity_update(&old, &widened)
+                .unwrap_err()
+                .contains("nothing")
+        );
+        let released = identity(json!({"engaged": false}), &["get"]);
+        assert!(
+            gateway_identity_update(&engaged, &released)
+                .unwrap_err()
+                .contains("never release")
+        );
+        let mut relabelled = engaged.clone();
+        relabelled.metadata.labels = None;
+        assert!(
+            gateway_identity_update(&old, &relabelled)
+                .unwrap_err()
+                .contains("labels")
+        );
+    }
 
     #[test]
     fn the_engager_is_whoever_engaged_it_never_what_the_writer_claims() {

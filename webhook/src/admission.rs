@@ -181,24 +181,42 @@ fn decide_tollgate(
             Ok(Err(errors)) => deny(request, format!("AgentPolicy {name} is invalid: {errors}")),
             Err(e) => deny(request, e),
         },
-        "AgentIdentity" => match typed::<AgentIdentity>(object) {
-            Ok(identity) => {
-                let errors = children::escalation_errors(&identity.spec.kubernetes.rules);
-                if errors.is_empty() {
-                    allow
-                } else {
-                    let list: Vec<String> = errors.iter().map(|e| format!("\n- {e}")).collect();
-                    deny(
-                        request,
-                        format!(
-                            "AgentIdentity {name} would let the agent raise its own rights:{}",
-                            list.concat()
-                        ),
-                    )
+        "AgentIdentity" => {
+            match typed::<AgentIdentity>(object) {
+                Ok(identity)
+                    if request.user_info.username.as_deref()
+                        == Some(state.settings.gateway_username.as_str()) =>
+                {
+                    let verdict = match (&request.operation, &request.old_object) {
+                    (AdmissionOperation::Update, Some(old)) => typed::<AgentIdentity>(old)
+                        .and_then(|old| {
+                            tollgate_engine::admission::gateway_identity_update(&old, &identity)
+                        }),
+                    _ => Err("the gateway may only engage the kill switch of an existing AgentIdentity".to_owned()),
+                };
+                    match verdict {
+                        Ok(()) => allow,
+                        Err(e) => deny(request, format!("AgentIdentity {name}: {e}")),
+                    }
                 }
+                Ok(identity) => {
+                    let errors = children::escalation_errors(&identity.spec.kubernetes.rules);
+                    if errors.is_empty() {
+                        allow
+                    } else {
+                        let list: Vec<String> = errors.iter().map(|e| format!("\n- {e}")).collect();
+                        deny(
+                            request,
+                            format!(
+                                "AgentIdentity {name} would let the agent raise its own rights:{}",
+                                list.concat()
+                            ),
+                        )
+                    }
+                }
+                Err(e) => deny(request, e),
             }
-            Err(e) => deny(request, e),
-        },
+        }
         "ApprovalRequest" => {
             let author = Author {
                 username: &request.user_info.username.clone().unwrap_or_default(),

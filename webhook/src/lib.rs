@@ -72,7 +72,11 @@ pub async fn run_in_cluster(
             config.audit,
             tollgate_audit::Redactor::default(),
         )
-        .with_history(config.history);
+        .with_history(config.history)
+        .with_escalation(gateway::Escalation::cluster(
+            client.clone(),
+            tollgate_namespace,
+        ));
         (config.listen, gateway::router(Arc::new(gateway)))
     });
     let state = Arc::new(AdmissionState {

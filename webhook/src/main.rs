@@ -93,6 +93,10 @@ enum Mode {
         /// Per-upstream credentials, laid out as mounted Secrets: DIR/<namespace>/<secret>/<key>.
         #[arg(long)]
         secrets: Option<PathBuf>,
+        /// Notification targets for budget breaches: a YAML map of target name (as named in
+        /// onBudgetExceeded.notify) to a Slack-compatible incoming-webhook URL.
+        #[arg(long)]
+        notify: Option<PathBuf>,
     },
 }
 
@@ -127,6 +131,7 @@ async fn standalone(
     chain: String,
     listen: SocketAddr,
     secrets: Option<PathBuf>,
+    notify: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     use std::sync::Arc;
     use tollgate_audit::Redactor;
@@ -141,10 +146,15 @@ async fn standalone(
         anyhow::bail!("--policies {}: not a directory", policies.display());
     }
     let keys = Keys::load(&keys).map_err(anyhow::Error::msg)?;
+    let targets = match &notify {
+        Some(path) => gateway::Escalation::load_targets(path)?,
+        None => Default::default(),
+    };
     let (log, history) = open_audit(&audit, chain).await?;
     let policies = WatchedDir::start(policies, std::time::Duration::from_secs(1));
-    let mut gateway =
-        gateway::Gateway::new(policies, keys, log, Redactor::default()).with_history(history);
+    let mut gateway = gateway::Gateway::new(policies, keys, log, Redactor::default())
+        .with_history(history)
+        .with_escalation(gateway::Escalation::standalone(targets));
     if let Some(secrets) = secrets {
         gateway = gateway.with_secrets(secrets);
     }
@@ -175,9 +185,10 @@ async fn main() -> anyhow::Result<()> {
         chain,
         listen,
         secrets,
+        notify,
     }) = args.mode
     {
-        return standalone(policies, keys, audit, chain, listen, secrets).await;
+        return standalone(policies, keys, audit, chain, listen, secrets, notify).await;
     }
     tollgate_webhook::server::install_crypto_provider();
     let client = kube::Client::try_default().await?;

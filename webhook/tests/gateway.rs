@@ -671,3 +671,152 @@ async fn refused_reports_are_recorded_too() {
     );
     assert!(errors[1].contains("run id is required"), "{errors:?}");
 }
+
+/// A Slack-compatible incoming webhook on loopback that keeps every message it receives.
+async fn notification_sink() -> (String, Arc<std::sync::Mutex<Vec<Value>>>) {
+    let received: Arc<std::sync::Mutex<Vec<Value>>> = Arc::default();
+    let app = axum::Router::new()
+        .route(
+            "/hooks/T000/B000",
+            axum::routing::post(
+                |axum::extract::State(received): axum::extract::State<
+                    Arc<std::sync::Mutex<Vec<Value>>>,
+                >,
+                 axum::Json(body): axum::Json<Value>| async move {
+                    received.lock().unwrap().push(body);
+                    "ok"
+                },
+            ),
+        )
+        .with_state(received.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hooks/T000/B000", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, received)
+}
+
+#[tokio::test]
+async fn a_breach_halts_notifies_once_and_engages_the_kill_switch_when_the_policy_says_so() {
+    let (url, received) = notification_sink().await;
+    let policies = tempfile::tempdir().unwrap();
+    let sample = std::fs::read_to_string(samples().join("support-agent.yaml"))
+        .unwrap()
+        .replace("engageKillSwitch: false", "engageKillSwitch: true")
+        .replace(
+            "notify: [oncall-agents]",
+            "notify: [oncall-agents, unconfigured]",
+        );
+    std::fs::write(policies.path().join("support.yaml"), &sample).unwrap();
+    std::fs::copy(
+        samples().join("deploy-agent.yaml"),
+        policies.path().join("deploy.yaml"),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path().join("audit.db")).unwrap());
+    let (log, _) = AuditLog::open(store.clone(), WriterConfig::new("gw-test"))
+        .await
+        .unwrap();
+    let targets = std::collections::HashMap::from([("oncall-agents".to_owned(), url)]);
+    let gateway = Gateway::new(
+        WatchedDir::start(policies.path().to_owned(), Duration::from_millis(50)),
+        keys(),
+        log,
+        Redactor::default(),
+    )
+    .with_escalation(gateway::Escalation::standalone(targets));
+    let h = Harness {
+        app: gateway::router(Arc::new(gateway)),
+        store,
+        _dir: dir,
+    };
+    let args = json!({"customer_id": "C000042"});
+    assert_eq!(
+        h.decide("r1", "read_customer_record", args.clone()).await["decision"],
+        "allow"
+    );
+    let (_, halted) = h
+        .post(
+            "/v1/report",
+            SUPPORT_KEY,
+            json!({"runId": "r1", "tool": "read_customer_record", "usage": {"tokens": 60000}}),
+        )
+        .await;
+    assert_eq!(halted["halted"]["clause"], "spec.execution.maxTokensPerRun");
+    // Reporting more usage on the halted run escalates nothing new.
+    let _ = h
+        .post(
+            "/v1/report",
+            SUPPORT_KEY,
+            json!({"runId": "r1", "tool": "read_customer_record", "usage": {"tokens": 10}}),
+        )
+        .await;
+
+    // The kill switch holds for every run of the agent, not only the halted one.
+    let other_run = h.decide("r2", "read_customer_record", args.clone()).await;
+    assert_eq!(other_run["decision"], "deny", "{other_run}");
+    assert_eq!(other_run["code"], "KillSwitch");
+    // Another agent is untouched.
+    let (status, deploy) = h
+        .post(
+            "/v1/decide",
+            DEPLOY_KEY,
+            json!({"runId": "d1", "tool": "get_build_status", "arguments": {"build_id": 7}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(deploy["decision"], "allow", "{deploy}");
+
+    // One message to the configured target, naming the agent, run and clause.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while received.lock().unwrap().is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let messages = received.lock().unwrap().clone();
+    assert_eq!(messages.len(), 1, "{messages:?}");
+    let text = messages[0]["text"].as_str().unwrap();
+    for part in [
+        "run r1",
+        "default/support-agent-v2",
+        "spec.execution.maxTokensPerRun",
+        "kill switch is engaged",
+    ] {
+        assert!(text.contains(part), "{part} missing from {text}");
+    }
+
+    // The trail says the gateway engaged the switch.
+    let entries = h.audit().await;
+    let kills: Vec<_> = entries
+        .iter()
+        .filter(|e| e.event == tollgate_audit::Event::Kill)
+        .collect();
+    assert_eq!(kills.len(), 1);
+    assert!(
+        kills[0]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("engageKillSwitch")
+    );
+
+    // Once the policy directory itself engages and then releases the switch, the agent is free
+    // again: the gateway held it only until the source of truth caught up.
+    std::fs::write(
+        policies.path().join("support.yaml"),
+        sample.replace(
+            "killSwitch:\n    engaged: false",
+            "killSwitch:\n    engaged: true",
+        ),
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        h.decide("r3", "read_customer_record", args.clone()).await["code"],
+        "KillSwitch"
+    );
+    std::fs::write(policies.path().join("support.yaml"), &sample).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let freed = h.decide("r4", "read_customer_record", args).await;
+    assert_eq!(freed["decision"], "allow", "{freed}");
+}

@@ -309,6 +309,9 @@ async fn the_shipped_gateway_manifests_apply_and_grant_only_what_the_gateway_nee
         &["create", "tokenreviews.authentication.k8s.io"][..],
         &["watch", "agentidentities.tollgate.dev", "-A"],
         &["create", "approvalrequests.tollgate.dev", "-n", "team-a"],
+        &["patch", "agentidentities.tollgate.dev", "-n", "team-a"],
+        &["create", "events.events.k8s.io", "-n", "team-a"],
+        &["get", "secrets/tollgate-notify", "-n", "tollgate-system"],
         &[
             "get",
             "configmaps/tollgate-kill-switch",
@@ -344,6 +347,10 @@ async fn the_shipped_gateway_manifests_apply_and_grant_only_what_the_gateway_nee
                 .map(|v| v.as_str().unwrap())
                 .collect();
             let resources = rule["resources"].to_string();
+            if resources.contains("agentidentities") && verbs == ["patch"] {
+                // Engaging a kill switch after a breach; admission refuses any other change.
+                continue;
+            }
             if resources.contains("approvalrequests") || resources.contains("agentidentities") {
                 assert!(
                     verbs
@@ -354,4 +361,170 @@ async fn the_shipped_gateway_manifests_apply_and_grant_only_what_the_gateway_nee
             }
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_breach_engages_the_kill_switch_as_the_gateway_records_an_event_and_notifies() {
+    use k8s_openapi::api::core::v1::Secret;
+    use k8s_openapi::api::events::v1::Event;
+    use kube::api::PostParams;
+    use tollgate_crds::AgentIdentity;
+    use tollgate_webhook::gateway::escalate::{Breach, Escalation, NOTIFY_SECRET};
+
+    let cp = control_plane();
+    install_crds();
+    webhook();
+    let admin = cp.client(User::Admin).await;
+    let ns = cp.namespace("breach").await;
+    Api::<Namespace>::all(admin.clone())
+        .patch(
+            &ns,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"labels": {LABEL: "enabled"}}})),
+        )
+        .await
+        .unwrap();
+    let manifest = repo_root().join(format!("target/e2e-runs/breach-{ns}.yaml"));
+    std::fs::copy(
+        repo_root().join("config/samples/support-agent.yaml"),
+        &manifest,
+    )
+    .unwrap();
+    run(cp
+        .kubectl(User::Admin)
+        .args(["apply", "-n", &ns, "-f"])
+        .arg(&manifest));
+
+    // A Slack-compatible sink, named by a target in the notification Secret.
+    let received: Arc<std::sync::Mutex<Vec<Value>>> = Arc::default();
+    let sink = {
+        let received = received.clone();
+        axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
+                let received = received.clone();
+                async move {
+                    received.lock().unwrap().push(body);
+                    "ok"
+                }
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, sink).await.unwrap() });
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": NOTIFY_SECRET},
+        "stringData": {"oncall-agents": url}
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(admin.clone(), &ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+
+    let as_gateway = {
+        let mut config = kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(cp.kubeconfig(User::Admin)).unwrap(),
+            &Default::default(),
+        )
+        .await
+        .unwrap();
+        config.auth_info.impersonate = Some(GATEWAY.to_owned());
+        kube::Client::try_from(config).unwrap()
+    };
+    let escalation = Arc::new(Escalation::cluster(as_gateway.clone(), &ns));
+    let engaged = escalation
+        .escalate(Breach {
+            namespace: ns.clone(),
+            name: "support-agent-v2".into(),
+            run: "run-9".into(),
+            clause: "spec.execution.maxTokensPerRun".into(),
+            policy: format!("{ns}/support-agent-v2 sha256:0"),
+            notify: vec!["oncall-agents".into()],
+            engage_kill_switch: true,
+        })
+        .await;
+    assert!(engaged);
+    let identities: Api<AgentIdentity> = Api::namespaced(admin.clone(), &ns);
+    let identity = identities.get("support-agent-v2").await.unwrap();
+    assert!(
+        identity.spec.kill_switch.engaged,
+        "the breach engaged the switch"
+    );
+    assert!(
+        identity
+            .spec
+            .kill_switch
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("run-9")
+    );
+    assert_eq!(
+        identity
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("tollgate.dev/kill-switch-engaged-by"))
+            .map(String::as_str),
+        Some(GATEWAY),
+        "admission stamps the gateway as the engager"
+    );
+    eventually(
+        "the BudgetExceeded Event",
+        Duration::from_secs(20),
+        || async {
+            Api::<Event>::namespaced(admin.clone(), &ns)
+                .list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .find(|e| {
+                    e.reason.as_deref() == Some("BudgetExceeded")
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref())
+                            == Some("support-agent-v2")
+                })
+        },
+    )
+    .await;
+    eventually("the notification", Duration::from_secs(20), || async {
+        received.lock().unwrap().first().cloned()
+    })
+    .await;
+    let text = received.lock().unwrap()[0]["text"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        text.contains("run-9") && text.contains("maxTokensPerRun"),
+        "{text}"
+    );
+
+    // The gateway can engage a switch and nothing else: releasing it or widening the agent is
+    // refused by admission even though RBAC lets it patch.
+    let as_gateway_identities: Api<AgentIdentity> = Api::namespaced(as_gateway, &ns);
+    let release = as_gateway_identities
+        .patch(
+            "support-agent-v2",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"killSwitch": {"engaged": false}}})),
+        )
+        .await
+        .unwrap_err();
+    assert!(release.to_string().contains("never release"), "{release}");
+    let widen = as_gateway_identities
+        .patch(
+            "support-agent-v2",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"kubernetes": {"rules": [
+                {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]}}})),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        widen.to_string().contains("nothing in an AgentIdentity"),
+        "{widen}"
+    );
 }

@@ -14,6 +14,7 @@
 
 pub mod approvals;
 pub mod cluster;
+pub mod escalate;
 pub mod keys;
 pub mod mcp;
 pub mod policies;
@@ -38,6 +39,7 @@ use tollgate_engine::{
 };
 
 pub use cluster::{ClusterPolicies, TokenReviewer};
+pub use escalate::Escalation;
 use keys::Keys;
 use policies::WatchedDir;
 
@@ -161,6 +163,7 @@ pub struct Gateway {
     http: reqwest::Client,
     secrets: Option<std::path::PathBuf>,
     history: Option<Arc<dyn History>>,
+    escalation: Arc<Escalation>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -192,7 +195,47 @@ impl Gateway {
                 .expect("an HTTP client with default settings builds"),
             secrets: None,
             history: None,
+            escalation: Arc::new(Escalation::default()),
         }
+    }
+
+    /// Escalates budget breaches with `escalation` (notification targets, Events, kill switch).
+    pub fn with_escalation(mut self, escalation: Escalation) -> Self {
+        self.escalation = Arc::new(escalation);
+        self
+    }
+
+    /// Sets off what a breach of `policy`'s ceilings asks for, and records the kill switch the
+    /// gateway engaged in the audit trail.
+    async fn escalate(
+        &self,
+        holder: &Caller,
+        run: &str,
+        policy: &CompiledPolicy,
+        clause: &str,
+    ) -> Result<(), Response> {
+        let (namespace, name) = holder.agent.split_once('/').unwrap_or(("", &holder.agent));
+        let breach = escalate::Breach {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            run: run.to_owned(),
+            clause: clause.to_owned(),
+            policy: format!("{} {}", policy.id(), policy.hash()),
+            notify: policy.breach_notify().to_vec(),
+            engage_kill_switch: policy.breach_engages_kill_switch(),
+        };
+        if self.escalation.escalate(breach).await {
+            let mut kill = Entry::new((self.now)(), Event::Kill, identity_of(Some(holder)));
+            kill.agent = Some(holder.agent.clone());
+            kill.run = Some(run.to_owned());
+            kill.policy = Some(policy_ref(policy));
+            kill.error = Some(format!(
+                "the kill switch of agent {} was engaged by the gateway: {clause} breached (onBudgetExceeded.engageKillSwitch)",
+                holder.agent
+            ));
+            self.audit.append(kill).await.map_err(audit_unavailable)?;
+        }
+        Ok(())
     }
 
     /// Continues budgets from `history` (the audit store) after a restart.
@@ -356,17 +399,22 @@ impl Gateway {
         {
             self.hydrate(&agent.id, &run, policy, now).await?;
         }
+        let mut was_halted = false;
         let (decision, policy, run_counters) = match agent.map(|a| (a, &a.policy)) {
             Some((agent, Ok(policy))) => {
                 let state = self.agent_state(&agent.id);
                 let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
                 let AgentState { window, runs, .. } = &mut *state;
                 let run_state = runs.entry(run.clone()).or_default();
+                was_halted = run_state.halted.is_some();
+                // Always asked (not short-circuited): seeing the switch engaged at its source
+                // is what hands it back to that source.
+                let held = self.escalation.holds(&agent.id, agent.killed);
                 let who = Agent {
                     name: &agent.name,
                     namespace: &agent.namespace,
                     username: &identity.username,
-                    killed: agent.killed,
+                    killed: agent.killed || held,
                 };
                 let call = ToolCall {
                     run_id: &run,
@@ -414,6 +462,12 @@ impl Gateway {
             Ok(appended) => appended,
             Err(e) => return Err(audit_unavailable(e)),
         };
+        if let (Decision::Halt { ceiling, .. }, Some(policy), false) =
+            (&decision, &policy, was_halted)
+        {
+            self.escalate(holder, &run, policy, ceiling.clause())
+                .await?;
+        }
         Ok(Decided {
             decision,
             step,
@@ -768,7 +822,10 @@ async fn report(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: B
         let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
         let AgentState { window, runs, .. } = &mut *state;
         runs.get_mut(&run).map(|run_state| {
-            let breach = policy.report(&usage, run_state, window, now);
+            let was_halted = run_state.halted.is_some();
+            let breach = policy
+                .report(&usage, run_state, window, now)
+                .filter(|_| !was_halted);
             (breach, counters(run_state))
         })
     };
@@ -827,6 +884,12 @@ async fn report(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: B
             return audit_unavailable(e);
         }
         tracing::warn!(agent = %holder.agent, clause = ceiling.clause(), "run halted");
+        if let Err(response) = gateway
+            .escalate(&holder, &run, &policy, ceiling.clause())
+            .await
+        {
+            return response;
+        }
         body["halted"] = json!({"ceiling": ceiling, "clause": ceiling.clause()});
     }
     (StatusCode::OK, axum::Json(body)).into_response()
