@@ -1,5 +1,7 @@
 //! `kubectl tollgate audit …`: replay, verify, export and what-if, reading the audit store
-//! directly (standalone mode).
+//! directly (standalone mode) or, in a cluster, through the gateway's authenticated read API
+//! (`--store https://…`, a bearer token the apiserver accepts). Records read through the gateway
+//! are sealed; every seal is checked here before anything is printed.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -8,7 +10,7 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use jiff::Timestamp;
 use tollgate_audit::replay::{self, Step};
-use tollgate_audit::{Head, PostgresStore, Query, SqliteStore, Store, verify};
+use tollgate_audit::{Head, PostgresStore, Query, Record, SqliteStore, Store, verify};
 
 /// Where the audit store is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,6 +19,19 @@ pub enum Location {
     Sqlite(std::path::PathBuf),
     /// A PostgreSQL connection string.
     Postgres(String),
+    /// The gateway's read API (`https://…`; `http://` only on loopback).
+    Gateway(Remote),
+}
+
+/// The gateway's read API and how to reach it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Remote {
+    /// Its base URL.
+    pub url: String,
+    /// The bearer token (a person's or ServiceAccount's token the apiserver accepts).
+    pub token: Option<String>,
+    /// A PEM CA bundle that signs the gateway's certificate.
+    pub ca: Option<std::path::PathBuf>,
 }
 
 impl std::str::FromStr for Location {
@@ -30,6 +45,21 @@ impl std::str::FromStr for Location {
         }
         if s.starts_with("postgres://") || s.starts_with("postgresql://") || s.contains("host=") {
             return Ok(Self::Postgres(s.to_owned()));
+        }
+        if let Some(rest) = s.strip_prefix("http://") {
+            let host = rest.split(['/', ':']).next().unwrap_or_default();
+            if !matches!(host, "127.0.0.1" | "localhost" | "[") && !rest.starts_with("[::1]") {
+                return Err(format!(
+                    "{s}: plain http would send the token in the clear; use https (http is accepted on loopback only)"
+                ));
+            }
+        }
+        if s.starts_with("https://") || s.starts_with("http://") {
+            return Ok(Self::Gateway(Remote {
+                url: s.trim_end_matches('/').to_owned(),
+                token: None,
+                ca: None,
+            }));
         }
         let path = s.strip_prefix("sqlite:").unwrap_or(s);
         let path = path.strip_prefix("//").unwrap_or(path);
@@ -110,7 +140,125 @@ pub async fn run(location: &Location, action: Action) -> Result<Outcome> {
                 .context("connect to the PostgreSQL audit store")?;
             act(&store, action).await
         }
+        Location::Gateway(remote) => act(&remote.client()?, action).await,
     }
+}
+
+/// What the commands read: a store, or the gateway.
+trait Source {
+    fn records(&self, query: Query) -> impl std::future::Future<Output = Result<Vec<Record>>>;
+    /// The store itself, for `verify`, which walks whole chains.
+    fn store(&self) -> Option<&impl Store>;
+}
+
+impl<S: Store> Source for S {
+    async fn records(&self, query: Query) -> Result<Vec<Record>> {
+        Ok(self.query(&query).await?)
+    }
+    fn store(&self) -> Option<&impl Store> {
+        Some(self)
+    }
+}
+
+/// A client of the gateway's read API.
+struct GatewayClient {
+    url: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl Remote {
+    fn client(&self) -> Result<GatewayClient> {
+        let token = self.token.clone().filter(|t| !t.is_empty()).context(
+            "reading through the gateway needs a bearer token: give --token or TOLLGATE_TOKEN",
+        )?;
+        let mut builder = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none());
+        if let Some(ca) = &self.ca {
+            let pem = std::fs::read(ca).with_context(|| format!("read --ca {}", ca.display()))?;
+            for certificate in reqwest::Certificate::from_pem_bundle(&pem)
+                .with_context(|| format!("--ca {}: not a PEM bundle", ca.display()))?
+            {
+                builder = builder.add_root_certificate(certificate);
+            }
+        }
+        Ok(GatewayClient {
+            url: self.url.clone(),
+            token,
+            http: builder.build()?,
+        })
+    }
+}
+
+impl Source for GatewayClient {
+    async fn records(&self, query: Query) -> Result<Vec<Record>> {
+        let mut params = Vec::new();
+        if let Some(run) = &query.run {
+            params.push(("run", run.clone()));
+        }
+        if let Some(agent) = &query.agent {
+            params.push(("agent", agent.clone()));
+        }
+        if let Some(since) = query.since_us {
+            let since = Timestamp::from_microsecond(since).context("--since")?;
+            params.push(("since", since.to_string()));
+        }
+        let url = format!("{}/v1/audit/records", self.url);
+        let answer = self
+            .http
+            .get(&url)
+            .query(&params)
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("GET {url}"))?;
+        let status = answer.status();
+        let text = answer.text().await.context("read the gateway's answer")?;
+        if !status.is_success() {
+            let message = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| v["message"].as_str().map(str::to_owned))
+                .unwrap_or(text);
+            bail!("the gateway refused the read ({status}): {message}");
+        }
+        let mut records = Vec::new();
+        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.is_empty()) {
+            let wire: Wire = serde_json::from_str(line)
+                .with_context(|| format!("record {} of the answer is malformed", i + 1))?;
+            if tollgate_audit::record::seal(&wire.chain, wire.seq, &wire.prev, &wire.body)
+                != wire.hash
+            {
+                bail!(
+                    "record {}:{} from the gateway does not match its seal: refusing to show it",
+                    wire.chain,
+                    wire.seq
+                );
+            }
+            let entry = tollgate_audit::record::parse_body(&wire.body).with_context(|| {
+                format!("record {}:{} has an unreadable body", wire.chain, wire.seq)
+            })?;
+            records.push(Record {
+                index: tollgate_audit::record::Index::of(&entry),
+                chain: wire.chain,
+                seq: wire.seq,
+                prev: wire.prev,
+                hash: wire.hash,
+                body: wire.body,
+            });
+        }
+        Ok(records)
+    }
+    fn store(&self) -> Option<&impl Store> {
+        None::<&SqliteStore>
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct Wire {
+    chain: String,
+    seq: u64,
+    prev: String,
+    hash: String,
+    body: String,
 }
 
 fn parse_head(text: &str) -> Result<(String, Head)> {
@@ -133,12 +281,12 @@ fn parse_head(text: &str) -> Result<(String, Head)> {
     ))
 }
 
-async fn read<S: Store>(store: &S, query: Query) -> Result<Vec<Step>> {
-    let records = store.query(&query).await?;
+async fn read(source: &impl Source, query: Query) -> Result<Vec<Step>> {
+    let records = source.records(query).await?;
     Ok(replay::steps(&records)?)
 }
 
-async fn act<S: Store>(store: &S, action: Action) -> Result<Outcome> {
+async fn act(store: &impl Source, action: Action) -> Result<Outcome> {
     let mut text = String::new();
     match action {
         Action::Replay { run, json } => {
@@ -164,6 +312,11 @@ async fn act<S: Store>(store: &S, action: Action) -> Result<Outcome> {
         Action::Verify { deep, heads } => {
             let heads: BTreeMap<String, Head> =
                 heads.iter().map(|h| parse_head(h)).collect::<Result<_>>()?;
+            let Some(store) = store.store() else {
+                bail!(
+                    "verify walks whole chains, so it reads the store itself: run it where the store is (the gateway's volume or its PostgreSQL); replay, export and what-if read through the gateway"
+                );
+            };
             match verify(store, deep, &heads).await {
                 Ok(reports) => {
                     if reports.is_empty() {

@@ -43,13 +43,20 @@ enum Command {
     },
     /// Read the audit trail: replay a run, verify the hash chain, export, what-if.
     Audit {
-        /// The audit store: a SQLite file (`sqlite:PATH` or a path) or a PostgreSQL URL.
+        /// The audit store: a SQLite file (`sqlite:PATH` or a path), a PostgreSQL URL, or the
+        /// gateway's read API in a cluster (`https://…`).
         #[arg(
             long,
             env = "TOLLGATE_AUDIT_STORE",
             default_value = "tollgate-audit.db"
         )]
         store: audit::Location,
+        /// Bearer token for the gateway's read API (for example `kubectl create token`).
+        #[arg(long, env = "TOLLGATE_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// PEM CA bundle that signs the gateway's certificate.
+        #[arg(long, env = "TOLLGATE_CA_FILE")]
+        ca: Option<PathBuf>,
         #[command(subcommand)]
         command: AuditCommand,
     },
@@ -131,7 +138,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&decision)?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Audit { store, command } => {
+        Command::Audit {
+            mut store,
+            token,
+            ca,
+            command,
+        } => {
+            if let audit::Location::Gateway(remote) = &mut store {
+                remote.token = token;
+                remote.ca = ca;
+            }
             let now = jiff::Timestamp::now();
             let action = match command {
                 AuditCommand::Replay { run, json } => audit::Action::Replay { run, json },

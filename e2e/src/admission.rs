@@ -133,7 +133,8 @@ subjects:
 - {apiGroup: rbac.authorization.k8s.io, kind: User, name: carol}
 - {apiGroup: rbac.authorization.k8s.io, kind: User, name: "system:serviceaccount:tollgate-system:tollgate-gateway"}
 ---
-# What the gateway does after a budget breach (config/gateway/rbac.yaml grants the same).
+# What the gateway does after a budget breach and for the audit read API (config/gateway/rbac.yaml
+# grants the same).
 apiVersion: rbac.authorization.k8s.io/v1
 kind: ClusterRole
 metadata: {name: tollgate-e2e-gateway-breach}
@@ -141,6 +142,9 @@ rules:
 - {apiGroups: [tollgate.dev], resources: [agentidentities], verbs: [get, patch]}
 - {apiGroups: [events.k8s.io], resources: [events], verbs: [create, patch]}
 - {apiGroups: [""], resources: [secrets], resourceNames: [tollgate-notify], verbs: [get]}
+# The audit read API: who is asking, and may they read that namespace.
+- {apiGroups: [authentication.k8s.io], resources: [tokenreviews], verbs: [create]}
+- {apiGroups: [authorization.k8s.io], resources: [subjectaccessreviews], verbs: [create]}
 ---
 apiVersion: rbac.authorization.k8s.io/v1
 kind: ClusterRoleBinding

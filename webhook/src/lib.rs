@@ -30,6 +30,8 @@ pub struct GatewayConfig {
     pub audit: tollgate_audit::AuditLog,
     /// The audit store read back after a restart.
     pub history: Arc<dyn gateway::History>,
+    /// The same store, for the authenticated read API.
+    pub records: Arc<dyn gateway::read::Records>,
 }
 
 impl std::fmt::Debug for GatewayConfig {
@@ -77,7 +79,11 @@ pub async fn run_in_cluster(
             client.clone(),
             tollgate_namespace,
         ));
-        (config.listen, gateway::router(Arc::new(gateway)))
+        let reader = gateway::read::Reader::new(config.records, client.clone());
+        (
+            config.listen,
+            gateway::router(Arc::new(gateway)).merge(gateway::read::router(reader)),
+        )
     });
     let state = Arc::new(AdmissionState {
         view,

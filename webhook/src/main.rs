@@ -107,6 +107,7 @@ async fn open_audit(
 ) -> anyhow::Result<(
     tollgate_audit::AuditLog,
     std::sync::Arc<dyn tollgate_webhook::gateway::History>,
+    std::sync::Arc<dyn tollgate_webhook::gateway::read::Records>,
 )> {
     use std::sync::Arc;
     use tollgate_audit::{AuditLog, PostgresStore, SqliteStore, WriterConfig};
@@ -116,11 +117,19 @@ async fn open_audit(
         || audit.contains("host=")
     {
         let store = Arc::new(PostgresStore::connect(audit).await?);
-        Ok((AuditLog::open(store.clone(), config).await?.0, store))
+        Ok((
+            AuditLog::open(store.clone(), config).await?.0,
+            store.clone(),
+            store,
+        ))
     } else {
         let path = audit.strip_prefix("sqlite:").unwrap_or(audit);
         let store = Arc::new(SqliteStore::open(path)?);
-        Ok((AuditLog::open(store.clone(), config).await?.0, store))
+        Ok((
+            AuditLog::open(store.clone(), config).await?.0,
+            store.clone(),
+            store,
+        ))
     }
 }
 
@@ -150,7 +159,7 @@ async fn standalone(
         Some(path) => gateway::Escalation::load_targets(path)?,
         None => Default::default(),
     };
-    let (log, history) = open_audit(&audit, chain).await?;
+    let (log, history, _) = open_audit(&audit, chain).await?;
     let policies = WatchedDir::start(policies, std::time::Duration::from_secs(1));
     let mut gateway = gateway::Gateway::new(policies, keys, log, Redactor::default())
         .with_history(history)
@@ -211,11 +220,12 @@ async fn main() -> anyhow::Result<()> {
     };
     let gateway = match (args.gateway_listen, &args.audit) {
         (Some(listen), Some(audit)) => {
-            let (audit, history) = open_audit(audit, args.chain.clone()).await?;
+            let (audit, history, records) = open_audit(audit, args.chain.clone()).await?;
             Some(tollgate_webhook::GatewayConfig {
                 listen,
                 audit,
                 history,
+                records,
             })
         }
         _ => None,

@@ -663,3 +663,214 @@ spec:
     assert_eq!(change.candidate.deny_code(), Some(DenyCode::ToolNotAllowed));
     assert!(change.redacted_arguments);
 }
+
+/// In a cluster the CLI reads through the gateway: a bearer token reviewed by the apiserver, and
+/// a SubjectAccessReview per namespace the answer touches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_reads_through_the_gateway_only_what_rbac_lets_it() {
+    use kubectl_tollgate::audit::{Action, Location};
+    use tollgate_e2e::{User, control_plane};
+    use tollgate_webhook::gateway::read::{Reader, router};
+
+    let cp = control_plane();
+    tollgate_e2e::admission::webhook();
+    let allowed_ns = cp.namespace("audit-read").await;
+    let other_ns = cp.namespace("audit-other").await;
+
+    // Records of an agent in each namespace.
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path().join("audit.db")).unwrap());
+    let log = open(&store, "gw-read").await;
+    let t0: Timestamp = "2026-11-25T10:00:00Z".parse().unwrap();
+    for (ns, run) in [(&allowed_ns, "run-mine"), (&other_ns, "run-theirs")] {
+        for step in 1..=3 {
+            let mut entry = decide(t0, "support", run, step, "read_customer_record", step != 2);
+            entry.agent = Some(format!("{ns}/support"));
+            log.append(entry).await.unwrap();
+        }
+    }
+
+    // The read API as the gateway's ServiceAccount (impersonated; the harness grants it the
+    // shipped rights), on loopback.
+    let as_gateway = {
+        let mut config = kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(cp.kubeconfig(User::Admin)).unwrap(),
+            &Default::default(),
+        )
+        .await
+        .unwrap();
+        config.auth_info.impersonate = Some(tollgate_e2e::admission::GATEWAY.to_owned());
+        kube::Client::try_from(config).unwrap()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let app = router(Reader::new(store.clone(), as_gateway));
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    // An auditor ServiceAccount allowed to read one namespace: the shipped
+    // tollgate-audit-reader, bound there.
+    let kubectl = |args: &[&str]| {
+        let output = cp.kubectl(User::Admin).args(args).output().unwrap();
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    };
+    kubectl(&["create", "serviceaccount", "auditor", "-n", &allowed_ns]);
+    // The shipped reader role, exactly as config/gateway/rbac.yaml has it.
+    let rbac = std::fs::read_to_string(tollgate_e2e::repo_root().join("config/gateway/rbac.yaml"))
+        .unwrap();
+    let reader_role = rbac
+        .split("\n---")
+        .find(|doc| doc.contains("name: tollgate-audit-reader}"))
+        .expect("config/gateway/rbac.yaml ships tollgate-audit-reader");
+    let file = dir.path().join("reader.yaml");
+    std::fs::write(&file, reader_role).unwrap();
+    kubectl(&["apply", "-f", file.to_str().unwrap()]);
+    kubectl(&[
+        "create",
+        "rolebinding",
+        "auditor",
+        "-n",
+        &allowed_ns,
+        "--clusterrole=tollgate-audit-reader",
+        &format!("--serviceaccount={allowed_ns}:auditor"),
+    ]);
+    let token = kubectl(&["create", "token", "auditor", "-n", &allowed_ns])
+        .trim()
+        .to_owned();
+    let remote = |token: Option<&str>| {
+        let mut location: Location = url.parse().unwrap();
+        if let Location::Gateway(remote) = &mut location {
+            remote.token = token.map(str::to_owned);
+        }
+        location
+    };
+    let replay = |run: &str| Action::Replay {
+        run: run.into(),
+        json: false,
+    };
+
+    // Its own namespace: the timeline, every seal checked on the way.
+    let mine = kubectl_tollgate::audit::run(&remote(Some(&token)), replay("run-mine"))
+        .await
+        .unwrap();
+    assert!(mine.text.contains("read_customer_record"), "{}", mine.text);
+    assert!(
+        mine.text.contains("3 record(s)") && mine.text.contains("step 3"),
+        "{}",
+        mine.text
+    );
+    let export = kubectl_tollgate::audit::run(
+        &remote(Some(&token)),
+        Action::Export {
+            since: t0 - jiff::SignedDuration::from_hours(1),
+            agent: Some(format!("{allowed_ns}/support")),
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(export.text.lines().count(), 3);
+
+    // Another namespace, or everything at once, is refused, naming the namespace.
+    let theirs = kubectl_tollgate::audit::run(&remote(Some(&token)), replay("run-theirs"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        theirs.contains("403") && theirs.contains(&format!("namespace {other_ns}")),
+        "{theirs}"
+    );
+    let all = kubectl_tollgate::audit::run(
+        &remote(Some(&token)),
+        Action::Export {
+            since: t0 - jiff::SignedDuration::from_hours(1),
+            agent: None,
+        },
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        all.contains(&format!("namespace {other_ns}"))
+            && !all.contains(&format!("namespace {allowed_ns},")),
+        "{all}"
+    );
+    // Asking for an agent it may not read says so even when there is nothing to read.
+    let empty = kubectl_tollgate::audit::run(
+        &remote(Some(&token)),
+        Action::Export {
+            since: t0,
+            agent: Some(format!("{other_ns}/nobody")),
+        },
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(empty.contains("403"), "{empty}");
+
+    // No token, a forged token: refused before anything is read.
+    let none = kubectl_tollgate::audit::run(&remote(None), replay("run-mine"))
+        .await
+        .unwrap_err();
+    assert!(none.to_string().contains("bearer token"), "{none}");
+    let forged = kubectl_tollgate::audit::run(
+        &remote(Some("eyJhbGciOiJub25lIn0.e30.")),
+        replay("run-mine"),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(forged.contains("401"), "{forged}");
+    // verify walks whole chains and says where to run it.
+    let verify = kubectl_tollgate::audit::run(
+        &remote(Some(&token)),
+        Action::Verify {
+            deep: false,
+            heads: vec![],
+        },
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(verify.contains("reads the store itself"), "{verify}");
+    // Plain http to anything but loopback is refused before a token is sent.
+    let err = "http://gateway.example:8443"
+        .parse::<Location>()
+        .unwrap_err();
+    assert!(err.contains("in the clear"), "{err}");
+
+    // A reader in the middle that changes a body is caught by the seal check.
+    let record = store
+        .query(&tollgate_audit::Query {
+            run: Some("run-mine".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .remove(0);
+    let forged = json!({"chain": record.chain, "seq": record.seq, "prev": record.prev,
+        "hash": record.hash, "body": record.body.replace("read_customer_record", "send_customer_email")})
+    .to_string();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let forger = format!("http://{}", listener.local_addr().unwrap());
+    let app = axum::Router::new().route(
+        "/v1/audit/records",
+        axum::routing::get(move || {
+            let forged = forged.clone();
+            async move { forged }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let mut location: Location = forger.parse().unwrap();
+    if let Location::Gateway(remote) = &mut location {
+        remote.token = Some(token.clone());
+    }
+    let caught = kubectl_tollgate::audit::run(&location, replay("run-mine"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(caught.contains("does not match its seal"), "{caught}");
+}

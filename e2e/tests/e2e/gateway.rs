@@ -307,6 +307,7 @@ async fn the_shipped_gateway_manifests_apply_and_grant_only_what_the_gateway_nee
     };
     for allowed in [
         &["create", "tokenreviews.authentication.k8s.io"][..],
+        &["create", "subjectaccessreviews.authorization.k8s.io"],
         &["watch", "agentidentities.tollgate.dev", "-A"],
         &["create", "approvalrequests.tollgate.dev", "-n", "team-a"],
         &["patch", "agentidentities.tollgate.dev", "-n", "team-a"],

@@ -18,6 +18,7 @@ pub mod escalate;
 pub mod keys;
 pub mod mcp;
 pub mod policies;
+pub mod read;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

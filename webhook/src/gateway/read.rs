@@ -1,0 +1,305 @@
+//! The audit trail's read API in a cluster, for `kubectl tollgate audit --store https://…`:
+//! `GET /v1/audit/records?run=ID | agent=NS/NAME | since=RFC3339` answers the sealed records as
+//! JSON lines (`chain`, `seq`, `prev`, `hash`, `body`), oldest first, so the reader checks every
+//! seal itself.
+//!
+//! Callers authenticate with a bearer token the apiserver accepts (TokenReview, any audience a
+//! person's kubectl token carries), and may read the records of an agent's namespace only when a
+//! SubjectAccessReview says they may `get auditrecords.tollgate.dev` there (records with no agent,
+//! such as refused unauthenticated requests, need it in every namespace). A request that touches
+//! a namespace the caller may not read is refused, naming it; nothing is dropped silently.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Query as QueryParams, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, UserInfo};
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+};
+use kube::api::{Api, PostParams};
+use serde::Deserialize;
+use serde_json::json;
+use tollgate_audit::{Query, Record, Store};
+
+/// The API group and resource a SubjectAccessReview asks about.
+pub const RESOURCE: (&str, &str) = ("tollgate.dev", "auditrecords");
+/// The most records one answer holds; narrower queries read the rest.
+pub const MAX_RECORDS: u64 = 200_000;
+
+/// Where the records come from.
+pub trait Records: Send + Sync + 'static {
+    /// The records `query` selects, oldest first.
+    fn records<'a>(
+        &'a self,
+        query: Query,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<Vec<Record>, String>> + Send + 'a>>;
+}
+
+impl<S: Store> Records for S {
+    fn records<'a>(
+        &'a self,
+        query: Query,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<Vec<Record>, String>> + Send + 'a>> {
+        Box::pin(async move { self.query(&query).await.map_err(|e| e.to_string()) })
+    }
+}
+
+/// The read API's state.
+#[derive(Clone)]
+pub struct Reader {
+    records: Arc<dyn Records>,
+    client: kube::Client,
+}
+
+impl std::fmt::Debug for Reader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reader").finish_non_exhaustive()
+    }
+}
+
+impl Reader {
+    /// Reads `records`, authenticating and authorising through `client` (the gateway's
+    /// ServiceAccount: it may create TokenReviews and SubjectAccessReviews).
+    pub fn new(records: Arc<dyn Records>, client: kube::Client) -> Self {
+        Reader { records, client }
+    }
+}
+
+/// The routes.
+pub fn router(reader: Reader) -> Router {
+    Router::new()
+        .route("/v1/audit/records", get(records))
+        .with_state(reader)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Params {
+    run: Option<String>,
+    agent: Option<String>,
+    since: Option<String>,
+}
+
+fn refuse(status: StatusCode, reason: &str, message: impl Into<String>) -> Response {
+    (
+        status,
+        axum::Json(json!({"error": reason, "message": message.into()})),
+    )
+        .into_response()
+}
+
+async fn authenticate(reader: &Reader, headers: &HeaderMap) -> Result<UserInfo, Response> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| {
+            refuse(
+                StatusCode::UNAUTHORIZED,
+                "Unauthenticated",
+                "send a bearer token the apiserver accepts",
+            )
+        })?;
+    let review = TokenReview {
+        spec: TokenReviewSpec {
+            token: Some(token.to_owned()),
+            audiences: None,
+        },
+        ..TokenReview::default()
+    };
+    let reviewed = Api::<TokenReview>::all(reader.client.clone())
+        .create(&PostParams::default(), &review)
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "TokenReview failed");
+            refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ReviewUnavailable",
+                "the token could not be reviewed; try again",
+            )
+        })?;
+    let status = reviewed.status.unwrap_or_default();
+    match (status.authenticated, status.user) {
+        (Some(true), Some(user)) if user.username.is_some() => Ok(user),
+        _ => Err(refuse(
+            StatusCode::UNAUTHORIZED,
+            "Unauthenticated",
+            format!(
+                "the apiserver does not accept the token{}",
+                status.error.map(|e| format!(": {e}")).unwrap_or_default()
+            ),
+        )),
+    }
+}
+
+/// Whether `user` may read audit records of `namespace` ("" = every namespace).
+async fn may_read(reader: &Reader, user: &UserInfo, namespace: &str) -> Result<bool, Response> {
+    let review = SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: user.username.clone(),
+            groups: user.groups.clone(),
+            uid: user.uid.clone(),
+            extra: user.extra.clone(),
+            resource_attributes: Some(ResourceAttributes {
+                group: Some(RESOURCE.0.to_owned()),
+                resource: Some(RESOURCE.1.to_owned()),
+                verb: Some("get".to_owned()),
+                namespace: (!namespace.is_empty()).then(|| namespace.to_owned()),
+                ..ResourceAttributes::default()
+            }),
+            ..SubjectAccessReviewSpec::default()
+        },
+        ..SubjectAccessReview::default()
+    };
+    let answer = Api::<SubjectAccessReview>::all(reader.client.clone())
+        .create(&PostParams::default(), &review)
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "SubjectAccessReview failed");
+            refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ReviewUnavailable",
+                "access could not be reviewed; try again",
+            )
+        })?;
+    Ok(answer.status.is_some_and(|s| s.allowed))
+}
+
+async fn records(
+    State(reader): State<Reader>,
+    headers: HeaderMap,
+    params: Result<QueryParams<Params>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let user = match authenticate(&reader, &headers).await {
+        Ok(user) => user,
+        Err(response) => return response,
+    };
+    let username = user.username.clone().unwrap_or_default();
+    let QueryParams(params) = match params {
+        Ok(params) => params,
+        Err(e) => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "BadQuery",
+                format!("{e}; accepted: run, agent, since"),
+            );
+        }
+    };
+    let since_us = match params.since.as_deref().map(str::parse::<jiff::Timestamp>) {
+        None => None,
+        Some(Ok(t)) => Some(t.as_microsecond()),
+        Some(Err(e)) => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "BadQuery",
+                format!("since: {e}; give an RFC 3339 time"),
+            );
+        }
+    };
+    if let Some(agent) = &params.agent
+        && agent
+            .split_once('/')
+            .is_none_or(|(ns, n)| ns.is_empty() || n.is_empty())
+    {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "BadQuery",
+            format!("agent {agent:?}: expected NAMESPACE/NAME"),
+        );
+    }
+    if params.run.is_none() && params.agent.is_none() && since_us.is_none() {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "BadQuery",
+            "name a run, an agent or a since time",
+        );
+    }
+    let query = Query {
+        run: params.run.clone(),
+        agent: params.agent.clone(),
+        since_us,
+        limit: Some(MAX_RECORDS + 1),
+        ..Query::default()
+    };
+    let found = match reader.records.records(query).await {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::error!(error = %e, "audit store unreadable");
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "AuditUnavailable",
+                "the audit store cannot be read",
+            );
+        }
+    };
+    if found.len() as u64 > MAX_RECORDS {
+        return refuse(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "TooManyRecords",
+            format!("more than {MAX_RECORDS} records match; narrow with agent= or a later since="),
+        );
+    }
+    // The namespaces the answer touches, each reviewed once; the agent asked about counts even
+    // when it has no records, so an empty answer says nothing to someone who may not read it.
+    let mut namespaces: BTreeSet<String> = found
+        .iter()
+        .map(|r| {
+            r.index
+                .agent
+                .as_deref()
+                .and_then(|a| a.split_once('/'))
+                .map_or(String::new(), |(ns, _)| ns.to_owned())
+        })
+        .collect();
+    if let Some((ns, _)) = params.agent.as_deref().and_then(|a| a.split_once('/')) {
+        namespaces.insert(ns.to_owned());
+    }
+    let mut refused = Vec::new();
+    for namespace in &namespaces {
+        match may_read(&reader, &user, namespace).await {
+            Ok(true) => {}
+            Ok(false) => refused.push(if namespace.is_empty() {
+                "records with no agent (all namespaces)".to_owned()
+            } else {
+                format!("namespace {namespace}")
+            }),
+            Err(response) => return response,
+        }
+    }
+    if !refused.is_empty() {
+        tracing::info!(user = %username, refused = ?refused, "audit read refused");
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            format!(
+                "{username} may not read audit records of {} (needs get on {}.{} there); narrow the query with agent=",
+                refused.join(", "),
+                RESOURCE.1,
+                RESOURCE.0
+            ),
+        );
+    }
+    let mut body = String::new();
+    for record in &found {
+        body.push_str(
+            &json!({"chain": record.chain, "seq": record.seq, "prev": record.prev,
+                    "hash": record.hash, "body": record.body})
+            .to_string(),
+        );
+        body.push('\n');
+    }
+    tracing::info!(user = %username, records = found.len(), "audit records read");
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        body,
+    )
+        .into_response()
+}
