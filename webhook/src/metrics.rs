@@ -1,7 +1,9 @@
-//! The webhook's metrics: one registry, names `tollgate_admission_*`, labels from closed sets.
+//! The webhook's metrics: one registry, names `tollgate_admission_*` and `tollgate_gateway_*`,
+//! labels from closed sets.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 
 /// Admission metrics.
@@ -12,6 +14,16 @@ pub struct Metrics {
     pub reviews: IntCounterVec,
     /// Time to answer a review, by endpoint.
     pub duration: HistogramVec,
+    /// Gateway decisions, by decision (allow, deny, requireApproval, halt) and deny code.
+    pub decisions: IntCounterVec,
+    /// Time to decide and record one call, before any approval wait.
+    pub decision_duration: prometheus::Histogram,
+    /// Requests the gateway refused before deciding, by path kind (api, mcp).
+    pub refusals: IntCounterVec,
+    /// Calls waiting for people now.
+    pub waiting: IntGauge,
+    /// Budget breaches escalated.
+    pub breaches: IntCounter,
 }
 
 impl Default for Metrics {
@@ -36,16 +48,59 @@ impl Default for Metrics {
             &["endpoint"],
         )
         .expect("a valid metric");
-        registry
-            .register(Box::new(reviews.clone()))
-            .expect("registered once");
-        registry
-            .register(Box::new(duration.clone()))
-            .expect("registered once");
+        let decisions = IntCounterVec::new(
+            Opts::new("tollgate_gateway_decisions_total", "Tool calls decided"),
+            &["decision", "code"],
+        )
+        .expect("a valid metric");
+        let decision_duration = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "tollgate_gateway_decision_duration_seconds",
+                "Time to decide and durably record one call",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5,
+            ]),
+        )
+        .expect("a valid metric");
+        let refusals = IntCounterVec::new(
+            Opts::new(
+                "tollgate_gateway_refusals_total",
+                "Requests refused before a decision (unauthenticated, malformed, oversized)",
+            ),
+            &["surface"],
+        )
+        .expect("a valid metric");
+        let waiting = IntGauge::new(
+            "tollgate_gateway_approvals_waiting",
+            "Calls waiting for an approval decision",
+        )
+        .expect("a valid metric");
+        let breaches = IntCounter::new(
+            "tollgate_gateway_breaches_total",
+            "Budget breaches that halted a run and were escalated",
+        )
+        .expect("a valid metric");
+        for collector in [
+            Box::new(reviews.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(duration.clone()),
+            Box::new(decisions.clone()),
+            Box::new(decision_duration.clone()),
+            Box::new(refusals.clone()),
+            Box::new(waiting.clone()),
+            Box::new(breaches.clone()),
+        ] {
+            registry.register(collector).expect("registered once");
+        }
         Metrics {
             registry,
             reviews,
             duration,
+            decisions,
+            decision_duration,
+            refusals,
+            waiting,
+            breaches,
         }
     }
 }

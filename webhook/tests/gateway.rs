@@ -820,3 +820,42 @@ async fn a_breach_halts_notifies_once_and_engages_the_kill_switch_when_the_polic
     let freed = h.decide("r4", "read_customer_record", args).await;
     assert_eq!(freed["decision"], "allow", "{freed}");
 }
+
+#[tokio::test]
+async fn metrics_count_decisions_by_kind_and_refusals() {
+    let h = harness().await;
+    let args = json!({"customer_id": "C000042"});
+    h.decide("m1", "read_customer_record", args.clone()).await;
+    h.decide("m1", "read_customer_record", args).await;
+    let blocked = h.decide("m1", "delete_customer_record", json!({})).await;
+    let code = blocked["code"].as_str().unwrap().to_owned();
+    let (status, _) = h
+        .post_raw("/v1/decide", Some("not-a-key"), &[], b"{}".to_vec())
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let response = h
+        .app
+        .clone()
+        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let text = String::from_utf8(
+        response
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    for line in [
+        "tollgate_gateway_decisions_total{code=\"\",decision=\"allow\"} 2".to_owned(),
+        format!("tollgate_gateway_decisions_total{{code=\"{code}\",decision=\"deny\"}} 1"),
+        "tollgate_gateway_refusals_total{surface=\"api\"} 1".to_owned(),
+        "tollgate_gateway_decision_duration_seconds_count 3".to_owned(),
+        "tollgate_gateway_approvals_waiting 0".to_owned(),
+    ] {
+        assert!(text.contains(&line), "{line} missing from\n{text}");
+    }
+}

@@ -119,9 +119,19 @@ impl Gateway {
         let object = created.metadata.name.clone().unwrap_or_default();
         tracing::info!(agent = %caller.agent, %tool, request = %object, "call waits for approval");
 
+        // Counted while waiting, also when the caller goes away mid-wait.
+        struct Waiting(prometheus::IntGauge);
+        impl Drop for Waiting {
+            fn drop(&mut self) {
+                self.0.dec();
+            }
+        }
+        self.metrics.waiting.inc();
+        let waiting = Waiting(self.metrics.waiting.clone());
         let (phase, approvers) = self
             .wait(&api, &object, &caller.agent, created, expires)
             .await;
+        drop(waiting);
         let full_name = format!("{namespace}/{object}");
         let decision = match phase {
             Phase::Approved => Decision::Allow {

@@ -80,6 +80,7 @@ impl Gateway {
         let mut entry = Entry::new((self.now)(), Event::Rejected, identity_of(holder));
         entry.agent = holder.map(|h| h.agent.clone());
         entry.error = Some(format!("/mcp/{upstream}: {error}"));
+        self.metrics.refusals.with_label_values(&["mcp"]).inc();
         self.audit
             .append(entry)
             .await

@@ -165,6 +165,7 @@ pub struct Gateway {
     secrets: Option<std::path::PathBuf>,
     history: Option<Arc<dyn History>>,
     escalation: Arc<Escalation>,
+    pub(crate) metrics: crate::metrics::Metrics,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -197,7 +198,14 @@ impl Gateway {
             secrets: None,
             history: None,
             escalation: Arc::new(Escalation::default()),
+            metrics: crate::metrics::Metrics::default(),
         }
+    }
+
+    /// Counts into `metrics` (shared with the probe port's /metrics in a cluster).
+    pub fn with_metrics(mut self, metrics: crate::metrics::Metrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Escalates budget breaches with `escalation` (notification targets, Events, kill switch).
@@ -225,6 +233,7 @@ impl Gateway {
             notify: policy.breach_notify().to_vec(),
             engage_kill_switch: policy.breach_engages_kill_switch(),
         };
+        self.metrics.breaches.inc();
         if self.escalation.escalate(breach).await {
             let mut kill = Entry::new((self.now)(), Event::Kill, identity_of(Some(holder)));
             kill.agent = Some(holder.agent.clone());
@@ -463,6 +472,16 @@ impl Gateway {
             Ok(appended) => appended,
             Err(e) => return Err(audit_unavailable(e)),
         };
+        self.metrics
+            .decisions
+            .with_label_values(&[
+                decision_kind(&decision),
+                decision.deny_code().map_or("", |c| c.as_str()),
+            ])
+            .inc();
+        self.metrics
+            .decision_duration
+            .observe(started.elapsed().as_secs_f64());
         if let (Decision::Halt { ceiling, .. }, Some(policy), false) =
             (&decision, &policy, was_halted)
         {
@@ -491,6 +510,7 @@ impl Gateway {
         entry.agent = Some(caller.agent.clone());
         entry.tool = tool.map(str::to_owned);
         entry.error = Some(format!("{path}: {}: {}", refusal.code, refusal.message));
+        self.metrics.refusals.with_label_values(&["api"]).inc();
         match self.audit.append(entry).await {
             Ok(_) => refusal.response(),
             Err(e) => audit_unavailable(e),
@@ -505,7 +525,22 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/v1/report", post(report))
         .route("/mcp/{upstream}", post(mcp::proxy))
         .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .route(
+            "/metrics",
+            axum::routing::get(|State(gateway): State<Arc<Gateway>>| async move {
+                gateway.metrics.render()
+            }),
+        )
         .with_state(gateway)
+}
+
+fn decision_kind(decision: &Decision) -> &'static str {
+    match decision {
+        Decision::Allow { .. } => "allow",
+        Decision::Deny { .. } => "deny",
+        Decision::RequireApproval { .. } => "requireApproval",
+        Decision::Halt { .. } => "halt",
+    }
 }
 
 /// A refusal before any decision: what is wrong, as a stable code and words.
@@ -617,6 +652,7 @@ async fn admit<T: for<'de> Deserialize<'de>>(
         let mut entry = Entry::new((gateway.now)(), Event::Rejected, identity_of(holder));
         entry.agent = holder.map(|h| h.agent.clone());
         entry.error = Some(format!("{path}: {}: {}", refusal.code, refusal.message));
+        gateway.metrics.refusals.with_label_values(&["api"]).inc();
         match gateway.audit.append(entry).await {
             Ok(_) => refusal.response(),
             Err(e) => audit_unavailable(e),
