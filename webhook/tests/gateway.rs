@@ -538,7 +538,36 @@ async fn the_openapi_document_matches_what_the_gateway_accepts() {
         names.sort();
         names
     };
-    assert_eq!(fields("DecideRequest"), ["arguments", "runId", "tool"]);
+    assert_eq!(
+        fields("DecideRequest"),
+        ["approval", "arguments", "runId", "tool", "wait"]
+    );
+    // Both optional fields are accepted; approvals need a cluster, which standalone says.
+    let h = harness().await;
+    let (status, body) = h
+        .post(
+            "/v1/decide",
+            SUPPORT_KEY,
+            json!({"runId": "o1", "tool": "read_customer_record",
+                   "arguments": {"customer_id": "C000042"}, "wait": false}),
+        )
+        .await;
+    assert_eq!(
+        (status, &body["decision"]),
+        (StatusCode::OK, &json!("allow"))
+    );
+    let (status, body) = h
+        .post(
+            "/v1/decide",
+            SUPPORT_KEY,
+            json!({"runId": "o1", "tool": "send_customer_email", "arguments": {}, "approval": "x"}),
+        )
+        .await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (StatusCode::BAD_REQUEST, &json!("NoApprovals")),
+        "{body}"
+    );
     assert_eq!(
         fields("ReportRequest"),
         ["error", "result", "runId", "tool", "usage"]

@@ -213,6 +213,67 @@ async fn an_agent_token_calls_through_the_gateway_and_the_kill_switch_stops_the_
     assert_eq!(status, 200, "{released}");
     assert_eq!(released["decision"], "allow", "{released}");
 
+    // The same without waiting: 202 with the request at once, redeemed after alice approves,
+    // exactly once, and only for exactly those arguments.
+    let post = |body: Value| {
+        let (http, url, token) = (http.clone(), url.clone(), token.to_owned());
+        async move {
+            let response = http
+                .post(format!("{url}/v1/decide"))
+                .bearer_auth(&token)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            (
+                response.status().as_u16(),
+                response.json::<Value>().await.unwrap(),
+            )
+        }
+    };
+    let later = email("later");
+    let (status, pending) = post(json!({"runId": "run-1", "tool": "send_customer_email",
+        "arguments": later, "wait": false}))
+    .await;
+    assert_eq!(status, 202, "{pending}");
+    assert_eq!(pending["decision"], "requireApproval", "{pending}");
+    let ticket = pending["approvalRequest"]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(pending["approvalRequest"]["namespace"], ns.as_str());
+    let redeem = |arguments: Value| {
+        json!({"runId": "run-1", "tool": "send_customer_email", "arguments": arguments,
+               "approval": ticket})
+    };
+    let (status, undecided) = post(redeem(later.clone())).await;
+    assert_eq!(status, 202, "{undecided}");
+    requests
+        .patch(&ticket, &PatchParams::default(), &approve)
+        .await
+        .expect("alice may approve");
+    let (status, changed) = post(redeem(email("something else"))).await;
+    assert_eq!(
+        (status, &changed["code"]),
+        (200, &json!("ApprovalDenied")),
+        "{changed}"
+    );
+    let (status, once) = post(redeem(later.clone())).await;
+    assert_eq!(
+        (status, &once["decision"]),
+        (200, &json!("allow")),
+        "{once}"
+    );
+    let (_, twice) = post(redeem(later.clone())).await;
+    assert_eq!(twice["code"], "ApprovalDenied", "{twice}");
+    assert!(
+        twice["message"]
+            .as_str()
+            .unwrap()
+            .contains("already released"),
+        "{twice}"
+    );
+
     // A second e-mail waits; engaging the kill switch releases it as denied.
     let waiting = tokio::spawn({
         let (http, url, token) = (http.clone(), url.clone(), token.to_owned());

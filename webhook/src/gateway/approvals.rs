@@ -40,25 +40,33 @@ fn name_prefix(tool: &str) -> String {
     prefix
 }
 
+/// An ApprovalRequest the gateway created for a pending call.
+struct Created {
+    api: Api<ApprovalRequest>,
+    name: String,
+    namespace: String,
+    latest: ApprovalRequest,
+    expires: Timestamp,
+}
+
 impl Gateway {
-    /// For a call the engine sent to people: creates its ApprovalRequest, waits for the outcome
-    /// and records it. Returns the final decision: allowed (the call is charged to the run now),
-    /// or denied with `ApprovalDenied`, `ApprovalExpired` or `KillSwitch`. Outside a cluster the
-    /// pending decision is returned as it is.
-    pub(crate) async fn await_approval(
+    /// Creates the ApprovalRequest of a pending call, as the gateway's ServiceAccount. None when
+    /// the decision is not pending or there is no cluster.
+    async fn create_request(
         &self,
         caller: &Caller,
         run: &str,
         tool: &str,
         arguments: &Value,
-        decided: Decided,
-    ) -> Result<Decided, axum::response::Response> {
-        let Decision::RequireApproval { rule, approval } = &decided.decision else {
-            return Ok(decided);
+        decided: &Decided,
+    ) -> Result<Option<Created>, axum::response::Response> {
+        let Decision::RequireApproval { approval, .. } = &decided.decision else {
+            return Ok(None);
         };
         let Policies::Cluster(cluster) = &self.policies else {
-            return Ok(decided);
+            return Ok(None);
         };
+        let rule = decided.decision.rule();
         let (namespace, name) = caller
             .agent
             .split_once('/')
@@ -117,6 +125,40 @@ impl Gateway {
             .await
             .map_err(|e| audit_unavailable(format!("create ApprovalRequest: {e}")))?;
         let object = created.metadata.name.clone().unwrap_or_default();
+        Ok(Some(Created {
+            api,
+            name: object,
+            namespace: namespace.to_owned(),
+            latest: created,
+            expires,
+        }))
+    }
+
+    /// For a call the engine sent to people: creates its ApprovalRequest, waits for the outcome
+    /// and records it. Returns the final decision: allowed (the call is charged to the run now),
+    /// or denied with `ApprovalDenied`, `ApprovalExpired` or `KillSwitch`. Outside a cluster the
+    /// pending decision is returned as it is.
+    pub(crate) async fn await_approval(
+        &self,
+        caller: &Caller,
+        run: &str,
+        tool: &str,
+        arguments: &Value,
+        decided: Decided,
+    ) -> Result<Decided, axum::response::Response> {
+        let Some(Created {
+            api,
+            name: object,
+            namespace,
+            latest: created,
+            expires,
+        }) = self
+            .create_request(caller, run, tool, arguments, &decided)
+            .await?
+        else {
+            return Ok(decided);
+        };
+        let rule = decided.decision.rule().clone();
         tracing::info!(agent = %caller.agent, %tool, request = %object, "call waits for approval");
 
         // Counted while waiting, also when the caller goes away mid-wait.
@@ -133,6 +175,36 @@ impl Gateway {
             .await;
         drop(waiting);
         let full_name = format!("{namespace}/{object}");
+        self.settle(
+            caller,
+            run,
+            tool,
+            arguments,
+            rule,
+            decided.step,
+            decided.policy,
+            phase,
+            approvers,
+            full_name,
+        )
+        .await
+    }
+
+    /// Records how a pending call ended and charges an approved one to its run.
+    #[allow(clippy::too_many_arguments)]
+    async fn settle(
+        &self,
+        caller: &Caller,
+        run: &str,
+        tool: &str,
+        arguments: &Value,
+        rule: tollgate_engine::RuleRef,
+        step: Option<u64>,
+        policy: Option<std::sync::Arc<tollgate_engine::CompiledPolicy>>,
+        phase: Phase,
+        approvers: Vec<String>,
+        full_name: String,
+    ) -> Result<Decided, axum::response::Response> {
         let decision = match phase {
             Phase::Approved => Decision::Allow {
                 rule: rule.clone(),
@@ -176,7 +248,7 @@ impl Gateway {
         let mut entry = Entry::new((self.now)(), Event::Approval, identity_of(Some(caller)));
         entry.agent = Some(caller.agent.clone());
         entry.run = Some(run.to_owned());
-        entry.step = decided.step;
+        entry.step = step;
         entry.tool = Some(tool.to_owned());
         entry.decision = Some(decision.clone());
         entry.approval = Some(ApprovalRef {
@@ -187,9 +259,9 @@ impl Gateway {
         let audit = self.audit.append(entry).await.map_err(audit_unavailable)?;
         Ok(Decided {
             decision,
-            step: decided.step,
+            step,
             audit,
-            policy: decided.policy,
+            policy,
         })
     }
 
@@ -254,5 +326,279 @@ impl Gateway {
                 return (Phase::Expired, approvers(&latest));
             }
         }
+    }
+}
+
+/// The ApprovalRequest of a pending call, returned at once when the caller does not wait.
+#[derive(Debug, Clone)]
+pub(crate) struct Ticket {
+    pub namespace: String,
+    pub name: String,
+    pub expires: Timestamp,
+}
+
+impl Ticket {
+    pub(crate) fn json(&self) -> Value {
+        serde_json::json!({"namespace": self.namespace, "name": self.name,
+                           "expiresAt": self.expires.to_string()})
+    }
+}
+
+/// What redeeming an approval gave.
+pub(crate) enum Redeemed {
+    /// Released (allowed once) or refused, and recorded.
+    Settled(Box<Decided>),
+    /// Nobody has decided yet; ask again.
+    Pending(Ticket),
+}
+
+impl Gateway {
+    /// `wait: false`: creates the call's ApprovalRequest, records it as pending and returns at
+    /// once; the caller redeems it later with [`Gateway::redeem`].
+    pub(crate) async fn request_approval(
+        &self,
+        caller: &Caller,
+        run: &str,
+        tool: &str,
+        arguments: &Value,
+        decided: Decided,
+    ) -> Result<(Decided, Option<Ticket>), axum::response::Response> {
+        let Some(created) = self
+            .create_request(caller, run, tool, arguments, &decided)
+            .await?
+        else {
+            return Ok((decided, None));
+        };
+        let ticket = Ticket {
+            namespace: created.namespace,
+            name: created.name,
+            expires: created.expires,
+        };
+        let mut entry = Entry::new((self.now)(), Event::Approval, identity_of(Some(caller)));
+        entry.agent = Some(caller.agent.clone());
+        entry.run = Some(run.to_owned());
+        entry.step = decided.step;
+        entry.tool = Some(tool.to_owned());
+        entry.decision = Some(decided.decision.clone());
+        entry.approval = Some(ApprovalRef {
+            name: format!("{}/{}", ticket.namespace, ticket.name),
+            phase: "Pending".to_owned(),
+            approvers: Vec::new(),
+        });
+        let audit = self.audit.append(entry).await.map_err(audit_unavailable)?;
+        Ok((Decided { audit, ..decided }, Some(ticket)))
+    }
+
+    /// Redeems the ApprovalRequest `name` for exactly this call: the agent's own request, for
+    /// this run, this tool and arguments with the same digest, approved, and not released
+    /// before (in this process or, after a restart, in the run's audit trail). A pending request
+    /// is reported as pending; anything else is a recorded denial.
+    pub(crate) async fn redeem(
+        &self,
+        caller: &Caller,
+        run: &str,
+        tool: &str,
+        arguments: &Value,
+        name: &str,
+    ) -> Result<Redeemed, axum::response::Response> {
+        use super::Refusal;
+        use axum::http::StatusCode;
+        let Policies::Cluster(cluster) = &self.policies else {
+            return Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "NoApprovals",
+                "approvals are ApprovalRequests in a cluster; this gateway runs standalone",
+            )
+            .response());
+        };
+        let (namespace, agent_name) = caller
+            .agent
+            .split_once('/')
+            .unwrap_or(("default", caller.agent.as_str()));
+        let full_name = format!("{namespace}/{name}");
+        let Some(agent) = self.policies.agent(&caller.agent) else {
+            return Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                "UnknownAgent",
+                format!("agent {} has no AgentIdentity", caller.agent),
+            )
+            .response());
+        };
+        let policy = match &agent.policy {
+            Ok(policy) => policy.clone(),
+            Err(reason) => {
+                return Err(
+                    Refusal::new(StatusCode::CONFLICT, "NoPolicy", reason.clone()).response(),
+                );
+            }
+        };
+        self.hydrate(&agent.id, run, &policy, (self.now)()).await?;
+        let rule = tollgate_engine::RuleRef {
+            policy: policy.id().into(),
+            generation: policy.generation(),
+            policy_hash: policy.hash().into(),
+            tool: Some(tool.into()),
+            clause: format!("spec.tools.allowed[{tool}].approval").into(),
+        };
+        let deny = |code: DenyCode, message: String| {
+            let (rule, full_name) = (rule.clone(), full_name.clone());
+            async move {
+                self.record_redemption(
+                    caller,
+                    run,
+                    tool,
+                    Decision::Deny {
+                        code,
+                        rule,
+                        message,
+                    },
+                    &full_name,
+                )
+                .await
+                .map(|d| Redeemed::Settled(Box::new(d)))
+            }
+        };
+        let api: Api<ApprovalRequest> = Api::namespaced(cluster.client(), namespace);
+        let request = match api.get_opt(name).await {
+            Ok(Some(request)) => request,
+            Ok(None) => {
+                return deny(
+                    DenyCode::ApprovalDenied,
+                    format!("there is no ApprovalRequest {full_name}"),
+                )
+                .await;
+            }
+            Err(e) => return Err(audit_unavailable(format!("read ApprovalRequest: {e}"))),
+        };
+        let spec = &request.spec;
+        if spec.identity_ref.name != agent_name
+            || spec.run_id != run
+            || spec.tool != tool
+            || spec.arguments_digest != tollgate_engine::canonical::digest(arguments)
+        {
+            return deny(
+                DenyCode::ApprovalDenied,
+                format!(
+                    "ApprovalRequest {full_name} was asked for agent {}, run {}, tool {} and arguments {}; it releases that call only",
+                    spec.identity_ref.name, spec.run_id, spec.tool, spec.arguments_digest
+                ),
+            )
+            .await;
+        }
+        let held = self.escalation.holds(&agent.id, agent.killed);
+        if agent.killed || held {
+            return deny(
+                DenyCode::KillSwitch,
+                format!("the kill switch of agent {} is engaged", caller.agent),
+            )
+            .await;
+        }
+        let mut phase = tollgate_engine::approval::phase(&request, (self.now)());
+        if phase.is_final()
+            && request.status.as_ref().and_then(|s| s.reason.as_deref()) == Some("KillSwitch")
+        {
+            phase = Phase::Cancelled;
+        }
+        let approvers: Vec<String> = request
+            .spec
+            .decisions
+            .iter()
+            .filter(|d| d.verdict == Verdict::Approve)
+            .filter_map(|d| d.user.clone())
+            .collect();
+        match phase {
+            Phase::Pending => Ok(Redeemed::Pending(Ticket {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                expires: request.spec.expires_at.0,
+            })),
+            Phase::Approved => {
+                let fresh = self
+                    .redeemed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(full_name.clone());
+                let released_before = match &self.history {
+                    Some(history) => history
+                        .entries(&caller.agent, Some(run), None)
+                        .await
+                        .map_err(audit_unavailable)?
+                        .iter()
+                        .any(|e| {
+                            e.event == Event::Approval
+                                && e.approval
+                                    .as_ref()
+                                    .is_some_and(|a| a.name == full_name && a.phase == "Approved")
+                        }),
+                    None => false,
+                };
+                if !fresh || released_before {
+                    return deny(
+                        DenyCode::ApprovalDenied,
+                        format!("ApprovalRequest {full_name} already released its call once"),
+                    )
+                    .await;
+                }
+                let step = Some(request.spec.step.max(0) as u64);
+                self.settle(
+                    caller,
+                    run,
+                    tool,
+                    arguments,
+                    rule.clone(),
+                    step,
+                    Some(policy),
+                    phase,
+                    approvers,
+                    full_name.clone(),
+                )
+                .await
+                .map(|d| Redeemed::Settled(Box::new(d)))
+            }
+            _ => {
+                let step = Some(request.spec.step.max(0) as u64);
+                self.settle(
+                    caller,
+                    run,
+                    tool,
+                    arguments,
+                    rule.clone(),
+                    step,
+                    Some(policy),
+                    phase,
+                    approvers,
+                    full_name.clone(),
+                )
+                .await
+                .map(|d| Redeemed::Settled(Box::new(d)))
+            }
+        }
+    }
+
+    async fn record_redemption(
+        &self,
+        caller: &Caller,
+        run: &str,
+        tool: &str,
+        decision: Decision,
+        full_name: &str,
+    ) -> Result<Decided, axum::response::Response> {
+        let mut entry = Entry::new((self.now)(), Event::Approval, identity_of(Some(caller)));
+        entry.agent = Some(caller.agent.clone());
+        entry.run = Some(run.to_owned());
+        entry.tool = Some(tool.to_owned());
+        entry.decision = Some(decision.clone());
+        entry.approval = Some(ApprovalRef {
+            name: full_name.to_owned(),
+            phase: "Refused".to_owned(),
+            approvers: Vec::new(),
+        });
+        let audit = self.audit.append(entry).await.map_err(audit_unavailable)?;
+        Ok(Decided {
+            decision,
+            step: None,
+            audit,
+            policy: None,
+        })
     }
 }

@@ -166,6 +166,8 @@ pub struct Gateway {
     history: Option<Arc<dyn History>>,
     escalation: Arc<Escalation>,
     pub(crate) metrics: crate::metrics::Metrics,
+    /// ApprovalRequests whose call was released through `approval` (exactly once).
+    redeemed: Mutex<std::collections::HashSet<String>>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -199,6 +201,7 @@ impl Gateway {
             history: None,
             escalation: Arc::new(Escalation::default()),
             metrics: crate::metrics::Metrics::default(),
+            redeemed: Mutex::default(),
         }
     }
 
@@ -735,6 +738,15 @@ struct DecideRequest {
     tool: String,
     #[serde(default = "empty_object")]
     arguments: Value,
+    /// False: a call that needs approval returns at once (202) with its ApprovalRequest.
+    #[serde(default = "yes")]
+    wait: bool,
+    /// Redeem this ApprovalRequest (its name) for exactly this call.
+    approval: Option<String>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn empty_object() -> Value {
@@ -773,23 +785,62 @@ async fn decide(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: B
         }
     };
 
-    let decided = match gateway
-        .decide_call(&holder, &run, &request.tool, &request.arguments, started)
-        .await
-    {
-        Ok(decided) => decided,
-        Err(response) => return response,
-    };
-    // A call that needs people waits for them here (in a cluster).
-    let decided = match gateway
-        .await_approval(&holder, &run, &request.tool, &request.arguments, decided)
-        .await
-    {
-        Ok(decided) => decided,
-        Err(response) => return response,
+    let mut ticket = None;
+    let decided = if let Some(name) = &request.approval {
+        // Redeeming an approval asked for earlier without waiting.
+        match gateway
+            .redeem(&holder, &run, &request.tool, &request.arguments, name)
+            .await
+        {
+            Ok(approvals::Redeemed::Settled(decided)) => *decided,
+            Ok(approvals::Redeemed::Pending(pending)) => {
+                return (
+                    StatusCode::ACCEPTED,
+                    axum::Json(json!({"decision": "requireApproval", "runId": run,
+                        "message": format!("ApprovalRequest {}/{} is not decided yet", pending.namespace, pending.name),
+                        "approvalRequest": pending.json()})),
+                )
+                    .into_response();
+            }
+            Err(response) => return response,
+        }
+    } else {
+        let decided = match gateway
+            .decide_call(&holder, &run, &request.tool, &request.arguments, started)
+            .await
+        {
+            Ok(decided) => decided,
+            Err(response) => return response,
+        };
+        if request.wait {
+            // A call that needs people waits for them here (in a cluster).
+            match gateway
+                .await_approval(&holder, &run, &request.tool, &request.arguments, decided)
+                .await
+            {
+                Ok(decided) => decided,
+                Err(response) => return response,
+            }
+        } else {
+            match gateway
+                .request_approval(&holder, &run, &request.tool, &request.arguments, decided)
+                .await
+            {
+                Ok((decided, created)) => {
+                    ticket = created;
+                    decided
+                }
+                Err(response) => return response,
+            }
+        }
     };
     let (decision, step, appended) = (decided.decision, decided.step, decided.audit);
     let mut body = serde_json::to_value(&decision).expect("a decision serialises");
+    if let Some(ticket) = &ticket
+        && let Value::Object(map) = &mut body
+    {
+        map.insert("approvalRequest".into(), ticket.json());
+    }
     if let Value::Object(map) = &mut body {
         map.insert("runId".into(), Value::String(run));
         if let Some(step) = step {
@@ -800,7 +851,12 @@ async fn decide(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: B
             json!({"chain": appended.chain.as_ref(), "seq": appended.seq}),
         );
     }
-    (StatusCode::OK, axum::Json(body)).into_response()
+    let status = if ticket.is_some() {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    (status, axum::Json(body)).into_response()
 }
 
 #[derive(Debug, Deserialize)]
