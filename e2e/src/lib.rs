@@ -449,6 +449,20 @@ where
 }
 
 impl ControlPlane {
+    /// A client of the admin impersonating `username` (a ServiceAccount or user name): the
+    /// apiserver authorises it, and admission sees it, as that subject.
+    pub async fn client_as(&self, username: &str) -> kube::Client {
+        let mut config = kube::Config::from_custom_kubeconfig(
+            Kubeconfig::read_from(self.kubeconfig(User::Admin))
+                .expect("the harness wrote a valid kubeconfig"),
+            &KubeConfigOptions::default(),
+        )
+        .await
+        .expect("the kubeconfig loads");
+        config.auth_info.impersonate = Some(username.to_owned());
+        kube::Client::try_from(config).expect("a client can be built")
+    }
+
     /// A kube client that authenticates with a bearer token, as an agent's pod would.
     pub async fn client_with_token(&self, token: &str) -> kube::Client {
         use base64::Engine;

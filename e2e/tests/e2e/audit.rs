@@ -692,16 +692,7 @@ async fn the_cli_reads_through_the_gateway_only_what_rbac_lets_it() {
 
     // The read API as the gateway's ServiceAccount (impersonated; the harness grants it the
     // shipped rights), on loopback.
-    let as_gateway = {
-        let mut config = kube::Config::from_custom_kubeconfig(
-            kube::config::Kubeconfig::read_from(cp.kubeconfig(User::Admin)).unwrap(),
-            &Default::default(),
-        )
-        .await
-        .unwrap();
-        config.auth_info.impersonate = Some(tollgate_e2e::admission::GATEWAY.to_owned());
-        kube::Client::try_from(config).unwrap()
-    };
+    let as_gateway = cp.client_as(tollgate_e2e::admission::GATEWAY).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let app = router(Reader::new(store.clone(), as_gateway));

@@ -130,16 +130,7 @@ async fn an_agent_token_calls_through_the_gateway_and_the_kill_switch_stops_the_
     let client = cp.client(User::Admin).await;
     // The gateway creates ApprovalRequests as its own ServiceAccount: admission accepts them
     // from nobody else.
-    let as_gateway = {
-        let mut config = kube::Config::from_custom_kubeconfig(
-            kube::config::Kubeconfig::read_from(cp.kubeconfig(User::Admin)).unwrap(),
-            &Default::default(),
-        )
-        .await
-        .unwrap();
-        config.auth_info.impersonate = Some(GATEWAY.to_owned());
-        kube::Client::try_from(config).unwrap()
-    };
+    let as_gateway = cp.client_as(GATEWAY).await;
     let view = WatchedView::start(client.clone(), "tollgate-system");
     view.ready().await;
     let dir = tempfile::tempdir().unwrap();
@@ -485,16 +476,7 @@ async fn a_budget_breach_engages_the_kill_switch_as_the_gateway_records_an_event
         .await
         .unwrap();
 
-    let as_gateway = {
-        let mut config = kube::Config::from_custom_kubeconfig(
-            kube::config::Kubeconfig::read_from(cp.kubeconfig(User::Admin)).unwrap(),
-            &Default::default(),
-        )
-        .await
-        .unwrap();
-        config.auth_info.impersonate = Some(GATEWAY.to_owned());
-        kube::Client::try_from(config).unwrap()
-    };
+    let as_gateway = cp.client_as(GATEWAY).await;
     let escalation = Arc::new(Escalation::cluster(as_gateway.clone(), &ns));
     let engaged = escalation
         .escalate(Breach {

@@ -126,18 +126,6 @@ async fn label_for_admission(client: &Client, ns: &str) {
         .unwrap();
 }
 
-async fn client_as(user_or_sa: &str) -> Client {
-    let cp = control_plane();
-    let mut config = kube::Config::from_custom_kubeconfig(
-        kube::config::Kubeconfig::read_from(cp.kubeconfig(User::Admin)).unwrap(),
-        &Default::default(),
-    )
-    .await
-    .unwrap();
-    config.auth_info.impersonate = Some(user_or_sa.to_owned());
-    Client::try_from(config).unwrap()
-}
-
 /// An ApprovalRequest as the gateway creates it.
 async fn request_approval(ns: &str, name: &str, min_approvals: i32, expires_in: Duration) {
     let arguments = json!({"to": "c@example.com", "subject": name});
@@ -158,7 +146,7 @@ async fn request_approval(ns: &str, name: &str, min_approvals: i32, expires_in: 
         }
     }))
     .unwrap();
-    Api::<ApprovalRequest>::namespaced(client_as(GATEWAY).await, ns)
+    Api::<ApprovalRequest>::namespaced(control_plane().client_as(GATEWAY).await, ns)
         .create(&PostParams::default(), &request)
         .await
         .unwrap_or_else(|e| panic!("the gateway creates {name}: {e}"));

@@ -506,73 +506,57 @@ impl Gateway {
             .filter(|d| d.verdict == Verdict::Approve)
             .filter_map(|d| d.user.clone())
             .collect();
-        match phase {
-            Phase::Pending => Ok(Redeemed::Pending(Ticket {
+        if phase == Phase::Pending {
+            return Ok(Redeemed::Pending(Ticket {
                 namespace: namespace.to_owned(),
                 name: name.to_owned(),
                 expires: request.spec.expires_at.0,
-            })),
-            Phase::Approved => {
-                let fresh = self
-                    .redeemed
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(full_name.clone());
-                let released_before = match &self.history {
-                    Some(history) => history
-                        .entries(&caller.agent, Some(run), None)
-                        .await
-                        .map_err(audit_unavailable)?
-                        .iter()
-                        .any(|e| {
-                            e.event == Event::Approval
-                                && e.approval
-                                    .as_ref()
-                                    .is_some_and(|a| a.name == full_name && a.phase == "Approved")
-                        }),
-                    None => false,
-                };
-                if !fresh || released_before {
-                    return deny(
-                        DenyCode::ApprovalDenied,
-                        format!("ApprovalRequest {full_name} already released its call once"),
-                    )
-                    .await;
-                }
-                let step = Some(request.spec.step.max(0) as u64);
-                self.settle(
-                    caller,
-                    run,
-                    tool,
-                    arguments,
-                    rule.clone(),
-                    step,
-                    Some(policy),
-                    phase,
-                    approvers,
-                    full_name.clone(),
+            }));
+        }
+        if phase == Phase::Approved {
+            let fresh = self
+                .redeemed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(full_name.clone());
+            let released_before = match &self.history {
+                Some(history) => history
+                    .entries(&caller.agent, Some(run), None)
+                    .await
+                    .map_err(audit_unavailable)?
+                    .iter()
+                    .any(|e| {
+                        e.event == Event::Approval
+                            && e.approval
+                                .as_ref()
+                                .is_some_and(|a| a.name == full_name && a.phase == "Approved")
+                    }),
+                None => false,
+            };
+            if !fresh || released_before {
+                return deny(
+                    DenyCode::ApprovalDenied,
+                    format!("ApprovalRequest {full_name} already released its call once"),
                 )
-                .await
-                .map(|d| Redeemed::Settled(Box::new(d)))
-            }
-            _ => {
-                let step = Some(request.spec.step.max(0) as u64);
-                self.settle(
-                    caller,
-                    run,
-                    tool,
-                    arguments,
-                    rule.clone(),
-                    step,
-                    Some(policy),
-                    phase,
-                    approvers,
-                    full_name.clone(),
-                )
-                .await
-                .map(|d| Redeemed::Settled(Box::new(d)))
+                .await;
             }
         }
+        // Approved (released now, once), or denied, expired or cancelled: recorded either way.
+        let step = Some(request.spec.step.max(0) as u64);
+        self.settle(
+            caller,
+            run,
+            tool,
+            arguments,
+            rule.clone(),
+            step,
+            Some(policy),
+            phase,
+            approvers,
+            full_name.clone(),
+        )
+        .await
+        .map(|d| Redeemed::Settled(Box::new(d)))
     }
 
     async fn record_redemption(
