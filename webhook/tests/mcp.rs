@@ -33,6 +33,8 @@ type Calls = Arc<Mutex<Vec<(String, Value, Option<String>)>>>;
 #[derive(Clone)]
 struct Crm {
     calls: Calls,
+    /// How long each tools/call takes, in milliseconds.
+    delay: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl ServerHandler for Crm {
@@ -74,6 +76,8 @@ impl ServerHandler for Crm {
             .and_then(|parts| parts.headers.get("authorization"))
             .map(|v| v.to_str().unwrap().to_owned());
         let arguments = Value::Object(request.arguments.clone().unwrap_or_default());
+        let delay = self.delay.load(std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
         self.calls
             .lock()
             .unwrap()
@@ -89,10 +93,12 @@ impl ServerHandler for Crm {
 }
 
 /// Starts the upstream; returns its URL and what it received.
-async fn upstream() -> (String, Calls) {
+async fn upstream() -> (String, Calls, Arc<std::sync::atomic::AtomicU64>) {
     let calls: Calls = Arc::default();
+    let delay: Arc<std::sync::atomic::AtomicU64> = Arc::default();
     let handler = Crm {
         calls: calls.clone(),
+        delay: delay.clone(),
     };
     let service: StreamableHttpService<Crm, LocalSessionManager> = StreamableHttpService::new(
         move || Ok(handler.clone()),
@@ -106,18 +112,19 @@ async fn upstream() -> (String, Calls) {
             .await
             .unwrap();
     });
-    (format!("http://{addr}/mcp"), calls)
+    (format!("http://{addr}/mcp"), calls, delay)
 }
 
 struct Harness {
     app: axum::Router,
     store: Arc<SqliteStore>,
     calls: Calls,
+    delay: Arc<std::sync::atomic::AtomicU64>,
     _dir: tempfile::TempDir,
 }
 
 async fn harness() -> Harness {
-    let (url, calls) = upstream().await;
+    let (url, calls, delay) = upstream().await;
     let dir = tempfile::tempdir().unwrap();
     let samples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/samples");
     let policies = dir.path().join("policies");
@@ -150,11 +157,13 @@ async fn harness() -> Harness {
         log,
         Redactor::default(),
     )
-    .with_secrets(dir.path().join("secrets"));
+    .with_secrets(dir.path().join("secrets"))
+    .with_keep_alive(std::time::Duration::from_millis(50));
     Harness {
         app: gateway::router(Arc::new(gateway)),
         store,
         calls,
+        delay,
         _dir: dir,
     }
 }
@@ -185,9 +194,22 @@ impl Harness {
             .headers()
             .get(mcp::SESSION_HEADER)
             .map(|v| v.to_str().unwrap().to_owned());
+        let events = response
+            .headers()
+            .get("content-type")
+            .is_some_and(|v| v.to_str().unwrap().starts_with("text/event-stream"));
         let bytes = response.into_body().collect().await.unwrap().to_bytes();
         let body = if bytes.is_empty() {
             Value::Null
+        } else if events {
+            // A streamed tools/call: keep-alive comments, then one message event.
+            let text = String::from_utf8(bytes.to_vec()).unwrap();
+            let data: Vec<&str> = text
+                .lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .collect();
+            assert_eq!(data.len(), 1, "one message event: {text}");
+            serde_json::from_str(data[0]).unwrap()
         } else {
             serde_json::from_slice(&bytes).unwrap()
         };
@@ -493,4 +515,76 @@ async fn a_call_without_a_session_or_run_is_refused_and_an_unknown_upstream_is_n
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn a_call_that_waits_is_streamed_with_keep_alives_then_its_answer() {
+    let h = harness().await;
+    let session = h.session().await;
+    h.delay.store(400, std::sync::atomic::Ordering::SeqCst);
+    let call = |accept: &'static str, id: u64| {
+        Request::post("/mcp/crm")
+            .header("content-type", "application/json")
+            .header("accept", accept)
+            .header("authorization", format!("Bearer {KEY}"))
+            .header(mcp::SESSION_HEADER, session.clone())
+            .body(Body::from(
+                json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+                       "params": {"name": "read_customer_record",
+                                  "arguments": {"customer_id": "C000042"}}})
+                .to_string(),
+            ))
+            .unwrap()
+    };
+    let response = h
+        .app
+        .clone()
+        .oneshot(call("application/json, text/event-stream", 30))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let text = String::from_utf8(
+        response
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    // Keep-alives every 50 ms while the upstream takes 400 ms, then the one answer.
+    let keep_alives = text.matches(": keep-alive").count();
+    assert!(keep_alives >= 3, "{keep_alives} keep-alives in {text:?}");
+    let data: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(data.len(), 1, "{text}");
+    assert!(text.ends_with("\n\n") && text.rfind(": keep-alive") < text.find("data: "));
+    let answer: Value = serde_json::from_str(data[0]).unwrap();
+    assert_eq!(answer["id"], 30);
+    assert_eq!(
+        answer["result"]["structuredContent"],
+        json!({"customer_id": "C000042", "order_history": ["O-1"], "contact_info": "ada@example.com"})
+    );
+
+    // A client that takes JSON only gets JSON, without keep-alives.
+    let response = h
+        .app
+        .clone()
+        .oneshot(call("application/json", 31))
+        .await
+        .unwrap();
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/json")
+    );
+    let answer: Value =
+        serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(answer["id"], 31);
+    assert_eq!(h.calls.lock().unwrap().len(), 2, "each call forwarded once");
 }

@@ -10,6 +10,10 @@
 //!   `structuredContent` is cut to the tool's `resultFields`. A refusal is a JSON-RPC error whose
 //!   `data` carries the decision: code, rule, message.
 //!
+//! A `tools/call` from a client that accepts `text/event-stream` is answered as an SSE stream: `: keep-alive` comments while the call waits (for approval, or for the upstream),
+//! then one `message` event with the JSON-RPC response, so proxies with idle timeouts do not cut
+//! a call that waits for people.
+//!
 //! Everything else is refused without reaching the upstream: batches (removed from MCP in
 //! 2025-06-18, and a way to slip a second call behind a first), other methods (resources,
 //! prompts, sampling replies), JSON-RPC responses, and anything malformed. Method names match
@@ -223,6 +227,9 @@ pub(super) async fn proxy(
         .unwrap_or_else(|e| e),
         ("tools/list", true) => {
             list_tools(&gateway, &holder, &url, &upstream, &headers, message).await
+        }
+        ("tools/call", true) if accepts_events(&headers) => {
+            call_tool_streaming(gateway, holder, url, upstream, headers, message, started)
         }
         ("tools/call", true) => {
             call_tool(
@@ -472,6 +479,97 @@ async fn list_tools(
         });
     }
     answer(StatusCode::OK, Some(body), session)
+}
+
+fn accepts_events(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(axum::http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("text/event-stream"))
+}
+
+/// Aborts the call when the client goes away, as a dropped handler would.
+struct AbortOnDrop(tokio::task::JoinHandle<Response>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// `tools/call` answered as SSE: keep-alive comments every [`Gateway::keep_alive`] until the
+/// call is answered, then its JSON-RPC response as one `message` event.
+fn call_tool_streaming(
+    gateway: Arc<Gateway>,
+    holder: Caller,
+    url: String,
+    upstream: String,
+    headers: HeaderMap,
+    message: Map<String, Value>,
+    started: Instant,
+) -> Response {
+    use futures::StreamExt;
+    let id = message.get("id").cloned().unwrap_or(Value::Null);
+    let every = gateway.keep_alive;
+    let call = AbortOnDrop(tokio::spawn(async move {
+        call_tool(
+            &gateway, &holder, &url, &upstream, &headers, message, started,
+        )
+        .await
+    }));
+    let ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    let stream = futures::stream::unfold(Some((call, ticks)), move |state| {
+        let id = id.clone();
+        async move {
+            let (mut call, mut ticks) = state?;
+            tokio::select! {
+                finished = &mut call.0 => {
+                    let event = match finished {
+                        Ok(response) => event_of(response, id).await,
+                        Err(_) => event_data(&json!({"jsonrpc": "2.0", "id": id,
+                            "error": {"code": codes::UPSTREAM, "message": "the call was cut short"}})),
+                    };
+                    Some((event, None))
+                }
+                _ = ticks.tick() => Some((": keep-alive\n\n".to_owned(), Some((call, ticks)))),
+            }
+        }
+    });
+    let mut response =
+        Body::from_stream(stream.map(Ok::<_, std::convert::Infallible>)).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        axum::http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(
+        axum::http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache"),
+    );
+    response
+}
+
+fn event_data(message: &Value) -> String {
+    format!("event: message\ndata: {message}\n\n")
+}
+
+/// The JSON-RPC answer a finished call gave, as an SSE event; a refusal that is not JSON-RPC
+/// (the audit trail unavailable) becomes a JSON-RPC error that carries it.
+async fn event_of(response: Response, id: Value) -> String {
+    let status = response.status();
+    let bytes = axum::body::to_bytes(response.into_body(), MAX_BODY)
+        .await
+        .unwrap_or_default();
+    let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    if body.get("jsonrpc").is_some() {
+        return event_data(&body);
+    }
+    event_data(&json!({"jsonrpc": "2.0", "id": id, "error": {
+        "code": codes::UPSTREAM,
+        "message": format!("Tollgate could not complete the call ({status})"),
+        "data": body,
+    }}))
 }
 
 async fn call_tool(

@@ -168,6 +168,8 @@ pub struct Gateway {
     pub(crate) metrics: crate::metrics::Metrics,
     /// ApprovalRequests whose call was released through `approval` (exactly once).
     redeemed: Mutex<std::collections::HashSet<String>>,
+    /// How often a streamed MCP answer sends a keep-alive while the call waits.
+    pub(crate) keep_alive: std::time::Duration,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -202,7 +204,14 @@ impl Gateway {
             escalation: Arc::new(Escalation::default()),
             metrics: crate::metrics::Metrics::default(),
             redeemed: Mutex::default(),
+            keep_alive: std::time::Duration::from_secs(15),
         }
+    }
+
+    /// How often a streamed MCP `tools/call` answer sends a keep-alive (default 15 s).
+    pub fn with_keep_alive(mut self, every: std::time::Duration) -> Self {
+        self.keep_alive = every.max(std::time::Duration::from_millis(10));
+        self
     }
 
     /// Counts into `metrics` (shared with the probe port's /metrics in a cluster).
