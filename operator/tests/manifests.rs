@@ -74,3 +74,24 @@ fn the_shipped_deployment_runs_as_the_operator_with_flags_it_knows() {
         );
     }
 }
+
+#[test]
+fn the_chart_grants_the_gateway_exactly_the_tested_rbac() {
+    let config =
+        documents(&std::fs::read_to_string(root().join("config/gateway/rbac.yaml")).unwrap());
+    let template =
+        std::fs::read_to_string(root().join("charts/tollgate/templates/gateway.yaml")).unwrap();
+    let rbac = template
+        .split("# Runtime objects")
+        .next()
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("{{"))
+        .map(|l| l.replace("{{ $ns }}", "tollgate-system") + "\n")
+        .collect::<String>();
+    let chart = documents(rbac.trim_end().trim_end_matches("---"));
+    assert_eq!(
+        chart, config,
+        "charts/tollgate/templates/gateway.yaml RBAC differs from config/gateway/rbac.yaml"
+    );
+}
