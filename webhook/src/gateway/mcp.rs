@@ -229,7 +229,7 @@ pub(super) async fn proxy(
             list_tools(&gateway, &holder, &url, &upstream, &headers, message).await
         }
         ("tools/call", true) if accepts_events(&headers) => {
-            call_tool_streaming(gateway, holder, url, upstream, headers, message, started)
+            call_tool_streaming(gateway, holder, url, upstream, headers, message, started).await
         }
         ("tools/call", true) => {
             call_tool(
@@ -498,9 +498,11 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// `tools/call` answered as SSE: keep-alive comments every [`Gateway::keep_alive`] until the
-/// call is answered, then its JSON-RPC response as one `message` event.
-fn call_tool_streaming(
+/// `tools/call` for a client that accepts SSE: a call answered within [`Gateway::keep_alive`]
+/// gets its plain JSON answer (one write, no stream); a longer one (waiting for approval, or a
+/// slow upstream) becomes an SSE stream of keep-alive comments, then its JSON-RPC response as
+/// one `message` event.
+async fn call_tool_streaming(
     gateway: Arc<Gateway>,
     holder: Caller,
     url: String,
@@ -512,13 +514,21 @@ fn call_tool_streaming(
     use futures::StreamExt;
     let id = message.get("id").cloned().unwrap_or(Value::Null);
     let every = gateway.keep_alive;
-    let call = AbortOnDrop(tokio::spawn(async move {
+    let mut pending = Box::pin(async move {
         call_tool(
             &gateway, &holder, &url, &upstream, &headers, message, started,
         )
         .await
-    }));
-    let ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    });
+    // The quick path polls the call here (no task, one write); only a call still running after
+    // the first interval moves, as it is, into a task that the stream waits on.
+    tokio::select! {
+        finished = &mut pending => return finished,
+        () = tokio::time::sleep(every) => {}
+    }
+    let call = AbortOnDrop(tokio::spawn(pending));
+    // Still waiting: stream, starting with a keep-alive now.
+    let ticks = tokio::time::interval(every);
     let stream = futures::stream::unfold(Some((call, ticks)), move |state| {
         let id = id.clone();
         async move {
