@@ -115,6 +115,31 @@ pub fn validate_update(
     Ok(())
 }
 
+/// Whether `request` may release the call `agent` makes now in `run`: an ApprovalRequest
+/// releases exactly the call it was asked for (same identity, run, tool and arguments digest)
+/// and no other. The error says what it was asked for.
+pub fn releases(
+    request: &ApprovalRequest,
+    agent: &str,
+    run: &str,
+    tool: &str,
+    arguments: &serde_json::Value,
+) -> Result<(), String> {
+    let spec = &request.spec;
+    if spec.identity_ref.name == agent
+        && spec.run_id == run
+        && spec.tool == tool
+        && spec.arguments_digest == crate::canonical::digest(arguments)
+    {
+        Ok(())
+    } else {
+        Err(format!(
+            "it was asked for agent {}, run {}, tool {} and arguments {}; it releases that call only",
+            spec.identity_ref.name, spec.run_id, spec.tool, spec.arguments_digest
+        ))
+    }
+}
+
 /// The phase the decisions give: any Deny denies; `minApprovals` distinct approving users
 /// approve; past `expiresAt` an undecided request expires. A final phase never changes.
 pub fn phase(request: &ApprovalRequest, now: Timestamp) -> Phase {
@@ -169,6 +194,27 @@ mod tests {
     }
 
     const AGENT: &str = "system:serviceaccount:ns:agent-agent";
+
+    #[test]
+    fn a_request_releases_exactly_the_call_it_was_asked_for() {
+        let mut asked = request(json!([]));
+        let arguments = json!({"to": "x"});
+        asked.spec.arguments_digest = crate::canonical::digest(&arguments);
+        assert!(releases(&asked, "agent", "run-1", "send", &arguments).is_ok());
+        // Key order does not change the call; any other difference does.
+        let same: serde_json::Value = serde_json::from_str(r#"{"to":"x"}"#).unwrap();
+        assert!(releases(&asked, "agent", "run-1", "send", &same).is_ok());
+        for (agent, run, tool, args) in [
+            ("other", "run-1", "send", json!({"to": "x"})),
+            ("agent", "run-2", "send", json!({"to": "x"})),
+            ("agent", "run-1", "send2", json!({"to": "x"})),
+            ("agent", "run-1", "send", json!({"to": "y"})),
+            ("agent", "run-1", "send", json!({"to": "x", "cc": "z"})),
+        ] {
+            let refused = releases(&asked, agent, run, tool, &args).unwrap_err();
+            assert!(refused.contains("releases that call only"), "{refused}");
+        }
+    }
 
     #[test]
     fn who_may_decide() {

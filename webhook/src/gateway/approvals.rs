@@ -470,18 +470,12 @@ impl Gateway {
             }
             Err(e) => return Err(audit_unavailable(format!("read ApprovalRequest: {e}"))),
         };
-        let spec = &request.spec;
-        if spec.identity_ref.name != agent_name
-            || spec.run_id != run
-            || spec.tool != tool
-            || spec.arguments_digest != tollgate_engine::canonical::digest(arguments)
+        if let Err(why) =
+            tollgate_engine::approval::releases(&request, agent_name, run, tool, arguments)
         {
             return deny(
                 DenyCode::ApprovalDenied,
-                format!(
-                    "ApprovalRequest {full_name} was asked for agent {}, run {}, tool {} and arguments {}; it releases that call only",
-                    spec.identity_ref.name, spec.run_id, spec.tool, spec.arguments_digest
-                ),
+                format!("ApprovalRequest {full_name}: {why}"),
             )
             .await;
         }
