@@ -254,6 +254,12 @@ impl ControlPlane {
         kube::Client::try_from(config).expect("a client can be built from the kubeconfig")
     }
 
+    /// Runs `kubectl ARGS` as the admin and returns its stdout; panics with its stderr when it
+    /// fails.
+    pub fn kubectl_ok(&self, args: &[&str]) -> String {
+        kubectl_with(&self.kubeconfig(User::Admin), args).unwrap_or_else(|e| panic!("{e}"))
+    }
+
     /// A `kubectl` command authenticated as `user`.
     pub fn kubectl(&self, user: User) -> Command {
         let mut command = Command::new("kubectl");

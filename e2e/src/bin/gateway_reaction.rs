@@ -27,20 +27,6 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-fn kubectl(args: &[&str]) -> String {
-    let output = control_plane()
-        .kubectl(User::Admin)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "kubectl {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
-}
-
 async fn call(
     http: &reqwest::Client,
     url: &str,
@@ -97,26 +83,27 @@ async fn main() {
         .replace("maxWallClockSeconds: 120", "maxWallClockSeconds: 86400");
     let manifest = repo_root().join(format!("target/e2e-runs/reaction-{ns}.yaml"));
     std::fs::write(&manifest, sample).unwrap();
-    kubectl(&["apply", "-n", &ns, "-f", manifest.to_str().unwrap()]);
-    kubectl(&[
+    cp.kubectl_ok(&["apply", "-n", &ns, "-f", manifest.to_str().unwrap()]);
+    cp.kubectl_ok(&[
         "create",
         "serviceaccount",
         "agent-support-agent-v2",
         "-n",
         &ns,
     ]);
-    let token = kubectl(&[
-        "create",
-        "token",
-        "agent-support-agent-v2",
-        "-n",
-        &ns,
-        "--audience",
-        "tollgate",
-        "--duration=2h",
-    ])
-    .trim()
-    .to_owned();
+    let token = cp
+        .kubectl_ok(&[
+            "create",
+            "token",
+            "agent-support-agent-v2",
+            "-n",
+            &ns,
+            "--audience",
+            "tollgate",
+            "--duration=2h",
+        ])
+        .trim()
+        .to_owned();
 
     let view = WatchedView::start(admin.clone(), "tollgate-system");
     view.ready().await;

@@ -669,7 +669,7 @@ spec:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_reads_through_the_gateway_only_what_rbac_lets_it() {
     use kubectl_tollgate::audit::{Action, Location};
-    use tollgate_e2e::{User, control_plane};
+    use tollgate_e2e::control_plane;
     use tollgate_webhook::gateway::read::{Reader, router};
 
     let cp = control_plane();
@@ -700,15 +700,7 @@ async fn the_cli_reads_through_the_gateway_only_what_rbac_lets_it() {
 
     // An auditor ServiceAccount allowed to read one namespace: the shipped
     // tollgate-audit-reader, bound there.
-    let kubectl = |args: &[&str]| {
-        let output = cp.kubectl(User::Admin).args(args).output().unwrap();
-        assert!(
-            output.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8(output.stdout).unwrap()
-    };
+    let kubectl = |args: &[&str]| cp.kubectl_ok(args);
     kubectl(&["create", "serviceaccount", "auditor", "-n", &allowed_ns]);
     // The shipped reader role, exactly as config/gateway/rbac.yaml has it.
     let rbac = std::fs::read_to_string(tollgate_e2e::repo_root().join("config/gateway/rbac.yaml"))
