@@ -4,7 +4,9 @@
 //! it with apt-get (this needs root, as in CI). PostgreSQL refuses to run as root, so as root the
 //! harness runs initdb and the server as the package's `postgres` user through `setpriv`, which
 //! execs in place: the supervisor's signal reaches the server itself. The data directory lives
-//! under /tmp (every user can reach it) and is removed with the test binary.
+//! under /tmp (every user can reach it) and is removed with the test binary. The server speaks
+//! TLS too (its own CA, a certificate for `localhost`), and one role, [`CERT_USER`], may only log
+//! in over TLS with a client certificate.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,12 +18,61 @@ use anyhow::{Context, Result, bail};
 
 use crate::process::{Process, Supervisor};
 
-/// A running server.
+/// A running server. It accepts plain TCP and TLS (a certificate for `localhost` only, signed
+/// by a CA of its own), and the role `tollgate_cert` only over TLS with a client certificate.
 #[derive(Debug)]
 pub struct Postgres {
     port: u16,
     dir: PathBuf,
     _server: Process,
+}
+
+/// The role that must log in with a client certificate.
+pub const CERT_USER: &str = "tollgate_cert";
+
+const CA_FILE: &str = "ca.crt";
+const SERVER_CERT: &str = "server.crt";
+const SERVER_KEY: &str = "server.key";
+const CLIENT_CERT: &str = "client.crt";
+const CLIENT_KEY: &str = "client.key";
+const OTHER_CA_FILE: &str = "other-ca.crt";
+
+/// The server's certificate (for `localhost`, not for 127.0.0.1), a client certificate for
+/// [`CERT_USER`], both from one CA, and a second CA that signed neither.
+fn write_certificates(dir: &Path) -> Result<()> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca = |name: &str| -> Result<(String, Issuer<'static, KeyPair>)> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let pem = params.self_signed(&key)?.pem();
+        Ok((pem, Issuer::new(params, key)))
+    };
+    let (ca_pem, issuer) = ca("tollgate-e2e-postgres-ca")?;
+    let (other_pem, _) = ca("tollgate-e2e-postgres-ca")?;
+    let leaf = |names: Vec<String>, cn: &str| -> Result<(String, String)> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(names)?;
+        params.distinguished_name.push(DnType::CommonName, cn);
+        Ok((params.signed_by(&key, &issuer)?.pem(), key.serialize_pem()))
+    };
+    let (server_pem, server_key) = leaf(vec!["localhost".to_owned()], "localhost")?;
+    let (client_pem, client_key) = leaf(Vec::new(), CERT_USER)?;
+    for (file, content) in [
+        (CA_FILE, &ca_pem),
+        (OTHER_CA_FILE, &other_pem),
+        (SERVER_CERT, &server_pem),
+        (SERVER_KEY, &server_key),
+        (CLIENT_CERT, &client_pem),
+        (CLIENT_KEY, &client_key),
+    ] {
+        std::fs::write(dir.join(file), content)?;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    // The server refuses a key that others can read.
+    std::fs::set_permissions(dir.join(SERVER_KEY), std::fs::Permissions::from_mode(0o600))?;
+    Ok(())
 }
 
 static POSTGRES: OnceLock<Postgres> = OnceLock::new();
@@ -109,6 +160,7 @@ impl Postgres {
             .keep();
         let supervisor = Supervisor::spawn(&dir)?;
         let data = dir.join("data");
+        write_certificates(&dir)?;
         if root {
             let status = Command::new("chown")
                 .args(["-R", "postgres:postgres"])
@@ -127,6 +179,16 @@ impl Postgres {
         if !initdb.status.success() {
             bail!("initdb failed: {}", String::from_utf8_lossy(&initdb.stderr));
         }
+        // The certificate role: TLS and a client certificate naming it, nothing else.
+        let hba = data.join("pg_hba.conf");
+        let rest = std::fs::read_to_string(&hba).context("read pg_hba.conf")?;
+        std::fs::write(
+            &hba,
+            format!(
+                "hostssl all {CERT_USER} 127.0.0.1/32 cert\nhost all {CERT_USER} 127.0.0.1/32 reject\n{rest}"
+            ),
+        )
+        .context("write pg_hba.conf")?;
         let port = crate::free_port()?;
         let server = supervisor.start(
             "postgres",
@@ -142,6 +204,14 @@ impl Postgres {
                     &format!("unix_socket_directories={}", dir.display()),
                     "-c",
                     "max_connections=200",
+                    "-c",
+                    "ssl=on",
+                    "-c",
+                    &format!("ssl_cert_file={}", dir.join(SERVER_CERT).display()),
+                    "-c",
+                    &format!("ssl_key_file={}", dir.join(SERVER_KEY).display()),
+                    "-c",
+                    &format!("ssl_ca_file={}", dir.join(CA_FILE).display()),
                     // Durability stays on: fsync and synchronous_commit keep their defaults.
                 ]),
         )?;
@@ -164,11 +234,54 @@ impl Postgres {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        Ok(Self {
+        let postgres = Self {
             port,
             dir,
             _server: server,
-        })
+        };
+        postgres.psql(
+            "postgres",
+            &format!("CREATE ROLE {CERT_USER} LOGIN SUPERUSER"),
+        )?;
+        Ok(postgres)
+    }
+
+    fn psql(&self, database: &str, sql: &str) -> Result<()> {
+        let psql = bin_dir()
+            .map(|b| b.join("psql"))
+            .filter(|p| p.exists())
+            .unwrap_or_else(|| PathBuf::from("psql"));
+        let output = Command::new(psql)
+            .args(["-v", "ON_ERROR_STOP=1", "-q", "-d"])
+            .arg(self.url(database))
+            .args(["-c", sql])
+            .output()
+            .context("run psql")?;
+        if !output.status.success() {
+            bail!("{sql} failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        Ok(())
+    }
+
+    /// The port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The CA that signed the server's certificate (for `localhost`) and the client
+    /// certificate of [`CERT_USER`].
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join(CA_FILE)
+    }
+
+    /// A CA that signed nothing the server holds.
+    pub fn other_ca_file(&self) -> PathBuf {
+        self.dir.join(OTHER_CA_FILE)
+    }
+
+    /// The client certificate and key of [`CERT_USER`].
+    pub fn client_cert(&self) -> (PathBuf, PathBuf) {
+        (self.dir.join(CLIENT_CERT), self.dir.join(CLIENT_KEY))
     }
 
     /// The server's directory (data and log).
@@ -193,22 +306,7 @@ impl Postgres {
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
-        let psql = bin_dir()
-            .map(|b| b.join("psql"))
-            .filter(|p| p.exists())
-            .unwrap_or_else(|| PathBuf::from("psql"));
-        let output = Command::new(psql)
-            .args(["-v", "ON_ERROR_STOP=1", "-q", "-d"])
-            .arg(self.url("postgres"))
-            .args(["-c", &format!("CREATE DATABASE {name}")])
-            .output()
-            .context("run psql")?;
-        if !output.status.success() {
-            bail!(
-                "CREATE DATABASE {name} failed: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
+        self.psql("postgres", &format!("CREATE DATABASE {name}"))?;
         Ok(self.url(&name))
     }
 }

@@ -13,6 +13,7 @@ use std::future::Future;
 
 use crate::record::Record;
 
+mod connect;
 mod postgres;
 mod sqlite;
 
@@ -81,9 +82,12 @@ pub enum StoreError {
     /// SQLite refused.
     #[error("sqlite audit store: {0}")]
     Sqlite(#[from] rusqlite::Error),
-    /// PostgreSQL refused.
-    #[error("postgres audit store: {0}")]
+    /// PostgreSQL refused (the message includes the cause: a TLS failure says which check).
+    #[error("postgres audit store: {}", with_causes(.0))]
     Postgres(#[from] tokio_postgres::Error),
+    /// The PostgreSQL connection string or its TLS files are unusable.
+    #[error("postgres audit store: {0}")]
+    Connection(String),
     /// Another writer extended this chain: two processes use the same writer name.
     #[error(
         "chain {chain:?} already has a record {seq}: another writer uses the same chain name; give every writer its own"
@@ -200,6 +204,21 @@ const SCHEMA_REST: &[&str] = &[
         hash TEXT NOT NULL
     )",
 ];
+
+/// An error and its causes, joined with ": ".
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
+}
 
 pub(crate) fn to_i64(seq: u64) -> Result<i64, StoreError> {
     i64::try_from(seq).map_err(|_| StoreError::Corrupt(format!("sequence {seq} is out of range")))
