@@ -192,8 +192,9 @@ fn report(name: &str, a: &Appends, floor: f64) {
 }
 
 /// (commit window, concurrent appending tasks) measured on each store.
-const CASES: [(Duration, u64); 3] = [
+const CASES: [(Duration, u64); 4] = [
     (Duration::ZERO, 256),
+    (Duration::ZERO, 1024),
     (Duration::ZERO, 2048),
     (Duration::from_millis(2), 2048),
 ];
