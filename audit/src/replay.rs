@@ -356,12 +356,37 @@ pub struct Rebuilt {
 /// and of the runs it will continue gives the state the gateway had when it stopped.
 pub fn rebuild(policy: &CompiledPolicy, entries: &[Entry]) -> Rebuilt {
     let mut out = Rebuilt::default();
-    let mut pending = Pending::new();
+    let mut follower = Follower::default();
     for e in entries {
         let Some(run_id) = &e.run else {
             continue;
         };
         let run = out.runs.entry(run_id.clone()).or_default();
+        follower.apply(policy, e, run, &mut out.window);
+    }
+    out
+}
+
+/// Applies recorded entries, one at a time and in order, to budget state kept elsewhere: how a
+/// gateway replica follows what other replicas recorded for an agent it also serves.
+#[derive(Debug, Default)]
+pub struct Follower {
+    pending: Pending,
+}
+
+impl Follower {
+    /// Applies `e` (an entry of `run`) to `run` and the agent's `window`: a decision is recorded
+    /// as it was made, a released approval charged, reported usage counted, a halt kept.
+    pub fn apply(
+        &mut self,
+        policy: &CompiledPolicy,
+        e: &Entry,
+        run: &mut RunState,
+        window: &mut WindowState,
+    ) {
+        let Some(run_id) = &e.run else {
+            return;
+        };
         let arguments = e.arguments.clone().unwrap_or(Value::Null);
         match (e.event, &e.tool, &e.decision) {
             (Event::Decide, Some(tool), Some(decision)) => {
@@ -370,9 +395,10 @@ pub fn rebuild(policy: &CompiledPolicy, entries: &[Entry]) -> Rebuilt {
                     tool,
                     arguments: &arguments,
                 };
-                policy.record(&call, decision, run, &mut out.window, e.time);
+                policy.record(&call, decision, run, window, e.time);
                 if matches!(decision, Decision::RequireApproval { .. }) {
-                    pending.insert((run_id.clone(), tool.clone()), arguments.clone());
+                    self.pending
+                        .insert((run_id.clone(), tool.clone()), arguments.clone());
                 }
             }
             (Event::Halt, _, _) => {
@@ -380,8 +406,7 @@ pub fn rebuild(policy: &CompiledPolicy, entries: &[Entry]) -> Rebuilt {
                     run.halted.get_or_insert_with(|| ceiling.clone());
                 }
             }
-            _ => apply_outcome(policy, e, run, &mut out.window, &mut pending),
+            _ => apply_outcome(policy, e, run, window, &mut self.pending),
         }
     }
-    out
 }

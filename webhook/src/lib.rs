@@ -32,6 +32,8 @@ pub struct GatewayConfig {
     pub history: Arc<dyn gateway::History>,
     /// The same store, for the authenticated read API.
     pub records: Arc<dyn gateway::read::Records>,
+    /// With a PostgreSQL trail: budgets shared live with the other replicas.
+    pub shared: Option<Arc<dyn gateway::Shared>>,
 }
 
 impl std::fmt::Debug for GatewayConfig {
@@ -79,6 +81,10 @@ pub async fn run_in_cluster(
             client.clone(),
             tollgate_namespace,
         ));
+        let gateway = match config.shared {
+            Some(shared) => gateway.with_shared(shared),
+            None => gateway,
+        };
         let reader = gateway::read::Reader::new(config.records, client.clone());
         (
             config.listen,

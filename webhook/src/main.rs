@@ -100,15 +100,17 @@ enum Mode {
     },
 }
 
+/// What the gateway needs of its audit store: the writer for its chain, the store read back
+/// after a restart and by the read API, and with PostgreSQL, budgets shared between replicas.
+struct OpenedAudit {
+    log: tollgate_audit::AuditLog,
+    history: std::sync::Arc<dyn tollgate_webhook::gateway::History>,
+    records: std::sync::Arc<dyn tollgate_webhook::gateway::read::Records>,
+    shared: Option<std::sync::Arc<dyn tollgate_webhook::gateway::Shared>>,
+}
+
 /// The audit writer for `chain` and the store it reads back: PostgreSQL for a URL, else SQLite.
-async fn open_audit(
-    audit: &str,
-    chain: String,
-) -> anyhow::Result<(
-    tollgate_audit::AuditLog,
-    std::sync::Arc<dyn tollgate_webhook::gateway::History>,
-    std::sync::Arc<dyn tollgate_webhook::gateway::read::Records>,
-)> {
+async fn open_audit(audit: &str, chain: String) -> anyhow::Result<OpenedAudit> {
     use std::sync::Arc;
     use tollgate_audit::{AuditLog, PostgresStore, SqliteStore, WriterConfig};
     let config = WriterConfig::new(chain);
@@ -117,19 +119,21 @@ async fn open_audit(
         || audit.contains("host=")
     {
         let store = Arc::new(PostgresStore::connect(audit).await?);
-        Ok((
-            AuditLog::open(store.clone(), config).await?.0,
-            store.clone(),
-            store,
-        ))
+        Ok(OpenedAudit {
+            log: AuditLog::open(store.clone(), config).await?.0,
+            history: store.clone(),
+            records: store.clone(),
+            shared: Some(store),
+        })
     } else {
         let path = audit.strip_prefix("sqlite:").unwrap_or(audit);
         let store = Arc::new(SqliteStore::open(path)?);
-        Ok((
-            AuditLog::open(store.clone(), config).await?.0,
-            store.clone(),
-            store,
-        ))
+        Ok(OpenedAudit {
+            log: AuditLog::open(store.clone(), config).await?.0,
+            history: store.clone(),
+            records: store,
+            shared: None,
+        })
     }
 }
 
@@ -159,11 +163,14 @@ async fn standalone(
         Some(path) => gateway::Escalation::load_targets(path)?,
         None => Default::default(),
     };
-    let (log, history, _) = open_audit(&audit, chain).await?;
+    let opened = open_audit(&audit, chain).await?;
     let policies = WatchedDir::start(policies, std::time::Duration::from_secs(1));
-    let mut gateway = gateway::Gateway::new(policies, keys, log, Redactor::default())
-        .with_history(history)
+    let mut gateway = gateway::Gateway::new(policies, keys, opened.log, Redactor::default())
+        .with_history(opened.history)
         .with_escalation(gateway::Escalation::standalone(targets));
+    if let Some(shared) = opened.shared {
+        gateway = gateway.with_shared(shared);
+    }
     if let Some(secrets) = secrets {
         gateway = gateway.with_secrets(secrets);
     }
@@ -220,12 +227,13 @@ async fn main() -> anyhow::Result<()> {
     };
     let gateway = match (args.gateway_listen, &args.audit) {
         (Some(listen), Some(audit)) => {
-            let (audit, history, records) = open_audit(audit, args.chain.clone()).await?;
+            let opened = open_audit(audit, args.chain.clone()).await?;
             Some(tollgate_webhook::GatewayConfig {
                 listen,
-                audit,
-                history,
-                records,
+                audit: opened.log,
+                history: opened.history,
+                records: opened.records,
+                shared: opened.shared,
             })
         }
         _ => None,

@@ -17,7 +17,7 @@ mod connect;
 mod postgres;
 mod sqlite;
 
-pub use postgres::PostgresStore;
+pub use postgres::{AgentLock, PostgresStore};
 pub use sqlite::SqliteStore;
 
 /// The last record of a chain, or the anchor left by pruning.

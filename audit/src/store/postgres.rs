@@ -21,8 +21,62 @@ pub struct PostgresStore {
 
 #[derive(Debug)]
 struct Inner {
+    url: String,
     writer: Mutex<Client>,
     reader: Client,
+    /// Idle connections for [`AgentLock`]s.
+    lockers: std::sync::Mutex<Vec<Client>>,
+}
+
+/// Idle lock connections kept for reuse; more are closed when their lock is released.
+const IDLE_LOCKERS: usize = 8;
+
+/// Columns only PostgreSQL has, for replicas that share budgets: `pos` numbers records in the
+/// order they were inserted across all chains, so a replica can ask for an agent's records
+/// written since it last looked.
+const SHARED_COLUMNS: &[&str] = &[
+    "ALTER TABLE tollgate_audit_records ADD COLUMN IF NOT EXISTS pos BIGSERIAL",
+    "CREATE INDEX IF NOT EXISTS tollgate_audit_agent_pos ON tollgate_audit_records (agent, pos)",
+];
+
+/// A cluster-wide lock on one agent's budget state (a PostgreSQL session advisory lock), held
+/// on a connection of its own. Released when dropped: the connection unlocks and goes back to
+/// the pool. A replica that dies releases its locks with its sessions.
+pub struct AgentLock {
+    client: Option<Client>,
+    key: String,
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for AgentLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentLock")
+            .field("agent", &self.key)
+            .finish()
+    }
+}
+
+impl Drop for AgentLock {
+    fn drop(&mut self) {
+        let Some(client) = self.client.take() else {
+            return;
+        };
+        let key = std::mem::take(&mut self.key);
+        let inner = self.inner.clone();
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return; // dropping the connection ends the session and its lock
+        };
+        runtime.spawn(async move {
+            let unlocked = client
+                .query_one("SELECT pg_advisory_unlock(7419003, hashtext($1))", &[&key])
+                .await
+                .is_ok_and(|r| r.try_get::<_, bool>(0).unwrap_or(false));
+            let mut idle = inner.lockers.lock().unwrap_or_else(|e| e.into_inner());
+            if unlocked && idle.len() < IDLE_LOCKERS {
+                idle.push(client);
+            }
+        });
+    }
 }
 
 async fn connect(url: &str) -> Result<Client, StoreError> {
@@ -62,14 +116,79 @@ impl PostgresStore {
         for statement in super::schema("") {
             writer.batch_execute(&statement).await?;
         }
+        for statement in SHARED_COLUMNS {
+            writer.batch_execute(statement).await?;
+        }
         writer.batch_execute("COMMIT").await?;
         let reader = connect(url).await?;
         Ok(Self {
             inner: Arc::new(Inner {
+                url: url.to_owned(),
                 writer: Mutex::new(writer),
                 reader,
+                lockers: std::sync::Mutex::new(Vec::new()),
             }),
         })
+    }
+
+    /// Waits for the cluster-wide lock on `agent`'s budget state. Replicas hold it from before
+    /// they read the agent's state until the record of what they decided is durable, so that
+    /// the next holder, on whichever replica, sees it.
+    pub async fn lock_agent(&self, agent: &str) -> Result<AgentLock, StoreError> {
+        let idle = self
+            .inner
+            .lockers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop();
+        let client = match idle {
+            Some(client) if !client.is_closed() => client,
+            _ => connect(&self.inner.url).await?,
+        };
+        client
+            .query_one("SELECT pg_advisory_lock(7419003, hashtext($1))", &[&agent])
+            .await?;
+        Ok(AgentLock {
+            client: Some(client),
+            key: agent.to_owned(),
+            inner: self.inner.clone(),
+        })
+    }
+
+    /// The position of `agent`'s latest record (0 without one): where following it starts.
+    pub async fn agent_position(&self, agent: &str) -> Result<i64, StoreError> {
+        let row = self
+            .inner
+            .reader
+            .query_one(
+                "SELECT COALESCE(MAX(pos), 0) FROM tollgate_audit_records WHERE agent = $1",
+                &[&agent],
+            )
+            .await?;
+        Ok(row.try_get(0)?)
+    }
+
+    /// `agent`'s records after position `after` that other chains than `chain` wrote, in the
+    /// order they were written, with their positions.
+    pub async fn agent_records_after(
+        &self,
+        agent: &str,
+        chain: &str,
+        after: i64,
+    ) -> Result<Vec<(i64, Record)>, StoreError> {
+        let rows = self
+            .inner
+            .reader
+            .query(
+                &format!(
+                    "SELECT {COLUMNS}, pos FROM tollgate_audit_records WHERE agent = $1 AND pos > $2 AND chain <> $3 ORDER BY pos"
+                ),
+                &[&agent, &after, &chain],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get(11)?, record(row)?)))
+            .collect()
     }
 }
 

@@ -4,8 +4,12 @@
 //! Checkpoints (copying the WAL back into the database file) run on a thread of their own, not
 //! in the commit that happens to cross SQLite's automatic threshold: at group-commit batch sizes
 //! that threshold is crossed every few commits, and each such commit waited for the copy and an
-//! fsync of the database file. Only if the WAL outgrows [`WAL_LIMIT_PAGES`] (the background
-//! thread cannot keep up) does a commit wait for a checkpoint again.
+//! fsync of the database file. The writer counts the WAL's frames after each commit (SQLite's
+//! WAL hook) and wakes the thread once [`CHECKPOINT_PAGES`] have piled up, as SQLite's own
+//! automatic checkpoint would. A WAL can only start over when a checkpoint has copied all of it;
+//! under sustained load the thread may never catch the writer between two commits, so once the
+//! WAL holds [`WAL_LIMIT_PAGES`] the writer finishes the copy itself after its commit (little is
+//! left by then) and the next transaction starts the WAL over.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -31,21 +35,25 @@ struct Inner {
     writer: Mutex<Connection>,
     reader: Mutex<Connection>,
     claims: Mutex<std::collections::BTreeMap<String, File>>,
-    /// Wakes the checkpoint thread after a commit; dropping it ends the thread.
+    /// Wakes the checkpoint thread; dropping it ends the thread.
     checkpoints: Mutex<mpsc::Sender<()>>,
-    /// WAL frames not yet copied back, as the last checkpoint found them.
-    wal_pending: Arc<AtomicI64>,
+    /// Frames in the WAL after the last commit, from SQLite's WAL hook.
+    wal_frames: Arc<AtomicI64>,
 }
 
-/// WAL pages (4 KiB each) a commit lets pile up before it checkpoints itself: 256 MiB.
-pub const WAL_LIMIT_PAGES: i64 = 65536;
+/// WAL frames (pages) after which the checkpoint thread is woken: SQLite's default threshold.
+pub const CHECKPOINT_PAGES: i64 = 1000;
+
+/// WAL frames after which a commit copies the rest back itself, so the WAL can start over:
+/// 32 MiB at the 4 KiB page size.
+pub const WAL_LIMIT_PAGES: i64 = 8192;
 
 /// How often the checkpoint thread runs when no commit wakes it.
 const CHECKPOINT_IDLE: Duration = Duration::from_secs(1);
 
 /// Copies committed WAL frames into the database file after each wake-up, without blocking the
 /// writer (PASSIVE), until the store is dropped.
-fn checkpointer(path: PathBuf, wake: mpsc::Receiver<()>, pending: Arc<AtomicI64>) {
+fn checkpointer(path: PathBuf, wake: mpsc::Receiver<()>) {
     // A checkpoint copies frames without the page cache; a small cache keeps the invalidation
     // that follows every commit by the writer cheap.
     let conn = match open(&path).and_then(|c| {
@@ -54,8 +62,7 @@ fn checkpointer(path: PathBuf, wake: mpsc::Receiver<()>, pending: Arc<AtomicI64>
     }) {
         Ok(conn) => conn,
         Err(e) => {
-            tracing::error!(error = %e, path = %path.display(), "audit store checkpoint thread cannot open the database; commits will checkpoint themselves");
-            pending.store(i64::MAX, Ordering::Relaxed);
+            tracing::error!(error = %e, path = %path.display(), "audit store checkpoint thread cannot open the database; commits will checkpoint at the WAL limit");
             return;
         }
     };
@@ -65,12 +72,8 @@ fn checkpointer(path: PathBuf, wake: mpsc::Receiver<()>, pending: Arc<AtomicI64>
             Err(mpsc::RecvTimeoutError::Disconnected) => return,
         }
         while wake.try_recv().is_ok() {}
-        let result = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-            Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
-        });
-        match result {
-            Ok((log, done)) => pending.store((log - done).max(0), Ordering::Relaxed),
-            Err(e) => tracing::warn!(error = %e, "audit store checkpoint failed; retrying"),
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "audit store checkpoint failed; retrying");
         }
     }
 }
@@ -97,21 +100,30 @@ impl SqliteStore {
     /// Opens (creating if needed) the store at `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
         let path = path.as_ref().to_owned();
-        let writer = open(&path)?;
+        let mut writer = open(&path)?;
         for statement in super::schema("") {
             writer.execute(&statement, [])?;
         }
-        // Checkpoints are the checkpoint thread's job (see the module documentation).
+        // Checkpoints are the checkpoint thread's job (see the module documentation): the WAL
+        // hook only counts frames (and replaces SQLite's automatic checkpoint).
         writer.pragma_update(None, "wal_autocheckpoint", 0)?;
+        let wal_frames = Arc::new(AtomicI64::new(0));
+        {
+            let frames = wal_frames.clone();
+            writer.wal_hook(Some(
+                move |_: &mut rusqlite::hooks::Wal, pages: std::ffi::c_int| {
+                    frames.store(i64::from(pages), Ordering::Relaxed);
+                    Ok(())
+                },
+            ))?;
+        }
         let reader = open(&path)?;
         let (wake, woken) = mpsc::channel();
-        let wal_pending = Arc::new(AtomicI64::new(0));
         {
             let path = path.clone();
-            let pending = wal_pending.clone();
             std::thread::Builder::new()
                 .name("audit-checkpoint".into())
-                .spawn(move || checkpointer(path, woken, pending))
+                .spawn(move || checkpointer(path, woken))
                 .map_err(|e| StoreError::Task(format!("start the checkpoint thread: {e}")))?;
         }
         Ok(Self {
@@ -121,7 +133,7 @@ impl SqliteStore {
                 reader: Mutex::new(reader),
                 claims: Mutex::new(Default::default()),
                 checkpoints: Mutex::new(wake),
-                wal_pending,
+                wal_frames,
             }),
         })
     }
@@ -270,8 +282,8 @@ impl Store for SqliteStore {
         if batch.is_empty() {
             return Ok(());
         }
-        let pending = self.inner.wal_pending.clone();
-        self.write(move |conn| {
+        let frames = self.inner.wal_frames.clone();
+        let wake = self.write(move |conn| {
             let tx = conn.transaction()?;
             {
                 let mut insert = tx.prepare_cached(
@@ -308,20 +320,21 @@ impl Store for SqliteStore {
                 }
             }
             tx.commit()?;
-            if pending.load(Ordering::Relaxed) > WAL_LIMIT_PAGES {
-                // The checkpoint thread fell behind (or is gone): copy back here, as SQLite's
-                // automatic checkpoint would.
+            if frames.load(Ordering::Relaxed) >= WAL_LIMIT_PAGES {
+                // Most of it is copied already; copying the rest lets the WAL start over.
                 conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
             }
-            Ok(())
+            Ok(frames.load(Ordering::Relaxed) >= CHECKPOINT_PAGES)
         })
         .await?;
-        let _ = self
-            .inner
-            .checkpoints
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .send(());
+        if wake {
+            let _ = self
+                .inner
+                .checkpoints
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .send(());
+        }
         Ok(())
     }
 
@@ -502,9 +515,29 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert!(store.inner.wal_pending.load(Ordering::Relaxed) < WAL_LIMIT_PAGES);
         let records = store.scan("gw-0", 0, 10_000).await.unwrap();
         assert_eq!(records.len(), 4000);
         assert_eq!(records.last().unwrap().hash, prev);
+    }
+
+    #[tokio::test]
+    async fn the_wal_starts_over_under_sustained_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.db");
+        let store = SqliteStore::open(&path).unwrap();
+        let mut prev = GENESIS.to_owned();
+        // About 100 MB in commits back to back: three times the WAL limit.
+        for i in 0..40 {
+            store
+                .append(batch(1 + i * 1000, 1000, &mut prev))
+                .await
+                .unwrap();
+        }
+        let wal = std::fs::metadata(path.with_extension("db-wal"))
+            .unwrap()
+            .len();
+        let bound = (WAL_LIMIT_PAGES as u64 + 2000) * 4096;
+        assert!(wal <= bound, "WAL file {wal} bytes, bound {bound}");
+        assert_eq!(store.scan("gw-0", 39_990, 100).await.unwrap().len(), 10);
     }
 }

@@ -237,6 +237,9 @@ async fn mcp_calls(url: &str, auth: Option<&str>, calls: usize) -> Vec<Duration>
 async fn main() {
     let seconds: u64 = std::env::args().nth(1).map_or(10, |s| s.parse().unwrap());
     let connections: usize = std::env::args().nth(2).map_or(32, |s| s.parse().unwrap());
+    if std::env::args().nth(3).as_deref() == Some("replicas") {
+        return replicas(seconds, connections).await;
+    }
     let dir = tempfile::tempdir().unwrap();
 
     let upstream = serve(
@@ -359,5 +362,82 @@ async fn main() {
         ms(p(&proxied, 99)),
         "added by the gateway",
         ms(p(&proxied, 50).saturating_sub(p(&direct, 50))),
+    );
+}
+
+/// A gateway writing `chain` of the PostgreSQL trail at `url`, budgets shared or not.
+async fn pg_gateway(dir: &std::path::Path, url: &str, chain: &str, shared: bool) -> String {
+    let store = Arc::new(tollgate_audit::PostgresStore::connect(url).await.unwrap());
+    let (log, _) = AuditLog::open(store.clone(), WriterConfig::new(chain))
+        .await
+        .unwrap();
+    let keys = {
+        use sha2::Digest;
+        Keys::parse(&format!(
+            "keys:\n  - {{name: bench, agent: bench/bench-agent, sha256: {}}}\n",
+            hex::encode(sha2::Sha256::digest(KEY.as_bytes()))
+        ))
+        .unwrap()
+    };
+    let mut gateway = Gateway::new(
+        WatchedDir::fixed(PolicySet::load(dir)),
+        keys,
+        log,
+        Redactor::default(),
+    )
+    .with_history(store.clone());
+    if shared {
+        gateway = gateway.with_shared(store);
+    }
+    serve(gateway::router(Arc::new(gateway))).await
+}
+
+/// `/v1/decide` on a PostgreSQL trail: one gateway alone, then two replicas sharing budgets
+/// (one agent, so every decision takes the agent's cluster-wide lock), half the connections on
+/// each.
+async fn replicas(seconds: u64, connections: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("bench.yaml"),
+        policy("http://127.0.0.1:9/mcp"),
+    )
+    .unwrap();
+    let postgres = tollgate_e2e::postgres::postgres();
+    let auth = format!("Bearer {KEY}");
+    let body = |worker: usize, i: usize| {
+        let (tool, args) = call(worker, i);
+        json!({"runId": format!("w{worker}-{}", i / 1000), "tool": tool, "arguments": args})
+    };
+    let allowed = |answer: &Value| answer["decision"] == "allow";
+    println!("{seconds}s per run, {connections} connections, PostgreSQL trail\n");
+
+    let url = postgres.database("alone").unwrap();
+    let alone = pg_gateway(dir.path(), &url, "gw-0", false).await;
+    let l = load(
+        &format!("{alone}/v1/decide"),
+        Some(&auth),
+        seconds,
+        connections,
+        body,
+        allowed,
+    )
+    .await;
+    print("one gateway, budgets in memory", &l);
+
+    let url = postgres.database("shared").unwrap();
+    let a = pg_gateway(dir.path(), &url, "gw-a", true).await;
+    let b = pg_gateway(dir.path(), &url, "gw-b", true).await;
+    let half = connections.div_ceil(2);
+    let (url_a, url_b) = (format!("{a}/v1/decide"), format!("{b}/v1/decide"));
+    let (la, lb) = tokio::join!(
+        load(&url_a, Some(&auth), seconds, half, body, allowed),
+        load(&url_b, Some(&auth), seconds, half, body, allowed),
+    );
+    print("two replicas, budgets shared: replica a", &la);
+    print("two replicas, budgets shared: replica b", &lb);
+    println!(
+        "{:<44} {:>9.0}/s",
+        "two replicas together (one agent)",
+        la.rate + lb.rate
     );
 }

@@ -5,3 +5,4 @@ mod audit;
 mod crds;
 mod gateway;
 mod operator;
+mod replicas;

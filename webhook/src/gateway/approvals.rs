@@ -229,9 +229,11 @@ impl Gateway {
                 message: format!("ApprovalRequest {full_name} expired undecided"),
             },
         };
+        let mut _following = None;
         if decision.is_allowed()
             && let Some(Ok(policy)) = self.policies.agent(&caller.agent).map(|a| a.policy.clone())
         {
+            _following = Some(self.follow(&caller.agent, &policy).await?);
             let state = self.agent_state(&caller.agent);
             let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(run_state) = state.runs.get_mut(run) {

@@ -113,6 +113,67 @@ struct AgentState {
     runs: HashMap<String, RunState>,
     /// Whether the window has been rebuilt from the trail since the gateway started.
     window_loaded: bool,
+    /// With budgets shared between replicas: the position in the shared trail up to which
+    /// other replicas' records of this agent are applied, and what those records left pending.
+    position: Option<i64>,
+    follower: tollgate_audit::replay::Follower,
+}
+
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// Budgets shared live between gateway replicas that write one PostgreSQL trail: a
+/// cluster-wide lock per agent, held from before its state is read until the record of what was
+/// decided is durable, and the agent's records that other replicas wrote since a position.
+pub trait Shared: Send + Sync + 'static {
+    /// Waits for the agent's lock; dropping the guard releases it.
+    fn lock<'a>(&'a self, agent: &'a str) -> BoxFuture<'a, Result<Box<dyn Send>, String>>;
+    /// The position of the agent's latest record.
+    fn position<'a>(&'a self, agent: &'a str) -> BoxFuture<'a, Result<i64, String>>;
+    /// The agent's entries after `after` written by other chains than `chain`, in order.
+    fn after<'a>(
+        &'a self,
+        agent: &'a str,
+        chain: &'a str,
+        after: i64,
+    ) -> BoxFuture<'a, Result<Vec<(i64, Entry)>, String>>;
+}
+
+impl Shared for tollgate_audit::PostgresStore {
+    fn lock<'a>(&'a self, agent: &'a str) -> BoxFuture<'a, Result<Box<dyn Send>, String>> {
+        Box::pin(async move {
+            let lock = self.lock_agent(agent).await.map_err(|e| e.to_string())?;
+            Ok(Box::new(lock) as Box<dyn Send>)
+        })
+    }
+
+    fn position<'a>(&'a self, agent: &'a str) -> BoxFuture<'a, Result<i64, String>> {
+        Box::pin(async move { self.agent_position(agent).await.map_err(|e| e.to_string()) })
+    }
+
+    fn after<'a>(
+        &'a self,
+        agent: &'a str,
+        chain: &'a str,
+        after: i64,
+    ) -> BoxFuture<'a, Result<Vec<(i64, Entry)>, String>> {
+        Box::pin(async move {
+            let records = self
+                .agent_records_after(agent, chain, after)
+                .await
+                .map_err(|e| e.to_string())?;
+            records
+                .into_iter()
+                .map(|(pos, r)| Ok((pos, r.entry().map_err(|e| e.to_string())?)))
+                .collect()
+        })
+    }
+}
+
+/// With budgets shared, the agent's locks while its budget state is read and changed: this
+/// replica's, then the cluster's. Held until the record of the change is durable.
+pub(crate) struct Following {
+    _cluster: Option<Box<dyn Send>>,
+    _local: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
 /// Reads an agent's recorded entries back, so that a restarted gateway continues every run's
@@ -170,6 +231,10 @@ pub struct Gateway {
     redeemed: Mutex<std::collections::HashSet<String>>,
     /// How often a streamed MCP answer sends a keep-alive while the call waits.
     pub(crate) keep_alive: std::time::Duration,
+    /// Budgets shared with other replicas, when the trail is shared.
+    shared: Option<Arc<dyn Shared>>,
+    /// One lock per agent: budget changes of an agent happen one at a time in this process.
+    agent_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -205,7 +270,90 @@ impl Gateway {
             metrics: crate::metrics::Metrics::default(),
             redeemed: Mutex::default(),
             keep_alive: std::time::Duration::from_secs(15),
+            shared: None,
+            agent_locks: Mutex::default(),
         }
+    }
+
+    /// Shares budgets live with the other replicas writing the same PostgreSQL trail: every
+    /// change of an agent's budget state happens under the agent's cluster-wide lock, after
+    /// applying what the other replicas recorded since this one last looked.
+    pub fn with_shared(mut self, shared: Arc<dyn Shared>) -> Self {
+        self.shared = Some(shared);
+        self
+    }
+
+    /// With budgets shared, takes the agent's locks (this process's, then the cluster's) and
+    /// brings its state up to date with other replicas' records. Hold the guard until the
+    /// record of what is decided is durable. A shared trail that cannot be read refuses the
+    /// call (fail closed).
+    pub(crate) async fn follow(
+        &self,
+        agent: &str,
+        policy: &CompiledPolicy,
+    ) -> Result<Following, Response> {
+        let Some(shared) = &self.shared else {
+            // One replica: the state in memory is the truth, changed under the agent's
+            // state lock; parallel calls share a group commit.
+            return Ok(Following {
+                _cluster: None,
+                _local: None,
+            });
+        };
+        // One waiter per agent and process on the cluster lock (and its connection).
+        let local = self
+            .agent_locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(agent.to_owned())
+            .or_default()
+            .clone();
+        let local = local.lock_owned().await;
+        let cluster = shared.lock(agent).await.map_err(audit_unavailable)?;
+        let state = self.agent_state(agent);
+        let position = state.lock().unwrap_or_else(|e| e.into_inner()).position;
+        match position {
+            // First sight of the agent: hydration reads the whole trail; follow from its end.
+            None => {
+                let position = shared.position(agent).await.map_err(audit_unavailable)?;
+                state.lock().unwrap_or_else(|e| e.into_inner()).position = Some(position);
+            }
+            Some(position) => {
+                let entries = shared
+                    .after(agent, self.audit.chain(), position)
+                    .await
+                    .map_err(audit_unavailable)?;
+                let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+                let AgentState {
+                    window,
+                    runs,
+                    window_loaded,
+                    position,
+                    follower,
+                } = &mut *state;
+                for (at, entry) in &entries {
+                    // A run this replica has not seen is read whole when it first comes; only
+                    // the window counts its calls now.
+                    let mut scratch_run = RunState::default();
+                    let mut scratch_window = WindowState::default();
+                    let run = match entry.run.as_ref().and_then(|r| runs.get_mut(r)) {
+                        Some(run) => run,
+                        None => &mut scratch_run,
+                    };
+                    let window = if *window_loaded {
+                        &mut *window
+                    } else {
+                        &mut scratch_window
+                    };
+                    follower.apply(policy, entry, run, window);
+                    *position = Some(*at);
+                }
+            }
+        }
+        Ok(Following {
+            _cluster: Some(cluster),
+            _local: Some(local),
+        })
     }
 
     /// How often a streamed MCP `tools/call` answer sends a keep-alive (default 15 s).
@@ -416,9 +564,11 @@ impl Gateway {
         let run = run.to_owned();
         let agent = self.policies.agent(&holder.agent);
         let agent = agent.as_deref();
+        let mut _following = None;
         if let Some(agent) = agent
             && let Ok(policy) = &agent.policy
         {
+            _following = Some(self.follow(&agent.id, policy).await?);
             self.hydrate(&agent.id, &run, policy, now).await?;
         }
         let mut was_halted = false;
@@ -916,6 +1066,10 @@ async fn report(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: B
             .await;
     };
     let usage = request.usage.clone().unwrap_or_default();
+    let _following = match gateway.follow(&holder.agent, &policy).await {
+        Ok(following) => following,
+        Err(response) => return response,
+    };
     if let Err(response) = gateway.hydrate(&holder.agent, &run, &policy, now).await {
         return response;
     }
