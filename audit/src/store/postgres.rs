@@ -141,13 +141,20 @@ impl PostgresStore {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .pop();
+        let lock = "SELECT pg_advisory_lock(7419003, hashtext($1))";
         let client = match idle {
-            Some(client) if !client.is_closed() => client,
-            _ => connect(&self.inner.url).await?,
+            // An idle connection may have died since; then a fresh one takes the lock.
+            Some(client)
+                if !client.is_closed() && client.query_one(lock, &[&agent]).await.is_ok() =>
+            {
+                client
+            }
+            _ => {
+                let client = connect(&self.inner.url).await?;
+                client.query_one(lock, &[&agent]).await?;
+                client
+            }
         };
-        client
-            .query_one("SELECT pg_advisory_lock(7419003, hashtext($1))", &[&agent])
-            .await?;
         Ok(AgentLock {
             client: Some(client),
             key: agent.to_owned(),

@@ -180,3 +180,45 @@ async fn usage_and_runs_counted_by_one_replica_bind_the_other() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_replica_that_dies_holding_an_agents_lock_does_not_stall_the_others() {
+    let url = postgres().database("replicas_dead").unwrap();
+    let a = replica(&url, "gw-a", true).await;
+    let http = reqwest::Client::new();
+    assert_eq!(decide(&http, &a, "before").await, "allow");
+    // Another replica takes the agent's lock and then dies: its session is cut server-side.
+    let other = PostgresStore::connect(&url).await.unwrap();
+    let held = other.lock_agent("default/support-agent-v2").await.unwrap();
+    let waiting = {
+        let (http, a) = (http.clone(), a.clone());
+        tokio::spawn(async move { decide(&http, &a, "after").await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(
+        !waiting.is_finished(),
+        "the call waits while the lock is held"
+    );
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let cut: i64 = client
+        .query_one(
+            // The budget lock (class 7419003) granted in this test's database.
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_locks \
+             WHERE locktype = 'advisory' AND classid = 7419003 AND objsubid = 2 AND granted \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())) t",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(cut, 1, "the holder's session was found and cut");
+    let decision = tokio::time::timeout(std::time::Duration::from_secs(10), waiting)
+        .await
+        .expect("the waiting call went on once the holder's session ended")
+        .unwrap();
+    assert_eq!(decision, "allow");
+    drop(held);
+}

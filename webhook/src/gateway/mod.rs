@@ -19,6 +19,7 @@ pub mod keys;
 pub mod mcp;
 pub mod policies;
 pub mod read;
+pub mod shared;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -119,63 +120,6 @@ struct AgentState {
     follower: tollgate_audit::replay::Follower,
 }
 
-type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
-
-/// Budgets shared live between gateway replicas that write one PostgreSQL trail: a
-/// cluster-wide lock per agent, held from before its state is read until the record of what was
-/// decided is durable, and the agent's records that other replicas wrote since a position.
-pub trait Shared: Send + Sync + 'static {
-    /// Waits for the agent's lock; dropping the guard releases it.
-    fn lock<'a>(&'a self, agent: &'a str) -> BoxFuture<'a, Result<Box<dyn Send>, String>>;
-    /// The position of the agent's latest record.
-    fn position<'a>(&'a self, agent: &'a str) -> BoxFuture<'a, Result<i64, String>>;
-    /// The agent's entries after `after` written by other chains than `chain`, in order.
-    fn after<'a>(
-        &'a self,
-        agent: &'a str,
-        chain: &'a str,
-        after: i64,
-    ) -> BoxFuture<'a, Result<Vec<(i64, Entry)>, String>>;
-}
-
-impl Shared for tollgate_audit::PostgresStore {
-    fn lock<'a>(&'a self, agent: &'a str) -> BoxFuture<'a, Result<Box<dyn Send>, String>> {
-        Box::pin(async move {
-            let lock = self.lock_agent(agent).await.map_err(|e| e.to_string())?;
-            Ok(Box::new(lock) as Box<dyn Send>)
-        })
-    }
-
-    fn position<'a>(&'a self, agent: &'a str) -> BoxFuture<'a, Result<i64, String>> {
-        Box::pin(async move { self.agent_position(agent).await.map_err(|e| e.to_string()) })
-    }
-
-    fn after<'a>(
-        &'a self,
-        agent: &'a str,
-        chain: &'a str,
-        after: i64,
-    ) -> BoxFuture<'a, Result<Vec<(i64, Entry)>, String>> {
-        Box::pin(async move {
-            let records = self
-                .agent_records_after(agent, chain, after)
-                .await
-                .map_err(|e| e.to_string())?;
-            records
-                .into_iter()
-                .map(|(pos, r)| Ok((pos, r.entry().map_err(|e| e.to_string())?)))
-                .collect()
-        })
-    }
-}
-
-/// With budgets shared, the agent's locks while its budget state is read and changed: this
-/// replica's, then the cluster's. Held until the record of the change is durable.
-pub(crate) struct Following {
-    _cluster: Option<Box<dyn Send>>,
-    _local: Option<tokio::sync::OwnedMutexGuard<()>>,
-}
-
 /// Reads an agent's recorded entries back, so that a restarted gateway continues every run's
 /// budget and the identity's window from the audit trail instead of from zero.
 pub trait History: Send + Sync + 'static {
@@ -214,6 +158,9 @@ impl<S: tollgate_audit::Store> History for S {
     }
 }
 
+pub use shared::Shared;
+use shared::{Following, Gates};
+
 /// The gateway's shared state.
 pub struct Gateway {
     policies: Policies,
@@ -233,8 +180,8 @@ pub struct Gateway {
     pub(crate) keep_alive: std::time::Duration,
     /// Budgets shared with other replicas, when the trail is shared.
     shared: Option<Arc<dyn Shared>>,
-    /// One lock per agent: budget changes of an agent happen one at a time in this process.
-    agent_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// With budgets shared: per agent, this process's hold on the agent's cluster-wide lock.
+    gates: Gates,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -271,7 +218,7 @@ impl Gateway {
             redeemed: Mutex::default(),
             keep_alive: std::time::Duration::from_secs(15),
             shared: None,
-            agent_locks: Mutex::default(),
+            gates: Gates::default(),
         }
     }
 
@@ -295,65 +242,61 @@ impl Gateway {
         let Some(shared) = &self.shared else {
             // One replica: the state in memory is the truth, changed under the agent's
             // state lock; parallel calls share a group commit.
-            return Ok(Following {
-                _cluster: None,
-                _local: None,
-            });
+            return Ok(Following::none());
         };
-        // One waiter per agent and process on the cluster lock (and its connection).
-        let local = self
-            .agent_locks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(agent.to_owned())
-            .or_default()
-            .clone();
-        let local = local.lock_owned().await;
-        let cluster = shared.lock(agent).await.map_err(audit_unavailable)?;
+        self.gates
+            .enter(agent, shared.as_ref(), || async {
+                self.catch_up(shared.as_ref(), agent, policy).await
+            })
+            .await
+    }
+
+    /// Applies the agent's records that other replicas wrote since this one last looked; run
+    /// under the agent's cluster-wide lock, just after taking it.
+    async fn catch_up(
+        &self,
+        shared: &dyn Shared,
+        agent: &str,
+        policy: &CompiledPolicy,
+    ) -> Result<(), Response> {
         let state = self.agent_state(agent);
         let position = state.lock().unwrap_or_else(|e| e.into_inner()).position;
-        match position {
+        let Some(position) = position else {
             // First sight of the agent: hydration reads the whole trail; follow from its end.
-            None => {
-                let position = shared.position(agent).await.map_err(audit_unavailable)?;
-                state.lock().unwrap_or_else(|e| e.into_inner()).position = Some(position);
-            }
-            Some(position) => {
-                let entries = shared
-                    .after(agent, self.audit.chain(), position)
-                    .await
-                    .map_err(audit_unavailable)?;
-                let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
-                let AgentState {
-                    window,
-                    runs,
-                    window_loaded,
-                    position,
-                    follower,
-                } = &mut *state;
-                for (at, entry) in &entries {
-                    // A run this replica has not seen is read whole when it first comes; only
-                    // the window counts its calls now.
-                    let mut scratch_run = RunState::default();
-                    let mut scratch_window = WindowState::default();
-                    let run = match entry.run.as_ref().and_then(|r| runs.get_mut(r)) {
-                        Some(run) => run,
-                        None => &mut scratch_run,
-                    };
-                    let window = if *window_loaded {
-                        &mut *window
-                    } else {
-                        &mut scratch_window
-                    };
-                    follower.apply(policy, entry, run, window);
-                    *position = Some(*at);
-                }
-            }
+            let position = shared.position(agent).await.map_err(audit_unavailable)?;
+            state.lock().unwrap_or_else(|e| e.into_inner()).position = Some(position);
+            return Ok(());
+        };
+        let entries = shared
+            .after(agent, self.audit.chain(), position)
+            .await
+            .map_err(audit_unavailable)?;
+        let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+        let AgentState {
+            window,
+            runs,
+            window_loaded,
+            position,
+            follower,
+        } = &mut *state;
+        for (at, entry) in &entries {
+            // A run this replica has not seen is read whole when it first comes; only the
+            // window counts its calls now.
+            let mut scratch_run = RunState::default();
+            let mut scratch_window = WindowState::default();
+            let run = match entry.run.as_ref().and_then(|r| runs.get_mut(r)) {
+                Some(run) => run,
+                None => &mut scratch_run,
+            };
+            let window = if *window_loaded {
+                &mut *window
+            } else {
+                &mut scratch_window
+            };
+            follower.apply(policy, entry, run, window);
+            *position = Some(*at);
         }
-        Ok(Following {
-            _cluster: Some(cluster),
-            _local: Some(local),
-        })
+        Ok(())
     }
 
     /// How often a streamed MCP `tools/call` answer sends a keep-alive (default 15 s).
