@@ -126,22 +126,22 @@ struct Hold {
 
 impl Gate {
     /// Joins the current hold if it still admits calls.
-    fn join(&self) -> Joined {
+    fn join(&self) -> Admission {
         let mut hold = self.hold.lock().unwrap_or_else(|e| e.into_inner());
         if hold.cluster.is_none() {
-            return Joined::NoHold;
+            return Admission::NoHold;
         }
         if hold.since.is_none() {
-            return Joined::CatchingUp;
+            return Admission::CatchingUp;
         }
         let expired = hold.since.is_some_and(|t| t.elapsed() >= MAX_HOLD);
         if hold.closed || expired || hold.admitted >= MAX_ADMITTED {
             hold.closed = true;
-            return Joined::Closed;
+            return Admission::Closed;
         }
         hold.calls += 1;
         hold.admitted += 1;
-        Joined::Joined
+        Admission::Admitted
     }
 
     fn leave(&self) {
@@ -161,8 +161,8 @@ impl Gate {
     }
 }
 
-enum Joined {
-    Joined,
+enum Admission {
+    Admitted,
     /// The hold is catching up; its taker holds `taking` until it admits calls.
     CatchingUp,
     Closed,
@@ -172,7 +172,7 @@ enum Joined {
 impl Gates {
     /// Enters a hold of `agent`'s cluster lock: joins the current one, or waits for it to end
     /// and takes the lock, running `fresh` (the catch-up) first when this call starts the hold.
-    pub(crate) async fn enter<'a, F, Fut>(
+    pub(crate) async fn enter<F, Fut>(
         &self,
         agent: &str,
         shared: &dyn Shared,
@@ -194,20 +194,20 @@ impl Gates {
             tokio::pin!(released);
             released.as_mut().enable();
             match gate.join() {
-                Joined::Joined => {
+                Admission::Admitted => {
                     return Ok(Following {
                         gate: Some(gate.clone()),
                     });
                 }
-                Joined::CatchingUp => {
+                Admission::CatchingUp => {
                     drop(gate.taking.lock().await);
                     continue;
                 }
-                Joined::Closed => {
+                Admission::Closed => {
                     released.await;
                     continue;
                 }
-                Joined::NoHold => {}
+                Admission::NoHold => {}
             }
             let _taking = gate.taking.lock().await;
             if gate
