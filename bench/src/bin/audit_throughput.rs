@@ -232,6 +232,19 @@ async fn main() {
         }
     }
 
+    if run("sqlite") || run("sequential") {
+        // One append at a time: each waits for its own commit (the latency floor of a call that
+        // must be recorded before it is answered).
+        let store = Arc::new(SqliteStore::open(dir.path().join("sequential.db")).unwrap());
+        let a = appends(store, "gw-0", 2000, Duration::ZERO, 1).await;
+        println!(
+            "{:<40} p50 {:>7.3} ms  p99 {:>7.3} ms",
+            "sqlite, one append at a time",
+            a.p50.as_secs_f64() * 1e3,
+            a.p99.as_secs_f64() * 1e3
+        );
+    }
+
     if run("postgres") {
         let postgres = tollgate_e2e::postgres::postgres();
         let floor_store = PostgresStore::connect(&postgres.database("floor").unwrap())
