@@ -240,6 +240,9 @@ async fn main() {
     if std::env::args().nth(3).as_deref() == Some("replicas") {
         return replicas(seconds, connections).await;
     }
+    if std::env::args().nth(3).as_deref() == Some("inproc") {
+        return in_process(seconds, connections).await;
+    }
     let dir = tempfile::tempdir().unwrap();
 
     let upstream = serve(
@@ -439,5 +442,78 @@ async fn replicas(seconds: u64, connections: usize) {
         "{:<44} {:>9.0}/s",
         "two replicas together (one agent)",
         la.rate + lb.rate
+    );
+}
+
+/// `/v1/decide` through the router in this process, no HTTP and no sockets: what a decision
+/// costs the gateway itself (authentication, JSON, policy, audit record, durable commit).
+async fn in_process(seconds: u64, tasks: usize) {
+    use tower::ServiceExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("bench.yaml"),
+        policy("http://127.0.0.1:9/mcp"),
+    )
+    .unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path().join("audit.db")).unwrap());
+    let (log, _) = AuditLog::open(store, WriterConfig::new("bench"))
+        .await
+        .unwrap();
+    let keys = {
+        use sha2::Digest;
+        Keys::parse(&format!(
+            "keys:\n  - {{name: bench, agent: bench/bench-agent, sha256: {}}}\n",
+            hex::encode(sha2::Sha256::digest(KEY.as_bytes()))
+        ))
+        .unwrap()
+    };
+    let gateway = Gateway::new(
+        WatchedDir::fixed(PolicySet::load(dir.path())),
+        keys,
+        log,
+        Redactor::default(),
+    );
+    let router = gateway::router(Arc::new(gateway));
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let start = Instant::now();
+    let mut handles = Vec::new();
+    for worker in 0..tasks {
+        let router = router.clone();
+        handles.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut i = 0;
+            while Instant::now() < deadline {
+                let (tool, args) = call(worker, i);
+                let body = json!({"runId": format!("w{worker}-{}", i / 1000), "tool": tool, "arguments": args});
+                let request = axum::http::Request::post("/v1/decide")
+                    .header("authorization", format!("Bearer {KEY}"))
+                    .header("content-type", "application/json")
+                    .body(axum::body::Body::from(body.to_string()))
+                    .unwrap();
+                let t = Instant::now();
+                let response = router.clone().oneshot(request).await.unwrap();
+                let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
+                latencies.push(t.elapsed());
+                let answer: Value = serde_json::from_slice(&bytes).unwrap();
+                assert_eq!(answer["decision"], "allow", "{answer}");
+                i += 1;
+            }
+            latencies
+        }));
+    }
+    let mut latencies = Vec::new();
+    for handle in handles {
+        latencies.extend(handle.await.unwrap());
+    }
+    let elapsed = start.elapsed();
+    latencies.sort_unstable();
+    print(
+        "tollgate /v1/decide in process (no HTTP)",
+        &Load {
+            rate: latencies.len() as f64 / elapsed.as_secs_f64(),
+            p50: latencies[latencies.len() / 2],
+            p99: latencies[latencies.len() * 99 / 100],
+            count: latencies.len(),
+        },
     );
 }
