@@ -67,6 +67,16 @@ spec:
     )
 }
 
+/// The bench agent's API key, stored as its hash.
+fn keys() -> Keys {
+    use sha2::Digest;
+    Keys::parse(&format!(
+        "keys:\n  - {{name: bench, agent: bench/bench-agent, sha256: {}}}\n",
+        hex::encode(sha2::Sha256::digest(KEY.as_bytes()))
+    ))
+    .unwrap()
+}
+
 const REGO: &str = include_str!("../../rules/sample.rego");
 
 #[derive(Clone)]
@@ -269,17 +279,9 @@ async fn main() {
     let (log, _) = AuditLog::open(store, WriterConfig::new("bench"))
         .await
         .unwrap();
-    let keys = {
-        use sha2::Digest;
-        Keys::parse(&format!(
-            "keys:\n  - {{name: bench, agent: bench/bench-agent, sha256: {}}}\n",
-            hex::encode(sha2::Sha256::digest(KEY.as_bytes()))
-        ))
-        .unwrap()
-    };
     let gateway = Gateway::new(
         WatchedDir::fixed(PolicySet::load(dir.path())),
-        keys,
+        keys(),
         log,
         Redactor::default(),
     );
@@ -374,17 +376,9 @@ async fn pg_gateway(dir: &std::path::Path, url: &str, chain: &str, shared: bool)
     let (log, _) = AuditLog::open(store.clone(), WriterConfig::new(chain))
         .await
         .unwrap();
-    let keys = {
-        use sha2::Digest;
-        Keys::parse(&format!(
-            "keys:\n  - {{name: bench, agent: bench/bench-agent, sha256: {}}}\n",
-            hex::encode(sha2::Sha256::digest(KEY.as_bytes()))
-        ))
-        .unwrap()
-    };
     let mut gateway = Gateway::new(
         WatchedDir::fixed(PolicySet::load(dir)),
-        keys,
+        keys(),
         log,
         Redactor::default(),
     )
@@ -459,17 +453,9 @@ async fn in_process(seconds: u64, tasks: usize) {
     let (log, _) = AuditLog::open(store, WriterConfig::new("bench"))
         .await
         .unwrap();
-    let keys = {
-        use sha2::Digest;
-        Keys::parse(&format!(
-            "keys:\n  - {{name: bench, agent: bench/bench-agent, sha256: {}}}\n",
-            hex::encode(sha2::Sha256::digest(KEY.as_bytes()))
-        ))
-        .unwrap()
-    };
     let gateway = Gateway::new(
         WatchedDir::fixed(PolicySet::load(dir.path())),
-        keys,
+        keys(),
         log,
         Redactor::default(),
     );
