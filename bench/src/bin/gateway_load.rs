@@ -151,13 +151,19 @@ async fn load(
     for task in tasks {
         latencies.extend(task.await.unwrap());
     }
-    let elapsed = start.elapsed();
-    latencies.sort_unstable();
-    Load {
-        rate: latencies.len() as f64 / elapsed.as_secs_f64(),
-        p50: latencies[latencies.len() / 2],
-        p99: latencies[latencies.len() * 99 / 100],
-        count: latencies.len(),
+    Load::of(latencies, start.elapsed())
+}
+
+impl Load {
+    /// Rate and percentiles of `latencies` measured over `elapsed`.
+    fn of(mut latencies: Vec<Duration>, elapsed: Duration) -> Self {
+        latencies.sort_unstable();
+        Self {
+            rate: latencies.len() as f64 / elapsed.as_secs_f64(),
+            p50: latencies[latencies.len() / 2],
+            p99: latencies[latencies.len() * 99 / 100],
+            count: latencies.len(),
+        }
     }
 }
 
@@ -491,15 +497,8 @@ async fn in_process(seconds: u64, tasks: usize) {
     for handle in handles {
         latencies.extend(handle.await.unwrap());
     }
-    let elapsed = start.elapsed();
-    latencies.sort_unstable();
     print(
         "tollgate /v1/decide in process (no HTTP)",
-        &Load {
-            rate: latencies.len() as f64 / elapsed.as_secs_f64(),
-            p50: latencies[latencies.len() / 2],
-            p99: latencies[latencies.len() * 99 / 100],
-            count: latencies.len(),
-        },
+        &Load::of(latencies, start.elapsed()),
     );
 }
