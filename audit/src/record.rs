@@ -396,14 +396,52 @@ pub fn seal(chain: &str, seq: u64, prev: &str, body: &str) -> String {
 
 /// The seal of a record, raw.
 pub fn seal_bytes(chain: &str, seq: u64, prev: &str, body: &str) -> [u8; 32] {
+    seal_raw(chain, seq, prev.as_bytes(), body.as_bytes())
+}
+
+/// The seal over stored bytes as they are, valid UTF-8 or not (a body an attacker made
+/// unreadable as text must still fail as altered, not stop verification).
+pub fn seal_raw(chain: &str, seq: u64, prev: &[u8], body: &[u8]) -> [u8; 32] {
     let mut hasher = Sha256::new();
     hasher.update(DOMAIN);
     hasher.update(chain.as_bytes());
     hasher.update(b"\n");
-    hasher.update(seq.to_string().as_bytes());
+    let mut digits = [0u8; 20];
+    hasher.update(decimal(seq, &mut digits));
     hasher.update(b"\n");
-    hasher.update(prev.as_bytes());
+    hasher.update(prev);
     hasher.update(b"\n");
-    hasher.update(body.as_bytes());
+    hasher.update(body);
     hasher.finalize().into()
+}
+
+/// `n` in decimal, written into `buf` without allocating.
+fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[at..];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sequence_numbers_are_sealed_in_plain_decimal() {
+        let mut buf = [0u8; 20];
+        for n in [0, 7, 10, 99, 1_000_001, u64::MAX] {
+            assert_eq!(decimal(n, &mut buf), n.to_string().as_bytes());
+        }
+        let body = r#"{"schema":1}"#;
+        let mut hasher = Sha256::new();
+        hasher.update(format!("tollgate-audit/v1\ngw-0\n12345\n{GENESIS}\n{body}"));
+        let expected: [u8; 32] = hasher.finalize().into();
+        assert_eq!(seal_bytes("gw-0", 12345, GENESIS, body), expected);
+    }
 }

@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::record::{GENESIS, Index, Record, parse_body, seal_bytes};
+use crate::record::{GENESIS, Index, Record, parse_body, seal_raw};
 use crate::store::{Head, Store, StoreError};
 
 /// What is wrong with a record.
@@ -119,6 +119,104 @@ pub enum VerifyError {
     Store(#[from] StoreError),
 }
 
+/// A record as verification without `--deep` needs it: its position, its links, and the seal
+/// computed from what is stored. A store computes it while reading ([`Store::sealed`]), so the
+/// bodies need not be kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sealed {
+    /// Sequence number.
+    pub seq: u64,
+    /// The predecessor's hash, as stored.
+    pub prev: String,
+    /// The record's hash, as stored.
+    pub hash: String,
+    /// The seal of what is stored (body, position, predecessor), lowercase hex.
+    pub computed: [u8; 64],
+    /// The body of a checkpoint record: the verifier reads the anchor it confirms.
+    pub checkpoint: Option<String>,
+}
+
+impl Sealed {
+    /// From the columns of a record of `chain` as stored, read as bytes: text that is not
+    /// UTF-8 fails as altered instead of stopping verification.
+    pub fn of_stored(
+        chain: &str,
+        seq: u64,
+        prev: &[u8],
+        hash: &[u8],
+        event: &[u8],
+        body: &[u8],
+    ) -> Self {
+        let mut computed = [0u8; 64];
+        hex::encode_to_slice(seal_raw(chain, seq, prev, body), &mut computed)
+            .expect("64 hex digits");
+        Self {
+            seq,
+            prev: text(prev),
+            hash: text(hash),
+            computed,
+            checkpoint: (event == b"checkpoint").then(|| text(body)),
+        }
+    }
+
+    /// From a record read back, as a record of `chain`.
+    pub fn of(chain: &str, record: &Record) -> Self {
+        Self::of_stored(
+            chain,
+            record.seq,
+            record.prev.as_bytes(),
+            record.hash.as_bytes(),
+            record.index.event.as_bytes(),
+            record.body.as_bytes(),
+        )
+    }
+}
+
+/// Stored text as a string; bytes that are not UTF-8 become U+FFFD (and then match no hash).
+fn text(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => text.to_owned(),
+        Err(_) => String::from_utf8_lossy(bytes).into_owned(),
+    }
+}
+
+/// [`Sealed::of`] for every record, computed on every core.
+pub fn seal_all(chain: &str, records: &[Record]) -> Vec<Sealed> {
+    on_every_core(records, |r| Sealed::of(chain, r))
+}
+
+/// `f` of every item, in order, computed on every core when there are enough items.
+fn on_every_core<T: Sync, U: Send>(items: &[T], f: impl Fn(&T) -> U + Sync) -> Vec<U> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if threads == 1 || items.len() < 1024 {
+        return items.iter().map(f).collect();
+    }
+    let chunk = items.len().div_ceil(threads);
+    let f = &f;
+    std::thread::scope(|scope| {
+        let parts: Vec<_> = items
+            .chunks(chunk)
+            .map(|part| scope.spawn(move || part.iter().map(f).collect::<Vec<_>>()))
+            .collect();
+        parts
+            .into_iter()
+            .flat_map(|p| p.join().expect("a verification thread panicked"))
+            .collect()
+    })
+}
+
+/// One record, as the verifier checks it.
+struct Link<'a> {
+    seq: u64,
+    prev: &'a str,
+    hash: &'a str,
+    computed: &'a [u8; 64],
+    /// The body, when it is to be read: for checkpoints, and for every record when deep.
+    body: Option<&'a str>,
+    /// The index columns, when deep.
+    index: Option<&'a Index>,
+}
+
 /// Checks one chain's records, fed in sequence order.
 #[derive(Debug)]
 pub struct ChainVerifier {
@@ -163,45 +261,47 @@ impl ChainVerifier {
 
     /// Checks the next record.
     pub fn push(&mut self, record: &Record) -> Result<(), Broken> {
-        self.push_sealed(record, &computed_seal(&self.chain, record))
+        self.push_computed(record, &computed_seal(&self.chain, record))
+    }
+
+    /// Checks the next record, its seal computed already. Only for a verifier that is not
+    /// deep: a deep one compares the index columns with the body, which [`Sealed`] leaves out.
+    pub fn push_sealed(&mut self, sealed: &Sealed) -> Result<(), Broken> {
+        debug_assert!(!self.deep, "a deep verifier needs whole records");
+        self.check(Link {
+            seq: sealed.seq,
+            prev: &sealed.prev,
+            hash: &sealed.hash,
+            computed: &sealed.computed,
+            body: sealed.checkpoint.as_deref(),
+            index: None,
+        })
+    }
+
+    fn push_computed(&mut self, record: &Record, computed: &[u8; 64]) -> Result<(), Broken> {
+        let read_body = self.deep || record.index.event == "checkpoint";
+        self.check(Link {
+            seq: record.seq,
+            prev: &record.prev,
+            hash: &record.hash,
+            computed,
+            body: read_body.then_some(record.body.as_str()),
+            index: self.deep.then_some(&record.index),
+        })
     }
 
     /// Checks the next records. Their seals are computed on every core (each seal depends only
     /// on its own record); the links are then checked in order.
     pub fn push_all(&mut self, records: &[Record]) -> Result<(), Broken> {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let seals: Vec<[u8; 64]> = if threads > 1 && records.len() >= 1024 {
-            let chunk = records.len().div_ceil(threads);
-            let chain = self.chain.as_str();
-            std::thread::scope(|scope| {
-                let parts: Vec<_> = records
-                    .chunks(chunk)
-                    .map(|part| {
-                        scope.spawn(move || {
-                            part.iter()
-                                .map(|r| computed_seal(chain, r))
-                                .collect::<Vec<_>>()
-                        })
-                    })
-                    .collect();
-                parts
-                    .into_iter()
-                    .flat_map(|p| p.join().expect("a seal thread panicked"))
-                    .collect()
-            })
-        } else {
-            records
-                .iter()
-                .map(|r| computed_seal(&self.chain, r))
-                .collect()
-        };
+        let chain = self.chain.as_str();
+        let seals = on_every_core(records, |r| computed_seal(chain, r));
         for (record, seal) in records.iter().zip(&seals) {
-            self.push_sealed(record, seal)?;
+            self.push_computed(record, seal)?;
         }
         Ok(())
     }
 
-    fn push_sealed(&mut self, record: &Record, computed: &[u8; 64]) -> Result<(), Broken> {
+    fn check(&mut self, record: Link<'_>) -> Result<(), Broken> {
         if record.seq != self.next {
             let fault = if record.seq > self.next {
                 Fault::Missing {
@@ -215,12 +315,12 @@ impl ChainVerifier {
             };
             return Err(self.broken(self.next.min(record.seq), fault));
         }
-        if computed != record.hash.as_bytes() {
+        if record.computed != record.hash.as_bytes() {
             return Err(self.broken(
                 record.seq,
                 Fault::Altered {
-                    computed: String::from_utf8_lossy(computed).into_owned(),
-                    stored: record.hash.clone(),
+                    computed: String::from_utf8_lossy(record.computed).into_owned(),
+                    stored: record.hash.to_owned(),
                 },
             ));
         }
@@ -228,23 +328,20 @@ impl ChainVerifier {
             return Err(self.broken(
                 record.seq,
                 Fault::Unlinked {
-                    named: record.prev.clone(),
+                    named: record.prev.to_owned(),
                     actual: self.prev.clone(),
                 },
             ));
         }
-        if self.deep || record.index.event == "checkpoint" {
-            let entry = parse_body(&record.body)
+        if let Some(body) = record.body {
+            let entry = parse_body(body)
                 .map_err(|e| self.broken(record.seq, Fault::Body(e.to_string())))?;
-            if self.deep {
+            if let Some(index) = record.index {
                 let derived = Index::of(&entry);
-                if derived != record.index {
+                if derived != *index {
                     return Err(self.broken(
                         record.seq,
-                        Fault::Index(format!(
-                            "body says {derived:?}, columns say {:?}",
-                            record.index
-                        )),
+                        Fault::Index(format!("body says {derived:?}, columns say {index:?}")),
                     ));
                 }
             }
@@ -263,11 +360,12 @@ impl ChainVerifier {
                 record.seq,
                 Fault::HeadMismatch {
                     expected: expected.hash.clone(),
-                    found: record.hash.clone(),
+                    found: record.hash.to_owned(),
                 },
             ));
         }
-        self.prev.clone_from(&record.hash);
+        self.prev.clear();
+        self.prev.push_str(record.hash);
         self.next += 1;
         self.records += 1;
         Ok(())
@@ -307,7 +405,12 @@ impl ChainVerifier {
 fn computed_seal(chain: &str, record: &Record) -> [u8; 64] {
     let mut computed = [0u8; 64];
     hex::encode_to_slice(
-        seal_bytes(chain, record.seq, &record.prev, &record.body),
+        seal_raw(
+            chain,
+            record.seq,
+            record.prev.as_bytes(),
+            record.body.as_bytes(),
+        ),
         &mut computed,
     )
     .expect("64 hex digits");
@@ -338,17 +441,26 @@ pub async fn verify<S: Store>(
     for chain in chains {
         let anchor = store.anchor(&chain).await?;
         let mut verifier = ChainVerifier::new(&chain, anchor, deep, heads.get(&chain).cloned());
-        let mut after = verifier.next - 1;
         // Read the first page from the very start: records below the anchor must not exist.
         // The next page is read while the current one is checked.
-        let mut page = store.scan(&chain, 0, PAGE).await?;
-        while !page.is_empty() {
-            after = page.last().map_or(after, |r| r.seq);
-            let (next, checked) = tokio::join!(store.scan(&chain, after, PAGE), async {
-                verifier.push_all(&page)
-            });
-            checked?;
-            page = next?;
+        if deep {
+            let mut page = store.scan(&chain, 0, PAGE).await?;
+            while let Some(last) = page.last().map(|r| r.seq) {
+                let (next, checked) = tokio::join!(store.scan(&chain, last, PAGE), async {
+                    verifier.push_all(&page)
+                });
+                checked?;
+                page = next?;
+            }
+        } else {
+            let mut page = store.sealed(&chain, 0, PAGE).await?;
+            while let Some(last) = page.last().map(|r| r.seq) {
+                let (next, checked) = tokio::join!(store.sealed(&chain, last, PAGE), async {
+                    page.iter().try_for_each(|r| verifier.push_sealed(r))
+                });
+                checked?;
+                page = next?;
+            }
         }
         reports.push(verifier.finish()?);
     }

@@ -12,6 +12,7 @@
 use std::future::Future;
 
 use crate::record::Record;
+use crate::verify::Sealed;
 
 mod connect;
 mod postgres;
@@ -136,6 +137,24 @@ pub trait Store: Send + Sync + 'static {
         after: u64,
         limit: usize,
     ) -> impl Future<Output = Result<Vec<Record>, StoreError>> + Send;
+
+    /// Like [`Store::scan`], as verification without `--deep` reads records: each record's seal
+    /// is computed from what is stored. A store may compute it while it reads, without keeping
+    /// the bodies; this default scans and then seals the page on every core.
+    fn sealed(
+        &self,
+        chain: &str,
+        after: u64,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Sealed>, StoreError>> + Send {
+        async move {
+            let records = self.scan(chain, after, limit).await?;
+            let chain = chain.to_owned();
+            tokio::task::spawn_blocking(move || crate::verify::seal_all(&chain, &records))
+                .await
+                .map_err(|e| StoreError::Task(e.to_string()))
+        }
+    }
 
     /// The records `query` selects.
     fn query(&self, query: &Query) -> impl Future<Output = Result<Vec<Record>, StoreError>> + Send;

@@ -367,6 +367,9 @@ impl Store for PostgresStore {
         let mut records = rows.iter().map(record).collect::<Result<Vec<_>, _>>()?;
         records.sort_unstable_by_key(|r| r.seq);
         if records.len() < limit {
+            // From the last record read, not from the range's end: records appended between
+            // the two queries would otherwise be skipped and look deleted.
+            let last = records.last().map_or(Ok(after_i64), |r| to_i64(r.seq))?;
             let rest = self
                 .inner
                 .reader
@@ -374,7 +377,7 @@ impl Store for PostgresStore {
                     &format!(
                         "SELECT {COLUMNS} FROM tollgate_audit_records WHERE chain = $1 AND seq > $2 ORDER BY seq LIMIT $3"
                     ),
-                    &[&chain, &upper, &((limit - records.len()) as i64)],
+                    &[&chain, &last, &((limit - records.len()) as i64)],
                 )
                 .await?;
             for row in &rest {

@@ -2,7 +2,7 @@
 //! and on a real PostgreSQL server, beside a plain batched INSERT of the same rows with no chain
 //! (the floor each store sets), and verification throughput.
 //!
-//! `cargo run --release --manifest-path bench/Cargo.toml --bin audit-throughput [RECORDS] [sqlite|postgres|memory]`
+//! `cargo run --release --manifest-path bench/Cargo.toml --bin audit-throughput [RECORDS] [sqlite|postgres|memory|sequential|verify]`
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -267,6 +267,37 @@ async fn main() {
                     "postgres verify"
                 );
             }
+        }
+    }
+
+    if only == "verify" {
+        // Verification alone, on a store filled through the plain batched INSERT.
+        // KEEP=PATH keeps the filled store at PATH and reuses it on the next run.
+        let path =
+            std::env::var_os("KEEP").map_or_else(|| dir.path().join("verify.db"), Into::into);
+        let filled = path.exists();
+        let store = SqliteStore::open(&path).unwrap();
+        if !filled {
+            floor(&store, "gw-0", records).await;
+        }
+        for _ in 0..3 {
+            let (n, rate) = verify_rate(&store).await;
+            println!(
+                "{:<40} {rate:>9.0} records/s ({n} records)",
+                "sqlite verify"
+            );
+        }
+        let postgres = tollgate_e2e::postgres::postgres();
+        let store = PostgresStore::connect(&postgres.database("verify").unwrap())
+            .await
+            .unwrap();
+        floor(&store, "gw-0", records).await;
+        for _ in 0..3 {
+            let (n, rate) = verify_rate(&store).await;
+            println!(
+                "{:<40} {rate:>9.0} records/s ({n} records)",
+                "postgres verify"
+            );
         }
     }
 
