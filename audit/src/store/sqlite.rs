@@ -52,14 +52,6 @@ pub const CHECKPOINT_BYTES: i64 = 1000 * 4096;
 /// WAL size after which a commit copies the rest back itself, so the WAL can start over.
 pub const WAL_LIMIT_BYTES: i64 = 32 << 20;
 
-/// The page size of a new store file (an existing file keeps its own). SQLite's default of
-/// 4 KiB does not fit a typical record: the records table is clustered by (chain, seq)
-/// (`WITHOUT ROWID`), and such a table keeps at most about a quarter of a page of a row in the
-/// page itself. A 1.3 KB decide record then spilled into an overflow page of its own, and the
-/// file took 4.7 KB per record; with 16 KiB pages rows up to about 4 KB stay in place and the
-/// file takes 1.4 KB per record, which verification reads three times fewer pages for.
-pub const PAGE_SIZE: i64 = 16384;
-
 /// How often the checkpoint thread runs when no commit wakes it.
 const CHECKPOINT_IDLE: Duration = Duration::from_secs(1);
 
@@ -98,8 +90,6 @@ fn open(path: &Path) -> Result<Connection, StoreError> {
             | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
-    // Takes effect only while the file is still empty, before WAL mode is set.
-    conn.pragma_update(None, "page_size", PAGE_SIZE)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     // 8 MiB of page cache per connection. More is slower here: a commit truncates the cache,
@@ -867,8 +857,12 @@ mod tests {
             .len();
         // The limit, plus the commit that crosses it and the one after (each frame is a page
         // and a 24-byte header).
-        let frames = (WAL_LIMIT_BYTES + 2 * commit) / PAGE_SIZE;
-        let bound = (frames * (PAGE_SIZE + 24) + 32) as u64;
+        let page: i64 = Connection::open(&path)
+            .unwrap()
+            .pragma_query_value(None, "page_size", |r| r.get(0))
+            .unwrap();
+        let frames = (WAL_LIMIT_BYTES + 2 * commit) / page;
+        let bound = (frames * (page + 24) + 32) as u64;
         assert!(
             wal <= bound,
             "WAL file {wal} bytes, bound {bound} (commits of up to {commit} bytes)"
