@@ -242,17 +242,16 @@ fn stored<'a>(row: &'a rusqlite::Row<'_>, column: usize) -> rusqlite::Result<&'a
 }
 
 /// The records `sql` selects with `(chain, from, to)`, sealed as they are read: no body is
-/// copied out of SQLite's page unless it is a checkpoint's.
+/// copied out of SQLite's page unless it is a checkpoint's. `expected` sizes the result.
 fn sealed_rows(
     conn: &Connection,
     sql: &str,
-    chain: &str,
-    from: i64,
-    to: i64,
+    (chain, from, to): (&str, i64, i64),
+    expected: usize,
 ) -> Result<Vec<Sealed>, StoreError> {
     let mut statement = conn.prepare_cached(sql)?;
     let mut rows = statement.query(rusqlite::params![chain, from, to])?;
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(expected);
     while let Some(row) = rows.next()? {
         let seq = to_u64(row.get(0)?)?;
         out.push(Sealed::of_stored(
@@ -276,11 +275,17 @@ fn dense_prefix(
     after: i64,
     limit: usize,
 ) -> Result<(Vec<Sealed>, i64), StoreError> {
-    let mut page = Vec::with_capacity(limit);
+    let mut page: Vec<Sealed> = Vec::new();
     let mut last = after;
     for (piece, &(from, to)) in pieces.into_iter().zip(ranges) {
         let full = i64::try_from(piece.len()).is_ok_and(|n| n == to - from);
-        page.extend(piece);
+        if page.is_empty() {
+            // The first range's records, without copying them.
+            page = piece;
+            page.reserve(limit.saturating_sub(page.len()));
+        } else {
+            page.extend(piece);
+        }
         if let Some(r) = page.last() {
             last = to_i64(r.seq)?;
         }
@@ -326,7 +331,8 @@ impl Inner {
         );
         let read = |(from, to): (i64, i64)| -> Result<Vec<Sealed>, StoreError> {
             let conn = self.spare()?;
-            let part = sealed_rows(&conn, &range_sql, chain, from, to);
+            let expected = usize::try_from(to - from).unwrap_or(0);
+            let part = sealed_rows(&conn, &range_sql, (chain, from, to), expected);
             self.give_back(conn);
             part
         };
@@ -353,9 +359,12 @@ impl Inner {
                 &format!(
                     "SELECT {SEALED_COLUMNS} FROM tollgate_audit_records WHERE chain = $1 AND seq > $2 ORDER BY seq LIMIT $3"
                 ),
-                chain,
-                last,
-                i64::try_from(limit - page.len()).unwrap_or(i64::MAX),
+                (
+                    chain,
+                    last,
+                    i64::try_from(limit - page.len()).unwrap_or(i64::MAX),
+                ),
+                0,
             )?);
         }
         Ok(page)

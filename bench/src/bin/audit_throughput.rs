@@ -180,6 +180,19 @@ fn in_memory_verify(records: u64) -> f64 {
     records as f64 / start.elapsed().as_secs_f64()
 }
 
+/// CPU time this process used so far (user and system), from /proc.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the command name.
+    let ticks: f64 = fields.get(11..13).map_or(0.0, |t| {
+        t.iter().filter_map(|v| v.parse::<f64>().ok()).sum()
+    });
+    ticks / 100.0
+}
+
 fn report(name: &str, a: &Appends, floor: f64) {
     println!(
         "{name:<40} {:>9.0} appends/s  p50 {:>7.2} ms  p99 {:>7.2} ms  (plain batched INSERT: {:>9.0} rows/s, ratio {:.2})",
@@ -281,10 +294,12 @@ async fn main() {
             floor(&store, "gw-0", records).await;
         }
         for _ in 0..3 {
+            let (cpu, wall) = (cpu_seconds(), Instant::now());
             let (n, rate) = verify_rate(&store).await;
             println!(
-                "{:<40} {rate:>9.0} records/s ({n} records)",
-                "sqlite verify"
+                "{:<40} {rate:>9.0} records/s ({n} records; {:.2} cores busy)",
+                "sqlite verify",
+                (cpu_seconds() - cpu) / wall.elapsed().as_secs_f64()
             );
         }
         let postgres = tollgate_e2e::postgres::postgres();
