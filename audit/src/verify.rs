@@ -264,10 +264,14 @@ impl ChainVerifier {
         self.push_computed(record, &computed_seal(&self.chain, record))
     }
 
-    /// Checks the next record, its seal computed already. Only for a verifier that is not
-    /// deep: a deep one compares the index columns with the body, which [`Sealed`] leaves out.
+    /// Checks the next record, its seal computed already.
+    ///
+    /// # Panics
+    ///
+    /// On a deep verifier: it compares the index columns with the body, which [`Sealed`] leaves
+    /// out, so it must be fed whole records ([`ChainVerifier::push`]).
     pub fn push_sealed(&mut self, sealed: &Sealed) -> Result<(), Broken> {
-        debug_assert!(!self.deep, "a deep verifier needs whole records");
+        assert!(!self.deep, "a deep verifier needs whole records");
         self.check(Link {
             seq: sealed.seq,
             prev: &sealed.prev,

@@ -189,14 +189,12 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<u64, StoreError>> + Send;
 }
 
-/// The DDL both stores run (PostgreSQL and SQLite accept the same text), with `table_options`
-/// after the records table. SQLite keeps it a rowid table: a `WITHOUT ROWID` table keeps at most
-/// about a quarter of a page of each row in the page itself, so a typical 1.3 KB record would
-/// spill into an overflow page of its own (4.7 KB per record on disk at 4 KiB pages).
-pub(crate) fn schema(table_options: &str) -> Vec<String> {
-    let mut statements = vec![format!("{RECORDS_TABLE}{table_options}")];
-    statements.extend(SCHEMA_REST.iter().map(|s| (*s).to_owned()));
-    statements
+/// The DDL both stores run (PostgreSQL and SQLite accept the same text). In SQLite the records
+/// table keeps its rowid: a `WITHOUT ROWID` table keeps at most about a quarter of a page of
+/// each row in the page itself, so a typical 1.3 KB record would spill into an overflow page of
+/// its own (4.7 KB per record on disk at 4 KiB pages, against 1.5 KB with the rowid).
+pub(crate) fn schema() -> impl Iterator<Item = &'static str> {
+    std::iter::once(RECORDS_TABLE).chain(SCHEMA_REST.iter().copied())
 }
 
 const RECORDS_TABLE: &str = "CREATE TABLE IF NOT EXISTS tollgate_audit_records (

@@ -113,8 +113,8 @@ impl PostgresStore {
         writer
             .batch_execute("BEGIN; SELECT pg_advisory_xact_lock(7419001);")
             .await?;
-        for statement in super::schema("") {
-            writer.batch_execute(&statement).await?;
+        for statement in super::schema() {
+            writer.batch_execute(statement).await?;
         }
         for statement in SHARED_COLUMNS {
             writer.batch_execute(statement).await?;

@@ -105,8 +105,8 @@ impl SqliteStore {
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
         let path = path.as_ref().to_owned();
         let mut writer = open(&path)?;
-        for statement in super::schema("") {
-            writer.execute(&statement, [])?;
+        for statement in super::schema() {
+            writer.execute(statement, [])?;
         }
         // Checkpoints are the checkpoint thread's job (see the module documentation): the WAL
         // hook only counts frames (and replaces SQLite's automatic checkpoint).
