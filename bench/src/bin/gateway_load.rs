@@ -281,35 +281,40 @@ async fn main() {
         policy(&format!("{upstream}/mcp")),
     )
     .unwrap();
-    let store = Arc::new(SqliteStore::open(dir.path().join("audit.db")).unwrap());
-    let (log, _) = AuditLog::open(store, WriterConfig::new("bench"))
-        .await
-        .unwrap();
-    let gateway = Gateway::new(
-        WatchedDir::fixed(PolicySet::load(dir.path())),
-        keys(),
-        log,
-        Redactor::default(),
-    );
-    let gw = serve(gateway::router(Arc::new(gateway))).await;
+    let gw = serve(sqlite_gateway(dir.path(), "shared.db").await).await;
+    // The same gateway on a runtime of its own (two workers), as in its own process; OPA runs in
+    // its own process too. On the bench's runtime the gateway's tasks and the load's share two
+    // workers.
+    let own = {
+        let dir = dir.path().to_owned();
+        on_own_runtime(async move { sqlite_gateway(&dir, "own.db").await })
+    };
     let auth = format!("Bearer {KEY}");
 
     println!(
         "{seconds}s per run, {connections} connections, client and servers on the same 2 cores\n"
     );
-    let tollgate = load(
-        &format!("{gw}/v1/decide"),
-        Some(&auth),
-        seconds,
-        connections,
-        |worker, i| {
-            let (tool, args) = call(worker, i);
-            json!({"runId": format!("w{worker}-{}", i / 1000), "tool": tool, "arguments": args})
-        },
-        |answer| answer["decision"] == "allow",
-    )
-    .await;
-    print("tollgate /v1/decide (durable audit record each)", &tollgate);
+    let decide = |gw: String| {
+        let auth = auth.clone();
+        async move {
+            load(
+                &format!("{gw}/v1/decide"),
+                Some(&auth),
+                seconds,
+                connections,
+                |worker, i| {
+                    let (tool, args) = call(worker, i);
+                    json!({"runId": format!("w{worker}-{}", i / 1000), "tool": tool, "arguments": args})
+                },
+                |answer| answer["decision"] == "allow",
+            )
+            .await
+        }
+    };
+    let shared = decide(gw.clone()).await;
+    print("tollgate /v1/decide, on the load's runtime", &shared);
+    let tollgate = decide(own).await;
+    print("tollgate /v1/decide, own runtime", &tollgate);
 
     let opa = PathBuf::from(std::env::var("OPA").unwrap_or_else(|_| {
         concat!(env!("CARGO_MANIFEST_DIR"), "/../target/opa-bin/opa").to_owned()
@@ -374,6 +379,44 @@ async fn main() {
         "added by the gateway",
         ms(p(&proxied, 50).saturating_sub(p(&direct, 50))),
     );
+}
+
+/// The gateway's router on the sample policy in `dir`, with a SQLite trail in `dir/file`.
+async fn sqlite_gateway(dir: &std::path::Path, file: &str) -> axum::Router {
+    let store = Arc::new(SqliteStore::open(dir.join(file)).unwrap());
+    let (log, _) = AuditLog::open(store, WriterConfig::new("bench"))
+        .await
+        .unwrap();
+    let gateway = Gateway::new(
+        WatchedDir::fixed(PolicySet::load(dir)),
+        keys(),
+        log,
+        Redactor::default(),
+    );
+    gateway::router(Arc::new(gateway))
+}
+
+/// Builds and serves a router on a Tokio runtime of its own (two workers, on a thread of its
+/// own), as a separate process would; returns its URL.
+fn on_own_runtime(
+    router: impl std::future::Future<Output = axum::Router> + Send + 'static,
+) -> String {
+    let (url, at) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let router = router.await;
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            url.send(format!("http://{}", listener.local_addr().unwrap()))
+                .unwrap();
+            axum::serve(listener, router).await.unwrap();
+        });
+    });
+    at.recv().unwrap()
 }
 
 /// A gateway writing `chain` of the PostgreSQL trail at `url`, budgets shared or not.
