@@ -671,13 +671,19 @@ mod tests {
     use super::*;
     use crate::record::{Entry, Event, GENESIS, Identity};
 
-    fn batch(from: u64, n: u64, prev: &mut String) -> Vec<Record> {
+    /// Records `from..from + n` of chain "gw-0" after `prev`, each with `tool(seq)`.
+    fn decide_records(
+        from: u64,
+        n: u64,
+        prev: &mut String,
+        tool: impl Fn(u64) -> String,
+    ) -> Vec<Record> {
         (from..from + n)
             .map(|seq| {
                 let mut entry =
                     Entry::new(jiff::Timestamp::now(), Event::Decide, Identity::default());
                 entry.run = Some(format!("run-{}", seq % 50));
-                entry.tool = Some("x".repeat(2000));
+                entry.tool = Some(tool(seq));
                 let record = Record::seal("gw-0", seq, prev, &entry);
                 prev.clone_from(&record.hash);
                 record
@@ -685,21 +691,19 @@ mod tests {
             .collect()
     }
 
+    /// Records of about 2 KB.
+    fn batch(from: u64, n: u64, prev: &mut String) -> Vec<Record> {
+        decide_records(from, n, prev, |_| "x".repeat(2000))
+    }
+
     /// `n` small records in chain "gw-0", appended in batches as the writer would.
     async fn chain_of(store: &SqliteStore, n: u64) -> String {
         let mut prev = GENESIS.to_owned();
         let mut seq = 1;
         while seq <= n {
-            let records: Vec<Record> = (seq..(seq + 1000).min(n + 1))
-                .map(|seq| {
-                    let mut entry =
-                        Entry::new(jiff::Timestamp::now(), Event::Decide, Identity::default());
-                    entry.tool = Some(format!("tool-{seq}"));
-                    let record = Record::seal("gw-0", seq, &prev, &entry);
-                    prev.clone_from(&record.hash);
-                    record
-                })
-                .collect();
+            let records = decide_records(seq, 1000.min(n + 1 - seq), &mut prev, |seq| {
+                format!("tool-{seq}")
+            });
             seq += records.len() as u64;
             store.append(records).await.unwrap();
         }
@@ -824,18 +828,7 @@ mod tests {
             let store = store.clone();
             tokio::spawn(async move {
                 for from in (3001..23_000).step_by(10) {
-                    let batch = (from..from + 10)
-                        .map(|seq| {
-                            let entry = Entry::new(
-                                jiff::Timestamp::now(),
-                                Event::Decide,
-                                Identity::default(),
-                            );
-                            let record = Record::seal("gw-0", seq, &prev, &entry);
-                            prev.clone_from(&record.hash);
-                            record
-                        })
-                        .collect();
+                    let batch = decide_records(from, 10, &mut prev, |seq| format!("tool-{seq}"));
                     store.append(batch).await.unwrap();
                 }
             })
