@@ -381,6 +381,17 @@ async fn main() {
     );
 }
 
+/// A directory holding the bench policy, its MCP upstream unused (nothing listens on port 9).
+fn policy_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("bench.yaml"),
+        policy("http://127.0.0.1:9/mcp"),
+    )
+    .unwrap();
+    dir
+}
+
 /// The gateway's router on the sample policy in `dir`, with a SQLite trail in `dir/file`.
 async fn sqlite_gateway(dir: &std::path::Path, file: &str) -> axum::Router {
     let store = Arc::new(SqliteStore::open(dir.join(file)).unwrap());
@@ -442,12 +453,7 @@ async fn pg_gateway(dir: &std::path::Path, url: &str, chain: &str, shared: bool)
 /// (one agent, so every decision takes the agent's cluster-wide lock), half the connections on
 /// each.
 async fn replicas(seconds: u64, connections: usize) {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("bench.yaml"),
-        policy("http://127.0.0.1:9/mcp"),
-    )
-    .unwrap();
+    let dir = policy_dir();
     let postgres = tollgate_e2e::postgres::postgres();
     let auth = format!("Bearer {KEY}");
     let body = |worker: usize, i: usize| {
@@ -492,23 +498,8 @@ async fn replicas(seconds: u64, connections: usize) {
 /// costs the gateway itself (authentication, JSON, policy, audit record, durable commit).
 async fn in_process(seconds: u64, tasks: usize) {
     use tower::ServiceExt as _;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("bench.yaml"),
-        policy("http://127.0.0.1:9/mcp"),
-    )
-    .unwrap();
-    let store = Arc::new(SqliteStore::open(dir.path().join("audit.db")).unwrap());
-    let (log, _) = AuditLog::open(store, WriterConfig::new("bench"))
-        .await
-        .unwrap();
-    let gateway = Gateway::new(
-        WatchedDir::fixed(PolicySet::load(dir.path())),
-        keys(),
-        log,
-        Redactor::default(),
-    );
-    let router = gateway::router(Arc::new(gateway));
+    let dir = policy_dir();
+    let router = sqlite_gateway(dir.path(), "audit.db").await;
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let start = Instant::now();
     let mut handles = Vec::new();
