@@ -2,7 +2,8 @@
 //! REST API evaluating the same rules, and the latency the MCP proxy adds over calling an MCP
 //! server directly.
 //!
-//! `cargo run --release --bin gateway-load [SECONDS] [CONNECTIONS]`; OPA is taken from `$OPA`
+//! `cargo run --release --bin gateway-load [SECONDS] [CONNECTIONS] [replicas|inproc|own]`
+//! (`own`: only the gateway on a runtime of its own, threads named `gateway`, for profiling); OPA is taken from `$OPA`
 //! (default `../target/opa-bin/opa`, built with
 //! `GOBIN=$PWD/target/opa-bin go install github.com/open-policy-agent/opa@v1.22.3`).
 
@@ -23,6 +24,10 @@ use tollgate_audit::{AuditLog, Redactor, SqliteStore, WriterConfig};
 use tollgate_webhook::gateway::keys::Keys;
 use tollgate_webhook::gateway::policies::{PolicySet, WatchedDir};
 use tollgate_webhook::gateway::{self, Gateway};
+
+/// The allocator the `tollgate-webhook` binary uses.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const KEY: &str = "bench-key";
 
@@ -259,6 +264,14 @@ async fn main() {
     if std::env::args().nth(3).as_deref() == Some("inproc") {
         return in_process(seconds, connections).await;
     }
+    if std::env::args().nth(3).as_deref() == Some("own") {
+        // Only the gateway on its own runtime: for profiling (its threads are named `gateway`).
+        let dir = policy_dir();
+        let path = dir.path().to_owned();
+        let own = on_own_runtime(async move { sqlite_gateway(&path, "own.db").await });
+        let l = decide(&own, seconds, connections).await;
+        return print("tollgate /v1/decide, own runtime", &l);
+    }
     let dir = tempfile::tempdir().unwrap();
 
     let upstream = serve(
@@ -294,26 +307,9 @@ async fn main() {
     println!(
         "{seconds}s per run, {connections} connections, client and servers on the same 2 cores\n"
     );
-    let decide = |gw: String| {
-        let auth = auth.clone();
-        async move {
-            load(
-                &format!("{gw}/v1/decide"),
-                Some(&auth),
-                seconds,
-                connections,
-                |worker, i| {
-                    let (tool, args) = call(worker, i);
-                    json!({"runId": format!("w{worker}-{}", i / 1000), "tool": tool, "arguments": args})
-                },
-                |answer| answer["decision"] == "allow",
-            )
-            .await
-        }
-    };
-    let shared = decide(gw.clone()).await;
+    let shared = decide(&gw, seconds, connections).await;
     print("tollgate /v1/decide, on the load's runtime", &shared);
-    let tollgate = decide(own).await;
+    let tollgate = decide(&own, seconds, connections).await;
     print("tollgate /v1/decide, own runtime", &tollgate);
 
     let opa = PathBuf::from(std::env::var("OPA").unwrap_or_else(|_| {
@@ -381,6 +377,22 @@ async fn main() {
     );
 }
 
+/// `connections` clients deciding allowed calls at the gateway at `gw` for `seconds`.
+async fn decide(gw: &str, seconds: u64, connections: usize) -> Load {
+    load(
+        &format!("{gw}/v1/decide"),
+        Some(&format!("Bearer {KEY}")),
+        seconds,
+        connections,
+        |worker, i| {
+            let (tool, args) = call(worker, i);
+            json!({"runId": format!("w{worker}-{}", i / 1000), "tool": tool, "arguments": args})
+        },
+        |answer| answer["decision"] == "allow",
+    )
+    .await
+}
+
 /// A directory holding the bench policy, its MCP upstream unused (nothing listens on port 9).
 fn policy_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
@@ -416,6 +428,7 @@ fn on_own_runtime(
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
+            .thread_name("gateway")
             .enable_all()
             .build()
             .unwrap();
