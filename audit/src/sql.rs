@@ -18,6 +18,8 @@ pub(crate) struct Filter {
 }
 
 impl Filter {
+    /// The clause for `query`. A run, when given, is always parameter `$1` (SQLite's query
+    /// reads its run index with it).
     pub fn of(query: &Query) -> Self {
         let mut clauses = Vec::new();
         let mut params = Vec::new();

@@ -212,8 +212,11 @@ const RECORDS_TABLE: &str = "CREATE TABLE IF NOT EXISTS tollgate_audit_records (
         PRIMARY KEY (chain, seq)
     )";
 
+/// The index on runs PostgreSQL keeps. SQLite keeps its own, written in batches (see the
+/// `sqlite` module).
+pub(crate) const RUN_INDEX: &str = "CREATE INDEX IF NOT EXISTS tollgate_audit_run ON tollgate_audit_records (run) WHERE run IS NOT NULL";
+
 const SCHEMA_REST: &[&str] = &[
-    "CREATE INDEX IF NOT EXISTS tollgate_audit_run ON tollgate_audit_records (run) WHERE run IS NOT NULL",
     "CREATE INDEX IF NOT EXISTS tollgate_audit_agent ON tollgate_audit_records (agent, time_us)",
     "CREATE INDEX IF NOT EXISTS tollgate_audit_time ON tollgate_audit_records (time_us)",
     "CREATE TABLE IF NOT EXISTS tollgate_audit_anchors (

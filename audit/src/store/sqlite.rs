@@ -11,6 +11,16 @@
 //! WAL holds [`WAL_LIMIT_BYTES`] the writer finishes the copy itself after its commit, waiting
 //! for the thread's checkpoint if one is running (little is left by then), and the next
 //! transaction starts the WAL over.
+//!
+//! Runs are indexed in batches. A commit writes every page it touched to the WAL in full, and
+//! an index on `run` puts each concurrent run's newest entry on a page of its own: with 32
+//! runs in flight a 13-record commit wrote about 13 such pages, and dropping that index made
+//! the gateway 15-20% faster. So the records table has no index on `run`; a commit that takes
+//! the unindexed records past [`RUN_INDEX_BATCH`] adds all of them, sorted by run, to
+//! `tollgate_audit_run_index` in the same transaction and moves the mark
+//! (`tollgate_audit_run_indexed`) up to its last row. A query for a run reads the index and
+//! scans only the records after the mark, so it is always complete and the index costs a few
+//! pages per batch instead of one per record.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -53,6 +63,66 @@ pub const CHECKPOINT_BYTES: i64 = 1000 * 4096;
 
 /// WAL size after which a commit copies the rest back itself, so the WAL can start over.
 pub const WAL_LIMIT_BYTES: i64 = 32 << 20;
+
+/// Records a commit may leave out of the run index; the commit that passes this many adds them
+/// all. A query for a run scans at most about this many records beyond the index.
+pub const RUN_INDEX_BATCH: i64 = 512;
+
+/// The tables of the batched run index: entries (run, rowid of the record), and the mark below
+/// which (inclusive) every record with a run has its entry. Databases written before the
+/// batched index had SQLite's index on `run`; it is dropped and the first batch indexes them.
+const RUN_INDEX_SCHEMA: &[&str] = &[
+    "DROP INDEX IF EXISTS tollgate_audit_run",
+    "CREATE TABLE IF NOT EXISTS tollgate_audit_run_index (
+        run TEXT NOT NULL,
+        rec INTEGER NOT NULL,
+        PRIMARY KEY (run, rec)
+    ) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS tollgate_audit_run_indexed (
+        one INTEGER PRIMARY KEY CHECK (one = 1),
+        through INTEGER NOT NULL
+    )",
+];
+
+/// The run index's mark (no row yet: nothing indexed).
+const RUN_INDEXED: &str = "COALESCE((SELECT through FROM tollgate_audit_run_indexed), 0)";
+
+/// The records a query for the run in `$1` reads (before its other conditions): those in the
+/// run index, and those after its mark that are in the run. Joined in this order (`CROSS JOIN`
+/// fixes it): given an agent too, SQLite would otherwise walk all of the agent's records.
+fn from_run() -> String {
+    format!(
+        "WITH run_rows(rec) AS (\
+             SELECT rec FROM tollgate_audit_run_index WHERE run = $1 \
+             UNION ALL SELECT rowid FROM tollgate_audit_records \
+             WHERE rowid > {RUN_INDEXED} AND run = $1) \
+         SELECT {COLUMNS} FROM run_rows CROSS JOIN tollgate_audit_records \
+         ON tollgate_audit_records.rowid = run_rows.rec"
+    )
+}
+
+/// In the transaction that just inserted records up to rowid `last`: indexes the records after
+/// the mark once there are [`RUN_INDEX_BATCH`] of them.
+fn index_runs(tx: &rusqlite::Transaction<'_>, last: i64) -> rusqlite::Result<()> {
+    let through: i64 = tx
+        .prepare_cached(&format!("SELECT {RUN_INDEXED}"))?
+        .query_row([], |r| r.get(0))?;
+    if last - through < RUN_INDEX_BATCH {
+        return Ok(());
+    }
+    tx.prepare_cached(
+        "INSERT INTO tollgate_audit_run_index (run, rec)
+         SELECT run, rowid FROM tollgate_audit_records
+         WHERE rowid > $1 AND run IS NOT NULL ORDER BY run, rowid",
+    )?
+    .execute([through])?;
+    tx.prepare_cached(
+        "INSERT INTO tollgate_audit_run_indexed (one, through) VALUES (1, $1)
+         ON CONFLICT (one) DO UPDATE SET through = excluded.through",
+    )?
+    .execute([last])?;
+    Ok(())
+}
 
 /// How often the checkpoint thread runs when no commit wakes it.
 const CHECKPOINT_IDLE: Duration = Duration::from_secs(1);
@@ -124,7 +194,7 @@ impl SqliteStore {
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
         let path = path.as_ref().to_owned();
         let mut writer = open(&path)?;
-        for statement in super::schema() {
+        for statement in super::schema().chain(RUN_INDEX_SCHEMA.iter().copied()) {
             writer.execute(statement, [])?;
         }
         // Checkpoints are the checkpoint thread's job (see the module documentation): the WAL
@@ -496,6 +566,7 @@ impl Store for SqliteStore {
                     }
                 }
             }
+            index_runs(&tx, tx.last_insert_rowid())?;
             tx.commit()?;
             if wal.load(Ordering::Relaxed) >= WAL_LIMIT_BYTES {
                 // Most of it is copied already; copying the rest lets the WAL start over. FULL
@@ -582,17 +653,12 @@ impl Store for SqliteStore {
 
     async fn query(&self, query: &Query) -> Result<Vec<Record>, StoreError> {
         let filter = Filter::of(query);
-        self.read(move |conn| {
-            records(
-                conn,
-                &format!(
-                    "SELECT {COLUMNS} FROM tollgate_audit_records {}",
-                    filter.sql
-                ),
-                params(&filter),
-            )
-        })
-        .await
+        let select = match query.run {
+            Some(_) => from_run(),
+            None => format!("SELECT {COLUMNS} FROM tollgate_audit_records"),
+        };
+        self.read(move |conn| records(conn, &format!("{select} {}", filter.sql), params(&filter)))
+            .await
     }
 
     async fn tool_use(&self, since_us: i64, until_us: i64) -> Result<Vec<ToolUse>, StoreError> {
@@ -648,9 +714,22 @@ impl Store for SqliteStore {
         self.write(move |conn| {
             let seq = to_i64(through.seq)?;
             let tx = conn.transaction()?;
+            tx.execute(
+                "DELETE FROM tollgate_audit_run_index WHERE (run, rec) IN (
+                     SELECT run, rowid FROM tollgate_audit_records
+                     WHERE chain = $1 AND seq <= $2 AND run IS NOT NULL)",
+                rusqlite::params![chain, seq],
+            )?;
             let deleted = tx.execute(
                 "DELETE FROM tollgate_audit_records WHERE chain = $1 AND seq <= $2",
                 rusqlite::params![chain, seq],
+            )?;
+            // New records take the rowid after the largest left: if the newest went, the mark
+            // comes down to it, or they would count as indexed.
+            tx.execute(
+                "UPDATE tollgate_audit_run_indexed SET through = MIN(through, \
+                 COALESCE((SELECT MAX(rowid) FROM tollgate_audit_records), 0))",
+                [],
             )?;
             tx.execute(
                 "INSERT INTO tollgate_audit_anchors (chain, seq, hash) VALUES ($1, $2, $3)
@@ -753,6 +832,142 @@ mod tests {
             err.to_string().contains("record 1000: record is missing"),
             "{err}"
         );
+    }
+
+    /// Appends records `from..from + n` of chain "gw-0" (runs "run-0" to "run-49"), 100 per
+    /// commit.
+    async fn append_runs(store: &SqliteStore, from: u64, n: u64, prev: &mut String) {
+        let mut seq = from;
+        while seq < from + n {
+            let records = decide_records(seq, 100.min(from + n - seq), prev, |_| "t".into());
+            seq += records.len() as u64;
+            store.append(records).await.unwrap();
+        }
+    }
+
+    /// The sequence numbers of `run`, as a query for it returns them.
+    async fn run_seqs(store: &SqliteStore, run: &str) -> Vec<u64> {
+        let query = Query {
+            run: Some(run.to_owned()),
+            ..Default::default()
+        };
+        let records = store.query(&query).await.unwrap();
+        assert!(records.iter().all(|r| r.index.run.as_deref() == Some(run)));
+        records.iter().map(|r| r.seq).collect()
+    }
+
+    /// The run index's mark and its number of entries.
+    fn run_index(path: &Path) -> (i64, i64) {
+        Connection::open(path)
+            .unwrap()
+            .query_row(
+                &format!("SELECT {RUN_INDEXED}, (SELECT COUNT(*) FROM tollgate_audit_run_index)"),
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_run_is_found_whole_in_the_run_index_and_after_its_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.db");
+        let store = SqliteStore::open(&path).unwrap();
+        let mut prev = GENESIS.to_owned();
+        append_runs(&store, 1, 1234, &mut prev).await;
+        // Commits of 100: the sixth took 600 records past the batch, the twelfth 600 more.
+        assert_eq!(run_index(&path), (1200, 1200));
+        for run in [0, 7, 34, 49] {
+            let expected: Vec<u64> = (1..=1234).filter(|seq| seq % 50 == run).collect();
+            assert_eq!(run_seqs(&store, &format!("run-{run}")).await, expected);
+        }
+        assert!(run_seqs(&store, "run-50").await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_query_for_a_run_starts_from_the_run_index_even_given_an_agent() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("audit.db")).unwrap();
+        let filter = Filter::of(&Query {
+            run: Some("run-1".into()),
+            agent: Some("ns/agent".into()),
+            since_us: Some(0),
+            ..Default::default()
+        });
+        let plan: Vec<String> = store
+            .read(move |conn| {
+                let mut statement =
+                    conn.prepare(&format!("EXPLAIN QUERY PLAN {} {}", from_run(), filter.sql))?;
+                let rows = statement
+                    .query_map(params_from_iter(params(&filter)), |r| r.get::<_, String>(3))?;
+                Ok(rows.collect::<Result<_, _>>()?)
+            })
+            .await
+            .unwrap();
+        let plan = plan.join("\n");
+        assert!(
+            plan.contains("SEARCH tollgate_audit_run_index USING PRIMARY KEY (run=?)")
+                && plan
+                    .contains("SEARCH tollgate_audit_records USING INTEGER PRIMARY KEY (rowid=?)")
+                && !plan.contains("tollgate_audit_agent"),
+            "{plan}"
+        );
+    }
+
+    #[tokio::test]
+    async fn pruning_takes_its_records_out_of_the_run_index_and_lowers_the_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.db");
+        let store = SqliteStore::open(&path).unwrap();
+        let mut prev = GENESIS.to_owned();
+        append_runs(&store, 1, 1200, &mut prev).await;
+        assert_eq!(run_index(&path), (1200, 1200));
+        let records = store.query(&Query::default()).await.unwrap();
+        let head = |seq: u64| Head {
+            seq,
+            hash: records[seq as usize - 1].hash.clone(),
+        };
+        store.prune("gw-0", &head(1000)).await.unwrap();
+        assert_eq!(run_index(&path), (1200, 200));
+        assert_eq!(run_seqs(&store, "run-7").await, [1007, 1057, 1107, 1157]);
+        // Everything pruned: SQLite numbers the next rows from 1 again, below the old mark.
+        store.prune("gw-0", &head(1200)).await.unwrap();
+        assert_eq!(run_index(&path), (0, 0));
+        append_runs(&store, 1201, 100, &mut prev).await;
+        assert_eq!(run_seqs(&store, "run-7").await, [1207, 1257]);
+    }
+
+    #[tokio::test]
+    async fn a_database_with_the_former_run_index_is_indexed_in_batches_once_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.db");
+        let mut prev = GENESIS.to_owned();
+        {
+            let store = SqliteStore::open(&path).unwrap();
+            append_runs(&store, 1, 300, &mut prev).await;
+        }
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(
+                "DROP TABLE tollgate_audit_run_index; DROP TABLE tollgate_audit_run_indexed;
+                 CREATE INDEX tollgate_audit_run ON tollgate_audit_records (run) WHERE run IS NOT NULL;",
+            )
+            .unwrap();
+        let store = SqliteStore::open(&path).unwrap();
+        let former: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE name = 'tollgate_audit_run'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(former, 0);
+        assert_eq!(run_index(&path), (0, 0));
+        assert_eq!(run_seqs(&store, "run-3").await, [3, 53, 103, 153, 203, 253]);
+        append_runs(&store, 301, 300, &mut prev).await;
+        assert_eq!(run_index(&path), (600, 600));
+        assert_eq!(run_seqs(&store, "run-3").await.len(), 12);
     }
 
     #[tokio::test]

@@ -404,10 +404,11 @@ fn policy_dir() -> tempfile::TempDir {
     dir
 }
 
-/// The gateway's router on the sample policy in `dir`, with a SQLite trail in `dir/file`.
+/// The gateway's router on the sample policy in `dir`, with a SQLite trail in `dir/file` that
+/// also serves as its history (a run it has not seen is looked up there), as in standalone mode.
 async fn sqlite_gateway(dir: &std::path::Path, file: &str) -> axum::Router {
     let store = Arc::new(SqliteStore::open(dir.join(file)).unwrap());
-    let (log, _) = AuditLog::open(store, WriterConfig::new("bench"))
+    let (log, _) = AuditLog::open(store.clone(), WriterConfig::new("bench"))
         .await
         .unwrap();
     let gateway = Gateway::new(
@@ -415,7 +416,8 @@ async fn sqlite_gateway(dir: &std::path::Path, file: &str) -> axum::Router {
         keys(),
         log,
         Redactor::default(),
-    );
+    )
+    .with_history(store);
     gateway::router(Arc::new(gateway))
 }
 
