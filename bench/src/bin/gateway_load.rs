@@ -112,6 +112,7 @@ struct Load {
     rate: f64,
     p50: Duration,
     p99: Duration,
+    max: Duration,
     count: usize,
 }
 
@@ -167,6 +168,7 @@ impl Load {
             rate: latencies.len() as f64 / elapsed.as_secs_f64(),
             p50: latencies[latencies.len() / 2],
             p99: latencies[latencies.len() * 99 / 100],
+            max: latencies[latencies.len() - 1],
             count: latencies.len(),
         }
     }
@@ -192,10 +194,11 @@ fn ms(d: Duration) -> String {
 
 fn print(name: &str, l: &Load) {
     println!(
-        "{name:<44} {:>9.0}/s  p50 {:>10}  p99 {:>10}  ({} requests)",
+        "{name:<44} {:>9.0}/s  p50 {:>10}  p99 {:>10}  max {:>10}  ({} requests)",
         l.rate,
         ms(l.p50),
         ms(l.p99),
+        ms(l.max),
         l.count
     );
 }
