@@ -18,6 +18,11 @@ use tollgate_audit::{
 };
 use tollgate_engine::{Decision, RuleRef};
 
+/// The allocator `tollgate-webhook` uses (verification, which the CLI runs on the system
+/// allocator, measured the same with either).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A realistic decide record: identity, redacted arguments and digest, decision, counters.
 fn entry(i: u64, redactor: &Redactor) -> Entry {
     let mut entry = Entry::new(
