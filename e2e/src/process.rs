@@ -38,8 +38,13 @@ pub(crate) struct Supervisor {
 
 impl Supervisor {
     pub(crate) fn spawn(dir: &Path) -> Result<Self> {
+        use std::os::unix::process::CommandExt as _;
         Command::new("bash")
             .args(["-c", SUPERVISOR, "tollgate-e2e-supervisor"])
+            // A process group of its own: a job runner that ends the test binary by killing its
+            // group (`timeout --foreground`, CI step runners, interactive shells on ^C) must not
+            // take the supervisor along, or the directory stays behind (gigabytes after a bench).
+            .process_group(0)
             .arg(std::process::id().to_string())
             .arg(dir)
             .stdin(Stdio::null())

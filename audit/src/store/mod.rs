@@ -140,7 +140,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Like [`Store::scan`], as verification without `--deep` reads records: each record's seal
     /// is computed from what is stored. A store may compute it while it reads, without keeping
-    /// the bodies; this default scans and then seals the page on every core.
+    /// the bodies; this default scans at most [`crate::verify::PAGE`] records at a time (so no
+    /// more bodies than that are held) and seals each scan on every core.
     fn sealed(
         &self,
         chain: &str,
@@ -148,11 +149,27 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<Sealed>, StoreError>> + Send {
         async move {
-            let records = self.scan(chain, after, limit).await?;
-            let chain = chain.to_owned();
-            tokio::task::spawn_blocking(move || crate::verify::seal_all(&chain, &records))
-                .await
-                .map_err(|e| StoreError::Task(e.to_string()))
+            let mut sealed: Vec<Sealed> = Vec::new();
+            let mut from = after;
+            while sealed.len() < limit {
+                let want = (limit - sealed.len()).min(crate::verify::PAGE);
+                let records = self.scan(chain, from, want).await?;
+                let Some(last) = records.last().map(|r| r.seq) else {
+                    break;
+                };
+                let chain = chain.to_owned();
+                let more = records.len() == want;
+                sealed.extend(
+                    tokio::task::spawn_blocking(move || crate::verify::seal_all(&chain, &records))
+                        .await
+                        .map_err(|e| StoreError::Task(e.to_string()))?,
+                );
+                if !more {
+                    break;
+                }
+                from = last;
+            }
+            Ok(sealed)
         }
     }
 

@@ -388,7 +388,10 @@ async fn main() {
     };
     row("direct to the MCP server", &direct);
     row("through the gateway (decide, audit x2, forward)", &proxied);
-    row("the same, trail on tmpfs (fsync returns at once)", &undurable);
+    row(
+        "the same, trail on tmpfs (fsync returns at once)",
+        &undurable,
+    );
 }
 
 /// `connections` clients deciding allowed calls at the gateway at `gw` for `seconds`.

@@ -316,6 +316,48 @@ async fn postgres_store_passes_the_suite() {
     .await;
 }
 
+#[tokio::test]
+async fn postgres_seals_a_verification_page_over_several_scans_in_order() {
+    use tollgate_audit::Record;
+    use tollgate_audit::verify::PAGE;
+    let url = postgres().database("sealed_pages").unwrap();
+    let store = PostgresStore::connect(&url).await.unwrap();
+    let total = PAGE as u64 + 1000;
+    let mut prev = tollgate_audit::record::GENESIS.to_owned();
+    let entry = decide(Timestamp::now(), "a", "r", 1, "t", true);
+    let mut seq = 1;
+    while seq <= total {
+        let batch: Vec<Record> = (seq..(seq + 2000).min(total + 1))
+            .map(|n| {
+                let record = Record::seal("gw-0", n, &prev, &entry);
+                prev.clone_from(&record.hash);
+                record
+            })
+            .collect();
+        seq += batch.len() as u64;
+        store.append(batch).await.unwrap();
+    }
+    // More than one scan's worth in one call: all of it, in order, each seal recomputed.
+    let page = store.sealed("gw-0", 0, 2 * PAGE).await.unwrap();
+    assert_eq!(page.len() as u64, total);
+    assert!(page.iter().zip(1..).all(|(r, n)| r.seq == n));
+    assert!(page.iter().all(|r| r.computed == r.hash.as_bytes()));
+    // The limit holds across scans, and a page may start anywhere.
+    let page = store.sealed("gw-0", 100, PAGE + 5).await.unwrap();
+    assert_eq!(page.len(), PAGE + 5);
+    assert_eq!((page[0].seq, page[PAGE + 4].seq), (101, PAGE as u64 + 105));
+    // A record altered in the second scan of a page is found there.
+    RawPostgres(url)
+        .exec(&format!(
+            "UPDATE tollgate_audit_records SET body = body || ' ' WHERE seq = {}",
+            PAGE + 500
+        ))
+        .await;
+    let (at, fault) = broken(&store, &BTreeMap::new(), false).await;
+    assert_eq!(at, PAGE as u64 + 500);
+    assert!(matches!(fault, Fault::Altered { .. }), "{fault:?}");
+}
+
 /// How many of `database`'s sessions the server sees encrypted, asked over a plain connection.
 async fn encrypted_sessions(database: &str) -> i64 {
     let (client, connection) =
