@@ -18,9 +18,9 @@
 //! the gateway 15-20% faster. So the records table has no index on `run`; a commit that takes
 //! the unindexed records past [`RUN_INDEX_BATCH`] adds all of them, sorted by run, to
 //! `tollgate_audit_run_index` in the same transaction and moves the mark
-//! (`tollgate_audit_run_indexed`) up to its last row. A query for a run reads the index and
-//! scans only the records after the mark, so it is always complete and the index costs a few
-//! pages per batch instead of one per record.
+//! (`tollgate_audit_run_indexed`) up to its last row; opening a file catches it up the same
+//! way. A query for a run reads the index and scans only the records after the mark, so it is
+//! always complete and the index costs a few pages per batch instead of one per record.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -196,6 +196,18 @@ impl SqliteStore {
         let mut writer = open(&path)?;
         for statement in super::schema().chain(RUN_INDEX_SCHEMA.iter().copied()) {
             writer.execute(statement, [])?;
+        }
+        // A file from before the batched run index (or one whose last records were never
+        // batched) is caught up here rather than in the first commit a caller waits for.
+        {
+            let tx = writer.transaction()?;
+            let last: i64 = tx.query_row(
+                "SELECT COALESCE(MAX(rowid), 0) FROM tollgate_audit_records",
+                [],
+                |r| r.get(0),
+            )?;
+            index_runs(&tx, last)?;
+            tx.commit()?;
         }
         // Checkpoints are the checkpoint thread's job (see the module documentation): the WAL
         // hook only counts frames (and replaces SQLite's automatic checkpoint).
@@ -938,13 +950,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_database_with_the_former_run_index_is_indexed_in_batches_once_opened() {
+    async fn a_database_with_the_former_run_index_is_indexed_when_opened() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.db");
         let mut prev = GENESIS.to_owned();
         {
             let store = SqliteStore::open(&path).unwrap();
-            append_runs(&store, 1, 300, &mut prev).await;
+            append_runs(&store, 1, 600, &mut prev).await;
         }
         Connection::open(&path)
             .unwrap()
@@ -963,11 +975,15 @@ mod tests {
             )
             .unwrap();
         assert_eq!(former, 0);
-        assert_eq!(run_index(&path), (0, 0));
-        assert_eq!(run_seqs(&store, "run-3").await, [3, 53, 103, 153, 203, 253]);
-        append_runs(&store, 301, 300, &mut prev).await;
         assert_eq!(run_index(&path), (600, 600));
-        assert_eq!(run_seqs(&store, "run-3").await.len(), 12);
+        let expected: Vec<u64> = (0..12).map(|i| 3 + 50 * i).collect();
+        assert_eq!(run_seqs(&store, "run-3").await, expected);
+        // Fewer than a batch after the mark stay out of the index until the next batch.
+        append_runs(&store, 601, 300, &mut prev).await;
+        drop(store);
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(run_index(&path), (600, 600));
+        assert_eq!(run_seqs(&store, "run-3").await.len(), 18);
     }
 
     #[tokio::test]
