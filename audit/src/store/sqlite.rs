@@ -70,7 +70,7 @@ pub const RUN_INDEX_BATCH: i64 = 512;
 
 /// The tables of the batched run index: entries (run, rowid of the record), and the mark below
 /// which (inclusive) every record with a run has its entry. Databases written before the
-/// batched index had SQLite's index on `run`; it is dropped and the first batch indexes them.
+/// batched index had SQLite's index on `run`; it is dropped, and opening indexes the records.
 const RUN_INDEX_SCHEMA: &[&str] = &[
     "DROP INDEX IF EXISTS tollgate_audit_run",
     "CREATE TABLE IF NOT EXISTS tollgate_audit_run_index (
