@@ -2,8 +2,9 @@
 //! REST API evaluating the same rules, and the latency the MCP proxy adds over calling an MCP
 //! server directly.
 //!
-//! `cargo run --release --bin gateway-load [SECONDS] [CONNECTIONS] [replicas|inproc|own]`
-//! (`own`: only the gateway on a runtime of its own, threads named `gateway`, for profiling); OPA is taken from `$OPA`
+//! `cargo run --release --bin gateway-load [SECONDS] [CONNECTIONS] [replicas|inproc|own|mcp]`
+//! (`own`: only the gateway on a runtime of its own, threads named `gateway`; `mcp`: only MCP
+//! calls through a gateway with its trail on tmpfs; both for profiling); OPA is taken from `$OPA`
 //! (default `../target/opa-bin/opa`, built with
 //! `GOBIN=$PWD/target/opa-bin go install github.com/open-policy-agent/opa@v1.22.3`).
 
@@ -292,6 +293,24 @@ async fn main() {
         ),
     )
     .await;
+    if std::env::args().nth(3).as_deref() == Some("mcp") {
+        // Only MCP calls through the gateway with its trail on tmpfs: for profiling the proxy.
+        let (_shm, gw) = tmpfs_gateway(&upstream).await;
+        let calls = 20_000;
+        let v = mcp_calls(
+            &format!("{gw}/mcp/crm"),
+            Some(&format!("Bearer {KEY}")),
+            calls,
+        )
+        .await;
+        let direct = mcp_calls(&format!("{upstream}/mcp"), None, calls).await;
+        let p50 = |v: &[Duration]| v[v.len() / 2];
+        return println!(
+            "{calls} MCP calls: through the gateway (trail on tmpfs) p50 {}, direct p50 {}",
+            ms(p50(&v)),
+            ms(p50(&direct))
+        );
+    }
     std::fs::write(
         dir.path().join("bench.yaml"),
         policy(&format!("{upstream}/mcp")),
@@ -366,15 +385,7 @@ async fn main() {
     let calls = 2000;
     let direct = mcp_calls(&format!("{upstream}/mcp"), None, calls).await;
     let proxied = mcp_calls(&format!("{gw}/mcp/crm"), Some(&auth), calls).await;
-    // The same gateway with its trail on tmpfs, where fsync returns at once: what the proxy
-    // adds besides waiting for the disk (not a configuration Tollgate offers).
-    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
-    std::fs::write(
-        shm.path().join("bench.yaml"),
-        policy(&format!("{upstream}/mcp")),
-    )
-    .unwrap();
-    let on_tmpfs = serve(sqlite_gateway(shm.path(), "tmpfs.db").await).await;
+    let (_shm, on_tmpfs) = tmpfs_gateway(&upstream).await;
     let undurable = mcp_calls(&format!("{on_tmpfs}/mcp/crm"), Some(&auth), calls).await;
     let p = |v: &[Duration], q: usize| v[v.len() * q / 100];
     println!("\nMCP tools/call, {calls} sequential calls:");
@@ -392,6 +403,20 @@ async fn main() {
         "the same, trail on tmpfs (fsync returns at once)",
         &undurable,
     );
+}
+
+/// The bench gateway with its SQLite trail on tmpfs, where fsync returns at once: what the
+/// proxy adds besides waiting for the disk (not a configuration Tollgate offers). The directory
+/// lives as long as the returned guard.
+async fn tmpfs_gateway(upstream: &str) -> (tempfile::TempDir, String) {
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    std::fs::write(
+        shm.path().join("bench.yaml"),
+        policy(&format!("{upstream}/mcp")),
+    )
+    .unwrap();
+    let url = serve(sqlite_gateway(shm.path(), "tmpfs.db").await).await;
+    (shm, url)
 }
 
 /// `connections` clients deciding allowed calls at the gateway at `gw` for `seconds`.
