@@ -762,6 +762,14 @@ mod tests {
     use super::*;
     use crate::record::{Entry, Event, GENESIS, Identity};
 
+    /// A new store in a temporary directory (kept as long as the guard), and its file.
+    fn fresh_store() -> (tempfile::TempDir, PathBuf, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.db");
+        let store = SqliteStore::open(&path).unwrap();
+        (dir, path, store)
+    }
+
     /// Records `from..from + n` of chain "gw-0" after `prev`, each with `tool(seq)`.
     fn decide_records(
         from: u64,
@@ -816,9 +824,7 @@ mod tests {
 
     #[tokio::test]
     async fn pages_read_on_several_connections_still_reach_past_gaps_in_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.db");
-        let store = SqliteStore::open(&path).unwrap();
+        let (_dir, path, store) = fresh_store();
         chain_of(&store, 10_000).await;
         let page = store.sealed("gw-0", 0, 4096).await.unwrap();
         assert_eq!(seqs(&page), "1-4096");
@@ -882,9 +888,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_run_is_found_whole_in_the_run_index_and_after_its_mark() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.db");
-        let store = SqliteStore::open(&path).unwrap();
+        let (_dir, path, store) = fresh_store();
         let mut prev = GENESIS.to_owned();
         append_runs(&store, 1, 1234, &mut prev).await;
         // Commits of 100: the sixth took 600 records past the batch, the twelfth 600 more.
@@ -898,8 +902,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_query_for_a_run_starts_from_the_run_index_even_given_an_agent() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path().join("audit.db")).unwrap();
+        let (_dir, _, store) = fresh_store();
         let filter = Filter::of(&Query {
             run: Some("run-1".into()),
             agent: Some("ns/agent".into()),
@@ -928,9 +931,7 @@ mod tests {
 
     #[tokio::test]
     async fn pruning_takes_its_records_out_of_the_run_index_and_lowers_the_mark() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.db");
-        let store = SqliteStore::open(&path).unwrap();
+        let (_dir, path, store) = fresh_store();
         let mut prev = GENESIS.to_owned();
         append_runs(&store, 1, 1200, &mut prev).await;
         assert_eq!(run_index(&path), (1200, 1200));
@@ -988,9 +989,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_that_is_not_text_fails_as_altered() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.db");
-        let store = SqliteStore::open(&path).unwrap();
+        let (_dir, path, store) = fresh_store();
         chain_of(&store, 5000).await;
         Connection::open(&path)
             .unwrap()
@@ -1052,8 +1051,7 @@ mod tests {
     async fn a_chain_verifies_while_its_writer_appends() {
         // Ranges read on several connections may see different snapshots while the writer
         // appends; no page may look as if records were missing.
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path().join("audit.db")).unwrap();
+        let (_dir, _, store) = fresh_store();
         let mut prev = chain_of(&store, 3000).await;
         let writer = {
             let store = store.clone();
@@ -1077,9 +1075,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_checkpoint_thread_copies_the_wal_back_without_a_commit_waiting() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.db");
-        let store = SqliteStore::open(&path).unwrap();
+        let (_dir, path, store) = fresh_store();
         let mut prev = GENESIS.to_owned();
         for i in 0..8 {
             store
@@ -1108,9 +1104,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_wal_starts_over_under_sustained_appends() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.db");
-        let store = SqliteStore::open(&path).unwrap();
+        let (_dir, path, store) = fresh_store();
         let mut prev = GENESIS.to_owned();
         // About 150 MB in commits back to back of about 4 MB each: four times the WAL limit.
         // Without the writer's own checkpoint at the limit the WAL reached 90 MB after 100 MB.
