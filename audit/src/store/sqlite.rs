@@ -124,6 +124,14 @@ fn index_runs(tx: &rusqlite::Transaction<'_>, last: i64) -> rusqlite::Result<()>
     Ok(())
 }
 
+/// How much of the database file a verification connection maps into memory (SQLite's
+/// `mmap_size`; `.cargo/config.toml` raises SQLite's own cap of 2 GiB). Verification reads every
+/// page once, and mapped pages skip the copy from the OS page cache that `read()` makes:
+/// about 8% more records per second (bench/README.md). Only connections that verify map the
+/// file; an I/O error on a mapped page stops the process (SIGBUS), so the gateway's own
+/// connections do not.
+const VERIFY_MMAP_BYTES: i64 = 1 << 40;
+
 /// How often the checkpoint thread runs when no commit wakes it.
 const CHECKPOINT_IDLE: Duration = Duration::from_secs(1);
 
@@ -403,7 +411,14 @@ fn dense_prefix(
 impl Inner {
     fn spare(&self) -> Result<Connection, StoreError> {
         let pooled = self.spare.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        pooled.map_or_else(|| open(&self.path), Ok)
+        pooled.map_or_else(
+            || {
+                let conn = open(&self.path)?;
+                conn.pragma_update(None, "mmap_size", VERIFY_MMAP_BYTES)?;
+                Ok(conn)
+            },
+            Ok,
+        )
     }
 
     fn give_back(&self, conn: Connection) {
@@ -828,7 +843,10 @@ mod tests {
         chain_of(&store, 10_000).await;
         let page = store.sealed("gw-0", 0, 4096).await.unwrap();
         assert_eq!(seqs(&page), "1-4096");
-        assert!(page.iter().all(|r| r.computed == r.hash.as_bytes()));
+        assert!(
+            page.iter()
+                .all(|r| r.computed == r.hash.as_str().as_bytes())
+        );
 
         Connection::open(&path)
             .unwrap()

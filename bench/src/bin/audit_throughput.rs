@@ -313,6 +313,10 @@ async fn main() {
                 (cpu_seconds() - cpu) / wall.elapsed().as_secs_f64()
             );
         }
+        // SQLITE_ONLY=1 stops here (for profiling SQLite's verification alone).
+        if std::env::var_os("SQLITE_ONLY").is_some() {
+            return;
+        }
         let postgres = tollgate_e2e::postgres::postgres();
         let store = PostgresStore::connect(&postgres.database("verify").unwrap())
             .await
