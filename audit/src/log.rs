@@ -4,13 +4,18 @@
 //! first waiting entry, gathers every entry queued behind it (up to `max_batch`, waiting at most
 //! `window` for more), seals them in order and commits them in one transaction. Each caller is
 //! answered only after that commit returned: an acknowledged record is durable. If a commit
-//! fails, every caller in the batch gets the error and the head does not move.
+//! fails, every caller in the batch gets the error and the head does not move. A store that
+//! takes several batches at once ([`Store::PIPELINE`]: PostgreSQL) is handed the next batch while
+//! the one before commits; it commits them in order and fails every batch sent after one that
+//! failed, and the writer answers callers in order.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::Timestamp;
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 
 use crate::record::{Checkpoint, Entry, Event, GENESIS, Identity, Prepared, Record};
 use crate::store::{Head, Store, StoreError};
@@ -123,13 +128,15 @@ impl AuditLog {
         let head = store.head(&config.chain).await?;
         let chain: Arc<str> = config.chain.as_str().into();
         let (jobs, rx) = mpsc::channel(config.queue);
+        let head = head.unwrap_or(Head {
+            seq: 0,
+            hash: GENESIS.to_owned(),
+        });
         let writer = Writer {
             store,
             chain: chain.clone(),
-            head: head.unwrap_or(Head {
-                seq: 0,
-                hash: GENESIS.to_owned(),
-            }),
+            committed: head.clone(),
+            tip: head,
             window: config.window,
             max_batch: config.max_batch,
         };
@@ -185,80 +192,180 @@ impl AuditLog {
 struct Writer<S> {
     store: Arc<S>,
     chain: Arc<str>,
-    head: Head,
+    /// The last record known durable.
+    committed: Head,
+    /// The last record sealed: the head the next batch links to. Ahead of `committed` while
+    /// batches are in flight.
+    tip: Head,
     window: Duration,
     max_batch: usize,
 }
 
+/// A batch handed to the store: its callers and where their records landed.
+struct Sealed {
+    jobs: Vec<Job>,
+    acks: Vec<(u64, String)>,
+}
+
 impl<S: Store> Writer<S> {
-    async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
-        let mut jobs = Vec::with_capacity(self.max_batch);
-        while let Some(first) = rx.recv().await {
-            jobs.push(first);
-            if !self.window.is_zero() {
-                let deadline = tokio::time::Instant::now() + self.window;
-                while jobs.len() < self.max_batch {
-                    match tokio::time::timeout_at(deadline, rx.recv()).await {
-                        Ok(Some(job)) => jobs.push(job),
-                        Ok(None) | Err(_) => break,
-                    }
-                }
-            }
-            while jobs.len() < self.max_batch {
-                match rx.try_recv() {
-                    Ok(job) => jobs.push(job),
-                    Err(_) => break,
-                }
-            }
-            self.commit(&mut jobs).await;
+    async fn run(self, rx: mpsc::Receiver<Job>) {
+        if S::PIPELINE > 1 {
+            self.run_pipelined(rx).await;
+        } else {
+            self.run_serial(rx).await;
         }
     }
 
-    async fn commit(&mut self, jobs: &mut Vec<Job>) {
+    /// One batch at a time: take entries, commit them, answer, repeat.
+    async fn run_serial(mut self, mut rx: mpsc::Receiver<Job>) {
+        while let Some(first) = rx.recv().await {
+            let mut jobs = self.gather(first, &mut rx).await;
+            let (records, sealed) = self.seal(&mut jobs);
+            let result = self.store.append(records).await;
+            if !self.settle(sealed, result) {
+                self.resync().await;
+            }
+        }
+    }
+
+    /// Up to [`Store::PIPELINE`] batches in flight: the next batch is gathered, sealed and
+    /// handed to the store while the ones before commit, and callers are answered in order.
+    /// After a failure nothing new starts until every batch in flight has ended (the store fails
+    /// those too) and the head is read back from the store.
+    async fn run_pipelined(mut self, mut rx: mpsc::Receiver<Job>) {
+        let mut in_flight: VecDeque<(JoinHandle<Result<(), StoreError>>, Sealed)> = VecDeque::new();
+        let mut failed = false;
+        loop {
+            let open = in_flight.len() < S::PIPELINE && !failed;
+            tokio::select! {
+                biased;
+                result = async { (&mut in_flight.front_mut().expect("a batch in flight").0).await },
+                    if !in_flight.is_empty() =>
+                {
+                    let (_, sealed) = in_flight.pop_front().expect("a batch in flight");
+                    let result = result.unwrap_or_else(|e| Err(StoreError::Task(e.to_string())));
+                    failed |= !self.settle(sealed, result);
+                    if failed && in_flight.is_empty() {
+                        self.resync().await;
+                        failed = false;
+                    }
+                }
+                first = rx.recv(), if open => {
+                    let Some(first) = first else { break };
+                    let mut jobs = self.gather(first, &mut rx).await;
+                    let (records, sealed) = self.seal(&mut jobs);
+                    let store = self.store.clone();
+                    let mut append = Box::pin(async move { store.append(records).await });
+                    // The store orders batches by their first poll: take this one's turn now,
+                    // before the next batch exists.
+                    let task = match futures::poll!(append.as_mut()) {
+                        std::task::Poll::Ready(result) => tokio::spawn(async move { result }),
+                        std::task::Poll::Pending => tokio::spawn(append),
+                    };
+                    in_flight.push_back((task, sealed));
+                }
+                else => break,
+            }
+        }
+        while let Some((task, sealed)) = in_flight.pop_front() {
+            let result = task
+                .await
+                .unwrap_or_else(|e| Err(StoreError::Task(e.to_string())));
+            self.settle(sealed, result);
+        }
+    }
+
+    /// `first` and every entry queued behind it, up to `max_batch`, waiting at most `window`
+    /// for more.
+    async fn gather(&self, first: Job, rx: &mut mpsc::Receiver<Job>) -> Vec<Job> {
+        let mut jobs = Vec::with_capacity(self.max_batch.min(1024));
+        jobs.push(first);
+        if !self.window.is_zero() {
+            let deadline = tokio::time::Instant::now() + self.window;
+            while jobs.len() < self.max_batch {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(job)) => jobs.push(job),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+        while jobs.len() < self.max_batch {
+            match rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        jobs
+    }
+
+    /// Numbers, links and seals `jobs` after the tip, and moves the tip past them.
+    fn seal(&mut self, jobs: &mut Vec<Job>) -> (Vec<Record>, Sealed) {
         let mut records = Vec::with_capacity(jobs.len());
-        let mut prev = self.head.hash.clone();
+        let mut prev = self.tip.hash.clone();
         for (i, job) in jobs.iter_mut().enumerate() {
             let prepared = Prepared {
                 body: std::mem::take(&mut job.entry.body),
                 index: std::mem::take(&mut job.entry.index),
             };
             let record =
-                Record::seal_prepared(&self.chain, self.head.seq + 1 + i as u64, &prev, prepared);
+                Record::seal_prepared(&self.chain, self.tip.seq + 1 + i as u64, &prev, prepared);
             prev.clone_from(&record.hash);
             records.push(record);
         }
         let acks: Vec<(u64, String)> = records.iter().map(|r| (r.seq, r.hash.clone())).collect();
-        match self.store.append(records).await {
+        if let Some((seq, hash)) = acks.last() {
+            self.tip = Head {
+                seq: *seq,
+                hash: hash.clone(),
+            };
+        }
+        let jobs = std::mem::take(jobs);
+        (records, Sealed { jobs, acks })
+    }
+
+    /// Answers a batch's callers. Returns whether it was committed.
+    fn settle(&mut self, sealed: Sealed, result: Result<(), StoreError>) -> bool {
+        let Sealed { jobs, acks } = sealed;
+        match result {
             Ok(()) => {
                 if let Some((seq, hash)) = acks.last() {
-                    self.head = Head {
+                    self.committed = Head {
                         seq: *seq,
                         hash: hash.clone(),
                     };
                 }
-                for (job, (seq, hash)) in jobs.drain(..).zip(acks) {
+                for (job, (seq, hash)) in jobs.into_iter().zip(acks) {
                     let _ = job.done.send(Ok(Appended {
                         chain: self.chain.clone(),
                         seq,
                         hash,
                     }));
                 }
+                true
             }
             Err(e) => {
                 tracing::error!(chain = %self.chain, error = %e, "audit batch not written");
                 let message: Arc<str> = e.to_string().into();
-                for job in jobs.drain(..) {
+                for job in jobs {
                     let _ = job.done.send(Err(AppendError::Store(message.clone())));
                 }
-                // A commit can fail after the database applied it (a connection lost during
-                // COMMIT): continue from what the store holds, never from a guess.
-                match self.store.head(&self.chain).await {
-                    Ok(Some(head)) => self.head = head,
-                    Ok(None) => {}
-                    Err(e) => {
-                        tracing::error!(chain = %self.chain, error = %e, "audit head not re-read")
-                    }
-                }
+                false
+            }
+        }
+    }
+
+    /// After a failed batch: continue from what the store holds, never from a guess (a commit
+    /// can fail after the database applied it, when the connection is lost during COMMIT).
+    async fn resync(&mut self) {
+        self.tip = self.committed.clone();
+        match self.store.head(&self.chain).await {
+            Ok(Some(head)) => {
+                self.committed = head.clone();
+                self.tip = head;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(chain = %self.chain, error = %e, "audit head not re-read")
             }
         }
     }

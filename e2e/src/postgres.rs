@@ -213,7 +213,8 @@ impl Postgres {
                     "-c",
                     &format!("ssl_ca_file={}", dir.join(CA_FILE).display()),
                     // Durability stays on: fsync and synchronous_commit keep their defaults.
-                ]),
+                ])
+                .args(extra_settings()),
         )?;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -309,4 +310,13 @@ impl Postgres {
         self.psql("postgres", &format!("CREATE DATABASE {name}"))?;
         Ok(self.url(&name))
     }
+}
+
+/// `TOLLGATE_PG_SETTINGS="name=value …"`: more server settings (benchmarks compare tunings).
+fn extra_settings() -> Vec<String> {
+    std::env::var("TOLLGATE_PG_SETTINGS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .flat_map(|setting| ["-c".to_owned(), setting.to_owned()])
+        .collect()
 }

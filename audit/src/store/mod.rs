@@ -105,6 +105,12 @@ pub enum StoreError {
     /// A stored value is out of range (a negative sequence, a bad timestamp).
     #[error("audit store holds an invalid value: {0}")]
     Corrupt(String),
+    /// The batch was not written because the batch before it, still committing when this one
+    /// was sent, failed (see [`Store::PIPELINE`]).
+    #[error(
+        "audit batch not written: the batch before it on this chain failed to commit, and a batch never commits after one that failed"
+    )]
+    Aborted,
     /// The blocking task running the query was lost.
     #[error("audit store task failed: {0}")]
     Task(String),
@@ -113,6 +119,13 @@ pub enum StoreError {
 /// A place to keep records. Implemented by [`SqliteStore`] and [`PostgresStore`]; the test suite
 /// in `tests/store.rs` runs unchanged against both.
 pub trait Store: Send + Sync + 'static {
+    /// How many batches a chain's writer may have in flight at once. With more than one, the
+    /// store keeps them in order: batches commit in the order their [`Store::append`] futures
+    /// were first polled, each only after the one before it committed; a batch whose
+    /// predecessor failed is rolled back and fails with [`StoreError::Aborted`]. So a durable
+    /// record is never durable without every record before it in its chain.
+    const PIPELINE: usize = 1;
+
     /// Takes `chain` for this process's writer: refuses when another live writer holds it.
     fn claim(&self, chain: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
 
@@ -121,7 +134,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Commits `batch` (consecutive records of one chain) in one transaction. Returns once it is
     /// durable. A sequence number that is already taken fails the whole batch with
-    /// [`StoreError::Conflict`].
+    /// [`StoreError::Conflict`]. With [`Store::PIPELINE`] above one, the order of batches is
+    /// taken when the returned future is first polled.
     fn append(&self, batch: Vec<Record>) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Every chain with records or an anchor, sorted.

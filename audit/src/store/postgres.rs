@@ -1,12 +1,16 @@
 //! The shared store: PostgreSQL, for several gateway replicas. Each replica writes its own chain
 //! and holds a session advisory lock on it, so two processes can never extend one chain.
-//! Appends are one multi-row INSERT per batch inside a transaction; with PostgreSQL's default
-//! `synchronous_commit = on`, COMMIT returns once the WAL is flushed.
+//! A batch is one binary COPY inside a transaction (half again as many rows per second as a
+//! multi-row INSERT of the same rows); with PostgreSQL's default `synchronous_commit = on`,
+//! COMMIT returns once the WAL is flushed. Two batches may be in flight: the next one is copied
+//! in on a second connection while the one before waits for its COMMIT, and it commits only
+//! after that one did ([`Store::PIPELINE`]).
 
 use std::sync::Arc;
 
-use tokio::sync::Mutex;
-use tokio_postgres::types::ToSql;
+use tokio::sync::{Mutex, oneshot};
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, NoTls, Row};
 
 use super::{Head, Query, Store, StoreError, ToolOutcome, ToolUse, to_i64, to_u64};
@@ -22,10 +26,43 @@ pub struct PostgresStore {
 #[derive(Debug)]
 struct Inner {
     url: String,
+    /// Claims, prunes, and every other batch.
     writer: Mutex<Client>,
+    /// The other batches: while one connection waits for its COMMIT to be flushed, the next
+    /// batch is copied in on the other.
+    second: Mutex<Client>,
+    /// The order of batches ([`Store::PIPELINE`]).
+    turns: std::sync::Mutex<Turns>,
     reader: Client,
     /// Idle connections for [`AgentLock`]s.
     lockers: std::sync::Mutex<Vec<Client>>,
+}
+
+/// Which connection the next batch uses, and how the batch before it ended.
+#[derive(Debug, Default)]
+struct Turns {
+    next: u64,
+    before: Option<oneshot::Receiver<bool>>,
+}
+
+/// How a batch ended, for the batch after it: failed unless told otherwise, so a batch whose
+/// future is dropped, or that returns early with an error, fails its successor too.
+struct Outcome(Option<oneshot::Sender<bool>>);
+
+impl Outcome {
+    fn committed(mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(true);
+        }
+    }
+}
+
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(false);
+        }
+    }
 }
 
 /// Idle lock connections kept for reuse; more are closed when their lock is released.
@@ -120,11 +157,14 @@ impl PostgresStore {
             writer.batch_execute(statement).await?;
         }
         writer.batch_execute("COMMIT").await?;
+        let second = connect(url).await?;
         let reader = connect(url).await?;
         Ok(Self {
             inner: Arc::new(Inner {
                 url: url.to_owned(),
                 writer: Mutex::new(writer),
+                second: Mutex::new(second),
+                turns: std::sync::Mutex::new(Turns::default()),
                 reader,
                 lockers: std::sync::Mutex::new(Vec::new()),
             }),
@@ -199,6 +239,21 @@ impl PostgresStore {
     }
 }
 
+/// The column types of [`COPY_COLUMNS`], in order.
+const COPY_TYPES: [Type; 11] = [
+    Type::TEXT,
+    Type::INT8,
+    Type::TEXT,
+    Type::TEXT,
+    Type::INT8,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+];
+
 const COLUMNS: &str = "chain, seq, prev, hash, time_us, event, agent, run, tool, outcome, body";
 
 fn record(row: &Row) -> Result<Record, StoreError> {
@@ -260,47 +315,66 @@ impl Store for PostgresStore {
         self.anchor(chain).await
     }
 
+    const PIPELINE: usize = 2;
+
     async fn append(&self, batch: Vec<Record>) -> Result<(), StoreError> {
         let Some(first) = batch.first() else {
             return Ok(());
         };
-        let mut chain = Vec::with_capacity(batch.len());
-        let mut seq = Vec::with_capacity(batch.len());
-        let mut prev = Vec::with_capacity(batch.len());
-        let mut hash = Vec::with_capacity(batch.len());
-        let mut time = Vec::with_capacity(batch.len());
-        let mut event = Vec::with_capacity(batch.len());
-        let mut agent = Vec::with_capacity(batch.len());
-        let mut run = Vec::with_capacity(batch.len());
-        let mut tool = Vec::with_capacity(batch.len());
-        let mut outcome = Vec::with_capacity(batch.len());
-        let mut body = Vec::with_capacity(batch.len());
-        for r in &batch {
-            chain.push(r.chain.as_str());
-            seq.push(to_i64(r.seq)?);
-            prev.push(r.prev.as_str());
-            hash.push(r.hash.as_str());
-            time.push(r.index.time_us);
-            event.push(r.index.event.as_str());
-            agent.push(r.index.agent.as_deref());
-            run.push(r.index.run.as_deref());
-            tool.push(r.index.tool.as_deref());
-            outcome.push(r.index.outcome.as_deref());
-            body.push(r.body.as_str());
-        }
-        let mut writer = self.inner.writer.lock().await;
-        let tx = writer.transaction().await?;
-        let inserted = tx
-            .execute(
-                "INSERT INTO tollgate_audit_records (chain, seq, prev, hash, time_us, event, agent, run, tool, outcome, body)
-                 SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], $5::bigint[], $6::text[],
-                                      $7::text[], $8::text[], $9::text[], $10::text[], $11::text[])",
-                &[
-                    &chain, &seq, &prev, &hash, &time, &event, &agent, &run, &tool, &outcome, &body,
-                ],
+        // This batch's turn is taken at the first poll, before anything is awaited.
+        let (outcome, before, connection) = {
+            let mut turns = self.inner.turns.lock().unwrap_or_else(|e| e.into_inner());
+            let (tx, rx) = oneshot::channel();
+            // Only a batch still in flight holds this one back: one that has ended, however,
+            // was answered before this batch was made (a writer re-reads its head after a
+            // failure before it sends more).
+            let before = turns.before.replace(rx).and_then(|mut before| {
+                matches!(before.try_recv(), Err(oneshot::error::TryRecvError::Empty))
+                    .then_some(before)
+            });
+            let connection = if turns.next.is_multiple_of(2) {
+                &self.inner.writer
+            } else {
+                &self.inner.second
+            };
+            turns.next += 1;
+            (Outcome(Some(tx)), before, connection)
+        };
+        let seqs = batch
+            .iter()
+            .map(|r| to_i64(r.seq))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut client = connection.lock().await;
+        let tx = client.transaction().await?;
+        let sink = tx
+            .copy_in(
+                "COPY tollgate_audit_records (chain, seq, prev, hash, time_us, event, agent, run, tool, outcome, body) FROM STDIN (FORMAT binary)",
             )
-            .await;
-        match inserted {
+            .await?;
+        let rows = BinaryCopyInWriter::new(sink, &COPY_TYPES);
+        futures::pin_mut!(rows);
+        let copied: Result<u64, tokio_postgres::Error> = async {
+            for (r, seq) in batch.iter().zip(&seqs) {
+                rows.as_mut()
+                    .write(&[
+                        &r.chain,
+                        seq,
+                        &r.prev,
+                        &r.hash,
+                        &r.index.time_us,
+                        &r.index.event,
+                        &r.index.agent,
+                        &r.index.run,
+                        &r.index.tool,
+                        &r.index.outcome,
+                        &r.body,
+                    ])
+                    .await?;
+            }
+            rows.as_mut().finish().await
+        }
+        .await;
+        match copied {
             Ok(_) => {}
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
                 return Err(StoreError::Conflict {
@@ -310,7 +384,15 @@ impl Store for PostgresStore {
             }
             Err(e) => return Err(e.into()),
         }
+        // Copied while the batch before was committing; committed only after it was.
+        if let Some(before) = before
+            && before.await != Ok(true)
+        {
+            tx.rollback().await?;
+            return Err(StoreError::Aborted);
+        }
         tx.commit().await?;
+        outcome.committed();
         Ok(())
     }
 

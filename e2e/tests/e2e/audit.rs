@@ -341,7 +341,10 @@ async fn postgres_seals_a_verification_page_over_several_scans_in_order() {
     let page = store.sealed("gw-0", 0, 2 * PAGE).await.unwrap();
     assert_eq!(page.len() as u64, total);
     assert!(page.iter().zip(1..).all(|(r, n)| r.seq == n));
-    assert!(page.iter().all(|r| r.computed == r.hash.as_bytes()));
+    assert!(
+        page.iter()
+            .all(|r| r.computed == r.hash.as_str().as_bytes())
+    );
     // The limit holds across scans, and a page may start anywhere.
     let page = store.sealed("gw-0", 100, PAGE + 5).await.unwrap();
     assert_eq!(page.len(), PAGE + 5);
@@ -356,6 +359,109 @@ async fn postgres_seals_a_verification_page_over_several_scans_in_order() {
     let (at, fault) = broken(&store, &BTreeMap::new(), false).await;
     assert_eq!(at, PAGE as u64 + 500);
     assert!(matches!(fault, Fault::Altered { .. }), "{fault:?}");
+}
+
+/// A real commit failure: a deferred constraint trigger that, at COMMIT, waits `delay` and
+/// then fails the transaction of any record for the tool `fail-at-commit`.
+async fn fail_commits_of_tool_fail_at_commit(url: &str, delay: &str) {
+    RawPostgres(url.to_owned())
+        .exec(&format!(
+            "CREATE FUNCTION tollgate_test_fail() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF NEW.tool = 'fail-at-commit' THEN
+                 PERFORM pg_sleep({delay});
+                 RAISE EXCEPTION 'injected commit failure';
+               END IF;
+               RETURN NULL;
+             END $$;
+             CREATE CONSTRAINT TRIGGER tollgate_test_fail AFTER INSERT ON tollgate_audit_records
+               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION tollgate_test_fail();"
+        ))
+        .await;
+}
+
+/// `n` records of `tool` sealed after `prev`, from `seq`.
+fn sealed_batch(seq: u64, n: u64, prev: &mut String, tool: &str) -> Vec<tollgate_audit::Record> {
+    let entry = decide(Timestamp::now(), "a", "r", 1, tool, true);
+    (seq..seq + n)
+        .map(|n| {
+            let record = tollgate_audit::Record::seal("gw-0", n, prev, &entry);
+            prev.clone_from(&record.hash);
+            record
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn postgres_commits_pipelined_batches_in_order_and_never_after_a_failed_one() {
+    let url = postgres().database("pipeline_store").unwrap();
+    let store = PostgresStore::connect(&url).await.unwrap();
+    fail_commits_of_tool_fail_at_commit(&url, "0.3").await;
+    // Two batches in flight, the first failing at COMMIT after the second was copied in: the
+    // second must not commit (it would be a chain from 4 without 1 to 3).
+    let mut prev = tollgate_audit::record::GENESIS.to_owned();
+    let first = sealed_batch(1, 3, &mut prev, "fail-at-commit");
+    let second = sealed_batch(4, 3, &mut prev, "get_order");
+    let (first, second) = tokio::join!(store.append(first), store.append(second));
+    let first = first.unwrap_err().to_string();
+    assert!(first.contains("injected commit failure"), "{first}");
+    assert!(
+        matches!(second, Err(tollgate_audit::store::StoreError::Aborted)),
+        "{second:?}"
+    );
+    assert_eq!(store.head("gw-0").await.unwrap(), None);
+    // Both in flight and both fine: both commit, in order, and the chain verifies.
+    let mut prev = tollgate_audit::record::GENESIS.to_owned();
+    let first = sealed_batch(1, 3, &mut prev, "get_order");
+    let second = sealed_batch(4, 3, &mut prev, "get_order");
+    let (a, b) = tokio::join!(store.append(first), store.append(second));
+    a.unwrap();
+    b.unwrap();
+    let reports = verify(&store, true, &BTreeMap::new()).await.unwrap();
+    assert_eq!(reports[0].records, 6);
+}
+
+#[tokio::test]
+async fn postgres_writer_fails_the_batch_behind_a_failed_commit_and_goes_on_from_the_store() {
+    let url = postgres().database("pipeline_writer").unwrap();
+    let store = Arc::new(PostgresStore::connect(&url).await.unwrap());
+    fail_commits_of_tool_fail_at_commit(&url, "0.5").await;
+    let log = open(&store, "gw-0").await;
+    let failing = tokio::spawn({
+        let log = log.clone();
+        async move {
+            log.append(decide(
+                Timestamp::now(),
+                "a",
+                "r",
+                1,
+                "fail-at-commit",
+                true,
+            ))
+            .await
+        }
+    });
+    // The second call arrives while the first batch waits for its COMMIT: it goes out as the
+    // next batch, and fails with it.
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    let behind = log
+        .append(decide(Timestamp::now(), "a", "r", 2, "get_order", true))
+        .await
+        .unwrap_err()
+        .to_string();
+    let failing = failing.await.unwrap().unwrap_err().to_string();
+    assert!(failing.contains("injected commit failure"), "{failing}");
+    assert!(behind.contains("the batch before it"), "{behind}");
+    // The writer re-read its head: the next record is the chain's first, and it verifies.
+    let next = log
+        .append(decide(Timestamp::now(), "a", "r", 3, "get_order", true))
+        .await
+        .unwrap();
+    assert_eq!(next.seq, 1);
+    let reports = verify(store.as_ref(), true, &BTreeMap::new())
+        .await
+        .unwrap();
+    assert_eq!(reports[0].records, 1);
 }
 
 /// How many of `database`'s sessions the server sees encrypted, asked over a plain connection.
@@ -411,7 +517,8 @@ async fn postgres_over_tls_checks_the_server_and_presents_a_client_certificate()
     }
     let reports = verify(store.as_ref(), true, NONE).await.unwrap();
     assert_eq!(reports[0].records, 5);
-    assert_eq!(encrypted_sessions(&database).await, 2);
+    // The two appending connections and the reader.
+    assert_eq!(encrypted_sessions(&database).await, 3);
 
     // Someone else answering on the address: a CA with the same name but another key (what a
     // forger would make) does not vouch for the server's certificate.
