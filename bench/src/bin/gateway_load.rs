@@ -2,9 +2,10 @@
 //! REST API evaluating the same rules, and the latency the MCP proxy adds over calling an MCP
 //! server directly.
 //!
-//! `cargo run --release --bin gateway-load [SECONDS] [CONNECTIONS] [replicas|inproc|own|mcp]`
+//! `cargo run --release --bin gateway-load [SECONDS] [CONNECTIONS] [replicas|inproc|own|mcp|rate [RATES]]`
 //! (`own`: only the gateway on a runtime of its own, threads named `gateway`; `mcp`: only MCP
-//! calls through a gateway with its trail on tmpfs; both for profiling); OPA is taken from `$OPA`
+//! calls through a gateway with its trail on tmpfs; both for profiling; `rate`: open loop at
+//! each of RATES, comma-separated requests/s, gateway and OPA); OPA is taken from `$OPA`
 //! (default `../target/opa-bin/opa`, built with
 //! `GOBIN=$PWD/target/opa-bin go install github.com/open-policy-agent/opa@v1.22.3`).
 
@@ -113,6 +114,7 @@ struct Load {
     rate: f64,
     p50: Duration,
     p99: Duration,
+    p999: Duration,
     max: Duration,
     count: usize,
 }
@@ -161,6 +163,67 @@ async fn load(
     Load::of(latencies, start.elapsed())
 }
 
+/// Open loop: `connections` clients together offer `rate` requests per second for `seconds`.
+/// Request k of client w is due at `(k * connections + w) / rate`. Its latency counts from when
+/// it left, or, if the client was still waiting for an earlier answer when it was due, from when
+/// it was due: the delay a closed loop would hide (coordinated omission) is charged. Tokio's timer
+/// has millisecond ticks, so requests leave in bursts of about `rate / 1000`.
+async fn paced(
+    url: &str,
+    auth: Option<&str>,
+    seconds: u64,
+    connections: usize,
+    rate: f64,
+    body: fn(usize, usize) -> Value,
+    check: fn(&Value) -> bool,
+) -> Load {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(connections)
+        .build()
+        .unwrap();
+    let start = tokio::time::Instant::now() + Duration::from_millis(50);
+    let span = Duration::from_secs(seconds);
+    let mut tasks = Vec::new();
+    for worker in 0..connections {
+        let client = client.clone();
+        let url = url.to_owned();
+        let auth = auth.map(str::to_owned);
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            for i in 0.. {
+                let at = Duration::from_secs_f64((i * connections + worker) as f64 / rate);
+                if at >= span {
+                    break;
+                }
+                let due = start + at;
+                // Behind schedule (the answer before came after this request was due): charged
+                // from when it was due. On time: from when the timer let it leave, since the
+                // timer's millisecond ticks are the load generator's lateness, not the server's.
+                let behind = tokio::time::Instant::now() >= due;
+                tokio::time::sleep_until(due).await;
+                let origin = if behind {
+                    due
+                } else {
+                    tokio::time::Instant::now()
+                };
+                let mut request = client.post(&url).json(&body(worker, i));
+                if let Some(auth) = &auth {
+                    request = request.header("authorization", auth);
+                }
+                let answer: Value = request.send().await.unwrap().json().await.unwrap();
+                latencies.push(origin.elapsed());
+                assert!(check(&answer), "unexpected answer: {answer}");
+            }
+            latencies
+        }));
+    }
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await.unwrap());
+    }
+    Load::of(latencies, start.elapsed())
+}
+
 impl Load {
     /// Rate and percentiles of `latencies` measured over `elapsed`.
     fn of(mut latencies: Vec<Duration>, elapsed: Duration) -> Self {
@@ -169,6 +232,7 @@ impl Load {
             rate: latencies.len() as f64 / elapsed.as_secs_f64(),
             p50: latencies[latencies.len() / 2],
             p99: latencies[latencies.len() * 99 / 100],
+            p999: latencies[latencies.len() * 999 / 1000],
             max: latencies[latencies.len() - 1],
             count: latencies.len(),
         }
@@ -176,7 +240,7 @@ impl Load {
 }
 
 fn call(worker: usize, i: usize) -> (&'static str, Value) {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         (
             "read_customer_record",
             json!({"customer_id": format!("C{:06}", (worker * 7919 + i) % 1_000_000)}),
@@ -268,6 +332,12 @@ async fn main() {
     if std::env::args().nth(3).as_deref() == Some("inproc") {
         return in_process(seconds, connections).await;
     }
+    if std::env::args().nth(3).as_deref() == Some("rate") {
+        let rates = std::env::args()
+            .nth(4)
+            .unwrap_or_else(|| "5000,10000,15000,20000".to_owned());
+        return at_rates(seconds, connections, &rates).await;
+    }
     if std::env::args().nth(3).as_deref() == Some("own") {
         // Only the gateway on its own runtime: for profiling (its threads are named `gateway`).
         let dir = policy_dir();
@@ -334,42 +404,12 @@ async fn main() {
     let tollgate = decide(&own, seconds, connections).await;
     print("tollgate /v1/decide, own runtime", &tollgate);
 
-    let opa = PathBuf::from(std::env::var("OPA").unwrap_or_else(|_| {
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../target/opa-bin/opa").to_owned()
-    }));
-    if opa.exists() {
-        let rego = dir.path().join("tollgate.rego");
-        std::fs::write(&rego, REGO).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut child = std::process::Command::new(&opa)
-            .args(["run", "--server", "--log-level", "error", "--addr"])
-            .arg(format!("127.0.0.1:{port}"))
-            .arg(&rego)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("start OPA");
-        let client = reqwest::Client::new();
-        let health = format!("http://127.0.0.1:{port}/health");
-        while client.get(&health).send().await.is_err() {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let opa_load = load(
-            &format!("http://127.0.0.1:{port}/v1/data/tollgate/allow"),
-            None,
-            seconds,
-            connections,
-            |worker, i| {
-                let (tool, args) = call(worker, i);
-                json!({"input": {"tool": tool, "args": args}})
-            },
-            |answer| answer["result"] == true,
-        )
+    if let Some(opa) = Opa::start(dir.path()).await {
+        let opa_load = load(&opa.url, None, seconds, connections, opa_body, |answer| {
+            answer["result"] == true
+        })
         .await;
-        let _ = child.kill();
+        drop(opa);
         print("OPA REST /v1/data (no decision log)", &opa_load);
         println!(
             "{:<44} {:>9.2}x throughput, p50 {:.2}x, p99 {:.2}x",
@@ -378,8 +418,6 @@ async fn main() {
             tollgate.p50.as_secs_f64() / opa_load.p50.as_secs_f64(),
             tollgate.p99.as_secs_f64() / opa_load.p99.as_secs_f64()
         );
-    } else {
-        println!("OPA not found at {} (set OPA=…)", opa.display());
     }
 
     let calls = 2000;
@@ -405,6 +443,132 @@ async fn main() {
     );
 }
 
+/// OPA's REST server evaluating [`REGO`], stopped when dropped.
+struct Opa {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Opa {
+    /// Starts `$OPA` (default `../target/opa-bin/opa`) with the rules written into `dir`; None,
+    /// saying so, when there is no OPA binary.
+    async fn start(dir: &std::path::Path) -> Option<Self> {
+        let opa = PathBuf::from(std::env::var("OPA").unwrap_or_else(|_| {
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../target/opa-bin/opa").to_owned()
+        }));
+        if !opa.exists() {
+            println!("OPA not found at {} (set OPA=…)", opa.display());
+            return None;
+        }
+        let rego = dir.join("tollgate.rego");
+        std::fs::write(&rego, REGO).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new(&opa)
+            .args(["run", "--server", "--log-level", "error", "--addr"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg(&rego)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start OPA");
+        let client = reqwest::Client::new();
+        let health = format!("http://127.0.0.1:{port}/health");
+        while client.get(&health).send().await.is_err() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Some(Self {
+            child,
+            url: format!("http://127.0.0.1:{port}/v1/data/tollgate/allow"),
+        })
+    }
+}
+
+impl Drop for Opa {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// OPA's input for the call `call(worker, i)`.
+fn opa_body(worker: usize, i: usize) -> Value {
+    let (tool, args) = call(worker, i);
+    json!({"input": {"tool": tool, "args": args}})
+}
+
+/// Open loop at each of `rates` (comma-separated, requests/s): the gateway on its own runtime,
+/// then OPA, each offered the rate over `connections` connections.
+async fn at_rates(seconds: u64, connections: usize, rates: &str) {
+    let dir = policy_dir();
+    // TRAIL=/dev/shm puts the gateway's trail on tmpfs: whether a tail comes from the disk.
+    let trail = std::env::var_os("TRAIL").map(|d| tempfile::tempdir_in(d).unwrap());
+    let path = trail.as_ref().map_or(dir.path(), |t| t.path()).to_owned();
+    if trail.is_some() {
+        std::fs::copy(dir.path().join("bench.yaml"), path.join("bench.yaml")).unwrap();
+    }
+    let own = on_own_runtime(async move { sqlite_gateway(&path, "own.db").await });
+    let opa = Opa::start(dir.path()).await;
+    println!(
+        "open loop, {seconds}s per rate after 2s at the first, {connections} connections, latency from when each request left or was due\n"
+    );
+    let rates: Vec<f64> = rates
+        .split(',')
+        .map(|r| r.trim().parse::<f64>().unwrap())
+        .collect();
+    // Warm-up, not reported: connections, the store's first pages, the runs' first lookups.
+    let first = rates[0];
+    let warm = |url: String, body: fn(usize, usize) -> Value, check: fn(&Value) -> bool| async move {
+        let auth = format!("Bearer {KEY}");
+        paced(&url, Some(&auth), 2, connections, first, body, check).await
+    };
+    warm(format!("{own}/v1/decide"), decide_body, |a| {
+        a["decision"] == "allow"
+    })
+    .await;
+    if let Some(opa) = &opa {
+        warm(opa.url.clone(), opa_body, |a| a["result"] == true).await;
+    }
+    for &rate in &rates {
+        let row = |name: &str, l: &Load| {
+            println!(
+                "{name:<24} offered {rate:>6.0}/s  served {:>7.0}/s  p50 {:>9}  p99 {:>9}  p99.9 {:>9}  max {:>9}",
+                l.rate,
+                ms(l.p50),
+                ms(l.p99),
+                ms(l.p999),
+                ms(l.max)
+            )
+        };
+        let tollgate = paced(
+            &format!("{own}/v1/decide"),
+            Some(&format!("Bearer {KEY}")),
+            seconds,
+            connections,
+            rate,
+            decide_body,
+            |answer| answer["decision"] == "allow",
+        )
+        .await;
+        row("tollgate /v1/decide", &tollgate);
+        if let Some(opa) = &opa {
+            let l = paced(
+                &opa.url,
+                None,
+                seconds,
+                connections,
+                rate,
+                opa_body,
+                |answer| answer["result"] == true,
+            )
+            .await;
+            row("OPA REST /v1/data", &l);
+        }
+    }
+}
+
 /// The bench gateway with its SQLite trail on tmpfs, where fsync returns at once: what the
 /// proxy adds besides waiting for the disk (not a configuration Tollgate offers). The directory
 /// lives as long as the returned guard.
@@ -426,13 +590,16 @@ async fn decide(gw: &str, seconds: u64, connections: usize) -> Load {
         Some(&format!("Bearer {KEY}")),
         seconds,
         connections,
-        |worker, i| {
-            let (tool, args) = call(worker, i);
-            json!({"runId": format!("w{worker}-{}", i / 1000), "tool": tool, "arguments": args})
-        },
+        decide_body,
         |answer| answer["decision"] == "allow",
     )
     .await
+}
+
+/// The decision API's input for the call `call(worker, i)`: a run per client and 1,000 calls.
+fn decide_body(worker: usize, i: usize) -> Value {
+    let (tool, args) = call(worker, i);
+    json!({"runId": format!("w{worker}-{}", i / 1000), "tool": tool, "arguments": args})
 }
 
 /// A directory holding the bench policy, its MCP upstream unused (nothing listens on port 9).
