@@ -4,9 +4,10 @@
 //! Contract: only I/O and wiring; every decision comes from tollgate-engine. Today it has the
 //! offline commands `check` (are these manifests valid, and what would be enforced) and
 //! `decide` (what would the policy answer to this call), and `audit replay|verify|export|what-if`
-//! reading the audit store directly. The cluster commands arrive with the operator and gateway
-//! issues.
+//! reading the audit store directly (or through the gateway's read API), and the cluster
+//! commands `approve`, `deny`, `kill` and `unkill`, each one write as the kubeconfig's user.
 #![forbid(unsafe_code)]
 
 pub mod audit;
 pub mod offline;
+pub mod people;

@@ -5,13 +5,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use kubectl_tollgate::{audit, offline};
+use kubectl_tollgate::{audit, offline, people};
+use tollgate_crds::approval::Verdict;
 
 #[derive(Debug, Parser)]
 #[command(
     name = "kubectl-tollgate",
     version,
-    about = "Tollgate for people: check policies, replay and verify the audit trail, and (soon) approve, deny and kill"
+    about = "Tollgate for people: approve or deny held tool calls, engage kill switches, replay and verify the audit trail, check policies"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -20,6 +21,28 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Approve a held tool call: appends your Approve to the ApprovalRequest's decisions
+    /// (admission stamps you as its author).
+    Approve {
+        #[command(flatten)]
+        request: Request,
+    },
+    /// Deny a held tool call: one Deny is final.
+    Deny {
+        #[command(flatten)]
+        request: Request,
+    },
+    /// Engage an agent's kill switch (or with --all every agent's): its next call is denied and
+    /// its waiting calls are released as denied.
+    Kill {
+        #[command(flatten)]
+        switch: Switch,
+    },
+    /// Release an agent's kill switch (or with --all the global one).
+    Unkill {
+        #[command(flatten)]
+        switch: Switch,
+    },
     /// Validate AgentIdentity and AgentPolicy manifests offline, as admission will.
     Check {
         /// Files or directories (searched for *.yaml and *.yml).
@@ -60,6 +83,36 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct Request {
+    /// The ApprovalRequest.
+    name: String,
+    /// Its namespace (default: the kubeconfig context's).
+    #[arg(short, long)]
+    namespace: Option<String>,
+    /// What you want on the record.
+    #[arg(short = 'm', long = "message")]
+    comment: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+struct Switch {
+    /// The agent's AgentIdentity.
+    name: Option<String>,
+    /// Its namespace (default: the kubeconfig context's).
+    #[arg(short, long)]
+    namespace: Option<String>,
+    /// The global switch, for every agent: the ConfigMap tollgate-kill-switch.
+    #[arg(long)]
+    all: bool,
+    /// Why, for the people who will read the audit trail.
+    #[arg(long)]
+    reason: Option<String>,
+    /// The namespace Tollgate runs in (where the global switch lives).
+    #[arg(long, env = "TOLLGATE_NAMESPACE", default_value = "tollgate-system")]
+    tollgate_namespace: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -117,8 +170,37 @@ fn main() -> ExitCode {
     }
 }
 
+/// Runs `action` to completion on a runtime of one thread.
+fn block_on<T>(action: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(action)
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Approve { request } | Command::Deny { request }
+            if request.name.trim().is_empty() =>
+        {
+            anyhow::bail!("name the ApprovalRequest")
+        }
+        Command::Approve { request } => {
+            print!("{}", block_on(decide(request, Verdict::Approve))?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Deny { request } => {
+            print!("{}", block_on(decide(request, Verdict::Deny))?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Kill { switch } => {
+            print!("{}", block_on(kill(switch, true))?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Unkill { switch } => {
+            print!("{}", block_on(kill(switch, false))?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Check { paths } => {
             let report = offline::check(&paths)?;
             print!("{}", report.text);
@@ -166,10 +248,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     json,
                 },
             };
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let outcome = runtime.block_on(audit::run(&store, action))?;
+            let outcome = block_on(audit::run(&store, action))?;
             print!("{}", outcome.text);
             Ok(if outcome.ok {
                 ExitCode::SUCCESS
@@ -178,4 +257,30 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
     }
+}
+
+async fn decide(request: Request, verdict: Verdict) -> anyhow::Result<String> {
+    let (client, namespace) = people::client(request.namespace.as_deref()).await?;
+    people::decide(
+        client,
+        &namespace,
+        &request.name,
+        verdict,
+        request.comment.as_deref(),
+    )
+    .await
+}
+
+async fn kill(switch: Switch, engaged: bool) -> anyhow::Result<String> {
+    let name = people::target(switch.name.as_deref(), switch.all)?;
+    let (client, namespace) = people::client(switch.namespace.as_deref()).await?;
+    people::kill(
+        client,
+        name,
+        &namespace,
+        &switch.tollgate_namespace,
+        engaged,
+        switch.reason.as_deref(),
+    )
+    .await
 }

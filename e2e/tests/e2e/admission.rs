@@ -252,6 +252,30 @@ fn approval_request(name: &str, expires_in: jiff::SignedDuration) -> Value {
     })
 }
 
+/// Creates `request` in `ns` as the gateway would (only the gateway may).
+fn create_as_gateway(ns: &str, name: &str, request: Value) {
+    let mut command = control_plane().kubectl(User::Admin);
+    command
+        .args(["create", "-n", ns, "--as", GATEWAY, "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = command.spawn().unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(request.to_string().as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "the gateway creates {name}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 fn append(verdict: &str, user: &str) -> Patch<Value> {
     Patch::Json(serde_json::from_value(json!([{"op": "add", "path": "/spec/decisions/-", "value": {"verdict": verdict, "user": user}}])).unwrap())
 }
@@ -262,28 +286,7 @@ async fn approvals_are_stamped_and_cannot_be_forged() {
     let cp = control_plane();
     let ns = namespace("adm-approve").await;
     let mailer = agent(&ns, "mailer", json!([]), json!({})).await;
-    let as_gateway = |name: &str, request: Value| {
-        let mut command = cp.kubectl(User::Admin);
-        command
-            .args(["create", "-n", &ns, "--as", GATEWAY, "-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        let mut child = command.spawn().unwrap();
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(request.to_string().as_bytes())
-            .unwrap();
-        let output = child.wait_with_output().unwrap();
-        assert!(
-            output.status.success(),
-            "the gateway creates {name}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    };
+    let as_gateway = |name: &str, request: Value| create_as_gateway(&ns, name, request);
     as_gateway(
         "req-1",
         approval_request("req-1", jiff::SignedDuration::from_mins(5)),
@@ -338,6 +341,164 @@ async fn approvals_are_stamped_and_cannot_be_forged() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     let message = refusal(alice.patch("req-2", &pp, &append("Approve", "alice")).await);
     assert!(message.contains("expired"), "{message}");
+}
+
+/// `kubectl tollgate approve|deny|kill|unkill`, as people run them: each is one write as the
+/// caller, stamped and checked by admission, and a refusal comes back with admission's reason.
+#[tokio::test]
+async fn people_decide_and_kill_with_kubectl_tollgate() {
+    use kubectl_tollgate::people;
+    use tollgate_crds::approval::Verdict;
+    webhook();
+    let cp = control_plane();
+    let ns = namespace("adm-cli").await;
+    let decide =
+        |user: User, name: &'static str, verdict: Verdict, comment: Option<&'static str>| {
+            let ns = ns.clone();
+            async move {
+                let client = control_plane().client(user).await;
+                people::decide(client, &ns, name, verdict, comment).await
+            }
+        };
+    agent(&ns, "mailer", json!([]), json!({})).await;
+    create_as_gateway(
+        &ns,
+        "req-cli",
+        approval_request("req-cli", jiff::SignedDuration::from_mins(5)),
+    );
+
+    let refused = decide(User::Carol, "req-cli", Verdict::Approve, None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains(&format!("approvalrequest {ns}/req-cli: refused"))
+            && refused.contains("carol is not an approver"),
+        "{refused}"
+    );
+    let missing = decide(User::Bob, "no-such-request", Verdict::Approve, None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        missing,
+        format!("approvalrequest {ns}/no-such-request not found")
+    );
+
+    let printed = decide(
+        User::Bob,
+        "req-cli",
+        Verdict::Deny,
+        Some("not this customer"),
+    )
+    .await
+    .unwrap();
+    assert!(
+        printed.starts_with(&format!(
+            "approvalrequest {ns}/req-cli denied: the call will be denied"
+        )),
+        "{printed}"
+    );
+    let requests: Api<ApprovalRequest> = Api::namespaced(cp.client(User::Admin).await, &ns);
+    let decided = requests.get("req-cli").await.unwrap();
+    let decision = &decided.spec.decisions[0];
+    assert_eq!(
+        (
+            decision.verdict,
+            decision.user.as_deref(),
+            decision.comment.as_deref()
+        ),
+        (Verdict::Deny, Some("bob"), Some("not this customer"))
+    );
+    // Deciding twice is refused, with admission's reason.
+    let refused = decide(User::Bob, "req-cli", Verdict::Approve, None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("bob has already decided"), "{refused}");
+    assert_eq!(
+        requests.get("req-cli").await.unwrap().spec.decisions.len(),
+        1
+    );
+
+    // An agent's switch: engaged with the reason, then released.
+    let identities: Api<AgentIdentity> = Api::namespaced(cp.client(User::Admin).await, &ns);
+    let switch = |identity: AgentIdentity| {
+        let switch = identity.spec.kill_switch;
+        (switch.engaged, switch.reason)
+    };
+    people::kill(
+        cp.client(User::Admin).await,
+        Some("mailer"),
+        &ns,
+        "unused",
+        true,
+        Some("cli drill"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        switch(identities.get("mailer").await.unwrap()),
+        (true, Some("cli drill".to_owned()))
+    );
+    people::kill(
+        cp.client(User::Admin).await,
+        Some("mailer"),
+        &ns,
+        "unused",
+        false,
+        None,
+    )
+    .await
+    .unwrap();
+    assert!(!switch(identities.get("mailer").await.unwrap()).0);
+    // carol may not touch it.
+    let refused = people::kill(
+        cp.client(User::Carol).await,
+        Some("mailer"),
+        &ns,
+        "unused",
+        true,
+        None,
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        refused.contains(&format!("agentidentity {ns}/mailer: refused (403)")),
+        "{refused}"
+    );
+
+    // The global switch, in a namespace of this test's own (the cluster's real one would stop
+    // the other tests' agents): created engaged with its reason, then released.
+    let maps: Api<ConfigMap> = Api::namespaced(cp.client(User::Admin).await, &ns);
+    let global = || async {
+        maps.get("tollgate-kill-switch")
+            .await
+            .unwrap()
+            .data
+            .unwrap()
+    };
+    people::kill(
+        cp.client(User::Admin).await,
+        None,
+        "",
+        &ns,
+        true,
+        Some("incident 7"),
+    )
+    .await
+    .unwrap();
+    let data = global().await;
+    assert_eq!(
+        (data["engaged"].as_str(), data["reason"].as_str()),
+        ("true", "incident 7")
+    );
+    people::kill(cp.client(User::Admin).await, None, "", &ns, false, None)
+        .await
+        .unwrap();
+    let data = global().await;
+    assert_eq!(data["engaged"], "false");
 }
 
 #[tokio::test]

@@ -239,10 +239,20 @@ async fn an_agent_token_calls_through_the_gateway_and_the_kill_switch_stops_the_
     };
     let (status, undecided) = post(redeem(later.clone())).await;
     assert_eq!(status, 202, "{undecided}");
-    requests
-        .patch(&ticket, &PatchParams::default(), &approve)
-        .await
-        .expect("alice may approve");
+    // This time alice approves with `kubectl tollgate approve`.
+    let printed = kubectl_tollgate::people::decide(
+        cp.client(User::Alice).await,
+        &ns,
+        &ticket,
+        tollgate_crds::approval::Verdict::Approve,
+        Some("one customer"),
+    )
+    .await
+    .expect("alice may approve");
+    assert!(
+        printed.contains("approved: 1 of 1 approvals needed"),
+        "{printed}"
+    );
     let (status, changed) = post(redeem(email("something else"))).await;
     assert_eq!(
         (status, &changed["code"]),
