@@ -26,11 +26,10 @@ pub struct PostgresStore {
 #[derive(Debug)]
 struct Inner {
     url: String,
-    /// Claims, prunes, and every other batch.
-    writer: Mutex<Client>,
-    /// The other batches: while one connection waits for its COMMIT to be flushed, the next
-    /// batch is copied in on the other.
-    second: Mutex<Client>,
+    /// The connections batches are appended on, in turn: while one waits for its COMMIT to be
+    /// flushed, the next batch is copied in on the next. The first also claims the chain (its
+    /// session holds the lock) and prunes.
+    appenders: Vec<Mutex<Client>>,
     /// The order of batches ([`Store::PIPELINE`]).
     turns: std::sync::Mutex<Turns>,
     reader: Client,
@@ -64,6 +63,9 @@ impl Drop for Outcome {
         }
     }
 }
+
+/// How many connections append batches, and so how many batches may be in flight.
+const APPENDERS: usize = 2;
 
 /// Idle lock connections kept for reuse; more are closed when their lock is released.
 const IDLE_LOCKERS: usize = 8;
@@ -139,6 +141,13 @@ async fn watch(connection: impl std::future::Future<Output = Result<(), tokio_po
     }
 }
 
+impl Inner {
+    /// The connection that claims the chain and prunes: the first appender.
+    fn writer(&self) -> &Mutex<Client> {
+        &self.appenders[0]
+    }
+}
+
 impl PostgresStore {
     /// Connects to `url` (a libpq URL or key=value string) and creates the tables if needed.
     /// TLS follows libpq's `sslmode`, `sslrootcert`, `sslcert` and `sslkey`; modes that would
@@ -157,13 +166,15 @@ impl PostgresStore {
             writer.batch_execute(statement).await?;
         }
         writer.batch_execute("COMMIT").await?;
-        let second = connect(url).await?;
+        let mut appenders = vec![Mutex::new(writer)];
+        for _ in 1..APPENDERS {
+            appenders.push(Mutex::new(connect(url).await?));
+        }
         let reader = connect(url).await?;
         Ok(Self {
             inner: Arc::new(Inner {
                 url: url.to_owned(),
-                writer: Mutex::new(writer),
-                second: Mutex::new(second),
+                appenders,
                 turns: std::sync::Mutex::new(Turns::default()),
                 reader,
                 lockers: std::sync::Mutex::new(Vec::new()),
@@ -286,7 +297,7 @@ fn head(row: Option<Row>) -> Result<Option<Head>, StoreError> {
 
 impl Store for PostgresStore {
     async fn claim(&self, chain: &str) -> Result<(), StoreError> {
-        let writer = self.inner.writer.lock().await;
+        let writer = self.inner.writer().lock().await;
         let row = writer
             .query_one(
                 "SELECT pg_try_advisory_lock(7419002, hashtext($1))",
@@ -315,7 +326,7 @@ impl Store for PostgresStore {
         self.anchor(chain).await
     }
 
-    const PIPELINE: usize = 2;
+    const PIPELINE: usize = APPENDERS;
 
     async fn append(&self, batch: Vec<Record>) -> Result<(), StoreError> {
         let Some(first) = batch.first() else {
@@ -332,11 +343,7 @@ impl Store for PostgresStore {
                 matches!(before.try_recv(), Err(oneshot::error::TryRecvError::Empty))
                     .then_some(before)
             });
-            let connection = if turns.next.is_multiple_of(2) {
-                &self.inner.writer
-            } else {
-                &self.inner.second
-            };
+            let connection = &self.inner.appenders[(turns.next % APPENDERS as u64) as usize];
             turns.next += 1;
             (Outcome(Some(tx)), before, connection)
         };
@@ -546,7 +553,7 @@ impl Store for PostgresStore {
 
     async fn prune(&self, chain: &str, through: &Head) -> Result<u64, StoreError> {
         let seq = to_i64(through.seq)?;
-        let mut writer = self.inner.writer.lock().await;
+        let mut writer = self.inner.writer().lock().await;
         let tx = writer.transaction().await?;
         let deleted = tx
             .execute(
