@@ -785,6 +785,24 @@ mod tests {
         (dir, path, store)
     }
 
+    #[test]
+    fn verification_connections_map_the_whole_file() {
+        // SQLite caps `mmap_size` at its compile-time SQLITE_MAX_MMAP_SIZE (2 GiB unless
+        // `.cargo/config.toml` raises it) and answers with the capped value.
+        let (_dir, _path, store) = fresh_store();
+        let conn = store.inner.spare().unwrap();
+        let mapped: i64 = conn
+            .pragma_query_value(None, "mmap_size", |r| r.get(0))
+            .unwrap();
+        assert_eq!(mapped, VERIFY_MMAP_BYTES);
+        // The gateway's own connections do not map the file.
+        let writer = store.inner.writer.lock().unwrap();
+        let mapped: i64 = writer
+            .pragma_query_value(None, "mmap_size", |r| r.get(0))
+            .unwrap();
+        assert_eq!(mapped, 0);
+    }
+
     /// Records `from..from + n` of chain "gw-0" after `prev`, each with `tool(seq)`.
     fn decide_records(
         from: u64,
