@@ -119,6 +119,65 @@ struct Load {
     count: usize,
 }
 
+/// What the load's clients send: `body(worker, i)` to `url`, each answer checked.
+#[derive(Clone)]
+struct Target {
+    client: reqwest::Client,
+    url: Arc<str>,
+    auth: Option<Arc<str>>,
+    body: fn(usize, usize) -> Value,
+    check: fn(&Value) -> bool,
+}
+
+impl Target {
+    fn new(
+        url: &str,
+        auth: Option<&str>,
+        connections: usize,
+        body: fn(usize, usize) -> Value,
+        check: fn(&Value) -> bool,
+    ) -> Self {
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(connections)
+            .build()
+            .unwrap();
+        Self {
+            client,
+            url: url.into(),
+            auth: auth.map(Into::into),
+            body,
+            check,
+        }
+    }
+
+    /// Request `i` of client `worker`, its answer checked.
+    async fn call(&self, worker: usize, i: usize) {
+        let mut request = self.client.post(&*self.url).json(&(self.body)(worker, i));
+        if let Some(auth) = &self.auth {
+            request = request.header("authorization", &**auth);
+        }
+        let answer: Value = request.send().await.unwrap().json().await.unwrap();
+        assert!((self.check)(&answer), "unexpected answer: {answer}");
+    }
+
+    /// `client(target, worker)` for each of `connections` clients at once; every latency they
+    /// measured.
+    async fn clients<F, Fut>(&self, connections: usize, client: F) -> Vec<Duration>
+    where
+        F: Fn(Target, usize) -> Fut,
+        Fut: std::future::Future<Output = Vec<Duration>> + Send + 'static,
+    {
+        let tasks: Vec<_> = (0..connections)
+            .map(|worker| tokio::spawn(client(self.clone(), worker)))
+            .collect();
+        let mut latencies = Vec::new();
+        for task in tasks {
+            latencies.extend(task.await.unwrap());
+        }
+        latencies
+    }
+}
+
 /// `connections` closed-loop clients POST `body(i)` to `url` for `seconds`.
 async fn load(
     url: &str,
@@ -128,38 +187,22 @@ async fn load(
     body: fn(usize, usize) -> Value,
     check: fn(&Value) -> bool,
 ) -> Load {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(connections)
-        .build()
-        .unwrap();
+    let target = Target::new(url, auth, connections, body, check);
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let start = Instant::now();
-    let mut tasks = Vec::new();
-    for worker in 0..connections {
-        let client = client.clone();
-        let url = url.to_owned();
-        let auth = auth.map(str::to_owned);
-        tasks.push(tokio::spawn(async move {
+    let latencies = target
+        .clients(connections, |target, worker| async move {
             let mut latencies = Vec::new();
             let mut i = 0;
             while Instant::now() < deadline {
-                let mut request = client.post(&url).json(&body(worker, i));
-                if let Some(auth) = &auth {
-                    request = request.header("authorization", auth);
-                }
                 let t = Instant::now();
-                let answer: Value = request.send().await.unwrap().json().await.unwrap();
+                target.call(worker, i).await;
                 latencies.push(t.elapsed());
-                assert!(check(&answer), "unexpected answer: {answer}");
                 i += 1;
             }
             latencies
-        }));
-    }
-    let mut latencies = Vec::new();
-    for task in tasks {
-        latencies.extend(task.await.unwrap());
-    }
+        })
+        .await;
     Load::of(latencies, start.elapsed())
 }
 
@@ -177,18 +220,11 @@ async fn paced(
     body: fn(usize, usize) -> Value,
     check: fn(&Value) -> bool,
 ) -> Load {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(connections)
-        .build()
-        .unwrap();
+    let target = Target::new(url, auth, connections, body, check);
     let start = tokio::time::Instant::now() + Duration::from_millis(50);
     let span = Duration::from_secs(seconds);
-    let mut tasks = Vec::new();
-    for worker in 0..connections {
-        let client = client.clone();
-        let url = url.to_owned();
-        let auth = auth.map(str::to_owned);
-        tasks.push(tokio::spawn(async move {
+    let latencies = target
+        .clients(connections, |target, worker| async move {
             let mut latencies = Vec::new();
             for i in 0.. {
                 let at = Duration::from_secs_f64((i * connections + worker) as f64 / rate);
@@ -206,21 +242,12 @@ async fn paced(
                 } else {
                     tokio::time::Instant::now()
                 };
-                let mut request = client.post(&url).json(&body(worker, i));
-                if let Some(auth) = &auth {
-                    request = request.header("authorization", auth);
-                }
-                let answer: Value = request.send().await.unwrap().json().await.unwrap();
+                target.call(worker, i).await;
                 latencies.push(origin.elapsed());
-                assert!(check(&answer), "unexpected answer: {answer}");
             }
             latencies
-        }));
-    }
-    let mut latencies = Vec::new();
-    for task in tasks {
-        latencies.extend(task.await.unwrap());
-    }
+        })
+        .await;
     Load::of(latencies, start.elapsed())
 }
 
