@@ -57,28 +57,18 @@ pub async fn decide(
         Verdict::Approve => "approved",
         Verdict::Deny => "denied",
     };
-    let approvals = updated
-        .spec
-        .decisions
-        .iter()
-        .filter(|d| d.verdict == Verdict::Approve)
-        .count();
-    let denied = updated
-        .spec
-        .decisions
-        .iter()
-        .any(|d| d.verdict == Verdict::Deny);
-    let standing = if denied {
-        "the call will be denied".to_owned()
-    } else {
-        format!(
-            "{approvals} of {} approvals needed",
+    // The phase the decisions give, as the gateway will compute it when it sees them.
+    let phase = tollgate_engine::approval::phase(&updated, jiff::Timestamp::now());
+    let standing = match phase {
+        Phase::Approved => "the gateway releases the call".to_owned(),
+        Phase::Pending => format!(
+            "more approvals needed (minApprovals {})",
             updated.spec.min_approvals
-        )
+        ),
+        _ => "the call will not be released".to_owned(),
     };
-    let phase = updated.status.as_ref().map_or(Phase::Pending, |s| s.phase);
     Ok(format!(
-        "approvalrequest {namespace}/{name} {what}: {standing} (phase {phase:?})\n"
+        "approvalrequest {namespace}/{name} {what}: phase {phase:?}, {standing}\n"
     ))
 }
 

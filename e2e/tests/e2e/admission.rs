@@ -395,7 +395,7 @@ async fn people_decide_and_kill_with_kubectl_tollgate() {
     .unwrap();
     assert!(
         printed.starts_with(&format!(
-            "approvalrequest {ns}/req-cli denied: the call will be denied"
+            "approvalrequest {ns}/req-cli denied: phase Denied, the call will not be released"
         )),
         "{printed}"
     );

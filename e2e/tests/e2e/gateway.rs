@@ -250,7 +250,7 @@ async fn an_agent_token_calls_through_the_gateway_and_the_kill_switch_stops_the_
     .await
     .expect("alice may approve");
     assert!(
-        printed.contains("approved: 1 of 1 approvals needed"),
+        printed.contains("approved: phase Approved, the gateway releases the call"),
         "{printed}"
     );
     let (status, changed) = post(redeem(email("something else"))).await;
