@@ -60,7 +60,7 @@ pub async fn decide(
     // The phase the decisions give, as the gateway will compute it when it sees them.
     let phase = tollgate_engine::approval::phase(&updated, jiff::Timestamp::now());
     let standing = match phase {
-        Phase::Approved => "the gateway releases the call".to_owned(),
+        Phase::Approved => "the call is released unless a kill switch is engaged".to_owned(),
         Phase::Pending => format!(
             "more approvals needed (minApprovals {})",
             updated.spec.min_approvals

@@ -250,7 +250,9 @@ async fn an_agent_token_calls_through_the_gateway_and_the_kill_switch_stops_the_
     .await
     .expect("alice may approve");
     assert!(
-        printed.contains("approved: phase Approved, the gateway releases the call"),
+        printed.contains(
+            "approved: phase Approved, the call is released unless a kill switch is engaged"
+        ),
         "{printed}"
     );
     let (status, changed) = post(redeem(email("something else"))).await;
