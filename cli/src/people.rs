@@ -10,11 +10,10 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 use tollgate_crds::approval::{ApprovalRequest, Phase, Verdict};
-use tollgate_crds::common::{GLOBAL_KILL_SWITCH, GLOBAL_KILL_SWITCH_KEY};
+use tollgate_crds::common::{
+    GLOBAL_KILL_SWITCH, GLOBAL_KILL_SWITCH_KEY, GLOBAL_KILL_SWITCH_REASON_KEY,
+};
 use tollgate_crds::identity::AgentIdentity;
-
-/// The ConfigMap key holding the global switch's reason (read by the operator).
-const GLOBAL_KILL_SWITCH_REASON_KEY: &str = "reason";
 
 /// The field manager of the writes below.
 const MANAGER: &str = "kubectl-tollgate";

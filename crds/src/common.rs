@@ -57,3 +57,5 @@ pub enum OnTimeout {
 pub const GLOBAL_KILL_SWITCH: &str = "tollgate-kill-switch";
 /// The ConfigMap key that engages the global switch.
 pub const GLOBAL_KILL_SWITCH_KEY: &str = "engaged";
+/// The ConfigMap key holding why the global switch was engaged.
+pub const GLOBAL_KILL_SWITCH_REASON_KEY: &str = "reason";

@@ -288,6 +288,24 @@ impl ControlPlane {
 }
 
 /// Runs kubectl with a kubeconfig and returns its stdout, or an error holding its stderr.
+/// Runs `command` with `input` on its standard input; its output, stdout and stderr captured.
+pub fn with_input(command: &mut Command, input: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = command
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the command starts");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
 fn kubectl_with(kubeconfig: &Path, args: &[&str]) -> Result<String> {
     let output = Command::new("kubectl")
         .arg(format!("--kubeconfig={}", kubeconfig.display()))

@@ -6,8 +6,6 @@
 //! Lease and its cluster-wide kill switch ConfigMap, so tests never see each other's switches.
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::process::Stdio;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -63,27 +61,16 @@ use serde::Deserialize;
 
 fn kubectl_apply(objects: &[Value]) {
     let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": objects});
-    let mut child = control_plane()
-        .kubectl(User::Admin)
-        .args([
+    let output = crate::with_input(
+        control_plane().kubectl(User::Admin).args([
             "apply",
             "--server-side",
             "--field-manager=tollgate-e2e",
             "-f",
             "-",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kubectl runs");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(list.to_string().as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
+        ]),
+        &list.to_string(),
+    );
     assert!(
         output.status.success(),
         "applying the operator's RBAC failed: {}",

@@ -39,7 +39,9 @@ use kube::{Client, Resource};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tollgate_crds::AgentIdentity;
-use tollgate_crds::common::{GLOBAL_KILL_SWITCH, GLOBAL_KILL_SWITCH_KEY};
+use tollgate_crds::common::{
+    GLOBAL_KILL_SWITCH, GLOBAL_KILL_SWITCH_KEY, GLOBAL_KILL_SWITCH_REASON_KEY,
+};
 use tollgate_engine::children::GatewayPeer;
 use tollgate_engine::status::{KILL_SWITCH_BY_ANNOTATION, Stop};
 
@@ -49,8 +51,6 @@ pub use metrics::Metrics;
 pub const MANAGER: &str = "tollgate-operator";
 /// The Lease the replicas compete for, in Tollgate's namespace.
 pub const LEASE: &str = "tollgate-operator";
-/// The key of the global kill switch ConfigMap that says why it was engaged.
-pub const GLOBAL_KILL_SWITCH_REASON_KEY: &str = "reason";
 /// Reconciliations of one controller in flight at once: enough to keep the apiserver busy,
 /// few enough that a burst of a thousand identities never trips its in-flight limits.
 pub const CONCURRENCY: u16 = 32;

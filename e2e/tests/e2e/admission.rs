@@ -254,21 +254,12 @@ fn approval_request(name: &str, expires_in: jiff::SignedDuration) -> Value {
 
 /// Creates `request` in `ns` as the gateway would (only the gateway may).
 fn create_as_gateway(ns: &str, name: &str, request: Value) {
-    let mut command = control_plane().kubectl(User::Admin);
-    command
-        .args(["create", "-n", ns, "--as", GATEWAY, "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = command.spawn().unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(request.to_string().as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
+    let output = tollgate_e2e::with_input(
+        control_plane()
+            .kubectl(User::Admin)
+            .args(["create", "-n", ns, "--as", GATEWAY, "-f", "-"]),
+        &request.to_string(),
+    );
     assert!(
         output.status.success(),
         "the gateway creates {name}: {}",

@@ -64,20 +64,12 @@ fn can_i(ns: &str, subject: &str, verb: &str, resource: &str) -> bool {
             "resourceAttributes": {"namespace": ns, "verb": verb, "group": group, "resource": resource}
         }
     });
-    let mut child = control_plane()
-        .kubectl(User::Admin)
-        .args(["create", "-o", "json", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(
-        &mut child.stdin.take().unwrap(),
-        review.to_string().as_bytes(),
-    )
-    .unwrap();
-    let output = child.wait_with_output().unwrap();
+    let output = tollgate_e2e::with_input(
+        control_plane()
+            .kubectl(User::Admin)
+            .args(["create", "-o", "json", "-f", "-"]),
+        &review.to_string(),
+    );
     assert!(
         output.status.success(),
         "SubjectAccessReview: {}",
