@@ -25,6 +25,10 @@ if [[ -x "$bin/etcd" && -x "$bin/kube-apiserver" && -x "$bin/kube-controller-man
 fi
 
 export CGO_ENABLED=0 GOTOOLCHAIN=local GOFLAGS=-mod=readonly
+# The build and module caches are private to this build and removed once the binaries are in
+# place (about 5 GB that nothing reads again: the binaries are the cache). A failed build keeps
+# them, so a retry resumes.
+export GOCACHE="$out/go-cache" GOMODCACHE="$out/go-mod"
 minor=${kube_version#v1.}; minor=${minor%%.*}
 ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$kube_version"
 ldflags+=" -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor"
@@ -38,5 +42,7 @@ echo "building etcd $etcd_version" >&2
 (cd "$here/etcd" && go build -trimpath -ldflags "-s -w" -o "$bin.partial/etcd" go.etcd.io/etcd/server/v3) >&2
 rm -rf "$bin"
 mv "$bin.partial" "$bin"
+go clean -modcache >&2
+rm -rf "$GOCACHE" "$GOMODCACHE"
 echo "control plane built in $((SECONDS - start))s" >&2
 echo "$bin"
