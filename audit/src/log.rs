@@ -7,7 +7,8 @@
 //! fails, every caller in the batch gets the error and the head does not move. A store that
 //! takes several batches at once ([`Store::PIPELINE`]: PostgreSQL) is handed the next batch while
 //! the one before commits; it commits them in order and fails every batch sent after one that
-//! failed, and the writer answers callers in order.
+//! failed, and the writer answers callers in order. A store whose commits block a thread
+//! ([`Store::BLOCKING`]: SQLite) gets a writer on a thread of its own that commits there.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -140,7 +141,14 @@ impl AuditLog {
             window: config.window,
             max_batch: config.max_batch,
         };
-        let task = tokio::spawn(writer.run(rx));
+        let task = if S::BLOCKING {
+            // The writer's loop on a thread of its own, driven by this runtime's timers: its
+            // commits block that thread, not a worker, and a caller's send wakes it directly.
+            let runtime = tokio::runtime::Handle::current();
+            tokio::task::spawn_blocking(move || runtime.block_on(writer.run(rx)))
+        } else {
+            tokio::spawn(writer.run(rx))
+        };
         Ok((Self { jobs, chain }, task))
     }
 
@@ -221,7 +229,11 @@ impl<S: Store> Writer<S> {
         while let Some(first) = rx.recv().await {
             let mut jobs = self.gather(first, &mut rx).await;
             let (records, sealed) = self.seal(&mut jobs);
-            let result = self.store.append(records).await;
+            let result = if S::BLOCKING {
+                self.store.append_blocking(records)
+            } else {
+                self.store.append(records).await
+            };
             if !self.settle(sealed, result) {
                 self.resync().await;
             }

@@ -126,6 +126,21 @@ pub trait Store: Send + Sync + 'static {
     /// record is never durable without every record before it in its chain.
     const PIPELINE: usize = 1;
 
+    /// Whether a commit blocks a thread until it is durable ([`Store::append_blocking`]), as
+    /// SQLite's does. The writer of such a store runs on a thread of its own and commits there:
+    /// callers hand their records to that thread and it answers them, with no task between
+    /// (each hand-off between threads is a wake-up in every append's latency).
+    const BLOCKING: bool = false;
+
+    /// [`Store::append`] on the calling thread, which waits until the batch is durable. Only
+    /// called on a store that says [`Store::BLOCKING`]; the default refuses.
+    fn append_blocking(&self, batch: Vec<Record>) -> Result<(), StoreError> {
+        drop(batch);
+        Err(StoreError::Task(
+            "this store commits asynchronously only".to_owned(),
+        ))
+    }
+
     /// Takes `chain` for this process's writer: refuses when another live writer holds it.
     fn claim(&self, chain: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
 

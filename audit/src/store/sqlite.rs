@@ -288,6 +288,72 @@ impl SqliteStore {
     }
 }
 
+impl Inner {
+    /// Commits `batch` in one transaction on the writer connection (the calling thread waits
+    /// for the fsync), and wakes the checkpoint thread when enough WAL has piled up.
+    fn commit(&self, batch: Vec<Record>) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let tx = conn.transaction()?;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO tollgate_audit_records (chain, seq, prev, hash, time_us, event, agent, run, tool, outcome, body)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            )?;
+            for r in &batch {
+                let seq = to_i64(r.seq)?;
+                let result = insert.execute(rusqlite::params![
+                    r.chain,
+                    seq,
+                    r.prev,
+                    r.hash,
+                    r.index.time_us,
+                    r.index.event,
+                    r.index.agent,
+                    r.index.run,
+                    r.index.tool,
+                    r.index.outcome,
+                    r.body,
+                ]);
+                match result {
+                    Ok(_) => {}
+                    Err(rusqlite::Error::SqliteFailure(e, _))
+                        if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+                    {
+                        return Err(StoreError::Conflict {
+                            chain: r.chain.clone(),
+                            seq: r.seq,
+                        });
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        index_runs(&tx, tx.last_insert_rowid())?;
+        tx.commit()?;
+        if self.wal_bytes.load(Ordering::Relaxed) >= WAL_LIMIT_BYTES {
+            // Most of it is copied already; copying the rest lets the WAL start over. FULL
+            // waits for a checkpoint the thread may be running (a PASSIVE one would give up
+            // at once, and the WAL would keep growing while the two keep missing each other).
+            conn.query_row("PRAGMA wal_checkpoint(FULL)", [], |_| Ok(()))?;
+        }
+        drop(conn);
+        if checkpoint_due(
+            self.wal_bytes.load(Ordering::Relaxed),
+            self.covered.load(Ordering::Relaxed),
+        ) {
+            let _ = self
+                .checkpoints
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .send(());
+        }
+        Ok(())
+    }
+}
+
 fn params(filter: &Filter) -> impl Iterator<Item = rusqlite::types::Value> + '_ {
     filter.params.iter().map(|p| match p {
         Param::Text(s) => rusqlite::types::Value::Text(s.clone()),
@@ -551,71 +617,17 @@ impl Store for SqliteStore {
         .await
     }
 
+    const BLOCKING: bool = true;
+
     async fn append(&self, batch: Vec<Record>) -> Result<(), StoreError> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let wal = self.inner.wal_bytes.clone();
-        let covered = self.inner.covered.clone();
-        let wake = self.write(move |conn| {
-            let tx = conn.transaction()?;
-            {
-                let mut insert = tx.prepare_cached(
-                    "INSERT INTO tollgate_audit_records (chain, seq, prev, hash, time_us, event, agent, run, tool, outcome, body)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-                )?;
-                for r in &batch {
-                    let seq = to_i64(r.seq)?;
-                    let result = insert.execute(rusqlite::params![
-                        r.chain,
-                        seq,
-                        r.prev,
-                        r.hash,
-                        r.index.time_us,
-                        r.index.event,
-                        r.index.agent,
-                        r.index.run,
-                        r.index.tool,
-                        r.index.outcome,
-                        r.body,
-                    ]);
-                    match result {
-                        Ok(_) => {}
-                        Err(rusqlite::Error::SqliteFailure(e, _))
-                            if e.code == rusqlite::ErrorCode::ConstraintViolation =>
-                        {
-                            return Err(StoreError::Conflict {
-                                chain: r.chain.clone(),
-                                seq: r.seq,
-                            });
-                        }
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-            }
-            index_runs(&tx, tx.last_insert_rowid())?;
-            tx.commit()?;
-            if wal.load(Ordering::Relaxed) >= WAL_LIMIT_BYTES {
-                // Most of it is copied already; copying the rest lets the WAL start over. FULL
-                // waits for a checkpoint the thread may be running (a PASSIVE one would give up
-                // at once, and the WAL would keep growing while the two keep missing each other).
-                conn.query_row("PRAGMA wal_checkpoint(FULL)", [], |_| Ok(()))?;
-            }
-            Ok(checkpoint_due(
-                wal.load(Ordering::Relaxed),
-                covered.load(Ordering::Relaxed),
-            ))
-        })
-        .await?;
-        if wake {
-            let _ = self
-                .inner
-                .checkpoints
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .send(());
-        }
-        Ok(())
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || inner.commit(batch))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    fn append_blocking(&self, batch: Vec<Record>) -> Result<(), StoreError> {
+        self.inner.commit(batch)
     }
 
     async fn chains(&self) -> Result<Vec<String>, StoreError> {
@@ -1081,6 +1093,69 @@ mod tests {
         let (page, last) =
             dense_prefix(vec![vec![], sealed(5..=8), vec![]], &ranges, 0, 12).unwrap();
         assert_eq!((page.len(), last), (0, 0));
+    }
+
+    #[tokio::test] // one thread runs every task of this runtime
+    async fn the_writer_commits_off_the_runtime_and_goes_on_from_the_store_after_a_conflict() {
+        let (_dir, path, store) = fresh_store();
+        let (log, _) = crate::AuditLog::open(Arc::new(store), crate::WriterConfig::new("gw-0"))
+            .await
+            .unwrap();
+        let entry = || Entry::new(jiff::Timestamp::now(), Event::Decide, Identity::default());
+        let first = log.append(entry()).await.unwrap();
+        assert_eq!(first.seq, 1);
+
+        // Another connection takes the write lock and writes record 2 itself.
+        let other = open(&path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let mut prev = first.hash;
+        let foreign = decide_records(2, 1, &mut prev, |_| "foreign".to_owned()).remove(0);
+        other
+            .execute(
+                &format!("INSERT INTO tollgate_audit_records ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"),
+                rusqlite::params![
+                    foreign.chain,
+                    2,
+                    foreign.prev,
+                    foreign.hash,
+                    foreign.index.time_us,
+                    foreign.index.event,
+                    foreign.index.agent,
+                    foreign.index.run,
+                    foreign.index.tool,
+                    foreign.index.outcome,
+                    foreign.body,
+                ],
+            )
+            .unwrap();
+        // The writer's commit of what it numbers 2 waits for the lock; the runtime's only thread
+        // still runs timers and tasks meanwhile: the commit blocks the writer's thread only.
+        let waiting = tokio::spawn({
+            let log = log.clone();
+            async move { log.append(entry()).await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !waiting.is_finished(),
+            "the commit did not wait for the lock"
+        );
+        other.execute_batch("COMMIT").unwrap();
+
+        let refused = waiting.await.unwrap().unwrap_err().to_string();
+        assert!(
+            refused.contains("already has a record 2"),
+            "unexpected error: {refused}"
+        );
+        // The writer read its head back from the store: the next record follows the one it
+        // found there.
+        let next = log.append(entry()).await.unwrap();
+        assert_eq!(next.seq, 3);
+        let records = SqliteStore::open(&path)
+            .unwrap()
+            .scan("gw-0", 0, 10)
+            .await
+            .unwrap();
+        assert_eq!(records[2].prev, foreign.hash);
     }
 
     #[tokio::test]

@@ -117,6 +117,8 @@ struct Load {
     p999: Duration,
     max: Duration,
     count: usize,
+    /// The server's CPU time during the run, where measured.
+    cpu: Option<Duration>,
 }
 
 /// What the load's clients send: `body(worker, i)` to `url`, each answer checked.
@@ -262,7 +264,53 @@ impl Load {
             p999: latencies[latencies.len() * 999 / 1000],
             max: latencies[latencies.len() - 1],
             count: latencies.len(),
+            cpu: None,
         }
+    }
+}
+
+/// Whose CPU time a run is charged: the threads of this process whose names start with one of
+/// the prefixes (the gateway's runtime, its store's threads), or every thread of another process.
+#[derive(Clone, Copy)]
+enum Server {
+    Threads(&'static [&'static str]),
+    Process(u32),
+}
+
+/// The gateway on its own runtime: its workers and blocking threads (`gateway`) and its SQLite
+/// store's checkpoint thread.
+const GATEWAY_THREADS: Server = Server::Threads(&["gateway", "audit-checkpoint"]);
+
+impl Server {
+    /// CPU time its threads have run so far (`/proc/…/task/*/schedstat`, nanoseconds). A thread
+    /// that ends during a run takes its time with it; the gateway's threads live through one.
+    fn cpu(self) -> Duration {
+        let (tasks, prefixes) = match self {
+            Server::Threads(prefixes) => ("/proc/self/task".to_owned(), prefixes),
+            Server::Process(pid) => (format!("/proc/{pid}/task"), &[][..]),
+        };
+        let mut ns = 0u64;
+        for task in std::fs::read_dir(tasks).into_iter().flatten().flatten() {
+            let read = |f: &str| std::fs::read_to_string(task.path().join(f)).unwrap_or_default();
+            let comm = read("comm");
+            if !prefixes.is_empty() && !prefixes.iter().any(|p| comm.starts_with(p)) {
+                continue;
+            }
+            ns += read("schedstat")
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+        Duration::from_nanos(ns)
+    }
+
+    /// `run`'s result with the CPU time this server spent during it.
+    async fn charged(self, run: impl std::future::Future<Output = Load>) -> Load {
+        let before = self.cpu();
+        let mut load = run.await;
+        load.cpu = Some(self.cpu().saturating_sub(before));
+        load
     }
 }
 
@@ -286,13 +334,28 @@ fn ms(d: Duration) -> String {
 
 fn print(name: &str, l: &Load) {
     println!(
-        "{name:<44} {:>9.0}/s  p50 {:>10}  p99 {:>10}  max {:>10}  ({} requests)",
+        "{name:<44} {:>9.0}/s  p50 {:>10}  p99 {:>10}  max {:>10}  ({} requests){}",
         l.rate,
         ms(l.p50),
         ms(l.p99),
         ms(l.max),
-        l.count
+        l.count,
+        l.cpu_per_request()
     );
+}
+
+impl Load {
+    /// The server's CPU time per request and the cores it kept busy, when measured.
+    fn cpu_per_request(&self) -> String {
+        let Some(cpu) = self.cpu else {
+            return String::new();
+        };
+        format!(
+            "  CPU {:>5.1} µs/request ({:.2} cores)",
+            cpu.as_secs_f64() * 1e6 / self.count as f64,
+            cpu.as_secs_f64() * self.rate / self.count as f64
+        )
+    }
 }
 
 /// Sequential JSON-RPC calls over one session; per-call latencies sorted.
@@ -370,7 +433,9 @@ async fn main() {
         let dir = policy_dir();
         let path = dir.path().to_owned();
         let own = on_own_runtime(async move { sqlite_gateway(&path, "own.db").await });
-        let l = decide(&own, seconds, connections).await;
+        let l = GATEWAY_THREADS
+            .charged(decide(&own, seconds, connections))
+            .await;
         return print("tollgate /v1/decide, own runtime", &l);
     }
     let dir = tempfile::tempdir().unwrap();
@@ -428,14 +493,23 @@ async fn main() {
     );
     let shared = decide(&gw, seconds, connections).await;
     print("tollgate /v1/decide, on the load's runtime", &shared);
-    let tollgate = decide(&own, seconds, connections).await;
+    let tollgate = GATEWAY_THREADS
+        .charged(decide(&own, seconds, connections))
+        .await;
     print("tollgate /v1/decide, own runtime", &tollgate);
 
     if let Some(opa) = Opa::start(dir.path()).await {
-        let opa_load = load(&opa.url, None, seconds, connections, opa_body, |answer| {
-            answer["result"] == true
-        })
-        .await;
+        let opa_load = opa
+            .server()
+            .charged(load(
+                &opa.url,
+                None,
+                seconds,
+                connections,
+                opa_body,
+                |answer| answer["result"] == true,
+            ))
+            .await;
         drop(opa);
         print("OPA REST /v1/data (no decision log)", &opa_load);
         println!(
@@ -511,6 +585,11 @@ impl Opa {
             url: format!("http://127.0.0.1:{port}/v1/data/tollgate/allow"),
         })
     }
+
+    /// Its process, for CPU accounting.
+    fn server(&self) -> Server {
+        Server::Process(self.child.id())
+    }
 }
 
 impl Drop for Opa {
@@ -561,36 +640,40 @@ async fn at_rates(seconds: u64, connections: usize, rates: &str) {
     for &rate in &rates {
         let row = |name: &str, l: &Load| {
             println!(
-                "{name:<24} offered {rate:>6.0}/s  served {:>7.0}/s  p50 {:>9}  p99 {:>9}  p99.9 {:>9}  max {:>9}",
+                "{name:<24} offered {rate:>6.0}/s  served {:>7.0}/s  p50 {:>9}  p99 {:>9}  p99.9 {:>9}  max {:>9}{}",
                 l.rate,
                 ms(l.p50),
                 ms(l.p99),
                 ms(l.p999),
-                ms(l.max)
+                ms(l.max),
+                l.cpu_per_request()
             )
         };
-        let tollgate = paced(
-            &format!("{own}/v1/decide"),
-            Some(&format!("Bearer {KEY}")),
-            seconds,
-            connections,
-            rate,
-            decide_body,
-            |answer| answer["decision"] == "allow",
-        )
-        .await;
-        row("tollgate /v1/decide", &tollgate);
-        if let Some(opa) = &opa {
-            let l = paced(
-                &opa.url,
-                None,
+        let tollgate = GATEWAY_THREADS
+            .charged(paced(
+                &format!("{own}/v1/decide"),
+                Some(&format!("Bearer {KEY}")),
                 seconds,
                 connections,
                 rate,
-                opa_body,
-                |answer| answer["result"] == true,
-            )
+                decide_body,
+                |answer| answer["decision"] == "allow",
+            ))
             .await;
+        row("tollgate /v1/decide", &tollgate);
+        if let Some(opa) = &opa {
+            let l = opa
+                .server()
+                .charged(paced(
+                    &opa.url,
+                    None,
+                    seconds,
+                    connections,
+                    rate,
+                    opa_body,
+                    |answer| answer["result"] == true,
+                ))
+                .await;
             row("OPA REST /v1/data", &l);
         }
     }
