@@ -104,7 +104,9 @@ impl std::fmt::Debug for Job {
 }
 
 impl AuditLog {
-    /// Claims `config.chain` in `store`, reads its head and starts the writer task.
+    /// Claims `config.chain` in `store`, reads its head and starts the writer: a task, or for a
+    /// [`Store::BLOCKING`] store a blocking thread (which `abort` cannot stop). Either ends once
+    /// every handle is dropped; must be called within a Tokio runtime.
     pub async fn open<S: Store>(
         store: Arc<S>,
         config: WriterConfig,
