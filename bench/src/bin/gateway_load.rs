@@ -269,31 +269,56 @@ impl Load {
     }
 }
 
-/// Whose CPU time a run is charged: the threads of this process whose names start with one of
-/// the prefixes (the gateway's runtime, its store's threads), or every thread of another process.
+/// `PIN=SERVER:LOAD` (CPU lists as `taskset` takes them, such as `PIN=0:1`): the servers (the
+/// gateway's threads, OPA's process) run on the SERVER CPUs and the load generator on the LOAD
+/// ones, so that neither queues for a core behind the other. Unset, all share every core.
+fn pinning() -> Option<(String, String)> {
+    let pin = std::env::var("PIN").ok()?;
+    let (server, load) = pin
+        .split_once(':')
+        .expect("PIN is SERVER_CPUS:LOAD_CPUS, such as 0:1");
+    Some((server.to_owned(), load.to_owned()))
+}
+
+/// Moves the calling thread (and the threads it starts later) to `cpus`.
+fn pin_this_thread(cpus: &str) {
+    let me = std::fs::read_link("/proc/thread-self").expect("/proc/thread-self");
+    let tid = me.file_name().unwrap().to_string_lossy().into_owned();
+    let status = std::process::Command::new("taskset")
+        .args(["-p", "-c", cpus, &tid])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run taskset");
+    assert!(status.success(), "taskset -p -c {cpus} {tid} failed");
+}
+
+/// Whose CPU time a run is charged: the threads of this process with one of the names (as the
+/// kernel keeps them, cut to 15 bytes), or every thread of another process.
 #[derive(Clone, Copy)]
 enum Server {
     Threads(&'static [&'static str]),
     Process(u32),
 }
 
-/// The gateway on its own runtime: its workers and blocking threads (`gateway`) and its SQLite
-/// store's checkpoint thread.
-const GATEWAY_THREADS: Server = Server::Threads(&["gateway", "audit-checkpoint"]);
+/// The gateway on its own runtime: its listener's thread, its workers and blocking threads
+/// (`gateway`) and its SQLite store's checkpoint thread. Not the bench's main thread, whose name
+/// (`gateway-load`) only starts like them.
+const GATEWAY_THREADS: Server = Server::Threads(&["gateway-listen", "gateway", "audit-checkpoint"]);
 
 impl Server {
     /// CPU time its threads have run so far (`/proc/…/task/*/schedstat`, nanoseconds). A thread
     /// that ends during a run takes its time with it; the gateway's threads live through one.
     fn cpu(self) -> Duration {
-        let (tasks, prefixes) = match self {
-            Server::Threads(prefixes) => ("/proc/self/task".to_owned(), prefixes),
+        let (tasks, names) = match self {
+            Server::Threads(names) => ("/proc/self/task".to_owned(), names),
             Server::Process(pid) => (format!("/proc/{pid}/task"), &[][..]),
         };
         let mut ns = 0u64;
         for task in std::fs::read_dir(tasks).into_iter().flatten().flatten() {
             let read = |f: &str| std::fs::read_to_string(task.path().join(f)).unwrap_or_default();
             let comm = read("comm");
-            if !prefixes.is_empty() && !prefixes.iter().any(|p| comm.starts_with(p)) {
+            let comm = comm.trim_end();
+            if !names.is_empty() && !names.iter().any(|n| comm == &n[..n.len().min(15)]) {
                 continue;
             }
             ns += read("schedstat")
@@ -412,8 +437,19 @@ async fn mcp_calls(url: &str, auth: Option<&str>, calls: usize) -> Vec<Duration>
     latencies
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    if let Some((_, load)) = pinning() {
+        // Before the runtime exists: its threads inherit the load generator's CPUs.
+        pin_this_thread(&load);
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(bench());
+}
+
+async fn bench() {
     let seconds: u64 = std::env::args().nth(1).map_or(10, |s| s.parse().unwrap());
     let connections: usize = std::env::args().nth(2).map_or(32, |s| s.parse().unwrap());
     if std::env::args().nth(3).as_deref() == Some("replicas") {
@@ -568,7 +604,15 @@ impl Opa {
             .local_addr()
             .unwrap()
             .port();
-        let child = std::process::Command::new(&opa)
+        let mut command = match pinning() {
+            Some((server, _)) => {
+                let mut taskset = std::process::Command::new("taskset");
+                taskset.args(["-c", &server]).arg(&opa);
+                taskset
+            }
+            None => std::process::Command::new(&opa),
+        };
+        let child = command
             .args(["run", "--server", "--log-level", "error", "--addr"])
             .arg(format!("127.0.0.1:{port}"))
             .arg(&rego)
@@ -746,21 +790,29 @@ fn on_own_runtime(
     router: impl std::future::Future<Output = axum::Router> + Send + 'static,
 ) -> String {
     let (url, at) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("gateway")
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async move {
-            let router = router.await;
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            url.send(format!("http://{}", listener.local_addr().unwrap()))
+    let thread = std::thread::Builder::new().name("gateway-listen".into());
+    thread
+        .spawn(move || {
+            let server_cpus = pinning().map(|(server, _)| server);
+            if let Some(cpus) = &server_cpus {
+                // This thread serves the listener; the runtime's threads and the store's start here.
+                pin_this_thread(cpus);
+            }
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("gateway")
+                .enable_all()
+                .build()
                 .unwrap();
-            axum::serve(listener, router).await.unwrap();
-        });
-    });
+            runtime.block_on(async move {
+                let router = router.await;
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                url.send(format!("http://{}", listener.local_addr().unwrap()))
+                    .unwrap();
+                axum::serve(listener, router).await.unwrap();
+            });
+        })
+        .unwrap();
     at.recv().unwrap()
 }
 
