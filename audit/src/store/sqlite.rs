@@ -261,30 +261,31 @@ impl SqliteStore {
         &self.inner.path
     }
 
+    /// Runs `f` on a blocking thread: SQLite calls wait for the disk.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
     async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
-            let conn = inner.reader.lock().unwrap_or_else(|e| e.into_inner());
-            f(&conn)
-        })
-        .await
-        .map_err(|e| StoreError::Task(e.to_string()))?
+        self.blocking(move |inner| f(&inner.reader.lock().unwrap_or_else(|e| e.into_inner())))
+            .await
     }
 
     async fn write<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut conn = inner.writer.lock().unwrap_or_else(|e| e.into_inner());
-            f(&mut conn)
-        })
-        .await
-        .map_err(|e| StoreError::Task(e.to_string()))?
+        self.blocking(move |inner| f(&mut inner.writer.lock().unwrap_or_else(|e| e.into_inner())))
+            .await
     }
 }
 
@@ -620,10 +621,7 @@ impl Store for SqliteStore {
     const BLOCKING: bool = true;
 
     async fn append(&self, batch: Vec<Record>) -> Result<(), StoreError> {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || inner.commit(batch))
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))?
+        self.blocking(move |inner| inner.commit(batch)).await
     }
 
     fn append_blocking(&self, batch: Vec<Record>) -> Result<(), StoreError> {
@@ -682,12 +680,10 @@ impl Store for SqliteStore {
         after: u64,
         limit: usize,
     ) -> Result<Vec<Sealed>, StoreError> {
-        let inner = self.inner.clone();
         let chain = chain.to_owned();
         let after = to_i64(after)?;
-        tokio::task::spawn_blocking(move || inner.sealed(&chain, after, limit))
+        self.blocking(move |inner| inner.sealed(&chain, after, limit))
             .await
-            .map_err(|e| StoreError::Task(e.to_string()))?
     }
 
     async fn query(&self, query: &Query) -> Result<Vec<Record>, StoreError> {
