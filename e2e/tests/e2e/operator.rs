@@ -401,13 +401,15 @@ async fn an_identity_becomes_scoped_objects_that_follow_its_spec_and_its_kill_sw
         (phase, reason.as_deref()),
         (Phase::Denied, Some("KillSwitch"))
     );
-    assert!(
+    // The Event is published after the status it explains: wait for it too.
+    eventually("an Event that records the kill switch", WAIT, || async {
         events_for(&admin, &ns, AGENT)
             .await
             .iter()
-            .any(|(reason, _)| reason == "KillSwitchEngaged"),
-        "an Event records the kill switch"
-    );
+            .any(|(reason, _)| reason == "KillSwitchEngaged")
+            .then_some(())
+    })
+    .await;
 
     // Disengaged: everything comes back.
     identities
@@ -882,9 +884,13 @@ async fn a_policy_that_does_not_compile_or_names_no_identity_says_why() {
         ready.message
     );
     assert!(status.policy_hash.is_none());
-    let events = events_for(&admin, &ns, AGENT).await;
-    assert!(
-        events.iter().any(|(r, _)| r == "CompileFailed"),
-        "{events:?}"
-    );
+    // The operator publishes the Event after it writes the status.
+    eventually("a CompileFailed Event on the policy", WAIT, || async {
+        events_for(&admin, &ns, AGENT)
+            .await
+            .iter()
+            .any(|(r, _)| r == "CompileFailed")
+            .then_some(())
+    })
+    .await;
 }
