@@ -187,6 +187,15 @@ fn open(path: &Path) -> Result<Connection, StoreError> {
             | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    // Plans never depend on the values bound to them (the query planner stability guarantee).
+    // Without it, SQLite marks a statement such as the query for a run as one to plan again
+    // whenever its bindings are cleared, which the statement cache does each time it takes a
+    // statement back: every lookup of a new run parsed and planned its query anew, about a tenth
+    // of the gateway's CPU when runs are short (bench/README.md).
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+        true,
+    )?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     // 8 MiB of page cache per connection. More is slower here: a commit truncates the cache,
@@ -942,6 +951,32 @@ mod tests {
             assert_eq!(run_seqs(&store, &format!("run-{run}")).await, expected);
         }
         assert!(run_seqs(&store, "run-50").await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_query_for_a_run_is_planned_once_not_at_every_call() {
+        let (_dir, _, store) = fresh_store();
+        let mut prev = GENESIS.to_owned();
+        append_runs(&store, 1, 100, &mut prev).await;
+        let query = |run: usize| Query {
+            run: Some(format!("run-{run}")),
+            agent: Some("ns/agent".into()),
+            ..Default::default()
+        };
+        for run in 0..10 {
+            store.query(&query(run)).await.unwrap();
+        }
+        // The statement the queries used, from the connection's cache: how often SQLite had to
+        // parse and plan it again (each time the cache cleared its bindings, before the fix).
+        let filter = Filter::of(&query(0));
+        let reprepared = store
+            .read(move |conn| {
+                let statement = conn.prepare_cached(&format!("{} {}", from_run(), filter.sql))?;
+                Ok(statement.get_status(rusqlite::StatementStatus::RePrepare))
+            })
+            .await
+            .unwrap();
+        assert_eq!(reprepared, 0);
     }
 
     #[tokio::test]

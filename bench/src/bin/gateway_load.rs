@@ -390,6 +390,23 @@ enum Server {
 /// (`gateway-load`) only starts like them.
 const GATEWAY_THREADS: Server = Server::Threads(&["gateway-listen", "gateway", "audit-checkpoint"]);
 
+/// The floor: an HTTP server answering `allow` at once, on a runtime like the gateway's.
+const FLOOR_THREADS: Server = Server::Threads(&["floor-listen", "floor"]);
+
+/// What any HTTP server costs here, the machine's floor for the decision rows: axum on a runtime
+/// of its own like the gateway's, reading each body as JSON and answering `allow` without
+/// deciding or recording anything.
+fn floor() -> String {
+    on_runtime_named("floor", async {
+        axum::Router::new().route(
+            "/v1/decide",
+            axum::routing::post(|axum::Json(_): axum::Json<Value>| async {
+                axum::Json(json!({"decision": "allow"}))
+            }),
+        )
+    })
+}
+
 /// The load generator: the workers and blocking threads of the bench's own runtime (Tokio's
 /// default thread name).
 const LOAD_GENERATOR: Server = Server::Threads(&["tokio-rt-worker"]);
@@ -791,7 +808,8 @@ fn opa_body(worker: usize, i: usize) -> Value {
 }
 
 /// Open loop at each of `rates` (comma-separated, requests/s): the gateway on its own runtime,
-/// then OPA, each offered the rate over `connections` connections.
+/// then OPA, then the floor (an HTTP server that only answers), each offered the rate over
+/// `connections` connections.
 async fn at_rates(seconds: u64, connections: usize, rates: &str) {
     let dir = policy_dir();
     // TRAIL=/dev/shm puts the gateway's trail on tmpfs: whether a tail comes from the disk.
@@ -801,6 +819,7 @@ async fn at_rates(seconds: u64, connections: usize, rates: &str) {
         std::fs::copy(dir.path().join("bench.yaml"), path.join("bench.yaml")).unwrap();
     }
     let own = on_own_runtime(async move { sqlite_gateway(&path, "own.db").await });
+    let floor = floor();
     let opa = Opa::start(dir.path()).await;
     println!(
         "open loop, {seconds}s per rate after 2s at the first, {connections} connections, latency from when each request left or was due\n"
@@ -822,6 +841,10 @@ async fn at_rates(seconds: u64, connections: usize, rates: &str) {
     if let Some(opa) = &opa {
         warm(opa.url.clone(), opa_body, |a| a["result"] == true).await;
     }
+    warm(format!("{floor}/v1/decide"), decide_body, |a| {
+        a["decision"] == "allow"
+    })
+    .await;
     for &rate in &rates {
         let row = |name: &str, l: &Load| {
             println!(
@@ -861,6 +884,18 @@ async fn at_rates(seconds: u64, connections: usize, rates: &str) {
                 .await;
             row("OPA REST /v1/data", &l);
         }
+        let l = FLOOR_THREADS
+            .charged(paced(
+                &format!("{floor}/v1/decide"),
+                None,
+                seconds,
+                connections,
+                rate,
+                decide_body,
+                |answer| answer["decision"] == "allow",
+            ))
+            .await;
+        row("floor: axum answers", &l);
     }
 }
 
@@ -891,10 +926,15 @@ async fn decide(gw: &str, seconds: u64, connections: usize) -> Load {
     .await
 }
 
-/// The decision API's input for the call `call(worker, i)`: a run per client and 1,000 calls.
+/// The decision API's input for the call `call(worker, i)`: a run per client and `RUN_CALLS`
+/// calls (1,000 unless set; each new run makes the gateway look for its history in the trail).
 fn decide_body(worker: usize, i: usize) -> Value {
+    static RUN_CALLS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let calls = *RUN_CALLS.get_or_init(|| {
+        std::env::var("RUN_CALLS").map_or(1000, |n| n.parse().expect("RUN_CALLS is a number"))
+    });
     let (tool, args) = call(worker, i);
-    json!({"runId": format!("w{worker}-{}", i / 1000), "tool": tool, "arguments": args})
+    json!({"runId": format!("w{worker}-{}", i / calls), "tool": tool, "arguments": args})
 }
 
 /// A directory holding the bench policy, its MCP upstream unused (nothing listens on port 9).
@@ -930,8 +970,16 @@ async fn sqlite_gateway(dir: &std::path::Path, file: &str) -> axum::Router {
 fn on_own_runtime(
     router: impl std::future::Future<Output = axum::Router> + Send + 'static,
 ) -> String {
+    on_runtime_named("gateway", router)
+}
+
+/// [`on_own_runtime`] with threads named `name` and `{name}-listen`.
+fn on_runtime_named(
+    name: &'static str,
+    router: impl std::future::Future<Output = axum::Router> + Send + 'static,
+) -> String {
     let (url, at) = std::sync::mpsc::channel();
-    let thread = std::thread::Builder::new().name("gateway-listen".into());
+    let thread = std::thread::Builder::new().name(format!("{name}-listen"));
     thread
         .spawn(move || {
             let server_cpus = pinning().map(|(server, _)| server);
@@ -943,7 +991,7 @@ fn on_own_runtime(
             let workers = std::env::var("GATEWAY_WORKERS").map_or(2, |w| w.parse().unwrap());
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(workers)
-                .thread_name("gateway")
+                .thread_name(name)
                 .enable_all()
                 .build()
                 .unwrap();
