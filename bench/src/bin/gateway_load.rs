@@ -857,44 +857,37 @@ async fn at_rates(seconds: u64, connections: usize, rates: &str) {
                 l.cpu_per_request()
             )
         };
-        let tollgate = GATEWAY_THREADS
-            .charged(paced(
-                &format!("{own}/v1/decide"),
-                Some(&format!("Bearer {KEY}")),
-                seconds,
-                connections,
-                rate,
-                decide_body,
-                |answer| answer["decision"] == "allow",
-            ))
-            .await;
-        row("tollgate /v1/decide", &tollgate);
+        // One row: `server` charged for `rate` requests/s of `body` at `url`, answers checked.
+        let measure = async |server: Server,
+                             url: &str,
+                             auth: Option<&str>,
+                             body: fn(usize, usize) -> Value,
+                             check: fn(&Value) -> bool| {
+            server
+                .charged(paced(url, auth, seconds, connections, rate, body, check))
+                .await
+        };
+        let allowed: fn(&Value) -> bool = |answer| answer["decision"] == "allow";
+        let bearer = format!("Bearer {KEY}");
+        let gateway = format!("{own}/v1/decide");
+        let l = measure(
+            GATEWAY_THREADS,
+            &gateway,
+            Some(&bearer),
+            decide_body,
+            allowed,
+        )
+        .await;
+        row("tollgate /v1/decide", &l);
         if let Some(opa) = &opa {
-            let l = opa
-                .server()
-                .charged(paced(
-                    &opa.url,
-                    None,
-                    seconds,
-                    connections,
-                    rate,
-                    opa_body,
-                    |answer| answer["result"] == true,
-                ))
-                .await;
+            let l = measure(opa.server(), &opa.url, None, opa_body, |answer| {
+                answer["result"] == true
+            })
+            .await;
             row("OPA REST /v1/data", &l);
         }
-        let l = FLOOR_THREADS
-            .charged(paced(
-                &format!("{floor}/v1/decide"),
-                None,
-                seconds,
-                connections,
-                rate,
-                decide_body,
-                |answer| answer["decision"] == "allow",
-            ))
-            .await;
+        let floor = format!("{floor}/v1/decide");
+        let l = measure(FLOOR_THREADS, &floor, None, decide_body, allowed).await;
         row("floor: axum answers", &l);
     }
 }

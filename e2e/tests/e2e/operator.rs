@@ -186,6 +186,19 @@ async fn events_for(client: &Client, ns: &str, name: &str) -> Vec<(String, Strin
         .collect()
 }
 
+/// Waits for an Event with `reason` about the object `name`. The operator publishes an Event
+/// after writing the status it explains, so a test that saw the status waits for the Event too.
+async fn event_for(client: &Client, ns: &str, name: &str, reason: &str) {
+    eventually(&format!("a {reason} Event on {name}"), WAIT, || async {
+        events_for(client, ns, name)
+            .await
+            .iter()
+            .any(|(r, _)| r == reason)
+            .then_some(())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_identity_becomes_scoped_objects_that_follow_its_spec_and_its_kill_switch() {
     let cp = control_plane();
@@ -401,15 +414,7 @@ async fn an_identity_becomes_scoped_objects_that_follow_its_spec_and_its_kill_sw
         (phase, reason.as_deref()),
         (Phase::Denied, Some("KillSwitch"))
     );
-    // The Event is published after the status it explains: wait for it too.
-    eventually("an Event that records the kill switch", WAIT, || async {
-        events_for(&admin, &ns, AGENT)
-            .await
-            .iter()
-            .any(|(reason, _)| reason == "KillSwitchEngaged")
-            .then_some(())
-    })
-    .await;
+    event_for(&admin, &ns, AGENT, "KillSwitchEngaged").await;
 
     // Disengaged: everything comes back.
     identities
@@ -434,14 +439,7 @@ async fn an_identity_becomes_scoped_objects_that_follow_its_spec_and_its_kill_sw
             .filter(|np| egress_rules(np) == 2)
     })
     .await;
-    eventually("an Event for the release", WAIT, || async {
-        events_for(&admin, &ns, AGENT)
-            .await
-            .iter()
-            .any(|(reason, _)| reason == "KillSwitchReleased")
-            .then_some(())
-    })
-    .await;
+    event_for(&admin, &ns, AGENT, "KillSwitchReleased").await;
 
     // A new ServiceAccount name: the new one is made and bound, the old one removed.
     identities
@@ -884,13 +882,5 @@ async fn a_policy_that_does_not_compile_or_names_no_identity_says_why() {
         ready.message
     );
     assert!(status.policy_hash.is_none());
-    // The operator publishes the Event after it writes the status.
-    eventually("a CompileFailed Event on the policy", WAIT, || async {
-        events_for(&admin, &ns, AGENT)
-            .await
-            .iter()
-            .any(|(r, _)| r == "CompileFailed")
-            .then_some(())
-    })
-    .await;
+    event_for(&admin, &ns, AGENT, "CompileFailed").await;
 }
