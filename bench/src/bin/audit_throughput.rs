@@ -248,6 +248,7 @@ async fn main() {
         .unwrap_or(200_000);
     let only = std::env::args().nth(2).unwrap_or_else(|| "all".to_owned());
     let run = |part: &str| only == "all" || only == part;
+    println!("{}", tollgate_bench::machine_reference());
     println!("{records} records per run; every append is acknowledged only once durable\n");
 
     let dir = tempfile::tempdir().unwrap();

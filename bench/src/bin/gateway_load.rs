@@ -567,6 +567,7 @@ fn main() {
 }
 
 async fn bench() {
+    println!("{}", tollgate_bench::machine_reference());
     let seconds: u64 = std::env::args().nth(1).map_or(10, |s| s.parse().unwrap());
     let connections: usize = std::env::args().nth(2).map_or(32, |s| s.parse().unwrap());
     if std::env::args().nth(3).as_deref() == Some("replicas") {
