@@ -71,6 +71,19 @@ struct Appends {
     per_second: f64,
     p50: Duration,
     p99: Duration,
+    /// Bytes the process handed to write calls per record (`wchar` of /proc/self/io): for
+    /// SQLite the WAL frames and the checkpoints' pages, for PostgreSQL what it sent the server.
+    written_per_record: f64,
+}
+
+/// Bytes this process has passed to write calls so far (`wchar` in /proc/self/io).
+fn written_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/io")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix("wchar:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// `records` appends from `writers` concurrent tasks; each append returns once durable.
@@ -87,6 +100,7 @@ async fn appends<S: Store>(
         .await
         .expect("open the writer");
     let redactor = Arc::new(Redactor::default());
+    let written = written_bytes();
     let start = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..writers {
@@ -115,6 +129,7 @@ async fn appends<S: Store>(
         per_second: records as f64 / elapsed.as_secs_f64(),
         p50: latencies[latencies.len() / 2],
         p99: latencies[latencies.len() * 99 / 100],
+        written_per_record: written_bytes().saturating_sub(written) as f64 / records as f64,
     }
 }
 
@@ -200,10 +215,11 @@ fn cpu_seconds() -> f64 {
 
 fn report(name: &str, a: &Appends, floor: f64) {
     println!(
-        "{name:<40} {:>9.0} appends/s  p50 {:>7.2} ms  p99 {:>7.2} ms  (plain batched INSERT: {:>9.0} rows/s, ratio {:.2})",
+        "{name:<40} {:>9.0} appends/s  p50 {:>7.2} ms  p99 {:>7.2} ms  written {:>5.1} KB/record  (plain batched INSERT: {:>9.0} rows/s, ratio {:.2})",
         a.per_second,
         a.p50.as_secs_f64() * 1e3,
         a.p99.as_secs_f64() * 1e3,
+        a.written_per_record / 1e3,
         floor,
         a.per_second / floor
     );
