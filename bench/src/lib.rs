@@ -44,12 +44,12 @@ pub fn wide_policy(n: usize) -> CompiledPolicy {
 }
 
 /// How fast this machine is right now, on one core, measured before a bench runs: the cloud
-/// machines the figures come from swing by up to 2x within hours, so figures from different runs
+/// machines the figures come from swing by 2-4x within hours, so figures from different runs
 /// compare only through this line (or as ratios to a peer measured in the same run).
 ///
 /// Three figures, each the best of five rounds of about 40 ms: SHA-256 over 1 KiB buffers (what
-/// sealing and verifying audit records do), a JSON round trip of a 1 KB object (parse and
-/// serialise, allocating: what the gateway does per call) and copying 64 MiB (memory bandwidth,
+/// sealing and verifying audit records do), a JSON round trip of a 0.7 KB decision record (parse
+/// and serialise, allocating: what the gateway does per call) and copying 64 MiB (memory bandwidth,
 /// which neighbours on the same host share).
 pub fn machine_reference() -> String {
     use sha2::{Digest, Sha256};
@@ -103,7 +103,7 @@ pub fn machine_reference() -> String {
         64 << 20
     });
     format!(
-        "machine now (one core): SHA-256 {:.0} MB/s, JSON round trip of 1 KB {:.2} µs, memory copy {:.1} GB/s",
+        "machine now (one core): SHA-256 {:.0} MB/s, JSON round trip of a 0.7 KB record {:.2} µs, memory copy {:.1} GB/s",
         sha_bytes_per_s / 1e6,
         1e6 / json_per_s,
         copy_bytes_per_s / 1e9
