@@ -44,7 +44,7 @@ pub fn wide_policy(n: usize) -> CompiledPolicy {
 }
 
 /// How fast this machine is right now, on one core, measured before a bench runs: the cloud
-/// machines the figures come from swing by 2-4x within hours, so figures from different runs
+/// machines the figures come from swing by about 2x within hours, so figures from different runs
 /// compare only through this line (or as ratios to a peer measured in the same run).
 ///
 /// Three figures, each the best of five rounds of about 40 ms: SHA-256 over 1 KiB buffers (what
