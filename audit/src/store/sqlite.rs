@@ -8,9 +8,9 @@
 //! WAL hook) and wakes the thread once [`CHECKPOINT_BYTES`] have piled up since its last pass,
 //! as SQLite's own automatic checkpoint would. A WAL can only start over when a checkpoint has copied all of it;
 //! under sustained load the thread may never catch the writer between two commits, so once the
-//! WAL holds [`WAL_LIMIT_BYTES`] the writer finishes the copy itself after its commit, waiting
-//! for the thread's checkpoint if one is running (little is left by then), and the next
-//! transaction starts the WAL over.
+//! WAL holds [`WAL_LIMIT_BYTES`] every commit wakes the thread, and once its passes have left
+//! little to copy the writer copies that rest itself after a commit, and the next transaction
+//! starts the WAL over (`restart_due`).
 //!
 //! Runs are indexed in batches. A commit writes every page it touched to the WAL in full, and
 //! an index on `run` puts each concurrent run's newest entry on a page of its own: with 32
@@ -59,14 +59,22 @@ struct Inner {
     wal_bytes: Arc<AtomicI64>,
     /// How far into the WAL the checkpoint thread's last pass reached, in bytes.
     covered: Arc<AtomicI64>,
+    /// Held by the checkpoint thread during a pass. SQLite runs one checkpoint at a time and
+    /// answers any other at once as busy, whatever its mode or busy handler, so the writer
+    /// takes this to wait for a pass rather than find its own checkpoint skipped.
+    passes: Arc<Mutex<()>>,
 }
 
 /// WAL size after which the checkpoint thread is woken: SQLite's default threshold (1,000
 /// pages) at its default page size.
 pub const CHECKPOINT_BYTES: i64 = 1000 * 4096;
 
-/// WAL size after which a commit copies the rest back itself, so the WAL can start over.
+/// WAL size after which the writer starts the WAL over once the checkpoint thread has nearly
+/// caught up (see [`restart_due`]).
 pub const WAL_LIMIT_BYTES: i64 = 32 << 20;
+
+/// What may be left for the writer to copy when it starts the WAL over (see [`restart_due`]).
+pub const RESTART_SLACK_BYTES: i64 = 256 << 10;
 
 /// Records a commit may leave out of the run index; the commit that passes this many adds them
 /// all. A query for a run scans at most about this many records beyond the index.
@@ -146,7 +154,12 @@ const CHECKPOINT_IDLE: Duration = Duration::from_secs(1);
 
 /// Copies committed WAL frames into the database file after each wake-up, without blocking the
 /// writer (PASSIVE), until the store is dropped.
-fn checkpointer(path: PathBuf, wake: mpsc::Receiver<()>, covered: Arc<AtomicI64>) {
+fn checkpointer(
+    path: PathBuf,
+    wake: mpsc::Receiver<()>,
+    covered: Arc<AtomicI64>,
+    passes: Arc<Mutex<()>>,
+) {
     // A checkpoint copies frames without the page cache; a small cache keeps the invalidation
     // that follows every commit by the writer cheap.
     let conn = match open(&path).and_then(|c| {
@@ -168,8 +181,10 @@ fn checkpointer(path: PathBuf, wake: mpsc::Receiver<()>, covered: Arc<AtomicI64>
             Err(mpsc::RecvTimeoutError::Disconnected) => return,
         }
         while wake.try_recv().is_ok() {}
-        // Returns (busy, frames in the WAL, frames copied).
-        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1)) {
+        let _pass = passes.lock().unwrap_or_else(|e| e.into_inner());
+        // Returns (busy, frames in the WAL, frames copied so far); frames a reader still needs
+        // are not copied.
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(2)) {
             Ok(frames) => covered.store(frames.max(0) * page_size, Ordering::Relaxed),
             Err(e) => tracing::warn!(error = %e, "audit store checkpoint failed; retrying"),
         }
@@ -186,6 +201,38 @@ fn checkpoint_due(wal: i64, covered: i64) -> bool {
     // A WAL smaller than the last pass reached has started over.
     let since = if wal < covered { wal } else { wal - covered };
     since >= CHECKPOINT_BYTES
+}
+
+/// When the writer copies the rest of the WAL itself after a commit, so that the next
+/// transaction starts the WAL over, given its size, how far the checkpoint thread has copied and
+/// how much the commit just added.
+///
+/// Only past [`WAL_LIMIT_BYTES`], and only once the thread has nearly caught up: what is left
+/// is copied and synced while the appenders wait. When the writer did it as soon as the WAL
+/// crossed the limit, up to a whole pass of the thread was left: 3 to 5 ms of copying and
+/// syncing on this machine's disk, a few times a second under sustained load (bench/README.md).
+/// Past the limit every commit wakes the thread, whose passes then follow each other and
+/// shrink, each copying what the writer added during the one before; the writer copies the rest
+/// once it is at most [`RESTART_SLACK_BYTES`] or two of its own commits and no pass is running.
+/// At twice the limit it waits for a running pass and copies whatever is left, so the WAL stays
+/// bounded even if the thread cannot keep up.
+fn restart_due(wal: i64, covered: i64, commit: i64) -> Option<Restart> {
+    if wal >= 2 * WAL_LIMIT_BYTES {
+        return Some(Restart::Wait);
+    }
+    // A WAL smaller than the last pass reached has started over since.
+    let rest = if wal < covered { wal } else { wal - covered };
+    (wal >= WAL_LIMIT_BYTES && rest <= RESTART_SLACK_BYTES.max(2 * commit))
+        .then_some(Restart::IfIdle)
+}
+
+/// How the writer starts the WAL over (see [`restart_due`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Restart {
+    /// Unless the checkpoint thread is running a pass.
+    IfIdle,
+    /// After the pass the checkpoint thread may be running.
+    Wait,
 }
 
 fn open(path: &Path) -> Result<Connection, StoreError> {
@@ -262,12 +309,14 @@ impl SqliteStore {
         let reader = open(&path)?;
         let (wake, woken) = mpsc::channel();
         let covered = Arc::new(AtomicI64::new(0));
+        let passes = Arc::new(Mutex::new(()));
         {
             let path = path.clone();
             let covered = covered.clone();
+            let passes = passes.clone();
             std::thread::Builder::new()
                 .name("audit-checkpoint".into())
-                .spawn(move || checkpointer(path, woken, covered))
+                .spawn(move || checkpointer(path, woken, covered, passes))
                 .map_err(|e| StoreError::Task(format!("start the checkpoint thread: {e}")))?;
         }
         Ok(Self {
@@ -280,6 +329,7 @@ impl SqliteStore {
                 checkpoints: Mutex::new(wake),
                 wal_bytes,
                 covered,
+                passes,
             }),
         })
     }
@@ -325,6 +375,7 @@ impl Inner {
             return Ok(());
         }
         let mut conn = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let wal_before = self.wal_bytes.load(Ordering::Relaxed);
         let tx = conn.transaction()?;
         {
             let mut insert = tx.prepare_cached(
@@ -368,17 +419,33 @@ impl Inner {
         }
         index_runs(&tx, tx.last_insert_rowid())?;
         tx.commit()?;
-        if self.wal_bytes.load(Ordering::Relaxed) >= WAL_LIMIT_BYTES {
-            // Most of it is copied already; copying the rest lets the WAL start over. FULL
-            // waits for a checkpoint the thread may be running (a PASSIVE one would give up
-            // at once, and the WAL would keep growing while the two keep missing each other).
-            conn.query_row("PRAGMA wal_checkpoint(FULL)", [], |_| Ok(()))?;
+        let mut full = false;
+        let wal = self.wal_bytes.load(Ordering::Relaxed);
+        if let Some(restart) =
+            restart_due(wal, self.covered.load(Ordering::Relaxed), wal - wal_before)
+        {
+            // Below twice the limit a pass the thread is running is left to copy the rest, and
+            // the writer tries again after its next commit; at twice the limit it waits.
+            let pass = match restart {
+                Restart::Wait => Some(self.passes.lock().unwrap_or_else(|e| e.into_inner())),
+                Restart::IfIdle => match self.passes.try_lock() {
+                    Ok(pass) => Some(pass),
+                    Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+                    Err(std::sync::TryLockError::WouldBlock) => None,
+                },
+            };
+            if pass.is_some() {
+                full = true;
+                // Copies the rest and syncs the database file; the next transaction starts
+                // the WAL over.
+                conn.query_row("PRAGMA wal_checkpoint(FULL)", [], |_| Ok(()))?;
+            }
         }
         drop(conn);
-        if checkpoint_due(
-            self.wal_bytes.load(Ordering::Relaxed),
-            self.covered.load(Ordering::Relaxed),
-        ) {
+        // Past the limit every commit wakes the thread, until the WAL starts over.
+        if !full
+            && (wal >= WAL_LIMIT_BYTES || checkpoint_due(wal, self.covered.load(Ordering::Relaxed)))
+        {
             let _ = self
                 .checkpoints
                 .lock()
@@ -1140,6 +1207,35 @@ mod tests {
         // The WAL started over after a complete checkpoint: counted from its start again.
         assert!(!checkpoint_due(mib, 20 * mib));
         assert!(checkpoint_due(CHECKPOINT_BYTES, 20 * mib));
+    }
+
+    #[test]
+    fn the_writer_starts_the_wal_over_once_the_checkpoint_thread_has_nearly_caught_up() {
+        let limit = WAL_LIMIT_BYTES;
+        let commit = 64 << 10;
+        // Under the limit: never, however little is left.
+        assert_eq!(restart_due(limit - 1, limit - 1, commit), None);
+        // Past it with a whole pass left: the thread copies first (it used to be the writer,
+        // with the appenders waiting).
+        assert_eq!(
+            restart_due(limit + commit, limit - CHECKPOINT_BYTES, commit),
+            None
+        );
+        // Past it with at most the slack left, or two commits when commits are larger.
+        assert_eq!(
+            restart_due(limit + commit, limit + commit - RESTART_SLACK_BYTES, commit),
+            Some(Restart::IfIdle)
+        );
+        let big = 4 << 20;
+        assert_eq!(
+            restart_due(limit + big, limit - big, big),
+            Some(Restart::IfIdle)
+        );
+        assert_eq!(restart_due(limit + big, limit - 2 * big, big), None);
+        // A WAL that started over since the thread's last pass counts from its start.
+        assert_eq!(restart_due(limit + commit, 2 * limit, commit), None);
+        // At twice the limit the writer copies whatever is left, waiting for a pass.
+        assert_eq!(restart_due(2 * limit, 0, commit), Some(Restart::Wait));
     }
 
     #[test]
