@@ -71,19 +71,97 @@ struct Appends {
     per_second: f64,
     p50: Duration,
     p99: Duration,
-    /// Bytes the process handed to write calls per record (`wchar` of /proc/self/io): for
-    /// SQLite the WAL frames and the checkpoints' pages, for PostgreSQL what it sent the server.
+    /// Bytes handed to write calls per record (`wchar` of /proc/PID/io) by the processes that
+    /// write the store: for SQLite this one (the WAL frames and the checkpoints' pages), for
+    /// PostgreSQL the server's (its WAL, tables and indexes; what this process sends it over a
+    /// socket is not counted there).
     written_per_record: f64,
 }
 
-/// Bytes this process has passed to write calls so far (`wchar` in /proc/self/io).
-fn written_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/io")
+/// The processes that do a store's work: whose writes its appends cause and whose CPU its
+/// reads take.
+#[derive(Debug, Clone, Copy)]
+enum Processes {
+    /// This process (an embedded store).
+    Own,
+    /// A PostgreSQL server: its postmaster and the processes it started (backends, WAL writer,
+    /// checkpointer), which stay up through a run.
+    Server(u32),
+}
+
+impl Processes {
+    /// The PostgreSQL server of the e2e harness, from `postmaster.pid` in its data directory.
+    fn postgres(server: &tollgate_e2e::postgres::Postgres) -> Self {
+        let pid = std::fs::read_to_string(server.dir().join("data/postmaster.pid"))
+            .ok()
+            .and_then(|s| s.lines().next()?.trim().parse().ok())
+            .expect("read the PostgreSQL server's pid from postmaster.pid");
+        Processes::Server(pid)
+    }
+
+    /// The /proc entries of the processes.
+    fn pids(self) -> Vec<String> {
+        match self {
+            Processes::Own => vec!["self".to_owned()],
+            Processes::Server(postmaster) => {
+                let children = std::fs::read_dir("/proc")
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter(|pid| {
+                        stat_fields(pid)
+                            .get(1)
+                            .and_then(|ppid| ppid.parse::<u32>().ok())
+                            == Some(postmaster)
+                    });
+                std::iter::once(postmaster.to_string())
+                    .chain(children)
+                    .collect()
+            }
+        }
+    }
+
+    /// Bytes the processes have passed to write calls so far (`wchar` in /proc/PID/io).
+    fn written(self) -> u64 {
+        self.pids()
+            .iter()
+            .map(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/io"))
+                    .unwrap_or_default()
+                    .lines()
+                    .find_map(|line| line.strip_prefix("wchar:"))
+                    .and_then(|n| n.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+
+    /// CPU time the processes used so far (user and system), in seconds.
+    fn cpu_seconds(self) -> f64 {
+        let ticks: f64 = self
+            .pids()
+            .iter()
+            .map(|pid| {
+                // utime and stime: fields 14 and 15 of the line, 12 and 13 after the name.
+                stat_fields(pid).get(11..13).map_or(0.0, |t| {
+                    t.iter().filter_map(|v| v.parse::<f64>().ok()).sum()
+                })
+            })
+            .sum();
+        ticks / 100.0
+    }
+}
+
+/// The fields of /proc/PID/stat after the command name (the state first, then the parent's pid).
+fn stat_fields(pid: &str) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let (_, rest) = stat.rsplit_once(')')?;
+            Some(rest.split_whitespace().map(str::to_owned).collect())
+        })
         .unwrap_or_default()
-        .lines()
-        .find_map(|line| line.strip_prefix("wchar:"))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or(0)
 }
 
 /// `records` appends from `writers` concurrent tasks; each append returns once durable.
@@ -93,6 +171,7 @@ async fn appends<S: Store>(
     records: u64,
     window: Duration,
     writers: u64,
+    io: Processes,
 ) -> Appends {
     let mut config = WriterConfig::new(chain);
     config.window = window;
@@ -100,7 +179,7 @@ async fn appends<S: Store>(
         .await
         .expect("open the writer");
     let redactor = Arc::new(Redactor::default());
-    let written = written_bytes();
+    let written = io.written();
     let start = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..writers {
@@ -129,7 +208,7 @@ async fn appends<S: Store>(
         per_second: records as f64 / elapsed.as_secs_f64(),
         p50: latencies[latencies.len() / 2],
         p99: latencies[latencies.len() * 99 / 100],
-        written_per_record: written_bytes().saturating_sub(written) as f64 / records as f64,
+        written_per_record: io.written().saturating_sub(written) as f64 / records as f64,
     }
 }
 
@@ -200,19 +279,6 @@ fn in_memory_verify(records: u64) -> f64 {
     records as f64 / start.elapsed().as_secs_f64()
 }
 
-/// CPU time this process used so far (user and system), from /proc.
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the command name.
-    let ticks: f64 = fields.get(11..13).map_or(0.0, |t| {
-        t.iter().filter_map(|v| v.parse::<f64>().ok()).sum()
-    });
-    ticks / 100.0
-}
-
 fn report(name: &str, a: &Appends, floor: f64) {
     println!(
         "{name:<40} {:>9.0} appends/s  p50 {:>7.2} ms  p99 {:>7.2} ms  written {:>5.1} KB/record  (plain batched INSERT: {:>9.0} rows/s, ratio {:.2})",
@@ -274,7 +340,15 @@ async fn main() {
         for (i, (window, writers)) in CASES.into_iter().enumerate() {
             let store =
                 Arc::new(SqliteStore::open(dir.path().join(format!("audit-{i}.db"))).unwrap());
-            let a = appends(store.clone(), "gw-0", records, window, writers).await;
+            let a = appends(
+                store.clone(),
+                "gw-0",
+                records,
+                window,
+                writers,
+                Processes::Own,
+            )
+            .await;
             report(
                 &format!("sqlite, {writers} tasks, window {window:?}"),
                 &a,
@@ -300,7 +374,7 @@ async fn main() {
             ("the same on tmpfs (fsync returns at once)", shm.path()),
         ] {
             let store = Arc::new(SqliteStore::open(dir.join("sequential.db")).unwrap());
-            let a = appends(store, "gw-0", 2000, Duration::ZERO, 1).await;
+            let a = appends(store, "gw-0", 2000, Duration::ZERO, 1, Processes::Own).await;
             println!(
                 "{name:<40} p50 {:>7.3} ms  p99 {:>7.3} ms",
                 a.p50.as_secs_f64() * 1e3,
@@ -323,10 +397,11 @@ async fn main() {
             .await
             .unwrap();
         let postgres_floor = floor(&floor_store, "gw-0", records).await;
+        let server = Processes::postgres(postgres);
         for (i, (window, writers)) in CASES.into_iter().enumerate() {
             let url = postgres.database("bench").unwrap();
             let store = Arc::new(PostgresStore::connect(&url).await.unwrap());
-            let a = appends(store.clone(), "gw-0", records, window, writers).await;
+            let a = appends(store.clone(), "gw-0", records, window, writers, server).await;
             report(
                 &format!("postgres, {writers} tasks, window {window:?}"),
                 &a,
@@ -353,12 +428,12 @@ async fn main() {
             floor(&store, "gw-0", records).await;
         }
         for _ in 0..3 {
-            let (cpu, wall) = (cpu_seconds(), Instant::now());
+            let (cpu, wall) = (Processes::Own.cpu_seconds(), Instant::now());
             let (n, rate) = verify_rate(&store).await;
             println!(
                 "{:<40} {rate:>9.0} records/s ({n} records; {:.2} cores busy)",
                 "sqlite verify",
-                (cpu_seconds() - cpu) / wall.elapsed().as_secs_f64()
+                (Processes::Own.cpu_seconds() - cpu) / wall.elapsed().as_secs_f64()
             );
         }
         // SQLITE_ONLY=1 stops here (for profiling SQLite's verification alone).
@@ -370,11 +445,20 @@ async fn main() {
             .await
             .unwrap();
         floor(&store, "gw-0", records).await;
+        let server = Processes::postgres(postgres);
         for _ in 0..3 {
+            let (cpu, server_cpu, wall) = (
+                Processes::Own.cpu_seconds(),
+                server.cpu_seconds(),
+                Instant::now(),
+            );
             let (n, rate) = verify_rate(&store).await;
+            let wall = wall.elapsed().as_secs_f64();
             println!(
-                "{:<40} {rate:>9.0} records/s ({n} records)",
-                "postgres verify"
+                "{:<40} {rate:>9.0} records/s ({n} records; cores busy: {:.2} here, {:.2} in the server)",
+                "postgres verify",
+                (Processes::Own.cpu_seconds() - cpu) / wall,
+                (server.cpu_seconds() - server_cpu) / wall,
             );
         }
     }
