@@ -294,3 +294,71 @@ pub(crate) fn to_i64(seq: u64) -> Result<i64, StoreError> {
 pub(crate) fn to_u64(seq: i64) -> Result<u64, StoreError> {
     u64::try_from(seq).map_err(|_| StoreError::Corrupt(format!("negative sequence {seq}")))
 }
+
+/// A page of `limit` records after `after` as closed ranges of sequence numbers, one per core
+/// (at most eight; one for a short page), for stores that read them on several connections.
+pub(crate) fn ranges(after: i64, limit: usize) -> Vec<(i64, i64)> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let parts = if limit >= 2048 { cores.clamp(1, 8) } else { 1 };
+    let span = i64::try_from(limit.div_ceil(parts)).unwrap_or(i64::MAX);
+    let end = after.saturating_add(i64::try_from(limit).unwrap_or(i64::MAX));
+    (0..parts as i64)
+        .map(|i| {
+            let from = after.saturating_add(span.saturating_mul(i));
+            (from, from.saturating_add(span).min(end))
+        })
+        .collect()
+}
+
+/// The records of consecutive ranges up to and including the first that came back short:
+/// a later range may have been read from a later snapshot, so what it holds cannot be trusted to
+/// follow on. Returns them and the last sequence number they reach (`after` if none).
+pub(crate) fn dense_prefix(
+    pieces: Vec<Vec<Sealed>>,
+    ranges: &[(i64, i64)],
+    after: i64,
+    limit: usize,
+) -> Result<(Vec<Sealed>, i64), StoreError> {
+    let mut page: Vec<Sealed> = Vec::new();
+    let mut last = after;
+    for (piece, &(from, to)) in pieces.into_iter().zip(ranges) {
+        let full = i64::try_from(piece.len()).is_ok_and(|n| n == to - from);
+        if page.is_empty() {
+            // The first range's records, without copying them.
+            page = piece;
+            page.reserve(limit.saturating_sub(page.len()));
+        } else {
+            page.extend(piece);
+        }
+        if let Some(r) = page.last() {
+            last = to_i64(r.seq)?;
+        }
+        if !full {
+            break;
+        }
+    }
+    Ok((page, last))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ranges;
+
+    #[test]
+    fn a_page_of_ranges_covers_exactly_the_records_asked_for() {
+        for (after, limit) in [(0, 1), (100, 2047), (100, 8197), (7, 32768), (5, 32771)] {
+            let ranges = ranges(after, limit);
+            assert_eq!(ranges[0].0, after, "{after} {limit}: {ranges:?}");
+            // An odd limit used to end the last range one record beyond it.
+            assert_eq!(
+                ranges.last().unwrap().1,
+                after + limit as i64,
+                "{after} {limit}: {ranges:?}"
+            );
+            for pair in ranges.windows(2) {
+                assert_eq!(pair[0].1, pair[1].0, "{after} {limit}: {ranges:?}");
+            }
+            assert!(ranges.iter().all(|(from, to)| from < to), "{ranges:?}");
+        }
+    }
+}

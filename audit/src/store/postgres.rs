@@ -13,9 +13,10 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, NoTls, Row};
 
-use super::{Head, Query, Store, StoreError, ToolOutcome, ToolUse, to_i64, to_u64};
+use super::{Head, Query, Store, StoreError, ToolOutcome, ToolUse, dense_prefix, to_i64, to_u64};
 use crate::record::{Index, Record};
 use crate::sql::{Filter, Param};
+use crate::verify::Sealed;
 
 /// An audit store in a PostgreSQL database.
 #[derive(Debug, Clone)]
@@ -33,6 +34,8 @@ struct Inner {
     /// The order of batches ([`Store::PIPELINE`]).
     turns: std::sync::Mutex<Turns>,
     reader: Client,
+    /// Idle connections verification reads ranges on besides `reader`.
+    readers: std::sync::Mutex<Vec<Client>>,
     /// Idle connections for [`AgentLock`]s.
     lockers: std::sync::Mutex<Vec<Client>>,
 }
@@ -177,6 +180,7 @@ impl PostgresStore {
                 appenders,
                 turns: std::sync::Mutex::new(Turns::default()),
                 reader,
+                readers: std::sync::Mutex::new(Vec::new()),
                 lockers: std::sync::Mutex::new(Vec::new()),
             }),
         })
@@ -284,6 +288,77 @@ fn record(row: &Row) -> Result<Record, StoreError> {
         body: row.try_get(10)?,
     })
 }
+
+/// What [`Sealed`] is made of, in its order.
+const SEALED_COLUMNS: &str = "seq, prev, hash, event, body";
+
+/// Rows of [`SEALED_COLUMNS`] of `chain`, sealed from the text as received (no `String` per
+/// column), in sequence order.
+fn seal_rows(chain: &str, rows: &[Row]) -> Result<Vec<Sealed>, StoreError> {
+    fn text(row: &Row, i: usize) -> Result<&[u8], StoreError> {
+        Ok(row.try_get::<_, &str>(i)?.as_bytes())
+    }
+    let mut sealed = rows
+        .iter()
+        .map(|row| {
+            Ok(Sealed::of_stored(
+                chain,
+                to_u64(row.try_get(0)?)?,
+                text(row, 1)?,
+                text(row, 2)?,
+                text(row, 3)?,
+                text(row, 4)?,
+            ))
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    sealed.sort_unstable_by_key(|r| r.seq);
+    Ok(sealed)
+}
+
+/// Seals `rows` on a blocking thread: hashing a page takes milliseconds.
+async fn seal_off_runtime(chain: &str, rows: Vec<Row>) -> Result<Vec<Sealed>, StoreError> {
+    let chain = chain.to_owned();
+    tokio::task::spawn_blocking(move || seal_rows(&chain, &rows))
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+}
+
+impl Inner {
+    /// The records of `chain` in `(from, to]`, sealed, read on a connection of their own.
+    async fn sealed_range(
+        &self,
+        chain: &str,
+        (from, to): (i64, i64),
+    ) -> Result<Vec<Sealed>, StoreError> {
+        let idle = {
+            let mut idle = self.readers.lock().unwrap_or_else(|e| e.into_inner());
+            idle.pop()
+        };
+        let client = match idle {
+            Some(client) if !client.is_closed() => client,
+            _ => connect(&self.url).await?,
+        };
+        // A closed range without ORDER BY, as in `scan`: the rows are sorted as they are sealed.
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {SEALED_COLUMNS} FROM tollgate_audit_records WHERE chain = $1 AND seq > $2 AND seq <= $3"
+                ),
+                &[&chain, &from, &to],
+            )
+            .await;
+        {
+            let mut idle = self.readers.lock().unwrap_or_else(|e| e.into_inner());
+            if idle.len() < MAX_IDLE_READERS {
+                idle.push(client);
+            }
+        }
+        seal_off_runtime(chain, rows?).await
+    }
+}
+
+/// Idle verification connections kept (one per core is what a page uses).
+const MAX_IDLE_READERS: usize = 8;
 
 fn head(row: Option<Row>) -> Result<Option<Head>, StoreError> {
     row.map(|r| {
@@ -474,6 +549,53 @@ impl Store for PostgresStore {
             }
         }
         Ok(records)
+    }
+
+    /// Verification's read: a page is read as closed ranges of sequence numbers, one per
+    /// core, each on a connection of its own (so each has a server process of its own) and
+    /// sealed on a blocking thread as it arrives; only the sealed columns are read and no
+    /// [`Record`] is built. A range that comes back short (the chain's end, or a gap) ends the
+    /// ranges taken (a later one may come from a later snapshot), and the page goes on in
+    /// order from the last record read, as in [`Store::scan`], so a gap of any size still reaches
+    /// the verifier. At most [`crate::verify::PAGE`] records per range are held unsealed.
+    async fn sealed(
+        &self,
+        chain: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Sealed>, StoreError> {
+        let mut from = to_i64(after)?;
+        let parts = super::ranges(from, limit).len();
+        let mut page: Vec<Sealed> = Vec::with_capacity(limit.min(parts * crate::verify::PAGE));
+        while page.len() < limit {
+            let want = (limit - page.len()).min(parts * crate::verify::PAGE);
+            let ranges = super::ranges(from, want);
+            let pieces = futures::future::try_join_all(
+                ranges
+                    .iter()
+                    .map(|&range| self.inner.sealed_range(chain, range)),
+            )
+            .await?;
+            let (piece, last) = dense_prefix(pieces, &ranges, from, want)?;
+            let short = piece.len() < want;
+            page.extend(piece);
+            from = last;
+            if short {
+                let rest = self
+                    .inner
+                    .reader
+                    .query(
+                        &format!(
+                            "SELECT {SEALED_COLUMNS} FROM tollgate_audit_records WHERE chain = $1 AND seq > $2 ORDER BY seq LIMIT $3"
+                        ),
+                        &[&chain, &from, &i64::try_from(limit - page.len()).unwrap_or(i64::MAX)],
+                    )
+                    .await?;
+                page.extend(seal_off_runtime(chain, rest).await?);
+                break;
+            }
+        }
+        Ok(page)
     }
 
     async fn query(&self, query: &Query) -> Result<Vec<Record>, StoreError> {

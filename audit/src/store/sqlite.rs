@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params_from_iter};
 
-use super::{Head, Query, Store, StoreError, ToolOutcome, ToolUse, to_i64, to_u64};
+use super::{Head, Query, Store, StoreError, ToolOutcome, ToolUse, dense_prefix, to_i64, to_u64};
 use crate::record::{Index, Record};
 use crate::sql::{Filter, Param};
 use crate::verify::Sealed;
@@ -546,36 +546,6 @@ fn sealed_rows(
     Ok(out)
 }
 
-/// The records of consecutive ranges up to and including the first that came back short:
-/// a later range may have been read from a later snapshot, so what it holds cannot be trusted to
-/// follow on. Returns them and the last sequence number they reach (`after` if none).
-fn dense_prefix(
-    pieces: Vec<Vec<Sealed>>,
-    ranges: &[(i64, i64)],
-    after: i64,
-    limit: usize,
-) -> Result<(Vec<Sealed>, i64), StoreError> {
-    let mut page: Vec<Sealed> = Vec::new();
-    let mut last = after;
-    for (piece, &(from, to)) in pieces.into_iter().zip(ranges) {
-        let full = i64::try_from(piece.len()).is_ok_and(|n| n == to - from);
-        if page.is_empty() {
-            // The first range's records, without copying them.
-            page = piece;
-            page.reserve(limit.saturating_sub(page.len()));
-        } else {
-            page.extend(piece);
-        }
-        if let Some(r) = page.last() {
-            last = to_i64(r.seq)?;
-        }
-        if !full {
-            break;
-        }
-    }
-    Ok((page, last))
-}
-
 impl Inner {
     fn spare(&self) -> Result<Connection, StoreError> {
         let pooled = self.spare.lock().unwrap_or_else(|e| e.into_inner()).pop();
@@ -604,15 +574,7 @@ impl Inner {
     /// seen a later snapshot) and the page goes on in order from the last record read, on one
     /// connection, so a gap of any size still reaches the verifier.
     fn sealed(&self, chain: &str, after: i64, limit: usize) -> Result<Vec<Sealed>, StoreError> {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let parts = if limit >= 2048 { cores.clamp(1, 8) } else { 1 };
-        let span = i64::try_from(limit.div_ceil(parts)).unwrap_or(i64::MAX);
-        let ranges: Vec<(i64, i64)> = (0..parts as i64)
-            .map(|i| {
-                let from = after.saturating_add(span.saturating_mul(i));
-                (from, from.saturating_add(span))
-            })
-            .collect();
+        let ranges = super::ranges(after, limit);
         let range_sql = format!(
             "SELECT {SEALED_COLUMNS} FROM tollgate_audit_records WHERE chain = $1 AND seq > $2 AND seq <= $3 ORDER BY seq"
         );
