@@ -295,11 +295,16 @@ pub(crate) fn to_u64(seq: i64) -> Result<u64, StoreError> {
     u64::try_from(seq).map_err(|_| StoreError::Corrupt(format!("negative sequence {seq}")))
 }
 
+/// How many ranges [`ranges`] makes of a page of `limit` records.
+pub(crate) fn parts(limit: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if limit >= 2048 { cores.clamp(1, 8) } else { 1 }
+}
+
 /// A page of `limit` records after `after` as closed ranges of sequence numbers, one per core
 /// (at most eight; one for a short page), for stores that read them on several connections.
 pub(crate) fn ranges(after: i64, limit: usize) -> Vec<(i64, i64)> {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let parts = if limit >= 2048 { cores.clamp(1, 8) } else { 1 };
+    let parts = parts(limit);
     let span = i64::try_from(limit.div_ceil(parts)).unwrap_or(i64::MAX);
     let end = after.saturating_add(i64::try_from(limit).unwrap_or(i64::MAX));
     (0..parts as i64)
@@ -342,12 +347,13 @@ pub(crate) fn dense_prefix(
 
 #[cfg(test)]
 mod tests {
-    use super::ranges;
+    use super::{parts, ranges};
 
     #[test]
     fn a_page_of_ranges_covers_exactly_the_records_asked_for() {
         for (after, limit) in [(0, 1), (100, 2047), (100, 8197), (7, 32768), (5, 32771)] {
             let ranges = ranges(after, limit);
+            assert_eq!(ranges.len(), parts(limit));
             assert_eq!(ranges[0].0, after, "{after} {limit}: {ranges:?}");
             // An odd limit used to end the last range one record beyond it.
             assert_eq!(

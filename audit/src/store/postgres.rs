@@ -565,7 +565,7 @@ impl Store for PostgresStore {
         limit: usize,
     ) -> Result<Vec<Sealed>, StoreError> {
         let mut from = to_i64(after)?;
-        let parts = super::ranges(from, limit).len();
+        let parts = super::parts(limit);
         let mut page: Vec<Sealed> = Vec::with_capacity(limit.min(parts * crate::verify::PAGE));
         while page.len() < limit {
             let want = (limit - page.len()).min(parts * crate::verify::PAGE);
