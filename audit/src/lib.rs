@@ -20,7 +20,7 @@ mod sql;
 pub mod store;
 pub mod verify;
 
-pub use log::{AppendError, Appended, AuditLog, WriterConfig};
+pub use log::{AppendError, Appended, AuditLog, Batch, Observer, WriterConfig};
 pub use record::{
     ApprovalRef, Checkpoint, Counters, Entry, Event, Identity, PolicyRef, Record, SCHEMA,
 };

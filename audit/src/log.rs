@@ -12,7 +12,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use tokio::sync::{mpsc, oneshot};
@@ -33,6 +33,36 @@ pub struct WriterConfig {
     pub max_batch: usize,
     /// How many entries may wait before `append` waits for room.
     pub queue: usize,
+    /// Told of every batch the writer hands to the store (metrics). Called on the writer's own
+    /// task or thread, between commits: it must not block.
+    pub observer: Option<Arc<dyn Observer>>,
+}
+
+/// A batch the writer handed to its store, as reported to [`WriterConfig::observer`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batch {
+    /// The records in it.
+    pub records: usize,
+    /// How long its oldest entry waited, from `append` until the batch was handed to the store:
+    /// the previous commit, the window, sealing.
+    pub waited: Duration,
+    /// From the hand-off until the store answered: the commit (with a store that takes several
+    /// batches at once, also the batches ahead of it).
+    pub commit: Duration,
+    /// Whether the store committed it; if not, every caller in it got the error.
+    pub committed: bool,
+}
+
+/// What a writer tells of its batches: commit latency, batch sizes, queueing.
+pub trait Observer: Send + Sync + 'static {
+    /// One batch has ended, committed or not.
+    fn batch(&self, batch: &Batch);
+}
+
+impl std::fmt::Debug for dyn Observer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Observer")
+    }
 }
 
 /// The longest window a writer accepts.
@@ -46,7 +76,14 @@ impl WriterConfig {
             window: Duration::ZERO,
             max_batch: 4096,
             queue: 65_536,
+            observer: None,
         }
+    }
+
+    /// Reports every batch to `observer`.
+    pub fn with_observer(mut self, observer: Arc<dyn Observer>) -> Self {
+        self.observer = Some(observer);
+        self
     }
 }
 
@@ -85,6 +122,8 @@ pub enum OpenError {
 
 struct Job {
     entry: Prepared,
+    /// When `append` queued it.
+    queued: Instant,
     done: oneshot::Sender<Result<Appended, AppendError>>,
 }
 
@@ -142,6 +181,7 @@ impl AuditLog {
             tip: head,
             window: config.window,
             max_batch: config.max_batch,
+            observer: config.observer,
         };
         let task = if S::BLOCKING {
             // The writer's loop on a thread of its own, driven by this runtime's timers: its
@@ -165,7 +205,11 @@ impl AuditLog {
         let entry = Prepared::new(&entry);
         let (done, answer) = oneshot::channel();
         self.jobs
-            .send(Job { entry, done })
+            .send(Job {
+                entry,
+                queued: Instant::now(),
+                done,
+            })
             .await
             .map_err(|_| AppendError::Closed)?;
         answer.await.map_err(|_| AppendError::Closed)?
@@ -209,12 +253,15 @@ struct Writer<S> {
     tip: Head,
     window: Duration,
     max_batch: usize,
+    observer: Option<Arc<dyn Observer>>,
 }
 
 /// A batch handed to the store: its callers and where their records landed.
 struct Sealed {
     jobs: Vec<Job>,
     acks: Vec<(u64, String)>,
+    /// When it was handed to the store.
+    handed: Instant,
 }
 
 impl<S: Store> Writer<S> {
@@ -334,12 +381,27 @@ impl<S: Store> Writer<S> {
             };
         }
         let jobs = std::mem::take(jobs);
-        (records, Sealed { jobs, acks })
+        let sealed = Sealed {
+            jobs,
+            acks,
+            handed: Instant::now(),
+        };
+        (records, sealed)
     }
 
     /// Answers a batch's callers. Returns whether it was committed.
     fn settle(&mut self, sealed: Sealed, result: Result<(), StoreError>) -> bool {
-        let Sealed { jobs, acks } = sealed;
+        let Sealed { jobs, acks, handed } = sealed;
+        if let Some(observer) = &self.observer {
+            // Jobs are in queue order: the first waited longest.
+            let oldest = jobs.first().map_or(handed, |job| job.queued);
+            observer.batch(&Batch {
+                records: jobs.len(),
+                waited: handed.saturating_duration_since(oldest),
+                commit: handed.elapsed(),
+                committed: result.is_ok(),
+            });
+        }
         match result {
             Ok(()) => {
                 if let Some((seq, hash)) = acks.last() {

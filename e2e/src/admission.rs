@@ -16,69 +16,112 @@ pub const LABEL: &str = "tollgate-e2e/admission";
 /// The gateway's username, the only creator of ApprovalRequests.
 pub const GATEWAY: &str = "system:serviceaccount:tollgate-system:tollgate-gateway";
 
+/// Tollgate's webhook running in this process as `tollgate-webhook` runs in a cluster.
+#[derive(Debug)]
+pub struct Running {
+    /// The admission face's TLS port.
+    pub port: u16,
+    /// The probe port: /healthz, /readyz, /metrics.
+    pub probe: u16,
+    /// The gateway's TLS port, when started with one.
+    pub gateway: Option<u16>,
+    /// The CA that signed the serving certificate (for 127.0.0.1 and localhost).
+    pub ca_pem: String,
+}
+
+/// Starts `run_in_cluster` on a thread and runtime of its own, with fresh ports and certificate
+/// under the control plane's directory `name`, as the admin user; with `audit`, the gateway too,
+/// opened as `tollgate-webhook --gateway-listen … --audit AUDIT` opens it. Returns once ready.
+pub fn start(name: &str, audit: Option<String>) -> Running {
+    let cp = control_plane();
+    let dir = cp.dir().join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca_pem, cert_pem, key_pem) = serving_certificate();
+    std::fs::write(dir.join("tls.crt"), cert_pem).unwrap();
+    std::fs::write(dir.join("tls.key"), key_pem).unwrap();
+    let port = crate::free_port().unwrap();
+    let probe = crate::free_port().unwrap();
+    let gateway = audit.as_ref().map(|_| crate::free_port().unwrap());
+    let kubeconfig = cp.kubeconfig(User::Admin);
+    let tls = tollgate_webhook::server::TlsFiles {
+        cert: dir.join("tls.crt"),
+        key: dir.join("tls.key"),
+    };
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let config = kube::Config::from_custom_kubeconfig(
+                kube::config::Kubeconfig::read_from(kubeconfig).unwrap(),
+                &Default::default(),
+            )
+            .await
+            .unwrap();
+            let client = Client::try_from(config).unwrap();
+            let settings = tollgate_webhook::Settings {
+                gateway_username: GATEWAY.into(),
+                gateway_url: "https://tollgate-gateway.tollgate-system.svc:8443".into(),
+            };
+            let handle = axum_server::Handle::new();
+            let address = |port: u16| format!("127.0.0.1:{port}").parse().unwrap();
+            let metrics = tollgate_webhook::metrics::Metrics::default();
+            let gateway = match (gateway, audit) {
+                (Some(port), Some(audit)) => Some(
+                    tollgate_webhook::GatewayConfig::open(
+                        address(port),
+                        &audit,
+                        "gw-e2e-cluster".into(),
+                        &metrics,
+                    )
+                    .await
+                    .unwrap(),
+                ),
+                _ => None,
+            };
+            if let Err(e) = tollgate_webhook::run_in_cluster(
+                client,
+                settings,
+                "tollgate-system",
+                tls,
+                address(port),
+                address(probe),
+                handle,
+                metrics,
+                gateway,
+            )
+            .await
+            {
+                panic!("the webhook stopped: {e:#}");
+            }
+        });
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !crate::http_get_ok(probe, "/readyz") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the webhook did not become ready"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Running {
+        port,
+        probe,
+        gateway,
+        ca_pem,
+    }
+}
+
 /// Starts the webhook once for this process and registers it with the apiserver.
 pub fn webhook() {
     static STARTED: OnceLock<()> = OnceLock::new();
     STARTED.get_or_init(|| {
         install_crds();
         let cp = control_plane();
+        let Running { port, ca_pem, .. } = start("webhook", None);
         let dir = cp.dir().join("webhook");
-        std::fs::create_dir_all(&dir).unwrap();
-        let (ca_pem, cert_pem, key_pem) = serving_certificate();
-        std::fs::write(dir.join("tls.crt"), cert_pem).unwrap();
-        std::fs::write(dir.join("tls.key"), key_pem).unwrap();
-        let port = crate::free_port().unwrap();
-        let probe = crate::free_port().unwrap();
-        let kubeconfig = cp.kubeconfig(User::Admin);
-        let tls = tollgate_webhook::server::TlsFiles {
-            cert: dir.join("tls.crt"),
-            key: dir.join("tls.key"),
-        };
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                let config = kube::Config::from_custom_kubeconfig(
-                    kube::config::Kubeconfig::read_from(kubeconfig).unwrap(),
-                    &Default::default(),
-                )
-                .await
-                .unwrap();
-                let client = Client::try_from(config).unwrap();
-                let settings = tollgate_webhook::Settings {
-                    gateway_username: GATEWAY.into(),
-                    gateway_url: "https://tollgate-gateway.tollgate-system.svc:8443".into(),
-                };
-                let handle = axum_server::Handle::new();
-                let listen = format!("127.0.0.1:{port}").parse().unwrap();
-                let probes = format!("127.0.0.1:{probe}").parse().unwrap();
-                if let Err(e) = tollgate_webhook::run_in_cluster(
-                    client,
-                    settings,
-                    "tollgate-system",
-                    tls,
-                    listen,
-                    probes,
-                    handle,
-                    None,
-                )
-                .await
-                {
-                    panic!("the webhook stopped: {e:#}");
-                }
-            });
-        });
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while !crate::http_get_ok(probe, "/readyz") {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the webhook did not become ready"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
         let registration = registration(port, &ca_pem);
         let file = dir.join("webhooks.yaml");
         std::fs::write(&file, registration).unwrap();

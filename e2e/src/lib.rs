@@ -368,8 +368,8 @@ pub(crate) fn http_get_ok(port: u16, path: &str) -> bool {
     response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200")
 }
 
-/// The body of GET `path` on loopback `port` (empty when unreachable).
-pub(crate) fn http_get(port: u16, path: &str) -> String {
+/// The body of GET `path` on 127.0.0.1:`port` over plain HTTP (empty if it cannot connect).
+pub fn http_get(port: u16, path: &str) -> String {
     use std::io::{Read, Write};
     let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
         return String::new();

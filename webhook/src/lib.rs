@@ -22,7 +22,7 @@ pub use admission::{AdmissionState, Settings};
 /// How often the certificate files are checked for a change.
 pub const CERT_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 
-/// The egress face in a cluster: where it listens and where it records.
+/// The egress face: where it listens and where it records.
 pub struct GatewayConfig {
     /// The TLS listener agents call (same certificate as the admission face).
     pub listen: SocketAddr,
@@ -36,6 +36,44 @@ pub struct GatewayConfig {
     pub shared: Option<Arc<dyn gateway::Shared>>,
 }
 
+impl GatewayConfig {
+    /// The gateway on `listen`, recording to `audit` (a PostgreSQL URL, else a SQLite file,
+    /// optionally prefixed `sqlite:`) as chain `chain`, its writer reporting each batch to
+    /// `metrics`. PostgreSQL also shares budgets with the other replicas.
+    pub async fn open(
+        listen: SocketAddr,
+        audit: &str,
+        chain: String,
+        metrics: &metrics::Metrics,
+    ) -> anyhow::Result<Self> {
+        use tollgate_audit::{AuditLog, PostgresStore, SqliteStore, WriterConfig};
+        let config = WriterConfig::new(chain).with_observer(Arc::new(metrics.clone()));
+        if audit.starts_with("postgres://")
+            || audit.starts_with("postgresql://")
+            || audit.contains("host=")
+        {
+            let store = Arc::new(PostgresStore::connect(audit).await?);
+            Ok(Self {
+                listen,
+                audit: AuditLog::open(store.clone(), config).await?.0,
+                history: store.clone(),
+                records: store.clone(),
+                shared: Some(store),
+            })
+        } else {
+            let path = audit.strip_prefix("sqlite:").unwrap_or(audit);
+            let store = Arc::new(SqliteStore::open(path)?);
+            Ok(Self {
+                listen,
+                audit: AuditLog::open(store.clone(), config).await?.0,
+                history: store.clone(),
+                records: store,
+                shared: None,
+            })
+        }
+    }
+}
+
 impl std::fmt::Debug for GatewayConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GatewayConfig")
@@ -45,7 +83,9 @@ impl std::fmt::Debug for GatewayConfig {
 }
 
 /// Runs the admission face in a cluster, and the gateway when `gateway` is set: watches, TLS
-/// with reload, probes. Returns when any server stops.
+/// with reload, probes. Admission and gateway count into `metrics`, served on the probe port
+/// (give the same to the audit writer's `WriterConfig::with_observer`). Returns when any server
+/// stops.
 #[allow(clippy::too_many_arguments)]
 pub async fn run_in_cluster(
     client: kube::Client,
@@ -55,10 +95,10 @@ pub async fn run_in_cluster(
     listen: SocketAddr,
     probe_listen: SocketAddr,
     handle: axum_server::Handle<SocketAddr>,
+    metrics: metrics::Metrics,
     gateway: Option<GatewayConfig>,
 ) -> anyhow::Result<()> {
     let view = cluster::WatchedView::start(client.clone(), tollgate_namespace);
-    let metrics = metrics::Metrics::default();
     let readiness = server::Readiness::default();
     {
         let (view, readiness) = (view.clone(), readiness.clone());
@@ -76,6 +116,7 @@ pub async fn run_in_cluster(
             config.audit,
             tollgate_audit::Redactor::default(),
         )
+        .with_metrics(metrics.clone())
         .with_history(config.history)
         .with_escalation(gateway::Escalation::cluster(
             client.clone(),

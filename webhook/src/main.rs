@@ -106,43 +106,6 @@ enum Mode {
     },
 }
 
-/// What the gateway needs of its audit store: the writer for its chain, the store read back
-/// after a restart and by the read API, and with PostgreSQL, budgets shared between replicas.
-struct OpenedAudit {
-    log: tollgate_audit::AuditLog,
-    history: std::sync::Arc<dyn tollgate_webhook::gateway::History>,
-    records: std::sync::Arc<dyn tollgate_webhook::gateway::read::Records>,
-    shared: Option<std::sync::Arc<dyn tollgate_webhook::gateway::Shared>>,
-}
-
-/// The audit writer for `chain` and the store it reads back: PostgreSQL for a URL, else SQLite.
-async fn open_audit(audit: &str, chain: String) -> anyhow::Result<OpenedAudit> {
-    use std::sync::Arc;
-    use tollgate_audit::{AuditLog, PostgresStore, SqliteStore, WriterConfig};
-    let config = WriterConfig::new(chain);
-    if audit.starts_with("postgres://")
-        || audit.starts_with("postgresql://")
-        || audit.contains("host=")
-    {
-        let store = Arc::new(PostgresStore::connect(audit).await?);
-        Ok(OpenedAudit {
-            log: AuditLog::open(store.clone(), config).await?.0,
-            history: store.clone(),
-            records: store.clone(),
-            shared: Some(store),
-        })
-    } else {
-        let path = audit.strip_prefix("sqlite:").unwrap_or(audit);
-        let store = Arc::new(SqliteStore::open(path)?);
-        Ok(OpenedAudit {
-            log: AuditLog::open(store.clone(), config).await?.0,
-            history: store.clone(),
-            records: store,
-            shared: None,
-        })
-    }
-}
-
 async fn standalone(
     policies: PathBuf,
     keys: PathBuf,
@@ -169,9 +132,11 @@ async fn standalone(
         Some(path) => gateway::Escalation::load_targets(path)?,
         None => Default::default(),
     };
-    let opened = open_audit(&audit, chain).await?;
+    let metrics = tollgate_webhook::metrics::Metrics::default();
+    let opened = tollgate_webhook::GatewayConfig::open(listen, &audit, chain, &metrics).await?;
     let policies = WatchedDir::start(policies, std::time::Duration::from_secs(1));
-    let mut gateway = gateway::Gateway::new(policies, keys, opened.log, Redactor::default())
+    let mut gateway = gateway::Gateway::new(policies, keys, opened.audit, Redactor::default())
+        .with_metrics(metrics)
         .with_history(opened.history)
         .with_escalation(gateway::Escalation::standalone(targets));
     if let Some(shared) = opened.shared {
@@ -183,7 +148,7 @@ async fn standalone(
     let gateway = Arc::new(gateway);
     let listener = tokio::net::TcpListener::bind(listen).await?;
     tracing::info!(%listen, audit = %audit, "tollgate gateway (standalone) listening");
-    axum::serve(listener, gateway::router(gateway))
+    axum::serve(listener, gateway::standalone_router(gateway))
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
         })
@@ -231,17 +196,12 @@ async fn main() -> anyhow::Result<()> {
         cert: args.tls_cert,
         key: args.tls_key,
     };
+    let metrics = tollgate_webhook::metrics::Metrics::default();
     let gateway = match (args.gateway_listen, &args.audit) {
-        (Some(listen), Some(audit)) => {
-            let opened = open_audit(audit, args.chain.clone()).await?;
-            Some(tollgate_webhook::GatewayConfig {
-                listen,
-                audit: opened.log,
-                history: opened.history,
-                records: opened.records,
-                shared: opened.shared,
-            })
-        }
+        (Some(listen), Some(audit)) => Some(
+            tollgate_webhook::GatewayConfig::open(listen, audit, args.chain.clone(), &metrics)
+                .await?,
+        ),
         _ => None,
     };
     tollgate_webhook::run_in_cluster(
@@ -252,6 +212,7 @@ async fn main() -> anyhow::Result<()> {
         args.listen,
         args.probe_listen,
         handle,
+        metrics,
         gateway,
     )
     .await

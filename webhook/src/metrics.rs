@@ -1,5 +1,5 @@
-//! The webhook's metrics: one registry, names `tollgate_admission_*` and `tollgate_gateway_*`,
-//! labels from closed sets.
+//! The webhook's metrics: one registry, names `tollgate_admission_*`, `tollgate_gateway_*` and
+//! `tollgate_audit_*`, labels from closed sets.
 
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
@@ -24,7 +24,20 @@ pub struct Metrics {
     pub waiting: IntGauge,
     /// Budget breaches escalated.
     pub breaches: IntCounter,
+    /// Audit batches the writer handed to its store, by outcome (committed, failed).
+    pub audit_batches: IntCounterVec,
+    /// Records per audit batch.
+    pub audit_batch_records: prometheus::Histogram,
+    /// Time from handing a batch to the store until it was durable (or failed).
+    pub audit_commit_duration: prometheus::Histogram,
+    /// Time a batch's oldest record waited before its commit began.
+    pub audit_queue_wait: prometheus::Histogram,
 }
+
+/// Buckets for the audit store's latencies: a commit is an fsync or a round trip, 0.1 to a few ms.
+const AUDIT_SECONDS: [f64; 11] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.1, 0.5, 2.0,
+];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -81,6 +94,42 @@ impl Default for Metrics {
             "Budget breaches that halted a run and were escalated",
         )
         .expect("a valid metric");
+        let audit_batches = IntCounterVec::new(
+            Opts::new(
+                "tollgate_audit_batches_total",
+                "Audit batches handed to the store, by outcome",
+            ),
+            &["outcome"],
+        )
+        .expect("a valid metric");
+        // Both series exist from the start, so an alert on failed commits has a zero to rise from.
+        for outcome in ["committed", "failed"] {
+            audit_batches.with_label_values(&[outcome]);
+        }
+        let audit_batch_records = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "tollgate_audit_batch_records",
+                "Records per audit batch (group commit)",
+            )
+            .buckets(prometheus::exponential_buckets(1.0, 4.0, 7).expect("valid buckets")),
+        )
+        .expect("a valid metric");
+        let audit_commit_duration = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "tollgate_audit_commit_duration_seconds",
+                "Time from handing an audit batch to the store until it was durable or failed",
+            )
+            .buckets(AUDIT_SECONDS.to_vec()),
+        )
+        .expect("a valid metric");
+        let audit_queue_wait = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "tollgate_audit_queue_wait_seconds",
+                "Time an audit batch's oldest record waited before its commit began",
+            )
+            .buckets(AUDIT_SECONDS.to_vec()),
+        )
+        .expect("a valid metric");
         for collector in [
             Box::new(reviews.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(duration.clone()),
@@ -89,6 +138,10 @@ impl Default for Metrics {
             Box::new(refusals.clone()),
             Box::new(waiting.clone()),
             Box::new(breaches.clone()),
+            Box::new(audit_batches.clone()),
+            Box::new(audit_batch_records.clone()),
+            Box::new(audit_commit_duration.clone()),
+            Box::new(audit_queue_wait.clone()),
         ] {
             registry.register(collector).expect("registered once");
         }
@@ -101,7 +154,27 @@ impl Default for Metrics {
             refusals,
             waiting,
             breaches,
+            audit_batches,
+            audit_batch_records,
+            audit_commit_duration,
+            audit_queue_wait,
         }
+    }
+}
+
+/// The audit writer reports each batch here (`WriterConfig::with_observer`).
+impl tollgate_audit::Observer for Metrics {
+    fn batch(&self, batch: &tollgate_audit::Batch) {
+        let outcome = if batch.committed {
+            "committed"
+        } else {
+            "failed"
+        };
+        self.audit_batches.with_label_values(&[outcome]).inc();
+        self.audit_batch_records.observe(batch.records as f64);
+        self.audit_commit_duration
+            .observe(batch.commit.as_secs_f64());
+        self.audit_queue_wait.observe(batch.waited.as_secs_f64());
     }
 }
 

@@ -15,6 +15,7 @@ use tollgate_audit::{AuditLog, Entry, Query, Redactor, SqliteStore, Store, Write
 use tollgate_webhook::gateway::keys::Keys;
 use tollgate_webhook::gateway::policies::{PolicySet, WatchedDir};
 use tollgate_webhook::gateway::{self, Gateway};
+use tollgate_webhook::metrics::Metrics;
 use tower::ServiceExt;
 
 const SUPPORT_KEY: &str = "support-key-1";
@@ -47,12 +48,19 @@ struct Harness {
 async fn harness_with(policies: WatchedDir) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(SqliteStore::open(dir.path().join("audit.db")).unwrap());
-    let (log, _) = AuditLog::open(store.clone(), WriterConfig::new("gw-test"))
-        .await
-        .unwrap();
-    let gateway = Arc::new(Gateway::new(policies, keys(), log, Redactor::default()));
+    // Wired as `tollgate-webhook standalone` wires them: the audit writer reports its batches
+    // to the gateway's metrics.
+    let metrics = Metrics::default();
+    let (log, _) = AuditLog::open(
+        store.clone(),
+        WriterConfig::new("gw-test").with_observer(Arc::new(metrics.clone())),
+    )
+    .await
+    .unwrap();
+    let gateway =
+        Arc::new(Gateway::new(policies, keys(), log, Redactor::default()).with_metrics(metrics));
     Harness {
-        app: gateway::router(gateway),
+        app: gateway::standalone_router(gateway),
         store,
         _dir: dir,
     }
@@ -878,13 +886,61 @@ async fn metrics_count_decisions_by_kind_and_refusals() {
             .to_vec(),
     )
     .unwrap();
+    // Every record in the trail went through a batch the writer reported, all committed.
+    let recorded = h.audit().await.len();
+    assert!(recorded >= 3, "{recorded}");
     for line in [
         "tollgate_gateway_decisions_total{code=\"\",decision=\"allow\"} 2".to_owned(),
         format!("tollgate_gateway_decisions_total{{code=\"{code}\",decision=\"deny\"}} 1"),
         "tollgate_gateway_refusals_total{surface=\"api\"} 1".to_owned(),
         "tollgate_gateway_decision_duration_seconds_count 3".to_owned(),
         "tollgate_gateway_approvals_waiting 0".to_owned(),
+        format!("tollgate_audit_batch_records_sum {recorded}"),
+        "tollgate_audit_batches_total{outcome=\"failed\"} 0".to_owned(),
     ] {
         assert!(text.contains(&line), "{line} missing from\n{text}");
     }
+    let batches = metric(&text, "tollgate_audit_batches_total{outcome=\"committed\"}");
+    assert!(
+        (1.0..=recorded as f64).contains(&batches),
+        "{batches} batches for {recorded} records"
+    );
+    assert_eq!(
+        metric(&text, "tollgate_audit_commit_duration_seconds_count"),
+        batches
+    );
+    assert_eq!(
+        metric(&text, "tollgate_audit_queue_wait_seconds_count"),
+        batches
+    );
+}
+
+/// The value of the sample named exactly `name` in a Prometheus text exposition.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("{name} missing from\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_gateway_port_serves_no_metrics_to_agents() {
+    // In a cluster agents reach the gateway's router; its metrics are on the probe port.
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path().join("audit.db")).unwrap());
+    let (log, _) = AuditLog::open(store, WriterConfig::new("gw-test"))
+        .await
+        .unwrap();
+    let gateway = Gateway::new(
+        WatchedDir::fixed(PolicySet::load(&samples())),
+        keys(),
+        log,
+        Redactor::default(),
+    );
+    let response = gateway::router(Arc::new(gateway))
+        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
 }

@@ -5,15 +5,16 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
 use serde_json::json;
 use tollgate_audit::record::seal;
 use tollgate_audit::store::{Query, ToolOutcome};
 use tollgate_audit::{
-    AuditLog, Entry, Event, Fault, Head, Identity, PostgresStore, Redactor, SqliteStore, Store,
-    VerifyError, WriterConfig, verify,
+    AuditLog, Batch, Entry, Event, Fault, Head, Identity, Observer, PostgresStore, Redactor,
+    SqliteStore, Store, VerifyError, WriterConfig, verify,
 };
 use tollgate_e2e::postgres::postgres;
 use tollgate_engine::{CompiledPolicy, Decision, DenyCode, RuleRef};
@@ -96,6 +97,34 @@ async fn open<S: Store>(store: &Arc<S>, chain: &str) -> AuditLog {
     log
 }
 
+/// Every batch a writer reported.
+#[derive(Default)]
+struct Batches(Mutex<Vec<Batch>>);
+
+impl Observer for Batches {
+    fn batch(&self, batch: &Batch) {
+        self.0.lock().unwrap().push(*batch);
+    }
+}
+
+impl Batches {
+    fn taken(&self) -> Vec<Batch> {
+        std::mem::take(&mut self.0.lock().unwrap())
+    }
+}
+
+/// A writer for `chain` that reports its batches to the returned observer.
+async fn open_observed<S: Store>(store: &Arc<S>, chain: &str) -> (AuditLog, Arc<Batches>) {
+    let batches = Arc::new(Batches::default());
+    let (log, _task) = AuditLog::open(
+        store.clone(),
+        WriterConfig::new(chain).with_observer(batches.clone()),
+    )
+    .await
+    .expect("open the writer");
+    (log, batches)
+}
+
 async fn broken<S: Store>(store: &S, heads: &BTreeMap<String, Head>, deep: bool) -> (u64, Fault) {
     match verify(store, deep, heads).await {
         Err(VerifyError::Broken(b)) => (b.seq, b.fault),
@@ -106,7 +135,7 @@ async fn broken<S: Store>(store: &S, heads: &BTreeMap<String, Head>, deep: bool)
 /// The suite every store passes.
 async fn suite<S: Store>(store: S, second: S) {
     let store = Arc::new(store);
-    let log = open(&store, "gw-0").await;
+    let (log, batches) = open_observed(&store, "gw-0").await;
     let t0 = Timestamp::now() - SignedDuration::from_hours(24 * 100);
 
     // Concurrent appends: every one acknowledged, numbered 1..=N without gaps, in one chain.
@@ -135,6 +164,15 @@ async fn suite<S: Store>(store: S, second: S) {
     }
     seqs.sort_unstable();
     assert_eq!(seqs, (1..=200).collect::<Vec<_>>());
+    // The writer told its observer of every batch, each committed, and of nothing else.
+    let reported = batches.taken();
+    assert_eq!(reported.iter().map(|b| b.records).sum::<usize>(), 200);
+    assert!(
+        reported
+            .iter()
+            .all(|b| b.committed && b.records > 0 && b.commit > Duration::ZERO),
+        "{reported:?}"
+    );
 
     let reports = verify(store.as_ref(), true, &BTreeMap::new())
         .await
@@ -426,7 +464,7 @@ async fn postgres_writer_fails_the_batch_behind_a_failed_commit_and_goes_on_from
     let url = postgres().database("pipeline_writer").unwrap();
     let store = Arc::new(PostgresStore::connect(&url).await.unwrap());
     fail_commits_of_tool_fail_at_commit(&url, "0.5").await;
-    let log = open(&store, "gw-0").await;
+    let (log, batches) = open_observed(&store, "gw-0").await;
     let failing = tokio::spawn({
         let log = log.clone();
         async move {
@@ -462,6 +500,20 @@ async fn postgres_writer_fails_the_batch_behind_a_failed_commit_and_goes_on_from
         .await
         .unwrap();
     assert_eq!(reports[0].records, 1);
+    // The observer saw the three batches as the callers did: the failed COMMIT took the
+    // trigger's half second, the batch behind it failed with it, the next one committed.
+    let reported = batches.taken();
+    let outcomes: Vec<(usize, bool)> = reported.iter().map(|b| (b.records, b.committed)).collect();
+    assert_eq!(
+        outcomes,
+        [(1, false), (1, false), (1, true)],
+        "{reported:?}"
+    );
+    assert!(
+        reported[0].commit >= Duration::from_millis(500),
+        "{reported:?}"
+    );
+    assert!(reported[1].commit < reported[0].commit, "{reported:?}");
 }
 
 /// How many of `database`'s sessions the server sees encrypted, asked over a plain connection.

@@ -584,3 +584,112 @@ async fn a_budget_breach_engages_the_kill_switch_as_the_gateway_records_an_event
         "{widen}"
     );
 }
+
+/// The value of the sample named exactly `name` in a Prometheus text exposition, if present.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .map(|value| value.parse().unwrap())
+}
+
+#[tokio::test]
+async fn the_shipped_cluster_gateway_answers_agents_over_tls_and_counts_on_the_probe_port() {
+    // `run_in_cluster` with a gateway, opened as `tollgate-webhook --gateway-listen … --audit …`
+    // opens it: the other tests here build their gateway in-process.
+    let cp = control_plane();
+    install_crds();
+    let ns = cp.namespace("gateway-cluster").await;
+    run(cp
+        .kubectl(User::Admin)
+        .args(["apply", "-n", &ns, "-f"])
+        .arg(repo_root().join("config/samples/support-agent.yaml")));
+    run(cp.kubectl(User::Admin).args([
+        "create",
+        "serviceaccount",
+        "agent-support-agent-v2",
+        "-n",
+        &ns,
+    ]));
+    let token = run(cp.kubectl(User::Admin).args([
+        "create",
+        "token",
+        "agent-support-agent-v2",
+        "-n",
+        &ns,
+        "--audience",
+        "tollgate",
+    ]));
+    let token = token.trim();
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.db");
+    let running = tollgate_e2e::admission::start(
+        "cluster-gateway",
+        Some(format!("sqlite:{}", audit.display())),
+    );
+    let url = format!("https://127.0.0.1:{}", running.gateway.unwrap());
+    let http = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(running.ca_pem.as_bytes()).unwrap())
+        .build()
+        .unwrap();
+
+    let allowed = eventually(
+        "the cluster gateway allows the agent's call",
+        Duration::from_secs(30),
+        || async {
+            let (status, body) = decide(&http, &url, token, "run-1").await;
+            (status == 200 && body["decision"] == "allow").then_some(body)
+        },
+    )
+    .await;
+    assert_eq!(allowed["rule"]["policy"], format!("{ns}/support-agent-v2"));
+    let (status, blocked) = call(
+        &http,
+        &url,
+        token,
+        "run-1",
+        "delete_customer_record",
+        json!({}),
+    )
+    .await;
+    assert_eq!((status, &blocked["decision"]), (200, &json!("deny")));
+    let code = blocked["code"].as_str().unwrap();
+
+    // Agents reach the gateway's port: it serves them no metrics.
+    let response = http.get(format!("{url}/metrics")).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 404);
+
+    // The probe port has the gateway's and the audit writer's, beside admission's.
+    let metrics = tollgate_e2e::http_get(running.probe, "/metrics");
+    let allows = sample(
+        &metrics,
+        "tollgate_gateway_decisions_total{code=\"\",decision=\"allow\"}",
+    );
+    assert!(allows >= Some(1.0), "{metrics}");
+    let denials = format!("tollgate_gateway_decisions_total{{code=\"{code}\",decision=\"deny\"}}");
+    assert_eq!(sample(&metrics, &denials), Some(1.0), "{metrics}");
+    // Every record in the trail was counted in a committed batch.
+    let recorded: i64 = rusqlite::Connection::open(&audit)
+        .unwrap()
+        .query_row("SELECT count(*) FROM tollgate_audit_records", [], |row| {
+            row.get(0)
+        })
+        .unwrap();
+    assert!(recorded >= 2, "{recorded}");
+    assert_eq!(
+        sample(&metrics, "tollgate_audit_batch_records_sum"),
+        Some(recorded as f64),
+        "{metrics}"
+    );
+    assert!(
+        sample(
+            &metrics,
+            "tollgate_audit_batches_total{outcome=\"committed\"}"
+        ) >= Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(&metrics, "tollgate_audit_batches_total{outcome=\"failed\"}"),
+        Some(0.0),
+        "{metrics}"
+    );
+}

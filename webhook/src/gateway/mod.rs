@@ -305,7 +305,8 @@ impl Gateway {
         self
     }
 
-    /// Counts into `metrics` (shared with the probe port's /metrics in a cluster).
+    /// Counts into `metrics` (in a cluster, the probe port's: the gateway's own router serves
+    /// none).
     pub fn with_metrics(mut self, metrics: crate::metrics::Metrics) -> Self {
         self.metrics = metrics;
         self
@@ -623,20 +624,26 @@ impl Gateway {
     }
 }
 
-/// The gateway's router.
+/// The gateway's router: the decision API, the MCP proxy and /healthz. What agents reach, so
+/// no metrics: in a cluster those are on the probe port (share them with
+/// [`Gateway::with_metrics`]).
 pub fn router(gateway: Arc<Gateway>) -> Router {
     Router::new()
         .route("/v1/decide", post(decide))
         .route("/v1/report", post(report))
         .route("/mcp/{upstream}", post(mcp::proxy))
         .route("/healthz", axum::routing::get(|| async { "ok" }))
-        .route(
-            "/metrics",
-            axum::routing::get(|State(gateway): State<Arc<Gateway>>| async move {
-                gateway.metrics.render()
-            }),
-        )
         .with_state(gateway)
+}
+
+/// The standalone gateway's router: [`router`] and /metrics on the same loopback listener, since
+/// standalone mode has no probe port.
+pub fn standalone_router(gateway: Arc<Gateway>) -> Router {
+    let metrics = gateway.metrics.clone();
+    router(gateway).route(
+        "/metrics",
+        axum::routing::get(move || async move { metrics.render() }),
+    )
 }
 
 fn decision_kind(decision: &Decision) -> &'static str {
