@@ -16,7 +16,7 @@
 //! the gateway's runtime N worker threads (2 unless set).
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rmcp::model::{
@@ -28,7 +28,7 @@ use rmcp::transport::streamable_http_server::{
 };
 use rmcp::{ErrorData, RoleServer, ServerHandler};
 use serde_json::{Value, json};
-use tollgate_audit::{AuditLog, Redactor, SqliteStore, WriterConfig};
+use tollgate_audit::{AuditLog, Batch, Observer, Redactor, SqliteStore, WriterConfig};
 use tollgate_webhook::gateway::keys::Keys;
 use tollgate_webhook::gateway::policies::{PolicySet, WatchedDir};
 use tollgate_webhook::gateway::{self, Gateway};
@@ -587,10 +587,12 @@ async fn bench() {
         let dir = policy_dir();
         let path = dir.path().to_owned();
         let own = on_own_runtime(async move { sqlite_gateway(&path, "own.db").await });
+        commits().reset();
         let l = GATEWAY_THREADS
             .charged(decide(&own, seconds, connections))
             .await;
-        return print("tollgate /v1/decide, own runtime", &l);
+        print("tollgate /v1/decide, own runtime", &l);
+        return println!("{}", commits().summary());
     }
     let dir = tempfile::tempdir().unwrap();
 
@@ -871,6 +873,7 @@ async fn at_rates(seconds: u64, connections: usize, rates: &str) {
         let allowed: fn(&Value) -> bool = |answer| answer["decision"] == "allow";
         let bearer = format!("Bearer {KEY}");
         let gateway = format!("{own}/v1/decide");
+        commits().reset();
         let l = measure(
             GATEWAY_THREADS,
             &gateway,
@@ -880,6 +883,7 @@ async fn at_rates(seconds: u64, connections: usize, rates: &str) {
         )
         .await;
         row("tollgate /v1/decide", &l);
+        println!("{}", commits().summary());
         if let Some(opa) = &opa {
             let l = measure(opa.server(), &opa.url, None, opa_body, |answer| {
                 answer["result"] == true
@@ -942,13 +946,77 @@ fn policy_dir() -> tempfile::TempDir {
     dir
 }
 
+/// The batches the bench gateways' audit writers reported (what `tollgate_audit_*` metrics
+/// count), so that a latency row can say how much of it was the trail's commits.
+#[derive(Default)]
+struct Commits(Mutex<(Vec<Batch>, Option<Instant>)>);
+
+impl Observer for Commits {
+    fn batch(&self, batch: &Batch) {
+        self.0.lock().unwrap().0.push(*batch);
+    }
+}
+
+/// Every bench gateway reports here.
+fn commits() -> Arc<Commits> {
+    static COMMITS: std::sync::OnceLock<Arc<Commits>> = std::sync::OnceLock::new();
+    COMMITS.get_or_init(Default::default).clone()
+}
+
+impl Commits {
+    /// Forgets what was reported so far (warm-up, other rows).
+    fn reset(&self) {
+        *self.0.lock().unwrap() = (Vec::new(), Some(Instant::now()));
+    }
+
+    /// The commits since the last reset, as two lines: how many, records per commit, the share
+    /// of the time the writer was committing, commit latency and how long a batch's oldest record
+    /// waited before its commit began, per batch; then the same wait plus commit counted once per
+    /// record of the batch (what a record saw at most, the figure to hold against a request's p99).
+    fn summary(&self) -> String {
+        let (batches, since) = std::mem::take(&mut *self.0.lock().unwrap());
+        if batches.is_empty() {
+            return "  audit: no commits".to_owned();
+        }
+        let records: usize = batches.iter().map(|b| b.records).sum();
+        let committing: Duration = batches.iter().map(|b| b.commit).sum();
+        let quantiles = |mut v: Vec<Duration>| {
+            v.sort_unstable();
+            let at = |q: usize| ms(v[(v.len() * q / 1000).min(v.len() - 1)]);
+            format!("p50 {}  p99 {}  max {}", at(500), at(990), at(1000))
+        };
+        let per_record = batches
+            .iter()
+            .flat_map(|b| std::iter::repeat_n(b.waited + b.commit, b.records))
+            .collect();
+        format!(
+            "  audit: {} commits, {:.1} records each, writer committing {:.0}% of the time; per commit: commit {}, oldest record's wait {}{}\n  audit per record (its batch's oldest wait + commit): {}",
+            batches.len(),
+            records as f64 / batches.len() as f64,
+            since.map_or(0.0, |t| committing.as_secs_f64() * 100.0
+                / t.elapsed().as_secs_f64()),
+            quantiles(batches.iter().map(|b| b.commit).collect()),
+            quantiles(batches.iter().map(|b| b.waited).collect()),
+            match batches.iter().filter(|b| !b.committed).count() {
+                0 => String::new(),
+                failed => format!(", {failed} FAILED"),
+            },
+            quantiles(per_record),
+        )
+    }
+}
+
 /// The gateway's router on the sample policy in `dir`, with a SQLite trail in `dir/file` that
 /// also serves as its history (a run it has not seen is looked up there), as in standalone mode.
+/// Its writer reports to [`commits`].
 async fn sqlite_gateway(dir: &std::path::Path, file: &str) -> axum::Router {
     let store = Arc::new(SqliteStore::open(dir.join(file)).unwrap());
-    let (log, _) = AuditLog::open(store.clone(), WriterConfig::new("bench"))
-        .await
-        .unwrap();
+    let (log, _) = AuditLog::open(
+        store.clone(),
+        WriterConfig::new("bench").with_observer(commits()),
+    )
+    .await
+    .unwrap();
     let gateway = Gateway::new(
         WatchedDir::fixed(PolicySet::load(dir)),
         keys(),
