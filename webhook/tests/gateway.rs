@@ -944,3 +944,96 @@ async fn the_gateway_port_serves_no_metrics_to_agents() {
         .unwrap();
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
 }
+
+/// Makes every insert into the SQLite trail at `db` fail (as a full disk or a lost volume would
+/// make its commits fail), or lets them through again.
+fn trail_refuses(db: &Path, refuse: bool) {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    conn.execute_batch(if refuse {
+        "CREATE TRIGGER tollgate_test_refuse BEFORE INSERT ON tollgate_audit_records
+         BEGIN SELECT RAISE(ABORT, 'injected: the trail cannot be written'); END;"
+    } else {
+        "DROP TRIGGER tollgate_test_refuse;"
+    })
+    .unwrap();
+}
+
+#[tokio::test]
+async fn when_the_trail_cannot_record_a_call_it_is_refused_never_allowed() {
+    // SECURITY.md 9: when Tollgate cannot decide (an unrecorded decision is no decision), the
+    // agent's call is refused.
+    let h = harness().await;
+    let args = json!({"customer_id": "C000042"});
+    assert_eq!(
+        h.decide("f1", "read_customer_record", args.clone()).await["decision"],
+        "allow"
+    );
+    let db = h._dir.path().join("audit.db");
+    trail_refuses(&db, true);
+    let call = json!({"runId": "f1", "tool": "read_customer_record", "arguments": args});
+    let (status, refused) = h.post("/v1/decide", SUPPORT_KEY, call.clone()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{refused}");
+    assert_eq!(refused["error"]["code"], "AuditUnavailable", "{refused}");
+    assert!(refused.get("decision").is_none(), "{refused}");
+    // A reported result is not taken either.
+    let (status, report) = h
+        .post(
+            "/v1/report",
+            SUPPORT_KEY,
+            json!({"runId": "f1", "tool": "read_customer_record",
+                   "result": {"customer_id": "C000042"}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{report}");
+    // Malformed input is refused as before, with its own reason, though it cannot be recorded.
+    let (status, malformed) = h
+        .post_raw(
+            "/v1/decide",
+            Some(SUPPORT_KEY),
+            &[],
+            b"{\"runId\": ".to_vec(),
+        )
+        .await;
+    // Its refusal cannot be recorded either: refused as unrecordable, still naming the problem.
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{malformed}");
+    assert_eq!(
+        malformed["error"]["code"], "AuditUnavailable",
+        "{malformed}"
+    );
+    let message = malformed["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("refused in any case: MalformedRequest"),
+        "{message}"
+    );
+
+    // Once the trail takes records again, calls are decided again, and the chain has no gap.
+    trail_refuses(&db, false);
+    let (status, allowed) = h.post("/v1/decide", SUPPORT_KEY, call).await;
+    assert_eq!(status, StatusCode::OK, "{allowed}");
+    assert_eq!(allowed["decision"], "allow", "{allowed}");
+    let entries = h.audit().await;
+    let events: Vec<&str> = entries.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(events, ["decide", "decide"], "only what was recorded");
+
+    let response = h
+        .app
+        .clone()
+        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let text = String::from_utf8(
+        response
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        metric(&text, "tollgate_audit_batches_total{outcome=\"failed\"}") >= 2.0,
+        "{text}"
+    );
+}

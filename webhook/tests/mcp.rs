@@ -588,3 +588,70 @@ async fn a_call_that_waits_is_streamed_with_keep_alives_then_its_answer() {
     assert_eq!(answer["id"], 31);
     assert_eq!(h.calls.lock().unwrap().len(), 2, "each call forwarded once");
 }
+
+#[tokio::test]
+async fn when_the_trail_cannot_record_a_call_it_never_reaches_the_upstream() {
+    // SECURITY.md 9: a call whose decision cannot be recorded is not decided, so not forwarded.
+    let h = harness().await;
+    let session = h.session().await;
+    let db = h._dir.path().join("audit.db");
+    let trail = rusqlite::Connection::open(&db).unwrap();
+    trail
+        .execute_batch(
+            "CREATE TRIGGER tollgate_test_refuse BEFORE INSERT ON tollgate_audit_records
+             BEGIN SELECT RAISE(ABORT, 'injected: the trail cannot be written'); END;",
+        )
+        .unwrap();
+    let reply = h
+        .call(
+            &session,
+            20,
+            "read_customer_record",
+            json!({"customer_id": "C000042"}),
+        )
+        .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        reply.body
+    );
+    assert_eq!(
+        reply.body["error"]["code"], "AuditUnavailable",
+        "{}",
+        reply.body
+    );
+    // A message refused as malformed still says why, though its refusal is not recorded.
+    let malformed = h
+        .send(Some(&session), b"[{\"jsonrpc\": \"2.0\"}]".to_vec())
+        .await;
+    assert_eq!(
+        malformed.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        malformed.body
+    );
+    let message = malformed.body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("refused in any case: "), "{message}");
+    assert!(message.contains("batch"), "{message}");
+    assert!(h.calls.lock().unwrap().is_empty(), "nothing was forwarded");
+
+    // Recorded again: the same call goes through, exactly once.
+    trail
+        .execute_batch("DROP TRIGGER tollgate_test_refuse;")
+        .unwrap();
+    let reply = h
+        .call(
+            &session,
+            21,
+            "read_customer_record",
+            json!({"customer_id": "C000042"}),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert!(reply.body["result"].is_object(), "{}", reply.body);
+    assert_eq!(h.calls.lock().unwrap().len(), 1);
+    verify(h.store.as_ref(), true, &BTreeMap::new())
+        .await
+        .unwrap();
+}

@@ -32,8 +32,8 @@ use tollgate_audit::{Entry, Event};
 use tollgate_engine::{Decision, canonical};
 
 use super::{
-    Caller, Gateway, MAX_BODY, RUN_HEADER, audit_unavailable, authenticate, identity_of,
-    valid_run_id,
+    Caller, Gateway, MAX_BODY, RUN_HEADER, audit_unavailable, audit_unavailable_refusing,
+    authenticate, identity_of, valid_run_id,
 };
 
 /// JSON-RPC error codes the proxy answers with.
@@ -89,7 +89,7 @@ impl Gateway {
             .append(entry)
             .await
             .map(|_| ())
-            .map_err(audit_unavailable)
+            .map_err(|e| audit_unavailable_refusing(e, &error))
     }
 }
 

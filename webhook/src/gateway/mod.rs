@@ -604,22 +604,26 @@ impl Gateway {
 }
 
 impl Gateway {
-    /// Records that a request of `caller` was refused before any decision, then answers it.
+    /// Records that a request (of `caller`, once authenticated) was refused before any decision,
+    /// then answers it; if the trail cannot record it, refuses it as unrecordable, naming why
+    /// it was refused as well.
     async fn refuse_recorded(
         &self,
-        caller: &Caller,
+        caller: Option<&Caller>,
         tool: Option<&str>,
         path: &str,
         refusal: Refusal,
     ) -> Response {
-        let mut entry = Entry::new((self.now)(), Event::Rejected, identity_of(Some(caller)));
-        entry.agent = Some(caller.agent.clone());
+        let mut entry = Entry::new((self.now)(), Event::Rejected, identity_of(caller));
+        entry.agent = caller.map(|c| c.agent.clone());
         entry.tool = tool.map(str::to_owned);
         entry.error = Some(format!("{path}: {}: {}", refusal.code, refusal.message));
         self.metrics.refusals.with_label_values(&["api"]).inc();
         match self.audit.append(entry).await {
             Ok(_) => refusal.response(),
-            Err(e) => audit_unavailable(e),
+            Err(e) => {
+                audit_unavailable_refusing(e, &format!("{}: {}", refusal.code, refusal.message))
+            }
         }
     }
 }
@@ -686,6 +690,21 @@ fn audit_unavailable(e: impl std::fmt::Display) -> Response {
         StatusCode::SERVICE_UNAVAILABLE,
         "AuditUnavailable",
         "the audit trail cannot record this call, so it must not proceed; retry later",
+    )
+    .response()
+}
+
+/// The trail could not record the refusal of a request: refused as unrecordable, naming what
+/// was wrong with it too, so that the caller loses nothing by the outage.
+fn audit_unavailable_refusing(e: impl std::fmt::Display, refused: &str) -> Response {
+    tracing::error!(error = %e, refused, "audit trail refused a record; the request is refused");
+    Refusal::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "AuditUnavailable",
+        format!(
+            "the audit trail cannot record this request, so it must not proceed; retry later. \
+             It is refused in any case: {refused}"
+        ),
     )
     .response()
 }
@@ -761,14 +780,7 @@ async fn admit<T: for<'de> Deserialize<'de>>(
     path: &str,
 ) -> Result<(Caller, T), Response> {
     let refuse = async |holder: Option<&Caller>, refusal: Refusal| {
-        let mut entry = Entry::new((gateway.now)(), Event::Rejected, identity_of(holder));
-        entry.agent = holder.map(|h| h.agent.clone());
-        entry.error = Some(format!("{path}: {}: {}", refusal.code, refusal.message));
-        gateway.metrics.refusals.with_label_values(&["api"]).inc();
-        match gateway.audit.append(entry).await {
-            Ok(_) => refusal.response(),
-            Err(e) => audit_unavailable(e),
-        }
+        gateway.refuse_recorded(holder, None, path, refusal).await
     };
     let holder = match authenticate(gateway, headers).await {
         Ok(holder) => holder,
@@ -889,7 +901,7 @@ async fn decide(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: B
         Ok(run) => run,
         Err(refusal) => {
             return gateway
-                .refuse_recorded(&holder, Some(&request.tool), "/v1/decide", refusal)
+                .refuse_recorded(Some(&holder), Some(&request.tool), "/v1/decide", refusal)
                 .await;
         }
     };
@@ -994,7 +1006,7 @@ async fn report(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: B
         Ok(run) => run,
         Err(refusal) => {
             return gateway
-                .refuse_recorded(&holder, Some(&request.tool), "/v1/report", refusal)
+                .refuse_recorded(Some(&holder), Some(&request.tool), "/v1/report", refusal)
                 .await;
         }
     };
@@ -1012,7 +1024,7 @@ async fn report(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: B
             ),
         );
         return gateway
-            .refuse_recorded(&holder, Some(&request.tool), "/v1/report", refusal)
+            .refuse_recorded(Some(&holder), Some(&request.tool), "/v1/report", refusal)
             .await;
     };
     let usage = request.usage.clone().unwrap_or_default();
@@ -1042,7 +1054,7 @@ async fn report(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: B
             format!("run {run:?} has no decided call to report on"),
         );
         return gateway
-            .refuse_recorded(&holder, Some(&request.tool), "/v1/report", refusal)
+            .refuse_recorded(Some(&holder), Some(&request.tool), "/v1/report", refusal)
             .await;
     };
     let (visible, removed) = match (&request.result, policy.result_fields(&request.tool)) {
