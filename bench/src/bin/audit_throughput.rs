@@ -76,6 +76,55 @@ struct Appends {
     /// PostgreSQL the server's (its WAL, tables and indexes; what this process sends it over a
     /// socket is not counted there).
     written_per_record: f64,
+    /// Of those, what the SQLite checkpoint thread wrote (its passes' copies into the database
+    /// file), per record.
+    checkpoint_per_record: Option<f64>,
+    /// Records per commit, from the writer's observer.
+    records_per_commit: f64,
+}
+
+/// Bytes passed to write calls so far by each of this process's threads named `name` (as the
+/// kernel keeps it, cut to 15 bytes), by thread id (`wchar` in /proc/self/task/TID/io).
+fn thread_written(name: &str) -> BTreeMap<String, u64> {
+    let name = &name[..name.len().min(15)];
+    std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|tid| {
+            std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
+                .is_ok_and(|comm| comm.trim() == name)
+        })
+        .filter_map(|tid| {
+            let io = std::fs::read_to_string(format!("/proc/self/task/{tid}/io")).ok()?;
+            let wchar = io
+                .lines()
+                .find_map(|line| line.strip_prefix("wchar:"))?
+                .trim()
+                .parse()
+                .ok()?;
+            Some((tid, wchar))
+        })
+        .collect()
+}
+
+/// What the threads in `after` wrote since `before` (threads that ended in between are left out).
+fn written_since(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> u64 {
+    after
+        .iter()
+        .map(|(tid, n)| n.saturating_sub(before.get(tid).copied().unwrap_or(0)))
+        .sum()
+}
+
+/// Counts the writer's commits and the records in them.
+#[derive(Default)]
+struct Commits(std::sync::atomic::AtomicU64);
+
+impl tollgate_audit::Observer for Commits {
+    fn batch(&self, _: &tollgate_audit::Batch) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// The processes that do a store's work: whose writes its appends cause and whose CPU its
@@ -173,13 +222,15 @@ async fn appends<S: Store>(
     writers: u64,
     io: Processes,
 ) -> Appends {
-    let mut config = WriterConfig::new(chain);
+    let commits = Arc::new(Commits::default());
+    let mut config = WriterConfig::new(chain).with_observer(commits.clone());
     config.window = window;
     let (log, _task) = AuditLog::open(store, config)
         .await
         .expect("open the writer");
     let redactor = Arc::new(Redactor::default());
     let written = io.written();
+    let checkpoints = thread_written(CHECKPOINT_THREAD);
     let start = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..writers {
@@ -209,8 +260,17 @@ async fn appends<S: Store>(
         p50: latencies[latencies.len() / 2],
         p99: latencies[latencies.len() * 99 / 100],
         written_per_record: io.written().saturating_sub(written) as f64 / records as f64,
+        checkpoint_per_record: matches!(io, Processes::Own).then(|| {
+            written_since(&checkpoints, &thread_written(CHECKPOINT_THREAD)) as f64
+                / records as f64
+        }),
+        records_per_commit: records as f64
+            / commits.0.load(std::sync::atomic::Ordering::Relaxed).max(1) as f64,
     }
 }
+
+/// The name of the SQLite store's checkpoint thread.
+const CHECKPOINT_THREAD: &str = "audit-checkpoint";
 
 /// The same rows, sealed up front, committed in batches of 4096 straight through the store.
 async fn floor<S: Store>(store: &S, chain: &str, records: u64) -> f64 {
@@ -281,11 +341,14 @@ fn in_memory_verify(records: u64) -> f64 {
 
 fn report(name: &str, a: &Appends, floor: f64) {
     println!(
-        "{name:<40} {:>9.0} appends/s  p50 {:>7.2} ms  p99 {:>7.2} ms  written {:>5.1} KB/record  (plain batched INSERT: {:>9.0} rows/s, ratio {:.2})",
+        "{name:<40} {:>9.0} appends/s  p50 {:>7.2} ms  p99 {:>7.2} ms  {:>6.1} records/commit  written {:>5.1} KB/record{}  (plain batched INSERT: {:>9.0} rows/s, ratio {:.2})",
         a.per_second,
         a.p50.as_secs_f64() * 1e3,
         a.p99.as_secs_f64() * 1e3,
+        a.records_per_commit,
         a.written_per_record / 1e3,
+        a.checkpoint_per_record
+            .map_or(String::new(), |c| format!(" (checkpoint thread {:.1})", c / 1e3)),
         floor,
         a.per_second / floor
     );
