@@ -18,13 +18,15 @@
 //! the gateway 15-20% faster. So the records table has no index on `run`. Each commit appends
 //! (rowid, run) of its records to `tollgate_audit_run_tail`, a small table in rowid order whose
 //! newest page all commits share; the commit that takes it past [`RUN_INDEX_BATCH`] entries
-//! moves them all, sorted by run, to `tollgate_audit_run_index` in the same transaction and
-//! moves the mark (`tollgate_audit_run_indexed`) up to its last row; opening a file catches up
-//! the same way. A query for a run reads the index and the tail after the mark, so it is always
-//! complete, the index costs a few pages per batch instead of one per record, and a lookup
-//! reads a few pages of the tail. (It used to scan the records after the mark themselves: about
-//! 170 pages of 1.3 KB records, read again after every commit, for each run the gateway had not
-//! seen yet, such as every new run.)
+//! moves them all to `tollgate_audit_run_recent`, a small index of (run, rowid), in the same
+//! transaction and moves the mark (`tollgate_audit_run_indexed`) up to its last row; once the
+//! recent level holds [`RUN_RECENT_LIMIT`] entries, a sweep moves it into
+//! `tollgate_audit_run_index` in run order, a chunk per commit ([`index_runs`]). Opening a file
+//! catches up the same way. A query for a run reads both levels and the tail after the mark, so
+//! it is always complete, and a lookup reads a few pages of each. (It used to scan the records
+//! after the mark themselves: about 170 pages of 1.3 KB records, read again after every commit,
+//! for each run the gateway had not seen yet, such as every new run. And the tail used to go
+//! straight into the run index: with 1,000 runs in flight that wrote a page per record.)
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -59,6 +61,9 @@ struct Inner {
     wal_bytes: Arc<AtomicI64>,
     /// How far into the WAL the checkpoint thread's last pass reached, in bytes.
     covered: Arc<AtomicI64>,
+    /// The run index's levels (see [`index_runs`]); changed only with `writer` held, after the
+    /// transaction that moved entries has committed.
+    runs: Mutex<RunLevels>,
     /// Held by the checkpoint thread during a pass. SQLite runs one checkpoint at a time and
     /// answers any other at once as busy, whatever its mode or busy handler, so the writer
     /// takes this to wait for a pass rather than find its own checkpoint skipped.
@@ -76,9 +81,17 @@ pub const WAL_LIMIT_BYTES: i64 = 32 << 20;
 /// What may be left for the writer to copy when it starts the WAL over (see [`restart_due`]).
 pub const RESTART_SLACK_BYTES: i64 = 256 << 10;
 
-/// Records a commit may leave out of the run index; the commit that passes this many adds them
-/// all. A query for a run scans at most about this many records beyond the index.
+/// Records a commit may leave in the run tail; the commit that passes this many moves them all
+/// into the recent level. A query for a run scans at most about this many tail entries.
 pub const RUN_INDEX_BATCH: i64 = 512;
+
+/// Entries the recent level of the run index holds before a sweep moves them into the run
+/// index, in chunks, one per commit (see [`index_runs`]).
+pub const RUN_RECENT_LIMIT: i64 = 8192;
+
+/// The fewest entries one commit's share of a sweep moves (at least twice the commit's records,
+/// so that a sweep moves entries faster than commits bring them).
+pub const RUN_SWEEP_CHUNK: i64 = 1024;
 
 /// The tables of the batched run index: entries (run, rowid of the record), and the mark below
 /// which (inclusive) every record with a run has its entry. Databases written before the
@@ -98,6 +111,11 @@ const RUN_INDEX_SCHEMA: &[&str] = &[
         rec INTEGER PRIMARY KEY,
         run TEXT NOT NULL
     )",
+    "CREATE TABLE IF NOT EXISTS tollgate_audit_run_recent (
+        run TEXT NOT NULL,
+        rec INTEGER NOT NULL,
+        PRIMARY KEY (run, rec)
+    ) WITHOUT ROWID",
 ];
 
 /// The run index's mark (no row yet: nothing indexed).
@@ -110,6 +128,7 @@ fn from_run() -> String {
     format!(
         "WITH run_rows(rec) AS (\
              SELECT rec FROM tollgate_audit_run_index WHERE run = $1 \
+             UNION ALL SELECT rec FROM tollgate_audit_run_recent WHERE run = $1 \
              UNION ALL SELECT rec FROM tollgate_audit_run_tail \
              WHERE rec > {RUN_INDEXED} AND run = $1) \
          SELECT {COLUMNS} FROM run_rows CROSS JOIN tollgate_audit_records \
@@ -117,28 +136,117 @@ fn from_run() -> String {
     )
 }
 
-/// In the transaction that just inserted records up to rowid `last`: moves the run tail into
-/// the run index once the records after the mark are [`RUN_INDEX_BATCH`] or more.
-fn index_runs(tx: &rusqlite::Transaction<'_>, last: i64) -> rusqlite::Result<()> {
+/// The levels of the run index as the writer tracks them between its transactions.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct RunLevels {
+    /// Entries in the recent level.
+    recent: i64,
+    /// While a sweep moves the recent level into the run index: the last entry it moved
+    /// (`("", 0)`, below every entry, when it starts).
+    sweep: Option<(String, i64)>,
+}
+
+impl RunLevels {
+    /// The levels of the database `conn` opened; a sweep that was under way starts over.
+    fn read(conn: &Connection) -> rusqlite::Result<Self> {
+        Ok(Self {
+            recent: conn.query_row("SELECT COUNT(*) FROM tollgate_audit_run_recent", [], |r| {
+                r.get(0)
+            })?,
+            sweep: None,
+        })
+    }
+}
+
+/// In the transaction that just inserted `records` records up to rowid `last`, given the levels
+/// before it: moves the run tail into the recent level once the records after the mark are
+/// [`RUN_INDEX_BATCH`] or more, and, from when the recent level holds [`RUN_RECENT_LIMIT`]
+/// entries, sweeps it into the run index, one chunk in run order per commit. Returns the levels
+/// after it, for once it has committed.
+///
+/// Why three levels: a move writes every page it touches in full, and the run index keeps each
+/// run's entries together, so with many runs in flight each entry of a move lands on a page of
+/// its own. With 1,000 runs, moving the tail straight into the index wrote a 4 KiB page per
+/// record, more than the record itself (bench/README.md). The recent level is small (a few
+/// dozen pages), so moving the tail into it touches few pages, and a sweep moves several
+/// entries of each run into the index at once.
+fn index_runs(
+    tx: &rusqlite::Transaction<'_>,
+    last: i64,
+    records: usize,
+    levels: &RunLevels,
+) -> rusqlite::Result<RunLevels> {
+    let mut next = levels.clone();
     let through: i64 = tx
         .prepare_cached(&format!("SELECT {RUN_INDEXED}"))?
         .query_row([], |r| r.get(0))?;
-    if last - through < RUN_INDEX_BATCH {
-        return Ok(());
+    if last - through >= RUN_INDEX_BATCH {
+        let moved = tx
+            .prepare_cached(
+                "INSERT INTO tollgate_audit_run_recent (run, rec)
+                 SELECT run, rec FROM tollgate_audit_run_tail WHERE rec > $1 ORDER BY run, rec",
+            )?
+            .execute([through])?;
+        tx.prepare_cached("DELETE FROM tollgate_audit_run_tail")?
+            .execute([])?;
+        tx.prepare_cached(
+            "INSERT INTO tollgate_audit_run_indexed (one, through) VALUES (1, $1)
+             ON CONFLICT (one) DO UPDATE SET through = excluded.through",
+        )?
+        .execute([last])?;
+        next.recent += moved as i64;
     }
-    tx.prepare_cached(
-        "INSERT INTO tollgate_audit_run_index (run, rec)
-         SELECT run, rec FROM tollgate_audit_run_tail WHERE rec > $1 ORDER BY run, rec",
-    )?
-    .execute([through])?;
-    tx.prepare_cached("DELETE FROM tollgate_audit_run_tail")?
-        .execute([])?;
-    tx.prepare_cached(
-        "INSERT INTO tollgate_audit_run_indexed (one, through) VALUES (1, $1)
-         ON CONFLICT (one) DO UPDATE SET through = excluded.through",
-    )?
-    .execute([last])?;
-    Ok(())
+    if next.sweep.is_none() && next.recent >= RUN_RECENT_LIMIT {
+        next.sweep = Some((String::new(), 0));
+    }
+    let Some((run, rec)) = next.sweep.take() else {
+        return Ok(next);
+    };
+    let chunk = RUN_SWEEP_CHUNK.max(2 * records as i64);
+    // The chunk's last entry, unless the rest of the level is no larger than a chunk.
+    let until: Option<(String, i64)> = tx
+        .prepare_cached(
+            "SELECT run, rec FROM tollgate_audit_run_recent WHERE (run, rec) > ($1, $2)
+             ORDER BY run, rec LIMIT 1 OFFSET $3",
+        )?
+        .query_row(rusqlite::params![run, rec, chunk - 1], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?;
+    let moved = match &until {
+        Some((to_run, to_rec)) => {
+            let range = rusqlite::params![run, rec, to_run, to_rec];
+            let moved = tx
+                .prepare_cached(
+                    "INSERT INTO tollgate_audit_run_index (run, rec)
+                     SELECT run, rec FROM tollgate_audit_run_recent
+                     WHERE (run, rec) > ($1, $2) AND (run, rec) <= ($3, $4) ORDER BY run, rec",
+                )?
+                .execute(range)?;
+            tx.prepare_cached(
+                "DELETE FROM tollgate_audit_run_recent
+                 WHERE (run, rec) > ($1, $2) AND (run, rec) <= ($3, $4)",
+            )?
+            .execute(range)?;
+            moved
+        }
+        None => {
+            let rest = rusqlite::params![run, rec];
+            let moved = tx
+                .prepare_cached(
+                    "INSERT INTO tollgate_audit_run_index (run, rec)
+                     SELECT run, rec FROM tollgate_audit_run_recent
+                     WHERE (run, rec) > ($1, $2) ORDER BY run, rec",
+                )?
+                .execute(rest)?;
+            tx.prepare_cached("DELETE FROM tollgate_audit_run_recent WHERE (run, rec) > ($1, $2)")?
+                .execute(rest)?;
+            moved
+        }
+    };
+    next.recent -= moved as i64;
+    next.sweep = until;
+    Ok(next)
 }
 
 /// How much of the database file a verification connection maps into memory (SQLite's
@@ -289,9 +397,10 @@ impl SqliteStore {
                 [],
                 |r| r.get(0),
             )?;
-            index_runs(&tx, last)?;
+            index_runs(&tx, last, 0, &RunLevels::read(&tx)?)?;
             tx.commit()?;
         }
+        let runs = RunLevels::read(&writer)?;
         // Checkpoints are the checkpoint thread's job (see the module documentation): the WAL
         // hook only counts frames (and replaces SQLite's automatic checkpoint).
         writer.pragma_update(None, "wal_autocheckpoint", 0)?;
@@ -329,6 +438,7 @@ impl SqliteStore {
                 checkpoints: Mutex::new(wake),
                 wal_bytes,
                 covered,
+                runs: Mutex::new(runs),
                 passes,
             }),
         })
@@ -355,14 +465,6 @@ impl SqliteStore {
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         self.blocking(move |inner| f(&inner.reader.lock().unwrap_or_else(|e| e.into_inner())))
-            .await
-    }
-
-    async fn write<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
-    ) -> Result<T, StoreError> {
-        self.blocking(move |inner| f(&mut inner.writer.lock().unwrap_or_else(|e| e.into_inner())))
             .await
     }
 }
@@ -417,8 +519,11 @@ impl Inner {
                 }
             }
         }
-        index_runs(&tx, tx.last_insert_rowid())?;
+        let mut runs = self.runs.lock().unwrap_or_else(|e| e.into_inner());
+        let levels = index_runs(&tx, tx.last_insert_rowid(), batch.len(), &runs)?;
         tx.commit()?;
+        *runs = levels;
+        drop(runs);
         let mut full = false;
         let wal = self.wal_bytes.load(Ordering::Relaxed);
         if let Some(restart) =
@@ -809,11 +914,18 @@ impl Store for SqliteStore {
     async fn prune(&self, chain: &str, through: &Head) -> Result<u64, StoreError> {
         let chain = chain.to_owned();
         let through = through.clone();
-        self.write(move |conn| {
+        self.blocking(move |inner| {
+            let mut conn = inner.writer.lock().unwrap_or_else(|e| e.into_inner());
             let seq = to_i64(through.seq)?;
             let tx = conn.transaction()?;
             tx.execute(
                 "DELETE FROM tollgate_audit_run_index WHERE (run, rec) IN (
+                     SELECT run, rowid FROM tollgate_audit_records
+                     WHERE chain = $1 AND seq <= $2 AND run IS NOT NULL)",
+                rusqlite::params![chain, seq],
+            )?;
+            tx.execute(
+                "DELETE FROM tollgate_audit_run_recent WHERE (run, rec) IN (
                      SELECT run, rowid FROM tollgate_audit_records
                      WHERE chain = $1 AND seq <= $2 AND run IS NOT NULL)",
                 rusqlite::params![chain, seq],
@@ -840,7 +952,9 @@ impl Store for SqliteStore {
                  ON CONFLICT (chain) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
                 rusqlite::params![chain, seq, through.hash],
             )?;
+            let levels = RunLevels::read(&tx)?;
             tx.commit()?;
+            *inner.runs.lock().unwrap_or_else(|e| e.into_inner()) = levels;
             Ok(deleted as u64)
         })
         .await
@@ -987,16 +1101,99 @@ mod tests {
         records.iter().map(|r| r.seq).collect()
     }
 
-    /// The run index's mark and its number of entries.
+    /// The run index's mark and its number of entries in both levels.
     fn run_index(path: &Path) -> (i64, i64) {
+        let (mark, recent, index) = run_levels(path);
+        (mark, recent + index)
+    }
+
+    /// The run index's mark, entries in its recent level and entries in the index itself.
+    fn run_levels(path: &Path) -> (i64, i64, i64) {
         Connection::open(path)
             .unwrap()
             .query_row(
-                &format!("SELECT {RUN_INDEXED}, (SELECT COUNT(*) FROM tollgate_audit_run_index)"),
+                &format!(
+                    "SELECT {RUN_INDEXED}, (SELECT COUNT(*) FROM tollgate_audit_run_recent), \
+                     (SELECT COUNT(*) FROM tollgate_audit_run_index)"
+                ),
                 [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_recent_level_is_swept_into_the_run_index_and_every_run_stays_whole() {
+        let (_dir, path, store) = fresh_store();
+        let mut prev = GENESIS.to_owned();
+        let whole = |run: u64, through: u64| -> Vec<u64> {
+            (1..=through).filter(|seq| seq % 50 == run).collect()
+        };
+        // Commits of 100 records of 50 runs: the tail goes to the recent level every 600, and
+        // from 8,400 entries there sweeps move 1,024 per commit into the index, in run order,
+        // while more come in. A run is whole after every commit, whichever levels hold it.
+        let mut swept = false;
+        for from in (1..=12_000).step_by(100) {
+            append_runs(&store, from, 100, &mut prev).await;
+            let through = from + 99;
+            for run in [0, 7, 49] {
+                assert_eq!(
+                    run_seqs(&store, &format!("run-{run}")).await,
+                    whole(run, through),
+                    "run-{run} after {through} records, levels {:?}",
+                    run_levels(&path)
+                );
+            }
+            let (mark, recent, index) = run_levels(&path);
+            assert_eq!(recent + index, mark, "after {through}");
+            assert_eq!(mark as u64, through / 600 * 600);
+            swept |= index > 0;
+            if through == 8_400 {
+                // The move that reached the limit started a sweep in the same commit.
+                assert_eq!((recent, index), (8_400 - 1_024, 1_024));
+            }
+        }
+        assert!(swept);
+        // The sweep has ended: what is left came in behind it.
+        assert_eq!(
+            *store.inner.runs.lock().unwrap(),
+            RunLevels::read(&Connection::open(&path).unwrap()).unwrap()
+        );
+        let (_, recent, index) = run_levels(&path);
+        assert!(
+            recent < RUN_RECENT_LIMIT && index >= 8_400,
+            "{recent} {index}"
+        );
+        // The levels survive a reopening.
+        drop(store);
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(run_seqs(&store, "run-7").await, whole(7, 12_000));
+    }
+
+    #[tokio::test]
+    async fn a_database_from_before_the_recent_level_keeps_its_run_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.db");
+        let mut prev = GENESIS.to_owned();
+        {
+            let store = SqliteStore::open(&path).unwrap();
+            append_runs(&store, 1, 1234, &mut prev).await;
+        }
+        // As the former layout held them: the tail moved straight into the index.
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(
+                "INSERT INTO tollgate_audit_run_index SELECT run, rec FROM tollgate_audit_run_recent;
+                 DROP TABLE tollgate_audit_run_recent;",
+            )
+            .unwrap();
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(run_levels(&path), (1200, 0, 1200));
+        // 34 records were left in the tail; the commit that takes it to 534 moves it.
+        append_runs(&store, 1235, 600, &mut prev).await;
+        assert_eq!(run_levels(&path), (1734, 534, 1200));
+        let expected: Vec<u64> = (1..=1834).filter(|seq| seq % 50 == 7).collect();
+        assert_eq!(run_seqs(&store, "run-7").await, expected);
     }
 
     #[tokio::test]
@@ -1061,9 +1258,33 @@ mod tests {
         let plan = plan.join("\n");
         assert!(
             plan.contains("SEARCH tollgate_audit_run_index USING PRIMARY KEY (run=?)")
+                && plan.contains("SEARCH tollgate_audit_run_recent USING PRIMARY KEY (run=?)")
                 && plan
                     .contains("SEARCH tollgate_audit_records USING INTEGER PRIMARY KEY (rowid=?)")
                 && !plan.contains("tollgate_audit_agent"),
+            "{plan}"
+        );
+    }
+
+    #[test]
+    fn a_sweep_reads_the_recent_level_from_where_it_stopped() {
+        // A chunk is a range of the primary key, not a scan of the level from its start.
+        let (_dir, _, store) = fresh_store();
+        let conn = store.inner.writer.lock().unwrap();
+        let plan: String = conn
+            .prepare(
+                "EXPLAIN QUERY PLAN SELECT run, rec FROM tollgate_audit_run_recent
+                 WHERE (run, rec) > ('run-1', 5) AND (run, rec) <= ('run-9', 7) ORDER BY run, rec",
+            )
+            .unwrap()
+            .query_map([], |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap()
+            .join("\n");
+        assert!(
+            plan.contains("SEARCH tollgate_audit_run_recent USING PRIMARY KEY ((run,rec)>(?,?)")
+                && !plan.contains("TEMP B-TREE"),
             "{plan}"
         );
     }
@@ -1102,7 +1323,7 @@ mod tests {
             .unwrap()
             .execute_batch(
                 "DROP TABLE tollgate_audit_run_index; DROP TABLE tollgate_audit_run_indexed;
-                 DROP TABLE tollgate_audit_run_tail;
+                 DROP TABLE tollgate_audit_run_tail; DROP TABLE tollgate_audit_run_recent;
                  CREATE INDEX tollgate_audit_run ON tollgate_audit_records (run) WHERE run IS NOT NULL;",
             )
             .unwrap();
