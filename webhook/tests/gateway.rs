@@ -113,6 +113,18 @@ impl Harness {
         body
     }
 
+    /// GET /metrics, as text.
+    async fn metrics(&self) -> String {
+        let response = self
+            .app
+            .clone()
+            .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
     /// Verifies the chain and returns every recorded entry.
     async fn audit(&self) -> Vec<Entry> {
         verify(self.store.as_ref(), true, &BTreeMap::new())
@@ -870,22 +882,7 @@ async fn metrics_count_decisions_by_kind_and_refusals() {
         .post_raw("/v1/decide", Some("not-a-key"), &[], b"{}".to_vec())
         .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    let response = h
-        .app
-        .clone()
-        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
-        .await
-        .unwrap();
-    let text = String::from_utf8(
-        response
-            .into_body()
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes()
-            .to_vec(),
-    )
-    .unwrap();
+    let text = h.metrics().await;
     // Every record in the trail went through a batch the writer reported, all committed.
     let recorded = h.audit().await.len();
     assert!(recorded >= 3, "{recorded}");
@@ -1016,22 +1013,7 @@ async fn when_the_trail_cannot_record_a_call_it_is_refused_never_allowed() {
     let events: Vec<&str> = entries.iter().map(|e| e.event.as_str()).collect();
     assert_eq!(events, ["decide", "decide"], "only what was recorded");
 
-    let response = h
-        .app
-        .clone()
-        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
-        .await
-        .unwrap();
-    let text = String::from_utf8(
-        response
-            .into_body()
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes()
-            .to_vec(),
-    )
-    .unwrap();
+    let text = h.metrics().await;
     assert!(
         metric(&text, "tollgate_audit_batches_total{outcome=\"failed\"}") >= 2.0,
         "{text}"

@@ -58,6 +58,30 @@ async fn decide(client: &reqwest::Client, url: &str, token: &str, run: &str) -> 
     .await
 }
 
+/// Creates the support agent's ServiceAccount in `ns` (the operator's job, not part of these
+/// tests) and returns a TokenRequest token for it with audience `tollgate`.
+fn support_agent_token(ns: &str) -> String {
+    let cp = control_plane();
+    run(cp.kubectl(User::Admin).args([
+        "create",
+        "serviceaccount",
+        "agent-support-agent-v2",
+        "-n",
+        ns,
+    ]));
+    run(cp.kubectl(User::Admin).args([
+        "create",
+        "token",
+        "agent-support-agent-v2",
+        "-n",
+        ns,
+        "--audience",
+        "tollgate",
+    ]))
+    .trim()
+    .to_owned()
+}
+
 fn email(subject: &str) -> Value {
     json!({"customer_id": "C000042", "subject": subject, "body": "Your refund is on its way."})
 }
@@ -104,24 +128,8 @@ async fn an_agent_token_calls_through_the_gateway_and_the_kill_switch_stops_the_
         .kubectl(User::Admin)
         .args(["apply", "-n", &ns, "-f"])
         .arg(&manifest));
-    // The operator creates the ServiceAccount; it is not part of this test.
-    run(cp.kubectl(User::Admin).args([
-        "create",
-        "serviceaccount",
-        "agent-support-agent-v2",
-        "-n",
-        &ns,
-    ]));
-    let token = run(cp.kubectl(User::Admin).args([
-        "create",
-        "token",
-        "agent-support-agent-v2",
-        "-n",
-        &ns,
-        "--audience",
-        "tollgate",
-    ]));
-    let token = token.trim();
+    let token = support_agent_token(&ns);
+    let token = token.as_str();
     let wrong_audience =
         run(cp
             .kubectl(User::Admin)
@@ -603,23 +611,8 @@ async fn the_shipped_cluster_gateway_answers_agents_over_tls_and_counts_on_the_p
         .kubectl(User::Admin)
         .args(["apply", "-n", &ns, "-f"])
         .arg(repo_root().join("config/samples/support-agent.yaml")));
-    run(cp.kubectl(User::Admin).args([
-        "create",
-        "serviceaccount",
-        "agent-support-agent-v2",
-        "-n",
-        &ns,
-    ]));
-    let token = run(cp.kubectl(User::Admin).args([
-        "create",
-        "token",
-        "agent-support-agent-v2",
-        "-n",
-        &ns,
-        "--audience",
-        "tollgate",
-    ]));
-    let token = token.trim();
+    let token = support_agent_token(&ns);
+    let token = token.as_str();
     let dir = tempfile::tempdir().unwrap();
     let audit = dir.path().join("audit.db");
     let running = tollgate_e2e::admission::start(
