@@ -150,12 +150,17 @@ impl RunLevels {
     /// The levels of the database `conn` opened; a sweep that was under way starts over.
     fn read(conn: &Connection) -> rusqlite::Result<Self> {
         Ok(Self {
-            recent: conn.query_row("SELECT COUNT(*) FROM tollgate_audit_run_recent", [], |r| {
-                r.get(0)
-            })?,
+            recent: recent_entries(conn)?,
             sweep: None,
         })
     }
+}
+
+/// The entries in the recent level.
+fn recent_entries(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row("SELECT COUNT(*) FROM tollgate_audit_run_recent", [], |r| {
+        r.get(0)
+    })
 }
 
 /// In the transaction that just inserted `records` records up to rowid `last`, given the levels
@@ -245,6 +250,11 @@ fn index_runs(
         }
     };
     next.recent -= moved as i64;
+    if until.is_none() {
+        // The sweep has ended: count what came in behind it, in case another process that
+        // opened the file moved a tail meanwhile (the count only decides when to sweep).
+        next.recent = recent_entries(tx)?;
+    }
     next.sweep = until;
     Ok(next)
 }
