@@ -3,6 +3,9 @@
 //! (the floor each store sets), and verification throughput.
 //!
 //! `cargo run --release --manifest-path bench/Cargo.toml --bin audit-throughput [RECORDS] [sqlite|postgres|memory|sequential|verify]`
+//!
+//! The records come from 1,000 runs of one agent; `AGENTS=N` spreads them over N agents.
+//! `SQLITE_ONLY=1` leaves PostgreSQL out; `KEEP=PATH` keeps the store `verify` fills.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -23,6 +26,15 @@ use tollgate_engine::{Decision, RuleRef};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// How many agents the records are spread over, round robin (`AGENTS`, 1 unless set); runs are
+/// spread over 1,000 whatever it is.
+fn agents() -> u64 {
+    static AGENTS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *AGENTS.get_or_init(|| {
+        std::env::var("AGENTS").map_or(1, |n| n.parse().expect("AGENTS is a number"))
+    })
+}
+
 /// A realistic decide record: identity, redacted arguments and digest, decision, counters.
 fn entry(i: u64, redactor: &Redactor) -> Entry {
     let mut entry = Entry::new(
@@ -34,7 +46,10 @@ fn entry(i: u64, redactor: &Redactor) -> Entry {
             token_id: Some("0b7e3a4c-6f1d-4c1e-9a55-2f4e8d7c1b90".into()),
         },
     );
-    entry.agent = Some("support/support-agent-v2".into());
+    entry.agent = Some(match agents() {
+        1 => "support/support-agent-v2".into(),
+        n => format!("support/support-agent-{}", i % n),
+    });
     entry.run = Some(format!("run-{}", i % 1000));
     entry.step = Some(i / 1000 + 1);
     entry.tool = Some("update_order_status".into());
