@@ -166,8 +166,9 @@ fn recent_entries(conn: &Connection) -> rusqlite::Result<i64> {
 /// In the transaction that just inserted `records` records up to rowid `last`, given the levels
 /// before it: moves the run tail into the recent level once the records after the mark are
 /// [`RUN_INDEX_BATCH`] or more, and, from when the recent level holds [`RUN_RECENT_LIMIT`]
-/// entries, sweeps it into the run index, one chunk in run order per commit. Returns the levels
-/// after it, for once it has committed.
+/// entries, sweeps it into the run index, one chunk in run order per commit (at least twice
+/// `records`: opening a file passes the size of both levels, to sweep a full one whole).
+/// Returns the levels after it, for once it has committed.
 ///
 /// Why three levels: a move writes every page it touches in full, and the run index keeps each
 /// run's entries together, so with many runs in flight each entry of a move lands on a page of
@@ -407,7 +408,14 @@ impl SqliteStore {
                 [],
                 |r| r.get(0),
             )?;
-            index_runs(&tx, last, 0, &RunLevels::read(&tx)?)?;
+            // Opening is no caller's wait: a recent level left over its limit (a file from
+            // before the batched index moves every record's entry in here) is swept whole.
+            let levels = RunLevels::read(&tx)?;
+            let tail: i64 =
+                tx.query_row("SELECT COUNT(*) FROM tollgate_audit_run_tail", [], |r| {
+                    r.get(0)
+                })?;
+            index_runs(&tx, last, (levels.recent + tail) as usize, &levels)?;
             tx.commit()?;
         }
         let runs = RunLevels::read(&writer)?;
@@ -1178,6 +1186,32 @@ mod tests {
         drop(store);
         let store = SqliteStore::open(&path).unwrap();
         assert_eq!(run_seqs(&store, "run-7").await, whole(7, 12_000));
+    }
+
+    #[tokio::test]
+    async fn a_file_whose_records_fill_the_recent_level_is_swept_whole_when_opened() {
+        // A file from before the batched index: every record's entry is moved in on opening,
+        // and sweeping 9,000 entries a chunk per commit would leave the level over its limit
+        // (and every move into it touching many pages) for the first few thousand commits.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.db");
+        let mut prev = GENESIS.to_owned();
+        {
+            let store = SqliteStore::open(&path).unwrap();
+            append_runs(&store, 1, 9_000, &mut prev).await;
+        }
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(
+                "DROP TABLE tollgate_audit_run_index; DROP TABLE tollgate_audit_run_indexed;
+                 DROP TABLE tollgate_audit_run_tail; DROP TABLE tollgate_audit_run_recent;",
+            )
+            .unwrap();
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(run_levels(&path), (9_000, 0, 9_000));
+        assert_eq!(*store.inner.runs.lock().unwrap(), RunLevels::default());
+        let expected: Vec<u64> = (1..=9_000).filter(|seq| seq % 50 == 7).collect();
+        assert_eq!(run_seqs(&store, "run-7").await, expected);
     }
 
     #[tokio::test]
