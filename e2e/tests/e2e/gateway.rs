@@ -58,6 +58,21 @@ async fn decide(client: &reqwest::Client, url: &str, token: &str, run: &str) -> 
     .await
 }
 
+/// Waits for the gateway at `url` to allow the support agent's call in run-1 (its watch may
+/// still be delivering the policy), by the policy of `ns`.
+async fn first_allow(http: &reqwest::Client, url: &str, token: &str, ns: &str) {
+    let allowed = eventually(
+        "the gateway allows the agent's call",
+        Duration::from_secs(30),
+        || async {
+            let (status, body) = decide(http, url, token, "run-1").await;
+            (status == 200 && body["decision"] == "allow").then_some(body)
+        },
+    )
+    .await;
+    assert_eq!(allowed["rule"]["policy"], format!("{ns}/support-agent-v2"));
+}
+
 /// Creates the support agent's ServiceAccount in `ns` (the operator's job, not part of these
 /// tests) and returns a TokenRequest token for it with audience `tollgate`.
 fn support_agent_token(ns: &str) -> String {
@@ -161,17 +176,7 @@ async fn an_agent_token_calls_through_the_gateway_and_the_kill_switch_stops_the_
     });
     let http = reqwest::Client::new();
 
-    // The watch may still be delivering the policy: wait for the first allow.
-    let allowed = eventually(
-        "the gateway allows the agent's call",
-        Duration::from_secs(30),
-        || async {
-            let (status, body) = decide(&http, &url, token, "run-1").await;
-            (status == 200 && body["decision"] == "allow").then_some(body)
-        },
-    )
-    .await;
-    assert_eq!(allowed["rule"]["policy"], format!("{ns}/support-agent-v2"));
+    first_allow(&http, &url, token, &ns).await;
 
     // A token for another audience is refused.
     let (status, body) = decide(&http, &url, wrong_audience.trim(), "run-1").await;
@@ -625,16 +630,7 @@ async fn the_shipped_cluster_gateway_answers_agents_over_tls_and_counts_on_the_p
         .build()
         .unwrap();
 
-    let allowed = eventually(
-        "the cluster gateway allows the agent's call",
-        Duration::from_secs(30),
-        || async {
-            let (status, body) = decide(&http, &url, token, "run-1").await;
-            (status == 200 && body["decision"] == "allow").then_some(body)
-        },
-    )
-    .await;
-    assert_eq!(allowed["rule"]["policy"], format!("{ns}/support-agent-v2"));
+    first_allow(&http, &url, token, &ns).await;
     let (status, blocked) = call(
         &http,
         &url,
