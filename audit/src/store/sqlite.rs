@@ -1119,6 +1119,20 @@ mod tests {
         records.iter().map(|r| r.seq).collect()
     }
 
+    /// A file of `n` records of 50 runs, then changed by `sql` (to make it a file from an
+    /// earlier layout); its directory, path and last hash.
+    async fn file_of(n: u64, sql: &str) -> (tempfile::TempDir, PathBuf, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.db");
+        let mut prev = GENESIS.to_owned();
+        {
+            let store = SqliteStore::open(&path).unwrap();
+            append_runs(&store, 1, n, &mut prev).await;
+        }
+        Connection::open(&path).unwrap().execute_batch(sql).unwrap();
+        (dir, path, prev)
+    }
+
     /// The run index's mark and its number of entries in both levels.
     fn run_index(path: &Path) -> (i64, i64) {
         let (mark, recent, index) = run_levels(path);
@@ -1193,20 +1207,12 @@ mod tests {
         // A file from before the batched index: every record's entry is moved in on opening,
         // and sweeping 9,000 entries a chunk per commit would leave the level over its limit
         // (and every move into it touching many pages) for the first few thousand commits.
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.db");
-        let mut prev = GENESIS.to_owned();
-        {
-            let store = SqliteStore::open(&path).unwrap();
-            append_runs(&store, 1, 9_000, &mut prev).await;
-        }
-        Connection::open(&path)
-            .unwrap()
-            .execute_batch(
-                "DROP TABLE tollgate_audit_run_index; DROP TABLE tollgate_audit_run_indexed;
+        let (_dir, path, _) = file_of(
+            9_000,
+            "DROP TABLE tollgate_audit_run_index; DROP TABLE tollgate_audit_run_indexed;
                  DROP TABLE tollgate_audit_run_tail; DROP TABLE tollgate_audit_run_recent;",
-            )
-            .unwrap();
+        )
+        .await;
         let store = SqliteStore::open(&path).unwrap();
         assert_eq!(run_levels(&path), (9_000, 0, 9_000));
         assert_eq!(*store.inner.runs.lock().unwrap(), RunLevels::default());
@@ -1216,21 +1222,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_database_from_before_the_recent_level_keeps_its_run_index() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.db");
-        let mut prev = GENESIS.to_owned();
-        {
-            let store = SqliteStore::open(&path).unwrap();
-            append_runs(&store, 1, 1234, &mut prev).await;
-        }
         // As the former layout held them: the tail moved straight into the index.
-        Connection::open(&path)
-            .unwrap()
-            .execute_batch(
-                "INSERT INTO tollgate_audit_run_index SELECT run, rec FROM tollgate_audit_run_recent;
-                 DROP TABLE tollgate_audit_run_recent;",
-            )
-            .unwrap();
+        let (_dir, path, mut prev) = file_of(
+            1234,
+            "INSERT INTO tollgate_audit_run_index SELECT run, rec FROM tollgate_audit_run_recent;
+             DROP TABLE tollgate_audit_run_recent;",
+        )
+        .await;
         let store = SqliteStore::open(&path).unwrap();
         assert_eq!(run_levels(&path), (1200, 0, 1200));
         // 34 records were left in the tail; the commit that takes it to 534 moves it.
@@ -1356,21 +1354,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_database_with_the_former_run_index_is_indexed_when_opened() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.db");
-        let mut prev = GENESIS.to_owned();
-        {
-            let store = SqliteStore::open(&path).unwrap();
-            append_runs(&store, 1, 600, &mut prev).await;
-        }
-        Connection::open(&path)
-            .unwrap()
-            .execute_batch(
-                "DROP TABLE tollgate_audit_run_index; DROP TABLE tollgate_audit_run_indexed;
-                 DROP TABLE tollgate_audit_run_tail; DROP TABLE tollgate_audit_run_recent;
-                 CREATE INDEX tollgate_audit_run ON tollgate_audit_records (run) WHERE run IS NOT NULL;",
-            )
-            .unwrap();
+        let (_dir, path, mut prev) = file_of(
+            600,
+            "DROP TABLE tollgate_audit_run_index; DROP TABLE tollgate_audit_run_indexed;
+             DROP TABLE tollgate_audit_run_tail; DROP TABLE tollgate_audit_run_recent;
+             CREATE INDEX tollgate_audit_run ON tollgate_audit_records (run) WHERE run IS NOT NULL;",
+        )
+        .await;
         let store = SqliteStore::open(&path).unwrap();
         let former: i64 = Connection::open(&path)
             .unwrap()
