@@ -39,6 +39,12 @@ const AUDIT_SECONDS: [f64; 11] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.1, 0.5, 2.0,
 ];
 
+/// A histogram named `name` with `help` and `buckets`.
+fn histogram(name: &str, help: &str, buckets: Vec<f64>) -> prometheus::Histogram {
+    prometheus::Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+        .expect("a valid metric")
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         let registry = Registry::new();
@@ -66,16 +72,11 @@ impl Default for Metrics {
             &["decision", "code"],
         )
         .expect("a valid metric");
-        let decision_duration = prometheus::Histogram::with_opts(
-            HistogramOpts::new(
-                "tollgate_gateway_decision_duration_seconds",
-                "Time to decide and durably record one call",
-            )
-            .buckets(vec![
-                0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5,
-            ]),
-        )
-        .expect("a valid metric");
+        let decision_duration = histogram(
+            "tollgate_gateway_decision_duration_seconds",
+            "Time to decide and durably record one call",
+            vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5],
+        );
         let refusals = IntCounterVec::new(
             Opts::new(
                 "tollgate_gateway_refusals_total",
@@ -106,30 +107,21 @@ impl Default for Metrics {
         for outcome in ["committed", "failed"] {
             audit_batches.with_label_values(&[outcome]);
         }
-        let audit_batch_records = prometheus::Histogram::with_opts(
-            HistogramOpts::new(
-                "tollgate_audit_batch_records",
-                "Records per audit batch (group commit)",
-            )
-            .buckets(prometheus::exponential_buckets(1.0, 4.0, 7).expect("valid buckets")),
-        )
-        .expect("a valid metric");
-        let audit_commit_duration = prometheus::Histogram::with_opts(
-            HistogramOpts::new(
-                "tollgate_audit_commit_duration_seconds",
-                "Time from handing an audit batch to the store until it was durable or failed",
-            )
-            .buckets(AUDIT_SECONDS.to_vec()),
-        )
-        .expect("a valid metric");
-        let audit_queue_wait = prometheus::Histogram::with_opts(
-            HistogramOpts::new(
-                "tollgate_audit_queue_wait_seconds",
-                "Time an audit batch's oldest record waited before its commit began",
-            )
-            .buckets(AUDIT_SECONDS.to_vec()),
-        )
-        .expect("a valid metric");
+        let audit_batch_records = histogram(
+            "tollgate_audit_batch_records",
+            "Records per audit batch (group commit)",
+            prometheus::exponential_buckets(1.0, 4.0, 7).expect("valid buckets"),
+        );
+        let audit_commit_duration = histogram(
+            "tollgate_audit_commit_duration_seconds",
+            "Time from handing an audit batch to the store until it was durable or failed",
+            AUDIT_SECONDS.to_vec(),
+        );
+        let audit_queue_wait = histogram(
+            "tollgate_audit_queue_wait_seconds",
+            "Time an audit batch's oldest record waited before its commit began",
+            AUDIT_SECONDS.to_vec(),
+        );
         for collector in [
             Box::new(reviews.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(duration.clone()),
