@@ -15,6 +15,11 @@ pub(crate) enum Param {
 pub(crate) struct Filter {
     pub sql: String,
     pub params: Vec<Param>,
+    /// The numbers of the agent's, the since time's and the until time's parameters, if given
+    /// (SQLite's query reads its agent index with them).
+    pub agent: Option<usize>,
+    pub since: Option<usize>,
+    pub until: Option<usize>,
 }
 
 impl Filter {
@@ -23,22 +28,27 @@ impl Filter {
     pub fn of(query: &Query) -> Self {
         let mut clauses = Vec::new();
         let mut params = Vec::new();
+        // Each adds its condition if given and answers its parameter's number.
         let mut text = |column: &str, value: &Option<String>| {
-            if let Some(value) = value {
-                params.push(Param::Text(value.clone()));
-                clauses.push(format!("{column} = ${}", params.len()));
-            }
+            let value = value.as_ref()?;
+            params.push(Param::Text(value.clone()));
+            clauses.push(format!("{column} = ${}", params.len()));
+            Some(params.len())
         };
         text("run", &query.run);
-        text("agent", &query.agent);
+        let agent = text("agent", &query.agent);
         text("tool", &query.tool);
         text("event", &query.event);
-        if let Some(since) = query.since_us {
-            params.push(Param::Int(since));
+        let mut since = None;
+        if let Some(time) = query.since_us {
+            params.push(Param::Int(time));
+            since = Some(params.len());
             clauses.push(format!("time_us >= ${}", params.len()));
         }
-        if let Some(until) = query.until_us {
-            params.push(Param::Int(until));
+        let mut until = None;
+        if let Some(time) = query.until_us {
+            params.push(Param::Int(time));
+            until = Some(params.len());
             clauses.push(format!("time_us < ${}", params.len()));
         }
         let mut sql = String::new();
@@ -51,7 +61,13 @@ impl Filter {
             params.push(Param::Int(i64::try_from(limit).unwrap_or(i64::MAX)));
             sql.push_str(&format!(" LIMIT ${}", params.len()));
         }
-        Self { sql, params }
+        Self {
+            sql,
+            params,
+            agent,
+            since,
+            until,
+        }
     }
 }
 

@@ -258,12 +258,14 @@ const RECORDS_TABLE: &str = "CREATE TABLE IF NOT EXISTS tollgate_audit_records (
         PRIMARY KEY (chain, seq)
     )";
 
-/// The index on runs PostgreSQL keeps. SQLite keeps its own, written in batches (see the
-/// `sqlite` module).
-pub(crate) const RUN_INDEX: &str = "CREATE INDEX IF NOT EXISTS tollgate_audit_run ON tollgate_audit_records (run) WHERE run IS NOT NULL";
+/// The indexes on runs and agents PostgreSQL keeps. SQLite keeps its own, written in batches
+/// (see the `sqlite` module).
+pub(crate) const RUN_AND_AGENT_INDEXES: [&str; 2] = [
+    "CREATE INDEX IF NOT EXISTS tollgate_audit_run ON tollgate_audit_records (run) WHERE run IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS tollgate_audit_agent ON tollgate_audit_records (agent, time_us)",
+];
 
 const SCHEMA_REST: &[&str] = &[
-    "CREATE INDEX IF NOT EXISTS tollgate_audit_agent ON tollgate_audit_records (agent, time_us)",
     "CREATE INDEX IF NOT EXISTS tollgate_audit_time ON tollgate_audit_records (time_us)",
     "CREATE TABLE IF NOT EXISTS tollgate_audit_anchors (
         chain TEXT PRIMARY KEY,

@@ -162,7 +162,7 @@ impl PostgresStore {
         writer
             .batch_execute("BEGIN; SELECT pg_advisory_xact_lock(7419001);")
             .await?;
-        for statement in super::schema().chain([super::RUN_INDEX]) {
+        for statement in super::schema().chain(super::RUN_AND_AGENT_INDEXES) {
             writer.batch_execute(statement).await?;
         }
         for statement in SHARED_COLUMNS {

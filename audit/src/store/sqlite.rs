@@ -12,21 +12,10 @@
 //! little to copy the writer copies that rest itself after a commit, and the next transaction
 //! starts the WAL over (`restart_due`).
 //!
-//! Runs are indexed in batches. A commit writes every page it touched to the WAL in full, and
-//! an index on `run` puts each concurrent run's newest entry on a page of its own: with 32
-//! runs in flight a 13-record commit wrote about 13 such pages, and dropping that index made
-//! the gateway 15-20% faster. So the records table has no index on `run`. Each commit appends
-//! (rowid, run) of its records to `tollgate_audit_run_tail`, a small table in rowid order whose
-//! newest page all commits share; the commit that takes it past [`RUN_INDEX_BATCH`] entries
-//! moves them all to `tollgate_audit_run_recent`, a small index of (run, rowid), in the same
-//! transaction and moves the mark (`tollgate_audit_run_indexed`) up to its last row; once the
-//! recent level holds [`RUN_RECENT_LIMIT`] entries, a sweep moves it into
-//! `tollgate_audit_run_index` in run order, a chunk per commit ([`index_runs`]). Opening a file
-//! catches up the same way. A query for a run reads both levels and the tail after the mark, so
-//! it is always complete, and a lookup reads a few pages of each. (It used to scan the records
-//! after the mark themselves: about 170 pages of 1.3 KB records, read again after every commit,
-//! for each run the gateway had not seen yet, such as every new run. And the tail used to go
-//! straight into the run index: with 1,000 runs in flight that wrote a page per record.)
+//! Runs and agents are indexed in batches, in levels ([`levels`]): an index on either put a
+//! page in every commit for nearly every record once many runs or agents were in flight.
+
+mod levels;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -40,6 +29,7 @@ use super::{Head, Query, Store, StoreError, ToolOutcome, ToolUse, dense_prefix, 
 use crate::record::{Index, Record};
 use crate::sql::{Filter, Param};
 use crate::verify::Sealed;
+use levels::{AGENTS, Levels, RUNS};
 
 /// An audit store in one SQLite file.
 #[derive(Debug, Clone)]
@@ -61,9 +51,9 @@ struct Inner {
     wal_bytes: Arc<AtomicI64>,
     /// How far into the WAL the checkpoint thread's last pass reached, in bytes.
     covered: Arc<AtomicI64>,
-    /// The run index's levels (see [`index_runs`]); changed only with `writer` held, after the
-    /// transaction that moved entries has committed.
-    runs: Mutex<RunLevels>,
+    /// The levels of the run and agent indexes ([`levels`]); changed only with `writer` held,
+    /// after the transaction that moved entries has committed.
+    indexed: Mutex<Indexed>,
     /// Held by the checkpoint thread during a pass. SQLite runs one checkpoint at a time and
     /// answers any other at once as busy, whatever its mode or busy handler, so the writer
     /// takes this to wait for a pass rather than find its own checkpoint skipped.
@@ -81,183 +71,62 @@ pub const WAL_LIMIT_BYTES: i64 = 32 << 20;
 /// What may be left for the writer to copy when it starts the WAL over (see [`restart_due`]).
 pub const RESTART_SLACK_BYTES: i64 = 256 << 10;
 
-/// Records a commit may leave in the run tail; the commit that passes this many moves them all
-/// into the recent level. A query for a run scans at most about this many tail entries.
-pub const RUN_INDEX_BATCH: i64 = 512;
-
-/// Entries the recent level of the run index holds before a sweep moves them into the run
-/// index, in chunks, one per commit (see [`index_runs`]).
-pub const RUN_RECENT_LIMIT: i64 = 8192;
-
-/// The fewest entries one commit's share of a sweep moves (at least twice the commit's records,
-/// so that a sweep moves entries faster than commits bring them).
-pub const RUN_SWEEP_CHUNK: i64 = 1024;
-
-/// The tables of the batched run index: entries (run, rowid of the record), and the mark below
-/// which (inclusive) every record with a run has its entry. Databases written before the
-/// batched index had SQLite's index on `run`; it is dropped, and opening indexes the records.
-const RUN_INDEX_SCHEMA: &[&str] = &[
-    "DROP INDEX IF EXISTS tollgate_audit_run",
-    "CREATE TABLE IF NOT EXISTS tollgate_audit_run_index (
-        run TEXT NOT NULL,
-        rec INTEGER NOT NULL,
-        PRIMARY KEY (run, rec)
-    ) WITHOUT ROWID",
-    "CREATE TABLE IF NOT EXISTS tollgate_audit_run_indexed (
-        one INTEGER PRIMARY KEY CHECK (one = 1),
-        through INTEGER NOT NULL
-    )",
-    "CREATE TABLE IF NOT EXISTS tollgate_audit_run_tail (
-        rec INTEGER PRIMARY KEY,
-        run TEXT NOT NULL
-    )",
-    "CREATE TABLE IF NOT EXISTS tollgate_audit_run_recent (
-        run TEXT NOT NULL,
-        rec INTEGER NOT NULL,
-        PRIMARY KEY (run, rec)
-    ) WITHOUT ROWID",
-];
-
-/// The run index's mark (no row yet: nothing indexed).
-const RUN_INDEXED: &str = "COALESCE((SELECT through FROM tollgate_audit_run_indexed), 0)";
-
-/// The records a query for the run in `$1` reads (before its other conditions): those in the
-/// run index, and those in its tail after the mark. Joined in this order (`CROSS JOIN` fixes
-/// it): given an agent too, SQLite would otherwise walk all of the agent's records.
+/// The records a query for the run in `$1` reads (before its other conditions): those in every
+/// level of the run index. Joined in this order (`CROSS JOIN` fixes it): given an agent too,
+/// SQLite would otherwise walk all of the agent's records.
 fn from_run() -> String {
+    from_rows(&RUNS.rows("run = $1"))
+}
+
+/// The records a query for an agent reads (before its other conditions): those in every level
+/// of the agent index whose key matches the query's agent and time bounds.
+fn from_agent(filter: &Filter) -> Option<String> {
+    let agent = filter.agent?;
+    let mut condition = format!("agent = ${agent}");
+    if let Some(since) = filter.since {
+        condition.push_str(&format!(" AND time_us >= ${since}"));
+    }
+    if let Some(until) = filter.until {
+        condition.push_str(&format!(" AND time_us < ${until}"));
+    }
+    Some(from_rows(&AGENTS.rows(&condition)))
+}
+
+/// [`crate::sql::OUTCOMES`], reading the agent index.
+static OUTCOMES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
-        "WITH run_rows(rec) AS (\
-             SELECT rec FROM tollgate_audit_run_index WHERE run = $1 \
-             UNION ALL SELECT rec FROM tollgate_audit_run_recent WHERE run = $1 \
-             UNION ALL SELECT rec FROM tollgate_audit_run_tail \
-             WHERE rec > {RUN_INDEXED} AND run = $1) \
-         SELECT {COLUMNS} FROM run_rows CROSS JOIN tollgate_audit_records \
-         ON tollgate_audit_records.rowid = run_rows.rec"
+        "WITH selected(rec) AS ({}) \
+         SELECT tool, outcome, COUNT(*) FROM selected CROSS JOIN tollgate_audit_records \
+         ON tollgate_audit_records.rowid = selected.rec \
+         WHERE tool IS NOT NULL AND outcome IS NOT NULL \
+         GROUP BY tool, outcome ORDER BY tool, outcome",
+        AGENTS.rows("agent = $1 AND time_us >= $2")
+    )
+});
+
+/// The records whose rowids `rows` selects, each row of them joined to its record.
+fn from_rows(rows: &str) -> String {
+    format!(
+        "WITH selected(rec) AS ({rows}) \
+         SELECT {COLUMNS} FROM selected CROSS JOIN tollgate_audit_records \
+         ON tollgate_audit_records.rowid = selected.rec"
     )
 }
 
-/// The levels of the run index as the writer tracks them between its transactions.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-struct RunLevels {
-    /// Entries in the recent level.
-    recent: i64,
-    /// While a sweep moves the recent level into the run index: the last entry it moved
-    /// (`("", 0)`, below every entry, when it starts).
-    sweep: Option<(String, i64)>,
+/// The levels of both indexes as the writer tracks them between its transactions.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Indexed {
+    runs: Levels,
+    agents: Levels,
 }
 
-impl RunLevels {
-    /// The levels of the database `conn` opened; a sweep that was under way starts over.
+impl Indexed {
     fn read(conn: &Connection) -> rusqlite::Result<Self> {
         Ok(Self {
-            recent: recent_entries(conn)?,
-            sweep: None,
+            runs: RUNS.read(conn)?,
+            agents: AGENTS.read(conn)?,
         })
     }
-}
-
-/// The entries in the recent level.
-fn recent_entries(conn: &Connection) -> rusqlite::Result<i64> {
-    conn.query_row("SELECT COUNT(*) FROM tollgate_audit_run_recent", [], |r| {
-        r.get(0)
-    })
-}
-
-/// In the transaction that just inserted `records` records up to rowid `last`, given the levels
-/// before it: moves the run tail into the recent level once the records after the mark are
-/// [`RUN_INDEX_BATCH`] or more, and, from when the recent level holds [`RUN_RECENT_LIMIT`]
-/// entries, sweeps it into the run index, one chunk in run order per commit (at least twice
-/// `records`: opening a file passes the size of both levels, to sweep a full one whole).
-/// Returns the levels after it, for once it has committed.
-///
-/// Why three levels: a move writes every page it touches in full, and the run index keeps each
-/// run's entries together, so with many runs in flight each entry of a move lands on a page of
-/// its own. With 1,000 runs, moving the tail straight into the index wrote a 4 KiB page per
-/// record, more than the record itself (bench/README.md). The recent level is small (a few
-/// dozen pages), so moving the tail into it touches few pages, and a sweep moves several
-/// entries of each run into the index at once.
-fn index_runs(
-    tx: &rusqlite::Transaction<'_>,
-    last: i64,
-    records: usize,
-    levels: &RunLevels,
-) -> rusqlite::Result<RunLevels> {
-    let mut next = levels.clone();
-    let through: i64 = tx
-        .prepare_cached(&format!("SELECT {RUN_INDEXED}"))?
-        .query_row([], |r| r.get(0))?;
-    if last - through >= RUN_INDEX_BATCH {
-        let moved = tx
-            .prepare_cached(
-                "INSERT INTO tollgate_audit_run_recent (run, rec)
-                 SELECT run, rec FROM tollgate_audit_run_tail WHERE rec > $1 ORDER BY run, rec",
-            )?
-            .execute([through])?;
-        tx.prepare_cached("DELETE FROM tollgate_audit_run_tail")?
-            .execute([])?;
-        tx.prepare_cached(
-            "INSERT INTO tollgate_audit_run_indexed (one, through) VALUES (1, $1)
-             ON CONFLICT (one) DO UPDATE SET through = excluded.through",
-        )?
-        .execute([last])?;
-        next.recent += moved as i64;
-    }
-    if next.sweep.is_none() && next.recent >= RUN_RECENT_LIMIT {
-        next.sweep = Some((String::new(), 0));
-    }
-    let Some((run, rec)) = next.sweep.take() else {
-        return Ok(next);
-    };
-    let chunk = RUN_SWEEP_CHUNK.max(2 * records as i64);
-    // The chunk's last entry, unless the rest of the level is no larger than a chunk.
-    let until: Option<(String, i64)> = tx
-        .prepare_cached(
-            "SELECT run, rec FROM tollgate_audit_run_recent WHERE (run, rec) > ($1, $2)
-             ORDER BY run, rec LIMIT 1 OFFSET $3",
-        )?
-        .query_row(rusqlite::params![run, rec, chunk - 1], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
-        .optional()?;
-    let moved = match &until {
-        Some((to_run, to_rec)) => {
-            let range = rusqlite::params![run, rec, to_run, to_rec];
-            let moved = tx
-                .prepare_cached(
-                    "INSERT INTO tollgate_audit_run_index (run, rec)
-                     SELECT run, rec FROM tollgate_audit_run_recent
-                     WHERE (run, rec) > ($1, $2) AND (run, rec) <= ($3, $4) ORDER BY run, rec",
-                )?
-                .execute(range)?;
-            tx.prepare_cached(
-                "DELETE FROM tollgate_audit_run_recent
-                 WHERE (run, rec) > ($1, $2) AND (run, rec) <= ($3, $4)",
-            )?
-            .execute(range)?;
-            moved
-        }
-        None => {
-            let rest = rusqlite::params![run, rec];
-            let moved = tx
-                .prepare_cached(
-                    "INSERT INTO tollgate_audit_run_index (run, rec)
-                     SELECT run, rec FROM tollgate_audit_run_recent
-                     WHERE (run, rec) > ($1, $2) ORDER BY run, rec",
-                )?
-                .execute(rest)?;
-            tx.prepare_cached("DELETE FROM tollgate_audit_run_recent WHERE (run, rec) > ($1, $2)")?
-                .execute(rest)?;
-            moved
-        }
-    };
-    next.recent -= moved as i64;
-    if until.is_none() {
-        // The sweep has ended: count what came in behind it, in case another process that
-        // opened the file moved a tail meanwhile (the count only decides when to sweep).
-        next.recent = recent_entries(tx)?;
-    }
-    next.sweep = until;
-    Ok(next)
 }
 
 /// How much of the database file a verification connection maps into memory (SQLite's
@@ -386,39 +255,32 @@ impl SqliteStore {
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
         let path = path.as_ref().to_owned();
         let mut writer = open(&path)?;
-        for statement in super::schema().chain(RUN_INDEX_SCHEMA.iter().copied()) {
+        // Databases written before the batched indexes had SQLite's indexes on `run` and on
+        // (agent, time_us); they are dropped, and opening indexes the records.
+        let schema = super::schema()
+            .chain([
+                "DROP INDEX IF EXISTS tollgate_audit_run",
+                "DROP INDEX IF EXISTS tollgate_audit_agent",
+            ])
+            .chain(RUNS.schema.iter().map(String::as_str))
+            .chain(AGENTS.schema.iter().map(String::as_str));
+        for statement in schema {
             writer.execute(statement, [])?;
         }
-        // A file from before the batched run index or its tail table (or one whose last
-        // records were never batched) is caught up here rather than in the first commit a
-        // caller waits for: the records after the mark are in the tail, then the batch rule
-        // applies.
+        // A file from before a batched index or its tail (or one whose last records were never
+        // batched) is caught up here rather than in the first commit a caller waits for.
         {
             let tx = writer.transaction()?;
-            tx.execute(
-                &format!(
-                    "INSERT OR IGNORE INTO tollgate_audit_run_tail (rec, run)
-                     SELECT rowid, run FROM tollgate_audit_records
-                     WHERE rowid > {RUN_INDEXED} AND run IS NOT NULL"
-                ),
-                [],
-            )?;
             let last: i64 = tx.query_row(
                 "SELECT COALESCE(MAX(rowid), 0) FROM tollgate_audit_records",
                 [],
                 |r| r.get(0),
             )?;
-            // Opening is no caller's wait: a recent level left over its limit (a file from
-            // before the batched index moves every record's entry in here) is swept whole.
-            let levels = RunLevels::read(&tx)?;
-            let tail: i64 =
-                tx.query_row("SELECT COUNT(*) FROM tollgate_audit_run_tail", [], |r| {
-                    r.get(0)
-                })?;
-            index_runs(&tx, last, (levels.recent + tail) as usize, &levels)?;
+            RUNS.catch_up(&tx, last)?;
+            AGENTS.catch_up(&tx, last)?;
             tx.commit()?;
         }
-        let runs = RunLevels::read(&writer)?;
+        let indexed = Indexed::read(&writer)?;
         // Checkpoints are the checkpoint thread's job (see the module documentation): the WAL
         // hook only counts frames (and replaces SQLite's automatic checkpoint).
         writer.pragma_update(None, "wal_autocheckpoint", 0)?;
@@ -456,7 +318,7 @@ impl SqliteStore {
                 checkpoints: Mutex::new(wake),
                 wal_bytes,
                 covered,
-                runs: Mutex::new(runs),
+                indexed: Mutex::new(indexed),
                 passes,
             }),
         })
@@ -502,8 +364,8 @@ impl Inner {
                 "INSERT INTO tollgate_audit_records (chain, seq, prev, hash, time_us, event, agent, run, tool, outcome, body)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
             )?;
-            let mut tail = tx
-                .prepare_cached("INSERT INTO tollgate_audit_run_tail (rec, run) VALUES ($1, $2)")?;
+            let mut runs = tx.prepare_cached(&RUNS.insert)?;
+            let mut agents = tx.prepare_cached(&AGENTS.insert)?;
             for r in &batch {
                 let seq = to_i64(r.seq)?;
                 let result = insert.execute(rusqlite::params![
@@ -521,8 +383,12 @@ impl Inner {
                 ]);
                 match result {
                     Ok(_) => {
+                        let rec = tx.last_insert_rowid();
                         if let Some(run) = &r.index.run {
-                            tail.execute(rusqlite::params![tx.last_insert_rowid(), run])?;
+                            runs.execute(rusqlite::params![rec, run])?;
+                        }
+                        if let Some(agent) = &r.index.agent {
+                            agents.execute(rusqlite::params![rec, agent, r.index.time_us])?;
                         }
                     }
                     Err(rusqlite::Error::SqliteFailure(e, _))
@@ -537,11 +403,15 @@ impl Inner {
                 }
             }
         }
-        let mut runs = self.runs.lock().unwrap_or_else(|e| e.into_inner());
-        let levels = index_runs(&tx, tx.last_insert_rowid(), batch.len(), &runs)?;
+        let mut indexed = self.indexed.lock().unwrap_or_else(|e| e.into_inner());
+        let last = tx.last_insert_rowid();
+        let next = Indexed {
+            runs: RUNS.index(&tx, last, batch.len(), &indexed.runs)?,
+            agents: AGENTS.index(&tx, last, batch.len(), &indexed.agents)?,
+        };
         tx.commit()?;
-        *runs = levels;
-        drop(runs);
+        *indexed = next;
+        drop(indexed);
         let mut full = false;
         let wal = self.wal_bytes.load(Ordering::Relaxed);
         if let Some(restart) =
@@ -876,7 +746,8 @@ impl Store for SqliteStore {
         let filter = Filter::of(query);
         let select = match query.run {
             Some(_) => from_run(),
-            None => format!("SELECT {COLUMNS} FROM tollgate_audit_records"),
+            None => from_agent(&filter)
+                .unwrap_or_else(|| format!("SELECT {COLUMNS} FROM tollgate_audit_records")),
         };
         self.read(move |conn| records(conn, &format!("{select} {}", filter.sql), params(&filter)))
             .await
@@ -902,7 +773,7 @@ impl Store for SqliteStore {
     async fn outcomes(&self, agent: &str, since_us: i64) -> Result<Vec<ToolOutcome>, StoreError> {
         let agent = agent.to_owned();
         self.read(move |conn| {
-            let mut statement = conn.prepare_cached(crate::sql::OUTCOMES)?;
+            let mut statement = conn.prepare_cached(&OUTCOMES)?;
             let rows = statement.query_map(rusqlite::params![agent, since_us], |r| {
                 Ok(ToolOutcome {
                     tool: r.get(0)?,
@@ -936,43 +807,22 @@ impl Store for SqliteStore {
             let mut conn = inner.writer.lock().unwrap_or_else(|e| e.into_inner());
             let seq = to_i64(through.seq)?;
             let tx = conn.transaction()?;
-            tx.execute(
-                "DELETE FROM tollgate_audit_run_index WHERE (run, rec) IN (
-                     SELECT run, rowid FROM tollgate_audit_records
-                     WHERE chain = $1 AND seq <= $2 AND run IS NOT NULL)",
-                rusqlite::params![chain, seq],
-            )?;
-            tx.execute(
-                "DELETE FROM tollgate_audit_run_recent WHERE (run, rec) IN (
-                     SELECT run, rowid FROM tollgate_audit_records
-                     WHERE chain = $1 AND seq <= $2 AND run IS NOT NULL)",
-                rusqlite::params![chain, seq],
-            )?;
-            tx.execute(
-                "DELETE FROM tollgate_audit_run_tail WHERE rec IN (
-                     SELECT rowid FROM tollgate_audit_records
-                     WHERE chain = $1 AND seq <= $2 AND run IS NOT NULL)",
-                rusqlite::params![chain, seq],
-            )?;
+            RUNS.prune(&tx, &chain, seq)?;
+            AGENTS.prune(&tx, &chain, seq)?;
             let deleted = tx.execute(
                 "DELETE FROM tollgate_audit_records WHERE chain = $1 AND seq <= $2",
                 rusqlite::params![chain, seq],
             )?;
-            // New records take the rowid after the largest left: if the newest went, the mark
-            // comes down to it, or they would count as indexed.
-            tx.execute(
-                "UPDATE tollgate_audit_run_indexed SET through = MIN(through, \
-                 COALESCE((SELECT MAX(rowid) FROM tollgate_audit_records), 0))",
-                [],
-            )?;
+            RUNS.lower_mark(&tx)?;
+            AGENTS.lower_mark(&tx)?;
             tx.execute(
                 "INSERT INTO tollgate_audit_anchors (chain, seq, hash) VALUES ($1, $2, $3)
                  ON CONFLICT (chain) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
                 rusqlite::params![chain, seq, through.hash],
             )?;
-            let levels = RunLevels::read(&tx)?;
+            let levels = Indexed::read(&tx)?;
             tx.commit()?;
-            *inner.runs.lock().unwrap_or_else(|e| e.into_inner()) = levels;
+            *inner.indexed.lock().unwrap_or_else(|e| e.into_inner()) = levels;
             Ok(deleted as u64)
         })
         .await
@@ -1145,8 +995,8 @@ mod tests {
             .unwrap()
             .query_row(
                 &format!(
-                    "SELECT {RUN_INDEXED}, (SELECT COUNT(*) FROM tollgate_audit_run_recent), \
-                     (SELECT COUNT(*) FROM tollgate_audit_run_index)"
+                    "SELECT {}, (SELECT COUNT(*) FROM {}), (SELECT COUNT(*) FROM {})",
+                    RUNS.mark, RUNS.recent, RUNS.index
                 ),
                 [],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
@@ -1188,12 +1038,12 @@ mod tests {
         assert!(swept);
         // The sweep has ended: what is left came in behind it.
         assert_eq!(
-            *store.inner.runs.lock().unwrap(),
-            RunLevels::read(&Connection::open(&path).unwrap()).unwrap()
+            store.inner.indexed.lock().unwrap().runs,
+            RUNS.read(&Connection::open(&path).unwrap()).unwrap()
         );
         let (_, recent, index) = run_levels(&path);
         assert!(
-            recent < RUN_RECENT_LIMIT && index >= 8_400,
+            recent < levels::RECENT_LIMIT && index >= 8_400,
             "{recent} {index}"
         );
         // The levels survive a reopening.
@@ -1215,7 +1065,7 @@ mod tests {
         .await;
         let store = SqliteStore::open(&path).unwrap();
         assert_eq!(run_levels(&path), (9_000, 0, 9_000));
-        assert_eq!(*store.inner.runs.lock().unwrap(), RunLevels::default());
+        assert_eq!(store.inner.indexed.lock().unwrap().runs, Levels::default());
         let expected: Vec<u64> = (1..=9_000).filter(|seq| seq % 50 == 7).collect();
         assert_eq!(run_seqs(&store, "run-7").await, expected);
     }
@@ -1390,6 +1240,288 @@ mod tests {
         assert_eq!(run_index(&path), (600, 600));
         let expected: Vec<u64> = (0..18).map(|i| 3 + 50 * i).collect();
         assert_eq!(run_seqs(&store, "run-3").await, expected);
+    }
+
+    /// Records `from..from + n` of chain "gw-0" for seven agents ("ns/agent-{seq % 7}"), at
+    /// `seq` milliseconds after the epoch, each a decision on "tool-{seq % 3}": allowed unless
+    /// `seq % 4 == 0`. Every third has no agent (as a malformed request's record has none).
+    fn agent_records(from: u64, n: u64, prev: &mut String) -> Vec<Record> {
+        use tollgate_engine::{Decision, DenyCode, RuleRef};
+        (from..from + n)
+            .map(|seq| {
+                let time = jiff::Timestamp::from_millisecond(seq as i64).unwrap();
+                let mut entry = Entry::new(time, Event::Decide, Identity::default());
+                entry.agent = (seq % 3 != 2).then(|| format!("ns/agent-{}", seq % 7));
+                entry.tool = Some(format!("tool-{}", seq % 3));
+                let rule = RuleRef {
+                    policy: "ns/policy".into(),
+                    generation: Some(1),
+                    policy_hash: "sha256:00".into(),
+                    tool: None,
+                    clause: "spec.tools".into(),
+                };
+                entry.decision = Some(if seq % 4 == 0 {
+                    Decision::Deny {
+                        code: DenyCode::ToolNotAllowed,
+                        rule,
+                        message: "no".into(),
+                    }
+                } else {
+                    Decision::Allow {
+                        rule,
+                        review: false,
+                    }
+                });
+                let record = Record::seal("gw-0", seq, prev, &entry);
+                prev.clone_from(&record.hash);
+                record
+            })
+            .collect()
+    }
+
+    /// Appends [`agent_records`] `from..from + n`, 100 per commit.
+    async fn append_agents(store: &SqliteStore, from: u64, n: u64, prev: &mut String) {
+        let mut seq = from;
+        while seq < from + n {
+            let records = agent_records(seq, 100.min(from + n - seq), prev);
+            seq += records.len() as u64;
+            store.append(records).await.unwrap();
+        }
+    }
+
+    /// A query for an agent's records, and what it should answer: the same conditions read
+    /// from the records table itself, which has no index on agents.
+    async fn agent_query(
+        store: &SqliteStore,
+        path: &Path,
+        agent: u64,
+        since: u64,
+        until: Option<u64>,
+    ) {
+        let query = Query {
+            agent: Some(format!("ns/agent-{agent}")),
+            since_us: Some(since as i64 * 1000),
+            until_us: until.map(|until| until as i64 * 1000),
+            ..Default::default()
+        };
+        let found: Vec<u64> = store
+            .query(&query)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        let filter = Filter::of(&query);
+        let conn = Connection::open(path).unwrap();
+        let scanned: Vec<u64> = records(
+            &conn,
+            &format!(
+                "SELECT {COLUMNS} FROM tollgate_audit_records {}",
+                filter.sql
+            ),
+            params(&filter),
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.seq)
+        .collect();
+        assert!(!scanned.is_empty(), "{query:?}");
+        assert_eq!(found, scanned, "{query:?}, levels {:?}", agent_levels(path));
+        let mut outcomes = store
+            .outcomes(&format!("ns/agent-{agent}"), since as i64 * 1000)
+            .await
+            .unwrap();
+        outcomes.sort_by(|a, b| (&a.tool, &a.outcome).cmp(&(&b.tool, &b.outcome)));
+        let expected: Vec<(String, String, u64)> = conn
+            .prepare(crate::sql::OUTCOMES)
+            .unwrap()
+            .query_map(
+                rusqlite::params![format!("ns/agent-{agent}"), since as i64 * 1000],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64)),
+            )
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let outcomes: Vec<(String, String, u64)> = outcomes
+            .into_iter()
+            .map(|o| (o.tool, o.outcome, o.count))
+            .collect();
+        assert_eq!(outcomes, expected);
+    }
+
+    /// The agent index's mark, entries in its recent level and entries in the index itself.
+    fn agent_levels(path: &Path) -> (i64, i64, i64) {
+        Connection::open(path)
+            .unwrap()
+            .query_row(
+                &format!(
+                    "SELECT {}, (SELECT COUNT(*) FROM {}), (SELECT COUNT(*) FROM {})",
+                    AGENTS.mark, AGENTS.recent, AGENTS.index
+                ),
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap()
+    }
+
+    /// Records with an agent among the first `n` of [`agent_records`].
+    fn with_agent(n: i64) -> i64 {
+        n - (n + 1) / 3
+    }
+
+    #[tokio::test]
+    async fn an_agent_is_found_whole_in_every_level_of_the_agent_index_through_a_sweep() {
+        let (_dir, path, store) = fresh_store();
+        let mut prev = GENESIS.to_owned();
+        // Commits of 100: the tail goes to the recent level every 600 records, and at 12,600
+        // (8,400 entries, two in three records have an agent) a sweep starts. Queries for a
+        // window of an agent answer what the records table holds before, during and after it.
+        let mut swept = false;
+        for from in (1..=15_000).step_by(100) {
+            append_agents(&store, from, 100, &mut prev).await;
+            let through = from + 99;
+            if through % 700 == 0 || (12_500..=13_500).contains(&through) {
+                for (agent, since, until) in [
+                    (0, 1, None),
+                    (3, through / 2, None),
+                    (6, through / 3, Some(through - 50)),
+                ] {
+                    agent_query(&store, &path, agent, since, until).await;
+                }
+            }
+            let (mark, recent, index) = agent_levels(&path);
+            assert_eq!(recent + index, with_agent(mark), "after {through}");
+            assert_eq!(mark as u64, through / 600 * 600);
+            swept |= index > 0;
+        }
+        assert!(swept);
+        assert_eq!(
+            store.inner.indexed.lock().unwrap().agents,
+            AGENTS.read(&Connection::open(&path).unwrap()).unwrap()
+        );
+        drop(store);
+        let store = SqliteStore::open(&path).unwrap();
+        agent_query(&store, &path, 4, 0, None).await;
+    }
+
+    #[tokio::test]
+    async fn a_database_with_the_former_agent_index_is_indexed_when_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.db");
+        let mut prev = GENESIS.to_owned();
+        {
+            let store = SqliteStore::open(&path).unwrap();
+            append_agents(&store, 1, 13_000, &mut prev).await;
+        }
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(
+                "DROP TABLE tollgate_audit_agent_index; DROP TABLE tollgate_audit_agent_indexed;
+                 DROP TABLE tollgate_audit_agent_tail; DROP TABLE tollgate_audit_agent_recent;
+                 CREATE INDEX tollgate_audit_agent ON tollgate_audit_records (agent, time_us);",
+            )
+            .unwrap();
+        let store = SqliteStore::open(&path).unwrap();
+        let former: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE name = 'tollgate_audit_agent'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(former, 0);
+        // Every record's entry, swept whole into the index (the level was over its limit).
+        assert_eq!(agent_levels(&path), (13_000, 0, with_agent(13_000)));
+        assert_eq!(
+            store.inner.indexed.lock().unwrap().agents,
+            Levels::default()
+        );
+        agent_query(&store, &path, 5, 0, None).await;
+        agent_query(&store, &path, 2, 4_000, Some(9_000)).await;
+        // The run index was left as it was.
+        assert_eq!(
+            store.inner.indexed.lock().unwrap().runs,
+            RUNS.read(&Connection::open(&path).unwrap()).unwrap()
+        );
+        append_agents(&store, 13_001, 700, &mut prev).await;
+        agent_query(&store, &path, 5, 12_000, None).await;
+    }
+
+    #[tokio::test]
+    async fn a_query_for_an_agent_reads_its_levels_by_key_and_no_other_records() {
+        let (_dir, _, store) = fresh_store();
+        let filter = Filter::of(&Query {
+            agent: Some("ns/agent".into()),
+            tool: Some("t".into()),
+            since_us: Some(0),
+            until_us: Some(10),
+            ..Default::default()
+        });
+        let select = from_agent(&filter).unwrap();
+        let plans: Vec<String> = store
+            .read(move |conn| {
+                let mut plans = Vec::new();
+                for (sql, params) in [
+                    (
+                        format!("{select} {}", filter.sql),
+                        params(&filter).collect::<Vec<_>>(),
+                    ),
+                    (
+                        OUTCOMES.clone(),
+                        vec!["ns/agent".to_owned().into(), 0.into()],
+                    ),
+                ] {
+                    let mut statement = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
+                    let rows =
+                        statement.query_map(params_from_iter(params), |r| r.get::<_, String>(3))?;
+                    plans.push(rows.collect::<Result<Vec<_>, _>>()?.join("\n"));
+                }
+                Ok(plans)
+            })
+            .await
+            .unwrap();
+        for (plan, bounds) in plans.iter().zip([
+            "(agent=? AND time_us>? AND time_us<?)",
+            "(agent=? AND time_us>?)",
+        ]) {
+            assert!(
+                plan.contains(&format!(
+                    "SEARCH tollgate_audit_agent_index USING PRIMARY KEY {bounds}"
+                )) && plan.contains(&format!(
+                    "SEARCH tollgate_audit_agent_recent USING PRIMARY KEY {bounds}"
+                )) && plan.contains(
+                    "SEARCH tollgate_audit_agent_tail USING INTEGER PRIMARY KEY (rowid>?)"
+                ) && plan
+                    .contains("SEARCH tollgate_audit_records USING INTEGER PRIMARY KEY (rowid=?)")
+                    && !plan.contains("SCAN tollgate_audit_records"),
+                "{plan}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn pruning_takes_its_records_out_of_the_agent_index_and_lowers_the_mark() {
+        let (_dir, path, store) = fresh_store();
+        let mut prev = GENESIS.to_owned();
+        append_agents(&store, 1, 1_300, &mut prev).await;
+        assert_eq!(agent_levels(&path), (1_200, with_agent(1_200), 0));
+        let records = store.query(&Query::default()).await.unwrap();
+        let head = |seq: u64| Head {
+            seq,
+            hash: records[seq as usize - 1].hash.clone(),
+        };
+        store.prune("gw-0", &head(1_000)).await.unwrap();
+        assert_eq!(
+            agent_levels(&path),
+            (1_200, with_agent(1_200) - with_agent(1_000), 0)
+        );
+        agent_query(&store, &path, 1, 0, None).await;
+        // Everything pruned: SQLite numbers the next rows from 1 again, below the old mark.
+        store.prune("gw-0", &head(1_300)).await.unwrap();
+        assert_eq!(agent_levels(&path), (0, 0, 0));
+        append_agents(&store, 1_301, 100, &mut prev).await;
+        agent_query(&store, &path, 1, 0, None).await;
     }
 
     #[tokio::test]
