@@ -364,8 +364,8 @@ impl Inner {
                 "INSERT INTO tollgate_audit_records (chain, seq, prev, hash, time_us, event, agent, run, tool, outcome, body)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
             )?;
-            let mut runs = tx.prepare_cached(&RUNS.insert)?;
-            let mut agents = tx.prepare_cached(&AGENTS.insert)?;
+            // The run index's tail (the agent index reads the records after its mark).
+            let mut runs = tx.prepare_cached(RUNS.insert.as_deref().unwrap_or_default())?;
             for r in &batch {
                 let seq = to_i64(r.seq)?;
                 let result = insert.execute(rusqlite::params![
@@ -383,12 +383,8 @@ impl Inner {
                 ]);
                 match result {
                     Ok(_) => {
-                        let rec = tx.last_insert_rowid();
                         if let Some(run) = &r.index.run {
-                            runs.execute(rusqlite::params![rec, run])?;
-                        }
-                        if let Some(agent) = &r.index.agent {
-                            agents.execute(rusqlite::params![rec, agent, r.index.time_us])?;
+                            runs.execute(rusqlite::params![tx.last_insert_rowid(), run])?;
                         }
                     }
                     Err(rusqlite::Error::SqliteFailure(e, _))
@@ -1417,7 +1413,7 @@ mod tests {
             .unwrap()
             .execute_batch(
                 "DROP TABLE tollgate_audit_agent_index; DROP TABLE tollgate_audit_agent_indexed;
-                 DROP TABLE tollgate_audit_agent_tail; DROP TABLE tollgate_audit_agent_recent;
+                 DROP TABLE tollgate_audit_agent_recent;
                  CREATE INDEX tollgate_audit_agent ON tollgate_audit_records (agent, time_us);",
             )
             .unwrap();
@@ -1490,11 +1486,13 @@ mod tests {
                     "SEARCH tollgate_audit_agent_index USING PRIMARY KEY {bounds}"
                 )) && plan.contains(&format!(
                     "SEARCH tollgate_audit_agent_recent USING PRIMARY KEY {bounds}"
-                )) && plan.contains(
-                    "SEARCH tollgate_audit_agent_tail USING INTEGER PRIMARY KEY (rowid>?)"
-                ) && plan
-                    .contains("SEARCH tollgate_audit_records USING INTEGER PRIMARY KEY (rowid=?)")
-                    && !plan.contains("SCAN tollgate_audit_records"),
+                )) && plan
+                    .contains("SEARCH tollgate_audit_records USING INTEGER PRIMARY KEY (rowid>?)")
+                    && plan.contains(
+                        "SEARCH tollgate_audit_records USING INTEGER PRIMARY KEY (rowid=?)"
+                    )
+                    && !plan.contains("SCAN tollgate_audit_records")
+                    && !plan.contains("tollgate_audit_time"),
                 "{plan}"
             );
         }

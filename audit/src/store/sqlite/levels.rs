@@ -2,21 +2,24 @@
 //! time, rowid).
 //!
 //! A commit writes every page it touched to the WAL in full, and an index on a column that many
-//! records in flight share out (runs, agents) puts each one's newest entry on a page of its own:
-//! with 32 runs in flight a 13-record commit wrote about 13 such pages, with 1,000 runs or 100
-//! agents nearly a page per record, more than the record itself (bench/README.md). So the
-//! records table has no index on `run` or `agent`. Each commit appends (rowid, key) of its
-//! records to the index's tail (`tollgate_audit_{name}_tail`), a small table in rowid order
-//! whose newest page all commits share; the commit that takes it past [`BATCH`] entries moves
-//! them all to the recent level (`tollgate_audit_{name}_recent`), a small index of (key,
-//! rowid), in the same transaction and moves the mark (`tollgate_audit_{name}_indexed`) up to
-//! its last row; once the recent level holds [`RECENT_LIMIT`] entries, a sweep moves it into
-//! the index itself (`tollgate_audit_{name}_index`) in key order, a chunk per commit
-//! ([`Levelled::index`]). The recent level is small (a few dozen pages), so moving the tail
-//! into it touches few pages, and a sweep moves several entries of each key into the index at
-//! once. Each entry is in exactly one level at every commit. A query reads both levels and the
-//! tail after the mark ([`Levelled::rows`]), so it is always complete, and a lookup reads a few
-//! pages of each.
+//! records in flight spread over (runs, agents) puts each one's newest entry on a page of its
+//! own: with 32 runs in flight a 13-record commit wrote about 13 such pages, with 1,000 runs or
+//! 100 agents nearly a page per record, more than the record itself (bench/README.md). So the
+//! records table has no index on `run` or `agent`.
+//!
+//! The records after an index's mark (`tollgate_audit_{name}_indexed`) are its tail. The run
+//! index keeps (rowid, run) of each of them in a table (`tollgate_audit_run_tail`, in rowid
+//! order, whose newest page all commits share), because the gateway looks up every run it has
+//! not seen; the agent index reads the records themselves by rowid ([`Tail`]). The commit that
+//! takes the tail past [`BATCH`] records moves its entries to the recent level
+//! (`tollgate_audit_{name}_recent`), a small index of (key, rowid), in the same transaction and
+//! moves the mark up to its last row; once the recent level holds [`RECENT_LIMIT`] entries, a
+//! sweep moves it into the index itself (`tollgate_audit_{name}_index`) in key order, a chunk
+//! per commit ([`Levelled::index`]). The recent level is small (a few dozen pages), so moving
+//! the tail into it touches few pages, and a sweep moves several entries of each key into the
+//! index at once. Each entry is in exactly one level at every commit. A query reads both levels
+//! and the tail ([`Levelled::rows`]), so it is always complete, and a lookup reads a few pages
+//! of each level.
 
 use std::sync::LazyLock;
 
@@ -37,15 +40,28 @@ pub const SWEEP_CHUNK: i64 = 1024;
 
 /// The run index: the records of a run, by rowid.
 pub static RUNS: LazyLock<Levelled> =
-    LazyLock::new(|| Levelled::new("run", &[("run", Kind::Text)]));
+    LazyLock::new(|| Levelled::new("run", &[("run", Kind::Text)], Tail::Table));
 
 /// The agent index: an agent's records by time, then rowid.
 pub static AGENTS: LazyLock<Levelled> = LazyLock::new(|| {
     Levelled::new(
         "agent",
         &[("agent", Kind::Text), ("time_us", Kind::Integer)],
+        Tail::Records,
     )
 });
+
+/// Where the entries of records after the mark are read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tail {
+    /// A table of their own, which each commit appends to: a query reads a few pages of it.
+    /// For runs, which the gateway looks up at every run it has not seen.
+    Table,
+    /// The records after the mark themselves (up to [`BATCH`] and a commit's, about 170
+    /// pages): a commit writes nothing more. For agents, which are looked up rarely (a
+    /// restarted gateway's first call of an agent, graduation, the read API).
+    Records,
+}
 
 /// The type of a key column.
 #[derive(Debug, Clone, Copy)]
@@ -81,16 +97,18 @@ pub struct Levelled {
     pub mark: String,
     /// Its tables.
     pub schema: Vec<String>,
-    /// Its tables' names: tail, recent level, index.
-    pub tail: String,
+    /// Its levels' tables: the recent level, the index.
     pub recent: String,
     pub index: String,
-    /// Puts a record (`$1` its rowid, then the key) in the tail.
-    pub insert: String,
-    /// Puts every record after the mark that has a key in the tail (opening a file).
-    catch_up: String,
+    /// The entries after the mark: `rec` and the key's columns (a table, or a select from the
+    /// records).
+    tail: String,
+    /// With a tail table: puts a record (`$1` its rowid, then the key) in it, puts every
+    /// record after the mark that has a key in it (opening a file), and empties it.
+    pub insert: Option<String>,
+    catch_up: Option<String>,
+    clear_tail: Option<String>,
     move_tail: String,
-    clear_tail: String,
     set_mark: String,
     count_recent: String,
     chunk_end: String,
@@ -99,7 +117,7 @@ pub struct Levelled {
     move_rest: String,
     delete_rest: String,
     /// Take the records of chain `$1` through sequence `$2` out of each level.
-    prune: [String; 3],
+    prune: Vec<String>,
     lower_mark: String,
 }
 
@@ -112,7 +130,7 @@ fn placeholders(from: usize, n: usize) -> String {
 impl Levelled {
     /// The index `tollgate_audit_{name}_…` on `key` (columns of the records, the first one
     /// the column whose value gives a record its entry), then the rowid.
-    fn new(name: &'static str, key: &[(&'static str, Kind)]) -> Self {
+    fn new(name: &'static str, key: &[(&'static str, Kind)], kept: Tail) -> Self {
         let columns: Vec<&str> = key.iter().map(|(column, _)| *column).collect();
         let cols = columns.join(", ");
         let n = key.len() + 1;
@@ -122,12 +140,7 @@ impl Levelled {
             .collect();
         let defs = defs.join(", ");
         let table = |level: &str| format!("tollgate_audit_{name}_{level}");
-        let (tail, recent, index, indexed) = (
-            table("tail"),
-            table("recent"),
-            table("index"),
-            table("indexed"),
-        );
+        let (recent, index, indexed) = (table("recent"), table("index"), table("indexed"));
         let mark = format!("COALESCE((SELECT through FROM {indexed}), 0)");
         let keyed = |t: &str| {
             format!(
@@ -147,31 +160,71 @@ impl Levelled {
         };
         let mut start: Vec<Value> = key.iter().map(|(_, kind)| kind.least()).collect();
         start.push(Value::Integer(0));
+        let table_of_tail = table("tail");
+        let mut schema = vec![
+            keyed(&index),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {indexed} (\
+                 one INTEGER PRIMARY KEY CHECK (one = 1), through INTEGER NOT NULL)"
+            ),
+            keyed(&recent),
+        ];
+        let mut prune = vec![
+            format!(
+                "DELETE FROM {index} WHERE {entry} IN ({})",
+                pruned(&format!("{cols}, rowid"))
+            ),
+            format!(
+                "DELETE FROM {recent} WHERE {entry} IN ({})",
+                pruned(&format!("{cols}, rowid"))
+            ),
+        ];
+        let (tail, insert, catch_up, clear_tail) = match kept {
+            Tail::Table => {
+                schema.push(format!(
+                    "CREATE TABLE IF NOT EXISTS {table_of_tail} (rec INTEGER PRIMARY KEY, {defs})"
+                ));
+                prune.push(format!(
+                    "DELETE FROM {table_of_tail} WHERE rec IN ({})",
+                    pruned("rowid")
+                ));
+                (
+                    table_of_tail.clone(),
+                    Some(format!(
+                        "INSERT INTO {table_of_tail} (rec, {cols}) VALUES {}",
+                        placeholders(1, n)
+                    )),
+                    Some(format!(
+                        "INSERT OR IGNORE INTO {table_of_tail} (rec, {cols}) SELECT rowid, {cols} \
+                         FROM tollgate_audit_records WHERE rowid > {mark} AND {} IS NOT NULL",
+                        columns[0]
+                    )),
+                    Some(format!("DELETE FROM {table_of_tail}")),
+                )
+            }
+            // NOT INDEXED: read by rowid from the mark on, whatever the other conditions (the
+            // index on time would otherwise tempt SQLite for a query with a since time).
+            Tail::Records => (
+                format!(
+                    "(SELECT rowid AS rec, {cols} FROM tollgate_audit_records NOT INDEXED \
+                     WHERE {} IS NOT NULL)",
+                    columns[0]
+                ),
+                None,
+                None,
+                None,
+            ),
+        };
         Self {
             start,
-            schema: vec![
-                keyed(&index),
-                format!(
-                    "CREATE TABLE IF NOT EXISTS {indexed} (\
-                     one INTEGER PRIMARY KEY CHECK (one = 1), through INTEGER NOT NULL)"
-                ),
-                format!("CREATE TABLE IF NOT EXISTS {tail} (rec INTEGER PRIMARY KEY, {defs})"),
-                keyed(&recent),
-            ],
-            insert: format!(
-                "INSERT INTO {tail} (rec, {cols}) VALUES {}",
-                placeholders(1, n)
-            ),
-            catch_up: format!(
-                "INSERT OR IGNORE INTO {tail} (rec, {cols}) SELECT rowid, {cols} \
-                 FROM tollgate_audit_records WHERE rowid > {mark} AND {} IS NOT NULL",
-                columns[0]
-            ),
+            schema,
             move_tail: format!(
                 "INSERT INTO {recent} ({cols}, rec) SELECT {cols}, rec FROM {tail} \
                  WHERE rec > $1 ORDER BY {cols}, rec"
             ),
-            clear_tail: format!("DELETE FROM {tail}"),
+            insert,
+            catch_up,
+            clear_tail,
             set_mark: format!(
                 "INSERT INTO {indexed} (one, through) VALUES (1, $1) \
                  ON CONFLICT (one) DO UPDATE SET through = excluded.through"
@@ -194,17 +247,7 @@ impl Levelled {
                  WHERE {entry} > {after} ORDER BY {cols}, rec"
             ),
             delete_rest: format!("DELETE FROM {recent} WHERE {entry} > {after}"),
-            prune: [
-                format!(
-                    "DELETE FROM {index} WHERE {entry} IN ({})",
-                    pruned(&format!("{cols}, rowid"))
-                ),
-                format!(
-                    "DELETE FROM {recent} WHERE {entry} IN ({})",
-                    pruned(&format!("{cols}, rowid"))
-                ),
-                format!("DELETE FROM {tail} WHERE rec IN ({})", pruned("rowid")),
-            ],
+            prune,
             // New records take the rowid after the largest left: if the newest went, the mark
             // comes down to it, or they would count as indexed.
             lower_mark: format!(
@@ -250,11 +293,18 @@ impl Levelled {
     /// its limit (a file from before the index moves every record's entry in here) is swept
     /// whole.
     pub fn catch_up(&self, tx: &Transaction<'_>, last: i64) -> rusqlite::Result<()> {
-        tx.execute(&self.catch_up, [])?;
+        if let Some(catch_up) = &self.catch_up {
+            tx.execute(catch_up, [])?;
+        }
         let levels = self.read(tx)?;
-        let tail: i64 = tx.query_row(&format!("SELECT COUNT(*) FROM {}", self.tail), [], |r| {
-            r.get(0)
-        })?;
+        let tail: i64 = tx.query_row(
+            &format!(
+                "SELECT COUNT(*) FROM {} WHERE rec > {}",
+                self.tail, self.mark
+            ),
+            [],
+            |r| r.get(0),
+        )?;
         self.index(tx, last, (levels.recent + tail) as usize, &levels)?;
         Ok(())
     }
@@ -277,7 +327,9 @@ impl Levelled {
             .query_row([], |r| r.get(0))?;
         if last - through >= BATCH {
             let moved = tx.prepare_cached(&self.move_tail)?.execute([through])?;
-            tx.prepare_cached(&self.clear_tail)?.execute([])?;
+            if let Some(clear) = &self.clear_tail {
+                tx.prepare_cached(clear)?.execute([])?;
+            }
             tx.prepare_cached(&self.set_mark)?.execute([last])?;
             next.recent += moved as i64;
         }
