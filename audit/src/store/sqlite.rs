@@ -29,7 +29,7 @@ use super::{Head, Query, Store, StoreError, ToolOutcome, ToolUse, dense_prefix, 
 use crate::record::{Index, Record};
 use crate::sql::{Filter, Param};
 use crate::verify::Sealed;
-use levels::{AGENTS, Levels, RUNS};
+use levels::{AGENTS, Indexed, RUNS};
 
 /// An audit store in one SQLite file.
 #[derive(Debug, Clone)]
@@ -111,22 +111,6 @@ fn from_rows(rows: &str) -> String {
          SELECT {COLUMNS} FROM selected CROSS JOIN tollgate_audit_records \
          ON tollgate_audit_records.rowid = selected.rec"
     )
-}
-
-/// The levels of both indexes as the writer tracks them between its transactions.
-#[derive(Debug, Clone, Default, PartialEq)]
-struct Indexed {
-    runs: Levels,
-    agents: Levels,
-}
-
-impl Indexed {
-    fn read(conn: &Connection) -> rusqlite::Result<Self> {
-        Ok(Self {
-            runs: RUNS.read(conn)?,
-            agents: AGENTS.read(conn)?,
-        })
-    }
 }
 
 /// How much of the database file a verification connection maps into memory (SQLite's
@@ -255,32 +239,17 @@ impl SqliteStore {
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
         let path = path.as_ref().to_owned();
         let mut writer = open(&path)?;
-        // Databases written before the batched indexes had SQLite's indexes on `run` and on
-        // (agent, time_us); they are dropped, and opening indexes the records.
-        let schema = super::schema()
-            .chain([
-                "DROP INDEX IF EXISTS tollgate_audit_run",
-                "DROP INDEX IF EXISTS tollgate_audit_agent",
-            ])
-            .chain(RUNS.schema.iter().map(String::as_str))
-            .chain(AGENTS.schema.iter().map(String::as_str));
-        for statement in schema {
+        for statement in super::schema() {
             writer.execute(statement, [])?;
         }
-        // A file from before a batched index or its tail (or one whose last records were never
-        // batched) is caught up here rather than in the first commit a caller waits for.
-        {
+        // A file of an earlier layout, or whose last records were never batched, is brought up
+        // to date here rather than in the first commit a caller waits for.
+        let indexed = {
             let tx = writer.transaction()?;
-            let last: i64 = tx.query_row(
-                "SELECT COALESCE(MAX(rowid), 0) FROM tollgate_audit_records",
-                [],
-                |r| r.get(0),
-            )?;
-            RUNS.catch_up(&tx, last)?;
-            AGENTS.catch_up(&tx, last)?;
+            let indexed = levels::open(&tx)?;
             tx.commit()?;
-        }
-        let indexed = Indexed::read(&writer)?;
+            indexed
+        };
         // Checkpoints are the checkpoint thread's job (see the module documentation): the WAL
         // hook only counts frames (and replaces SQLite's automatic checkpoint).
         writer.pragma_update(None, "wal_autocheckpoint", 0)?;
@@ -364,8 +333,7 @@ impl Inner {
                 "INSERT INTO tollgate_audit_records (chain, seq, prev, hash, time_us, event, agent, run, tool, outcome, body)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
             )?;
-            // The run index's tail (the agent index reads the records after its mark).
-            let mut runs = tx.prepare_cached(RUNS.insert.as_deref().unwrap_or_default())?;
+            let mut tail = tx.prepare_cached(levels::TAIL_INSERT)?;
             for r in &batch {
                 let seq = to_i64(r.seq)?;
                 let result = insert.execute(rusqlite::params![
@@ -383,8 +351,13 @@ impl Inner {
                 ]);
                 match result {
                     Ok(_) => {
-                        if let Some(run) = &r.index.run {
-                            runs.execute(rusqlite::params![tx.last_insert_rowid(), run])?;
+                        if r.index.run.is_some() || r.index.agent.is_some() {
+                            tail.execute(rusqlite::params![
+                                tx.last_insert_rowid(),
+                                r.index.run,
+                                r.index.agent,
+                                r.index.time_us
+                            ])?;
                         }
                     }
                     Err(rusqlite::Error::SqliteFailure(e, _))
@@ -401,10 +374,7 @@ impl Inner {
         }
         let mut indexed = self.indexed.lock().unwrap_or_else(|e| e.into_inner());
         let last = tx.last_insert_rowid();
-        let next = Indexed {
-            runs: RUNS.index(&tx, last, batch.len(), &indexed.runs)?,
-            agents: AGENTS.index(&tx, last, batch.len(), &indexed.agents)?,
-        };
+        let next = levels::index(&tx, last, batch.len(), &indexed)?;
         tx.commit()?;
         *indexed = next;
         drop(indexed);
@@ -803,14 +773,12 @@ impl Store for SqliteStore {
             let mut conn = inner.writer.lock().unwrap_or_else(|e| e.into_inner());
             let seq = to_i64(through.seq)?;
             let tx = conn.transaction()?;
-            RUNS.prune(&tx, &chain, seq)?;
-            AGENTS.prune(&tx, &chain, seq)?;
+            levels::prune(&tx, &chain, seq)?;
             let deleted = tx.execute(
                 "DELETE FROM tollgate_audit_records WHERE chain = $1 AND seq <= $2",
                 rusqlite::params![chain, seq],
             )?;
-            RUNS.lower_mark(&tx)?;
-            AGENTS.lower_mark(&tx)?;
+            levels::lower_mark(&tx)?;
             tx.execute(
                 "INSERT INTO tollgate_audit_anchors (chain, seq, hash) VALUES ($1, $2, $3)
                  ON CONFLICT (chain) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
@@ -965,8 +933,20 @@ mod tests {
         records.iter().map(|r| r.seq).collect()
     }
 
-    /// A file of `n` records of 50 runs, then changed by `sql` (to make it a file from an
-    /// earlier layout); its directory, path and last hash.
+    /// Changes a file to the layout before agents were indexed in levels: the run index's mark
+    /// and its own tail under their former names, and SQLite's index on (agent, time).
+    const BEFORE_AGENT_LEVELS: &str = "
+        DROP TABLE tollgate_audit_agent_index;
+        CREATE INDEX tollgate_audit_agent ON tollgate_audit_records (agent, time_us);
+        ALTER TABLE tollgate_audit_indexed RENAME TO tollgate_audit_run_indexed;
+        CREATE TABLE tollgate_audit_run_tail (rec INTEGER PRIMARY KEY, run TEXT NOT NULL);
+        INSERT INTO tollgate_audit_run_tail SELECT rec, run FROM tollgate_audit_tail
+            WHERE run IS NOT NULL;
+        DROP TABLE tollgate_audit_tail;";
+
+    /// A file of `n` records of 50 runs in the layout before agents were indexed in levels,
+    /// then changed by `sql` (to make it a file from an earlier layout still); its directory,
+    /// path and last hash.
     async fn file_of(n: u64, sql: &str) -> (tempfile::TempDir, PathBuf, String) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.db");
@@ -975,7 +955,9 @@ mod tests {
             let store = SqliteStore::open(&path).unwrap();
             append_runs(&store, 1, n, &mut prev).await;
         }
-        Connection::open(&path).unwrap().execute_batch(sql).unwrap();
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(BEFORE_AGENT_LEVELS).unwrap();
+        conn.execute_batch(sql).unwrap();
         (dir, path, prev)
     }
 
@@ -992,7 +974,9 @@ mod tests {
             .query_row(
                 &format!(
                     "SELECT {}, (SELECT COUNT(*) FROM {}), (SELECT COUNT(*) FROM {})",
-                    RUNS.mark, RUNS.recent, RUNS.index
+                    levels::MARK,
+                    RUNS.recent.as_ref().unwrap().table,
+                    RUNS.index
                 ),
                 [],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
@@ -1061,7 +1045,10 @@ mod tests {
         .await;
         let store = SqliteStore::open(&path).unwrap();
         assert_eq!(run_levels(&path), (9_000, 0, 9_000));
-        assert_eq!(store.inner.indexed.lock().unwrap().runs, Levels::default());
+        assert_eq!(
+            store.inner.indexed.lock().unwrap().runs,
+            levels::Levels::default()
+        );
         let expected: Vec<u64> = (1..=9_000).filter(|seq| seq % 50 == 7).collect();
         assert_eq!(run_seqs(&store, "run-7").await, expected);
     }
@@ -1226,11 +1213,12 @@ mod tests {
         let store = SqliteStore::open(&path).unwrap();
         assert_eq!(run_index(&path), (600, 600));
         assert_eq!(run_seqs(&store, "run-3").await.len(), 18);
-        // A file from before the run tail: the records after the mark are put in it on opening.
+        // A file without a tail (from before the run tail): the records after the mark are put
+        // in it on opening.
         drop(store);
         Connection::open(&path)
             .unwrap()
-            .execute_batch("DROP TABLE tollgate_audit_run_tail")
+            .execute_batch("DROP TABLE tollgate_audit_tail")
             .unwrap();
         let store = SqliteStore::open(&path).unwrap();
         assert_eq!(run_index(&path), (600, 600));
@@ -1240,7 +1228,8 @@ mod tests {
 
     /// Records `from..from + n` of chain "gw-0" for seven agents ("ns/agent-{seq % 7}"), at
     /// `seq` milliseconds after the epoch, each a decision on "tool-{seq % 3}": allowed unless
-    /// `seq % 4 == 0`. Every third has no agent (as a malformed request's record has none).
+    /// `seq % 4 == 0`. Every third has no agent (as a malformed request's record has none);
+    /// all but every fifth have a run ("run-{seq % 11}").
     fn agent_records(from: u64, n: u64, prev: &mut String) -> Vec<Record> {
         use tollgate_engine::{Decision, DenyCode, RuleRef};
         (from..from + n)
@@ -1248,6 +1237,7 @@ mod tests {
                 let time = jiff::Timestamp::from_millisecond(seq as i64).unwrap();
                 let mut entry = Entry::new(time, Event::Decide, Identity::default());
                 entry.agent = (seq % 3 != 2).then(|| format!("ns/agent-{}", seq % 7));
+                entry.run = (seq % 5 != 0).then(|| format!("run-{}", seq % 11));
                 entry.tool = Some(format!("tool-{}", seq % 3));
                 let rule = RuleRef {
                     policy: "ns/policy".into(),
@@ -1322,7 +1312,7 @@ mod tests {
         .map(|r| r.seq)
         .collect();
         assert!(!scanned.is_empty(), "{query:?}");
-        assert_eq!(found, scanned, "{query:?}, levels {:?}", agent_levels(path));
+        assert_eq!(found, scanned, "{query:?}, levels {:?}", agent_index(path));
         let mut outcomes = store
             .outcomes(&format!("ns/agent-{agent}"), since as i64 * 1000)
             .await
@@ -1345,17 +1335,19 @@ mod tests {
         assert_eq!(outcomes, expected);
     }
 
-    /// The agent index's mark, entries in its recent level and entries in the index itself.
-    fn agent_levels(path: &Path) -> (i64, i64, i64) {
+    /// The mark and the agent index's entries (it has no recent level).
+    fn agent_index(path: &Path) -> (i64, i64) {
+        assert!(AGENTS.recent.is_none());
         Connection::open(path)
             .unwrap()
             .query_row(
                 &format!(
-                    "SELECT {}, (SELECT COUNT(*) FROM {}), (SELECT COUNT(*) FROM {})",
-                    AGENTS.mark, AGENTS.recent, AGENTS.index
+                    "SELECT {}, (SELECT COUNT(*) FROM {})",
+                    levels::MARK,
+                    AGENTS.index
                 ),
                 [],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .unwrap()
     }
@@ -1366,12 +1358,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_agent_is_found_whole_in_every_level_of_the_agent_index_through_a_sweep() {
+    async fn an_agent_is_found_whole_in_the_agent_index_and_the_tail_its_runs_share() {
         let (_dir, path, store) = fresh_store();
         let mut prev = GENESIS.to_owned();
-        // Commits of 100: the tail goes to the recent level every 600 records, and at 12,600
-        // (8,400 entries, two in three records have an agent) a sweep starts. Queries for a
-        // window of an agent answer what the records table holds before, during and after it.
+        // Commits of 100: the tail goes into the agent index and the run index's recent level
+        // every 600 records, and at 12,600 (10,080 entries, four in five records have a run) a
+        // sweep of the runs' recent level starts. Queries for a window of an agent answer what
+        // the records table holds, before, during and after it.
         let mut swept = false;
         for from in (1..=15_000).step_by(100) {
             append_agents(&store, from, 100, &mut prev).await;
@@ -1385,15 +1378,24 @@ mod tests {
                     agent_query(&store, &path, agent, since, until).await;
                 }
             }
-            let (mark, recent, index) = agent_levels(&path);
-            assert_eq!(recent + index, with_agent(mark), "after {through}");
+            let (mark, index) = agent_index(&path);
+            assert_eq!(index, with_agent(mark), "after {through}");
+            // The same records' runs, from the same tail.
+            let (_, recent, index) = run_levels(&path);
+            assert_eq!(recent + index, mark - mark / 5, "after {through}");
+            if through % 1_500 == 0 {
+                let run: Vec<u64> = (1..=through)
+                    .filter(|seq| seq % 5 != 0 && seq % 11 == 4)
+                    .collect();
+                assert_eq!(run_seqs(&store, "run-4").await, run);
+            }
             assert_eq!(mark as u64, through / 600 * 600);
-            swept |= index > 0;
+            swept |= index > 0 && recent < mark - mark / 5;
         }
         assert!(swept);
         assert_eq!(
-            store.inner.indexed.lock().unwrap().agents,
-            AGENTS.read(&Connection::open(&path).unwrap()).unwrap()
+            *store.inner.indexed.lock().unwrap(),
+            Indexed::read(&Connection::open(&path).unwrap()).unwrap()
         );
         drop(store);
         let store = SqliteStore::open(&path).unwrap();
@@ -1411,41 +1413,39 @@ mod tests {
         }
         Connection::open(&path)
             .unwrap()
-            .execute_batch(
-                "DROP TABLE tollgate_audit_agent_index; DROP TABLE tollgate_audit_agent_indexed;
-                 DROP TABLE tollgate_audit_agent_recent;
-                 CREATE INDEX tollgate_audit_agent ON tollgate_audit_records (agent, time_us);",
-            )
+            .execute_batch(BEFORE_AGENT_LEVELS)
             .unwrap();
         let store = SqliteStore::open(&path).unwrap();
-        let former: i64 = Connection::open(&path)
-            .unwrap()
-            .query_row(
-                "SELECT COUNT(*) FROM sqlite_master WHERE name = 'tollgate_audit_agent'",
-                [],
-                |r| r.get(0),
+        let conn = Connection::open(&path).unwrap();
+        let former: Vec<String> = conn
+            .prepare(
+                "SELECT name FROM sqlite_master WHERE name IN \
+                 ('tollgate_audit_agent', 'tollgate_audit_run_indexed', 'tollgate_audit_run_tail')",
             )
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
             .unwrap();
-        assert_eq!(former, 0);
-        // Every record's entry, swept whole into the index (the level was over its limit).
-        assert_eq!(agent_levels(&path), (13_000, 0, with_agent(13_000)));
+        assert!(former.is_empty(), "{former:?}");
+        // The records the run index's mark covered went straight into the agent index; the 400
+        // after it are in the tail, as their runs are.
+        assert_eq!(agent_index(&path), (12_600, with_agent(12_600)));
+        assert_eq!(run_levels(&path).0, 12_600);
         assert_eq!(
-            store.inner.indexed.lock().unwrap().agents,
-            Levels::default()
+            *store.inner.indexed.lock().unwrap(),
+            Indexed::read(&conn).unwrap()
         );
         agent_query(&store, &path, 5, 0, None).await;
-        agent_query(&store, &path, 2, 4_000, Some(9_000)).await;
-        // The run index was left as it was.
-        assert_eq!(
-            store.inner.indexed.lock().unwrap().runs,
-            RUNS.read(&Connection::open(&path).unwrap()).unwrap()
-        );
+        agent_query(&store, &path, 2, 4_000, Some(12_900)).await;
         append_agents(&store, 13_001, 700, &mut prev).await;
+        // The commit that took the records after the mark to 600 moved them.
+        assert_eq!(agent_index(&path), (13_200, with_agent(13_200)));
         agent_query(&store, &path, 5, 12_000, None).await;
     }
 
     #[tokio::test]
-    async fn a_query_for_an_agent_reads_its_levels_by_key_and_no_other_records() {
+    async fn a_query_for_an_agent_reads_its_index_by_key_and_no_other_records() {
         let (_dir, _, store) = fresh_store();
         let filter = Filter::of(&Query {
             agent: Some("ns/agent".into()),
@@ -1484,10 +1484,8 @@ mod tests {
             assert!(
                 plan.contains(&format!(
                     "SEARCH tollgate_audit_agent_index USING PRIMARY KEY {bounds}"
-                )) && plan.contains(&format!(
-                    "SEARCH tollgate_audit_agent_recent USING PRIMARY KEY {bounds}"
                 )) && plan
-                    .contains("SEARCH tollgate_audit_records USING INTEGER PRIMARY KEY (rowid>?)")
+                    .contains("SEARCH tollgate_audit_tail USING INTEGER PRIMARY KEY (rowid>?)")
                     && plan.contains(
                         "SEARCH tollgate_audit_records USING INTEGER PRIMARY KEY (rowid=?)"
                     )
@@ -1503,7 +1501,7 @@ mod tests {
         let (_dir, path, store) = fresh_store();
         let mut prev = GENESIS.to_owned();
         append_agents(&store, 1, 1_300, &mut prev).await;
-        assert_eq!(agent_levels(&path), (1_200, with_agent(1_200), 0));
+        assert_eq!(agent_index(&path), (1_200, with_agent(1_200)));
         let records = store.query(&Query::default()).await.unwrap();
         let head = |seq: u64| Head {
             seq,
@@ -1511,13 +1509,13 @@ mod tests {
         };
         store.prune("gw-0", &head(1_000)).await.unwrap();
         assert_eq!(
-            agent_levels(&path),
-            (1_200, with_agent(1_200) - with_agent(1_000), 0)
+            agent_index(&path),
+            (1_200, with_agent(1_200) - with_agent(1_000))
         );
         agent_query(&store, &path, 1, 0, None).await;
         // Everything pruned: SQLite numbers the next rows from 1 again, below the old mark.
         store.prune("gw-0", &head(1_300)).await.unwrap();
-        assert_eq!(agent_levels(&path), (0, 0, 0));
+        assert_eq!(agent_index(&path), (0, 0));
         append_agents(&store, 1_301, 100, &mut prev).await;
         agent_query(&store, &path, 1, 0, None).await;
     }

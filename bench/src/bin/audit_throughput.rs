@@ -377,6 +377,18 @@ const CASES: [(Duration, u64); 4] = [
     (Duration::from_millis(2), 2048),
 ];
 
+/// [`CASES`], or, given `TASKS=N,M,…`, those numbers of tasks with no commit window (fewer
+/// tasks make smaller commits, as a gateway's are).
+fn cases() -> Vec<(Duration, u64)> {
+    match std::env::var("TASKS") {
+        Ok(list) => list
+            .split(',')
+            .map(|n| (Duration::ZERO, n.trim().parse().expect("TASKS is a list of numbers")))
+            .collect(),
+        Err(_) => CASES.to_vec(),
+    }
+}
+
 /// `n` times: 4 KiB written over a block of a file already on disk (as a WAL that starts over
 /// is), then `fdatasync`. The p50 and p99 of one round.
 fn disk_sync(path: &std::path::Path, n: usize) -> (Duration, Duration) {
@@ -415,7 +427,7 @@ async fn main() {
     if run("sqlite") {
         let floor_store = SqliteStore::open(dir.path().join("floor.db")).unwrap();
         let sqlite_floor = floor(&floor_store, "gw-0", records).await;
-        for (i, (window, writers)) in CASES.into_iter().enumerate() {
+        for (i, (window, writers)) in cases().into_iter().enumerate() {
             let store =
                 Arc::new(SqliteStore::open(dir.path().join(format!("audit-{i}.db"))).unwrap());
             let a = appends(
@@ -476,7 +488,7 @@ async fn main() {
             .unwrap();
         let postgres_floor = floor(&floor_store, "gw-0", records).await;
         let server = Processes::postgres(postgres);
-        for (i, (window, writers)) in CASES.into_iter().enumerate() {
+        for (i, (window, writers)) in cases().into_iter().enumerate() {
             let url = postgres.database("bench").unwrap();
             let store = Arc::new(PostgresStore::connect(&url).await.unwrap());
             let a = appends(store.clone(), "gw-0", records, window, writers, server).await;
