@@ -276,8 +276,7 @@ async fn appends<S: Store>(
         p99: latencies[latencies.len() * 99 / 100],
         written_per_record: io.written().saturating_sub(written) as f64 / records as f64,
         checkpoint_per_record: matches!(io, Processes::Own).then(|| {
-            written_since(&checkpoints, &thread_written(CHECKPOINT_THREAD)) as f64
-                / records as f64
+            written_since(&checkpoints, &thread_written(CHECKPOINT_THREAD)) as f64 / records as f64
         }),
         records_per_commit: records as f64
             / commits.0.load(std::sync::atomic::Ordering::Relaxed).max(1) as f64,
@@ -362,8 +361,10 @@ fn report(name: &str, a: &Appends, floor: f64) {
         a.p99.as_secs_f64() * 1e3,
         a.records_per_commit,
         a.written_per_record / 1e3,
-        a.checkpoint_per_record
-            .map_or(String::new(), |c| format!(" (checkpoint thread {:.1})", c / 1e3)),
+        a.checkpoint_per_record.map_or(String::new(), |c| format!(
+            " (checkpoint thread {:.1})",
+            c / 1e3
+        )),
         floor,
         a.per_second / floor
     );
@@ -383,7 +384,12 @@ fn cases() -> Vec<(Duration, u64)> {
     match std::env::var("TASKS") {
         Ok(list) => list
             .split(',')
-            .map(|n| (Duration::ZERO, n.trim().parse().expect("TASKS is a list of numbers")))
+            .map(|n| {
+                (
+                    Duration::ZERO,
+                    n.trim().parse().expect("TASKS is a list of numbers"),
+                )
+            })
             .collect(),
         Err(_) => CASES.to_vec(),
     }

@@ -13,7 +13,8 @@
 //! answers read by `content-length` and parsed as JSON), so that the load generator takes as
 //! little as it can of the cores it shares with the servers; every row prints the CPU each side
 //! spent per request. `PIN=SERVER:LOAD` puts them on separate CPUs; `GATEWAY_WORKERS=N` gives
-//! the gateway's runtime N worker threads (2 unless set).
+//! the gateway's runtime N worker threads (2 unless set); `AGENTS=N` gives the gateway N agents
+//! with the same policy, client `w` calling as agent `w % N` (1 unless set).
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -39,14 +40,45 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const KEY: &str = "bench-key";
 
+/// How many agents the decision load calls as (`AGENTS`, 1 unless set).
+fn agents() -> usize {
+    static AGENTS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *AGENTS.get_or_init(|| {
+        std::env::var("AGENTS").map_or(1, |n| n.parse().expect("AGENTS is a number"))
+    })
+}
+
+/// Agent `i`'s name and API key (agent 0: "bench-agent" and [`KEY`]).
+fn agent(i: usize) -> (String, String) {
+    match i {
+        0 => ("bench-agent".into(), KEY.into()),
+        i => (format!("bench-agent-{i}"), format!("{KEY}-{i}")),
+    }
+}
+
+/// The authorization header of each agent, for the load's clients to take in turn.
+fn bearers() -> Vec<String> {
+    (0..agents())
+        .map(|i| format!("Bearer {}", agent(i).1))
+        .collect()
+}
+
+/// Every agent's identity and policy (see [`rules`]).
+fn policy(upstream: &str) -> String {
+    (0..agents())
+        .map(|i| rules(&agent(i).0, upstream))
+        .collect()
+}
+
 /// The same rules as the Rego below: one tool with a pattern-checked argument, one with an enum,
 /// a size limit and a condition over every item; three blocked tools.
-fn policy(upstream: &str) -> String {
+fn rules(name: &str, upstream: &str) -> String {
     format!(
         r#"
+---
 apiVersion: tollgate.dev/v1alpha1
 kind: AgentIdentity
-metadata: {{name: bench-agent, namespace: bench}}
+metadata: {{name: {name}, namespace: bench}}
 spec:
   description: load
   owner: {{team: bench, contacts: [bench@example.com]}}
@@ -54,9 +86,9 @@ spec:
 ---
 apiVersion: tollgate.dev/v1alpha1
 kind: AgentPolicy
-metadata: {{name: bench-agent, namespace: bench}}
+metadata: {{name: {name}, namespace: bench}}
 spec:
-  identityRef: {{name: bench-agent}}
+  identityRef: {{name: {name}}}
   upstreams:
     - name: crm
       mcp: {{url: "{upstream}"}}
@@ -80,14 +112,18 @@ spec:
     )
 }
 
-/// The bench agent's API key, stored as its hash.
+/// The bench agents' API keys, stored as their hashes.
 fn keys() -> Keys {
     use sha2::Digest;
-    Keys::parse(&format!(
-        "keys:\n  - {{name: bench, agent: bench/bench-agent, sha256: {}}}\n",
-        hex::encode(sha2::Sha256::digest(KEY.as_bytes()))
-    ))
-    .unwrap()
+    let mut file = String::from("keys:\n");
+    for i in 0..agents() {
+        let (name, key) = agent(i);
+        file += &format!(
+            "  - {{name: {name}, agent: bench/{name}, sha256: {}}}\n",
+            hex::encode(sha2::Sha256::digest(key.as_bytes()))
+        );
+    }
+    Keys::parse(&file).unwrap()
 }
 
 const REGO: &str = include_str!("../../rules/sample.rego");
@@ -135,8 +171,9 @@ struct Load {
 struct Target {
     /// `host:port` to connect to.
     address: Arc<str>,
-    /// The request's head up to its `content-length` value: request line, host, authorization.
-    head: Arc<str>,
+    /// The request's head up to its `content-length` value: request line, host, authorization;
+    /// one per authorization header, client `w` taking head `w % heads`.
+    heads: Arc<[String]>,
     body: fn(usize, usize) -> Value,
     check: fn(&Value) -> bool,
 }
@@ -144,7 +181,7 @@ struct Target {
 impl Target {
     fn new(
         url: &str,
-        auth: Option<&str>,
+        auth: &[String],
         body: fn(usize, usize) -> Value,
         check: fn(&Value) -> bool,
     ) -> Self {
@@ -153,16 +190,20 @@ impl Target {
             .unwrap_or_else(|| panic!("the load generator speaks plain HTTP, not {url}"));
         let (address, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
         let path = if path.is_empty() { "/" } else { path };
-        let mut head = format!(
-            "POST {path} HTTP/1.1\r\nhost: {address}\r\ncontent-type: application/json\r\n"
-        );
-        if let Some(auth) = auth {
-            head += &format!("authorization: {auth}\r\n");
-        }
-        head += "content-length: ";
+        let head = |auth: Option<&String>| {
+            let auth = auth.map_or(String::new(), |auth| format!("authorization: {auth}\r\n"));
+            format!(
+                "POST {path} HTTP/1.1\r\nhost: {address}\r\ncontent-type: application/json\r\n\
+                 {auth}content-length: "
+            )
+        };
+        let heads = match auth {
+            [] => vec![head(None)],
+            auth => auth.iter().map(|a| head(Some(a))).collect(),
+        };
         Self {
             address: address.into(),
-            head: head.into(),
+            heads: heads.into(),
             body,
             check,
         }
@@ -185,7 +226,8 @@ impl Target {
     /// Request `i` of client `worker` on `connection`, its answer checked.
     async fn call(&self, connection: &mut Connection, worker: usize, i: usize) {
         let body = serde_json::to_vec(&(self.body)(worker, i)).unwrap();
-        let answer: Value = serde_json::from_slice(connection.post(&self.head, &body).await)
+        let head = &self.heads[worker % self.heads.len()];
+        let answer: Value = serde_json::from_slice(connection.post(head, &body).await)
             .unwrap_or_else(|e| panic!("an answer that is not JSON ({e})"));
         assert!((self.check)(&answer), "unexpected answer: {answer}");
     }
@@ -265,7 +307,7 @@ impl Connection {
 /// `connections` closed-loop clients POST `body(i)` to `url` for `seconds`.
 async fn load(
     url: &str,
-    auth: Option<&str>,
+    auth: &[String],
     seconds: u64,
     connections: usize,
     body: fn(usize, usize) -> Value,
@@ -298,7 +340,7 @@ async fn load(
 /// has millisecond ticks, so requests leave in bursts of about `rate / 1000`.
 async fn paced(
     url: &str,
-    auth: Option<&str>,
+    auth: &[String],
     seconds: u64,
     connections: usize,
     rate: f64,
@@ -662,7 +704,7 @@ async fn bench() {
             .server()
             .charged(load(
                 &opa.url,
-                None,
+                &[],
                 seconds,
                 connections,
                 opa_body,
@@ -834,8 +876,7 @@ async fn at_rates(seconds: u64, connections: usize, rates: &str) {
     // Warm-up, not reported: connections, the store's first pages, the runs' first lookups.
     let first = rates[0];
     let warm = |url: String, body: fn(usize, usize) -> Value, check: fn(&Value) -> bool| async move {
-        let auth = format!("Bearer {KEY}");
-        paced(&url, Some(&auth), 2, connections, first, body, check).await
+        paced(&url, &bearers(), 2, connections, first, body, check).await
     };
     warm(format!("{own}/v1/decide"), decide_body, |a| {
         a["decision"] == "allow"
@@ -863,7 +904,7 @@ async fn at_rates(seconds: u64, connections: usize, rates: &str) {
         // One row: `server` charged for `rate` requests/s of `body` at `url`, answers checked.
         let measure = async |server: Server,
                              url: &str,
-                             auth: Option<&str>,
+                             auth: &[String],
                              body: fn(usize, usize) -> Value,
                              check: fn(&Value) -> bool| {
             server
@@ -871,28 +912,21 @@ async fn at_rates(seconds: u64, connections: usize, rates: &str) {
                 .await
         };
         let allowed: fn(&Value) -> bool = |answer| answer["decision"] == "allow";
-        let bearer = format!("Bearer {KEY}");
+        let bearers = bearers();
         let gateway = format!("{own}/v1/decide");
         commits().reset();
-        let l = measure(
-            GATEWAY_THREADS,
-            &gateway,
-            Some(&bearer),
-            decide_body,
-            allowed,
-        )
-        .await;
+        let l = measure(GATEWAY_THREADS, &gateway, &bearers, decide_body, allowed).await;
         row("tollgate /v1/decide", &l);
         println!("{}", commits().summary());
         if let Some(opa) = &opa {
-            let l = measure(opa.server(), &opa.url, None, opa_body, |answer| {
+            let l = measure(opa.server(), &opa.url, &[], opa_body, |answer| {
                 answer["result"] == true
             })
             .await;
             row("OPA REST /v1/data", &l);
         }
         let floor = format!("{floor}/v1/decide");
-        let l = measure(FLOOR_THREADS, &floor, None, decide_body, allowed).await;
+        let l = measure(FLOOR_THREADS, &floor, &[], decide_body, allowed).await;
         row("floor: axum answers", &l);
     }
 }
@@ -915,7 +949,7 @@ async fn tmpfs_gateway(upstream: &str) -> (tempfile::TempDir, String) {
 async fn decide(gw: &str, seconds: u64, connections: usize) -> Load {
     load(
         &format!("{gw}/v1/decide"),
-        Some(&format!("Bearer {KEY}")),
+        &bearers(),
         seconds,
         connections,
         decide_body,
@@ -1094,7 +1128,7 @@ async fn pg_gateway(dir: &std::path::Path, url: &str, chain: &str, shared: bool)
 async fn replicas(seconds: u64, connections: usize) {
     let dir = policy_dir();
     let postgres = tollgate_e2e::postgres::postgres();
-    let auth = format!("Bearer {KEY}");
+    let auth = bearers();
     let body = |worker: usize, i: usize| {
         let (tool, args) = call(worker, i);
         json!({"runId": format!("w{worker}-{}", i / 1000), "tool": tool, "arguments": args})
@@ -1106,7 +1140,7 @@ async fn replicas(seconds: u64, connections: usize) {
     let alone = pg_gateway(dir.path(), &url, "gw-0", false).await;
     let l = load(
         &format!("{alone}/v1/decide"),
-        Some(&auth),
+        &auth,
         seconds,
         connections,
         body,
@@ -1121,8 +1155,8 @@ async fn replicas(seconds: u64, connections: usize) {
     let half = connections.div_ceil(2);
     let (url_a, url_b) = (format!("{a}/v1/decide"), format!("{b}/v1/decide"));
     let (la, lb) = tokio::join!(
-        load(&url_a, Some(&auth), seconds, half, body, allowed),
-        load(&url_b, Some(&auth), seconds, half, body, allowed),
+        load(&url_a, &auth, seconds, half, body, allowed),
+        load(&url_b, &auth, seconds, half, body, allowed),
     );
     print("two replicas, budgets shared: replica a", &la);
     print("two replicas, budgets shared: replica b", &lb);
