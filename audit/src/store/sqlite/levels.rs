@@ -374,13 +374,9 @@ pub fn open(tx: &Transaction<'_>) -> rusqlite::Result<Indexed> {
         )?;
     }
     tx.execute("DROP TABLE IF EXISTS tollgate_audit_run_tail", [])?;
-    for statement in SCHEMA
-        .iter()
-        .map(|s| s.to_string())
-        .chain(RUNS.schema.iter().cloned())
-        .chain(AGENTS.schema.iter().cloned())
-    {
-        tx.execute(&statement, [])?;
+    let tables = RUNS.schema.iter().chain(&AGENTS.schema).map(String::as_str);
+    for statement in SCHEMA.into_iter().chain(tables) {
+        tx.execute(statement, [])?;
     }
     if !agents_before {
         tx.execute(
@@ -409,7 +405,7 @@ pub fn open(tx: &Transaction<'_>) -> rusqlite::Result<Indexed> {
     let levels = Indexed::read(tx)?;
     let tail: i64 = tx.query_row(&format!("SELECT COUNT(*) FROM {TAIL}"), [], |r| r.get(0))?;
     // Opening is no caller's wait: a recent level left over its limit (a file from before the
-    // batched indexes moves every record's entry in here) is swept whole.
+    // batched indexes moves every record's run in here) is swept whole.
     let whole = levels.runs.recent.max(levels.agents.recent) + tail;
     index(tx, last, whole as usize, &levels)
 }
