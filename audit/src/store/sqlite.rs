@@ -1445,6 +1445,46 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn agent_levels_with_a_mark_of_their_own_are_built_again() {
+        // As two development commits left them: entries in a recent level and a tail of the
+        // agent index's own, which this layout does not read.
+        let (_dir, path, _) = file_of(
+            1_000,
+            "CREATE TABLE tollgate_audit_agent_indexed (one INTEGER PRIMARY KEY, through INTEGER);
+             CREATE TABLE tollgate_audit_agent_recent (agent TEXT, time_us INTEGER, rec INTEGER);
+             CREATE TABLE tollgate_audit_agent_index (agent TEXT, time_us INTEGER, rec INTEGER);
+             UPDATE tollgate_audit_records SET agent = 'ns/agent-' || (seq % 7);",
+        )
+        .await;
+        let store = SqliteStore::open(&path).unwrap();
+        let tables: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE name IN \
+                 ('tollgate_audit_agent_indexed', 'tollgate_audit_agent_recent')",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(tables, 0);
+        // The records the mark covers are in the index, those after it in the tail.
+        assert_eq!(agent_index(&path), (600, 600));
+        let query = Query {
+            agent: Some("ns/agent-3".into()),
+            ..Default::default()
+        };
+        let found: Vec<u64> = store
+            .query(&query)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        let expected: Vec<u64> = (1..=1_000).filter(|seq| seq % 7 == 3).collect();
+        assert_eq!(found, expected);
+    }
+
+    #[tokio::test]
     async fn a_query_for_an_agent_reads_its_index_by_key_and_no_other_records() {
         let (_dir, _, store) = fresh_store();
         let filter = Filter::of(&Query {

@@ -362,10 +362,20 @@ fn has_table(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
 /// is indexed anew); the run index's mark in `tollgate_audit_run_indexed`, renamed, and its
 /// tail in `tollgate_audit_run_tail`, dropped (the records after the mark fill the tail again);
 /// a run index and no agent index, whose mark covers records the tail will not bring: their
-/// agent entries go straight into the agent index.
+/// agent entries go straight into the agent index; agent levels with a mark of their own
+/// (`tollgate_audit_agent_indexed`), dropped and built again.
 pub fn open(tx: &Transaction<'_>) -> rusqlite::Result<Indexed> {
     tx.execute("DROP INDEX IF EXISTS tollgate_audit_run", [])?;
     tx.execute("DROP INDEX IF EXISTS tollgate_audit_agent", [])?;
+    if has_table(tx, "tollgate_audit_agent_indexed")? {
+        // Agent levels with a mark of their own (two development commits): indexed anew.
+        for table in ["indexed", "index", "recent", "tail"] {
+            tx.execute(
+                &format!("DROP TABLE IF EXISTS tollgate_audit_agent_{table}"),
+                [],
+            )?;
+        }
+    }
     let agents_before = has_table(tx, &AGENTS.index)?;
     if has_table(tx, "tollgate_audit_run_indexed")? && !has_table(tx, "tollgate_audit_indexed")? {
         tx.execute(
