@@ -1164,17 +1164,23 @@ mod tests {
         );
     }
 
+    /// The head at each sequence number of chain "gw-0" as the store holds it now (records
+    /// numbered from 1), for pruning through it.
+    async fn heads_of(store: &SqliteStore) -> impl Fn(u64) -> Head {
+        let records = store.query(&Query::default()).await.unwrap();
+        move |seq| Head {
+            seq,
+            hash: records[seq as usize - 1].hash.clone(),
+        }
+    }
+
     #[tokio::test]
     async fn pruning_takes_its_records_out_of_the_run_index_and_lowers_the_mark() {
         let (_dir, path, store) = fresh_store();
         let mut prev = GENESIS.to_owned();
         append_runs(&store, 1, 1200, &mut prev).await;
         assert_eq!(run_index(&path), (1200, 1200));
-        let records = store.query(&Query::default()).await.unwrap();
-        let head = |seq: u64| Head {
-            seq,
-            hash: records[seq as usize - 1].hash.clone(),
-        };
+        let head = heads_of(&store).await;
         store.prune("gw-0", &head(1000)).await.unwrap();
         assert_eq!(run_index(&path), (1200, 200));
         assert_eq!(run_seqs(&store, "run-7").await, [1007, 1057, 1107, 1157]);
@@ -1290,13 +1296,7 @@ mod tests {
             until_us: until.map(|until| until as i64 * 1000),
             ..Default::default()
         };
-        let found: Vec<u64> = store
-            .query(&query)
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.seq)
-            .collect();
+        let found = found_seqs(store, &query).await;
         let filter = Filter::of(&query);
         let conn = Connection::open(path).unwrap();
         let scanned: Vec<u64> = records(
@@ -1333,6 +1333,17 @@ mod tests {
             .map(|o| (o.tool, o.outcome, o.count))
             .collect();
         assert_eq!(outcomes, expected);
+    }
+
+    /// The sequence numbers of what `query` finds in `store`.
+    async fn found_seqs(store: &SqliteStore, query: &Query) -> Vec<u64> {
+        store
+            .query(query)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect()
     }
 
     /// The mark and the agent index's entries (it has no recent level).
@@ -1473,13 +1484,7 @@ mod tests {
             agent: Some("ns/agent-3".into()),
             ..Default::default()
         };
-        let found: Vec<u64> = store
-            .query(&query)
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.seq)
-            .collect();
+        let found = found_seqs(&store, &query).await;
         let expected: Vec<u64> = (1..=1_000).filter(|seq| seq % 7 == 3).collect();
         assert_eq!(found, expected);
     }
@@ -1542,11 +1547,7 @@ mod tests {
         let mut prev = GENESIS.to_owned();
         append_agents(&store, 1, 1_300, &mut prev).await;
         assert_eq!(agent_index(&path), (1_200, with_agent(1_200)));
-        let records = store.query(&Query::default()).await.unwrap();
-        let head = |seq: u64| Head {
-            seq,
-            hash: records[seq as usize - 1].hash.clone(),
-        };
+        let head = heads_of(&store).await;
         store.prune("gw-0", &head(1_000)).await.unwrap();
         assert_eq!(
             agent_index(&path),
