@@ -17,6 +17,7 @@ pub mod record;
 pub mod redact;
 pub mod replay;
 mod sql;
+pub mod standing;
 pub mod store;
 pub mod verify;
 

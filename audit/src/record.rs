@@ -15,6 +15,7 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use tollgate_engine::graduation::Outcome;
 use tollgate_engine::{Ceiling, Decision, Usage, canonical};
 
 use crate::redact::Redactor;
@@ -262,6 +263,24 @@ pub fn outcome_of(decision: &Decision) -> String {
     }
 }
 
+/// What graduation reads in an outcome column: the inverse of [`Entry::outcome`] for the
+/// outcomes of tool calls. None for anything else (an approval still pending is
+/// [`Outcome::Pending`], as a decision that asks for approval is).
+pub fn outcome_kind(outcome: &str) -> Option<Outcome> {
+    Some(match outcome {
+        "allow" => Outcome::Allowed,
+        "requireApproval" | "pending" => Outcome::Pending,
+        "halt" => Outcome::Halted,
+        "approved" => Outcome::Approved,
+        "denied" => Outcome::DeniedByApprover,
+        "expired" => Outcome::Expired,
+        _ => Outcome::Denied(
+            serde_json::from_value(Value::String(outcome.strip_prefix("deny:")?.to_owned()))
+                .ok()?,
+        ),
+    })
+}
+
 #[derive(Deserialize)]
 struct BodyIn {
     schema: u32,
@@ -431,6 +450,47 @@ fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_outcome_of_a_call_reads_back_for_graduation() {
+        use tollgate_crds::approval::Phase;
+        use tollgate_engine::DenyCode;
+        let codes = [
+            DenyCode::KillSwitch,
+            DenyCode::NoPolicy,
+            DenyCode::ToolBlocked,
+            DenyCode::ToolNotAllowed,
+            DenyCode::MalformedArguments,
+            DenyCode::UnknownArgument,
+            DenyCode::MissingArgument,
+            DenyCode::ArgumentConstraint,
+            DenyCode::CallLimit,
+            DenyCode::ItemLimit,
+            DenyCode::ConditionFailed,
+            DenyCode::ConditionError,
+            DenyCode::ApprovalDenied,
+            DenyCode::ApprovalExpired,
+        ];
+        for code in codes {
+            assert_eq!(
+                outcome_kind(&format!("deny:{}", code.as_str())),
+                Some(Outcome::Denied(code))
+            );
+        }
+        // Approval records store the phase as the gateway writes it, lower-cased.
+        let phase = |p: Phase| outcome_kind(&format!("{p:?}").to_ascii_lowercase());
+        assert_eq!(phase(Phase::Pending), Some(Outcome::Pending));
+        assert_eq!(phase(Phase::Approved), Some(Outcome::Approved));
+        assert_eq!(phase(Phase::Denied), Some(Outcome::DeniedByApprover));
+        assert_eq!(phase(Phase::Expired), Some(Outcome::Expired));
+        assert_eq!(phase(Phase::Cancelled), None);
+        assert_eq!(outcome_kind("allow"), Some(Outcome::Allowed));
+        assert_eq!(outcome_kind("requireApproval"), Some(Outcome::Pending));
+        assert_eq!(outcome_kind("halt"), Some(Outcome::Halted));
+        for unknown in ["deny:", "deny:Nope", "Allow", "deny:killswitch", ""] {
+            assert_eq!(outcome_kind(unknown), None, "{unknown:?}");
+        }
+    }
 
     #[test]
     fn sequence_numbers_are_sealed_in_plain_decimal() {

@@ -237,16 +237,6 @@ pub struct WhatIf {
 /// `policy`, replaying each run's budget state as the candidate would have kept it, and lists
 /// every call whose decision would change (kind or deny code).
 pub fn what_if(policy: &CompiledPolicy, steps: &[Step]) -> WhatIf {
-    let (namespace, _) = policy.id().split_once('/').unwrap_or(("", policy.id()));
-    let agent_id = if namespace.is_empty() {
-        None
-    } else {
-        Some(format!("{namespace}/{}", policy.identity()))
-    };
-    let matches = |agent: &str| match &agent_id {
-        Some(id) => agent == id,
-        None => agent.rsplit('/').next() == Some(policy.identity()),
-    };
     let mut runs: BTreeMap<String, RunState> = BTreeMap::new();
     let mut window = WindowState::default();
     let mut pending = Pending::new();
@@ -256,7 +246,7 @@ pub fn what_if(policy: &CompiledPolicy, steps: &[Step]) -> WhatIf {
         let (Some(agent), Some(run_id)) = (&e.agent, &e.run) else {
             continue;
         };
-        if !matches(agent) {
+        if !policy.governs(agent) {
             continue;
         }
         let (namespace, name) = agent.split_once('/').unwrap_or(("", agent));

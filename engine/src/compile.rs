@@ -180,6 +180,17 @@ impl CompiledPolicy {
         &self.identity
     }
 
+    /// Whether `agent` (`namespace/name`, as the gateway records it) is the identity this policy
+    /// governs. A policy read from a file without a namespace governs that name in any namespace.
+    pub fn governs(&self, agent: &str) -> bool {
+        match self.id.split_once('/') {
+            Some((namespace, _)) if !namespace.is_empty() => agent
+                .split_once('/')
+                .is_some_and(|(ns, name)| ns == namespace && name == self.identity),
+            _ => agent.rsplit('/').next() == Some(self.identity.as_str()),
+        }
+    }
+
     /// The names of the allowed tools, sorted.
     pub fn allowed_tools(&self) -> Vec<&str> {
         let mut names: Vec<&str> = self.tools.keys().map(String::as_str).collect();

@@ -354,6 +354,177 @@ async fn postgres_store_passes_the_suite() {
     .await;
 }
 
+/// Graduation and drift from a trail: each allowed tool's clean completions and incidents in the
+/// policy's graduation window, its last call, and the allowed tools never called, the same from
+/// the store's aggregate queries as from folding the records themselves.
+async fn standing_suite<S: Store>(store: S) {
+    use tollgate_audit::ApprovalRef;
+    use tollgate_audit::standing::{of_records, of_store};
+    use tollgate_crds::policy::Autonomy;
+
+    let store = Arc::new(store);
+    let log = open(&store, "gw-0").await;
+    // Records keep microseconds.
+    let now = Timestamp::from_microsecond(Timestamp::now().as_microsecond()).unwrap()
+        - SignedDuration::from_hours(24);
+    let recent = now - SignedDuration::from_hours(1);
+    let mut entries = Vec::new();
+    for i in 0..25 {
+        entries.push(decide(recent, "support", "run-1", i, "refund", true));
+        // Another agent's calls never count for this one.
+        entries.push(decide(recent, "deploy", "run-2", i, "close_account", true));
+    }
+    let approval = |phase: &str| {
+        let mut entry = decide(recent, "support", "run-1", 30, "refund", true);
+        entry.event = Event::Approval;
+        entry.approval = Some(ApprovalRef {
+            name: "shop/refund-1".into(),
+            phase: phase.into(),
+            approvers: vec!["alice".into()],
+        });
+        entry
+    };
+    for phase in [
+        "Approved", "Approved", "Approved", "Denied", "Expired", "Expired", "Pending",
+    ] {
+        entries.push(approval(phase));
+    }
+    let denied = |tool: &str, code: DenyCode| {
+        let mut entry = decide(recent, "support", "run-1", 40, tool, false);
+        entry.decision = Some(Decision::Deny {
+            code,
+            rule: rule(tool),
+            message: "refused".into(),
+        });
+        entry
+    };
+    for code in [
+        DenyCode::ArgumentConstraint,
+        DenyCode::CallLimit,
+        DenyCode::KillSwitch,
+        DenyCode::KillSwitch,
+    ] {
+        entries.push(denied("refund", code));
+    }
+    entries.push(denied("wipe", DenyCode::ToolBlocked));
+    // Older than the graduation window (48h) but inside drift's (720h): used, not counted.
+    let old = now - SignedDuration::from_hours(24 * 10);
+    for i in 0..10 {
+        entries.push(decide(
+            old + SignedDuration::from_secs(i),
+            "support",
+            "run-0",
+            i as u64,
+            "lookup_order",
+            true,
+        ));
+    }
+    for entry in entries {
+        log.append(entry).await.unwrap();
+    }
+    let policy: tollgate_crds::AgentPolicy = serde_yaml::from_str(
+        r#"
+apiVersion: tollgate.dev/v1alpha1
+kind: AgentPolicy
+metadata: {name: support, namespace: shop}
+spec:
+  identityRef: {name: support}
+  upstreams: [{name: crm}]
+  tools:
+    allowed:
+      - name: refund
+        approval: {approvers: {groups: [leads]}}
+      - name: lookup_order
+      - name: close_account
+        approval: {approvers: {groups: [leads]}}
+        autonomy: ExceptionBased
+    blocked: [wipe]
+  graduation: {cleanCompletions: 28, maxIncidents: 3, window: 48h}
+"#,
+    )
+    .unwrap();
+    let policy = CompiledPolicy::compile(&policy).unwrap();
+
+    let standing = of_store(store.as_ref(), &policy, "720h", now)
+        .await
+        .unwrap();
+    assert_eq!(standing.agents, ["shop/support"]);
+    let tools: Vec<_> = standing
+        .tools
+        .iter()
+        .map(|t| {
+            (
+                t.name.as_str(),
+                t.clean_completions,
+                t.incidents,
+                t.last_used.as_ref().map(|t| t.0),
+                t.eligible_for,
+            )
+        })
+        .collect();
+    assert_eq!(
+        tools,
+        [
+            ("close_account", 0, 0, None, None),
+            (
+                "lookup_order",
+                0,
+                0,
+                Some(old + SignedDuration::from_secs(9)),
+                None
+            ),
+            // 25 allowed and 3 approved; one approver's denial, a constraint and a call limit.
+            (
+                "refund",
+                28,
+                3,
+                Some(recent),
+                Some(Autonomy::ExceptionBased)
+            ),
+        ]
+    );
+    assert_eq!(standing.drift.unused_tools, ["close_account"]);
+    assert_eq!(standing.drift.window, "720h");
+
+    // One incident more and refund is no longer eligible.
+    log.append(denied("refund", DenyCode::ItemLimit))
+        .await
+        .unwrap();
+    let standing = of_store(store.as_ref(), &policy, "720h", now)
+        .await
+        .unwrap();
+    let refund = standing.tools.iter().find(|t| t.name == "refund").unwrap();
+    assert_eq!((refund.incidents, refund.eligible_for), (4, None));
+
+    // A narrower drift window leaves lookup_order unused, and the fold of the records agrees
+    // with the store's queries in both.
+    for window in ["720h", "48h"] {
+        let from_store = of_store(store.as_ref(), &policy, window, now)
+            .await
+            .unwrap();
+        let records = store.query(&Query::default()).await.unwrap();
+        assert_eq!(
+            of_records(&records, &policy, window, now),
+            from_store,
+            "{window}"
+        );
+    }
+    let narrow = of_store(store.as_ref(), &policy, "48h", now).await.unwrap();
+    assert_eq!(narrow.drift.unused_tools, ["close_account", "lookup_order"]);
+}
+
+#[tokio::test]
+async fn sqlite_standing_counts_track_records_and_drift() {
+    let dir = tempfile::tempdir().unwrap();
+    standing_suite(SqliteStore::open(dir.path().join("audit.db")).unwrap()).await;
+}
+
+#[tokio::test]
+async fn postgres_standing_counts_track_records_and_drift() {
+    let url = postgres().database("standing").unwrap();
+    standing_suite(PostgresStore::connect(&url).await.unwrap()).await;
+}
+
 #[tokio::test]
 async fn postgres_seals_a_verification_page_over_several_scans_in_order() {
     use tollgate_audit::Record;
