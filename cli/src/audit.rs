@@ -9,7 +9,9 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use jiff::Timestamp;
+use serde_json::json;
 use tollgate_audit::replay::{self, Step};
+use tollgate_audit::standing;
 use tollgate_audit::{Head, PostgresStore, Query, Record, SqliteStore, Store, verify};
 
 /// Where the audit store is.
@@ -98,6 +100,18 @@ pub enum Action {
         /// Start of the window.
         since: Timestamp,
         /// JSON instead of text.
+        json: bool,
+    },
+    /// A policy's standing: each allowed tool's track record and eligibility, and the allowed
+    /// tools its agent did not call.
+    Drift {
+        /// A file holding the AgentPolicy.
+        policy: std::path::PathBuf,
+        /// The drift window, such as 720h.
+        window: String,
+        /// The time the windows end.
+        now: Timestamp,
+        /// JSON (as the AgentPolicy's `status.tools` and `status.drift`) instead of text.
         json: bool,
     },
 }
@@ -412,8 +426,126 @@ async fn act(store: &impl Source, action: Action) -> Result<Outcome> {
                 }
             }
         }
+        Action::Drift {
+            policy,
+            window,
+            now,
+            json,
+        } => {
+            let policy = crate::offline::load_policy(Path::new(&policy))?;
+            let standing = match store.store() {
+                Some(store) => standing::of_store(store, &policy, &window, now).await?,
+                None => {
+                    let windows = standing::Windows::new(
+                        &policy,
+                        tollgate_engine::duration::parse(&window)
+                            .map_err(|e| anyhow::anyhow!("--since {window:?}: {e}"))?,
+                        now,
+                    );
+                    let records = store
+                        .records(Query {
+                            agent: policy.agent(),
+                            since_us: Some(windows.since_us()),
+                            ..Query::default()
+                        })
+                        .await?;
+                    standing::of_records(&records, &policy, &window, now)
+                }
+            };
+            if json {
+                text = serde_json::to_string_pretty(&json!({
+                    "tools": standing.tools,
+                    "drift": standing.drift,
+                }))?;
+                text.push('\n');
+            } else {
+                text = drift_table(&policy, &standing);
+            }
+        }
     }
     Ok(Outcome { text, ok: true })
+}
+
+/// The standing as a table, then what went unused.
+fn drift_table(policy: &tollgate_engine::CompiledPolicy, standing: &standing::Standing) -> String {
+    let record_window = jiff::SignedDuration::try_from(policy.track_record_window())
+        .map(|d| format!("{:#}", d))
+        .unwrap_or_default();
+    let agents = if standing.agents.is_empty() {
+        "no recorded calls".to_owned()
+    } else {
+        format!("calls of {}", standing.agents.join(", "))
+    };
+    let mut text = format!(
+        "{} ({}), {agents}: track records over {record_window}, drift over {}\n",
+        policy.id(),
+        policy.hash(),
+        standing.drift.window
+    );
+    let rows: Vec<[String; 6]> = standing
+        .tools
+        .iter()
+        .map(|t| {
+            [
+                t.name.clone(),
+                t.autonomy.map_or("-".to_owned(), |a| format!("{a:?}")),
+                t.clean_completions.to_string(),
+                t.incidents.to_string(),
+                t.last_used.as_ref().map_or("never".to_owned(), |t| {
+                    t.0.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+                }),
+                t.eligible_for.map_or("-".to_owned(), |a| format!("{a:?}")),
+            ]
+        })
+        .collect();
+    let header = [
+        "TOOL",
+        "AUTONOMY",
+        "CLEAN",
+        "INCIDENTS",
+        "LAST USED",
+        "ELIGIBLE FOR",
+    ];
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| {
+            rows.iter()
+                .map(|r| r[i].len())
+                .chain([header[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for row in std::iter::once(header.map(str::to_owned)).chain(rows) {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        let _ = writeln!(text, "{}", line.join("  ").trim_end());
+    }
+    if standing.drift.unused_tools.is_empty() {
+        let _ = writeln!(
+            text,
+            "every allowed tool was called in the last {}",
+            standing.drift.window
+        );
+    } else {
+        let _ = writeln!(
+            text,
+            "allowed but not called in the last {}: {} (granted rights the agent does not use: consider removing them from spec.tools.allowed)",
+            standing.drift.window,
+            standing.drift.unused_tools.join(", ")
+        );
+    }
+    for tool in standing.tools.iter().filter(|t| t.eligible_for.is_some()) {
+        let _ = writeln!(
+            text,
+            "{} is eligible for {:?}: graduation is never automatic; a person grants it by changing the policy",
+            tool.name,
+            tool.eligible_for.unwrap_or_default()
+        );
+    }
+    text
 }
 
 fn describe(decision: &tollgate_engine::Decision) -> String {

@@ -158,6 +158,20 @@ enum AuditCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Permission drift and graduation for a policy's agent: each allowed tool's clean
+    /// completions and incidents in the policy's graduation window, when it was last called, the
+    /// autonomy its record makes it eligible for, and the allowed tools it did not call.
+    Drift {
+        /// A file holding the AgentPolicy.
+        #[arg(long)]
+        policy: PathBuf,
+        /// The drift window: allowed tools not called in it are reported, such as 720h.
+        #[arg(long, default_value = "720h")]
+        since: String,
+        /// Print JSON (as the AgentPolicy's status.tools and status.drift) instead.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -247,6 +261,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     since: audit::since(&since, now)?,
                     json,
                 },
+                AuditCommand::Drift {
+                    policy,
+                    since,
+                    json,
+                } => {
+                    audit::since(&since, now)?;
+                    audit::Action::Drift {
+                        policy,
+                        window: since,
+                        now,
+                        json,
+                    }
+                }
             };
             let outcome = block_on(audit::run(&store, action))?;
             print!("{}", outcome.text);

@@ -105,6 +105,103 @@ fn store() -> (tempfile::TempDir, PathBuf) {
 }
 
 #[test]
+fn drift_lists_track_records_unused_tools_and_eligibility() {
+    let (_dir, path) = store();
+    let (code, out, err) = tollgate(
+        &path,
+        &[
+            "drift",
+            "--policy",
+            "config/samples/support-agent.yaml",
+            "--since",
+            "1h",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[0].starts_with("support-agent-v2 (sha256:")
+            && lines[0].ends_with(
+                "calls of support/support-agent-v2: track records over 720h, drift over 1h"
+            ),
+        "{out}"
+    );
+    let row = |tool: &str| {
+        lines
+            .iter()
+            .find(|l| l.starts_with(&format!("{tool} ")))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .unwrap_or_else(|| panic!("no row for {tool} in:\n{out}"))
+    };
+    // The allowed call counts as clean; delete_customer is not an allowed tool and has no row.
+    assert_eq!(
+        row("read_customer_record")[..4],
+        ["read_customer_record", "-", "1", "0"]
+    );
+    assert_eq!(
+        row("send_customer_email"),
+        ["send_customer_email", "Gated", "1", "0", "never", "-"]
+    );
+    assert!(!out.contains("delete_customer"), "{out}");
+    assert!(
+        out.contains(
+            "allowed but not called in the last 1h: send_customer_email, update_order_status"
+        ),
+        "{out}"
+    );
+    assert!(!out.contains("eligible for"), "{out}");
+
+    // A policy that asks one clean completion for graduation: the approved e-mail earns it,
+    // unless the tool is irreversible (those always wait for people).
+    let sample = std::fs::read_to_string(repo().join("config/samples/support-agent.yaml")).unwrap();
+    let one = sample.replacen("cleanCompletions: 200", "cleanCompletions: 1", 1);
+    let reversible = one.replacen("irreversible: true", "irreversible: false", 1);
+    assert!(one != sample && reversible != one);
+    let eligibility = |policy: &str| {
+        let file = path.with_file_name("candidate.yaml");
+        std::fs::write(&file, policy).unwrap();
+        let (code, out, err) = tollgate(
+            &path,
+            &["drift", "--policy", file.to_str().unwrap(), "--json"],
+        );
+        assert_eq!(code, 0, "{out}{err}");
+        let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let email = status["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == "send_customer_email")
+            .unwrap()
+            .clone();
+        (email["eligibleFor"].clone(), status)
+    };
+    assert_eq!(eligibility(&one).0, serde_json::Value::Null);
+    let (eligible, status) = eligibility(&reversible);
+    assert_eq!(eligible, "ExceptionBased", "{status}");
+    assert_eq!(status["drift"]["window"], "720h");
+    assert_eq!(
+        status["drift"]["unusedTools"],
+        json!(["send_customer_email", "update_order_status"])
+    );
+
+    let (code, _, err) = tollgate(
+        &path,
+        &[
+            "drift",
+            "--policy",
+            "config/samples/support-agent.yaml",
+            "--since",
+            "soon",
+        ],
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("--since \"soon\""), "{err}");
+    let (code, _, err) = tollgate(&path, &["drift", "--policy", "missing.yaml"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("missing.yaml"), "{err}");
+}
+
+#[test]
 fn replay_prints_the_run_as_a_timeline() {
     let (_dir, path) = store();
     let (code, out, err) = tollgate(&path, &["replay", "--run", "run-7"]);

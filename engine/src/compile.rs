@@ -191,6 +191,17 @@ impl CompiledPolicy {
         }
     }
 
+    /// The agent this policy governs as the gateway records it (`namespace/name`), when the
+    /// policy has a namespace.
+    pub fn agent(&self) -> Option<String> {
+        match self.id.split_once('/') {
+            Some((namespace, _)) if !namespace.is_empty() => {
+                Some(format!("{namespace}/{}", self.identity))
+            }
+            _ => None,
+        }
+    }
+
     /// The names of the allowed tools, sorted.
     pub fn allowed_tools(&self) -> Vec<&str> {
         let mut names: Vec<&str> = self.tools.keys().map(String::as_str).collect();

@@ -1269,6 +1269,53 @@ async fn the_cli_reads_through_the_gateway_only_what_rbac_lets_it() {
     .await
     .unwrap();
     assert_eq!(export.text.lines().count(), 3);
+    // Drift and track records for a policy of that namespace: folded from the sealed records
+    // the gateway answers, exactly as from the store itself.
+    let policy_file = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy_file,
+        format!(
+            "apiVersion: tollgate.dev/v1alpha1
+kind: AgentPolicy
+metadata: {{name: support, namespace: {allowed_ns}}}
+spec:
+  identityRef: {{name: support}}
+  upstreams: [{{name: crm}}]
+  tools:
+    allowed: [{{name: read_customer_record}}, {{name: update_order}}]
+"
+        ),
+    )
+    .unwrap();
+    let drift = || Action::Drift {
+        policy: policy_file.clone(),
+        window: "720h".into(),
+        now: t0 + jiff::SignedDuration::from_hours(1),
+        json: false,
+    };
+    let through_gateway = kubectl_tollgate::audit::run(&remote(Some(&token)), drift())
+        .await
+        .unwrap();
+    let direct =
+        kubectl_tollgate::audit::run(&Location::Sqlite(dir.path().join("audit.db")), drift())
+            .await
+            .unwrap();
+    assert_eq!(through_gateway.text, direct.text);
+    assert!(
+        through_gateway
+            .text
+            .contains("allowed but not called in the last 720h: update_order"),
+        "{}",
+        through_gateway.text
+    );
+    let row: Vec<&str> = through_gateway
+        .text
+        .lines()
+        .find(|l| l.starts_with("read_customer_record"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(row[..4], ["read_customer_record", "-", "2", "0"]);
 
     // Another namespace, or everything at once, is refused, naming the namespace.
     let theirs = kubectl_tollgate::audit::run(&remote(Some(&token)), replay("run-theirs"))
