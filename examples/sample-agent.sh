@@ -39,8 +39,11 @@ echo "== 6. a request that names another agent is refused (and audited): only th
 call v1/decide '{"runId":"'"$run"'","tool":"read_customer_record","agent":"default/deploy-agent","arguments":{"customer_id":"C000042"}}'
 echo
 echo "== replay of run $run from the audit store"
-if command -v kubectl-tollgate >/dev/null; then
-  kubectl-tollgate audit replay --run "$run"
-else
-  cargo run -q -p kubectl-tollgate -- audit replay --run "$run"
-fi
+tollgate() {
+  if command -v kubectl-tollgate >/dev/null; then kubectl-tollgate "$@"
+  else cargo run -q -p kubectl-tollgate -- "$@"; fi
+}
+tollgate audit replay --run "$run"
+echo
+echo "== the support agent's track record and unused rights (graduation and drift)"
+tollgate audit drift --policy config/samples/support-agent.yaml

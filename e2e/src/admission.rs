@@ -183,6 +183,8 @@ kind: ClusterRole
 metadata: {name: tollgate-e2e-gateway-breach}
 rules:
 - {apiGroups: [tollgate.dev], resources: [agentidentities], verbs: [get, patch]}
+# Each policy's track record and drift (status.tools, status.drift).
+- {apiGroups: [tollgate.dev], resources: [agentpolicies/status], verbs: [patch]}
 - {apiGroups: [events.k8s.io], resources: [events], verbs: [create, patch]}
 - {apiGroups: [""], resources: [secrets], resourceNames: [tollgate-notify], verbs: [get]}
 # The audit read API: who is asking, and may they read that namespace.

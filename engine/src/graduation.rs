@@ -159,7 +159,7 @@ impl CompiledPolicy {
                     autonomy: self.tools.get(name).and_then(|t| t.autonomy),
                     clean_completions: saturating_i64(record.clean_completions),
                     incidents: saturating_i64(record.incidents),
-                    last_used: last_used.get(name).map(|t| Time(*t)),
+                    last_used: last_used.get(name).map(|t| seconds(*t)),
                     eligible_for: self.eligible_for(name, record),
                 }
             })
@@ -176,7 +176,7 @@ impl CompiledPolicy {
     ) -> DriftStatus {
         DriftStatus {
             window: window.to_owned(),
-            evaluated_at: Some(Time(now)),
+            evaluated_at: Some(seconds(now)),
             unused_tools: self
                 .allowed_tools()
                 .into_iter()
@@ -189,4 +189,10 @@ impl CompiledPolicy {
 
 fn saturating_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// A status time: Kubernetes keeps whole seconds, so a status written with more would never
+/// compare equal to itself read back.
+fn seconds(t: Timestamp) -> Time {
+    Time(Timestamp::from_second(t.as_second()).unwrap_or(t))
 }

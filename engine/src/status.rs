@@ -296,7 +296,9 @@ pub fn identity_status(
 }
 
 /// The status of an AgentPolicy: compiled (or why not) and bound to an existing identity (or
-/// which one is missing). Track record and drift are kept as they were.
+/// which one is missing): the fields the operator owns. `tools` and `drift` are left out: the
+/// gateway writes them from the audit trail under a field manager of its own
+/// ([`operator_fields`] takes them out of a status read back, for comparison).
 pub fn policy_status(
     policy: &AgentPolicy,
     compiled: Result<&CompiledPolicy, &CompileErrors>,
@@ -379,8 +381,17 @@ pub fn policy_status(
         observed_generation: generation,
         policy_hash,
         conditions,
-        tools: old.tools,
-        drift: old.drift,
+        tools: Vec::new(),
+        drift: None,
+    }
+}
+
+/// The fields of `status` that [`policy_status`] writes.
+pub fn operator_fields(status: &AgentPolicyStatus) -> AgentPolicyStatus {
+    AgentPolicyStatus {
+        tools: Vec::new(),
+        drift: None,
+        ..status.clone()
     }
 }
 
@@ -750,7 +761,18 @@ mod tests {
             compiled.as_ref().ok().map(|c| c.hash())
         );
         assert!(status.conditions.iter().all(|c| c.status == "True"));
-        assert_eq!(status.tools.len(), 1, "the track record is kept");
+        assert!(
+            status.tools.is_empty() && status.drift.is_none(),
+            "the track record is the gateway's to write"
+        );
+        let mut read_back = status.clone();
+        read_back.tools = good.status.clone().unwrap().tools;
+        assert_eq!(read_back.tools.len(), 1);
+        assert_eq!(
+            operator_fields(&read_back),
+            status,
+            "a status read back with the gateway's fields compares equal to what the operator writes"
+        );
         assert_eq!(status.observed_generation, Some(4));
 
         let orphan = agent_policy("ghost", "true");

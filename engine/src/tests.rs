@@ -1029,7 +1029,9 @@ fn tool_statuses_and_drift_say_what_each_allowed_tool_earned_and_what_went_unuse
             },
         ),
     ]);
-    let yesterday: Timestamp = "2026-11-24T12:00:00Z".parse().unwrap();
+    // Status times are whole seconds, as Kubernetes keeps them.
+    let yesterday: Timestamp = "2026-11-24T12:00:00.75Z".parse().unwrap();
+    let whole: Timestamp = "2026-11-24T12:00:00Z".parse().unwrap();
     let used = BTreeMap::from([
         ("refund".to_owned(), yesterday),
         ("wipe".to_owned(), yesterday),
@@ -1065,7 +1067,7 @@ fn tool_statuses_and_drift_say_what_each_allowed_tool_earned_and_what_went_unuse
                 Some(Autonomy::Gated),
                 3,
                 0,
-                Some(yesterday),
+                Some(whole),
                 Some(Autonomy::ExceptionBased)
             ),
         ]

@@ -97,7 +97,7 @@ async fn reconcile_policy(policy: &AgentPolicy, context: &Context) -> Result<Act
         identity.as_ref(),
         (context.now)(),
     );
-    if policy.status.as_ref() != Some(&new) {
+    if policy.status.as_ref().map(status::operator_fields) != Some(new.clone()) {
         let api: Api<AgentPolicy> = Api::namespaced(context.client.clone(), &namespace);
         apply_status(&api, &name, &new).await?;
         let old = policy.status.clone().unwrap_or_default();

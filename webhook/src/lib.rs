@@ -34,6 +34,8 @@ pub struct GatewayConfig {
     pub records: Arc<dyn gateway::read::Records>,
     /// With a PostgreSQL trail: budgets shared live with the other replicas.
     pub shared: Option<Arc<dyn gateway::Shared>>,
+    /// How often AgentPolicy `status.tools` and `status.drift` are written from the trail.
+    pub standing: gateway::standing::Schedule,
 }
 
 impl GatewayConfig {
@@ -59,6 +61,7 @@ impl GatewayConfig {
                 history: store.clone(),
                 records: store.clone(),
                 shared: Some(store),
+                standing: Default::default(),
             })
         } else {
             let path = audit.strip_prefix("sqlite:").unwrap_or(audit);
@@ -69,6 +72,7 @@ impl GatewayConfig {
                 history: store.clone(),
                 records: store,
                 shared: None,
+                standing: Default::default(),
             })
         }
     }
@@ -126,6 +130,17 @@ pub async fn run_in_cluster(
             Some(shared) => gateway.with_shared(shared),
             None => gateway,
         };
+        let writer = gateway::standing::StatusWriter::new(
+            view.clone(),
+            config.records.clone(),
+            client.clone(),
+            config.standing,
+        );
+        let synced = view.clone();
+        tokio::spawn(async move {
+            synced.ready().await;
+            writer.run().await;
+        });
         let reader = gateway::read::Reader::new(config.records, client.clone());
         (
             config.listen,

@@ -70,6 +70,25 @@ struct Args {
     /// This replica's audit chain (its pod name).
     #[arg(long, env = "POD_NAME", default_value = "tollgate-gateway")]
     chain: String,
+    /// How often the gateway writes each AgentPolicy's track record and drift
+    /// (`status.tools`, `status.drift`) from its audit trail, such as 5m.
+    #[arg(long, env = "TOLLGATE_STANDING_INTERVAL", default_value = "5m", value_parser = duration)]
+    standing_interval: std::time::Duration,
+    /// The drift window: allowed tools not called in it are listed in `status.drift`.
+    #[arg(long, env = "TOLLGATE_DRIFT_WINDOW", default_value = "720h", value_parser = window)]
+    drift_window: String,
+}
+
+fn duration(text: &str) -> Result<std::time::Duration, String> {
+    let duration = tollgate_engine::duration::parse(text)?;
+    if duration.is_zero() {
+        return Err("must be longer than zero".to_owned());
+    }
+    Ok(duration)
+}
+
+fn window(text: &str) -> Result<String, String> {
+    duration(text).map(|_| text.to_owned())
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -198,10 +217,16 @@ async fn main() -> anyhow::Result<()> {
     };
     let metrics = tollgate_webhook::metrics::Metrics::default();
     let gateway = match (args.gateway_listen, &args.audit) {
-        (Some(listen), Some(audit)) => Some(
-            tollgate_webhook::GatewayConfig::open(listen, audit, args.chain.clone(), &metrics)
-                .await?,
-        ),
+        (Some(listen), Some(audit)) => {
+            let mut config =
+                tollgate_webhook::GatewayConfig::open(listen, audit, args.chain.clone(), &metrics)
+                    .await?;
+            config.standing = tollgate_webhook::gateway::standing::Schedule {
+                interval: args.standing_interval,
+                window: args.drift_window.clone(),
+            };
+            Some(config)
+        }
         _ => None,
     };
     tollgate_webhook::run_in_cluster(

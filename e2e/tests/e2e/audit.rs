@@ -364,8 +364,8 @@ async fn standing_suite<S: Store>(store: S) {
 
     let store = Arc::new(store);
     let log = open(&store, "gw-0").await;
-    // Records keep microseconds.
-    let now = Timestamp::from_microsecond(Timestamp::now().as_microsecond()).unwrap()
+    // Status times are whole seconds.
+    let now = Timestamp::from_second(Timestamp::now().as_second()).unwrap()
         - SignedDuration::from_hours(24);
     let recent = now - SignedDuration::from_hours(1);
     let mut entries = Vec::new();

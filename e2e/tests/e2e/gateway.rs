@@ -360,6 +360,219 @@ async fn an_agent_token_calls_through_the_gateway_and_the_kill_switch_stops_the_
     );
 }
 
+/// Graduation and drift on the policy itself: the gateway reads its trail and writes
+/// `status.tools` and `status.drift` with server-side apply as tollgate-gateway, beside the
+/// operator's conditions; neither removes the other's fields.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_writes_each_policys_track_record_and_drift_beside_the_operators_status() {
+    use tollgate_crds::AgentPolicy;
+    use tollgate_crds::policy::Autonomy;
+    use tollgate_e2e::operator::{Operator, Options};
+    use tollgate_webhook::gateway::standing::{Schedule, StatusWriter};
+
+    let cp = control_plane();
+    install_crds();
+    webhook();
+    let ns = cp.namespace("standing").await;
+    let _operator = Operator::start(&ns, Options::default());
+    // Graduation after two clean completions, so the record below earns eligibility.
+    let sample = std::fs::read_to_string(repo_root().join("config/samples/support-agent.yaml"))
+        .unwrap()
+        .replace("cleanCompletions: 200", "cleanCompletions: 2");
+    let manifest = repo_root().join(format!("target/e2e-runs/standing-{ns}.yaml"));
+    std::fs::write(&manifest, &sample).unwrap();
+    run(cp
+        .kubectl(User::Admin)
+        .args(["apply", "-n", &ns, "-f"])
+        .arg(&manifest));
+    let admin = cp.client(User::Admin).await;
+    let policies: Api<AgentPolicy> = Api::namespaced(admin.clone(), &ns);
+    eventually(
+        "the operator's Ready condition",
+        Duration::from_secs(60),
+        || async {
+            let status = policies.get("support-agent-v2").await.ok()?.status?;
+            status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready")
+                .then_some(())
+        },
+    )
+    .await;
+    // The operator made the agent's ServiceAccount.
+    let token = eventually("a token for the agent", Duration::from_secs(60), || async {
+        let output = cp
+            .kubectl(User::Admin)
+            .args(["create", "token", "agent-support-agent-v2", "-n", &ns])
+            .args(["--audience", "tollgate"])
+            .output()
+            .ok()?;
+        output
+            .status
+            .success()
+            .then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    })
+    .await;
+
+    // Calls through the gateway: three allowed reads, one order update its condition refuses.
+    let view = Arc::new(WatchedView::start(admin.clone(), "tollgate-system"));
+    view.ready().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path().join("audit.db")).unwrap());
+    let (log, _) = AuditLog::open(store.clone(), WriterConfig::new("gw-standing"))
+        .await
+        .unwrap();
+    let as_gateway = cp.client_as(GATEWAY).await;
+    let gateway = Gateway::new(
+        gateway::Policies::Cluster(ClusterPolicies::new(view.clone(), as_gateway.clone())),
+        TokenReviewer::new(admin.clone()),
+        log,
+        Redactor::default(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        axum::serve(listener, gateway::router(Arc::new(gateway)))
+            .await
+            .unwrap();
+    });
+    let http = reqwest::Client::new();
+    first_allow(&http, &url, &token, &ns).await;
+    for run_id in ["run-2", "run-3"] {
+        let (status, body) = decide(&http, &url, &token, run_id).await;
+        assert_eq!((status, body["decision"].as_str()), (200, Some("allow")));
+    }
+    let (_, body) = call(
+        &http,
+        &url,
+        &token,
+        "run-4",
+        "update_order_status",
+        json!({"status": "refunded", "order_ids": ["X-1"]}),
+    )
+    .await;
+    assert_eq!(body["decision"], "deny", "{body}");
+
+    // The writer, as the gateway's ServiceAccount with the shipped rights.
+    let writer = StatusWriter::new(
+        view.clone(),
+        store.clone(),
+        as_gateway,
+        Schedule {
+            interval: Duration::from_secs(3600),
+            window: "720h".into(),
+        },
+    );
+    assert_eq!(writer.once().await, 1);
+    let policy = policies.get("support-agent-v2").await.unwrap();
+    let status = policy.status.clone().unwrap();
+    let tool = |name: &str| {
+        status
+            .tools
+            .iter()
+            .find(|t| t.name == name)
+            .unwrap_or_else(|| panic!("no {name} in {:?}", status.tools))
+            .clone()
+    };
+    let read = tool("read_customer_record");
+    assert_eq!((read.clean_completions, read.incidents), (3, 0));
+    assert!(read.last_used.is_some());
+    let update = tool("update_order_status");
+    assert_eq!((update.clean_completions, update.incidents), (0, 1));
+    let email = tool("send_customer_email");
+    assert_eq!(
+        (email.autonomy, email.eligible_for),
+        (Some(Autonomy::Gated), None),
+        "irreversible: never eligible"
+    );
+    let drift = status.drift.clone().unwrap();
+    assert_eq!(drift.window, "720h");
+    assert_eq!(drift.unused_tools, ["send_customer_email"]);
+    assert!(
+        status.conditions.iter().any(|c| c.type_ == "Ready"),
+        "the operator's conditions stay: {status:?}"
+    );
+    // Ownership: the gateway's manager holds tools and drift and nothing else of the status.
+    let fields = |manager: &str| {
+        policy
+            .metadata
+            .managed_fields
+            .iter()
+            .flatten()
+            .filter(|f| f.manager.as_deref() == Some(manager))
+            .map(|f| serde_json::to_string(&f.fields_v1).unwrap())
+            .collect::<String>()
+    };
+    let gateway_fields = fields("tollgate-gateway");
+    assert!(
+        gateway_fields.contains("f:tools") && gateway_fields.contains("f:drift"),
+        "{gateway_fields}"
+    );
+    assert!(!gateway_fields.contains("f:conditions"), "{gateway_fields}");
+    assert!(!fields("tollgate-operator").contains("f:tools"));
+
+    // Another replica (or the next tick) finds the status fresh and writes nothing.
+    eventually(
+        "the watch sees the written drift",
+        Duration::from_secs(30),
+        || {
+            let (view, ns) = (view.clone(), ns.clone());
+            async move {
+                use tollgate_webhook::cluster::ClusterView;
+                view.policies()
+                    .iter()
+                    .any(|p| {
+                        p.metadata.namespace.as_deref() == Some(ns.as_str())
+                            && p.status.as_ref().is_some_and(|s| s.drift.is_some())
+                    })
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    assert_eq!(writer.once().await, 0);
+
+    // A change to the spec: the operator writes its status for the new generation and the
+    // track record stays; the gateway's next pass reports the tool the change adds as unused.
+    let added = sample.replacen(
+        "      - name: send_customer_email",
+        "      - name: close_ticket\n        upstream: crm\n      - name: send_customer_email",
+        1,
+    );
+    assert_ne!(added, sample);
+    std::fs::write(&manifest, &added).unwrap();
+    run(cp
+        .kubectl(User::Admin)
+        .args(["apply", "-n", &ns, "-f"])
+        .arg(&manifest));
+    let status = eventually(
+        "the operator's status for generation 2",
+        Duration::from_secs(60),
+        || async {
+            let status = policies.get("support-agent-v2").await.ok()?.status?;
+            (status.observed_generation == Some(2)).then_some(status)
+        },
+    )
+    .await;
+    assert_eq!(
+        status.tools.len(),
+        3,
+        "the operator kept the gateway's fields: {status:?}"
+    );
+    let drift = eventually(
+        "the gateway reports the new tool",
+        Duration::from_secs(30),
+        || async {
+            writer.once().await;
+            let drift = policies.get("support-agent-v2").await.ok()?.status?.drift?;
+            (drift.unused_tools.len() == 2).then_some(drift)
+        },
+    )
+    .await;
+    assert_eq!(drift.unused_tools, ["close_ticket", "send_customer_email"]);
+}
+
 #[tokio::test]
 async fn the_shipped_gateway_manifests_apply_and_grant_only_what_the_gateway_needs() {
     let cp = control_plane();
@@ -389,6 +602,13 @@ async fn the_shipped_gateway_manifests_apply_and_grant_only_what_the_gateway_nee
         &["create", "approvalrequests.tollgate.dev", "-n", "team-a"],
         &["patch", "agentidentities.tollgate.dev", "-n", "team-a"],
         &["create", "events.events.k8s.io", "-n", "team-a"],
+        &[
+            "patch",
+            "agentpolicies.tollgate.dev",
+            "--subresource=status",
+            "-n",
+            "team-a",
+        ],
         &["get", "secrets/tollgate-notify", "-n", "tollgate-system"],
         &[
             "get",
@@ -401,6 +621,8 @@ async fn the_shipped_gateway_manifests_apply_and_grant_only_what_the_gateway_nee
     }
     for refused in [
         &["update", "agentidentities.tollgate.dev", "-n", "team-a"][..],
+        &["patch", "agentpolicies.tollgate.dev", "-n", "team-a"],
+        &["update", "agentpolicies.tollgate.dev", "-n", "team-a"],
         &["get", "secrets", "-n", "team-a"],
         &["get", "configmaps", "-n", "tollgate-system"],
         &[

@@ -20,6 +20,7 @@ pub mod mcp;
 pub mod policies;
 pub mod read;
 pub mod shared;
+pub mod standing;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -17,6 +17,7 @@ use axum::extract::{Query as QueryParams, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use jiff::Timestamp;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, UserInfo};
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
@@ -24,28 +25,48 @@ use k8s_openapi::api::authorization::v1::{
 use kube::api::{Api, PostParams};
 use serde::Deserialize;
 use serde_json::json;
+use tollgate_audit::standing::Standing;
 use tollgate_audit::{Query, Record, Store};
+use tollgate_engine::CompiledPolicy;
 
 /// The API group and resource a SubjectAccessReview asks about.
 pub const RESOURCE: (&str, &str) = ("tollgate.dev", "auditrecords");
 /// The most records one answer holds; narrower queries read the rest.
 pub const MAX_RECORDS: u64 = 200_000;
 
-/// Where the records come from.
+type Answer<'a, T> = std::pin::Pin<Box<dyn Future<Output = Result<T, String>> + Send + 'a>>;
+
+/// The trail as the read API and the policy status writer read it.
 pub trait Records: Send + Sync + 'static {
     /// The records `query` selects, oldest first.
-    fn records<'a>(
+    fn records<'a>(&'a self, query: Query) -> Answer<'a, Vec<Record>>;
+
+    /// `policy`'s standing at `now`, drift over `window`
+    /// ([`tollgate_audit::standing::of_store`]).
+    fn standing<'a>(
         &'a self,
-        query: Query,
-    ) -> std::pin::Pin<Box<dyn Future<Output = Result<Vec<Record>, String>> + Send + 'a>>;
+        policy: &'a CompiledPolicy,
+        window: &'a str,
+        now: Timestamp,
+    ) -> Answer<'a, Standing>;
 }
 
 impl<S: Store> Records for S {
-    fn records<'a>(
-        &'a self,
-        query: Query,
-    ) -> std::pin::Pin<Box<dyn Future<Output = Result<Vec<Record>, String>> + Send + 'a>> {
+    fn records<'a>(&'a self, query: Query) -> Answer<'a, Vec<Record>> {
         Box::pin(async move { self.query(&query).await.map_err(|e| e.to_string()) })
+    }
+
+    fn standing<'a>(
+        &'a self,
+        policy: &'a CompiledPolicy,
+        window: &'a str,
+        now: Timestamp,
+    ) -> Answer<'a, Standing> {
+        Box::pin(async move {
+            tollgate_audit::standing::of_store(self, policy, window, now)
+                .await
+                .map_err(|e| e.to_string())
+        })
     }
 }
 
