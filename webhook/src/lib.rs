@@ -34,8 +34,9 @@ pub struct GatewayConfig {
     pub records: Arc<dyn gateway::read::Records>,
     /// With a PostgreSQL trail: budgets shared live with the other replicas.
     pub shared: Option<Arc<dyn gateway::Shared>>,
-    /// How often AgentPolicy `status.tools` and `status.drift` are written from the trail.
-    pub standing: gateway::standing::Schedule,
+    /// How often AgentPolicy `status.tools` and `status.drift` are written from the trail; never
+    /// when None.
+    pub standing: Option<gateway::standing::Schedule>,
 }
 
 impl GatewayConfig {
@@ -61,7 +62,7 @@ impl GatewayConfig {
                 history: store.clone(),
                 records: store.clone(),
                 shared: Some(store),
-                standing: Default::default(),
+                standing: Some(Default::default()),
             })
         } else {
             let path = audit.strip_prefix("sqlite:").unwrap_or(audit);
@@ -72,7 +73,7 @@ impl GatewayConfig {
                 history: store.clone(),
                 records: store,
                 shared: None,
-                standing: Default::default(),
+                standing: Some(Default::default()),
             })
         }
     }
@@ -130,17 +131,19 @@ pub async fn run_in_cluster(
             Some(shared) => gateway.with_shared(shared),
             None => gateway,
         };
-        let writer = gateway::standing::StatusWriter::new(
-            view.clone(),
-            config.records.clone(),
-            client.clone(),
-            config.standing,
-        );
-        let synced = view.clone();
-        tokio::spawn(async move {
-            synced.ready().await;
-            writer.run().await;
-        });
+        if let Some(schedule) = config.standing {
+            let writer = gateway::standing::StatusWriter::new(
+                view.clone(),
+                config.records.clone(),
+                client.clone(),
+                schedule,
+            );
+            let synced = view.clone();
+            tokio::spawn(async move {
+                synced.ready().await;
+                writer.run().await;
+            });
+        }
         let reader = gateway::read::Reader::new(config.records, client.clone());
         (
             config.listen,

@@ -71,12 +71,19 @@ struct Args {
     #[arg(long, env = "POD_NAME", default_value = "tollgate-gateway")]
     chain: String,
     /// How often the gateway writes each AgentPolicy's track record and drift
-    /// (`status.tools`, `status.drift`) from its audit trail, such as 5m.
-    #[arg(long, env = "TOLLGATE_STANDING_INTERVAL", default_value = "5m", value_parser = duration)]
+    /// (`status.tools`, `status.drift`) from its audit trail, such as 5m; 0 never writes them.
+    #[arg(long, env = "TOLLGATE_STANDING_INTERVAL", default_value = "5m", value_parser = interval)]
     standing_interval: std::time::Duration,
     /// The drift window: allowed tools not called in it are listed in `status.drift`.
     #[arg(long, env = "TOLLGATE_DRIFT_WINDOW", default_value = "720h", value_parser = window)]
     drift_window: String,
+}
+
+fn interval(text: &str) -> Result<std::time::Duration, String> {
+    if text == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    duration(text)
 }
 
 fn duration(text: &str) -> Result<std::time::Duration, String> {
@@ -221,10 +228,12 @@ async fn main() -> anyhow::Result<()> {
             let mut config =
                 tollgate_webhook::GatewayConfig::open(listen, audit, args.chain.clone(), &metrics)
                     .await?;
-            config.standing = tollgate_webhook::gateway::standing::Schedule {
-                interval: args.standing_interval,
-                window: args.drift_window.clone(),
-            };
+            config.standing = (!args.standing_interval.is_zero()).then(|| {
+                tollgate_webhook::gateway::standing::Schedule {
+                    interval: args.standing_interval,
+                    window: args.drift_window.clone(),
+                }
+            });
             Some(config)
         }
         _ => None,

@@ -121,13 +121,7 @@ async fn main() {
         log,
         Redactor::default(),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        axum::serve(listener, gateway::router(Arc::new(gateway)))
-            .await
-            .unwrap();
-    });
+    let url = tollgate_e2e::serve_gateway(gateway).await;
     let http = reqwest::Client::new();
     let read = json!({"customer_id": "C000042"});
     let deadline = Instant::now() + Duration::from_secs(60);

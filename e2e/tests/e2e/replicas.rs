@@ -8,9 +8,9 @@ use serde_json::{Value, json};
 use tollgate_audit::{AuditLog, PostgresStore, Redactor, WriterConfig, verify};
 use tollgate_e2e::postgres::postgres;
 use tollgate_e2e::repo_root;
+use tollgate_webhook::gateway::Gateway;
 use tollgate_webhook::gateway::keys::Keys;
 use tollgate_webhook::gateway::policies::{PolicySet, WatchedDir};
-use tollgate_webhook::gateway::{self, Gateway};
 
 const KEY: &str = "support-key-replicas";
 
@@ -40,14 +40,7 @@ async fn replica(url: &str, chain: &str, shared: bool) -> String {
     if shared {
         gateway = gateway.with_shared(store);
     }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        axum::serve(listener, gateway::router(Arc::new(gateway)))
-            .await
-            .unwrap();
-    });
-    format!("http://{address}")
+    tollgate_e2e::serve_gateway(gateway).await
 }
 
 async fn post(http: &reqwest::Client, base: &str, path: &str, body: Value) -> Value {

@@ -87,13 +87,14 @@ impl StatusWriter {
         loop {
             ticks.tick().await;
             let written = self.once().await;
-            tracing::debug!(written, "policy standing evaluated");
+            tracing::debug!(written = written.len(), "policy standing evaluated");
         }
     }
 
-    /// Evaluates every policy once; returns how many statuses it wrote.
-    pub async fn once(&self) -> usize {
-        let mut written = 0;
+    /// Evaluates every policy once; returns the policies (`namespace/name`) whose status it
+    /// wrote.
+    pub async fn once(&self) -> Vec<String> {
+        let mut written = Vec::new();
         for policy in self.view.policies() {
             let name = format!(
                 "{}/{}",
@@ -101,7 +102,7 @@ impl StatusWriter {
                 policy.metadata.name.as_deref().unwrap_or_default()
             );
             match self.evaluate(&policy).await {
-                Ok(true) => written += 1,
+                Ok(true) => written.push(name),
                 Ok(false) => {}
                 Err(e) => tracing::warn!(policy = %name, error = %e, "policy standing not written"),
             }
