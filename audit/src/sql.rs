@@ -71,6 +71,11 @@ impl Filter {
     }
 }
 
+pub(crate) const TALLIES: &str = "SELECT agent, tool, event, outcome, COUNT(*), MAX(time_us) \
+     FROM tollgate_audit_records \
+     WHERE time_us >= $1 AND time_us < $2 AND agent IS NOT NULL AND tool IS NOT NULL \
+     GROUP BY agent, tool, event, outcome";
+
 pub(crate) const TOOL_USE: &str = "SELECT agent, tool, COUNT(*), \
      SUM(CASE WHEN outcome = 'allow' THEN 1 ELSE 0 END), MAX(time_us) \
      FROM tollgate_audit_records \

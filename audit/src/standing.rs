@@ -2,9 +2,12 @@
 //! the allowed tools its agent did not call (permission drift). The gateway writes it to the
 //! AgentPolicy's `status.tools` and `status.drift`; `kubectl tollgate audit drift` prints it.
 //!
-//! Two readers give the same answer: [`of_store`] asks a store's aggregate queries (the gateway,
-//! and the CLI reading a store directly), [`of_records`] folds records already read (the CLI
-//! reading through the gateway's read API, which answers records and not aggregates).
+//! Everything is folded from counted rows ([`of_tallies`]: records per agent, tool, event and
+//! outcome, each marked with the windows it counts in). [`of_store`] gets them from a store's
+//! [`Store::tallies`] query, one per window (the CLI reading a store directly); [`of_records`]
+//! counts records already read (the CLI reading through the gateway's read API, which answers
+//! records and not aggregates); both give the same answer. The gateway keeps settled hours of
+//! counts and reads only what is new (`tollgate_webhook::gateway::standing`).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -14,7 +17,7 @@ use tollgate_engine::CompiledPolicy;
 use tollgate_engine::graduation::{DEFAULT_WINDOW, TrackRecord};
 
 use crate::record::outcome_kind;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, ToolTally};
 use crate::{Event, Record};
 
 /// What the trail says of a policy's agent.
@@ -61,8 +64,17 @@ impl Windows {
     }
 }
 
+/// Which windows a row counts in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Span {
+    /// The drift window: its decide records make a tool used.
+    pub drift: bool,
+    /// The track-record window: its outcomes count toward graduation.
+    pub record: bool,
+}
+
 /// The standing of `policy` at `now` from `store`, drift over `drift_window` (a duration such as
-/// `720h`; [`DEFAULT_WINDOW`] if it does not parse).
+/// `720h`; [`DEFAULT_WINDOW`] if it does not parse): one [`Store::tallies`] query per window.
 pub async fn of_store<S: Store>(
     store: &S,
     policy: &CompiledPolicy,
@@ -70,28 +82,33 @@ pub async fn of_store<S: Store>(
     now: Timestamp,
 ) -> Result<Standing, StoreError> {
     let windows = Windows::new(policy, parse_window(drift_window), now);
-    let mut tally = Tally::default();
-    for usage in store
-        .tool_use(windows.since_us(), windows.until_us)
-        .await?
-        .into_iter()
-        .filter(|u| policy.governs(&u.agent))
-    {
-        tally.agents.insert(usage.agent.clone());
-        tally.called(&usage.tool, usage.last_us, &windows);
-    }
-    for agent in tally.agents.clone() {
-        for row in store.outcomes(&agent, windows.record_since_us).await? {
-            if let Some(outcome) = outcome_kind(&row.outcome) {
-                tally
-                    .records
-                    .entry(row.tool)
-                    .or_default()
-                    .add(outcome, row.count);
-            }
-        }
-    }
-    Ok(tally.standing(policy, drift_window, now))
+    let record = store
+        .tallies(windows.record_since_us, windows.until_us)
+        .await?;
+    let drift = store
+        .tallies(windows.drift_since_us, windows.until_us)
+        .await?;
+    let rows = record
+        .iter()
+        .map(|t| {
+            (
+                t,
+                Span {
+                    drift: false,
+                    record: true,
+                },
+            )
+        })
+        .chain(drift.iter().map(|t| {
+            (
+                t,
+                Span {
+                    drift: true,
+                    record: false,
+                },
+            )
+        }));
+    Ok(of_tallies(rows, policy, drift_window, now))
 }
 
 /// The same standing from `records` (any order; records outside the windows or of other agents
@@ -103,67 +120,75 @@ pub fn of_records(
     now: Timestamp,
 ) -> Standing {
     let windows = Windows::new(policy, parse_window(drift_window), now);
-    let mut tally = Tally::default();
-    let governed = |index: &'_ crate::record::Index| match (&index.agent, &index.tool) {
-        (Some(agent), Some(tool)) if policy.governs(agent) && index.time_us < windows.until_us => {
-            Some((agent.clone(), tool.clone()))
-        }
-        _ => None,
+    let rows: Vec<(ToolTally, Span)> = records
+        .iter()
+        .map(|r| &r.index)
+        .filter(|i| i.time_us < windows.until_us)
+        .filter_map(|i| {
+            Some((
+                ToolTally {
+                    agent: i.agent.clone()?,
+                    tool: i.tool.clone()?,
+                    event: i.event.clone(),
+                    outcome: i.outcome.clone(),
+                    count: 1,
+                    last_us: i.time_us,
+                },
+                Span {
+                    drift: i.time_us >= windows.drift_since_us,
+                    record: i.time_us >= windows.record_since_us,
+                },
+            ))
+        })
+        .collect();
+    of_tallies(rows.iter().map(|(t, s)| (t, *s)), policy, drift_window, now)
+}
+
+/// The standing from counted rows, each with the windows it counts in; rows of agents the
+/// policy does not govern, or in neither window, are skipped.
+pub fn of_tallies<'a>(
+    rows: impl IntoIterator<Item = (&'a ToolTally, Span)>,
+    policy: &CompiledPolicy,
+    drift_window: &str,
+    now: Timestamp,
+) -> Standing {
+    let mut agents = BTreeSet::new();
+    let mut last_used: BTreeMap<String, Timestamp> = BTreeMap::new();
+    let mut used: BTreeMap<String, Timestamp> = BTreeMap::new();
+    let mut records: BTreeMap<String, TrackRecord> = BTreeMap::new();
+    let latest = |map: &mut BTreeMap<String, Timestamp>, tool: &str, at: Timestamp| {
+        let last = map.entry(tool.to_owned()).or_insert(at);
+        *last = (*last).max(at);
     };
-    for index in records.iter().map(|r| &r.index) {
-        if let Some((agent, tool)) = governed(index)
-            && index.event == Event::Decide.as_str()
-            && index.time_us >= windows.since_us()
+    for (row, span) in rows {
+        if !(span.drift || span.record) || !policy.governs(&row.agent) {
+            continue;
+        }
+        agents.insert(row.agent.clone());
+        if row.event == Event::Decide.as_str()
+            && let Ok(at) = Timestamp::from_microsecond(row.last_us)
         {
-            tally.agents.insert(agent);
-            tally.called(&tool, index.time_us, &windows);
+            latest(&mut last_used, &row.tool, at);
+            if span.drift {
+                latest(&mut used, &row.tool, at);
+            }
+        }
+        if span.record
+            && let Some(outcome) = row.outcome.as_deref().and_then(outcome_kind)
+        {
+            records
+                .entry(row.tool.clone())
+                .or_default()
+                .add(outcome, row.count);
         }
     }
-    // As the store's queries do: outcomes of the agents that called in the windows.
-    for index in records.iter().map(|r| &r.index) {
-        if let Some((agent, tool)) = governed(index)
-            && tally.agents.contains(&agent)
-            && index.time_us >= windows.record_since_us
-            && let Some(outcome) = index.outcome.as_deref().and_then(outcome_kind)
-        {
-            tally.records.entry(tool).or_default().add(outcome, 1);
-        }
+    Standing {
+        agents: agents.into_iter().collect(),
+        tools: policy.tool_statuses(&records, &last_used),
+        drift: policy.drift(drift_window, &used, now),
     }
-    tally.standing(policy, drift_window, now)
 }
 
 fn parse_window(window: &str) -> std::time::Duration {
     tollgate_engine::duration::parse(window).unwrap_or(DEFAULT_WINDOW)
-}
-
-#[derive(Default)]
-struct Tally {
-    agents: BTreeSet<String>,
-    /// The last call of each tool in either window.
-    last_used: BTreeMap<String, Timestamp>,
-    /// The tools called in the drift window.
-    used: BTreeMap<String, Timestamp>,
-    records: BTreeMap<String, TrackRecord>,
-}
-
-impl Tally {
-    fn called(&mut self, tool: &str, at_us: i64, windows: &Windows) {
-        let Ok(at) = Timestamp::from_microsecond(at_us) else {
-            return;
-        };
-        let last = self.last_used.entry(tool.to_owned()).or_insert(at);
-        *last = (*last).max(at);
-        if at_us >= windows.drift_since_us {
-            let used = self.used.entry(tool.to_owned()).or_insert(at);
-            *used = (*used).max(at);
-        }
-    }
-
-    fn standing(self, policy: &CompiledPolicy, drift_window: &str, now: Timestamp) -> Standing {
-        Standing {
-            agents: self.agents.into_iter().collect(),
-            tools: policy.tool_statuses(&self.records, &self.last_used),
-            drift: policy.drift(drift_window, &self.used, now),
-        }
-    }
 }

@@ -65,6 +65,24 @@ pub struct ToolUse {
     pub last_us: i64,
 }
 
+/// Records of one agent and tool in a window with the same event and outcome, counted: what
+/// graduation and drift read ([`crate::standing`]).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ToolTally {
+    /// `namespace/name` of the agent.
+    pub agent: String,
+    /// The tool.
+    pub tool: String,
+    /// [`crate::Event::as_str`].
+    pub event: String,
+    /// [`crate::Entry::outcome`], if the records have one.
+    pub outcome: Option<String>,
+    /// How many records.
+    pub count: u64,
+    /// The last of them, microseconds since the epoch.
+    pub last_us: i64,
+}
+
 /// One tool's decisions for one agent in a window: the input of graduation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ToolOutcome {
@@ -211,6 +229,14 @@ pub trait Store: Send + Sync + 'static {
         since_us: i64,
         until_us: i64,
     ) -> impl Future<Output = Result<Vec<ToolUse>, StoreError>> + Send;
+
+    /// Per agent, tool, event and outcome, the records with an agent and a tool in
+    /// `[since_us, until_us)`, sorted.
+    fn tallies(
+        &self,
+        since_us: i64,
+        until_us: i64,
+    ) -> impl Future<Output = Result<Vec<ToolTally>, StoreError>> + Send;
 
     /// Per tool and outcome, the records of `agent` since `since_us`.
     fn outcomes(

@@ -13,7 +13,9 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, NoTls, Row};
 
-use super::{Head, Query, Store, StoreError, ToolOutcome, ToolUse, dense_prefix, to_i64, to_u64};
+use super::{
+    Head, Query, Store, StoreError, ToolOutcome, ToolTally, ToolUse, dense_prefix, to_i64, to_u64,
+};
 use crate::record::{Index, Record};
 use crate::sql::{Filter, Param};
 use crate::verify::Sealed;
@@ -645,6 +647,29 @@ impl Store for PostgresStore {
                 })
             })
             .collect()
+    }
+
+    async fn tallies(&self, since_us: i64, until_us: i64) -> Result<Vec<ToolTally>, StoreError> {
+        let rows = self
+            .inner
+            .reader
+            .query(crate::sql::TALLIES, &[&since_us, &until_us])
+            .await?;
+        let mut tallies = rows
+            .iter()
+            .map(|r| {
+                Ok(ToolTally {
+                    agent: r.try_get(0)?,
+                    tool: r.try_get(1)?,
+                    event: r.try_get(2)?,
+                    outcome: r.try_get(3)?,
+                    count: to_u64(r.try_get(4)?)?,
+                    last_us: r.try_get(5)?,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        tallies.sort_unstable();
+        Ok(tallies)
     }
 
     async fn outcomes(&self, agent: &str, since_us: i64) -> Result<Vec<ToolOutcome>, StoreError> {

@@ -25,7 +25,9 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params_from_iter};
 
-use super::{Head, Query, Store, StoreError, ToolOutcome, ToolUse, dense_prefix, to_i64, to_u64};
+use super::{
+    Head, Query, Store, StoreError, ToolOutcome, ToolTally, ToolUse, dense_prefix, to_i64, to_u64,
+};
 use crate::record::{Index, Record};
 use crate::sql::{Filter, Param};
 use crate::verify::Sealed;
@@ -732,6 +734,26 @@ impl Store for SqliteStore {
                 })
             })?;
             Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    async fn tallies(&self, since_us: i64, until_us: i64) -> Result<Vec<ToolTally>, StoreError> {
+        self.read(move |conn| {
+            let mut statement = conn.prepare_cached(crate::sql::TALLIES)?;
+            let rows = statement.query_map([since_us, until_us], |r| {
+                Ok(ToolTally {
+                    agent: r.get(0)?,
+                    tool: r.get(1)?,
+                    event: r.get(2)?,
+                    outcome: r.get(3)?,
+                    count: r.get::<_, i64>(4)? as u64,
+                    last_us: r.get(5)?,
+                })
+            })?;
+            let mut tallies: Vec<ToolTally> = rows.collect::<Result<_, _>>()?;
+            tallies.sort_unstable();
+            Ok(tallies)
         })
         .await
     }

@@ -17,7 +17,6 @@ use axum::extract::{Query as QueryParams, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use jiff::Timestamp;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, UserInfo};
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
@@ -25,30 +24,24 @@ use k8s_openapi::api::authorization::v1::{
 use kube::api::{Api, PostParams};
 use serde::Deserialize;
 use serde_json::json;
-use tollgate_audit::standing::Standing;
+use tollgate_audit::store::ToolTally;
 use tollgate_audit::{Query, Record, Store};
-use tollgate_engine::CompiledPolicy;
 
 /// The API group and resource a SubjectAccessReview asks about.
 pub const RESOURCE: (&str, &str) = ("tollgate.dev", "auditrecords");
 /// The most records one answer holds; narrower queries read the rest.
 pub const MAX_RECORDS: u64 = 200_000;
 
-type Answer<'a, T> = std::pin::Pin<Box<dyn Future<Output = Result<T, String>> + Send + 'a>>;
+pub(crate) type Answer<'a, T> = std::pin::Pin<Box<dyn Future<Output = Result<T, String>> + Send + 'a>>;
 
 /// The trail as the read API and the policy status writer read it.
 pub trait Records: Send + Sync + 'static {
     /// The records `query` selects, oldest first.
     fn records<'a>(&'a self, query: Query) -> Answer<'a, Vec<Record>>;
 
-    /// `policy`'s standing at `now`, drift over `window`
-    /// ([`tollgate_audit::standing::of_store`]).
-    fn standing<'a>(
-        &'a self,
-        policy: &'a CompiledPolicy,
-        window: &'a str,
-        now: Timestamp,
-    ) -> Answer<'a, Standing>;
+    /// The records with an agent and a tool in `[since_us, until_us)`, counted
+    /// ([`Store::tallies`]).
+    fn tallies<'a>(&'a self, since_us: i64, until_us: i64) -> Answer<'a, Vec<ToolTally>>;
 }
 
 impl<S: Store> Records for S {
@@ -56,14 +49,9 @@ impl<S: Store> Records for S {
         Box::pin(async move { self.query(&query).await.map_err(|e| e.to_string()) })
     }
 
-    fn standing<'a>(
-        &'a self,
-        policy: &'a CompiledPolicy,
-        window: &'a str,
-        now: Timestamp,
-    ) -> Answer<'a, Standing> {
+    fn tallies<'a>(&'a self, since_us: i64, until_us: i64) -> Answer<'a, Vec<ToolTally>> {
         Box::pin(async move {
-            tollgate_audit::standing::of_store(self, policy, window, now)
+            Store::tallies(self, since_us, until_us)
                 .await
                 .map_err(|e| e.to_string())
         })

@@ -8,13 +8,21 @@
 //! owns the conditions and the hash). Every replica evaluates on its own schedule and skips a
 //! policy whose status another replica refreshed within the interval, so N replicas do not
 //! write N times as often.
+//!
+//! A pass reads only what is new. The trail's counts per agent, tool, event and outcome are kept
+//! by the hour: an hour that ended more than [`SETTLED`] ago never changes, so it is read once
+//! and kept while a window reaches it; each pass reads the unsettled rest (about an hour). The
+//! windows therefore count to the hour: an hour that overlaps a window counts whole.
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
+use tollgate_audit::standing::{Span, Standing, Windows, of_tallies};
+use tollgate_audit::store::ToolTally;
 use tollgate_crds::AgentPolicy;
 use tollgate_crds::policy::AgentPolicyStatus;
 use tollgate_engine::CompiledPolicy;
@@ -24,6 +32,15 @@ use crate::cluster::ClusterView;
 
 /// The field manager of the gateway's status writes.
 pub const MANAGER: &str = "tollgate-gateway";
+
+/// How long after an hour ends its records are taken to be all committed: a record is
+/// timestamped when its call is decided and committed moments later.
+pub const SETTLED: Duration = Duration::from_secs(600);
+
+const HOUR_US: i64 = 3_600_000_000;
+
+/// Settled hours of the trail, counted: by hour start (microseconds), by agent.
+type Hours = BTreeMap<i64, HashMap<String, Vec<ToolTally>>>;
 
 /// When and over what the gateway evaluates.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +68,7 @@ pub struct StatusWriter {
     client: kube::Client,
     schedule: Schedule,
     now: fn() -> Timestamp,
+    hours: tokio::sync::Mutex<Hours>,
 }
 
 impl std::fmt::Debug for StatusWriter {
@@ -76,6 +94,7 @@ impl StatusWriter {
             client,
             schedule,
             now: Timestamp::now,
+            hours: Default::default(),
         }
     }
 
@@ -94,14 +113,15 @@ impl StatusWriter {
     /// Evaluates every policy once; returns the policies (`namespace/name`) whose status it
     /// wrote.
     pub async fn once(&self) -> Vec<String> {
+        let now = (self.now)();
         let mut written = Vec::new();
-        for policy in self.view.policies() {
+        for (policy, standing) in self.standings(now).await {
             let name = format!(
                 "{}/{}",
                 policy.metadata.namespace.as_deref().unwrap_or_default(),
                 policy.metadata.name.as_deref().unwrap_or_default()
             );
-            match self.evaluate(&policy).await {
+            match self.write(&policy, &standing, now).await {
                 Ok(true) => written.push(name),
                 Ok(false) => {}
                 Err(e) => tracing::warn!(policy = %name, error = %e, "policy standing not written"),
@@ -110,19 +130,105 @@ impl StatusWriter {
         written
     }
 
-    /// Writes `policy`'s standing unless it is fresh. A policy that does not compile is left
-    /// alone: its Ready condition says why, and it has no allowed tools to report.
-    async fn evaluate(&self, policy: &AgentPolicy) -> Result<bool, String> {
-        let Ok(compiled) = CompiledPolicy::compile(policy) else {
-            return Ok(false);
+    /// The standing of every policy that compiles, at `now`.
+    pub async fn standings(&self, now: Timestamp) -> Vec<(Arc<AgentPolicy>, Standing)> {
+        let policies: Vec<(Arc<AgentPolicy>, CompiledPolicy)> = self
+            .view
+            .policies()
+            .into_iter()
+            // A policy that does not compile is left alone: its Ready condition says why, and
+            // it has no allowed tools to report.
+            .filter_map(|p| CompiledPolicy::compile(&p).ok().map(|c| (p, c)))
+            .collect();
+        let Ok(drift) = tollgate_engine::duration::parse(&self.schedule.window) else {
+            tracing::warn!(window = %self.schedule.window, "the drift window does not parse");
+            return Vec::new();
         };
-        let now = (self.now)();
+        let Some(since) = policies
+            .iter()
+            .map(|(_, c)| Windows::new(c, drift, now).since_us())
+            .min()
+        else {
+            return Vec::new();
+        };
+        let mut hours = self.hours.lock().await;
+        let live = match self.read(&mut hours, since, now).await {
+            Ok(live) => live,
+            Err(e) => {
+                tracing::warn!(error = %e, "the audit trail could not be read for policy standing");
+                return Vec::new();
+            }
+        };
+        let mut standings = Vec::new();
+        for (policy, compiled) in policies {
+            let Some(agent) = compiled.agent() else {
+                continue;
+            };
+            let windows = Windows::new(&compiled, drift, now);
+            let overlaps = |start: i64| Span {
+                drift: start + HOUR_US > windows.drift_since_us,
+                record: start + HOUR_US > windows.record_since_us,
+            };
+            let everywhere = Span {
+                drift: true,
+                record: true,
+            };
+            let rows = hours
+                .iter()
+                .filter_map(|(start, agents)| Some((agents.get(&agent)?, overlaps(*start))))
+                .flat_map(|(rows, span)| rows.iter().map(move |r| (r, span)))
+                .chain(
+                    live.iter()
+                        .filter(|r| r.agent == agent)
+                        .map(|r| (r, everywhere)),
+                );
+            let standing = of_tallies(rows, &compiled, &self.schedule.window, now);
+            standings.push((policy, standing));
+        }
+        standings
+    }
+
+    /// Brings `hours` up to date for windows reaching back to `since_us`: reads the settled hours
+    /// not read yet, drops those no window reaches, and returns the unsettled rest up to `now`.
+    async fn read(
+        &self,
+        hours: &mut Hours,
+        since_us: i64,
+        now: Timestamp,
+    ) -> Result<Vec<ToolTally>, String> {
+        let first = since_us.div_euclid(HOUR_US) * HOUR_US;
+        let settled_us = i64::try_from(SETTLED.as_micros()).unwrap_or(i64::MAX);
+        let end = now
+            .as_microsecond()
+            .saturating_sub(settled_us)
+            .div_euclid(HOUR_US)
+            * HOUR_US;
+        hours.retain(|start, _| *start >= first && *start < end);
+        let mut start = first;
+        while start < end {
+            if let std::collections::btree_map::Entry::Vacant(hour) = hours.entry(start) {
+                let mut by_agent: HashMap<String, Vec<ToolTally>> = HashMap::new();
+                for row in self.trail.tallies(start, start + HOUR_US).await? {
+                    by_agent.entry(row.agent.clone()).or_default().push(row);
+                }
+                hour.insert(by_agent);
+            }
+            start += HOUR_US;
+        }
+        self.trail
+            .tallies(end.max(first), now.as_microsecond().saturating_add(1))
+            .await
+    }
+
+    /// Writes `standing` onto `policy` unless its status already says it and is fresh.
+    async fn write(
+        &self,
+        policy: &AgentPolicy,
+        standing: &Standing,
+        now: Timestamp,
+    ) -> Result<bool, String> {
         let old = policy.status.clone().unwrap_or_default();
-        let standing = self
-            .trail
-            .standing(&compiled, &self.schedule.window, now)
-            .await?;
-        if fresh(&old, &standing, &self.schedule, now) {
+        if fresh(&old, standing, &self.schedule, now) {
             return Ok(false);
         }
         let (Some(namespace), Some(name)) = (&policy.metadata.namespace, &policy.metadata.name)
@@ -150,7 +256,7 @@ impl StatusWriter {
 /// this replica or another).
 fn fresh(
     old: &AgentPolicyStatus,
-    standing: &tollgate_audit::standing::Standing,
+    standing: &Standing,
     schedule: &Schedule,
     now: Timestamp,
 ) -> bool {
@@ -166,4 +272,137 @@ fn fresh(
         && old.tools == standing.tools
         && drift.window == standing.drift.window
         && drift.unused_tools == standing.drift.unused_tools
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use jiff::SignedDuration;
+    use tollgate_audit::{AuditLog, Entry, Event, Identity, SqliteStore, WriterConfig};
+    use tollgate_engine::{Decision, DenyCode, RuleRef};
+
+    use super::*;
+    use crate::cluster::StaticView;
+    use crate::gateway::read::Answer;
+
+    /// The trail, counting the tally queries it answers.
+    struct Counted(SqliteStore, AtomicUsize);
+
+    impl Records for Counted {
+        fn records<'a>(
+            &'a self,
+            query: tollgate_audit::Query,
+        ) -> Answer<'a, Vec<tollgate_audit::Record>> {
+            self.0.records(query)
+        }
+        fn tallies<'a>(&'a self, since_us: i64, until_us: i64) -> Answer<'a, Vec<ToolTally>> {
+            self.1.fetch_add(1, Ordering::Relaxed);
+            Records::tallies(&self.0, since_us, until_us)
+        }
+    }
+
+    fn decide(time: Timestamp, tool: &str, allow: bool) -> Entry {
+        let mut entry = Entry::new(time, Event::Decide, Identity::default());
+        entry.agent = Some("shop/support".into());
+        entry.run = Some("run-1".into());
+        entry.tool = Some(tool.into());
+        let rule = RuleRef {
+            policy: "shop/support".into(),
+            generation: Some(1),
+            policy_hash: "sha256:00".into(),
+            tool: Some(tool.into()),
+            clause: "spec.tools.allowed".into(),
+        };
+        entry.decision = Some(if allow {
+            Decision::Allow {
+                rule,
+                review: false,
+            }
+        } else {
+            Decision::Deny {
+                code: DenyCode::ArgumentConstraint,
+                rule,
+                message: "refused".into(),
+            }
+        });
+        entry
+    }
+
+    #[tokio::test]
+    async fn settled_hours_are_read_once_and_windows_count_to_the_hour() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("audit.db")).unwrap();
+        let now: Timestamp = "2026-11-27T12:05:00Z".parse().unwrap();
+        let (log, _) = AuditLog::open(Arc::new(store.clone()), WriterConfig::new("gw-0"))
+            .await
+            .unwrap();
+        let ago = |minutes: i64| now - SignedDuration::from_mins(minutes);
+        // The graduation window is 48h: it starts at 2026-11-25T12:05, inside the hour from
+        // 12:00, which overlaps it and counts whole; the hour before does not.
+        for (time, tool, allow) in [
+            (ago(48 * 60 + 70), "refund", true), // 11:55 on the 25th: not counted
+            (ago(48 * 60 + 2), "refund", true),  // 12:03 on the 25th: counted (its hour overlaps)
+            (ago(30 * 60), "refund", false),     // an incident, settled
+            (ago(3), "refund", true),            // unsettled: read at every pass
+            (ago(24 * 60 * 20), "lookup", true), // 20 days ago: in the drift window only
+        ] {
+            log.append(decide(time, tool, allow)).await.unwrap();
+        }
+        let policy: AgentPolicy = serde_json::from_value(json!({
+            "apiVersion": "tollgate.dev/v1alpha1", "kind": "AgentPolicy",
+            "metadata": {"name": "support", "namespace": "shop"},
+            "spec": {"identityRef": {"name": "support"}, "upstreams": [{"name": "crm"}],
+                     "tools": {"allowed": [{"name": "refund"}, {"name": "lookup"}, {"name": "close"}]},
+                     "graduation": {"cleanCompletions": 1, "window": "48h"}}
+        }))
+        .unwrap();
+        let view = StaticView {
+            policies: vec![Arc::new(policy)],
+            ..StaticView::default()
+        };
+        let trail = Arc::new(Counted(store, AtomicUsize::new(0)));
+        let client =
+            kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap()))
+                .unwrap();
+        let writer = StatusWriter::new(Arc::new(view), trail.clone(), client, Schedule::default());
+
+        let standing = |s: &Standing, tool: &str| {
+            let t = s.tools.iter().find(|t| t.name == tool).unwrap();
+            (t.clean_completions, t.incidents)
+        };
+        let first = writer.standings(now).await;
+        let (_, s) = &first[0];
+        assert_eq!(standing(s, "refund"), (2, 1));
+        assert_eq!(standing(s, "lookup"), (0, 0), "outside the 48h window");
+        assert!(
+            s.tools
+                .iter()
+                .find(|t| t.name == "lookup")
+                .unwrap()
+                .last_used
+                .is_some()
+        );
+        assert_eq!(s.drift.unused_tools, ["close"]);
+        // The first pass reads every settled hour of the 30-day drift window once (from 12:00 on
+        // 2026-10-28 to 11:00 today: 11:00 to 12:00 ends less than SETTLED before now), then the
+        // rest.
+        let settled = 719;
+        assert_eq!(trail.1.load(Ordering::Relaxed), settled + 1);
+
+        // The next pass reads only the unsettled rest, and says the same.
+        let again = writer.standings(now).await;
+        assert_eq!(trail.1.load(Ordering::Relaxed), settled + 2);
+        assert_eq!(again[0].1, *s);
+
+        // An hour later one more hour has settled and the oldest left the window.
+        let later = now + SignedDuration::from_hours(1);
+        let third = writer.standings(later).await;
+        assert_eq!(trail.1.load(Ordering::Relaxed), settled + 4);
+        assert_eq!(
+            standing(&third[0].1, "refund"),
+            (1, 1),
+            "12:03 on the 25th has left"
+        );
+    }
 }
