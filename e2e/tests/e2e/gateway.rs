@@ -369,10 +369,18 @@ async fn the_gateway_writes_each_policys_track_record_and_drift_beside_the_opera
     webhook();
     let ns = cp.namespace("standing").await;
     let _operator = Operator::start(&ns, Options::default());
-    // Graduation after two clean completions, so the record below earns eligibility.
+    // Reads go through on exception-based autonomy, and graduation asks two clean completions,
+    // so the reads below earn the next level.
     let sample = std::fs::read_to_string(repo_root().join("config/samples/support-agent.yaml"))
         .unwrap()
-        .replace("cleanCompletions: 200", "cleanCompletions: 2");
+        .replace("cleanCompletions: 200", "cleanCompletions: 2")
+        .replacen(
+            "      - name: read_customer_record\n        upstream: crm\n",
+            "      - name: read_customer_record\n        upstream: crm\n        \
+             approval: {approvers: {groups: [support-leads]}}\n        autonomy: ExceptionBased\n",
+            1,
+        );
+    assert!(sample.contains("autonomy: ExceptionBased"));
     let manifest = repo_root().join(format!("target/e2e-runs/standing-{ns}.yaml"));
     std::fs::write(&manifest, &sample).unwrap();
     run(cp
@@ -468,6 +476,40 @@ async fn the_gateway_writes_each_policys_track_record_and_drift_beside_the_opera
     let read = tool("read_customer_record");
     assert_eq!((read.clean_completions, read.incidents), (3, 0));
     assert!(read.last_used.is_some());
+    assert_eq!(
+        (read.autonomy, read.eligible_for),
+        (Some(Autonomy::ExceptionBased), Some(Autonomy::AuditBased))
+    );
+    // People hear of it on the policy; the policy itself is unchanged.
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(admin.clone(), &ns);
+    let event = eventually(
+        "the EligibleForAutonomy Event",
+        Duration::from_secs(30),
+        || async {
+            events
+                .list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .find(|e| e.reason.as_deref() == Some("EligibleForAutonomy"))
+        },
+    )
+    .await;
+    assert_eq!(
+        event.regarding.as_ref().and_then(|r| r.name.as_deref()),
+        Some("support-agent-v2")
+    );
+    let note = event.note.unwrap_or_default();
+    assert!(
+        note.starts_with("read_customer_record: 3 clean completions and 0 incidents make it eligible for AuditBased (now ExceptionBased)"),
+        "{note}"
+    );
+    assert_eq!(
+        policy.metadata.generation,
+        Some(1),
+        "graduation is never automatic"
+    );
     let update = tool("update_order_status");
     assert_eq!((update.clean_completions, update.incidents), (0, 1));
     let email = tool("send_customer_email");

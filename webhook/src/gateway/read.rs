@@ -32,7 +32,8 @@ pub const RESOURCE: (&str, &str) = ("tollgate.dev", "auditrecords");
 /// The most records one answer holds; narrower queries read the rest.
 pub const MAX_RECORDS: u64 = 200_000;
 
-pub(crate) type Answer<'a, T> = std::pin::Pin<Box<dyn Future<Output = Result<T, String>> + Send + 'a>>;
+pub(crate) type Answer<'a, T> =
+    std::pin::Pin<Box<dyn Future<Output = Result<T, String>> + Send + 'a>>;
 
 /// The trail as the read API and the policy status writer read it.
 pub trait Records: Send + Sync + 'static {

@@ -2,7 +2,8 @@
 //! `status.tools` (each allowed tool's autonomy, clean completions and incidents in the policy's
 //! graduation window, last use, and the autonomy that record makes it eligible for) and
 //! `status.drift` (the allowed tools not called in the drift window). Graduation is never
-//! applied: people read `eligibleFor` and change the policy.
+//! applied: people read `eligibleFor` (and an `EligibleForAutonomy` Event on the policy when a
+//! tool becomes eligible) and change the policy.
 //!
 //! It writes with server-side apply as [`MANAGER`], owning only those two fields (the operator
 //! owns the conditions and the hash). Every replica evaluates on its own schedule and skips a
@@ -20,6 +21,7 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use serde_json::json;
 use tollgate_audit::standing::{Span, Standing, Windows, of_tallies};
 use tollgate_audit::store::ToolTally;
@@ -248,8 +250,55 @@ impl StatusWriter {
             )
             .await
             .map_err(|e| format!("writing the status of AgentPolicy {namespace}/{name}: {e}"))?;
+        let notes = newly_eligible(&old, standing);
+        if !notes.is_empty() {
+            let recorder = Recorder::new(
+                self.client.clone(),
+                Reporter {
+                    controller: MANAGER.into(),
+                    instance: std::env::var("POD_NAME").ok(),
+                },
+            );
+            let reference = kube::Resource::object_ref(policy, &());
+            for note in notes {
+                let event = KubeEvent {
+                    type_: EventType::Normal,
+                    reason: "EligibleForAutonomy".into(),
+                    note: Some(note),
+                    action: "ReportTrackRecord".into(),
+                    secondary: None,
+                };
+                if let Err(e) = recorder.publish(&event, &reference).await {
+                    tracing::warn!(policy = %format!("{namespace}/{name}"), error = %e, "the eligibility Event was not recorded");
+                }
+            }
+        }
         Ok(true)
     }
+}
+
+/// What to tell people of tools whose track record makes them eligible for an autonomy they
+/// were not eligible for in `old`: one note per tool.
+fn newly_eligible(old: &AgentPolicyStatus, standing: &Standing) -> Vec<String> {
+    standing
+        .tools
+        .iter()
+        .filter_map(|tool| {
+            let eligible = tool.eligible_for?;
+            let before = old.tools.iter().find(|t| t.name == tool.name);
+            if before.and_then(|t| t.eligible_for) == Some(eligible) {
+                return None;
+            }
+            Some(format!(
+                "{}: {} clean completions and {} incidents make it eligible for {eligible:?} (now {}); graduation is never automatic: set spec.tools.allowed[{}].autonomy to grant it",
+                tool.name,
+                tool.clean_completions,
+                tool.incidents,
+                tool.autonomy.map_or("-".to_owned(), |a| format!("{a:?}")),
+                tool.name,
+            ))
+        })
+        .collect()
 }
 
 /// Whether `old` already says what `standing` says and was evaluated within the interval (by
@@ -404,5 +453,47 @@ mod tests {
             (1, 1),
             "12:03 on the 25th has left"
         );
+    }
+
+    #[test]
+    fn people_hear_once_of_each_tool_that_becomes_eligible() {
+        use tollgate_crds::policy::{Autonomy, DriftStatus, ToolStatus};
+        let tool = |name: &str, eligible: Option<Autonomy>| ToolStatus {
+            name: name.into(),
+            autonomy: Some(Autonomy::Gated),
+            clean_completions: 200,
+            incidents: 0,
+            last_used: None,
+            eligible_for: eligible,
+        };
+        let standing = Standing {
+            agents: vec![],
+            tools: vec![
+                tool("refund", Some(Autonomy::ExceptionBased)),
+                tool("lookup", Some(Autonomy::ExceptionBased)),
+                tool("email", None),
+            ],
+            drift: DriftStatus::default(),
+        };
+        let old = AgentPolicyStatus {
+            tools: vec![
+                tool("lookup", Some(Autonomy::ExceptionBased)),
+                tool("refund", None),
+            ],
+            ..Default::default()
+        };
+        assert_eq!(
+            newly_eligible(&old, &standing),
+            [
+                "refund: 200 clean completions and 0 incidents make it eligible for ExceptionBased \
+              (now Gated); graduation is never automatic: set \
+              spec.tools.allowed[refund].autonomy to grant it"
+            ]
+        );
+        let told = AgentPolicyStatus {
+            tools: standing.tools.clone(),
+            ..Default::default()
+        };
+        assert!(newly_eligible(&told, &standing).is_empty());
     }
 }
