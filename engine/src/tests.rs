@@ -1308,6 +1308,24 @@ fn admission_of_agents_own_writes() {
         old_labels: None,
     };
     assert!(!admission::admit("support", false, Some(&p), &token, now()).is_allowed());
+    // An agent forging its own track record (status.tools.eligibleFor) or hiding its unused
+    // rights: the status subresource is one of Tollgate's kinds too.
+    let forged = ApiWrite {
+        operation: Operation::Update,
+        group: "tollgate.dev",
+        resource: "agentpolicies",
+        subresource: "status",
+        name: "support",
+        labels: None,
+        old_labels: None,
+    };
+    match admission::admit("support", false, Some(&p), &forged, now()) {
+        admission::Verdict::Denied { rule, message } => {
+            assert!(rule.ends_with("tollgate:self-escalation"), "{rule}");
+            assert!(message.contains("agentpolicies/status"), "{message}");
+        }
+        verdict => panic!("an agent wrote its policy's status: {verdict:?}"),
+    }
     assert!(
         !admission::admit(
             "support",
