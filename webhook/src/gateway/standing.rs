@@ -6,9 +6,9 @@
 //! tool becomes eligible) and change the policy.
 //!
 //! It writes with server-side apply as [`MANAGER`], owning only those two fields (the operator
-//! owns the conditions and the hash). Every replica evaluates on its own schedule and skips a
-//! policy whose status another replica refreshed within the interval, so N replicas do not
-//! write N times as often.
+//! owns the conditions and the hash). Every replica evaluates on its own schedule and leaves a
+//! policy that another replica evaluated within half the interval for the same tools, so N
+//! replicas do not write N times as often.
 //!
 //! A pass reads only what is new. The trail's counts per agent, tool, event and outcome are kept
 //! by the hour: an hour that ended more than [`SETTLED`] ago never changes, so it is read once
@@ -301,8 +301,10 @@ fn newly_eligible(old: &AgentPolicyStatus, standing: &Standing) -> Vec<String> {
         .collect()
 }
 
-/// Whether `old` already says what `standing` says and was evaluated within the interval (by
-/// this replica or another).
+/// Whether `old` was evaluated within half the interval (by this replica or another) for the
+/// same tools and drift window: then its counts are at most half an interval behind and this
+/// pass leaves it. Across any number of replicas a policy is written about twice per interval at
+/// most, while a change to its tools is written at the next pass.
 fn fresh(
     old: &AgentPolicyStatus,
     standing: &Standing,
@@ -312,15 +314,14 @@ fn fresh(
     let Some(drift) = &old.drift else {
         return false;
     };
-    let recent = drift.evaluated_at.as_ref().is_some_and(|at| {
-        now.duration_since(at.0)
-            .unsigned_abs()
-            .lt(&schedule.interval)
-    });
-    recent
-        && old.tools == standing.tools
-        && drift.window == standing.drift.window
-        && drift.unused_tools == standing.drift.unused_tools
+    let recent = drift
+        .evaluated_at
+        .as_ref()
+        .is_some_and(|at| now.duration_since(at.0).unsigned_abs() < schedule.interval / 2);
+    let names = |tools: &[tollgate_crds::policy::ToolStatus]| {
+        tools.iter().map(|t| t.name.clone()).collect::<Vec<_>>()
+    };
+    recent && names(&old.tools) == names(&standing.tools) && drift.window == standing.drift.window
 }
 
 #[cfg(test)]
@@ -495,5 +496,54 @@ mod tests {
             ..Default::default()
         };
         assert!(newly_eligible(&told, &standing).is_empty());
+    }
+
+    #[test]
+    fn a_status_evaluated_within_half_the_interval_for_the_same_tools_is_left() {
+        use tollgate_crds::policy::{DriftStatus, ToolStatus};
+        let now: Timestamp = "2026-11-27T12:00:00Z".parse().unwrap();
+        let schedule = Schedule::default();
+        let tool = |name: &str, clean| ToolStatus {
+            name: name.into(),
+            clean_completions: clean,
+            ..Default::default()
+        };
+        let status = |minutes_ago: i64, tools: Vec<ToolStatus>| AgentPolicyStatus {
+            tools,
+            drift: Some(DriftStatus {
+                window: "720h".into(),
+                evaluated_at: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    now - SignedDuration::from_mins(minutes_ago),
+                )),
+                unused_tools: vec![],
+            }),
+            ..Default::default()
+        };
+        let standing = Standing {
+            agents: vec![],
+            tools: vec![tool("lookup", 12), tool("refund", 3)],
+            drift: DriftStatus {
+                window: "720h".into(),
+                ..Default::default()
+            },
+        };
+        // Two minutes ago, counts a little behind: left.
+        let behind = vec![tool("lookup", 10), tool("refund", 3)];
+        assert!(fresh(&status(2, behind.clone()), &standing, &schedule, now));
+        // Three minutes ago is more than half of five: written.
+        assert!(!fresh(&status(3, behind), &standing, &schedule, now));
+        // A tool added to the policy: written at once.
+        assert!(!fresh(
+            &status(1, vec![tool("lookup", 12)]),
+            &standing,
+            &schedule,
+            now
+        ));
+        // Never evaluated: written.
+        let never = AgentPolicyStatus {
+            tools: standing.tools.clone(),
+            ..Default::default()
+        };
+        assert!(!fresh(&never, &standing, &schedule, now));
     }
 }
