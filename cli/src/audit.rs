@@ -448,7 +448,20 @@ async fn act(store: &impl Source, action: Action) -> Result<Outcome> {
                             since_us: Some(windows.since_us()),
                             ..Query::default()
                         })
-                        .await?;
+                        .await
+                        .map_err(|e| {
+                            if e.to_string().contains("records match") {
+                                e.context(
+                                    "through the gateway, drift reads every record of the agent \
+                                     in its windows: read the same figures in the AgentPolicy's \
+                                     status.tools and status.drift, which the gateway keeps \
+                                     (kubectl get agentpolicy -o yaml), or run drift where the \
+                                     store is",
+                                )
+                            } else {
+                                e
+                            }
+                        })?;
                     standing::of_records(&records, &policy, &window, now)
                 }
             };

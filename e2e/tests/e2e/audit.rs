@@ -1416,4 +1416,32 @@ spec:
         .unwrap_err()
         .to_string();
     assert!(caught.contains("does not match its seal"), "{caught}");
+
+    // A gateway that refuses a read as too large (as it does past its cap): drift says where the
+    // same figures are, and keeps the gateway's reason.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let busy = format!("http://{}", listener.local_addr().unwrap());
+    let app = axum::Router::new().route(
+        "/v1/audit/records",
+        axum::routing::get(|| async {
+            (
+                axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+                axum::Json(json!({"error": "TooManyRecords",
+                    "message": "more than 200000 records match; narrow with agent= or a later since="})),
+            )
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let mut location: Location = busy.parse().unwrap();
+    if let Location::Gateway(remote) = &mut location {
+        remote.token = Some(token.clone());
+    }
+    let refused = kubectl_tollgate::audit::run(&location, drift())
+        .await
+        .unwrap_err();
+    let refused = format!("{refused:#}");
+    assert!(
+        refused.contains("status.tools and status.drift") && refused.contains("more than 200000"),
+        "{refused}"
+    );
 }
