@@ -5,9 +5,11 @@
 //! offline commands `check` (are these manifests valid, and what would be enforced) and
 //! `decide` (what would the policy answer to this call), and `audit replay|verify|export|what-if`
 //! reading the audit store directly (or through the gateway's read API), and the cluster
-//! commands `approve`, `deny`, `kill` and `unkill`, each one write as the kubeconfig's user.
+//! commands `approve`, `deny`, `kill` and `unkill`, each one write as the kubeconfig's user, and
+//! `doctor`, which reads the installation and says what does not hold.
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod doctor;
 pub mod offline;
 pub mod people;

@@ -64,7 +64,17 @@ enum Command {
         #[arg(long, default_value = "offline")]
         run_id: String,
     },
-    /// Read the audit trail: replay a run, verify the hash chain, export, what-if.
+    /// Check the installation: CRDs, admission webhooks, the operator's lease, the global kill
+    /// switch, and every agent's identity and policy. Exits 1 on any failure.
+    Doctor {
+        /// Only the agents of this namespace (default: every namespace).
+        #[arg(short, long)]
+        namespace: Option<String>,
+        /// The namespace Tollgate runs in.
+        #[arg(long, env = "TOLLGATE_NAMESPACE", default_value = "tollgate-system")]
+        tollgate_namespace: String,
+    },
+    /// Read the audit trail: replay a run, verify the hash chain, export, what-if, drift.
     Audit {
         /// The audit store: a SQLite file (`sqlite:PATH` or a path), a PostgreSQL URL, or the
         /// gateway's read API in a cluster (`https://…`).
@@ -234,6 +244,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&decision)?);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Doctor {
+            namespace,
+            tollgate_namespace,
+        } => block_on(async {
+            let (client, _) = people::client(None).await?;
+            let report = kubectl_tollgate::doctor::run(
+                client,
+                &tollgate_namespace,
+                namespace.as_deref(),
+                jiff::Timestamp::now(),
+            )
+            .await;
+            print!("{}", report.text());
+            Ok(if report.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }),
         Command::Audit {
             mut store,
             token,

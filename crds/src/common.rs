@@ -52,6 +52,9 @@ pub enum OnTimeout {
     Deny,
 }
 
+/// The Lease in Tollgate's namespace that the leading operator replica holds.
+pub const OPERATOR_LEASE: &str = "tollgate-operator";
+
 /// The cluster-wide kill switch: a ConfigMap of this name in Tollgate's namespace. While its
 /// `engaged` key is `"true"`, every agent is stopped as if its own switch were engaged.
 pub const GLOBAL_KILL_SWITCH: &str = "tollgate-kill-switch";

@@ -21,6 +21,7 @@ mod cel;
 pub mod children;
 pub mod compile;
 pub mod decision;
+pub mod doctor;
 pub mod duration;
 mod evaluate;
 pub mod graduation;

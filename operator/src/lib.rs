@@ -50,7 +50,7 @@ pub use metrics::Metrics;
 /// The field manager of every object and status the operator writes.
 pub const MANAGER: &str = "tollgate-operator";
 /// The Lease the replicas compete for, in Tollgate's namespace.
-pub const LEASE: &str = "tollgate-operator";
+pub const LEASE: &str = tollgate_crds::common::OPERATOR_LEASE;
 /// Reconciliations of one controller in flight at once: enough to keep the apiserver busy,
 /// few enough that a burst of a thousand identities never trips its in-flight limits.
 pub const CONCURRENCY: u16 = 32;

@@ -884,3 +884,95 @@ async fn a_policy_that_does_not_compile_or_names_no_identity_says_why() {
     assert!(status.policy_hash.is_none());
     event_for(&admin, &ns, AGENT, "CompileFailed").await;
 }
+
+/// `kubectl tollgate doctor` on the control plane: what holds is ok, and what does not is named
+/// with what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_names_what_does_not_hold() {
+    let cp = control_plane();
+    webhook();
+    let admin = cp.client(User::Admin).await;
+    let ns = cp.namespace("doctor").await;
+    let doctor = || {
+        let (admin, ns) = (admin.clone(), ns.clone());
+        async move { kubectl_tollgate::doctor::run(admin, &ns, Some(&ns), Timestamp::now()).await }
+    };
+
+    // No operator has run for this namespace: its Lease is a failure; the CRDs and the
+    // admission webhooks (the harness registers the shipped set) hold.
+    let report = doctor().await;
+    assert!(!report.ok());
+    let text = report.text();
+    for line in [
+        "ok    crd agentidentities.tollgate.dev: established, serves v1alpha1".to_owned(),
+        "ok    webhook agents.validate.tollgate.dev: registered in ValidatingWebhookConfiguration tollgate-e2e, failurePolicy Fail".to_owned(),
+        "ok    webhook killswitch.mutate.tollgate.dev: registered in MutatingWebhookConfiguration tollgate-e2e, failurePolicy Ignore".to_owned(),
+        format!("FAIL  operator: no operator has held Lease {ns}/tollgate-operator"),
+        format!("ok    global kill switch: disengaged (ConfigMap {ns}/tollgate-kill-switch)"),
+        format!("ok    agents: 0 AgentIdentities and 0 AgentPolicies in force in namespace {ns}"),
+        "1 failure(s), 0 warning(s)".to_owned(),
+    ] {
+        assert!(text.contains(&line), "missing {line:?} in:\n{text}");
+    }
+
+    // The operator and the sample agent: everything holds.
+    let _operator = Operator::start(&ns, Options::default());
+    apply_sample(&ns);
+    let in_force = format!("1 AgentIdentities and 1 AgentPolicies in force in namespace {ns}");
+    let report = eventually("doctor finds everything in force", WAIT, || {
+        let (doctor, in_force) = (doctor(), in_force.clone());
+        async move {
+            let report = doctor.await;
+            (report.ok() && report.text().contains(&in_force)).then_some(report)
+        }
+    })
+    .await;
+    let text = report.text();
+    assert!(
+        text.contains(&format!(
+            "ok    agents: 1 AgentIdentities and 1 AgentPolicies in force in namespace {ns}"
+        )) && text.contains("ok    operator: operator-0 leads"),
+        "{text}"
+    );
+
+    // A policy for an identity that does not exist, and the global switch engaged: a failure
+    // naming the policy and why, and a warning naming who engaged the switch and why.
+    let sample =
+        std::fs::read_to_string(repo_root().join("config/samples/support-agent.yaml")).unwrap();
+    let policy = sample.split("\n---").nth(1).unwrap().to_owned();
+    apply_text(
+        &ns,
+        &policy
+            .replacen("name: support-agent-v2", "name: ghost-policy", 1)
+            .replace(
+                "identityRef: {name: support-agent-v2}",
+                "identityRef: {name: ghost}",
+            ),
+    );
+    let switch: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": tollgate_crds::common::GLOBAL_KILL_SWITCH,
+                     "annotations": {"tollgate.dev/kill-switch-engaged-by": "mallory"}},
+        "data": {"engaged": "true", "reason": "drill"}
+    }))
+    .unwrap();
+    Api::<ConfigMap>::namespaced(admin.clone(), &ns)
+        .create(&PostParams::default(), &switch)
+        .await
+        .unwrap();
+    let text = eventually("doctor names the ghost policy", WAIT, || {
+        let doctor = doctor();
+        async move {
+            let text = doctor.await.text();
+            text.contains("IdentityNotFound").then_some(text)
+        }
+    })
+    .await;
+    for line in [
+        format!(
+            "FAIL  agentpolicy {ns}/ghost-policy: not Ready, IdentityNotFound: the policy compiles but governs no identity: see IdentityBound; IdentityBound IdentityNotFound: AgentIdentity {ns}/ghost does not exist"
+        ),
+        "WARN  global kill switch: ENGAGED by mallory (drill): every agent is stopped".to_owned(),
+    ] {
+        assert!(text.contains(&line), "missing {line:?} in:\n{text}");
+    }
+}
