@@ -12,7 +12,7 @@ use tollgate_crds::approval::Verdict;
 #[command(
     name = "kubectl-tollgate",
     version,
-    about = "Tollgate for people: approve or deny held tool calls, engage kill switches, replay and verify the audit trail, check policies"
+    about = "Tollgate for people: approve or deny held tool calls, engage kill switches, replay and verify the audit trail, see graduation and drift, check policies and the installation"
 )]
 struct Cli {
     #[command(subcommand)]

@@ -149,58 +149,86 @@ pub struct Webhook {
     pub ca_bundle: bool,
 }
 
-/// The shipped webhooks, each found among `registered` or not.
+/// The shipped webhooks, each found among `registered` or not. A webhook registered more than
+/// once (an old install beside a new one) is judged by its worst registration, and is at least a
+/// warning: the apiserver calls every one.
 pub fn webhooks(registered: &[Webhook]) -> Vec<Finding> {
     WEBHOOKS
         .iter()
         .map(|(name, policy, guards)| {
             let check = format!("webhook {name}");
-            let Some(found) = registered.iter().find(|w| w.name == *name) else {
+            let found: Vec<&Webhook> = registered.iter().filter(|w| w.name == *name).collect();
+            let Some(worst) = found
+                .iter()
+                .map(|w| registration(&check, w, policy))
+                .max_by_key(|f| f.level)
+            else {
                 return finding(
                     Level::Fail,
                     check,
                     format!("not registered, so nothing checks that {guards}: kubectl apply --server-side -k config/default (or the chart)"),
                 );
             };
-            let actual = found.failure_policy.as_deref().unwrap_or("Fail");
-            if actual != *policy {
-                let (level, why) = if *policy == "Fail" {
-                    (
-                        Level::Fail,
-                        "fails open: while Tollgate is down, agents pass unchecked",
-                    )
-                } else {
-                    (
-                        Level::Warn,
-                        "fails closed: while Tollgate is down, the global kill switch cannot be engaged",
-                    )
-                };
+            if found.len() > 1 {
+                let places: Vec<&str> = found.iter().map(|w| w.configuration.as_str()).collect();
                 return finding(
-                    level,
+                    worst.level.max(Level::Warn),
                     check,
                     format!(
-                        "failurePolicy {actual} in {} ({why}); the shipped value is {policy}",
-                        found.configuration
+                        "registered {} times ({}): the apiserver calls every one; {}",
+                        found.len(),
+                        places.join(", "),
+                        worst.detail
                     ),
                 );
             }
-            if !found.ca_bundle {
-                return finding(
-                    Level::Fail,
-                    check,
-                    format!(
-                        "{} gives no caBundle, so the apiserver cannot call it (is cert-manager injecting the CA?)",
-                        found.configuration
-                    ),
-                );
-            }
-            finding(
-                Level::Ok,
-                check,
-                format!("registered in {}, failurePolicy {actual}", found.configuration),
-            )
+            worst
         })
         .collect()
+}
+
+/// One registration of a shipped webhook that must have failure policy `policy`.
+fn registration(check: &str, found: &Webhook, policy: &str) -> Finding {
+    let actual = found.failure_policy.as_deref().unwrap_or("Fail");
+    if actual != policy {
+        let (level, why) = if policy == "Fail" {
+            (
+                Level::Fail,
+                "fails open: while Tollgate is down, agents pass unchecked",
+            )
+        } else {
+            (
+                Level::Warn,
+                "fails closed: while Tollgate is down, the global kill switch cannot be engaged",
+            )
+        };
+        return finding(
+            level,
+            check,
+            format!(
+                "failurePolicy {actual} in {} ({why}); the shipped value is {policy}",
+                found.configuration
+            ),
+        );
+    }
+    if !found.ca_bundle {
+        return finding(
+            Level::Fail,
+            check,
+            format!(
+                "{} gives no caBundle, so the apiserver cannot call it (is cert-manager injecting the CA?)",
+                found.configuration
+            ),
+        );
+    }
+    finding(
+        Level::Ok,
+        check,
+        format!(
+            "registered in {}, failurePolicy {actual}",
+            found.configuration
+        ),
+    )
 }
 
 /// The operator's leader Lease `namespace/name` at `now`.
@@ -462,6 +490,24 @@ mod tests {
         );
         assert_eq!(level("killswitch.mutate.tollgate.dev").level, Level::Warn);
         assert_eq!(level("pods.mutate.tollgate.dev").level, Level::Ok);
+
+        // An old install beside a new one: the worst registration decides, at least a warning.
+        let mut twice = all.clone();
+        twice.push(Webhook {
+            configuration: "tollgate-old".into(),
+            ..all[0].clone()
+        });
+        let findings = webhooks(&twice);
+        assert_eq!(findings[0].level, Level::Warn);
+        assert!(
+            findings[0]
+                .detail
+                .starts_with("registered 2 times (tollgate, tollgate-old)"),
+            "{}",
+            findings[0].detail
+        );
+        twice.last_mut().unwrap().failure_policy = Some("Ignore".into());
+        assert_eq!(webhooks(&twice)[0].level, Level::Fail);
     }
 
     #[test]
