@@ -137,7 +137,8 @@ pub async fn run_in_cluster(
                 config.records.clone(),
                 client.clone(),
                 schedule,
-            );
+            )
+            .with_metrics(metrics.clone());
             let synced = view.clone();
             tokio::spawn(async move {
                 synced.ready().await;

@@ -32,6 +32,8 @@ pub struct Metrics {
     pub audit_commit_duration: prometheus::Histogram,
     /// Time a batch's oldest record waited before its commit began.
     pub audit_queue_wait: prometheus::Histogram,
+    /// Passes of the policy status writer over each AgentPolicy, by outcome.
+    pub policy_status: IntCounterVec,
 }
 
 /// Buckets for the audit store's latencies: a commit is an fsync or a round trip, 0.1 to a few ms.
@@ -122,6 +124,17 @@ impl Default for Metrics {
             "Time an audit batch's oldest record waited before its commit began",
             AUDIT_SECONDS.to_vec(),
         );
+        let policy_status = IntCounterVec::new(
+            Opts::new(
+                "tollgate_gateway_policy_status_total",
+                "AgentPolicy track-record and drift evaluations: written, fresh (left as another pass wrote it), failed (the write was refused), unreadable (the trail could not be read; counted once per pass)",
+            ),
+            &["outcome"],
+        )
+        .expect("a valid metric");
+        for outcome in ["written", "fresh", "failed", "unreadable"] {
+            policy_status.with_label_values(&[outcome]);
+        }
         for collector in [
             Box::new(reviews.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(duration.clone()),
@@ -134,6 +147,7 @@ impl Default for Metrics {
             Box::new(audit_batch_records.clone()),
             Box::new(audit_commit_duration.clone()),
             Box::new(audit_queue_wait.clone()),
+            Box::new(policy_status.clone()),
         ] {
             registry.register(collector).expect("registered once");
         }
@@ -150,6 +164,7 @@ impl Default for Metrics {
             audit_batch_records,
             audit_commit_duration,
             audit_queue_wait,
+            policy_status,
         }
     }
 }

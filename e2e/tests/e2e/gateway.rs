@@ -451,6 +451,7 @@ async fn the_gateway_writes_each_policys_track_record_and_drift_beside_the_opera
     assert_eq!(body["decision"], "deny", "{body}");
 
     // The writer, as the gateway's ServiceAccount with the shipped rights.
+    let metrics = tollgate_webhook::metrics::Metrics::default();
     let writer = StatusWriter::new(
         view.clone(),
         store.clone(),
@@ -459,10 +460,14 @@ async fn the_gateway_writes_each_policys_track_record_and_drift_beside_the_opera
             interval: Duration::from_secs(3600),
             window: "720h".into(),
         },
-    );
+    )
+    .with_metrics(metrics.clone());
+    let counted = |outcome: &str| metrics.policy_status.with_label_values(&[outcome]).get();
     // Other tests' policies share the control plane; this one is written.
     let ours = format!("{ns}/support-agent-v2");
-    assert!(writer.once().await.contains(&ours));
+    let written = writer.once().await;
+    assert!(written.contains(&ours));
+    assert_eq!(counted("written"), written.len() as u64);
     let policy = policies.get("support-agent-v2").await.unwrap();
     let status = policy.status.clone().unwrap();
     let tool = |name: &str| {
@@ -563,7 +568,9 @@ async fn the_gateway_writes_each_policys_track_record_and_drift_beside_the_opera
         },
     )
     .await;
+    let fresh = counted("fresh");
     assert!(!writer.once().await.contains(&ours));
+    assert!(counted("fresh") > fresh, "left as fresh, and counted so");
 
     // A change to the spec: the operator writes its status for the new generation and the
     // track record stays; the gateway's next pass reports the tool the change adds as unused.

@@ -71,6 +71,7 @@ pub struct StatusWriter {
     schedule: Schedule,
     now: fn() -> Timestamp,
     hours: tokio::sync::Mutex<Hours>,
+    metrics: Option<crate::metrics::Metrics>,
 }
 
 impl std::fmt::Debug for StatusWriter {
@@ -97,6 +98,19 @@ impl StatusWriter {
             schedule,
             now: Timestamp::now,
             hours: Default::default(),
+            metrics: None,
+        }
+    }
+
+    /// Counts each evaluation in `metrics` (`tollgate_gateway_policy_status_total`).
+    pub fn with_metrics(mut self, metrics: crate::metrics::Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn count(&self, outcome: &str) {
+        if let Some(metrics) = &self.metrics {
+            metrics.policy_status.with_label_values(&[outcome]).inc();
         }
     }
 
@@ -124,9 +138,15 @@ impl StatusWriter {
                 policy.metadata.name.as_deref().unwrap_or_default()
             );
             match self.write(&policy, &standing, now).await {
-                Ok(true) => written.push(name),
-                Ok(false) => {}
-                Err(e) => tracing::warn!(policy = %name, error = %e, "policy standing not written"),
+                Ok(true) => {
+                    self.count("written");
+                    written.push(name);
+                }
+                Ok(false) => self.count("fresh"),
+                Err(e) => {
+                    self.count("failed");
+                    tracing::warn!(policy = %name, error = %e, "policy standing not written");
+                }
             }
         }
         written
@@ -157,6 +177,7 @@ impl StatusWriter {
         let live = match self.read(&mut hours, since, now).await {
             Ok(live) => live,
             Err(e) => {
+                self.count("unreadable");
                 tracing::warn!(error = %e, "the audit trail could not be read for policy standing");
                 return Vec::new();
             }
