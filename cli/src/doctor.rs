@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 
 use jiff::Timestamp;
 use k8s_openapi::api::admissionregistration::v1::{
-    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration, WebhookClientConfig,
 };
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -53,6 +53,65 @@ impl Report {
     }
 }
 
+/// The webhooks of every configuration of kind `K`: name, failure policy and client config
+/// of each, as `webhooks` takes them out of one configuration.
+async fn registered<K>(
+    client: &kube::Client,
+    webhooks: impl Fn(K) -> Vec<(String, Option<String>, WebhookClientConfig)>,
+) -> Result<Vec<Webhook>, kube::Error>
+where
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::ClusterResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned,
+{
+    let mut found = Vec::new();
+    for configuration in Api::<K>::all(client.clone())
+        .list(&ListParams::default())
+        .await?
+        .items
+    {
+        let name = format!(
+            "{} {}",
+            K::kind(&()),
+            configuration.meta().name.clone().unwrap_or_default()
+        );
+        for (webhook, failure_policy, client_config) in webhooks(configuration) {
+            found.push(Webhook {
+                name: webhook,
+                configuration: name.clone(),
+                failure_policy,
+                ca_bundle: client_config.ca_bundle.is_some_and(|b| !b.0.is_empty()),
+            });
+        }
+    }
+    Ok(found)
+}
+
+/// Adds a finding for every object of `api` that `check` says needs a look; returns how many
+/// are in force.
+async fn judge<K>(
+    api: &Api<K>,
+    check: fn(&K) -> Option<Finding>,
+    what: &str,
+    findings: &mut Vec<Finding>,
+) -> usize
+where
+    K: Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+{
+    match api.list(&ListParams::default()).await {
+        Ok(list) => {
+            let before = findings.len();
+            findings.extend(list.items.iter().filter_map(check));
+            list.items.len() - (findings.len() - before)
+        }
+        Err(e) => {
+            findings.push(unreadable("agents", what, e));
+            0
+        }
+    }
+}
+
 fn unreadable(check: &str, what: &str, e: kube::Error) -> Finding {
     Finding {
         level: Level::Fail,
@@ -78,50 +137,34 @@ pub async fn run(
         });
     }
 
+    let validating = registered::<ValidatingWebhookConfiguration>(&client, |c| {
+        c.webhooks
+            .unwrap_or_default()
+            .into_iter()
+            .map(|w| (w.name, w.failure_policy, w.client_config))
+            .collect()
+    })
+    .await;
+    let mutating = registered::<MutatingWebhookConfiguration>(&client, |c| {
+        c.webhooks
+            .unwrap_or_default()
+            .into_iter()
+            .map(|w| (w.name, w.failure_policy, w.client_config))
+            .collect()
+    })
+    .await;
     let mut registered = Vec::new();
     let mut readable = true;
-    match Api::<ValidatingWebhookConfiguration>::all(client.clone())
-        .list(&ListParams::default())
-        .await
-    {
-        Ok(list) => {
-            for configuration in list.items {
-                let name = configuration.metadata.name.clone().unwrap_or_default();
-                for w in configuration.webhooks.into_iter().flatten() {
-                    registered.push(Webhook {
-                        name: w.name,
-                        configuration: format!("ValidatingWebhookConfiguration {name}"),
-                        failure_policy: w.failure_policy,
-                        ca_bundle: w.client_config.ca_bundle.is_some_and(|b| !b.0.is_empty()),
-                    });
-                }
+    for (kind, found) in [
+        ("ValidatingWebhookConfigurations", validating),
+        ("MutatingWebhookConfigurations", mutating),
+    ] {
+        match found {
+            Ok(found) => registered.extend(found),
+            Err(e) => {
+                readable = false;
+                findings.push(unreadable("webhooks", kind, e));
             }
-        }
-        Err(e) => {
-            readable = false;
-            findings.push(unreadable("webhooks", "ValidatingWebhookConfigurations", e));
-        }
-    }
-    match Api::<MutatingWebhookConfiguration>::all(client.clone())
-        .list(&ListParams::default())
-        .await
-    {
-        Ok(list) => {
-            for configuration in list.items {
-                let name = configuration.metadata.name.clone().unwrap_or_default();
-                for w in configuration.webhooks.into_iter().flatten() {
-                    registered.push(Webhook {
-                        name: w.name,
-                        configuration: format!("MutatingWebhookConfiguration {name}"),
-                        failure_policy: w.failure_policy,
-                        ca_bundle: w.client_config.ca_bundle.is_some_and(|b| !b.0.is_empty()),
-                    });
-                }
-            }
-        }
-        Err(e) => {
-            readable = false;
-            findings.push(unreadable("webhooks", "MutatingWebhookConfigurations", e));
         }
     }
     if readable {
@@ -160,29 +203,16 @@ pub async fn run(
         ),
         None => (Api::all(client.clone()), Api::all(client)),
     };
-    let mut in_force = (0, 0);
-    match identities.list(&ListParams::default()).await {
-        Ok(list) => {
-            for identity in &list.items {
-                match doctor::identity(identity) {
-                    Some(f) => findings.push(f),
-                    None => in_force.0 += 1,
-                }
-            }
-        }
-        Err(e) => findings.push(unreadable("agents", "AgentIdentities", e)),
-    }
-    match policies.list(&ListParams::default()).await {
-        Ok(list) => {
-            for policy in &list.items {
-                match doctor::policy(policy) {
-                    Some(f) => findings.push(f),
-                    None => in_force.1 += 1,
-                }
-            }
-        }
-        Err(e) => findings.push(unreadable("agents", "AgentPolicies", e)),
-    }
+    let in_force = (
+        judge(
+            &identities,
+            doctor::identity,
+            "AgentIdentities",
+            &mut findings,
+        )
+        .await,
+        judge(&policies, doctor::policy, "AgentPolicies", &mut findings).await,
+    );
     findings.push(Finding {
         level: Level::Ok,
         check: "agents".to_owned(),

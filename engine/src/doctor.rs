@@ -344,46 +344,43 @@ pub fn identity(identity: &AgentIdentity) -> Option<Finding> {
         ));
     }
     let status = identity.status.as_ref();
-    match status.and_then(|s| ready(&s.conditions)) {
-        None => Some(finding(
-            Level::Warn,
-            check,
-            "not reconciled yet: is the operator running?",
-        )),
-        Some(c) if c.status != "True" => Some(finding(
-            Level::Fail,
-            check,
-            not_ready(status.map(|s| s.conditions.as_slice()).unwrap_or_default()),
-        )),
-        Some(_) => stale(
-            check,
-            status.and_then(|s| s.observed_generation),
-            identity.metadata.generation,
-        ),
-    }
+    in_force(
+        check,
+        status.map(|s| s.conditions.as_slice()),
+        status.and_then(|s| s.observed_generation),
+        identity.metadata.generation,
+    )
 }
 
 /// An AgentPolicy that needs a look: not reconciled, not Ready (its agent is denied every call),
 /// or a status for an older spec. None when it is in force.
 pub fn policy(policy: &AgentPolicy) -> Option<Finding> {
-    let check = format!("agentpolicy {}", id(&policy.metadata));
     let status = policy.status.as_ref();
-    match status.and_then(|s| ready(&s.conditions)) {
+    in_force(
+        format!("agentpolicy {}", id(&policy.metadata)),
+        status.map(|s| s.conditions.as_slice()),
+        status.and_then(|s| s.observed_generation),
+        policy.metadata.generation,
+    )
+}
+
+/// What an object's status says: not reconciled (no Ready condition), not Ready, or describing
+/// an older generation; None when it is in force.
+fn in_force(
+    check: String,
+    conditions: Option<&[Condition]>,
+    observed: Option<i64>,
+    generation: Option<i64>,
+) -> Option<Finding> {
+    let conditions = conditions.unwrap_or_default();
+    match ready(conditions) {
         None => Some(finding(
             Level::Warn,
             check,
             "not reconciled yet: is the operator running?",
         )),
-        Some(c) if c.status != "True" => Some(finding(
-            Level::Fail,
-            check,
-            not_ready(status.map(|s| s.conditions.as_slice()).unwrap_or_default()),
-        )),
-        Some(_) => stale(
-            check,
-            status.and_then(|s| s.observed_generation),
-            policy.metadata.generation,
-        ),
+        Some(c) if c.status != "True" => Some(finding(Level::Fail, check, not_ready(conditions))),
+        Some(_) => stale(check, observed, generation),
     }
 }
 
