@@ -74,7 +74,8 @@ pub struct Span {
 }
 
 /// The standing of `policy` at `now` from `store`, drift over `drift_window` (a duration such as
-/// `720h`; [`DEFAULT_WINDOW`] if it does not parse): one [`Store::tallies`] query per window.
+/// `720h`; [`DEFAULT_WINDOW`] if it does not parse): one [`Store::tallies`] query per window, or
+/// one for both when they start together (the default: both 30 days).
 pub async fn of_store<S: Store>(
     store: &S,
     policy: &CompiledPolicy,
@@ -82,32 +83,33 @@ pub async fn of_store<S: Store>(
     now: Timestamp,
 ) -> Result<Standing, StoreError> {
     let windows = Windows::new(policy, parse_window(drift_window), now);
+    let both = Span {
+        drift: true,
+        record: true,
+    };
+    if windows.drift_since_us == windows.record_since_us {
+        let rows = store.tallies(windows.since_us(), windows.until_us).await?;
+        return Ok(of_tallies(
+            rows.iter().map(|t| (t, both)),
+            policy,
+            drift_window,
+            now,
+        ));
+    }
     let record = store
         .tallies(windows.record_since_us, windows.until_us)
         .await?;
     let drift = store
         .tallies(windows.drift_since_us, windows.until_us)
         .await?;
+    let only = |drift| Span {
+        drift,
+        record: !drift,
+    };
     let rows = record
         .iter()
-        .map(|t| {
-            (
-                t,
-                Span {
-                    drift: false,
-                    record: true,
-                },
-            )
-        })
-        .chain(drift.iter().map(|t| {
-            (
-                t,
-                Span {
-                    drift: true,
-                    record: false,
-                },
-            )
-        }));
+        .map(|t| (t, only(false)))
+        .chain(drift.iter().map(|t| (t, only(true))));
     Ok(of_tallies(rows, policy, drift_window, now))
 }
 
