@@ -201,6 +201,25 @@ metadata: {name: tollgate-e2e-gateway-breach}
 roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: tollgate-e2e-gateway-breach}
 subjects:
 - {apiGroup: rbac.authorization.k8s.io, kind: User, name: "system:serviceaccount:tollgate-system:tollgate-gateway"}
+---
+# The global kill switch, read again before an approved call is released (config/gateway/rbac.yaml
+# grants the same in Tollgate's namespace).
+apiVersion: v1
+kind: Namespace
+metadata: {name: tollgate-system}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: tollgate-e2e-gateway-kill-switch, namespace: tollgate-system}
+rules:
+- {apiGroups: [""], resources: [configmaps], resourceNames: [tollgate-kill-switch], verbs: [get]}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: tollgate-e2e-gateway-kill-switch, namespace: tollgate-system}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: tollgate-e2e-gateway-kill-switch}
+subjects:
+- {apiGroup: rbac.authorization.k8s.io, kind: User, name: "system:serviceaccount:tollgate-system:tollgate-gateway"}
 "#;
 
 fn registration(port: u16, ca_pem: &str) -> String {

@@ -19,6 +19,12 @@ pub trait ClusterView: Send + Sync {
     /// Whether the global kill switch is engaged.
     fn global_kill(&self) -> bool;
 
+    /// The namespace of the global kill switch's ConfigMap, for a view of a real cluster: the
+    /// gateway reads it there once more, bypassing the view, before it releases an approved call.
+    fn tollgate_namespace(&self) -> Option<&str> {
+        None
+    }
+
     /// Whether `identity` is stopped: its own kill switch or the global one is engaged.
     fn is_killed(&self, identity: &AgentIdentity) -> bool {
         identity.spec.kill_switch.engaged || self.global_kill()
@@ -54,6 +60,16 @@ pub trait ClusterView: Send + Sync {
         policies.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
         policies
     }
+}
+
+/// Whether `cm` is the global kill switch, engaged.
+pub fn global_switch_engaged(cm: &ConfigMap) -> bool {
+    cm.metadata.name.as_deref() == Some(GLOBAL_KILL_SWITCH)
+        && cm
+            .data
+            .as_ref()
+            .and_then(|d| d.get(GLOBAL_KILL_SWITCH_KEY))
+            .is_some_and(|v| v == "true")
 }
 
 /// `(namespace, name)` of a ServiceAccount username, `system:serviceaccount:NS:NAME`.
@@ -92,6 +108,7 @@ pub struct WatchedView {
     identities: Store<AgentIdentity>,
     policies: Store<AgentPolicy>,
     switches: Store<ConfigMap>,
+    tollgate_namespace: Arc<str>,
 }
 
 impl std::fmt::Debug for WatchedView {
@@ -131,6 +148,7 @@ impl WatchedView {
             identities: spawn(Api::all(client.clone()), watcher::Config::default()),
             policies: spawn(Api::all(client.clone()), watcher::Config::default()),
             switches: spawn(Api::namespaced(client, tollgate_namespace), switch),
+            tollgate_namespace: tollgate_namespace.into(),
         }
     }
 
@@ -146,17 +164,16 @@ impl ClusterView for WatchedView {
     fn identities(&self) -> Vec<Arc<AgentIdentity>> {
         self.identities.state()
     }
+    fn tollgate_namespace(&self) -> Option<&str> {
+        Some(&self.tollgate_namespace)
+    }
     fn policies(&self) -> Vec<Arc<AgentPolicy>> {
         self.policies.state()
     }
     fn global_kill(&self) -> bool {
-        self.switches.state().iter().any(|cm| {
-            cm.metadata.name.as_deref() == Some(GLOBAL_KILL_SWITCH)
-                && cm
-                    .data
-                    .as_ref()
-                    .and_then(|d| d.get(GLOBAL_KILL_SWITCH_KEY))
-                    .is_some_and(|v| v == "true")
-        })
+        self.switches
+            .state()
+            .iter()
+            .any(|cm| global_switch_engaged(cm))
     }
 }

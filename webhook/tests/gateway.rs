@@ -562,6 +562,19 @@ async fn the_openapi_document_matches_what_the_gateway_accepts() {
         fields("DecideRequest"),
         ["approval", "arguments", "runId", "tool", "wait"]
     );
+    // Every code a refusal can carry is documented, and nothing else.
+    let documented: Vec<&str> = doc["components"]["responses"]["Refused"]["content"]
+        ["application/json"]["schema"]["properties"]["error"]["properties"]["code"]["enum"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    let codes: Vec<&str> = tollgate_webhook::gateway::RefusalCode::ALL
+        .iter()
+        .map(|c| c.as_str())
+        .collect();
+    assert_eq!(documented, codes);
     // Both optional fields are accepted; approvals need a cluster, which standalone says.
     let h = harness().await;
     let (status, body) = h

@@ -354,6 +354,236 @@ async fn an_agent_token_calls_through_the_gateway_and_the_kill_switch_stops_the_
     );
 }
 
+/// The watched view until [`Lagging::freeze`], then what it held at that moment: a gateway whose
+/// watches have not yet delivered the latest changes, as every watch lags for a moment.
+struct Lagging {
+    live: WatchedView,
+    frozen: std::sync::Mutex<Option<Frozen>>,
+}
+
+type Frozen = (
+    Vec<Arc<tollgate_crds::AgentIdentity>>,
+    Vec<Arc<tollgate_crds::AgentPolicy>>,
+    bool,
+);
+
+impl Lagging {
+    fn freeze(&self) {
+        use tollgate_webhook::cluster::ClusterView;
+        let now = (
+            self.live.identities(),
+            self.live.policies(),
+            self.live.global_kill(),
+        );
+        *self.frozen.lock().unwrap() = Some(now);
+    }
+}
+
+impl tollgate_webhook::cluster::ClusterView for Lagging {
+    fn identities(&self) -> Vec<Arc<tollgate_crds::AgentIdentity>> {
+        match &*self.frozen.lock().unwrap() {
+            Some((identities, _, _)) => identities.clone(),
+            None => self.live.identities(),
+        }
+    }
+    fn policies(&self) -> Vec<Arc<tollgate_crds::AgentPolicy>> {
+        match &*self.frozen.lock().unwrap() {
+            Some((_, policies, _)) => policies.clone(),
+            None => self.live.policies(),
+        }
+    }
+    fn global_kill(&self) -> bool {
+        match &*self.frozen.lock().unwrap() {
+            Some((_, _, global)) => *global,
+            None => self.live.global_kill(),
+        }
+    }
+    fn tollgate_namespace(&self) -> Option<&str> {
+        self.live.tollgate_namespace()
+    }
+}
+
+/// SECURITY.md 5, the kill switch wins every race: a call approved before the switch was engaged
+/// is not released after it, even by a gateway whose watches have not delivered the switch yet
+/// (here they never do). The gateway reads the switches from the apiserver itself before it
+/// releases an approved call; when it cannot, the call is not released either.
+#[tokio::test]
+async fn an_approved_call_is_not_released_once_the_kill_switch_is_engaged_whatever_the_watches_say()
+{
+    let cp = control_plane();
+    install_crds();
+    webhook();
+    let ns = cp.namespace("race").await;
+    Api::<Namespace>::all(cp.client(User::Admin).await)
+        .patch(
+            &ns,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"labels": {LABEL: "enabled"}}})),
+        )
+        .await
+        .unwrap();
+    let sample = std::fs::read_to_string(repo_root().join("config/samples/support-agent.yaml"))
+        .unwrap()
+        .replace("groups: [support-leads]", "groups: [tollgate-approvers]");
+    let manifest = repo_root().join(format!("target/e2e-runs/race-{ns}.yaml"));
+    std::fs::write(&manifest, &sample).unwrap();
+    run(cp
+        .kubectl(User::Admin)
+        .args(["apply", "-n", &ns, "-f"])
+        .arg(&manifest));
+    let token = support_agent_token(&ns);
+    let token = token.as_str();
+
+    let client = cp.client(User::Admin).await;
+    let as_gateway = cp.client_as(GATEWAY).await;
+    let live = WatchedView::start(client.clone(), "tollgate-system");
+    live.ready().await;
+    let view = Arc::new(Lagging {
+        live,
+        frozen: Default::default(),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path().join("audit.db")).unwrap());
+    let (log, _) = AuditLog::open(store.clone(), WriterConfig::new("gw-race"))
+        .await
+        .unwrap();
+    let gateway = Gateway::new(
+        gateway::Policies::Cluster(ClusterPolicies::new(view.clone(), as_gateway)),
+        TokenReviewer::new(client),
+        log,
+        Redactor::default(),
+    );
+    let url = tollgate_e2e::serve_gateway(gateway).await;
+    let http = reqwest::Client::new();
+    first_allow(&http, &url, token, &ns).await;
+
+    let post = |body: Value| {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let response = http
+                .post(format!("{url}/v1/decide"))
+                .bearer_auth(token)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            (
+                response.status().as_u16(),
+                response.json::<Value>().await.unwrap(),
+            )
+        }
+    };
+    // Two e-mails wait for people; alice approves both while the agent may still act.
+    let mut tickets = Vec::new();
+    for subject in ["first", "second"] {
+        let (status, pending) = post(json!({"runId": "run-1", "tool": "send_customer_email",
+            "arguments": email(subject), "wait": false}))
+        .await;
+        assert_eq!(status, 202, "{pending}");
+        let ticket = pending["approvalRequest"]["name"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        kubectl_tollgate::people::decide(
+            cp.client(User::Alice).await,
+            &ns,
+            &ticket,
+            tollgate_crds::approval::Verdict::Approve,
+            Some("before the kill switch"),
+        )
+        .await
+        .expect("alice may approve");
+        tickets.push((subject, ticket));
+    }
+    let redeem = |(subject, ticket): &(&str, String)| {
+        post(json!({"runId": "run-1", "tool": "send_customer_email",
+                    "arguments": email(subject), "approval": ticket}))
+    };
+
+    // From here on the gateway's watches deliver nothing; the kill switch is engaged.
+    view.freeze();
+    run(cp.kubectl(User::Admin).args([
+        "patch",
+        "agentidentity",
+        "support-agent-v2",
+        "-n",
+        &ns,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"killSwitch":{"engaged":true,"reason":"race"}}}"#,
+    ]));
+    // The gateway's view still lets the agent act (new calls follow the watches, within the
+    // reaction time bench/README.md reports)...
+    let (status, read) = decide(&http, &url, token, "run-2").await;
+    assert_eq!(
+        (status, &read["decision"]),
+        (200, &json!("allow")),
+        "{read}"
+    );
+    // ...but the approved call is not released.
+    let (status, refused) = redeem(&tickets[0]).await;
+    assert_eq!(
+        (status, &refused["decision"], &refused["code"]),
+        (200, &json!("deny"), &json!("KillSwitch")),
+        "{refused}"
+    );
+    let message = refused["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!(
+            "the kill switch of agent {ns}/support-agent-v2 is engaged"
+        )) && message.contains("is not released"),
+        "{refused}"
+    );
+    // It stays refused: the approval was settled as cancelled, once.
+    let (_, again) = redeem(&tickets[0]).await;
+    assert_eq!(again["code"], "KillSwitch", "{again}");
+
+    // When the switches cannot be read, an approved call is not released either: here the
+    // identity is gone (the frozen view still holds it).
+    run(cp
+        .kubectl(User::Admin)
+        .args(["delete", "agentidentity", "support-agent-v2", "-n", &ns]));
+    let (status, unconfirmed) = redeem(&tickets[1]).await;
+    assert_eq!(status, 503, "{unconfirmed}");
+    assert_eq!(
+        unconfirmed["error"]["code"], "ClusterUnavailable",
+        "{unconfirmed}"
+    );
+    assert!(
+        unconfirmed["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!(
+                "AgentIdentity {ns}/support-agent-v2 no longer exists"
+            )),
+        "{unconfirmed}"
+    );
+
+    // The trail says what became of the first approval, twice: refused for the kill switch,
+    // never released; the second, unconfirmed, was neither released nor settled.
+    let records = tollgate_audit::Store::query(store.as_ref(), &tollgate_audit::Query::default())
+        .await
+        .unwrap();
+    let settled: Vec<_> = records
+        .iter()
+        .map(|r| r.entry().unwrap())
+        .filter(|e| e.event == tollgate_audit::Event::Approval)
+        .filter(|e| e.approval.as_ref().is_some_and(|a| a.phase != "Pending"))
+        .collect();
+    assert_eq!(settled.len(), 2, "{settled:?}");
+    for entry in &settled {
+        let approval = entry.approval.as_ref().unwrap();
+        assert_eq!(
+            (approval.name.as_str(), approval.phase.as_str()),
+            (format!("{ns}/{}", tickets[0].1).as_str(), "Refused")
+        );
+        assert_eq!(
+            entry.decision.as_ref().unwrap().deny_code(),
+            Some(tollgate_engine::DenyCode::KillSwitch)
+        );
+    }
+}
+
 /// Graduation and drift on the policy itself: the gateway reads its trail and writes
 /// `status.tools` and `status.drift` with server-side apply as tollgate-gateway, beside the
 /// operator's conditions; neither removes the other's fields.
@@ -638,6 +868,8 @@ async fn the_shipped_gateway_manifests_apply_and_grant_only_what_the_gateway_nee
         &["create", "tokenreviews.authentication.k8s.io"][..],
         &["create", "subjectaccessreviews.authorization.k8s.io"],
         &["watch", "agentidentities.tollgate.dev", "-A"],
+        // Read again before an approved call is released.
+        &["get", "agentidentities.tollgate.dev", "-n", "team-a"],
         &["create", "approvalrequests.tollgate.dev", "-n", "team-a"],
         &["patch", "agentidentities.tollgate.dev", "-n", "team-a"],
         &["create", "events.events.k8s.io", "-n", "team-a"],

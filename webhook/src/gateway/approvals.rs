@@ -19,7 +19,7 @@ use tollgate_crds::approval::{ApprovalRequestSpec, Phase, PolicyRef as RequestPo
 use tollgate_crds::common::{LocalObjectReference, OnTimeout};
 use tollgate_engine::{Decision, DenyCode, ToolCall};
 
-use super::{Caller, Decided, Gateway, Policies, audit_unavailable, identity_of};
+use super::{Caller, Decided, Gateway, Policies, RefusalCode, audit_unavailable, identity_of};
 
 /// The object name's prefix for a tool: lowercase, `_` and `.` as `-`, at most 40 characters.
 fn name_prefix(tool: &str) -> String {
@@ -170,11 +170,14 @@ impl Gateway {
         }
         self.metrics.waiting.inc();
         let waiting = Waiting(self.metrics.waiting.clone());
-        let (phase, approvers) = self
+        let (mut phase, approvers) = self
             .wait(&api, &object, &caller.agent, created, expires)
             .await;
         drop(waiting);
         let full_name = format!("{namespace}/{object}");
+        if phase == Phase::Approved && self.confirm_release(caller, &full_name).await?.is_some() {
+            phase = Phase::Cancelled;
+        }
         self.settle(
             caller,
             run,
@@ -265,6 +268,44 @@ impl Gateway {
             audit,
             policy,
         })
+    }
+
+    /// Before an approved call is released: whether `caller`'s agent is stopped now, as the
+    /// apiserver itself holds its own and the global kill switch (not as the watches last said),
+    /// or by a switch this gateway holds after a breach. The kill switch wins every race
+    /// (SECURITY.md 5): the watches may not yet carry a switch engaged a moment ago. When the
+    /// switches cannot be read the call is not released either (a 503 naming why; the approval
+    /// stays unused).
+    async fn confirm_release(
+        &self,
+        caller: &Caller,
+        full_name: &str,
+    ) -> Result<Option<String>, axum::response::Response> {
+        let Policies::Cluster(cluster) = &self.policies else {
+            return Ok(None);
+        };
+        let stopped = cluster.stopped_now(&caller.agent).await.map_err(|e| {
+            tracing::error!(agent = %caller.agent, request = %full_name, error = %e,
+                "kill switches unreadable; the approved call is not released");
+            super::Refusal::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                RefusalCode::ClusterUnavailable,
+                format!(
+                    "ApprovalRequest {full_name} is approved, but Tollgate could not confirm \
+                     that no kill switch stops agent {} ({e}), so the call is not released; \
+                     retry later",
+                    caller.agent
+                ),
+            )
+            .response()
+        })?;
+        if stopped.is_none() && self.escalation.holds(&caller.agent, false) {
+            return Ok(Some(format!(
+                "the kill switch of agent {} is engaged after a budget breach",
+                caller.agent
+            )));
+        }
+        Ok(stopped)
     }
 
     /// Watches one ApprovalRequest until its decisions settle it, it expires, or the agent is
@@ -408,7 +449,7 @@ impl Gateway {
         let Policies::Cluster(cluster) = &self.policies else {
             return Err(Refusal::new(
                 StatusCode::BAD_REQUEST,
-                "NoApprovals",
+                RefusalCode::NoApprovals,
                 "approvals are ApprovalRequests in a cluster; this gateway runs standalone",
             )
             .response());
@@ -421,7 +462,7 @@ impl Gateway {
         let Some(agent) = self.policies.agent(&caller.agent) else {
             return Err(Refusal::new(
                 StatusCode::FORBIDDEN,
-                "UnknownAgent",
+                RefusalCode::UnknownAgent,
                 format!("agent {} has no AgentIdentity", caller.agent),
             )
             .response());
@@ -429,9 +470,12 @@ impl Gateway {
         let policy = match &agent.policy {
             Ok(policy) => policy.clone(),
             Err(reason) => {
-                return Err(
-                    Refusal::new(StatusCode::CONFLICT, "NoPolicy", reason.clone()).response(),
-                );
+                return Err(Refusal::new(
+                    StatusCode::CONFLICT,
+                    RefusalCode::NoPolicy,
+                    reason.clone(),
+                )
+                .response());
             }
         };
         self.hydrate(&agent.id, run, &policy, (self.now)()).await?;
@@ -510,6 +554,13 @@ impl Gateway {
             }));
         }
         if phase == Phase::Approved {
+            if let Some(reason) = self.confirm_release(caller, &full_name).await? {
+                return deny(
+                    DenyCode::KillSwitch,
+                    format!("{reason}: approved {full_name} is not released"),
+                )
+                .await;
+            }
             let fresh = self
                 .redeemed
                 .lock()

@@ -9,14 +9,16 @@ use std::time::{Duration, Instant};
 use axum::http::StatusCode;
 use base64::Engine as _;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Api, PostParams};
 use sha2::{Digest, Sha256};
+use tollgate_crds::AgentIdentity;
+use tollgate_crds::common::GLOBAL_KILL_SWITCH;
 use tollgate_engine::CompiledPolicy;
 
 use super::policies::AgentEntry;
-use super::{Caller, Refusal};
-use crate::cluster::ClusterView;
+use super::{Caller, Refusal, RefusalCode};
+use crate::cluster::{ClusterView, global_switch_engaged};
 
 /// The audience agents' tokens must be issued for.
 pub const AUDIENCE: &str = "tollgate";
@@ -104,6 +106,35 @@ impl ClusterPolicies {
         }))
     }
 
+    /// Whether agent `namespace/name` is stopped now, read from the apiserver itself rather than
+    /// the watched view: `Some(reason)` when its own or the global kill switch is engaged. A read
+    /// without a resourceVersion is served from etcd, so a switch whose patch was acknowledged
+    /// before this read is seen even while the watches still carry the older state. Errors name
+    /// what could not be read; an identity that no longer exists is one.
+    pub(crate) async fn stopped_now(&self, id: &str) -> Result<Option<String>, String> {
+        let (namespace, name) = id
+            .split_once('/')
+            .ok_or_else(|| format!("agent {id:?} is not namespace/name"))?;
+        let identity = Api::<AgentIdentity>::namespaced(self.client.clone(), namespace)
+            .get_opt(name)
+            .await
+            .map_err(|e| format!("read AgentIdentity {id}: {e}"))?
+            .ok_or_else(|| format!("AgentIdentity {id} no longer exists"))?;
+        if identity.spec.kill_switch.engaged {
+            return Ok(Some(format!("the kill switch of agent {id} is engaged")));
+        }
+        if let Some(tollgate) = self.view.tollgate_namespace() {
+            let switch = Api::<ConfigMap>::namespaced(self.client.clone(), tollgate)
+                .get_opt(GLOBAL_KILL_SWITCH)
+                .await
+                .map_err(|e| format!("read ConfigMap {tollgate}/{GLOBAL_KILL_SWITCH}: {e}"))?;
+            if switch.as_ref().is_some_and(global_switch_engaged) {
+                return Ok(Some("the global kill switch is engaged".to_owned()));
+            }
+        }
+        Ok(None)
+    }
+
     /// The client the gateway acts with.
     pub(crate) fn client(&self) -> kube::Client {
         self.client.clone()
@@ -149,7 +180,11 @@ impl From<TokenReviewer> for super::Auth {
 }
 
 fn unauthenticated(message: impl Into<String>) -> Refusal {
-    Refusal::new(StatusCode::UNAUTHORIZED, "Unauthenticated", message)
+    Refusal::new(
+        StatusCode::UNAUTHORIZED,
+        RefusalCode::Unauthenticated,
+        message,
+    )
 }
 
 /// The `exp` claim of a JWT, read without verifying it (the apiserver has verified the token).
@@ -204,7 +239,7 @@ impl TokenReviewer {
                 tracing::error!(error = %e, "TokenReview failed");
                 Refusal::new(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "AuthenticationUnavailable",
+                    RefusalCode::AuthenticationUnavailable,
                     "the token cannot be reviewed now; retry later",
                 )
             })?;
@@ -232,7 +267,7 @@ impl TokenReviewer {
             .ok_or_else(|| {
                 Refusal::new(
                     StatusCode::FORBIDDEN,
-                    "NotAnAgent",
+                    RefusalCode::NotAnAgent,
                     format!("{username} is not the ServiceAccount of any AgentIdentity"),
                 )
             })?;

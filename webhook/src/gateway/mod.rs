@@ -663,12 +663,84 @@ fn decision_kind(decision: &Decision) -> &'static str {
 /// A refusal before any decision: what is wrong, as a stable code and words.
 pub(crate) struct Refusal {
     status: StatusCode,
-    code: &'static str,
+    code: RefusalCode,
     message: String,
 }
 
+/// Why the gateway refused a request without a decision: `error.code` of the answer. The OpenAPI
+/// document (openapi/gateway.yaml) lists exactly these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalCode {
+    /// No credential, or one the gateway does not accept.
+    Unauthenticated,
+    /// The token could not be reviewed now (the apiserver did not answer).
+    AuthenticationUnavailable,
+    /// The token is valid but belongs to no AgentIdentity's ServiceAccount.
+    NotAnAgent,
+    /// The gateway is configured so that it cannot authenticate this kind of credential.
+    Misconfigured,
+    /// The body is not a request the API accepts (JSON, fields, types).
+    MalformedRequest,
+    /// The body exceeds the gateway's limit.
+    PayloadTooLarge,
+    /// The agent has no usable policy for this request.
+    NoPolicy,
+    /// The credential's agent has no AgentIdentity.
+    UnknownAgent,
+    /// A report names a run the agent never started.
+    UnknownRun,
+    /// An approval was named to a gateway running standalone, where there are none.
+    NoApprovals,
+    /// The audit trail cannot record the request, so it must not proceed.
+    AuditUnavailable,
+    /// The Kubernetes API could not be read for what the decision needs.
+    ClusterUnavailable,
+}
+
+impl RefusalCode {
+    /// Every code.
+    pub const ALL: [Self; 12] = [
+        Self::Unauthenticated,
+        Self::AuthenticationUnavailable,
+        Self::NotAnAgent,
+        Self::Misconfigured,
+        Self::MalformedRequest,
+        Self::PayloadTooLarge,
+        Self::NoPolicy,
+        Self::UnknownAgent,
+        Self::UnknownRun,
+        Self::NoApprovals,
+        Self::AuditUnavailable,
+        Self::ClusterUnavailable,
+    ];
+
+    /// The code as it is sent.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unauthenticated => "Unauthenticated",
+            Self::AuthenticationUnavailable => "AuthenticationUnavailable",
+            Self::NotAnAgent => "NotAnAgent",
+            Self::Misconfigured => "Misconfigured",
+            Self::MalformedRequest => "MalformedRequest",
+            Self::PayloadTooLarge => "PayloadTooLarge",
+            Self::NoPolicy => "NoPolicy",
+            Self::UnknownAgent => "UnknownAgent",
+            Self::UnknownRun => "UnknownRun",
+            Self::NoApprovals => "NoApprovals",
+            Self::AuditUnavailable => "AuditUnavailable",
+            Self::ClusterUnavailable => "ClusterUnavailable",
+        }
+    }
+}
+
+impl std::fmt::Display for RefusalCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl Refusal {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    fn new(status: StatusCode, code: RefusalCode, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -679,7 +751,7 @@ impl Refusal {
     fn response(&self) -> Response {
         (
             self.status,
-            axum::Json(json!({"error": {"code": self.code, "message": self.message}})),
+            axum::Json(json!({"error": {"code": self.code.as_str(), "message": self.message}})),
         )
             .into_response()
     }
@@ -689,7 +761,7 @@ fn audit_unavailable(e: impl std::fmt::Display) -> Response {
     tracing::error!(error = %e, "audit trail refused a record; the call is refused");
     Refusal::new(
         StatusCode::SERVICE_UNAVAILABLE,
-        "AuditUnavailable",
+        RefusalCode::AuditUnavailable,
         "the audit trail cannot record this call, so it must not proceed; retry later",
     )
     .response()
@@ -701,7 +773,7 @@ fn audit_unavailable_refusing(e: impl std::fmt::Display, refused: &str) -> Respo
     tracing::error!(error = %e, refused, "audit trail refused a record; the request is refused");
     Refusal::new(
         StatusCode::SERVICE_UNAVAILABLE,
-        "AuditUnavailable",
+        RefusalCode::AuditUnavailable,
         format!(
             "the audit trail cannot record this request, so it must not proceed; retry later. \
              It is refused in any case: {refused}"
@@ -716,7 +788,7 @@ async fn authenticate(gateway: &Gateway, headers: &HeaderMap) -> Result<Caller, 
         .ok_or_else(|| {
             Refusal::new(
                 StatusCode::UNAUTHORIZED,
-                "Unauthenticated",
+                RefusalCode::Unauthenticated,
                 "no Authorization header: send Authorization: Bearer <token>",
             )
         })?
@@ -728,7 +800,7 @@ async fn authenticate(gateway: &Gateway, headers: &HeaderMap) -> Result<Caller, 
         .ok_or_else(|| {
             Refusal::new(
                 StatusCode::UNAUTHORIZED,
-                "Unauthenticated",
+                RefusalCode::Unauthenticated,
                 "the Authorization header must be Bearer <token>",
             )
         })?;
@@ -744,7 +816,7 @@ async fn authenticate(gateway: &Gateway, headers: &HeaderMap) -> Result<Caller, 
             .ok_or_else(|| {
                 Refusal::new(
                     StatusCode::UNAUTHORIZED,
-                    "Unauthenticated",
+                    RefusalCode::Unauthenticated,
                     "the key is not known",
                 )
             }),
@@ -752,7 +824,7 @@ async fn authenticate(gateway: &Gateway, headers: &HeaderMap) -> Result<Caller, 
             Policies::Cluster(cluster) => reviewer.review(token, cluster).await,
             Policies::Dir(_) => Err(Refusal::new(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "Misconfigured",
+                RefusalCode::Misconfigured,
                 "token authentication needs the cluster policy source",
             )),
         },
@@ -795,7 +867,7 @@ async fn admit<T: for<'de> Deserialize<'de>>(
                 Some(holder),
                 Refusal::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
-                    "PayloadTooLarge",
+                    RefusalCode::PayloadTooLarge,
                     format!("the request body exceeds {MAX_BODY} bytes"),
                 ),
             )
@@ -814,7 +886,7 @@ async fn admit<T: for<'de> Deserialize<'de>>(
             Some(holder),
             Refusal::new(
                 StatusCode::BAD_REQUEST,
-                "MalformedRequest",
+                RefusalCode::MalformedRequest,
                 format!("the request body is not a valid request: {e}"),
             ),
         )
@@ -830,7 +902,7 @@ fn run_id(body_run: Option<String>, headers: &HeaderMap) -> Result<String, Refus
         (Some(a), Some(b)) if a != b => {
             return Err(Refusal::new(
                 StatusCode::BAD_REQUEST,
-                "MalformedRequest",
+                RefusalCode::MalformedRequest,
                 format!("runId {a:?} and the {RUN_HEADER} header {b:?} disagree"),
             ));
         }
@@ -838,7 +910,7 @@ fn run_id(body_run: Option<String>, headers: &HeaderMap) -> Result<String, Refus
         (None, None) => {
             return Err(Refusal::new(
                 StatusCode::BAD_REQUEST,
-                "MalformedRequest",
+                RefusalCode::MalformedRequest,
                 format!("a run id is required: runId in the body or the {RUN_HEADER} header"),
             ));
         }
@@ -846,7 +918,7 @@ fn run_id(body_run: Option<String>, headers: &HeaderMap) -> Result<String, Refus
     if !valid_run_id(&run) {
         return Err(Refusal::new(
             StatusCode::BAD_REQUEST,
-            "MalformedRequest",
+            RefusalCode::MalformedRequest,
             format!("run id {run:?} must be 1 to 128 characters of A-Z a-z 0-9 . _ : -"),
         ));
     }
@@ -1018,7 +1090,7 @@ async fn report(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: B
     else {
         let refusal = Refusal::new(
             StatusCode::CONFLICT,
-            "NoPolicy",
+            RefusalCode::NoPolicy,
             format!(
                 "agent {} has no usable policy; nothing to report against",
                 holder.agent
@@ -1051,7 +1123,7 @@ async fn report(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: B
     let Some((breach, run_counters)) = reported else {
         let refusal = Refusal::new(
             StatusCode::CONFLICT,
-            "UnknownRun",
+            RefusalCode::UnknownRun,
             format!("run {run:?} has no decided call to report on"),
         );
         return gateway
