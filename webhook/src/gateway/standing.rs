@@ -13,7 +13,10 @@
 //! A pass reads only what is new. The trail's counts per agent, tool, event and outcome are kept
 //! by the hour: an hour that ended more than [`SETTLED`] ago never changes, so it is read once
 //! and kept while a window reaches it; each pass reads the unsettled rest (about an hour). The
-//! windows therefore count to the hour: an hour that overlaps a window counts whole.
+//! windows therefore count to the hour: an hour that overlaps a window counts whole. A record
+//! committed more than [`SETTLED`] after its own time (a writer frozen for that long between
+//! deciding and committing) would be missing from an hour already read, so the kept hours are
+//! read again once they are [`REREAD`] old: such a record counts within a day.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -39,10 +42,18 @@ pub const MANAGER: &str = "tollgate-gateway";
 /// timestamped when its call is decided and committed moments later.
 pub const SETTLED: Duration = Duration::from_secs(600);
 
+/// How long settled hours are kept before they are read again (see the module's documentation).
+pub const REREAD: Duration = Duration::from_secs(24 * 3600);
+
 const HOUR_US: i64 = 3_600_000_000;
 
-/// Settled hours of the trail, counted: by hour start (microseconds), by agent.
-type Hours = BTreeMap<i64, HashMap<String, Vec<ToolTally>>>;
+/// Settled hours of the trail, counted: by hour start (microseconds), by agent; and when the
+/// oldest of those kept was read.
+#[derive(Default)]
+struct Hours {
+    counted: BTreeMap<i64, HashMap<String, Vec<ToolTally>>>,
+    read_at: Option<Timestamp>,
+}
 
 /// When and over what the gateway evaluates.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,6 +208,7 @@ impl StatusWriter {
                 record: true,
             };
             let rows = hours
+                .counted
                 .iter()
                 .filter_map(|(start, agents)| Some((agents.get(&agent)?, overlaps(*start))))
                 .flat_map(|(rows, span)| rows.iter().map(move |r| (r, span)))
@@ -226,10 +238,19 @@ impl StatusWriter {
             .saturating_sub(settled_us)
             .div_euclid(HOUR_US)
             * HOUR_US;
-        hours.retain(|start, _| *start >= first && *start < end);
+        let reread = i64::try_from(REREAD.as_micros()).unwrap_or(i64::MAX);
+        if hours
+            .read_at
+            .is_none_or(|at| now.as_microsecond().saturating_sub(at.as_microsecond()) >= reread)
+        {
+            hours.counted.clear();
+            hours.read_at = Some(now);
+        }
+        let counted = &mut hours.counted;
+        counted.retain(|start, _| *start >= first && *start < end);
         let mut start = first;
         while start < end {
-            if let std::collections::btree_map::Entry::Vacant(hour) = hours.entry(start) {
+            if let std::collections::btree_map::Entry::Vacant(hour) = counted.entry(start) {
                 let mut by_agent: HashMap<String, Vec<ToolTally>> = HashMap::new();
                 for row in self.trail.tallies(start, start + HOUR_US).await? {
                     by_agent.entry(row.agent.clone()).or_default().push(row);
@@ -475,6 +496,25 @@ mod tests {
             (1, 1),
             "12:03 on the 25th has left"
         );
+
+        // A record committed long after its own time (its writer frozen between deciding and
+        // committing) lands in an hour already read: counted once the kept hours are a day old,
+        // when every settled hour is read again.
+        log.append(decide(ago(5 * 60), "refund", true))
+            .await
+            .unwrap();
+        let stale = writer.standings(later).await;
+        assert_eq!(trail.1.load(Ordering::Relaxed), settled + 5);
+        assert_eq!(standing(&stale[0].1, "refund"), (1, 1), "not read yet");
+        let next_day = now + SignedDuration::from_hours(24);
+        let reread = writer.standings(next_day).await;
+        assert_eq!(trail.1.load(Ordering::Relaxed), settled + 5 + settled + 1);
+        // The 48h window now starts 24h ago: the late record and the unsettled one count, the
+        // incident 30h ago no longer does.
+        assert_eq!(standing(&reread[0].1, "refund"), (2, 0), "the late record");
+        let after = writer.standings(next_day).await;
+        assert_eq!(trail.1.load(Ordering::Relaxed), 2 * settled + 7);
+        assert_eq!(after[0].1, reread[0].1);
     }
 
     #[test]
