@@ -176,12 +176,25 @@ struct Reply {
 
 impl Harness {
     async fn send(&self, session: Option<&str>, body: Vec<u8>) -> Reply {
+        self.send_with(session, &[], body).await
+    }
+
+    /// [`Harness::send`] with `extra` headers too.
+    async fn send_with(
+        &self,
+        session: Option<&str>,
+        extra: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> Reply {
         let mut request = Request::post("/mcp/crm")
             .header("content-type", "application/json")
             .header("accept", "application/json, text/event-stream")
             .header("authorization", format!("Bearer {KEY}"));
         if let Some(session) = session {
             request = request.header(mcp::SESSION_HEADER, session);
+        }
+        for (name, value) in extra {
+            request = request.header(*name, *value);
         }
         let response = self
             .app
@@ -285,6 +298,82 @@ async fn tools_list_shows_only_what_the_policy_allows() {
             "send_customer_email"
         ]
     );
+}
+
+/// SECURITY.md 1: MCP metadata and headers that name another agent change nothing; the key
+/// decides whose policy applies, whose credential goes upstream and whose trail it is.
+#[tokio::test]
+async fn mcp_metadata_and_headers_naming_another_agent_are_ignored() {
+    let h = harness().await;
+    let session = h.session().await;
+    let claims = [
+        ("x-tollgate-agent", "default/deploy-agent"),
+        (
+            "impersonate-user",
+            "system:serviceaccount:default:agent-deploy-agent",
+        ),
+        ("x-forwarded-user", "deploy-agent"),
+    ];
+    let meta = json!({"tollgate.dev/agent": "default/deploy-agent", "agent": "deploy-agent",
+                      "identity": {"serviceAccount": "agent-deploy-agent"}});
+    let call = |id: u64, tool: &str, arguments: Value| {
+        json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+               "params": {"name": tool, "arguments": arguments, "_meta": meta}})
+        .to_string()
+        .into_bytes()
+    };
+    // A tool the support agent may call goes through as the support agent, with its credential.
+    let read = h
+        .send_with(
+            Some(&session),
+            &claims,
+            call(2, "read_customer_record", json!({"customer_id": "C000042"})),
+        )
+        .await;
+    assert_eq!(read.status, StatusCode::OK, "{}", read.body);
+    assert!(read.body["result"].is_object(), "{}", read.body);
+    // One the support agent's policy blocks stays blocked, whoever the metadata names.
+    let blocked = h
+        .send_with(
+            Some(&session),
+            &claims,
+            call(
+                3,
+                "delete_customer_record",
+                json!({"customer_id": "C000042"}),
+            ),
+        )
+        .await;
+    assert_eq!(
+        blocked.body["error"]["data"]["code"], "ToolBlocked",
+        "{}",
+        blocked.body
+    );
+    assert_eq!(
+        blocked.body["error"]["data"]["rule"]["policy"], "support-agent-v2",
+        "{}",
+        blocked.body
+    );
+    let calls = h.calls.lock().unwrap().clone();
+    assert_eq!(
+        calls,
+        [(
+            "read_customer_record".to_owned(),
+            json!({"customer_id": "C000042"}),
+            Some(format!("Bearer {CREDENTIAL}"))
+        )]
+    );
+    let records = h.store.query(&Query::default()).await.unwrap();
+    let entries: Vec<_> = records.iter().map(|r| r.entry().unwrap()).collect();
+    assert!(entries.len() >= 3, "{entries:?}");
+    for entry in &entries {
+        assert_eq!(entry.identity.username, "apikey:support", "{entry:?}");
+        assert_eq!(
+            entry.agent.as_deref(),
+            Some("default/support-agent-v2"),
+            "{entry:?}"
+        );
+    }
 }
 
 #[tokio::test]
