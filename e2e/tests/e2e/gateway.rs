@@ -35,10 +35,26 @@ async fn call(
     tool: &str,
     arguments: Value,
 ) -> (u16, Value) {
+    post_decide(
+        client,
+        url,
+        token,
+        json!({"runId": run, "tool": tool, "arguments": arguments}),
+    )
+    .await
+}
+
+/// `body` to the decision API as the holder of `token`: the status and the answer.
+async fn post_decide(
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+    body: Value,
+) -> (u16, Value) {
     let response = client
         .post(format!("{url}/v1/decide"))
         .bearer_auth(token)
-        .json(&json!({"runId": run, "tool": tool, "arguments": arguments}))
+        .json(&body)
         .send()
         .await
         .unwrap();
@@ -97,6 +113,70 @@ fn support_agent_token(ns: &str) -> String {
     .to_owned()
 }
 
+/// The sample support agent in a fresh namespace `prefix-…` whose agents admission watches, its
+/// e-mails approved by the group tollgate-approvers (alice and bob); returns the namespace and a
+/// TokenRequest token for the agent's ServiceAccount (audience `tollgate`).
+async fn sample_agent(prefix: &str) -> (String, String) {
+    let cp = control_plane();
+    install_crds();
+    webhook();
+    let ns = cp.namespace(prefix).await;
+    Api::<Namespace>::all(cp.client(User::Admin).await)
+        .patch(
+            &ns,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"labels": {LABEL: "enabled"}}})),
+        )
+        .await
+        .unwrap();
+    let sample = std::fs::read_to_string(repo_root().join("config/samples/support-agent.yaml"))
+        .unwrap()
+        .replace("groups: [support-leads]", "groups: [tollgate-approvers]");
+    let manifest = repo_root().join(format!("target/e2e-runs/{prefix}-{ns}.yaml"));
+    std::fs::write(&manifest, &sample).unwrap();
+    run(cp
+        .kubectl(User::Admin)
+        .args(["apply", "-n", &ns, "-f"])
+        .arg(&manifest));
+    let token = support_agent_token(&ns);
+    (ns, token)
+}
+
+/// A gateway in this process over `view`, acting as the gateway's ServiceAccount (admission
+/// accepts ApprovalRequests from nobody else), reviewing tokens as the admin, its trail `chain`
+/// in a fresh SQLite store; returns its URL, the store, and the directory that holds it.
+async fn gateway_over(
+    view: Arc<dyn tollgate_webhook::cluster::ClusterView>,
+    chain: &str,
+) -> (String, Arc<SqliteStore>, tempfile::TempDir) {
+    let cp = control_plane();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path().join("audit.db")).unwrap());
+    let (log, _) = AuditLog::open(store.clone(), WriterConfig::new(chain))
+        .await
+        .unwrap();
+    let gateway = Gateway::new(
+        gateway::Policies::Cluster(ClusterPolicies::new(view, cp.client_as(GATEWAY).await)),
+        TokenReviewer::new(cp.client(User::Admin).await),
+        log,
+        Redactor::default(),
+    );
+    (tollgate_e2e::serve_gateway(gateway).await, store, dir)
+}
+
+/// Alice approves ApprovalRequest `ticket` with `kubectl tollgate approve`; what it printed.
+async fn alice_approves(ns: &str, ticket: &str, comment: &str) -> String {
+    kubectl_tollgate::people::decide(
+        control_plane().client(User::Alice).await,
+        ns,
+        ticket,
+        tollgate_crds::approval::Verdict::Approve,
+        Some(comment),
+    )
+    .await
+    .expect("alice may approve")
+}
+
 fn email(subject: &str) -> Value {
     json!({"customer_id": "C000042", "subject": subject, "body": "Your refund is on its way."})
 }
@@ -122,52 +202,15 @@ async fn request_for(api: &Api<ApprovalRequest>, subject: &str) -> String {
 #[tokio::test]
 async fn an_agent_token_calls_through_the_gateway_and_the_kill_switch_stops_the_next_call() {
     let cp = control_plane();
-    install_crds();
-    webhook();
-    let ns = cp.namespace("gateway").await;
-    Api::<Namespace>::all(cp.client(User::Admin).await)
-        .patch(
-            &ns,
-            &PatchParams::default(),
-            &Patch::Merge(&json!({"metadata": {"labels": {LABEL: "enabled"}}})),
-        )
-        .await
-        .unwrap();
-    // Alice and bob (group tollgate-approvers) approve e-mails in this test.
-    let sample = std::fs::read_to_string(repo_root().join("config/samples/support-agent.yaml"))
-        .unwrap()
-        .replace("groups: [support-leads]", "groups: [tollgate-approvers]");
-    let manifest = repo_root().join(format!("target/e2e-runs/gateway-{ns}.yaml"));
-    std::fs::write(&manifest, &sample).unwrap();
-    run(cp
-        .kubectl(User::Admin)
-        .args(["apply", "-n", &ns, "-f"])
-        .arg(&manifest));
-    let token = support_agent_token(&ns);
+    let (ns, token) = sample_agent("gateway").await;
     let token = token.as_str();
     let wrong_audience =
         run(cp
             .kubectl(User::Admin)
             .args(["create", "token", "agent-support-agent-v2", "-n", &ns]));
-
-    let client = cp.client(User::Admin).await;
-    // The gateway creates ApprovalRequests as its own ServiceAccount: admission accepts them
-    // from nobody else.
-    let as_gateway = cp.client_as(GATEWAY).await;
-    let view = WatchedView::start(client.clone(), "tollgate-system");
+    let view = WatchedView::start(cp.client(User::Admin).await, "tollgate-system");
     view.ready().await;
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SqliteStore::open(dir.path().join("audit.db")).unwrap());
-    let (log, _) = AuditLog::open(store.clone(), WriterConfig::new("gw-e2e"))
-        .await
-        .unwrap();
-    let gateway = Gateway::new(
-        gateway::Policies::Cluster(ClusterPolicies::new(Arc::new(view), as_gateway)),
-        TokenReviewer::new(client),
-        log,
-        Redactor::default(),
-    );
-    let url = tollgate_e2e::serve_gateway(gateway).await;
+    let (url, store, _trail) = gateway_over(Arc::new(view), "gw-e2e").await;
     let http = reqwest::Client::new();
 
     first_allow(&http, &url, token, &ns).await;
@@ -213,22 +256,7 @@ async fn an_agent_token_calls_through_the_gateway_and_the_kill_switch_stops_the_
 
     // The same without waiting: 202 with the request at once, redeemed after alice approves,
     // exactly once, and only for exactly those arguments.
-    let post = |body: Value| {
-        let (http, url, token) = (http.clone(), url.clone(), token.to_owned());
-        async move {
-            let response = http
-                .post(format!("{url}/v1/decide"))
-                .bearer_auth(&token)
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            (
-                response.status().as_u16(),
-                response.json::<Value>().await.unwrap(),
-            )
-        }
-    };
+    let post = |body: Value| post_decide(&http, &url, token, body);
     let later = email("later");
     let (status, pending) = post(json!({"runId": "run-1", "tool": "send_customer_email",
         "arguments": later, "wait": false}))
@@ -247,15 +275,7 @@ async fn an_agent_token_calls_through_the_gateway_and_the_kill_switch_stops_the_
     let (status, undecided) = post(redeem(later.clone())).await;
     assert_eq!(status, 202, "{undecided}");
     // This time alice approves with `kubectl tollgate approve`.
-    let printed = kubectl_tollgate::people::decide(
-        cp.client(User::Alice).await,
-        &ns,
-        &ticket,
-        tollgate_crds::approval::Verdict::Approve,
-        Some("one customer"),
-    )
-    .await
-    .expect("alice may approve");
+    let printed = alice_approves(&ns, &ticket, "one customer").await;
     assert!(
         printed.contains(
             "approved: phase Approved, the call is released unless a kill switch is engaged"
@@ -411,68 +431,19 @@ impl tollgate_webhook::cluster::ClusterView for Lagging {
 async fn an_approved_call_is_not_released_once_the_kill_switch_is_engaged_whatever_the_watches_say()
 {
     let cp = control_plane();
-    install_crds();
-    webhook();
-    let ns = cp.namespace("race").await;
-    Api::<Namespace>::all(cp.client(User::Admin).await)
-        .patch(
-            &ns,
-            &PatchParams::default(),
-            &Patch::Merge(&json!({"metadata": {"labels": {LABEL: "enabled"}}})),
-        )
-        .await
-        .unwrap();
-    let sample = std::fs::read_to_string(repo_root().join("config/samples/support-agent.yaml"))
-        .unwrap()
-        .replace("groups: [support-leads]", "groups: [tollgate-approvers]");
-    let manifest = repo_root().join(format!("target/e2e-runs/race-{ns}.yaml"));
-    std::fs::write(&manifest, &sample).unwrap();
-    run(cp
-        .kubectl(User::Admin)
-        .args(["apply", "-n", &ns, "-f"])
-        .arg(&manifest));
-    let token = support_agent_token(&ns);
+    let (ns, token) = sample_agent("race").await;
     let token = token.as_str();
-
-    let client = cp.client(User::Admin).await;
-    let as_gateway = cp.client_as(GATEWAY).await;
-    let live = WatchedView::start(client.clone(), "tollgate-system");
+    let live = WatchedView::start(cp.client(User::Admin).await, "tollgate-system");
     live.ready().await;
     let view = Arc::new(Lagging {
         live,
         frozen: Default::default(),
     });
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SqliteStore::open(dir.path().join("audit.db")).unwrap());
-    let (log, _) = AuditLog::open(store.clone(), WriterConfig::new("gw-race"))
-        .await
-        .unwrap();
-    let gateway = Gateway::new(
-        gateway::Policies::Cluster(ClusterPolicies::new(view.clone(), as_gateway)),
-        TokenReviewer::new(client),
-        log,
-        Redactor::default(),
-    );
-    let url = tollgate_e2e::serve_gateway(gateway).await;
+    let (url, store, _trail) = gateway_over(view.clone(), "gw-race").await;
     let http = reqwest::Client::new();
     first_allow(&http, &url, token, &ns).await;
 
-    let post = |body: Value| {
-        let (http, url) = (http.clone(), url.clone());
-        async move {
-            let response = http
-                .post(format!("{url}/v1/decide"))
-                .bearer_auth(token)
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            (
-                response.status().as_u16(),
-                response.json::<Value>().await.unwrap(),
-            )
-        }
-    };
+    let post = |body: Value| post_decide(&http, &url, token, body);
     // Two e-mails wait for people; alice approves both while the agent may still act.
     let mut tickets = Vec::new();
     for subject in ["first", "second"] {
@@ -484,15 +455,7 @@ async fn an_approved_call_is_not_released_once_the_kill_switch_is_engaged_whatev
             .as_str()
             .unwrap()
             .to_owned();
-        kubectl_tollgate::people::decide(
-            cp.client(User::Alice).await,
-            &ns,
-            &ticket,
-            tollgate_crds::approval::Verdict::Approve,
-            Some("before the kill switch"),
-        )
-        .await
-        .expect("alice may approve");
+        alice_approves(&ns, &ticket, "before the kill switch").await;
         tickets.push((subject, ticket));
     }
     let redeem = |(subject, ticket): &(&str, String)| {
