@@ -177,6 +177,21 @@ async fn alice_approves(ns: &str, ticket: &str, comment: &str) -> String {
     .expect("alice may approve")
 }
 
+/// Engages the support agent's kill switch in `ns` with `kubectl patch`, as a person would.
+fn engage_kill_switch(ns: &str, reason: &str) {
+    let patch = json!({"spec": {"killSwitch": {"engaged": true, "reason": reason}}}).to_string();
+    run(control_plane().kubectl(User::Admin).args([
+        "patch",
+        "agentidentity",
+        "support-agent-v2",
+        "-n",
+        ns,
+        "--type=merge",
+        "-p",
+        &patch,
+    ]));
+}
+
 fn email(subject: &str) -> Value {
     json!({"customer_id": "C000042", "subject": subject, "body": "Your refund is on its way."})
 }
@@ -323,16 +338,7 @@ async fn an_agent_token_calls_through_the_gateway_and_the_kill_switch_stops_the_
 
     // Engage the kill switch with kubectl; the waiting call and the next call are denied.
     let engaged = Instant::now();
-    run(cp.kubectl(User::Admin).args([
-        "patch",
-        "agentidentity",
-        "support-agent-v2",
-        "-n",
-        &ns,
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"killSwitch":{"engaged":true,"reason":"e2e"}}}"#,
-    ]));
+    engage_kill_switch(&ns, "e2e");
     let denied = eventually(
         "the next call is denied",
         Duration::from_secs(30),
@@ -465,16 +471,7 @@ async fn an_approved_call_is_not_released_once_the_kill_switch_is_engaged_whatev
 
     // From here on the gateway's watches deliver nothing; the kill switch is engaged.
     view.freeze();
-    run(cp.kubectl(User::Admin).args([
-        "patch",
-        "agentidentity",
-        "support-agent-v2",
-        "-n",
-        &ns,
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"killSwitch":{"engaged":true,"reason":"race"}}}"#,
-    ]));
+    engage_kill_switch(&ns, "race");
     // The gateway's view still lets the agent act (new calls follow the watches, within the
     // reaction time bench/README.md reports)...
     let (status, read) = decide(&http, &url, token, "run-2").await;
