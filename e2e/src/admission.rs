@@ -16,6 +16,24 @@ pub const LABEL: &str = "tollgate-e2e/admission";
 /// The gateway's username, the only creator of ApprovalRequests.
 pub const GATEWAY: &str = "system:serviceaccount:tollgate-system:tollgate-gateway";
 
+/// Labels namespace `ns` with [`LABEL`], so that the webhooks [`webhook`] registers apply to it.
+pub async fn admit(ns: &str) {
+    use k8s_openapi::api::core::v1::Namespace;
+    use kube::api::{Api, Patch, PatchParams};
+    let patch = serde_json::json!({"metadata": {"labels": {LABEL: "enabled"}}});
+    Api::<Namespace>::all(control_plane().client(User::Admin).await)
+        .patch(ns, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("label the namespace for admission");
+}
+
+/// A fresh namespace `prefix-…` that the webhooks [`webhook`] registers apply to.
+pub async fn namespace(prefix: &str) -> String {
+    let ns = control_plane().namespace(prefix).await;
+    admit(&ns).await;
+    ns
+}
+
 /// Tollgate's webhook running in this process as `tollgate-webhook` runs in a cluster.
 #[derive(Debug)]
 pub struct Running {

@@ -5,13 +5,13 @@
 
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::Client;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::json;
 use tollgate_crds::{AgentIdentity, AgentPolicy};
-use tollgate_e2e::admission::{LABEL, register, unregister, webhook};
+use tollgate_e2e::admission::{register, unregister, webhook};
 use tollgate_e2e::{User, control_plane};
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -46,15 +46,7 @@ async fn main() {
     webhook();
     let cp = control_plane();
     let admin = cp.client(User::Admin).await;
-    let ns = cp.namespace("latency").await;
-    Api::<Namespace>::all(admin.clone())
-        .patch(
-            &ns,
-            &PatchParams::default(),
-            &Patch::Merge(&json!({"metadata": {"labels": {LABEL: "enabled"}}})),
-        )
-        .await
-        .unwrap();
+    let ns = tollgate_e2e::admission::namespace("latency").await;
 
     // An agent with rights on ConfigMaps, reached by impersonating its ServiceAccount.
     let username = format!("system:serviceaccount:{ns}:agent-bench");

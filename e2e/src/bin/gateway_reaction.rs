@@ -13,12 +13,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::{Value, json};
 use tollgate_audit::{AuditLog, Redactor, SqliteStore, WriterConfig};
 use tollgate_crds::{AgentIdentity, ApprovalRequest};
-use tollgate_e2e::admission::{GATEWAY, LABEL, webhook};
+use tollgate_e2e::admission::{GATEWAY, webhook};
 use tollgate_e2e::{User, control_plane, repo_root};
 use tollgate_webhook::cluster::WatchedView;
 use tollgate_webhook::gateway::{self, ClusterPolicies, Gateway, TokenReviewer};
@@ -66,15 +65,7 @@ async fn main() {
     let cp = control_plane();
     webhook();
     let admin = cp.client(User::Admin).await;
-    let ns = cp.namespace("reaction").await;
-    Api::<Namespace>::all(admin.clone())
-        .patch(
-            &ns,
-            &PatchParams::default(),
-            &Patch::Merge(&json!({"metadata": {"labels": {LABEL: "enabled"}}})),
-        )
-        .await
-        .unwrap();
+    let ns = tollgate_e2e::admission::namespace("reaction").await;
     // A generous per-run budget: the bench makes many calls in one run.
     let sample = std::fs::read_to_string(repo_root().join("config/samples/support-agent.yaml"))
         .unwrap()

@@ -9,26 +9,14 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use tollgate_crds::{AgentIdentity, AgentPolicy, ApprovalRequest};
-use tollgate_e2e::admission::{GATEWAY, LABEL, webhook};
+use tollgate_e2e::admission::{GATEWAY, namespace, webhook};
 use tollgate_e2e::{User, control_plane, eventually, install_crds};
-
-/// A namespace the webhooks apply to.
-async fn namespace(test: &str) -> String {
-    let cp = control_plane();
-    let ns = cp.namespace(test).await;
-    let api: Api<Namespace> = Api::all(cp.client(User::Admin).await);
-    let patch = json!({"metadata": {"labels": {LABEL: "enabled"}}});
-    api.patch(&ns, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .unwrap();
-    ns
-}
 
 fn identity(name: &str, rules: Value, killed: bool) -> AgentIdentity {
     serde_json::from_value(json!({

@@ -7,12 +7,11 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::{Value, json};
 use tollgate_audit::{AuditLog, Redactor, SqliteStore, WriterConfig};
 use tollgate_crds::ApprovalRequest;
-use tollgate_e2e::admission::{GATEWAY, LABEL, webhook};
+use tollgate_e2e::admission::{GATEWAY, webhook};
 use tollgate_e2e::{User, control_plane, eventually, install_crds, repo_root};
 use tollgate_webhook::cluster::WatchedView;
 use tollgate_webhook::gateway::{self, ClusterPolicies, Gateway, TokenReviewer};
@@ -120,15 +119,7 @@ async fn sample_agent(prefix: &str) -> (String, String) {
     let cp = control_plane();
     install_crds();
     webhook();
-    let ns = cp.namespace(prefix).await;
-    Api::<Namespace>::all(cp.client(User::Admin).await)
-        .patch(
-            &ns,
-            &PatchParams::default(),
-            &Patch::Merge(&json!({"metadata": {"labels": {LABEL: "enabled"}}})),
-        )
-        .await
-        .unwrap();
+    let ns = tollgate_e2e::admission::namespace(prefix).await;
     let sample = std::fs::read_to_string(repo_root().join("config/samples/support-agent.yaml"))
         .unwrap()
         .replace("groups: [support-leads]", "groups: [tollgate-approvers]");
@@ -906,15 +897,7 @@ async fn a_budget_breach_engages_the_kill_switch_as_the_gateway_records_an_event
     install_crds();
     webhook();
     let admin = cp.client(User::Admin).await;
-    let ns = cp.namespace("breach").await;
-    Api::<Namespace>::all(admin.clone())
-        .patch(
-            &ns,
-            &PatchParams::default(),
-            &Patch::Merge(&json!({"metadata": {"labels": {LABEL: "enabled"}}})),
-        )
-        .await
-        .unwrap();
+    let ns = tollgate_e2e::admission::namespace("breach").await;
     let manifest = repo_root().join(format!("target/e2e-runs/breach-{ns}.yaml"));
     std::fs::copy(
         repo_root().join("config/samples/support-agent.yaml"),

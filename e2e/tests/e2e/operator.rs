@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
@@ -16,7 +16,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tollgate_crds::approval::Phase;
 use tollgate_crds::{AgentIdentity, AgentPolicy, ApprovalRequest};
-use tollgate_e2e::admission::{GATEWAY, LABEL, webhook};
+use tollgate_e2e::admission::{GATEWAY, webhook};
 use tollgate_e2e::operator::{Operator, Options};
 use tollgate_e2e::{User, control_plane, eventually, repo_root};
 use tollgate_operator::leader::Timing;
@@ -107,17 +107,6 @@ fn ready(identity: &AgentIdentity) -> bool {
             == identity.metadata.generation
 }
 
-async fn label_for_admission(client: &Client, ns: &str) {
-    Api::<Namespace>::all(client.clone())
-        .patch(
-            ns,
-            &PatchParams::default(),
-            &Patch::Merge(&json!({"metadata": {"labels": {LABEL: "enabled"}}})),
-        )
-        .await
-        .unwrap();
-}
-
 /// An ApprovalRequest as the gateway creates it.
 async fn request_approval(ns: &str, name: &str, min_approvals: i32, expires_in: Duration) {
     let arguments = json!({"to": "c@example.com", "subject": name});
@@ -205,7 +194,7 @@ async fn an_identity_becomes_scoped_objects_that_follow_its_spec_and_its_kill_sw
     webhook();
     let admin = cp.client(User::Admin).await;
     let ns = cp.namespace("operator").await;
-    label_for_admission(&admin, &ns).await;
+    tollgate_e2e::admission::admit(&ns).await;
     let operator = Operator::start(&ns, Options::default());
     apply_sample(&ns);
 
@@ -538,7 +527,7 @@ async fn approvals_need_distinct_approvers_expire_on_time_and_are_pruned_after_r
     webhook();
     let admin = cp.client(User::Admin).await;
     let ns = cp.namespace("approvals").await;
-    label_for_admission(&admin, &ns).await;
+    tollgate_e2e::admission::admit(&ns).await;
     let _operator = Operator::start(
         &ns,
         Options {
@@ -650,7 +639,7 @@ async fn the_global_kill_switch_stops_every_agent_and_releasing_it_restores_them
     let admin = cp.client(User::Admin).await;
     webhook();
     let ns = cp.namespace("global-kill").await;
-    label_for_admission(&admin, &ns).await;
+    tollgate_e2e::admission::admit(&ns).await;
     let _operator = Operator::start(&ns, Options::default());
     let sample =
         std::fs::read_to_string(repo_root().join("config/samples/support-agent.yaml")).unwrap();
