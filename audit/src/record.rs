@@ -49,6 +49,11 @@ pub enum Event {
     /// The writer recorded that the records up to `checkpoint.throughSeq` were pruned by
     /// retention; it anchors what remains.
     Checkpoint,
+    /// Admission judged an agent's own Kubernetes API write, or the creation of a pod that runs
+    /// as an agent: `arguments` names the write (operation, resource, namespace, name), `decision`
+    /// says allowed or refused and by which rule. The identity is whoever made the request (for a
+    /// pod, usually a controller).
+    Admission,
 }
 
 impl Event {
@@ -62,6 +67,7 @@ impl Event {
             Event::Kill => "kill",
             Event::Rejected => "rejected",
             Event::Checkpoint => "checkpoint",
+            Event::Admission => "admission",
         }
     }
 }

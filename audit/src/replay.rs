@@ -92,6 +92,30 @@ fn decision_line(decision: &Decision) -> String {
     }
 }
 
+/// An admission record's write as people read it: `DELETE deployments.apps prod/web`.
+fn write_of(write: Option<&serde_json::Value>) -> String {
+    let field = |name: &str| {
+        write
+            .and_then(|w| w.get(name))
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default()
+    };
+    let mut resource = field("resource").to_owned();
+    if !field("group").is_empty() {
+        resource = format!("{resource}.{}", field("group"));
+    }
+    if !field("subresource").is_empty() {
+        resource = format!("{resource}/{}", field("subresource"));
+    }
+    let object = match (field("namespace"), field("name")) {
+        ("", name) => name.to_owned(),
+        (namespace, name) => format!("{namespace}/{name}"),
+    };
+    format!("{} {resource} {object}", field("operation"))
+        .trim_end()
+        .to_owned()
+}
+
 /// The steps as a timeline for people: one block per record, in order.
 pub fn timeline(steps: &[Step]) -> String {
     let mut out = String::new();
@@ -115,6 +139,7 @@ pub fn timeline(steps: &[Step]) -> String {
         let what = match (e.event, &e.tool) {
             (Event::Decide, Some(tool)) => format!("call {tool}"),
             (Event::Report, Some(tool)) => format!("result of {tool}"),
+            (Event::Admission, _) => format!("kubernetes {}", write_of(e.arguments.as_ref())),
             (event, Some(tool)) => format!("{} {tool}", event.as_str()),
             (event, None) => event.as_str().to_owned(),
         };

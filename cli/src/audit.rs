@@ -69,13 +69,28 @@ impl std::str::FromStr for Location {
     }
 }
 
+/// What [`Action::Replay`] replays.
+#[derive(Debug, Clone)]
+pub enum Replayed {
+    /// One run, whole.
+    Run(String),
+    /// Everything one agent (`namespace/name`) did since a time: calls, outcomes, approvals,
+    /// and admission's verdicts on its own Kubernetes writes.
+    Agent {
+        /// The agent.
+        agent: String,
+        /// Start of the window.
+        since: Timestamp,
+    },
+}
+
 /// What to do with the store.
 #[derive(Debug, Clone)]
 pub enum Action {
-    /// A run as a timeline (or JSON).
+    /// A run, or an agent over a window, as a timeline (or JSON).
     Replay {
-        /// The run id.
-        run: String,
+        /// What to replay.
+        of: Replayed,
         /// JSON lines instead of text.
         json: bool,
     },
@@ -303,17 +318,26 @@ async fn read(source: &impl Source, query: Query) -> Result<Vec<Step>> {
 async fn act(store: &impl Source, action: Action) -> Result<Outcome> {
     let mut text = String::new();
     match action {
-        Action::Replay { run, json } => {
-            let steps = read(
-                store,
-                Query {
+        Action::Replay { of, json } => {
+            let query = match &of {
+                Replayed::Run(run) => Query {
                     run: Some(run.clone()),
                     ..Query::default()
                 },
-            )
-            .await?;
+                Replayed::Agent { agent, since } => Query {
+                    agent: Some(agent.clone()),
+                    since_us: Some(since.as_microsecond()),
+                    ..Query::default()
+                },
+            };
+            let steps = read(store, query).await?;
             if steps.is_empty() {
-                bail!("the audit store holds no record of run {run:?}");
+                match of {
+                    Replayed::Run(run) => bail!("the audit store holds no record of run {run:?}"),
+                    Replayed::Agent { agent, since } => {
+                        bail!("the audit store holds no record of agent {agent:?} since {since}")
+                    }
+                }
             }
             if json {
                 for step in &steps {

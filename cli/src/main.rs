@@ -128,10 +128,18 @@ struct Switch {
 #[derive(Debug, Subcommand)]
 enum AuditCommand {
     /// Print a run as a timeline: who, what, which rule, approved by whom, budgets at each step.
+    /// With --agent instead, everything that agent did in a window: its tool calls and, where
+    /// admission records them, its own Kubernetes writes.
     Replay {
         /// The run id.
+        #[arg(long, required_unless_present = "agent", conflicts_with = "agent")]
+        run: Option<String>,
+        /// The agent (namespace/name), over --since.
         #[arg(long)]
-        run: String,
+        agent: Option<String>,
+        /// How far back with --agent, such as 24h.
+        #[arg(long, default_value = "24h", requires = "agent")]
+        since: String,
         /// Print the records as JSON lines instead.
         #[arg(long)]
         json: bool,
@@ -275,7 +283,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let now = jiff::Timestamp::now();
             let action = match command {
-                AuditCommand::Replay { run, json } => audit::Action::Replay { run, json },
+                AuditCommand::Replay {
+                    run,
+                    agent,
+                    since,
+                    json,
+                } => audit::Action::Replay {
+                    of: match (run, agent) {
+                        (Some(run), _) => audit::Replayed::Run(run),
+                        (None, agent) => audit::Replayed::Agent {
+                            agent: agent.unwrap_or_default(),
+                            since: audit::since(&since, now)?,
+                        },
+                    },
+                    json,
+                },
                 AuditCommand::Verify { deep, heads } => audit::Action::Verify { deep, heads },
                 AuditCommand::Export { since, agent } => audit::Action::Export {
                     since: audit::since(&since, now)?,

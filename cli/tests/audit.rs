@@ -230,6 +230,84 @@ fn replay_prints_the_run_as_a_timeline() {
 }
 
 #[test]
+fn replay_by_agent_shows_its_calls_and_its_kubernetes_writes_in_order() {
+    let (_dir, path) = store();
+    // Admission's verdict on the agent's own delete, after the run (a chain of its own).
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let store = Arc::new(SqliteStore::open(&path).unwrap());
+        let (log, _) = AuditLog::open(store, WriterConfig::new("webhook-0"))
+            .await
+            .unwrap();
+        let mut entry = Entry::new(
+            jiff::Timestamp::now(),
+            Event::Admission,
+            Identity {
+                username: "system:serviceaccount:support:agent-support-agent-v2".into(),
+                pod: None,
+                token_id: None,
+            },
+        );
+        entry.agent = Some("support/support-agent-v2".into());
+        entry.arguments = Some(
+            json!({"operation": "DELETE", "group": "apps", "version": "v1",
+            "resource": "deployments", "subresource": "", "namespace": "prod", "name": "web"}),
+        );
+        entry.decision = Some(Decision::Deny {
+            code: DenyCode::WriteRefused,
+            rule: RuleRef {
+                policy: "support/support-agent-v2".into(),
+                generation: Some(3),
+                policy_hash: "sha256:5e1f00d2a4b3c6e7f8091a2b3c4d5e6f".into(),
+                tool: None,
+                clause: "spec.kubernetes.protectedResources[0]".into(),
+            },
+            message: "DELETE of apps deployments web is refused: the object is protected".into(),
+        });
+        log.append(entry).await.unwrap();
+    });
+    let (code, out, err) = tollgate(
+        &path,
+        &[
+            "replay",
+            "--agent",
+            "support/support-agent-v2",
+            "--since",
+            "1h",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.starts_with("run run-7 · agent support/support-agent-v2 · 4 record(s)"),
+        "{out}"
+    );
+    let call = out
+        .find("call read_customer_record")
+        .expect("the run's calls");
+    let write = out
+        .find("kubernetes DELETE deployments.apps prod/web  [webhook-0#1]")
+        .unwrap_or_else(|| panic!("the agent's delete:\n{out}"));
+    assert!(call < write, "in order:\n{out}");
+    assert!(
+        out.contains("decision  DENIED WriteRefused: DELETE of apps deployments web is refused"),
+        "{out}"
+    );
+    assert!(
+        out.contains("rule      support/support-agent-v2 spec.kubernetes.protectedResources[0]"),
+        "{out}"
+    );
+
+    let (code, _, err) = tollgate(&path, &["replay", "--agent", "support/other"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("no record of agent \"support/other\" since"),
+        "{err}"
+    );
+    let (code, _, err) = tollgate(&path, &["replay"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--run"), "{err}");
+}
+
+#[test]
 fn verify_names_the_first_broken_record_and_checks_a_kept_head() {
     let (_dir, path) = store();
     let (code, out, err) = tollgate(&path, &["verify", "--deep"]);

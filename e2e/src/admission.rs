@@ -47,10 +47,22 @@ pub struct Running {
     pub ca_pem: String,
 }
 
+/// How the webhook started by [`start`] records.
+#[derive(Debug, Clone)]
+pub enum Trail {
+    /// Nowhere: admission only logs its refusals.
+    None,
+    /// Admission records to this store (`--audit AUDIT` without `--gateway-listen`).
+    Admission(String),
+    /// The gateway serves too and records to this store, as admission does
+    /// (`--gateway-listen … --audit AUDIT`).
+    Gateway(String),
+}
+
 /// Starts `run_in_cluster` on a thread and runtime of its own, with fresh ports and certificate
-/// under the control plane's directory `name`, as the admin user; with `audit`, the gateway too,
-/// opened as `tollgate-webhook --gateway-listen … --audit AUDIT` opens it. Returns once ready.
-pub fn start(name: &str, audit: Option<String>) -> Running {
+/// under the control plane's directory `name`, as the admin user, recording as `trail` says (as
+/// `tollgate-webhook` opens its stores). Returns once ready.
+pub fn start(name: &str, trail: Trail) -> Running {
     let cp = control_plane();
     let dir = cp.dir().join(name);
     std::fs::create_dir_all(&dir).unwrap();
@@ -59,7 +71,7 @@ pub fn start(name: &str, audit: Option<String>) -> Running {
     std::fs::write(dir.join("tls.key"), key_pem).unwrap();
     let port = crate::free_port().unwrap();
     let probe = crate::free_port().unwrap();
-    let gateway = audit.as_ref().map(|_| crate::free_port().unwrap());
+    let gateway = matches!(trail, Trail::Gateway(_)).then(|| crate::free_port().unwrap());
     let kubeconfig = cp.kubeconfig(User::Admin);
     let tls = tollgate_webhook::server::TlsFiles {
         cert: dir.join("tls.crt"),
@@ -86,11 +98,11 @@ pub fn start(name: &str, audit: Option<String>) -> Running {
             let handle = axum_server::Handle::new();
             let address = |port: u16| format!("127.0.0.1:{port}").parse().unwrap();
             let metrics = tollgate_webhook::metrics::Metrics::default();
-            let gateway = match (gateway, audit) {
-                (Some(port), Some(audit)) => {
+            let gateway = match (gateway, &trail) {
+                (Some(port), Trail::Gateway(audit)) => {
                     let mut config = tollgate_webhook::GatewayConfig::open(
                         address(port),
-                        &audit,
+                        audit,
                         "gw-e2e-cluster".into(),
                         &metrics,
                     )
@@ -103,6 +115,15 @@ pub fn start(name: &str, audit: Option<String>) -> Running {
                 }
                 _ => None,
             };
+            let admission_audit = match (&gateway, &trail) {
+                (Some(config), _) => Some(config.audit.clone()),
+                (None, Trail::Admission(audit)) => Some(
+                    tollgate_webhook::open_audit_log(audit, "admission-e2e".into(), &metrics)
+                        .await
+                        .unwrap(),
+                ),
+                (None, _) => None,
+            };
             if let Err(e) = tollgate_webhook::run_in_cluster(
                 client,
                 settings,
@@ -113,6 +134,7 @@ pub fn start(name: &str, audit: Option<String>) -> Running {
                 handle,
                 metrics,
                 gateway,
+                admission_audit,
             )
             .await
             {
@@ -136,13 +158,22 @@ pub fn start(name: &str, audit: Option<String>) -> Running {
     }
 }
 
+/// The SQLite trail the webhook [`webhook`] starts records its admission verdicts in (chain
+/// `admission-e2e`): agents' own writes and agent pods, of every test of this process.
+pub fn admission_trail() -> std::path::PathBuf {
+    control_plane().dir().join("webhook/admission-audit.db")
+}
+
 /// Starts the webhook once for this process and registers it with the apiserver.
 pub fn webhook() {
     static STARTED: OnceLock<()> = OnceLock::new();
     STARTED.get_or_init(|| {
         install_crds();
         let cp = control_plane();
-        let Running { port, ca_pem, .. } = start("webhook", None);
+        let Running { port, ca_pem, .. } = start(
+            "webhook",
+            Trail::Admission(format!("sqlite:{}", admission_trail().display())),
+        );
         let dir = cp.dir().join("webhook");
         let registration = registration(port, &ca_pem);
         let file = dir.join("webhooks.yaml");

@@ -69,6 +69,10 @@ pub enum DenyCode {
     ApprovalDenied,
     /// The call needed approval and nobody approved it before the request expired.
     ApprovalExpired,
+    /// An agent's own Kubernetes API write (or a pod of the agent) is refused by admission:
+    /// self-escalation, a protected object, a freeze window, a pod that does not match its
+    /// identity. Only in the audit trail's admission records; the decision API never answers it.
+    WriteRefused,
 }
 
 impl DenyCode {
@@ -89,6 +93,7 @@ impl DenyCode {
             DenyCode::ConditionError => "ConditionError",
             DenyCode::ApprovalDenied => "ApprovalDenied",
             DenyCode::ApprovalExpired => "ApprovalExpired",
+            DenyCode::WriteRefused => "WriteRefused",
         }
     }
 }

@@ -73,7 +73,9 @@ impl Outcome {
                 | DenyCode::NoPolicy
                 | DenyCode::ToolBlocked
                 | DenyCode::ToolNotAllowed
-                | DenyCode::ConditionError => None,
+                | DenyCode::ConditionError
+                // Not a tool call: admission's records of Kubernetes writes.
+                | DenyCode::WriteRefused => None,
             },
             Outcome::Pending | Outcome::Expired => None,
         }

@@ -37,6 +37,9 @@ use tollgate_engine::approval::{self, Author};
 use tollgate_engine::status::KILL_SWITCH_BY_ANNOTATION;
 use tollgate_engine::{CompiledPolicy, children};
 
+use tollgate_audit::{AuditLog, Entry, Event, Identity};
+use tollgate_engine::{Decision, DenyCode, RuleRef};
+
 use crate::cluster::ClusterView;
 use crate::metrics::Metrics;
 
@@ -62,6 +65,10 @@ pub struct AdmissionState {
     pub metrics: Metrics,
     /// The clock (a function, so tests can fix time).
     pub now: fn() -> Timestamp,
+    /// Where agents' writes and agent pods are recorded, each before it is answered; when the
+    /// trail cannot take a record the agent's request is refused. Without one, refusals are
+    /// logged (target `tollgate::audit`) and nothing else.
+    pub audit: Option<AuditLog>,
 }
 
 impl std::fmt::Debug for AdmissionState {
@@ -88,10 +95,12 @@ pub fn router(state: Arc<AdmissionState>) -> Router {
         .with_state(state)
 }
 
-type Handler = fn(&AdmissionState, &AdmissionRequest<DynamicObject>) -> AdmissionResponse;
+/// A handler's answer, and the audit record of an agent's request.
+type Handler =
+    fn(&AdmissionState, &AdmissionRequest<DynamicObject>) -> (AdmissionResponse, Option<Entry>);
 
-/// Parses, decides with `handler`, answers, and counts.
-fn answer(
+/// Parses, decides with `handler`, records an agent's request, answers, and counts.
+async fn answer(
     state: &AdmissionState,
     endpoint: &'static str,
     body: &[u8],
@@ -106,7 +115,10 @@ fn answer(
         });
     let response = match request {
         Ok(request) => {
-            let response = handler(state, &request);
+            let (mut response, record) = handler(state, &request);
+            if let Some(entry) = record {
+                response = record_agent_request(state, &request, response, entry).await;
+            }
             let outcome = if response.allowed {
                 "allowed"
             } else {
@@ -138,22 +150,34 @@ fn answer(
 }
 
 async fn validate_tollgate(State(state): State<Arc<AdmissionState>>, body: Bytes) -> Response {
-    answer(&state, "validate-tollgate", &body, decide_tollgate)
+    answer(&state, "validate-tollgate", &body, |s, r| {
+        (decide_tollgate(s, r), None)
+    })
+    .await
 }
 async fn mutate_approvals(State(state): State<Arc<AdmissionState>>, body: Bytes) -> Response {
-    answer(&state, "mutate-approvals", &body, stamp_approvals)
+    answer(&state, "mutate-approvals", &body, |s, r| {
+        (stamp_approvals(s, r), None)
+    })
+    .await
 }
 async fn mutate_kill_switches(State(state): State<Arc<AdmissionState>>, body: Bytes) -> Response {
-    answer(&state, "mutate-kill-switches", &body, stamp_kill_switch)
+    answer(&state, "mutate-kill-switches", &body, |s, r| {
+        (stamp_kill_switch(s, r), None)
+    })
+    .await
 }
 async fn validate_agents(State(state): State<Arc<AdmissionState>>, body: Bytes) -> Response {
-    answer(&state, "validate-agents", &body, decide_agent_write)
+    answer(&state, "validate-agents", &body, decide_agent_write).await
 }
 async fn validate_pods(State(state): State<Arc<AdmissionState>>, body: Bytes) -> Response {
-    answer(&state, "validate-pods", &body, decide_pod)
+    answer(&state, "validate-pods", &body, decide_pod).await
 }
 async fn mutate_pods(State(state): State<Arc<AdmissionState>>, body: Bytes) -> Response {
-    answer(&state, "mutate-pods", &body, inject_pod)
+    answer(&state, "mutate-pods", &body, |s, r| {
+        (inject_pod(s, r), None)
+    })
+    .await
 }
 
 fn typed<T: DeserializeOwned>(object: &DynamicObject) -> Result<T, String> {
@@ -390,11 +414,11 @@ fn labels_of(object: Option<&DynamicObject>) -> Option<&BTreeMap<String, String>
 fn decide_agent_write(
     state: &AdmissionState,
     request: &AdmissionRequest<DynamicObject>,
-) -> AdmissionResponse {
+) -> (AdmissionResponse, Option<Entry>) {
     let allow = AdmissionResponse::from(request);
     let username = request.user_info.username.as_deref().unwrap_or_default();
     let Some(identity) = state.view.identity_by_username(username) else {
-        return allow;
+        return (allow, None);
     };
     let agent = identity.metadata.name.clone().unwrap_or_default();
     let namespace = identity.metadata.namespace.clone().unwrap_or_default();
@@ -419,12 +443,153 @@ fn decide_agent_write(
         labels: labels_of(request.object.as_ref()),
         old_labels: labels_of(request.old_object.as_ref()),
     };
-    match admission::admit(&agent, killed, compiled.as_ref(), &write, (state.now)()) {
+    let now = (state.now)();
+    let verdict = admission::admit(&agent, killed, compiled.as_ref(), &write, now);
+    let record = admission_record(
+        request,
+        &identity,
+        compiled.as_ref(),
+        killed,
+        &verdict,
+        "spec.kubernetes",
+        now,
+    );
+    let response = match verdict {
         Verdict::Allowed => allow,
         Verdict::Denied { rule, message } => {
-            // An audit event, as a structured line until the audit store lands.
-            tracing::info!(target: "tollgate::audit", agent, namespace, username, rule, message, operation = ?request.operation, resource = %request.resource.resource, name = %request.name, "agent write denied");
             deny(request, format!("Tollgate: {message} [rule: {rule}]"))
+        }
+    };
+    (response, Some(record))
+}
+
+/// The audit record of admission's verdict on an agent's request: who asked (for a pod, usually
+/// a controller), which agent, the write (never the object: it may hold secrets), and the verdict
+/// as a decision with the rule behind it.
+fn admission_record(
+    request: &AdmissionRequest<DynamicObject>,
+    identity: &AgentIdentity,
+    policy: Option<&CompiledPolicy>,
+    killed: bool,
+    verdict: &Verdict,
+    allowed_by: &'static str,
+    now: Timestamp,
+) -> Entry {
+    let extra = request.user_info.extra.as_ref();
+    let claim = |key: &str| {
+        extra
+            .and_then(|e| e.get(key))
+            .and_then(|v| v.first())
+            .cloned()
+    };
+    let mut entry = Entry::new(
+        now,
+        Event::Admission,
+        Identity {
+            username: request.user_info.username.clone().unwrap_or_default(),
+            pod: claim("authentication.kubernetes.io/pod-name"),
+            token_id: claim("authentication.kubernetes.io/credential-id"),
+        },
+    );
+    let agent = format!(
+        "{}/{}",
+        identity.metadata.namespace.as_deref().unwrap_or_default(),
+        identity.metadata.name.as_deref().unwrap_or_default()
+    );
+    let operation = match request.operation {
+        AdmissionOperation::Create => "CREATE",
+        AdmissionOperation::Update => "UPDATE",
+        AdmissionOperation::Delete => "DELETE",
+        AdmissionOperation::Connect => "CONNECT",
+    };
+    entry.arguments = Some(json!({
+        "operation": operation,
+        "group": request.resource.group,
+        "version": request.resource.version,
+        "resource": request.resource.resource,
+        "subresource": request.sub_resource.as_deref().unwrap_or_default(),
+        "namespace": request.namespace.as_deref().unwrap_or_default(),
+        "name": request.name,
+        "uid": request.uid,
+    }));
+    if request.dry_run {
+        // Decided all the same, and nothing changed.
+        entry.arguments.as_mut().expect("just set")["dryRun"] = json!(true);
+    }
+    let rule = |clause: String| RuleRef {
+        policy: policy
+            .map_or_else(|| format!("AgentIdentity {agent}"), |p| p.id().to_owned())
+            .into(),
+        generation: policy.and_then(CompiledPolicy::generation),
+        policy_hash: policy.map(CompiledPolicy::hash).unwrap_or_default().into(),
+        tool: None,
+        clause: clause.into(),
+    };
+    entry.decision = Some(match verdict {
+        Verdict::Allowed => Decision::Allow {
+            rule: rule(allowed_by.to_owned()),
+            review: false,
+        },
+        Verdict::Denied {
+            rule: named,
+            message,
+        } => {
+            // `<policy> <clause>`, or `AgentIdentity <name>[ <clause>]`.
+            let clause = match named.strip_prefix("AgentIdentity ") {
+                Some(rest) => rest.split_once(' ').map_or("", |(_, c)| c),
+                None => named.split_once(' ').map_or(named.as_str(), |(_, c)| c),
+            };
+            let code = if killed {
+                DenyCode::KillSwitch
+            } else if policy.is_none() && allowed_by == "spec.kubernetes" {
+                DenyCode::NoPolicy
+            } else {
+                DenyCode::WriteRefused
+            };
+            Decision::Deny {
+                code,
+                rule: rule(clause.to_owned()),
+                message: message.clone(),
+            }
+        }
+    });
+    entry.agent = Some(agent);
+    entry.policy = policy.map(crate::gateway::policy_ref);
+    entry
+}
+
+/// Records `entry` before `response` goes back. An agent's request the trail cannot record is
+/// refused (fail closed for agents); without a trail, refusals are logged.
+async fn record_agent_request(
+    state: &AdmissionState,
+    request: &AdmissionRequest<DynamicObject>,
+    response: AdmissionResponse,
+    entry: Entry,
+) -> AdmissionResponse {
+    let Some(audit) = &state.audit else {
+        if let Some(Decision::Deny { rule, message, .. }) = &entry.decision {
+            tracing::info!(target: "tollgate::audit", agent = entry.agent.as_deref().unwrap_or_default(),
+                username = %entry.identity.username, rule = %rule, message, operation = ?request.operation,
+                resource = %request.resource.resource, name = %request.name, "agent request refused");
+        }
+        return response;
+    };
+    match audit.append(entry).await {
+        Ok(_) => response,
+        Err(e) => {
+            tracing::error!(error = %e, "audit trail refused an admission record; the agent's request is refused");
+            let why = format!(
+                "Tollgate: the audit trail cannot record this request of an agent, so it is refused; retry later ({e})"
+            );
+            if response.allowed {
+                deny(request, why)
+            } else {
+                let refused = response.result.message.clone();
+                deny(
+                    request,
+                    format!("{why}. It is refused in any case: {refused}"),
+                )
+            }
         }
     }
 }
@@ -453,20 +618,31 @@ fn created_agent_pod(
 fn decide_pod(
     state: &AdmissionState,
     request: &AdmissionRequest<DynamicObject>,
-) -> AdmissionResponse {
+) -> (AdmissionResponse, Option<Entry>) {
     let allow = AdmissionResponse::from(request);
     let Some(identity) = created_agent_pod(state, request) else {
-        return allow;
+        return (allow, None);
     };
     let killed = state.view.is_killed(&identity);
     let empty = BTreeMap::new();
     let labels = labels_of(request.object.as_ref()).unwrap_or(&empty);
-    match admission::admit_pod(&identity, killed, labels) {
+    let verdict = admission::admit_pod(&identity, killed, labels);
+    let record = admission_record(
+        request,
+        &identity,
+        None,
+        killed,
+        &verdict,
+        "spec.podSelector",
+        (state.now)(),
+    );
+    let response = match verdict {
         Verdict::Allowed => allow,
         Verdict::Denied { rule, message } => {
             deny(request, format!("Tollgate: {message} [rule: {rule}]"))
         }
-    }
+    };
+    (response, Some(record))
 }
 
 fn inject_pod(

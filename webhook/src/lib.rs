@@ -39,6 +39,50 @@ pub struct GatewayConfig {
     pub standing: Option<gateway::standing::Schedule>,
 }
 
+/// An audit store named on the command line: a PostgreSQL URL, else a SQLite file (optionally
+/// prefixed `sqlite:`).
+enum TrailStore {
+    Postgres(Arc<tollgate_audit::PostgresStore>),
+    Sqlite(Arc<tollgate_audit::SqliteStore>),
+}
+
+impl TrailStore {
+    async fn open(audit: &str) -> anyhow::Result<Self> {
+        if audit.starts_with("postgres://")
+            || audit.starts_with("postgresql://")
+            || audit.contains("host=")
+        {
+            Ok(Self::Postgres(Arc::new(
+                tollgate_audit::PostgresStore::connect(audit).await?,
+            )))
+        } else {
+            let path = audit.strip_prefix("sqlite:").unwrap_or(audit);
+            Ok(Self::Sqlite(Arc::new(tollgate_audit::SqliteStore::open(
+                path,
+            )?)))
+        }
+    }
+}
+
+fn writer_config(chain: String, metrics: &metrics::Metrics) -> tollgate_audit::WriterConfig {
+    tollgate_audit::WriterConfig::new(chain).with_observer(Arc::new(metrics.clone()))
+}
+
+/// A writer of chain `chain` in the audit store `audit` (as [`GatewayConfig::open`] names it),
+/// reporting each batch to `metrics`: the admission face's trail when it runs without the gateway.
+pub async fn open_audit_log(
+    audit: &str,
+    chain: String,
+    metrics: &metrics::Metrics,
+) -> anyhow::Result<tollgate_audit::AuditLog> {
+    use tollgate_audit::AuditLog;
+    let config = writer_config(chain, metrics);
+    Ok(match TrailStore::open(audit).await? {
+        TrailStore::Postgres(store) => AuditLog::open(store, config).await?.0,
+        TrailStore::Sqlite(store) => AuditLog::open(store, config).await?.0,
+    })
+}
+
 impl GatewayConfig {
     /// The gateway on `listen`, recording to `audit` (a PostgreSQL URL, else a SQLite file,
     /// optionally prefixed `sqlite:`) as chain `chain`, its writer reporting each batch to
@@ -49,33 +93,26 @@ impl GatewayConfig {
         chain: String,
         metrics: &metrics::Metrics,
     ) -> anyhow::Result<Self> {
-        use tollgate_audit::{AuditLog, PostgresStore, SqliteStore, WriterConfig};
-        let config = WriterConfig::new(chain).with_observer(Arc::new(metrics.clone()));
-        if audit.starts_with("postgres://")
-            || audit.starts_with("postgresql://")
-            || audit.contains("host=")
-        {
-            let store = Arc::new(PostgresStore::connect(audit).await?);
-            Ok(Self {
+        use tollgate_audit::AuditLog;
+        let config = writer_config(chain, metrics);
+        Ok(match TrailStore::open(audit).await? {
+            TrailStore::Postgres(store) => Self {
                 listen,
                 audit: AuditLog::open(store.clone(), config).await?.0,
                 history: store.clone(),
                 records: store.clone(),
                 shared: Some(store),
                 standing: Some(Default::default()),
-            })
-        } else {
-            let path = audit.strip_prefix("sqlite:").unwrap_or(audit);
-            let store = Arc::new(SqliteStore::open(path)?);
-            Ok(Self {
+            },
+            TrailStore::Sqlite(store) => Self {
                 listen,
                 audit: AuditLog::open(store.clone(), config).await?.0,
                 history: store.clone(),
                 records: store,
                 shared: None,
                 standing: Some(Default::default()),
-            })
-        }
+            },
+        })
     }
 }
 
@@ -88,7 +125,7 @@ impl std::fmt::Debug for GatewayConfig {
 }
 
 /// Runs the admission face in a cluster, and the gateway when `gateway` is set: watches, TLS
-/// with reload, probes. Admission and gateway count into `metrics`, served on the probe port
+/// with reload, probes. Admission records agents' writes and agent pods to `admission_audit`. Admission and gateway count into `metrics`, served on the probe port
 /// (give the same to the audit writer's `WriterConfig::with_observer`). Returns when any server
 /// stops.
 #[allow(clippy::too_many_arguments)]
@@ -102,6 +139,7 @@ pub async fn run_in_cluster(
     handle: axum_server::Handle<SocketAddr>,
     metrics: metrics::Metrics,
     gateway: Option<GatewayConfig>,
+    admission_audit: Option<tollgate_audit::AuditLog>,
 ) -> anyhow::Result<()> {
     let view = cluster::WatchedView::start(client.clone(), tollgate_namespace);
     let readiness = server::Readiness::default();
@@ -156,6 +194,7 @@ pub async fn run_in_cluster(
         settings,
         metrics: metrics.clone(),
         now: jiff::Timestamp::now,
+        audit: admission_audit,
     });
     let config = server::tls_config(&tls, CERT_RELOAD_INTERVAL).await?;
     let probes = tokio::net::TcpListener::bind(probe_listen).await?;

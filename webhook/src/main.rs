@@ -64,7 +64,9 @@ struct Args {
     /// certificate. Needs --audit.
     #[arg(long, env = "TOLLGATE_GATEWAY_LISTEN", requires = "audit")]
     gateway_listen: Option<SocketAddr>,
-    /// The gateway's audit store: a SQLite file or a PostgreSQL URL.
+    /// The audit store: a SQLite file or a PostgreSQL URL. The gateway records every decision
+    /// there, and admission its verdicts on agents' own writes and agent pods (without it,
+    /// admission only logs its refusals).
     #[arg(long, env = "TOLLGATE_AUDIT_STORE")]
     audit: Option<String>,
     /// This replica's audit chain (its pod name).
@@ -238,6 +240,15 @@ async fn main() -> anyhow::Result<()> {
         }
         _ => None,
     };
+    // Admission records agents' writes and agent pods: in the gateway's trail when this process
+    // serves the gateway too, else in a chain of its own.
+    let admission_audit = match (&gateway, &args.audit) {
+        (Some(config), _) => Some(config.audit.clone()),
+        (None, Some(audit)) => {
+            Some(tollgate_webhook::open_audit_log(audit, args.chain.clone(), &metrics).await?)
+        }
+        (None, None) => None,
+    };
     tollgate_webhook::run_in_cluster(
         client,
         settings,
@@ -248,6 +259,7 @@ async fn main() -> anyhow::Result<()> {
         handle,
         metrics,
         gateway,
+        admission_audit,
     )
     .await
 }

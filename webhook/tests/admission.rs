@@ -44,6 +44,16 @@ fn policy() -> Value {
 }
 
 fn app(killed: bool, global_kill: bool, now: fn() -> jiff::Timestamp) -> axum::Router {
+    recording(killed, global_kill, now, None)
+}
+
+/// [`app`] whose agents' requests are recorded in `audit`.
+fn recording(
+    killed: bool,
+    global_kill: bool,
+    now: fn() -> jiff::Timestamp,
+    audit: Option<tollgate_audit::AuditLog>,
+) -> axum::Router {
     let view = StaticView {
         identities: vec![Arc::new(serde_json::from_value(identity(killed)).unwrap())],
         policies: vec![Arc::new(serde_json::from_value(policy()).unwrap())],
@@ -58,6 +68,7 @@ fn app(killed: bool, global_kill: bool, now: fn() -> jiff::Timestamp) -> axum::R
         settings,
         metrics: Default::default(),
         now,
+        audit,
     }))
 }
 
@@ -557,4 +568,165 @@ async fn malformed_and_oversized_reviews_get_clear_errors() {
     let huge = vec![b' '; admission::MAX_BODY + 1];
     let (status, _) = post(app(false, false, now), path, huge).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+}
+
+/// SECURITY.md 6 and 9 for admission: every verdict on an agent's own write or an agent pod is
+/// in the audit trail before the apiserver hears it (allowed ones too, the write named but never
+/// its object); nobody else's requests are recorded; and when the trail cannot take the record,
+/// the agent's request is refused, while everyone else's is not.
+#[tokio::test]
+async fn agents_requests_are_recorded_before_they_are_answered_and_refused_when_they_cannot_be() {
+    use tollgate_audit::{AuditLog, Event, Query, SqliteStore, Store, WriterConfig};
+    use tollgate_engine::{Decision, DenyCode};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("audit.db");
+    let store = Arc::new(SqliteStore::open(&db).unwrap());
+    let (log, _) = AuditLog::open(store.clone(), WriterConfig::new("admission-0"))
+        .await
+        .unwrap();
+    let app = recording(false, false, now, Some(log));
+    let delete = |labels: Value, user: &'static str| {
+        Review::new("apps", "deployments", "Deployment", "DELETE", user).old(deployment(labels))
+    };
+    let writes = "/admission/validate-agents";
+    let (allowed, _, _) = send(
+        app.clone(),
+        writes,
+        &delete(json!({"env": "production"}), AGENT),
+    )
+    .await;
+    assert!(!allowed);
+    let (allowed, _, _) = send(
+        app.clone(),
+        writes,
+        &delete(json!({"env": "staging"}), AGENT),
+    )
+    .await;
+    assert!(allowed);
+    let (allowed, _, _) = send(
+        app.clone(),
+        writes,
+        &delete(json!({"env": "production"}), "alice"),
+    )
+    .await;
+    assert!(allowed, "a person's write is not the agent's business");
+    let pod = |labels: Value| {
+        Review::new(
+            "",
+            "pods",
+            "Pod",
+            "CREATE",
+            "system:serviceaccount:kube-system:replicaset-controller",
+        )
+        .object(json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "x", "namespace": "ns", "labels": labels},
+            "spec": {"serviceAccountName": "agent-deployer",
+                     "containers": [{"name": "a", "image": "a", "env": [{"name": "API_KEY", "value": "s3cr3t"}]}]}}))
+    };
+    let (allowed, _, _) = send(
+        app.clone(),
+        "/admission/validate-pods",
+        &pod(json!({"app": "other"})),
+    )
+    .await;
+    assert!(!allowed);
+
+    let records = store.query(&Query::default()).await.unwrap();
+    let entries: Vec<_> = records.iter().map(|r| r.entry().unwrap()).collect();
+    assert_eq!(
+        entries.len(),
+        3,
+        "alice's write is not recorded: {entries:?}"
+    );
+    assert!(
+        entries
+            .iter()
+            .all(|e| e.event == Event::Admission && e.agent.as_deref() == Some("ns/deployer"))
+    );
+    let (refused, allowed, pod) = (&entries[0], &entries[1], &entries[2]);
+    assert_eq!(refused.identity.username, AGENT);
+    assert_eq!(
+        refused.arguments.as_ref().unwrap(),
+        &json!({"operation": "DELETE", "group": "apps", "version": "v1", "resource": "deployments",
+                "subresource": "", "namespace": "ns", "name": "x", "uid": "3f1c"})
+    );
+    match refused.decision.as_ref().unwrap() {
+        Decision::Deny {
+            code,
+            rule,
+            message,
+        } => {
+            assert_eq!(*code, DenyCode::WriteRefused);
+            assert_eq!(&*rule.policy, "ns/deployer");
+            assert_eq!(rule.clause, "spec.kubernetes.protectedResources[0]");
+            assert!(rule.policy_hash.starts_with("sha256:"), "{rule:?}");
+            assert!(
+                message.contains("DELETE of apps deployments x"),
+                "{message}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(refused.policy.as_ref().unwrap().name, "ns/deployer");
+    assert!(
+        matches!(allowed.decision, Some(Decision::Allow { .. })),
+        "{allowed:?}"
+    );
+    // The pod's creator is recorded, not the agent; the pod's secrets are not.
+    assert_eq!(
+        pod.identity.username,
+        "system:serviceaccount:kube-system:replicaset-controller"
+    );
+    assert_eq!(
+        pod.decision.as_ref().unwrap().deny_code(),
+        Some(DenyCode::WriteRefused)
+    );
+    assert_eq!(
+        pod.decision.as_ref().unwrap().rule().clause,
+        "spec.podSelector"
+    );
+    let text = serde_json::to_string(&entries).unwrap();
+    assert!(!text.contains("s3cr3t"), "{text}");
+    tollgate_audit::verify(store.as_ref(), true, &Default::default())
+        .await
+        .unwrap();
+
+    // The trail refuses writes from here on.
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .unwrap();
+    conn.execute_batch(
+        "CREATE TRIGGER tollgate_test_refuse BEFORE INSERT ON tollgate_audit_records
+         BEGIN SELECT RAISE(ABORT, 'injected: the trail cannot be written'); END;",
+    )
+    .unwrap();
+    let (allowed, message, _) = send(
+        app.clone(),
+        writes,
+        &delete(json!({"env": "staging"}), AGENT),
+    )
+    .await;
+    assert!(
+        !allowed,
+        "an agent's write that cannot be recorded is refused"
+    );
+    assert!(
+        message.contains("the audit trail cannot record this request of an agent"),
+        "{message}"
+    );
+    let (allowed, message, _) = send(
+        app.clone(),
+        writes,
+        &delete(json!({"env": "production"}), AGENT),
+    )
+    .await;
+    assert!(!allowed);
+    assert!(
+        message.contains("It is refused in any case") && message.contains("protectedResources[0]"),
+        "the reason is kept: {message}"
+    );
+    let (allowed, message, _) =
+        send(app, writes, &delete(json!({"env": "production"}), "alice")).await;
+    assert!(allowed, "everyone else's writes go on: {message}");
+    assert_eq!(store.query(&Query::default()).await.unwrap().len(), 3);
 }

@@ -91,6 +91,9 @@ async fn main() {
         },
         metrics: Default::default(),
         now: jiff::Timestamp::now,
+        // The verdicts alone; a recorded agent write also waits for its durable append (the
+        // audit section's one-at-a-time figures).
+        audit: None,
     });
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();

@@ -172,6 +172,64 @@ async fn an_agent_cannot_delete_production_even_with_rbac() {
         .delete("web-test", &DeleteParams::default())
         .await
         .expect("an unprotected Deployment can be deleted");
+
+    // Both verdicts are in admission's audit trail, under the agent's ServiceAccount, with the
+    // rule behind the refusal; the admin's own writes are not.
+    use tollgate_audit::{Event, Query, SqliteStore, Store};
+    let trail = SqliteStore::open(tollgate_e2e::admission::admission_trail()).unwrap();
+    let records = trail
+        .query(&Query {
+            agent: Some(format!("{ns}/deployer")),
+            ..Query::default()
+        })
+        .await
+        .unwrap();
+    let probes = records
+        .iter()
+        .map(|r| r.entry().unwrap())
+        .filter(|e| {
+            let write = e.arguments.clone().unwrap_or_default();
+            write["resource"] == "pods" && write["dryRun"] == true
+        })
+        .count();
+    assert!(probes >= 1, "the dry-run probes are recorded as dry runs");
+    let deletes: Vec<_> = records
+        .iter()
+        .map(|r| r.entry().unwrap())
+        .filter(|e| e.event == Event::Admission)
+        // The pods the helper probed the webhook with (server-side dry runs) are recorded too.
+        .filter(|e| e.arguments.as_ref().unwrap()["resource"] == "deployments")
+        .map(|e| {
+            let write = e.arguments.clone().unwrap();
+            assert_eq!(
+                e.identity.username,
+                format!("system:serviceaccount:{ns}:agent-deployer")
+            );
+            (
+                write["operation"].as_str().unwrap().to_owned(),
+                write["name"].as_str().unwrap().to_owned(),
+                tollgate_audit::record::outcome_of(e.decision.as_ref().unwrap()),
+                e.decision.as_ref().unwrap().rule().clause.to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        deletes,
+        [
+            (
+                "DELETE".to_owned(),
+                "web-prod".to_owned(),
+                "deny:WriteRefused".to_owned(),
+                "spec.kubernetes.protectedResources[0]".to_owned()
+            ),
+            (
+                "DELETE".to_owned(),
+                "web-test".to_owned(),
+                "allow".to_owned(),
+                "spec.kubernetes".to_owned()
+            ),
+        ]
+    );
 }
 
 #[tokio::test]

@@ -1245,7 +1245,7 @@ async fn the_cli_reads_through_the_gateway_only_what_rbac_lets_it() {
         location
     };
     let replay = |run: &str| Action::Replay {
-        run: run.into(),
+        of: kubectl_tollgate::audit::Replayed::Run(run.into()),
         json: false,
     };
 

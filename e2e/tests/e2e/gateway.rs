@@ -1058,7 +1058,7 @@ async fn the_shipped_cluster_gateway_answers_agents_over_tls_and_counts_on_the_p
     let audit = dir.path().join("audit.db");
     let running = tollgate_e2e::admission::start(
         "cluster-gateway",
-        Some(format!("sqlite:{}", audit.display())),
+        tollgate_e2e::admission::Trail::Gateway(format!("sqlite:{}", audit.display())),
     );
     let url = format!("https://127.0.0.1:{}", running.gateway.unwrap());
     let http = reqwest::Client::builder()

@@ -955,7 +955,7 @@ fn counters(run: &RunState) -> Counters {
     }
 }
 
-fn policy_ref(policy: &CompiledPolicy) -> PolicyRef {
+pub(crate) fn policy_ref(policy: &CompiledPolicy) -> PolicyRef {
     PolicyRef {
         name: policy.id().to_owned(),
         hash: policy.hash().to_owned(),
