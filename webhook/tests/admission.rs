@@ -589,26 +589,16 @@ async fn agents_requests_are_recorded_before_they_are_answered_and_refused_when_
         Review::new("apps", "deployments", "Deployment", "DELETE", user).old(deployment(labels))
     };
     let writes = "/admission/validate-agents";
-    let (allowed, _, _) = send(
-        app.clone(),
-        writes,
-        &delete(json!({"env": "production"}), AGENT),
-    )
-    .await;
+    // An agent's (or alice's) delete of a Deployment labelled `labels`: allowed, message.
+    let write = async |labels: Value, user: &'static str| {
+        let (allowed, message, _) = send(app.clone(), writes, &delete(labels, user)).await;
+        (allowed, message)
+    };
+    let (allowed, _) = write(json!({"env": "production"}), AGENT).await;
     assert!(!allowed);
-    let (allowed, _, _) = send(
-        app.clone(),
-        writes,
-        &delete(json!({"env": "staging"}), AGENT),
-    )
-    .await;
+    let (allowed, _) = write(json!({"env": "staging"}), AGENT).await;
     assert!(allowed);
-    let (allowed, _, _) = send(
-        app.clone(),
-        writes,
-        &delete(json!({"env": "production"}), "alice"),
-    )
-    .await;
+    let (allowed, _) = write(json!({"env": "production"}), "alice").await;
     assert!(allowed, "a person's write is not the agent's business");
     let pod = |labels: Value| {
         Review::new(
@@ -700,12 +690,7 @@ async fn agents_requests_are_recorded_before_they_are_answered_and_refused_when_
          BEGIN SELECT RAISE(ABORT, 'injected: the trail cannot be written'); END;",
     )
     .unwrap();
-    let (allowed, message, _) = send(
-        app.clone(),
-        writes,
-        &delete(json!({"env": "staging"}), AGENT),
-    )
-    .await;
+    let (allowed, message) = write(json!({"env": "staging"}), AGENT).await;
     assert!(
         !allowed,
         "an agent's write that cannot be recorded is refused"
@@ -714,19 +699,13 @@ async fn agents_requests_are_recorded_before_they_are_answered_and_refused_when_
         message.contains("the audit trail cannot record this request of an agent"),
         "{message}"
     );
-    let (allowed, message, _) = send(
-        app.clone(),
-        writes,
-        &delete(json!({"env": "production"}), AGENT),
-    )
-    .await;
+    let (allowed, message) = write(json!({"env": "production"}), AGENT).await;
     assert!(!allowed);
     assert!(
         message.contains("It is refused in any case") && message.contains("protectedResources[0]"),
         "the reason is kept: {message}"
     );
-    let (allowed, message, _) =
-        send(app, writes, &delete(json!({"env": "production"}), "alice")).await;
+    let (allowed, message) = write(json!({"env": "production"}), "alice").await;
     assert!(allowed, "everyone else's writes go on: {message}");
     assert_eq!(store.query(&Query::default()).await.unwrap().len(), 3);
 }
