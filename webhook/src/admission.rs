@@ -9,6 +9,9 @@
 //! | `/admission/validate-pods` | refuses agent pods that do not match their identity or whose kill switch is engaged |
 //! | `/admission/mutate-pods` | gives agent pods their gateway token and TOLLGATE_URL |
 //!
+//! With an audit trail, every verdict on an agent's own write or an agent pod is recorded before
+//! the answer, and an agent's request the trail cannot take is refused.
+//!
 //! A body that is not an AdmissionReview gets HTTP 400 with a JSON error naming what is wrong;
 //! a body over [`MAX_BODY`] gets 413. Neither can panic or hang the server.
 
@@ -29,16 +32,14 @@ use kube::core::admission::{
 };
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
+use tollgate_audit::{AuditLog, Entry, Event, Identity};
 use tollgate_crds::common::{GLOBAL_KILL_SWITCH, GLOBAL_KILL_SWITCH_KEY};
 use tollgate_crds::policy::Operation;
 use tollgate_crds::{AgentIdentity, AgentPolicy, ApprovalRequest};
 use tollgate_engine::admission::{self, ApiWrite, Verdict};
 use tollgate_engine::approval::{self, Author};
 use tollgate_engine::status::KILL_SWITCH_BY_ANNOTATION;
-use tollgate_engine::{CompiledPolicy, children};
-
-use tollgate_audit::{AuditLog, Entry, Event, Identity};
-use tollgate_engine::{Decision, DenyCode, RuleRef};
+use tollgate_engine::{CompiledPolicy, Decision, DenyCode, RuleRef, children};
 
 use crate::cluster::ClusterView;
 use crate::metrics::Metrics;
@@ -451,7 +452,7 @@ fn decide_agent_write(
         compiled.as_ref(),
         killed,
         &verdict,
-        "spec.kubernetes",
+        Judged::Write,
         now,
     );
     let response = match verdict {
@@ -463,6 +464,15 @@ fn decide_agent_write(
     (response, Some(record))
 }
 
+/// What admission judged of an agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Judged {
+    /// Its own API write, under its AgentPolicy's `spec.kubernetes`.
+    Write,
+    /// A pod that runs as it, under its AgentIdentity's `spec.podSelector`.
+    Pod,
+}
+
 /// The audit record of admission's verdict on an agent's request: who asked (for a pod, usually
 /// a controller), which agent, the write (never the object: it may hold secrets), and the verdict
 /// as a decision with the rule behind it.
@@ -472,7 +482,7 @@ fn admission_record(
     policy: Option<&CompiledPolicy>,
     killed: bool,
     verdict: &Verdict,
-    allowed_by: &'static str,
+    judged: Judged,
     now: Timestamp,
 ) -> Entry {
     let extra = request.user_info.extra.as_ref();
@@ -527,7 +537,13 @@ fn admission_record(
     };
     entry.decision = Some(match verdict {
         Verdict::Allowed => Decision::Allow {
-            rule: rule(allowed_by.to_owned()),
+            rule: rule(
+                match judged {
+                    Judged::Write => "spec.kubernetes",
+                    Judged::Pod => "spec.podSelector",
+                }
+                .to_owned(),
+            ),
             review: false,
         },
         Verdict::Denied {
@@ -541,7 +557,7 @@ fn admission_record(
             };
             let code = if killed {
                 DenyCode::KillSwitch
-            } else if policy.is_none() && allowed_by == "spec.kubernetes" {
+            } else if policy.is_none() && judged == Judged::Write {
                 DenyCode::NoPolicy
             } else {
                 DenyCode::WriteRefused
@@ -633,7 +649,7 @@ fn decide_pod(
         None,
         killed,
         &verdict,
-        "spec.podSelector",
+        Judged::Pod,
         (state.now)(),
     );
     let response = match verdict {
