@@ -247,7 +247,11 @@ impl SqliteStore {
         // A file of an earlier layout, or whose last records were never batched, is brought up
         // to date here rather than in the first commit a caller waits for.
         let indexed = {
-            let tx = writer.transaction()?;
+            // IMMEDIATE: the write lock first, waiting for it under the busy timeout. A deferred
+            // transaction reads the levels' state first and, should a writer of the same file
+            // (a running gateway, when the CLI or a test opens it) commit meanwhile, fails at
+            // once with "database is locked" instead of waiting.
+            let tx = writer.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let indexed = levels::open(&tx)?;
             tx.commit()?;
             indexed
@@ -794,7 +798,8 @@ impl Store for SqliteStore {
         self.blocking(move |inner| {
             let mut conn = inner.writer.lock().unwrap_or_else(|e| e.into_inner());
             let seq = to_i64(through.seq)?;
-            let tx = conn.transaction()?;
+            // IMMEDIATE, as when opening: prune reads before it writes.
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             levels::prune(&tx, &chain, seq)?;
             let deleted = tx.execute(
                 "DELETE FROM tollgate_audit_records WHERE chain = $1 AND seq <= $2",
@@ -1759,6 +1764,35 @@ mod tests {
         }
         writer.await.unwrap();
         assert!(runs > 1, "verification ran {runs} time(s) while appending");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_store_opens_beside_a_writer_appending_to_the_same_file() {
+        // The CLI, a test or a second process opens a file a gateway is writing. Opening brings
+        // the levels up to date in a transaction that reads first: deferred, it failed at once
+        // with "database is locked" when the writer committed between its read and its write.
+        let (_dir, path, store) = fresh_store();
+        let mut prev = chain_of(&store, 100).await;
+        let writer = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for from in (101..40_000).step_by(5) {
+                    let batch = decide_records(from, 5, &mut prev, |seq| format!("tool-{seq}"));
+                    store.append(batch).await.unwrap();
+                }
+            })
+        };
+        let mut opened = 0;
+        while !writer.is_finished() {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || SqliteStore::open(path))
+                .await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("open #{opened} beside the writer: {e}"));
+            opened += 1;
+        }
+        writer.await.unwrap();
+        assert!(opened > 1, "opened {opened} time(s) while appending");
     }
 
     #[tokio::test]
