@@ -9,6 +9,7 @@ use jiff::Timestamp;
 use tollgate_crds::policy::Operation;
 
 use crate::compile::CompiledPolicy;
+use crate::decision::{Decision, DenyCode, RuleRef};
 
 /// One write by an agent, as the AdmissionReview describes it.
 #[derive(Debug, Clone, Copy)]
@@ -36,17 +37,73 @@ pub enum Verdict {
     Allowed,
     /// The write is refused.
     Denied {
-        /// The rule, as `<policy> <clause>`.
+        /// Why, as the audit trail's code: `KillSwitch`, `NoPolicy` or `WriteRefused`.
+        code: DenyCode,
+        /// The rule, as `<policy> <clause>` or `AgentIdentity <name>[ <clause>]`.
         rule: String,
         /// What is refused and why, for the agent and the audit trail.
         message: String,
     },
 }
 
+/// What admission judged of an agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Judged {
+    /// Its own API write, under its AgentPolicy's `spec.kubernetes`.
+    Write,
+    /// A pod that runs as it, under its AgentIdentity's `spec.podSelector`.
+    Pod,
+}
+
 impl Verdict {
     /// Whether the write may proceed.
     pub fn is_allowed(&self) -> bool {
         matches!(self, Verdict::Allowed)
+    }
+
+    /// The verdict as the audit trail records it: a decision whose rule names `policy` (the
+    /// agent's compiled policy, if it has one) or else the AgentIdentity `agent`
+    /// (`namespace/name`), and the clause that decided. An allowed write names the section no
+    /// rule of which refused it.
+    pub fn decision(
+        &self,
+        judged: Judged,
+        agent: &str,
+        policy: Option<&CompiledPolicy>,
+    ) -> Decision {
+        let rule = |clause: &str| RuleRef {
+            policy: policy
+                .map_or_else(|| format!("AgentIdentity {agent}"), |p| p.id().to_owned())
+                .into(),
+            generation: policy.and_then(CompiledPolicy::generation),
+            policy_hash: policy.map(CompiledPolicy::hash).unwrap_or_default().into(),
+            tool: None,
+            clause: clause.to_owned().into(),
+        };
+        match self {
+            Verdict::Allowed => Decision::Allow {
+                rule: rule(match judged {
+                    Judged::Write => "spec.kubernetes",
+                    Judged::Pod => "spec.podSelector",
+                }),
+                review: false,
+            },
+            Verdict::Denied {
+                code,
+                rule: named,
+                message,
+            } => {
+                let clause = match named.strip_prefix("AgentIdentity ") {
+                    Some(rest) => rest.split_once(' ').map_or("", |(_, c)| c),
+                    None => named.split_once(' ').map_or(named.as_str(), |(_, c)| c),
+                };
+                Decision::Deny {
+                    code: *code,
+                    rule: rule(clause),
+                    message: message.clone(),
+                }
+            }
+        }
     }
 }
 
@@ -59,16 +116,22 @@ pub fn admit(
     write: &ApiWrite<'_>,
     now: Timestamp,
 ) -> Verdict {
-    let denied = |rule: String, message: String| Verdict::Denied { rule, message };
+    let denied = |code: DenyCode, rule: String, message: String| Verdict::Denied {
+        code,
+        rule,
+        message,
+    };
     let what = describe(write);
     if killed {
         return denied(
+            DenyCode::KillSwitch,
             format!("AgentIdentity {agent} spec.killSwitch"),
             format!("the kill switch of agent {agent} is engaged; {what} is refused"),
         );
     }
     let Some(policy) = policy else {
         return denied(
+            DenyCode::NoPolicy,
             format!("AgentIdentity {agent}"),
             format!(
                 "agent {agent} has no usable AgentPolicy; {what} is refused until one is in force"
@@ -89,6 +152,7 @@ pub fn admit(
             })
     {
         return denied(
+            DenyCode::WriteRefused,
             format!("{id} tollgate:self-escalation"),
             format!("agents may not write {label}; {what} is refused"),
         );
@@ -101,6 +165,7 @@ pub fn admit(
                 format!(" ({})", freeze.reason)
             };
             return denied(
+                DenyCode::WriteRefused,
                 format!("{id} spec.kubernetes.freezeWindows[{}]", freeze.index),
                 format!(
                     "writes are frozen from {} to {}{reason}; {what} is refused",
@@ -139,6 +204,7 @@ pub fn admit(
             .any(|labels| rule.selector.matches(labels.unwrap_or(&empty)))
         {
             return denied(
+                DenyCode::WriteRefused,
                 format!("{id} spec.kubernetes.protectedResources[{}]", rule.index),
                 format!("{what} is refused: the object is protected by policy {id}"),
             );
@@ -228,6 +294,7 @@ pub fn admit_pod(
     let rule = format!("AgentIdentity {name}");
     if killed {
         return Verdict::Denied {
+            code: DenyCode::KillSwitch,
             rule: format!("{rule} spec.killSwitch"),
             message: format!(
                 "the kill switch of agent {name} is engaged; no new pods run as {}",
@@ -238,6 +305,7 @@ pub fn admit_pod(
     match crate::selector::Selector::compile(&identity.spec.pod_selector) {
         Ok(selector) if selector.matches(pod_labels) => Verdict::Allowed,
         Ok(_) => Verdict::Denied {
+            code: DenyCode::WriteRefused,
             rule: format!("{rule} spec.podSelector"),
             message: format!(
                 "pods running as {} must match the podSelector of AgentIdentity {name}; this pod's labels do not",
@@ -245,6 +313,7 @@ pub fn admit_pod(
             ),
         },
         Err(e) => Verdict::Denied {
+            code: DenyCode::WriteRefused,
             rule: format!("{rule} spec.podSelector"),
             message: format!("AgentIdentity {name} has an invalid podSelector: {e}"),
         },

@@ -1100,6 +1100,98 @@ fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// Admission's verdicts as the audit trail records them: the code decided where the refusal
+/// was, the policy (or the identity, without one) and the clause that decided.
+#[test]
+fn admission_verdicts_become_decisions_with_their_code_and_clause() {
+    use admission::Judged;
+    let p = policy(json!({"kubernetes": {}}));
+    let protected = ApiWrite {
+        operation: Operation::Delete,
+        group: "apps",
+        resource: "deployments",
+        subresource: "",
+        name: "web",
+        labels: None,
+        old_labels: None,
+    };
+    let cases = [
+        (
+            admission::admit("support", true, Some(&p), &protected, now()),
+            Judged::Write,
+            Some(&p),
+            "deny:KillSwitch",
+            p.id(),
+            "spec.killSwitch",
+        ),
+        (
+            admission::admit("support", false, None, &protected, now()),
+            Judged::Write,
+            None,
+            "deny:NoPolicy",
+            "AgentIdentity ns/support",
+            "",
+        ),
+        (
+            admission::Verdict::Allowed,
+            Judged::Write,
+            Some(&p),
+            "allow",
+            p.id(),
+            "spec.kubernetes",
+        ),
+        (
+            admission::Verdict::Allowed,
+            Judged::Pod,
+            None,
+            "allow",
+            "AgentIdentity ns/support",
+            "spec.podSelector",
+        ),
+    ];
+    for (verdict, judged, policy, outcome, named, clause) in cases {
+        let decision = verdict.decision(judged, "ns/support", policy);
+        let got = match &decision {
+            Decision::Allow { .. } => "allow".to_owned(),
+            Decision::Deny { code, .. } => format!("deny:{}", code.as_str()),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(got, outcome, "{verdict:?}");
+        let rule = decision.rule();
+        assert_eq!(
+            (&*rule.policy, &*rule.clause),
+            (named, clause),
+            "{verdict:?}"
+        );
+        assert_eq!(rule.policy_hash.is_empty(), policy.is_none(), "{verdict:?}");
+    }
+    // A refusal by the policy names it, its hash and the clause, and keeps the message.
+    let forged = ApiWrite {
+        operation: Operation::Update,
+        group: "tollgate.dev",
+        resource: "agentpolicies",
+        subresource: "status",
+        name: "support",
+        labels: None,
+        old_labels: None,
+    };
+    let verdict = admission::admit("support", false, Some(&p), &forged, now());
+    let Decision::Deny {
+        code,
+        rule,
+        message,
+    } = verdict.decision(Judged::Write, "ns/support", Some(&p))
+    else {
+        panic!("{verdict:?}")
+    };
+    assert_eq!(code, DenyCode::WriteRefused);
+    assert_eq!(
+        (&*rule.policy, &*rule.clause, &*rule.policy_hash),
+        (p.id(), "tollgate:self-escalation", p.hash())
+    );
+    assert!(message.contains("agentpolicies/status"), "{message}");
+}
+
 #[test]
 fn admission_of_agents_own_writes() {
     let p = policy(json!({"kubernetes": {
@@ -1288,11 +1380,24 @@ fn admission_of_agents_own_writes() {
         let verdict = admission::admit("support", killed, Some(&p), &write, at);
         match (denied_by, verdict) {
             (None, admission::Verdict::Allowed) => {}
-            (Some(rule), admission::Verdict::Denied { rule: got, message }) => {
+            (
+                Some(rule),
+                admission::Verdict::Denied {
+                    code,
+                    rule: got,
+                    message,
+                },
+            ) => {
                 assert!(
                     got.contains(rule),
                     "{what}: denied by {got}, expected {rule}"
                 );
+                let expected = if killed {
+                    DenyCode::KillSwitch
+                } else {
+                    DenyCode::WriteRefused
+                };
+                assert_eq!(code, expected, "{what}");
                 assert!(message.contains("refused"), "{what}: {message}");
             }
             (expected, verdict) => panic!("{what}: expected {expected:?}, got {verdict:?}"),
@@ -1320,7 +1425,7 @@ fn admission_of_agents_own_writes() {
         old_labels: None,
     };
     match admission::admit("support", false, Some(&p), &forged, now()) {
-        admission::Verdict::Denied { rule, message } => {
+        admission::Verdict::Denied { rule, message, .. } => {
             assert!(rule.ends_with("tollgate:self-escalation"), "{rule}");
             assert!(message.contains("agentpolicies/status"), "{message}");
         }

@@ -36,10 +36,10 @@ use tollgate_audit::{AuditLog, Entry, Event, Identity};
 use tollgate_crds::common::{GLOBAL_KILL_SWITCH, GLOBAL_KILL_SWITCH_KEY};
 use tollgate_crds::policy::Operation;
 use tollgate_crds::{AgentIdentity, AgentPolicy, ApprovalRequest};
-use tollgate_engine::admission::{self, ApiWrite, Verdict};
+use tollgate_engine::admission::{self, ApiWrite, Judged, Verdict};
 use tollgate_engine::approval::{self, Author};
 use tollgate_engine::status::KILL_SWITCH_BY_ANNOTATION;
-use tollgate_engine::{CompiledPolicy, Decision, DenyCode, RuleRef, children};
+use tollgate_engine::{CompiledPolicy, Decision, children};
 
 use crate::cluster::ClusterView;
 use crate::metrics::Metrics;
@@ -450,27 +450,17 @@ fn decide_agent_write(
         request,
         &identity,
         compiled.as_ref(),
-        killed,
         &verdict,
         Judged::Write,
         now,
     );
     let response = match verdict {
         Verdict::Allowed => allow,
-        Verdict::Denied { rule, message } => {
+        Verdict::Denied { rule, message, .. } => {
             deny(request, format!("Tollgate: {message} [rule: {rule}]"))
         }
     };
     (response, Some(record))
-}
-
-/// What admission judged of an agent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Judged {
-    /// Its own API write, under its AgentPolicy's `spec.kubernetes`.
-    Write,
-    /// A pod that runs as it, under its AgentIdentity's `spec.podSelector`.
-    Pod,
 }
 
 /// The audit record of admission's verdict on an agent's request: who asked (for a pod, usually
@@ -480,7 +470,6 @@ fn admission_record(
     request: &AdmissionRequest<DynamicObject>,
     identity: &AgentIdentity,
     policy: Option<&CompiledPolicy>,
-    killed: bool,
     verdict: &Verdict,
     judged: Judged,
     now: Timestamp,
@@ -526,49 +515,7 @@ fn admission_record(
         // Decided all the same, and nothing changed.
         entry.arguments.as_mut().expect("just set")["dryRun"] = json!(true);
     }
-    let rule = |clause: String| RuleRef {
-        policy: policy
-            .map_or_else(|| format!("AgentIdentity {agent}"), |p| p.id().to_owned())
-            .into(),
-        generation: policy.and_then(CompiledPolicy::generation),
-        policy_hash: policy.map(CompiledPolicy::hash).unwrap_or_default().into(),
-        tool: None,
-        clause: clause.into(),
-    };
-    entry.decision = Some(match verdict {
-        Verdict::Allowed => Decision::Allow {
-            rule: rule(
-                match judged {
-                    Judged::Write => "spec.kubernetes",
-                    Judged::Pod => "spec.podSelector",
-                }
-                .to_owned(),
-            ),
-            review: false,
-        },
-        Verdict::Denied {
-            rule: named,
-            message,
-        } => {
-            // `<policy> <clause>`, or `AgentIdentity <name>[ <clause>]`.
-            let clause = match named.strip_prefix("AgentIdentity ") {
-                Some(rest) => rest.split_once(' ').map_or("", |(_, c)| c),
-                None => named.split_once(' ').map_or(named.as_str(), |(_, c)| c),
-            };
-            let code = if killed {
-                DenyCode::KillSwitch
-            } else if policy.is_none() && judged == Judged::Write {
-                DenyCode::NoPolicy
-            } else {
-                DenyCode::WriteRefused
-            };
-            Decision::Deny {
-                code,
-                rule: rule(clause.to_owned()),
-                message: message.clone(),
-            }
-        }
-    });
+    entry.decision = Some(verdict.decision(judged, &agent, policy));
     entry.agent = Some(agent);
     entry.policy = policy.map(crate::gateway::policy_ref);
     entry
@@ -647,14 +594,13 @@ fn decide_pod(
         request,
         &identity,
         None,
-        killed,
         &verdict,
         Judged::Pod,
         (state.now)(),
     );
     let response = match verdict {
         Verdict::Allowed => allow,
-        Verdict::Denied { rule, message } => {
+        Verdict::Denied { rule, message, .. } => {
             deny(request, format!("Tollgate: {message} [rule: {rule}]"))
         }
     };
