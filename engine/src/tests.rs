@@ -1100,6 +1100,19 @@ fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// An agent's update of its own policy's status: a forged track record.
+fn policy_status_write() -> ApiWrite<'static> {
+    ApiWrite {
+        operation: Operation::Update,
+        group: "tollgate.dev",
+        resource: "agentpolicies",
+        subresource: "status",
+        name: "support",
+        labels: None,
+        old_labels: None,
+    }
+}
+
 /// Admission's verdicts as the audit trail records them: the code decided where the refusal
 /// was, the policy (or the identity, without one) and the clause that decided.
 #[test]
@@ -1166,15 +1179,7 @@ fn admission_verdicts_become_decisions_with_their_code_and_clause() {
         assert_eq!(rule.policy_hash.is_empty(), policy.is_none(), "{verdict:?}");
     }
     // A refusal by the policy names it, its hash and the clause, and keeps the message.
-    let forged = ApiWrite {
-        operation: Operation::Update,
-        group: "tollgate.dev",
-        resource: "agentpolicies",
-        subresource: "status",
-        name: "support",
-        labels: None,
-        old_labels: None,
-    };
+    let forged = policy_status_write();
     let verdict = admission::admit("support", false, Some(&p), &forged, now());
     let Decision::Deny {
         code,
@@ -1415,15 +1420,7 @@ fn admission_of_agents_own_writes() {
     assert!(!admission::admit("support", false, Some(&p), &token, now()).is_allowed());
     // An agent forging its own track record (status.tools.eligibleFor) or hiding its unused
     // rights: the status subresource is one of Tollgate's kinds too.
-    let forged = ApiWrite {
-        operation: Operation::Update,
-        group: "tollgate.dev",
-        resource: "agentpolicies",
-        subresource: "status",
-        name: "support",
-        labels: None,
-        old_labels: None,
-    };
+    let forged = policy_status_write();
     match admission::admit("support", false, Some(&p), &forged, now()) {
         admission::Verdict::Denied { rule, message, .. } => {
             assert!(rule.ends_with("tollgate:self-escalation"), "{rule}");

@@ -193,8 +193,7 @@ async fn an_identity_becomes_scoped_objects_that_follow_its_spec_and_its_kill_sw
     let cp = control_plane();
     webhook();
     let admin = cp.client(User::Admin).await;
-    let ns = cp.namespace("operator").await;
-    tollgate_e2e::admission::admit(&ns).await;
+    let ns = tollgate_e2e::admission::namespace("operator").await;
     let operator = Operator::start(&ns, Options::default());
     apply_sample(&ns);
 
@@ -526,8 +525,7 @@ async fn approvals_need_distinct_approvers_expire_on_time_and_are_pruned_after_r
     let cp = control_plane();
     webhook();
     let admin = cp.client(User::Admin).await;
-    let ns = cp.namespace("approvals").await;
-    tollgate_e2e::admission::admit(&ns).await;
+    let ns = tollgate_e2e::admission::namespace("approvals").await;
     let _operator = Operator::start(
         &ns,
         Options {
@@ -638,8 +636,7 @@ async fn the_global_kill_switch_stops_every_agent_and_releasing_it_restores_them
     let cp = control_plane();
     let admin = cp.client(User::Admin).await;
     webhook();
-    let ns = cp.namespace("global-kill").await;
-    tollgate_e2e::admission::admit(&ns).await;
+    let ns = tollgate_e2e::admission::namespace("global-kill").await;
     let _operator = Operator::start(&ns, Options::default());
     let sample =
         std::fs::read_to_string(repo_root().join("config/samples/support-agent.yaml")).unwrap();
