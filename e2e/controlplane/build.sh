@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the e2e control plane (etcd, kube-apiserver, kube-controller-manager) from the upstream
 # Go modules pinned in kube/go.mod and etcd/go.mod, through the Go module proxy, and caches the
-# binaries under target/controlplane/<versions>/bin. Prints that directory as its last line.
+# binaries under ~/.cache/tollgate/controlplane/<versions>/bin (outside the clone, so a fresh clone
+# on the same machine reuses them). Prints that directory as its last line.
 # A second run with the binaries present does nothing. Concurrent runs wait for each other.
 set -euo pipefail
 
@@ -13,7 +14,7 @@ if [[ -z "$kube_version" || -z "$etcd_version" ]]; then
   echo "build.sh: cannot read the pinned versions from $here/kube/go.mod and $here/etcd/go.mod" >&2
   exit 1
 fi
-out="${TOLLGATE_CONTROLPLANE_CACHE:-$root/target/controlplane}/kube-$kube_version-etcd-$etcd_version"
+out="${TOLLGATE_CONTROLPLANE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tollgate/controlplane}/kube-$kube_version-etcd-$etcd_version"
 bin="$out/bin"
 mkdir -p "$out"
 

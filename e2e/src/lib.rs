@@ -2,7 +2,7 @@
 //!
 //! Contract: [`control_plane`] builds etcd, kube-apiserver and kube-controller-manager from the
 //! upstream Go modules pinned in `e2e/controlplane/{kube,etcd}/go.mod` (cached under
-//! `target/controlplane/`), starts them once per test binary with client-certificate users,
+//! `~/.cache/tollgate/controlplane/`), starts them once per test binary with client-certificate users,
 //! RBAC, a service-account issuer (so TokenRequest and TokenReview work) and the garbage
 //! collector, namespace and service-account controllers, and stops them when the test binary
 //! exits, however it exits. Nothing here is a fake: tests talk to the real apiserver.
