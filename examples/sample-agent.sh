@@ -24,18 +24,21 @@ call() { # endpoint json
 
 echo "== 1. allowed: read a customer record"
 call v1/decide '{"runId":"'"$run"'","tool":"read_customer_record","arguments":{"customer_id":"C000042"}}'
-echo "== the orchestrator reports the result; the gateway returns only the resultFields"
-call v1/report '{"runId":"'"$run"'","tool":"read_customer_record","result":{"customer_id":"C000042","order_history":[],"contact_info":"ada@example.com","ssn":"123-45-6789"},"usage":{"tokens":1200,"cost":"0.02"}}'
+echo "== the orchestrator reports the result of step 1 (the step the decision answered); the gateway returns only the resultFields"
+call v1/report '{"runId":"'"$run"'","step":1,"tool":"read_customer_record","result":{"customer_id":"C000042","order_history":[],"contact_info":"ada@example.com","ssn":"123-45-6789"},"usage":{"tokens":1200,"cost":"0.02"}}'
 echo "== 2. blocked: delete a customer record"
 call v1/decide '{"runId":"'"$run"'","tool":"delete_customer_record","arguments":{"customer_id":"C000042"}}'
 echo "== 3. constraint breach: an order id that is not O-…"
 call v1/decide '{"runId":"'"$run"'","tool":"update_order_status","arguments":{"status":"refunded","order_ids":["O-1","X-2"]}}'
 echo "== 4. irreversible: e-mailing a customer waits for a support lead"
 call v1/decide '{"runId":"'"$run"'","tool":"send_customer_email","arguments":{"customer_id":"C000042","subject":"Your refund","body":"Done."}}'
-echo "== 5. budget: the run reports 60000 tokens, over maxTokensPerRun 50000, and is halted"
-call v1/report '{"runId":"'"$run"'","tool":"read_customer_record","usage":{"tokens":60000,"cost":"0.90"}}'
+echo "== 5. budget: another read (step 5) reports 60000 tokens, over maxTokensPerRun 50000, and the run is halted"
+call v1/decide '{"runId":"'"$run"'","tool":"read_customer_record","arguments":{"customer_id":"C000043"}}'
+call v1/report '{"runId":"'"$run"'","step":5,"tool":"read_customer_record","usage":{"tokens":60000,"cost":"0.90"}}'
 call v1/decide '{"runId":"'"$run"'","tool":"read_customer_record","arguments":{"customer_id":"C000042"}}'
-echo "== 6. a request that names another agent is refused (and audited): only the key says who is calling"
+echo "== 6. a result reported for the blocked step 2 is refused (and audited): only calls Tollgate let through have results"
+call v1/report '{"runId":"'"$run"'","step":2,"tool":"delete_customer_record","result":{"deleted":true}}'
+echo "== 7. a request that names another agent is refused (and audited): only the key says who is calling"
 call v1/decide '{"runId":"'"$run"'","tool":"read_customer_record","agent":"default/deploy-agent","arguments":{"customer_id":"C000042"}}'
 echo
 echo "== replay of run $run from the audit store"

@@ -464,6 +464,7 @@ mod tests {
         let codes = [
             DenyCode::KillSwitch,
             DenyCode::NoPolicy,
+            DenyCode::PolicyInvalid,
             DenyCode::ToolBlocked,
             DenyCode::ToolNotAllowed,
             DenyCode::MalformedArguments,

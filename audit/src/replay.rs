@@ -344,10 +344,15 @@ fn apply_outcome(
                     tool,
                     arguments: &arguments,
                 };
-                policy.release(&call, run);
+                policy.release(&call, e.step, run);
             }
         }
         (Event::Report, _) => {
+            // The reported step no longer waits for its report (records from before reports
+            // named their step have none).
+            if let Some(step) = e.step {
+                run.take_report(step);
+            }
             if let Some(usage) = &e.usage {
                 policy.report(usage, run, window, e.time);
             }

@@ -256,6 +256,8 @@ pub enum JsonType {
         .message("maxItems applies to arrays only"),
     validation = Rule::new("!has(self.pattern) || !has(self.type) || self.type == 'string'")
         .message("pattern applies to strings only"),
+    validation = Rule::new("!has(self.items) || !has(self.type) || self.type == 'array'")
+        .message("items applies to arrays only"),
 )]
 pub struct FieldConstraint {
     /// The JSON type the value must have.
@@ -282,10 +284,62 @@ pub struct FieldConstraint {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub max_length: Option<i64>,
-    /// The most items an array may hold.
+    /// The most items an array may hold. Items of nested arrays count one by one, so
+    /// `[[a, b, c]]` holds three items, not one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub max_items: Option<i64>,
+    /// What each item of an array must be. Without it an item may be anything, nested arrays
+    /// included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub items: Option<ItemConstraint>,
+}
+
+/// Constraints on each item of an array argument.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!has(self.minimum) || !has(self.maximum) || self.minimum <= self.maximum")
+        .message("minimum must not exceed maximum"),
+    validation = Rule::new("!has(self.pattern) || !has(self.type) || self.type == 'string'")
+        .message("pattern applies to strings only"),
+)]
+pub struct ItemConstraint {
+    /// The JSON type each item must have.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub type_: Option<JsonType>,
+    /// The only string values an item may take.
+    #[serde(default, rename = "enum", skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256), inner(length(max = 1024)))]
+    pub enum_: Option<Vec<String>>,
+    /// A regular expression (RE2 syntax) each string item must match whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub pattern: Option<String>,
+    /// The smallest number an item may be.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minimum: Option<f64>,
+    /// The largest number an item may be.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maximum: Option<f64>,
+    /// The longest string an item may be, in characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub max_length: Option<i64>,
+}
+
+impl From<&ItemConstraint> for FieldConstraint {
+    fn from(item: &ItemConstraint) -> Self {
+        FieldConstraint {
+            type_: item.type_,
+            enum_: item.enum_.clone(),
+            pattern: item.pattern.clone(),
+            minimum: item.minimum,
+            maximum: item.maximum,
+            max_length: item.max_length,
+            ..FieldConstraint::default()
+        }
+    }
 }
 
 /// Per-run limits for one tool.

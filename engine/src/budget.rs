@@ -105,6 +105,31 @@ pub struct RunState {
     pub items: BTreeMap<String, u64>,
     /// The ceiling that halted the run, if one did. A halted run stays halted.
     pub halted: Option<Ceiling>,
+    /// Calls released and not reported yet: step -> tool. A report names one of these steps and
+    /// takes it out, so a result or usage can be reported only for a call that was let through,
+    /// and once. Holds at most [`MAX_AWAITING_REPORT`] steps; the oldest go first.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub awaiting_report: BTreeMap<u64, String>,
+}
+
+/// The most released calls of one run that wait for their report at once; past it the oldest
+/// step can no longer be reported.
+pub const MAX_AWAITING_REPORT: usize = 1024;
+
+impl RunState {
+    /// Notes that the call at `step` of `tool` was released, so its outcome may be reported.
+    pub fn await_report(&mut self, step: u64, tool: &str) {
+        self.awaiting_report.insert(step, tool.to_owned());
+        while self.awaiting_report.len() > MAX_AWAITING_REPORT {
+            self.awaiting_report.pop_first();
+        }
+    }
+
+    /// Takes the released call at `step` for its report: the tool it was released for, or None
+    /// when no call of this run at that step waits for a report (refused, unknown, or reported).
+    pub fn take_report(&mut self, step: u64) -> Option<String> {
+        self.awaiting_report.remove(&step)
+    }
 }
 
 /// What one identity has used in its window. Persist it between runs.
@@ -133,13 +158,14 @@ impl WindowState {
             .any(|(at, id)| id == run_id && within(*at, window, now))
     }
 
-    /// Cost reported within `window` before `now`.
+    /// Cost reported within `window` before `now`. Saturates at [`Decimal::MAX`] instead of
+    /// overflowing (a saturated sum is past every ceiling); a negative entry (written by a
+    /// gateway before reports were checked) counts as nothing.
     pub fn cost_within(&self, window: Duration, now: Timestamp) -> Decimal {
         self.costs
             .iter()
             .filter(|(at, _)| within(*at, window, now))
-            .map(|(_, c)| *c)
-            .sum()
+            .fold(Decimal::ZERO, |sum, (_, cost)| add_cost(sum, *cost))
     }
 
     /// Drops entries older than the window.
@@ -154,9 +180,41 @@ fn within(at: Timestamp, window: Duration, now: Timestamp) -> bool {
     age.is_negative() || age.unsigned_abs() < window
 }
 
-/// Usage reported after a call.
+/// Adds a reported cost to a sum: never panics, never lowers the sum. A negative cost (which no
+/// check lets in any more, but an old trail may hold) adds nothing; a sum past [`Decimal::MAX`]
+/// stays there.
+pub fn add_cost(sum: Decimal, cost: Decimal) -> Decimal {
+    if cost.is_sign_negative() {
+        return sum;
+    }
+    sum.checked_add(cost).unwrap_or(Decimal::MAX)
+}
+
+/// The most tokens one report may carry: far above any model call, far below an overflow.
+pub const MAX_TOKENS_PER_REPORT: u64 = 1_000_000_000;
+
+/// The most US dollars one report may carry: far above any model or tool call, far below an
+/// overflow (summing it needs more than 10^22 reports to reach [`Decimal::MAX`]).
+pub const MAX_COST_PER_REPORT: Decimal = Decimal::from_parts(1_000_000, 0, 0, false, 0);
+
+/// Why a report's usage is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UsageError {
+    /// `usage.tokens` over [`MAX_TOKENS_PER_REPORT`].
+    #[error("usage.tokens {0} is more than one report may carry ({MAX_TOKENS_PER_REPORT})")]
+    TooManyTokens(u64),
+    /// `usage.cost` below zero.
+    #[error("usage.cost {0} is negative: a cost is what was spent, never a credit")]
+    NegativeCost(Decimal),
+    /// `usage.cost` over [`MAX_COST_PER_REPORT`].
+    #[error("usage.cost {0} is more than one report may carry ({MAX_COST_PER_REPORT} USD)")]
+    CostTooHigh(Decimal),
+}
+
+/// Usage reported after a call. Unknown fields are refused (a misspelt `costUSD` would
+/// otherwise count as nothing); [`Usage::check`] bounds the numbers.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Usage {
     /// Model tokens used.
     #[serde(default)]
@@ -164,4 +222,21 @@ pub struct Usage {
     /// Cost, in US dollars.
     #[serde(default)]
     pub cost: Decimal,
+}
+
+impl Usage {
+    /// Whether an agent may report this: tokens and cost within one report's bounds, the cost
+    /// not negative. Everything an agent reports passes here before it is counted.
+    pub fn check(&self) -> Result<(), UsageError> {
+        if self.tokens > MAX_TOKENS_PER_REPORT {
+            return Err(UsageError::TooManyTokens(self.tokens));
+        }
+        if self.cost.is_sign_negative() && !self.cost.is_zero() {
+            return Err(UsageError::NegativeCost(self.cost));
+        }
+        if self.cost > MAX_COST_PER_REPORT {
+            return Err(UsageError::CostTooHigh(self.cost));
+        }
+        Ok(())
+    }
 }

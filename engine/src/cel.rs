@@ -38,7 +38,12 @@ impl Condition {
         let mut unknown: Vec<&str> = references
             .variables()
             .into_iter()
-            .filter(|v| !VARIABLES.contains(v) && !is_bound_in(source, v))
+            // Type names (`string`, `int`, `list`, ...) are identifiers too: `type(x) == string`.
+            .filter(|v| {
+                !VARIABLES.contains(v)
+                    && !is_bound_in(source, v)
+                    && env.types().find_type(v).is_none()
+            })
             .collect();
         unknown.sort_unstable();
         if !unknown.is_empty() {

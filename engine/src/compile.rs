@@ -113,6 +113,8 @@ pub(crate) struct FieldCheck {
     pub(crate) maximum: Option<f64>,
     pub(crate) max_length: Option<u64>,
     pub(crate) max_items: Option<u64>,
+    /// What each item of an array must be.
+    pub(crate) items: Option<Box<FieldCheck>>,
 }
 
 /// Per-run and per-identity ceilings.
@@ -701,6 +703,16 @@ fn compile_field(
             "set type: string or remove maxLength",
         );
     }
+    let items = constraint.items.as_ref().and_then(|item| {
+        if !is(JsonType::Array) {
+            errors.push(
+                format!("{path}.items"),
+                "items applies to arrays only",
+                "set type: array or remove items",
+            );
+        }
+        compile_field(&format!("{path}.items"), &item.into(), errors).map(Box::new)
+    });
     if constraint.max_items.is_some() && !is(JsonType::Array) {
         errors.push(
             format!("{path}.maxItems"),
@@ -758,5 +770,6 @@ fn compile_field(
         maximum: constraint.maximum,
         max_length: constraint.max_length.map(|v| v as u64),
         max_items: constraint.max_items.map(|v| v as u64),
+        items,
     })
 }

@@ -43,8 +43,11 @@ impl fmt::Display for RuleRef {
 pub enum DenyCode {
     /// The agent's or the global kill switch is engaged.
     KillSwitch,
-    /// There is no usable policy for the agent.
+    /// No policy names the agent.
     NoPolicy,
+    /// A policy names the agent but cannot be used: it does not parse or compile, or more than
+    /// one names the agent. The message carries the error.
+    PolicyInvalid,
     /// The tool is on the blocked list.
     ToolBlocked,
     /// The tool is not allowed (default deny).
@@ -81,6 +84,7 @@ impl DenyCode {
         match self {
             DenyCode::KillSwitch => "KillSwitch",
             DenyCode::NoPolicy => "NoPolicy",
+            DenyCode::PolicyInvalid => "PolicyInvalid",
             DenyCode::ToolBlocked => "ToolBlocked",
             DenyCode::ToolNotAllowed => "ToolNotAllowed",
             DenyCode::MalformedArguments => "MalformedArguments",

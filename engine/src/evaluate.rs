@@ -11,7 +11,7 @@ use jiff::Timestamp;
 use serde_json::{Map, Value, json};
 use tollgate_crds::policy::{AdditionalFields, Autonomy, JsonType};
 
-use crate::budget::{Ceiling, RunState, Usage, WindowState};
+use crate::budget::{Ceiling, RunState, Usage, WindowState, add_cost};
 use crate::canonical;
 use crate::cel::Condition;
 use crate::compile::{CompiledPolicy, CompiledTool, FieldCheck, is_valid_tool_name};
@@ -41,10 +41,20 @@ pub struct ToolCall<'a> {
     pub arguments: &'a Value,
 }
 
-/// The decision for an agent that has no usable policy: denied, with the reason.
+/// The decision for an agent that has no policy: denied, with the reason.
 pub fn deny_without_policy(reason: &str) -> Decision {
+    deny_unusable(DenyCode::NoPolicy, reason)
+}
+
+/// The decision for an agent whose policy cannot be used (it does not parse or compile, or more
+/// than one names the agent): denied with code PolicyInvalid and the error.
+pub fn deny_invalid_policy(reason: &str) -> Decision {
+    deny_unusable(DenyCode::PolicyInvalid, reason)
+}
+
+fn deny_unusable(code: DenyCode, reason: &str) -> Decision {
     Decision::Deny {
-        code: DenyCode::NoPolicy,
+        code,
         rule: RuleRef {
             policy: "".into(),
             generation: None,
@@ -379,31 +389,39 @@ impl CompiledPolicy {
             window.prune(span, now);
         }
         match decision {
-            Decision::Allow { .. } => self.release(call, run),
+            Decision::Allow { .. } => self.release(call, Some(run.steps), run),
             Decision::Halt { ceiling, .. } => run.halted = Some(ceiling.clone()),
             Decision::Deny { .. } | Decision::RequireApproval { .. } => {}
         }
     }
 
     /// Charges a released call to the run's per-tool counters: on Allow (through [`record`]) and
-    /// when an approved call is released.
+    /// when an approved call is released. The call's `step`, when known, may then be reported
+    /// once ([`RunState::take_report`]).
     ///
     /// [`record`]: CompiledPolicy::record
-    pub fn release(&self, call: &ToolCall<'_>, run: &mut RunState) {
+    pub fn release(&self, call: &ToolCall<'_>, step: Option<u64>, run: &mut RunState) {
         let Some(tool) = self.tools.get(call.tool) else {
             return;
         };
-        *run.calls.entry(call.tool.to_owned()).or_default() += 1;
+        if let Some(step) = step {
+            run.await_report(step, call.tool);
+        }
+        let calls = run.calls.entry(call.tool.to_owned()).or_default();
+        *calls = calls.saturating_add(1);
         if let Some((field, _)) = &tool.max_items
             && let Value::Object(args) = call.arguments
         {
             let items = item_count(args, field).unwrap_or(0);
-            *run.items.entry(call.tool.to_owned()).or_default() += items;
+            let used = run.items.entry(call.tool.to_owned()).or_default();
+            *used = used.saturating_add(items);
         }
     }
 
     /// Records usage reported after a call; returns the ceiling it breached, if any. A breach
-    /// halts the run.
+    /// halts the run. Check what an agent sends with [`Usage::check`] first; whatever gets here,
+    /// the sums saturate instead of overflowing and a negative cost counts as nothing, so no
+    /// report can panic or buy budget back.
     pub fn report(
         &self,
         usage: &Usage,
@@ -412,8 +430,8 @@ impl CompiledPolicy {
         now: Timestamp,
     ) -> Option<Ceiling> {
         run.tokens = run.tokens.saturating_add(usage.tokens);
-        run.cost += usage.cost;
-        if self.budget.window.is_some() && !usage.cost.is_zero() {
+        run.cost = add_cost(run.cost, usage.cost);
+        if self.budget.window.is_some() && usage.cost > rust_decimal::Decimal::ZERO {
             window.costs.push((now, usage.cost));
         }
         let breach = match (&self.budget.max_tokens, &self.budget.max_cost) {
@@ -442,10 +460,19 @@ impl CompiledPolicy {
     }
 }
 
+/// The items an array holds, counting the items of nested arrays one by one: `[[a, b], c]` is
+/// three, so nesting cannot make many items look like one.
+pub(crate) fn leaf_count(items: &[Value]) -> u64 {
+    items.iter().fold(0u64, |n, item| match item {
+        Value::Array(inner) => n.saturating_add(leaf_count(inner)),
+        _ => n.saturating_add(1),
+    })
+}
+
 fn item_count(args: &Map<String, Value>, field: &str) -> Result<u64, Refusal> {
     match args.get(field) {
         None | Some(Value::Null) => Ok(0),
-        Some(Value::Array(items)) => Ok(items.len() as u64),
+        Some(Value::Array(items)) => Ok(leaf_count(items)),
         Some(_) => Err((
             DenyCode::ArgumentConstraint,
             "limits.maxItemsPerRun".into(),
@@ -542,8 +569,19 @@ fn check_field(field: &str, check: &FieldCheck, value: &Value) -> Result<(), Ref
     }
     if let Some(max) = check.max_items {
         match value.as_array() {
-            Some(items) if items.len() as u64 <= max => {}
-            _ => return refuse(format!("must be an array of at most {max} items")),
+            Some(items) if leaf_count(items) <= max => {}
+            _ => {
+                return refuse(format!(
+                    "must be an array of at most {max} items (items of nested arrays count one by one)"
+                ));
+            }
+        }
+    }
+    if let Some(item_check) = &check.items
+        && let Some(items) = value.as_array()
+    {
+        for (i, item) in items.iter().enumerate() {
+            check_field(&format!("{field}[{i}]"), item_check, item)?;
         }
     }
     Ok(())

@@ -71,6 +71,7 @@ impl Outcome {
                 | DenyCode::ApprovalExpired
                 | DenyCode::KillSwitch
                 | DenyCode::NoPolicy
+                | DenyCode::PolicyInvalid
                 | DenyCode::ToolBlocked
                 | DenyCode::ToolNotAllowed
                 | DenyCode::ConditionError

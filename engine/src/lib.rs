@@ -32,7 +32,7 @@ pub mod status;
 pub use budget::{Ceiling, RunState, Usage, WindowState};
 pub use compile::{CompileError, CompileErrors, CompiledPolicy};
 pub use decision::{ApprovalRequirement, Decision, DenyCode, RuleRef};
-pub use evaluate::{Agent, ToolCall, deny_without_policy, redact};
+pub use evaluate::{Agent, ToolCall, deny_invalid_policy, deny_without_policy, redact};
 pub use graduation::TrackRecord;
 
 #[cfg(test)]

@@ -887,6 +887,12 @@ fn kill_switch_denies_everything() {
     assert_eq!(code(&decision), Some(DenyCode::KillSwitch));
     let none = crate::deny_without_policy("policy support failed to compile");
     assert_eq!(code(&none), Some(DenyCode::NoPolicy));
+    let invalid = crate::deny_invalid_policy("policy support failed to compile");
+    assert_eq!(code(&invalid), Some(DenyCode::PolicyInvalid));
+    assert!(
+        matches!(&invalid, Decision::Deny { message, .. } if message.contains("failed to compile")),
+        "{invalid:?}"
+    );
 }
 
 #[test]
@@ -1743,4 +1749,215 @@ fn an_mcp_upstream_serves_only_allowed_tools_it_hosts() {
     assert!(policy.serves_through("anywhere", "crm"));
     assert!(!policy.serves_through("drop", "crm"));
     assert!(!policy.serves_through("unknown", "crm"));
+}
+
+// Issue 24: what an agent reports can never buy it budget, and nesting cannot hide items.
+
+fn usage(tokens: u64, cost: &str) -> Usage {
+    Usage {
+        tokens,
+        cost: cost.parse().unwrap(),
+    }
+}
+
+#[test]
+fn a_negative_cost_is_refused_at_the_boundary_and_never_refunds_a_run() {
+    assert!(matches!(
+        usage(0, "-100.00").check(),
+        Err(crate::budget::UsageError::NegativeCost(_))
+    ));
+    // Whatever reaches the engine anyway (an old trail replayed) credits nothing.
+    let p = policy(
+        json!({"tools": {"allowed": [{"name": "t"}]}, "execution": {"maxCostUSD": "3.00",
+               "perIdentity": {"window": "24h", "maxCostUSD": "10.00"}}}),
+    );
+    let (mut run, mut window) = (RunState::default(), WindowState::default());
+    assert!(step(&p, "r", "t", json!({}), &mut run, &mut window, now()).is_allowed());
+    assert_eq!(
+        p.report(&usage(0, "-100.00"), &mut run, &mut window, now()),
+        None
+    );
+    assert_eq!(run.cost, Decimal::ZERO);
+    assert_eq!(
+        p.report(&usage(0, "50.00"), &mut run, &mut window, now()),
+        Some(Ceiling::MaxCostUsd {
+            limit: "3.00".parse().unwrap()
+        })
+    );
+    assert!(matches!(
+        step(&p, "r", "t", json!({}), &mut run, &mut window, now()),
+        Decision::Halt { .. }
+    ));
+    // A halted run stays halted, and a credit after the halt resets nothing.
+    p.report(&usage(0, "-3.50"), &mut run, &mut window, now());
+    assert_eq!(run.cost, "50.00".parse::<Decimal>().unwrap());
+    assert!(run.halted.is_some());
+    assert_eq!(
+        window.cost_within(Duration::from_secs(86_400), now()),
+        "50.00".parse::<Decimal>().unwrap()
+    );
+}
+
+#[test]
+fn a_huge_cost_is_refused_and_sums_that_would_overflow_saturate_instead_of_panicking() {
+    let huge = "79228162514264337593543950335";
+    assert!(matches!(
+        usage(0, huge).check(),
+        Err(crate::budget::UsageError::CostTooHigh(_))
+    ));
+    assert!(matches!(
+        usage(crate::budget::MAX_TOKENS_PER_REPORT + 1, "0").check(),
+        Err(crate::budget::UsageError::TooManyTokens(_))
+    ));
+    assert_eq!(
+        usage(crate::budget::MAX_TOKENS_PER_REPORT, "1000000").check(),
+        Ok(())
+    );
+    // Past the boundary (records written before the check): no panic, and the run halts.
+    let p = policy(
+        json!({"tools": {"allowed": [{"name": "t"}]}, "execution": {"maxCostUSD": "3.00",
+               "perIdentity": {"window": "24h", "maxCostUSD": "10.00"}}}),
+    );
+    let (mut run, mut window) = (RunState::default(), WindowState::default());
+    assert!(step(&p, "r", "t", json!({}), &mut run, &mut window, now()).is_allowed());
+    for _ in 0..3 {
+        p.report(&usage(u64::MAX, huge), &mut run, &mut window, now());
+    }
+    assert_eq!(run.cost, Decimal::MAX);
+    assert_eq!(run.tokens, u64::MAX);
+    assert_eq!(
+        window.cost_within(Duration::from_secs(86_400), now()),
+        Decimal::MAX
+    );
+    assert!(matches!(
+        step(&p, "r2", "t", json!({}), &mut run, &mut window, now()),
+        Decision::Halt { .. }
+    ));
+}
+
+#[test]
+fn unknown_usage_fields_are_refused() {
+    let err = serde_json::from_value::<Usage>(json!({"tokens": 10, "costUSD": "2.50"}))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("costUSD"), "{err}");
+    assert!(serde_json::from_value::<Usage>(json!({"tokens": -1})).is_err());
+}
+
+#[test]
+fn only_released_steps_wait_for_a_report_and_each_once() {
+    let p = tools(json!([{"name": "read"}]));
+    let (mut run, mut window) = (RunState::default(), WindowState::default());
+    assert!(step(&p, "r", "read", json!({}), &mut run, &mut window, now()).is_allowed());
+    assert!(matches!(
+        step(
+            &p,
+            "r",
+            "delete_customer_record",
+            json!({}),
+            &mut run,
+            &mut window,
+            now()
+        ),
+        Decision::Deny { .. }
+    ));
+    assert_eq!(
+        run.take_report(2),
+        None,
+        "a denied step has nothing to report"
+    );
+    assert_eq!(run.take_report(1).as_deref(), Some("read"));
+    assert_eq!(run.take_report(1), None, "a step is reported once");
+    for i in 0..(crate::budget::MAX_AWAITING_REPORT as u64 + 10) {
+        run.await_report(i, "read");
+    }
+    assert_eq!(
+        run.awaiting_report.len(),
+        crate::budget::MAX_AWAITING_REPORT
+    );
+    assert_eq!(run.take_report(0), None, "the oldest went first");
+}
+
+#[test]
+fn an_array_of_arrays_counts_its_items_one_by_one() {
+    let p = tools(json!([{"name": "update", "arguments": {"fields": {
+        "order_ids": {"type": "array", "maxItems": 10}}},
+        "limits": {"maxItemsPerRun": {"field": "order_ids", "max": 10}}}]));
+    let eleven: Vec<String> = (0..11).map(|i| format!("O-{i}")).collect();
+    let d = decide(&p, "update", json!({"order_ids": [eleven]}));
+    assert_eq!(code(&d), Some(DenyCode::ArgumentConstraint), "{d:?}");
+    // Under maxItems, the per-run limit counts leaves too.
+    let p = tools(
+        json!([{"name": "update", "arguments": {"fields": {"order_ids": {"type": "array"}}},
+        "limits": {"maxItemsPerRun": {"field": "order_ids", "max": 10}}}]),
+    );
+    let d = decide(&p, "update", json!({"order_ids": [eleven]}));
+    assert_eq!(code(&d), Some(DenyCode::ItemLimit), "{d:?}");
+    let d = decide(&p, "update", json!({"order_ids": [["O-1", "O-2"], "O-3"]}));
+    assert!(d.is_allowed(), "{d:?}");
+}
+
+#[test]
+fn items_constrain_each_element_of_an_array() {
+    let p = tools(json!([{"name": "update", "arguments": {"fields": {
+        "order_ids": {"type": "array", "maxItems": 10,
+                      "items": {"type": "string", "pattern": "O-[0-9]+", "maxLength": 8}},
+        "amounts": {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 100}},
+        "status": {"type": "array", "items": {"enum": ["open", "closed"]}}}}}]));
+    let cases = [
+        (json!({"order_ids": ["O-1", "O-22"]}), None),
+        (json!({"order_ids": [["O-1"]]}), Some("order_ids[0]")),
+        (json!({"order_ids": ["O-1", "X-2"]}), Some("order_ids[1]")),
+        (json!({"order_ids": ["O-123456789"]}), Some("order_ids[0]")),
+        (json!({"order_ids": [7]}), Some("order_ids[0]")),
+        (json!({"amounts": [1, 99.5]}), None),
+        (json!({"amounts": [101]}), Some("amounts[0]")),
+        (json!({"amounts": [-1]}), Some("amounts[0]")),
+        (json!({"status": ["open"]}), None),
+        (json!({"status": ["Open"]}), Some("status[0]")),
+    ];
+    for (arguments, refused_at) in cases {
+        let d = decide(&p, "update", arguments.clone());
+        match refused_at {
+            None => assert!(d.is_allowed(), "{arguments}: {d:?}"),
+            Some(at) => {
+                assert_eq!(code(&d), Some(DenyCode::ArgumentConstraint), "{arguments}");
+                let Decision::Deny { message, .. } = &d else {
+                    unreachable!()
+                };
+                assert!(message.contains(at), "{arguments}: {message}");
+            }
+        }
+    }
+    let errors = policy_with(
+        json!({"tools": {"allowed": [{"name": "u", "arguments": {"fields": {
+        "ids": {"type": "string", "items": {"type": "string"}},
+        "more": {"type": "array", "items": {"type": "integer", "pattern": "x"}}}}}]}}),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(errors.contains("fields.ids.items"), "{errors}");
+    assert!(errors.contains("fields.more.items.pattern"), "{errors}");
+}
+
+#[test]
+fn cel_conditions_compare_types() {
+    let p = tools(
+        json!([{"name": "update", "arguments": {"additionalFields": "Allow"},
+        // JSON numbers reach CEL as uint (whole, not negative), int (negative) or double.
+        "when": "args.ids.all(id, type(id) == string) && type(args.n) == uint"}]),
+    );
+    let d = decide(&p, "update", json!({"ids": ["a", "b"], "n": 3}));
+    assert!(d.is_allowed(), "{d:?}");
+    let d = decide(&p, "update", json!({"ids": ["a", ["b"]], "n": 3}));
+    assert_eq!(code(&d), Some(DenyCode::ConditionFailed), "{d:?}");
+    let d = decide(&p, "update", json!({"ids": ["a"], "n": "3"}));
+    assert_eq!(code(&d), Some(DenyCode::ConditionFailed), "{d:?}");
+    // A name that is neither a variable nor a type is still refused.
+    assert!(
+        policy_with(
+            json!({"tools": {"allowed": [{"name": "u", "when": "type(args.x) == strng"}]}})
+        )
+        .is_err()
+    );
 }

@@ -192,7 +192,7 @@ async fn every_decision_path_answers_and_is_recorded() {
         .post(
             "/v1/report",
             SUPPORT_KEY,
-            json!({"runId": "r1", "tool": "read_customer_record",
+            json!({"runId": "r1", "step": 1, "tool": "read_customer_record",
                    "result": {"customer_id": "C000042", "ssn": "123-45-6789", "apiToken": "t-1"},
                    "usage": {"tokens": 100, "cost": "0.01"}}),
         )
@@ -202,11 +202,19 @@ async fn every_decision_path_answers_and_is_recorded() {
     assert_eq!(reported["withheldFields"], json!(["apiToken", "ssn"]));
 
     // A breach halts the run; it is never retried.
+    let again = h
+        .decide(
+            "r1",
+            "read_customer_record",
+            json!({"customer_id": "C000042"}),
+        )
+        .await;
+    assert_eq!(again["step"], 5, "{again}");
     let (_, halted) = h
         .post(
             "/v1/report",
             SUPPORT_KEY,
-            json!({"runId": "r1", "tool": "read_customer_record", "usage": {"tokens": 60000}}),
+            json!({"runId": "r1", "step": 5, "tool": "read_customer_record", "usage": {"tokens": 60000}}),
         )
         .await;
     assert_eq!(halted["halted"]["clause"], "spec.execution.maxTokensPerRun");
@@ -232,6 +240,7 @@ async fn every_decision_path_answers_and_is_recorded() {
             ("decide", Some("deny:ArgumentConstraint".into())),
             ("decide", Some("requireApproval".into())),
             ("report", None),
+            ("decide", Some("allow".into())),
             ("report", None),
             ("halt", None),
             ("decide", Some("halt".into())),
@@ -492,7 +501,7 @@ async fn a_broken_policy_denies_with_its_reason_and_edits_take_effect_on_reload(
         sample.replace("maxSteps: 25", "maxSteps: -1"),
     )
     .unwrap();
-    let d = wait_for(&h, "r1", |d| d["code"] == "NoPolicy").await;
+    let d = wait_for(&h, "r1", |d| d["code"] == "PolicyInvalid").await;
     assert!(
         d["message"].as_str().unwrap().contains("does not compile"),
         "{d}"
@@ -603,7 +612,7 @@ async fn the_openapi_document_matches_what_the_gateway_accepts() {
     );
     assert_eq!(
         fields("ReportRequest"),
-        ["error", "result", "runId", "tool", "usage"]
+        ["error", "result", "runId", "step", "tool", "usage"]
     );
     // The documented example is accepted as it stands.
     let example = doc["paths"]["/v1/decide"]["post"]["requestBody"]["content"]["application/json"]
@@ -622,6 +631,107 @@ async fn the_openapi_document_matches_what_the_gateway_accepts() {
             panic!("the document lists {code}, which the engine never gives: {e}")
         });
     }
+}
+
+/// Every object schema of a request body, with its path in the document.
+fn request_objects(doc: &Value) -> Vec<(String, Value)> {
+    fn walk(doc: &Value, at: String, schema: &Value, out: &mut Vec<(String, Value)>) {
+        if let Some(reference) = schema.get("$ref").and_then(Value::as_str) {
+            let name = reference.trim_start_matches("#/components/schemas/");
+            return walk(doc, at, &doc["components"]["schemas"][name], out);
+        }
+        if schema.get("type") == Some(&json!("object")) {
+            out.push((at.clone(), schema.clone()));
+        }
+        if let Some(properties) = schema.get("properties").and_then(Value::as_object) {
+            for (name, property) in properties {
+                walk(doc, format!("{at}.{name}"), property, out);
+            }
+        }
+        if let Some(items) = schema.get("items") {
+            walk(doc, format!("{at}[]"), items, out);
+        }
+    }
+    let mut out = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            if let Some(schema) = operation.pointer("/requestBody/content/application~1json/schema")
+            {
+                walk(doc, format!("{method} {path}"), schema, &mut out);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn every_request_object_in_the_openapi_document_is_closed() {
+    // Unknown fields are refused everywhere (a misspelt `costUSD` must not count as nothing);
+    // the document says so for every object a request carries. The tool's own arguments are the
+    // one object open by design: the policy's constraints decide which of their fields pass.
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("openapi/gateway.yaml"))
+            .unwrap();
+    let doc: Value = serde_yaml::from_str(&text).unwrap();
+    let objects = request_objects(&doc);
+    assert!(objects.len() >= 3, "{objects:?}");
+    let open_by_design = ["post /v1/decide.arguments"];
+    for (at, schema) in objects {
+        let expected = json!(open_by_design.contains(&at.as_str()));
+        assert_eq!(
+            schema.get("additionalProperties"),
+            Some(&expected),
+            "{at}: every request object must say additionalProperties: {expected}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn unknown_fields_are_refused_at_every_depth_of_a_request() {
+    let h = harness().await;
+    h.decide(
+        "u1",
+        "read_customer_record",
+        json!({"customer_id": "C000042"}),
+    )
+    .await;
+    let head = h.audit().await.len();
+    for (path, body) in [
+        (
+            "/v1/report",
+            json!({"runId": "u1", "step": 1, "tool": "read_customer_record",
+                              "usage": {"tokens": 10, "costUSD": "2.50"}}),
+        ),
+        (
+            "/v1/report",
+            json!({"runId": "u1", "step": 1, "tool": "read_customer_record",
+                              "usage": {"tokens": 10}, "extra": 1}),
+        ),
+        (
+            "/v1/decide",
+            json!({"runId": "u1", "tool": "read_customer_record", "agent": "x"}),
+        ),
+    ] {
+        let (status, body) = h.post(path, SUPPORT_KEY, body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(body["error"]["code"], "MalformedRequest", "{body}");
+    }
+    let entries = h.audit().await;
+    assert_eq!(entries.len(), head + 3, "every refusal is recorded");
+    assert!(
+        entries[head].error.as_deref().unwrap().contains("costUSD"),
+        "{:?}",
+        entries[head].error
+    );
+    // The step stays reportable: a refused report took nothing.
+    let (status, body) = h
+        .post(
+            "/v1/report",
+            SUPPORT_KEY,
+            json!({"runId": "u1", "step": 1, "tool": "read_customer_record", "usage": {"tokens": 10}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
 }
 
 #[tokio::test]
@@ -660,7 +770,7 @@ async fn a_restarted_gateway_continues_budgets_from_the_audit_trail() {
         .post(
             "/v1/report",
             SUPPORT_KEY,
-            json!({"runId": "long", "tool": "read_customer_record", "usage": {"tokens": 40000}}),
+            json!({"runId": "long", "step": 24, "tool": "read_customer_record", "usage": {"tokens": 40000}}),
         )
         .await;
     assert!(body.get("halted").is_none(), "{body}");
@@ -671,13 +781,23 @@ async fn a_restarted_gateway_continues_budgets_from_the_audit_trail() {
     }
     drop(first);
 
-    // The second gateway knows nothing in memory; it continues from the trail.
+    // The second gateway knows nothing in memory; it continues from the trail, which also says
+    // which steps were reported already.
     let second = start(store.clone()).await;
+    let (status, body) = second
+        .post(
+            "/v1/report",
+            SUPPORT_KEY,
+            json!({"runId": "long", "step": 24, "tool": "read_customer_record", "usage": {"tokens": 20000}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"]["code"], "UnknownStep", "{body}");
     let (_, body) = second
         .post(
             "/v1/report",
             SUPPORT_KEY,
-            json!({"runId": "long", "tool": "read_customer_record", "usage": {"tokens": 20000}}),
+            json!({"runId": "long", "step": 23, "tool": "read_customer_record", "usage": {"tokens": 20000}}),
         )
         .await;
     assert_eq!(body["counters"]["tokens"], 60000, "{body}");
@@ -707,7 +827,7 @@ async fn refused_reports_are_recorded_too() {
         .post(
             "/v1/report",
             SUPPORT_KEY,
-            json!({"runId": "never-decided", "tool": "read_customer_record", "usage": {"tokens": 5}}),
+            json!({"runId": "never-decided", "step": 1, "tool": "read_customer_record", "usage": {"tokens": 5}}),
         )
         .await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
@@ -716,7 +836,7 @@ async fn refused_reports_are_recorded_too() {
         .post(
             "/v1/report",
             SUPPORT_KEY,
-            json!({"tool": "read_customer_record"}),
+            json!({"step": 1, "tool": "read_customer_record"}),
         )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
@@ -801,7 +921,7 @@ async fn a_breach_halts_notifies_once_and_engages_the_kill_switch_when_the_polic
         .post(
             "/v1/report",
             SUPPORT_KEY,
-            json!({"runId": "r1", "tool": "read_customer_record", "usage": {"tokens": 60000}}),
+            json!({"runId": "r1", "step": 1, "tool": "read_customer_record", "usage": {"tokens": 60000}}),
         )
         .await;
     assert_eq!(halted["halted"]["clause"], "spec.execution.maxTokensPerRun");
@@ -810,7 +930,7 @@ async fn a_breach_halts_notifies_once_and_engages_the_kill_switch_when_the_polic
         .post(
             "/v1/report",
             SUPPORT_KEY,
-            json!({"runId": "r1", "tool": "read_customer_record", "usage": {"tokens": 10}}),
+            json!({"runId": "r1", "step": 1, "tool": "read_customer_record", "usage": {"tokens": 10}}),
         )
         .await;
 
@@ -991,7 +1111,7 @@ async fn when_the_trail_cannot_record_a_call_it_is_refused_never_allowed() {
         .post(
             "/v1/report",
             SUPPORT_KEY,
-            json!({"runId": "f1", "tool": "read_customer_record",
+            json!({"runId": "f1", "step": 1, "tool": "read_customer_record",
                    "result": {"customer_id": "C000042"}}),
         )
         .await;

@@ -60,7 +60,17 @@ impl ServerHandler for Crm {
                 "export_all_customers",
             ]
             .into_iter()
-            .map(|name| Tool::new(name, "a CRM tool", schema.clone()))
+            .map(|name| {
+                let tool = Tool::new(name, "a CRM tool", schema.clone());
+                if name != "read_customer_record" {
+                    return tool;
+                }
+                // Its output schema names (and requires) a field the policy hides.
+                let output = json!({"type": "object",
+                    "properties": {"customer_id": {"type": "string"}, "ssn": {"type": "string"}},
+                    "required": ["customer_id", "ssn"]});
+                tool.with_raw_output_schema(Arc::new(output.as_object().unwrap().clone()))
+            })
             .collect(),
         ))
     }
@@ -78,10 +88,27 @@ impl ServerHandler for Crm {
         let arguments = Value::Object(request.arguments.clone().unwrap_or_default());
         let delay = self.delay.load(std::sync::atomic::Ordering::SeqCst);
         tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+        let customer = arguments["customer_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
         self.calls
             .lock()
             .unwrap()
             .push((request.name.to_string(), arguments, auth));
+        // Most servers answer text only: C000099 gets its record as one JSON text block,
+        // C000098 as prose.
+        let text = match customer.as_str() {
+            "C000099" => Some(
+                json!({"customer_id": "C000099", "ssn": "987-65-4321", "order_history": []})
+                    .to_string(),
+            ),
+            "C000098" => Some("Customer C000098, SSN 987-65-4321, no orders.".to_owned()),
+            _ => None,
+        };
+        if let Some(text) = text {
+            return Ok(CallToolResult::success(vec![rmcp::model::ContentBlock::text(text)]).into());
+        }
         Ok(CallToolResult::structured(json!({
             "customer_id": "C000042",
             "order_history": ["O-1"],
@@ -132,7 +159,13 @@ async fn harness() -> Harness {
     let sample = std::fs::read_to_string(samples.join("support-agent.yaml")).unwrap();
     std::fs::write(
         policies.join("support.yaml"),
-        sample.replace("http://crm-mcp.support.svc:8080/mcp", &url),
+        // A second upstream (the same server) that serves none of the CRM tools.
+        sample
+            .replace(
+                "    - name: crm\n      mcp: {url: \"http://crm-mcp.support.svc:8080/mcp\"}",
+                "    - name: crm\n      mcp: {url: \"http://crm-mcp.support.svc:8080/mcp\"}\n    - name: payments\n      mcp: {url: \"http://crm-mcp.support.svc:8080/mcp\"}",
+            )
+            .replace("http://crm-mcp.support.svc:8080/mcp", &url),
     )
     .unwrap();
     let secrets = dir.path().join("secrets/default/crm-token");
@@ -743,4 +776,132 @@ async fn when_the_trail_cannot_record_a_call_it_never_reaches_the_upstream() {
     verify(h.store.as_ref(), true, &BTreeMap::new())
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn result_fields_hide_fields_of_text_results_too_or_the_result_is_withheld() {
+    let h = harness().await;
+    let session = h.session().await;
+    // One JSON text block: cut like structured content.
+    let reply = h
+        .call(
+            &session,
+            3,
+            "read_customer_record",
+            json!({"customer_id": "C000099"}),
+        )
+        .await;
+    let text = reply.body["result"]["content"][0]["text"].as_str().unwrap();
+    assert!(!text.contains("987-65-4321"), "{}", reply.body);
+    assert_eq!(
+        serde_json::from_str::<Value>(text).unwrap(),
+        json!({"customer_id": "C000099", "order_history": []})
+    );
+    // Prose cannot be cut field by field: withheld, with the reason, as a tool error.
+    let reply = h
+        .call(
+            &session,
+            4,
+            "read_customer_record",
+            json!({"customer_id": "C000098"}),
+        )
+        .await;
+    assert_eq!(reply.body["result"]["isError"], true, "{}", reply.body);
+    let text = reply.body["result"]["content"][0]["text"].as_str().unwrap();
+    assert!(!text.contains("987-65-4321"), "{text}");
+    assert!(text.contains("withheld"), "{text}");
+    // The trail keeps what the upstream answered, and says it was withheld.
+    let records = h.store.query(&Query::default()).await.unwrap();
+    let last = records.last().unwrap().entry().unwrap();
+    assert!(
+        last.error.as_deref().unwrap().contains("withheld"),
+        "{:?}",
+        last.error
+    );
+}
+
+#[tokio::test]
+async fn tools_list_cuts_output_schemas_to_the_visible_fields() {
+    let h = harness().await;
+    let session = h.session().await;
+    let reply = h
+        .send(
+            Some(&session),
+            json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"})
+                .to_string()
+                .into_bytes(),
+        )
+        .await;
+    let tools = reply.body["result"]["tools"].as_array().unwrap();
+    let read = tools
+        .iter()
+        .find(|t| t["name"] == "read_customer_record")
+        .unwrap();
+    assert_eq!(
+        read["outputSchema"],
+        json!({"type": "object", "properties": {"customer_id": {"type": "string"}},
+               "required": ["customer_id"]}),
+        "{read}"
+    );
+}
+
+#[test]
+fn cutting_a_result_handles_every_shape() {
+    let fields = vec!["id".to_owned()];
+    let mut structured = json!({"structuredContent": {"id": 1, "secret": 2},
+                                "content": [{"type": "text", "text": "{\"id\":1,\"secret\":2}"}]});
+    assert_eq!(
+        mcp::cut_result(&mut structured, &fields),
+        Ok(vec!["secret".to_owned()])
+    );
+    assert_eq!(structured["content"][0]["text"], "{\"id\":1}");
+    let mut array = json!({"content": [{"type": "text", "text": "[{\"id\":1,\"secret\":2}]"}]});
+    assert!(mcp::cut_result(&mut array, &fields).is_ok());
+    assert_eq!(array["content"][0]["text"], "[{\"id\":1}]");
+    for withheld in [
+        json!({"content": [{"type": "text", "text": "id 1, secret 2"}]}),
+        json!({"content": [{"type": "text", "text": "\"secret\""}]}),
+        json!({"content": [{"type": "text", "text": "{}"}, {"type": "text", "text": "{}"}]}),
+        json!({"content": [{"type": "image", "data": "AAAA", "mimeType": "image/png"}]}),
+        json!("not an object"),
+    ] {
+        let mut result = withheld.clone();
+        assert!(mcp::cut_result(&mut result, &fields).is_err(), "{withheld}");
+    }
+}
+
+#[tokio::test]
+async fn a_call_sent_to_another_upstream_is_refused_before_any_decision() {
+    let h = harness().await;
+    let request = Request::post("/mcp/payments")
+        .header("content-type", "application/json")
+        .header("accept", "application/json")
+        .header("authorization", format!("Bearer {KEY}"))
+        .header("tollgate-run-id", "wrong-upstream")
+        .body(Body::from(
+            json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                   "params": {"name": "read_customer_record",
+                              "arguments": {"customer_id": "C000042"}}})
+            .to_string(),
+        ))
+        .unwrap();
+    let response = h.app.clone().oneshot(request).await.unwrap();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let body: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(body["error"]["data"]["code"], "ToolNotAllowed", "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("crm"),
+        "{body}"
+    );
+    assert!(
+        h.calls.lock().unwrap().is_empty(),
+        "nothing reached an upstream"
+    );
+    // Recorded as a refusal, never as an allowed (charged, counted) call.
+    let records = h.store.query(&Query::default()).await.unwrap();
+    let events: Vec<(String, Option<String>)> = records
+        .iter()
+        .map(|r| (r.index.event.clone(), r.entry().unwrap().outcome()))
+        .collect();
+    assert_eq!(events, [("rejected".to_owned(), None)], "{events:?}");
 }

@@ -44,6 +44,17 @@ async fn replica(url: &str, chain: &str, shared: bool) -> String {
 }
 
 async fn post(http: &reqwest::Client, base: &str, path: &str, body: Value) -> Value {
+    let (status, body) = post_answer(http, base, path, body).await;
+    assert!(status.is_success(), "{status}: {body}");
+    body
+}
+
+async fn post_answer(
+    http: &reqwest::Client,
+    base: &str,
+    path: &str,
+    body: Value,
+) -> (reqwest::StatusCode, Value) {
     let response = http
         .post(format!("{base}{path}"))
         .bearer_auth(KEY)
@@ -51,8 +62,7 @@ async fn post(http: &reqwest::Client, base: &str, path: &str, body: Value) -> Va
         .send()
         .await
         .unwrap();
-    assert!(response.status().is_success(), "{}", response.status());
-    response.json().await.unwrap()
+    (response.status(), response.json().await.unwrap())
 }
 
 async fn decide(http: &reqwest::Client, base: &str, run: &str) -> String {
@@ -129,15 +139,25 @@ async fn usage_and_runs_counted_by_one_replica_bind_the_other() {
         &http,
         &a,
         "/v1/report",
-        json!({"runId": "long", "tool": "read_customer_record", "usage": {"tokens": 40000}}),
+        json!({"runId": "long", "step": 1, "tool": "read_customer_record", "usage": {"tokens": 40000}}),
     )
     .await;
     assert!(body.get("halted").is_none(), "{body}");
+    // B follows A's report: the step A reported cannot be reported again through B.
+    let (status, body) = post_answer(
+        &http,
+        &b,
+        "/v1/report",
+        json!({"runId": "long", "step": 1, "tool": "read_customer_record", "usage": {"tokens": 1}}),
+    )
+    .await;
+    assert_eq!(status, reqwest::StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"]["code"], "UnknownStep", "{body}");
     let body = post(
         &http,
         &b,
         "/v1/report",
-        json!({"runId": "long", "tool": "read_customer_record", "usage": {"tokens": 20000}}),
+        json!({"runId": "long", "step": 2, "tool": "read_customer_record", "usage": {"tokens": 20000}}),
     )
     .await;
     assert_eq!(body["counters"]["tokens"], 60000, "{body}");

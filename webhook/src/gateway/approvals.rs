@@ -120,10 +120,23 @@ impl Gateway {
             status: None,
         };
         let api: Api<ApprovalRequest> = Api::namespaced(cluster.client(), namespace);
-        let created = api
-            .create(&PostParams::default(), &request)
-            .await
-            .map_err(|e| audit_unavailable(format!("create ApprovalRequest: {e}")))?;
+        let created = api.create(&PostParams::default(), &request).await;
+        let created = match created {
+            Ok(created) => created,
+            Err(e) => {
+                let refusal = super::Refusal::new(
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    RefusalCode::ClusterUnavailable,
+                    format!(
+                        "the call needs approval, but its ApprovalRequest could not be created \
+                         ({e}); nothing was released; retry later"
+                    ),
+                );
+                return Err(self
+                    .refuse_recorded(Some(caller), Some(tool), "/v1/decide", refusal)
+                    .await);
+            }
+        };
         let object = created.metadata.name.clone().unwrap_or_default();
         Ok(Some(Created {
             api,
@@ -175,7 +188,12 @@ impl Gateway {
             .await;
         drop(waiting);
         let full_name = format!("{namespace}/{object}");
-        if phase == Phase::Approved && self.confirm_release(caller, &full_name).await?.is_some() {
+        if phase == Phase::Approved
+            && self
+                .confirm_release(caller, &full_name, tool)
+                .await?
+                .is_some()
+        {
             phase = Phase::Cancelled;
         }
         self.settle(
@@ -246,6 +264,7 @@ impl Gateway {
                         tool,
                         arguments,
                     },
+                    step,
                     run_state,
                 );
             }
@@ -280,25 +299,31 @@ impl Gateway {
         &self,
         caller: &Caller,
         full_name: &str,
+        tool: &str,
     ) -> Result<Option<String>, axum::response::Response> {
         let Policies::Cluster(cluster) = &self.policies else {
             return Ok(None);
         };
-        let stopped = cluster.stopped_now(&caller.agent).await.map_err(|e| {
-            tracing::error!(agent = %caller.agent, request = %full_name, error = %e,
-                "kill switches unreadable; the approved call is not released");
-            super::Refusal::new(
-                axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                RefusalCode::ClusterUnavailable,
-                format!(
-                    "ApprovalRequest {full_name} is approved, but Tollgate could not confirm \
-                     that no kill switch stops agent {} ({e}), so the call is not released; \
-                     retry later",
-                    caller.agent
-                ),
-            )
-            .response()
-        })?;
+        let stopped = match cluster.stopped_now(&caller.agent).await {
+            Ok(stopped) => stopped,
+            Err(e) => {
+                tracing::error!(agent = %caller.agent, request = %full_name, error = %e,
+                    "kill switches unreadable; the approved call is not released");
+                let refusal = super::Refusal::new(
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    RefusalCode::ClusterUnavailable,
+                    format!(
+                        "ApprovalRequest {full_name} is approved, but Tollgate could not confirm \
+                         that no kill switch stops agent {} ({e}), so the call is not released; \
+                         retry later",
+                        caller.agent
+                    ),
+                );
+                return Err(self
+                    .refuse_recorded(Some(caller), Some(tool), "/v1/decide", refusal)
+                    .await);
+            }
+        };
         if stopped.is_none() && self.escalation.holds(&caller.agent, false) {
             return Ok(Some(format!(
                 "the kill switch of agent {} is engaged after a budget breach",
@@ -446,13 +471,21 @@ impl Gateway {
     ) -> Result<Redeemed, axum::response::Response> {
         use super::Refusal;
         use axum::http::StatusCode;
+        // Every refusal here is recorded before it is answered, as every other one is.
+        let refuse = async |refusal: Refusal| {
+            self.refuse_recorded(Some(caller), Some(tool), "/v1/decide", refusal)
+                .await
+        };
         let Policies::Cluster(cluster) = &self.policies else {
-            return Err(Refusal::new(
+            return Err(refuse(Refusal::new(
                 StatusCode::BAD_REQUEST,
                 RefusalCode::NoApprovals,
-                "approvals are ApprovalRequests in a cluster; this gateway runs standalone",
-            )
-            .response());
+                format!(
+                    "approval {name:?} cannot be redeemed: approvals are ApprovalRequests in a \
+                     cluster, and this gateway runs standalone"
+                ),
+            ))
+            .await);
         };
         let (namespace, agent_name) = caller
             .agent
@@ -460,22 +493,12 @@ impl Gateway {
             .unwrap_or(("default", caller.agent.as_str()));
         let full_name = format!("{namespace}/{name}");
         let Some(agent) = self.policies.agent(&caller.agent) else {
-            return Err(Refusal::new(
-                StatusCode::FORBIDDEN,
-                RefusalCode::UnknownAgent,
-                format!("agent {} has no AgentIdentity", caller.agent),
-            )
-            .response());
+            return Err(refuse(Refusal::unknown_agent(&caller.agent)).await);
         };
         let policy = match &agent.policy {
             Ok(policy) => policy.clone(),
-            Err(reason) => {
-                return Err(Refusal::new(
-                    StatusCode::CONFLICT,
-                    RefusalCode::NoPolicy,
-                    reason.clone(),
-                )
-                .response());
+            Err(problem) => {
+                return Err(refuse(Refusal::unusable_policy(&caller.agent, problem)).await);
             }
         };
         self.hydrate(&agent.id, run, &policy, (self.now)()).await?;
@@ -514,7 +537,14 @@ impl Gateway {
                 )
                 .await;
             }
-            Err(e) => return Err(audit_unavailable(format!("read ApprovalRequest: {e}"))),
+            Err(e) => {
+                return Err(refuse(Refusal::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    RefusalCode::ClusterUnavailable,
+                    format!("ApprovalRequest {full_name} could not be read ({e}); retry later"),
+                ))
+                .await);
+            }
         };
         if let Err(why) =
             tollgate_engine::approval::releases(&request, agent_name, run, tool, arguments)
@@ -554,7 +584,7 @@ impl Gateway {
             }));
         }
         if phase == Phase::Approved {
-            if let Some(reason) = self.confirm_release(caller, &full_name).await? {
+            if let Some(reason) = self.confirm_release(caller, &full_name, tool).await? {
                 return deny(
                     DenyCode::KillSwitch,
                     format!("{reason}: approved {full_name} is not released"),

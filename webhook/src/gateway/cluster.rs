@@ -16,7 +16,7 @@ use tollgate_crds::AgentIdentity;
 use tollgate_crds::common::GLOBAL_KILL_SWITCH;
 use tollgate_engine::CompiledPolicy;
 
-use super::policies::AgentEntry;
+use super::policies::{AgentEntry, PolicyProblem};
 use super::{Caller, Refusal, RefusalCode};
 use crate::cluster::{ClusterView, global_switch_engaged};
 
@@ -28,7 +28,7 @@ const MAX_CACHE: Duration = Duration::from_secs(300);
 const MAX_ENTRIES: usize = 100_000;
 
 /// Compiled policies by (uid, resourceVersion), or why one does not compile.
-type Compiled = HashMap<(String, String), Result<Arc<CompiledPolicy>, String>>;
+type Compiled = HashMap<(String, String), Result<Arc<CompiledPolicy>, PolicyProblem>>;
 
 /// Policies from the cluster view, compiled once per object version.
 #[derive(Clone)]
@@ -62,7 +62,9 @@ impl ClusterPolicies {
         let policies = self.view.policies_for(namespace, name);
         let mut upstreams = Default::default();
         let policy = match policies.as_slice() {
-            [] => Err(format!("no AgentPolicy names AgentIdentity {id}")),
+            [] => Err(PolicyProblem::Missing(format!(
+                "no AgentPolicy names AgentIdentity {id}"
+            ))),
             [policy] => {
                 upstreams = policy
                     .spec
@@ -82,18 +84,18 @@ impl ClusterPolicies {
                     .entry(key)
                     .or_insert_with(|| {
                         CompiledPolicy::compile(policy).map(Arc::new).map_err(|e| {
-                            format!(
+                            PolicyProblem::Invalid(format!(
                                 "AgentPolicy {namespace}/{} does not compile: {e}",
                                 policy.metadata.name.as_deref().unwrap_or_default()
-                            )
+                            ))
                         })
                     })
                     .clone()
             }
-            more => Err(format!(
+            more => Err(PolicyProblem::Invalid(format!(
                 "{} AgentPolicies name AgentIdentity {id}; exactly one must",
                 more.len()
-            )),
+            ))),
         };
         Some(Arc::new(AgentEntry {
             id: id.to_owned(),

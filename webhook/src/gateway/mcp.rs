@@ -477,8 +477,97 @@ async fn list_tools(
                 .as_ref()
                 .is_some_and(|p| p.serves_through(name, upstream))
         });
+        for tool in tools.iter_mut() {
+            let fields = tool
+                .get("name")
+                .and_then(Value::as_str)
+                .and_then(|name| policy.as_ref()?.result_fields(name));
+            if let (Some(fields), Some(schema)) = (fields, tool.get_mut("outputSchema")) {
+                cut_output_schema(schema, fields);
+            }
+        }
     }
     answer(StatusCode::OK, Some(body), session)
+}
+
+/// Cuts an MCP `tools/call` result to `fields`, whatever its shape, in place; returns the
+/// removed field names. With `structuredContent` that is cut, and the text content becomes the
+/// cut JSON; without it, the content must be one text block holding one JSON value, which is cut
+/// the same way. Anything else (prose, several blocks, images, resources) cannot be cut field by
+/// field, so it is an error and the caller withholds the result: a field the policy hides never
+/// reaches the agent because its server answered in another shape.
+pub fn cut_result(result: &mut Value, fields: &[String]) -> Result<Vec<String>, String> {
+    let restriction = || {
+        format!(
+            "the tool's policy lets the agent see only {}",
+            fields.join(", ")
+        )
+    };
+    let Value::Object(result) = result else {
+        return Err(format!(
+            "{}, and the result is not an object",
+            restriction()
+        ));
+    };
+    let visible = match result.get("structuredContent") {
+        Some(structured) => {
+            let (visible, removed) = tollgate_engine::redact(structured, fields);
+            result.insert("structuredContent".into(), visible.clone());
+            (visible, removed)
+        }
+        None => {
+            let text = match result
+                .get("content")
+                .and_then(Value::as_array)
+                .map(Vec::as_slice)
+            {
+                Some([block]) if block.get("type").and_then(Value::as_str) == Some("text") => {
+                    block.get("text").and_then(Value::as_str)
+                }
+                Some([]) | None => {
+                    return Ok(Vec::new());
+                }
+                Some(_) => None,
+            };
+            let Some(parsed) = text.and_then(|t| serde_json::from_str::<Value>(t).ok()) else {
+                return Err(format!(
+                    "{}, and its server answered without structuredContent and not with one JSON \
+                     text block, so the result cannot be cut field by field",
+                    restriction()
+                ));
+            };
+            if !(parsed.is_object() || parsed.is_array()) {
+                return Err(format!(
+                    "{}, and its server answered a JSON {} rather than an object",
+                    restriction(),
+                    if parsed.is_string() {
+                        "string"
+                    } else {
+                        "scalar"
+                    }
+                ));
+            }
+            tollgate_engine::redact(&parsed, fields)
+        }
+    };
+    let (visible, removed) = visible;
+    result.insert(
+        "content".into(),
+        json!([{"type": "text", "text": visible.to_string()}]),
+    );
+    Ok(removed)
+}
+
+/// A tool's `outputSchema` as the agent may see it: only the properties of `fields`, and only
+/// they required, so a client that checks results against the schema accepts the cut ones.
+pub fn cut_output_schema(schema: &mut Value, fields: &[String]) {
+    let keep = |name: &str| fields.iter().any(|f| f == name);
+    if let Some(Value::Object(properties)) = schema.get_mut("properties") {
+        properties.retain(|name, _| keep(name));
+    }
+    if let Some(Value::Array(required)) = schema.get_mut("required") {
+        required.retain(|name| name.as_str().is_some_and(keep));
+    }
 }
 
 fn accepts_events(headers: &HeaderMap) -> bool {
@@ -620,6 +709,30 @@ async fn call_tool(
         }
     };
     let tool = &tool;
+    // A tool of the policy that another upstream serves is refused before any decision: the
+    // call never runs, so nothing is charged or counted toward the tool's track record.
+    if let Some(agent) = gateway.policies.agent(&holder.agent)
+        && let Ok(policy) = &agent.policy
+        && let Some(served_by) = policy.upstream_of(tool)
+        && served_by != upstream
+    {
+        let message = format!(
+            "tool {tool:?} is served by upstream {served_by:?}, not {upstream:?}: call it at /mcp/{served_by}"
+        );
+        if let Err(response) = gateway
+            .reject(Some(holder), upstream, message.clone())
+            .await
+        {
+            return response;
+        }
+        return rpc_error(
+            StatusCode::OK,
+            id,
+            codes::DENIED,
+            format!("Tollgate refused the call: {message}"),
+            Some(json!({"decision": "deny", "code": "ToolNotAllowed", "message": message})),
+        );
+    }
     let decided = match gateway
         .decide_call(holder, &run, tool, &arguments, started)
         .await
@@ -635,33 +748,16 @@ async fn call_tool(
         Err(response) => return response,
     };
     let policy = decided.policy.clone();
-    let served_here = policy
-        .as_ref()
-        .is_some_and(|p| p.serves_through(tool, upstream));
-    if !decided.decision.is_allowed() || !served_here {
-        let data = if decided.decision.is_allowed() {
-            json!({"decision": "deny", "code": "ToolNotAllowed",
-                   "message": format!("tool {tool:?} is not served by upstream {upstream:?}")})
-        } else {
-            let mut data = serde_json::to_value(&decided.decision).expect("a decision serialises");
-            data["audit"] =
-                json!({"chain": decided.audit.chain.as_ref(), "seq": decided.audit.seq});
-            data
-        };
+    if !decided.decision.is_allowed() {
+        let mut data = serde_json::to_value(&decided.decision).expect("a decision serialises");
+        data["audit"] = json!({"chain": decided.audit.chain.as_ref(), "seq": decided.audit.seq});
         let message = match &decided.decision {
             Decision::Deny { message, .. } | Decision::Halt { message, .. } => message.clone(),
             Decision::RequireApproval { approval, .. } => {
                 format!("the call waits for approval: {}", approval.reason)
             }
-            Decision::Allow { .. } => data["message"].as_str().unwrap_or_default().to_owned(),
+            Decision::Allow { .. } => String::new(),
         };
-        if decided.decision.is_allowed()
-            && let Err(response) = gateway
-                .reject(Some(holder), upstream, message.clone())
-                .await
-        {
-            return response;
-        }
         return rpc_error(
             StatusCode::OK,
             id,
@@ -680,11 +776,16 @@ async fn call_tool(
     if let Some(meta) = params.get("_meta") {
         forwarded["params"]["_meta"] = meta.clone();
     }
+    // The proxy reports this step itself: an agent cannot report another result for it.
+    if let Some(step) = decided.step {
+        gateway.take_report(&holder.agent, &run, step);
+    }
     let outcome = send(gateway, holder, url, upstream, headers, &forwarded).await;
     let now: Timestamp = (gateway.now)();
     let mut entry = Entry::new(now, Event::Report, identity_of(Some(holder)));
     entry.agent = Some(holder.agent.clone());
     entry.run = Some(run);
+    entry.step = decided.step;
     entry.tool = Some(tool.clone());
     entry.latency_us = Some(started.elapsed().as_micros() as u64);
     let response = match outcome {
@@ -695,15 +796,17 @@ async fn call_tool(
             if let Some(error) = body.get("error") {
                 entry.error = Some(error.to_string());
             }
-            if let (Some(policy), Some(structured)) =
-                (&policy, body.pointer_mut("/result/structuredContent"))
-                && let Some(fields) = policy.result_fields(tool)
+            if let Some(fields) = policy.as_ref().and_then(|p| p.result_fields(tool))
+                && let Some(result) = body.get_mut("result")
             {
-                let (visible, _) = tollgate_engine::redact(structured, fields);
-                *structured = visible.clone();
-                // Text content cannot be cut field by field: it is replaced by the visible
-                // structured content.
-                body["result"]["content"] = json!([{"type": "text", "text": visible.to_string()}]);
+                match cut_result(result, fields) {
+                    Ok(_) => {}
+                    Err(why) => {
+                        entry.error = Some(format!("result withheld from the agent: {why}"));
+                        *result = json!({"isError": true, "content": [{"type": "text", "text":
+                            format!("Tollgate withheld the result of {tool}: {why}")}]});
+                    }
+                }
             }
             answer(StatusCode::OK, Some(body), session)
         }

@@ -98,6 +98,17 @@ impl From<WatchedDir> for Policies {
 }
 
 impl Policies {
+    /// Standalone: the policy files that do not load, with their errors, if any.
+    pub fn load_problems(&self) -> Option<String> {
+        match self {
+            Policies::Dir(dir) => {
+                let set = dir.current();
+                (!set.problems.is_empty()).then(|| set.problems.join("; "))
+            }
+            Policies::Cluster(_) => None,
+        }
+    }
+
     /// The agent `namespace/name` as it stands now.
     pub fn agent(&self, id: &str) -> Option<Arc<policies::AgentEntry>> {
         match self {
@@ -475,6 +486,15 @@ impl Gateway {
         )))
     }
 
+    /// Takes the released call at `step` of `run` out of those waiting for a report.
+    pub(crate) fn take_report(&self, agent: &str, run: &str, step: u64) {
+        let state = self.agent_state(agent);
+        let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(run) = state.runs.get_mut(run) {
+            run.take_report(step);
+        }
+    }
+
     fn agent_state(&self, agent: &str) -> Arc<Mutex<AgentState>> {
         self.state
             .lock()
@@ -542,23 +562,29 @@ impl Gateway {
                 policy.record(&call, &decision, run_state, window, now);
                 (decision, Some(policy.clone()), Some(counters(run_state)))
             }
-            Some((agent, Err(reason))) if agent.killed => (
-                deny_without_policy(&format!(
-                    "the kill switch of agent {} is engaged; and {reason}",
+            Some((agent, Err(problem))) if agent.killed => (
+                problem.deny(&format!(
+                    "the kill switch of agent {} is engaged; and {problem}",
                     agent.id
                 )),
                 None,
                 None,
             ),
-            Some((_, Err(reason))) => (deny_without_policy(reason), None, None),
-            None => (
-                deny_without_policy(&format!(
+            Some((_, Err(problem))) => (problem.deny(problem.message()), None, None),
+            None => {
+                let reason = format!(
                     "the key's agent {} has no AgentIdentity in the policy directory",
                     holder.agent
-                )),
-                None,
-                None,
-            ),
+                );
+                // A file that does not load may have held it: say so, with the file's error.
+                let decision = match self.policies.load_problems() {
+                    Some(problems) => tollgate_engine::deny_invalid_policy(&format!(
+                        "{reason}, and the policy directory has files that do not load: {problems}"
+                    )),
+                    None => deny_without_policy(&reason),
+                };
+                (decision, None, None)
+            }
         };
 
         let step = run_counters.as_ref().map(|c| c.steps);
@@ -641,14 +667,38 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .with_state(gateway)
 }
 
-/// The standalone gateway's router: [`router`] and /metrics on the same loopback listener, since
-/// standalone mode has no probe port.
+/// The standalone gateway's router: [`router`], /readyz and /metrics on the same loopback
+/// listener, since standalone mode has no probe port. /readyz answers 503 naming every policy
+/// file that does not load and every agent without a policy in force.
 pub fn standalone_router(gateway: Arc<Gateway>) -> Router {
     let metrics = gateway.metrics.clone();
-    router(gateway).route(
-        "/metrics",
-        axum::routing::get(move || async move { metrics.render() }),
-    )
+    let policies = gateway.policies.clone();
+    router(gateway)
+        .route(
+            "/metrics",
+            axum::routing::get(move || async move { metrics.render() }),
+        )
+        .route(
+            "/readyz",
+            axum::routing::get(move || {
+                let policies = policies.clone();
+                async move { readiness(&policies) }
+            }),
+        )
+}
+
+fn readiness(policies: &Policies) -> Response {
+    let Policies::Dir(dir) = policies else {
+        return "ok".into_response();
+    };
+    match dir.current().readiness() {
+        Ok(()) => "ok".into_response(),
+        Err(problems) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready:\n{}\n", problems.join("\n")),
+        )
+            .into_response(),
+    }
 }
 
 fn decision_kind(decision: &Decision) -> &'static str {
@@ -689,6 +739,11 @@ pub enum RefusalCode {
     UnknownAgent,
     /// A report names a run the agent never started.
     UnknownRun,
+    /// A report names a step that is not a released call of that tool waiting for its report
+    /// (refused, unknown, or reported already).
+    UnknownStep,
+    /// The agent's policy failed to load (standalone: its file); the message says why.
+    PolicyInvalid,
     /// An approval was named to a gateway running standalone, where there are none.
     NoApprovals,
     /// The audit trail cannot record the request, so it must not proceed.
@@ -699,7 +754,7 @@ pub enum RefusalCode {
 
 impl RefusalCode {
     /// Every code.
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 14] = [
         Self::Unauthenticated,
         Self::AuthenticationUnavailable,
         Self::NotAnAgent,
@@ -709,6 +764,8 @@ impl RefusalCode {
         Self::NoPolicy,
         Self::UnknownAgent,
         Self::UnknownRun,
+        Self::UnknownStep,
+        Self::PolicyInvalid,
         Self::NoApprovals,
         Self::AuditUnavailable,
         Self::ClusterUnavailable,
@@ -726,6 +783,8 @@ impl RefusalCode {
             Self::NoPolicy => "NoPolicy",
             Self::UnknownAgent => "UnknownAgent",
             Self::UnknownRun => "UnknownRun",
+            Self::UnknownStep => "UnknownStep",
+            Self::PolicyInvalid => "PolicyInvalid",
             Self::NoApprovals => "NoApprovals",
             Self::AuditUnavailable => "AuditUnavailable",
             Self::ClusterUnavailable => "ClusterUnavailable",
@@ -746,6 +805,28 @@ impl Refusal {
             code,
             message: message.into(),
         }
+    }
+
+    /// The agent's policy cannot be used: NoPolicy or PolicyInvalid, with the reason.
+    pub(crate) fn unusable_policy(agent: &str, problem: &policies::PolicyProblem) -> Self {
+        let code = match problem {
+            policies::PolicyProblem::Missing(_) => RefusalCode::NoPolicy,
+            policies::PolicyProblem::Invalid(_) => RefusalCode::PolicyInvalid,
+        };
+        Self::new(
+            StatusCode::CONFLICT,
+            code,
+            format!("agent {agent} has no usable policy: {problem}"),
+        )
+    }
+
+    /// The credential's agent has no AgentIdentity.
+    pub(crate) fn unknown_agent(agent: &str) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            RefusalCode::UnknownAgent,
+            format!("agent {agent} has no AgentIdentity"),
+        )
     }
 
     fn response(&self) -> Response {
@@ -1057,6 +1138,8 @@ async fn decide(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: B
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct ReportRequest {
     run_id: Option<String>,
+    /// The step the decision answered (`step`): a report is for one released call, once.
+    step: u64,
     tool: String,
     #[serde(default)]
     result: Option<Value>,
@@ -1083,24 +1166,33 @@ async fn report(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: B
                 .await;
         }
     };
-    let Some(Ok(policy)) = gateway
+    let policy = match gateway
         .policies
         .agent(&holder.agent)
         .map(|a| a.policy.clone())
-    else {
+    {
+        Some(Ok(policy)) => policy,
+        unusable => {
+            let refusal = match unusable {
+                Some(Err(problem)) => Refusal::unusable_policy(&holder.agent, &problem),
+                _ => Refusal::unknown_agent(&holder.agent),
+            };
+            return gateway
+                .refuse_recorded(Some(&holder), Some(&request.tool), "/v1/report", refusal)
+                .await;
+        }
+    };
+    let usage = request.usage.clone().unwrap_or_default();
+    if let Err(e) = usage.check() {
         let refusal = Refusal::new(
-            StatusCode::CONFLICT,
-            RefusalCode::NoPolicy,
-            format!(
-                "agent {} has no usable policy; nothing to report against",
-                holder.agent
-            ),
+            StatusCode::BAD_REQUEST,
+            RefusalCode::MalformedRequest,
+            format!("the request body is not a valid request: {e}"),
         );
         return gateway
             .refuse_recorded(Some(&holder), Some(&request.tool), "/v1/report", refusal)
             .await;
-    };
-    let usage = request.usage.clone().unwrap_or_default();
+    }
     let _following = match gateway.follow(&holder.agent, &policy).await {
         Ok(following) => following,
         Err(response) => return response,
@@ -1113,22 +1205,50 @@ async fn report(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: B
         let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
         let AgentState { window, runs, .. } = &mut *state;
         runs.get_mut(&run).map(|run_state| {
+            match run_state.take_report(request.step) {
+                Some(tool) if tool == request.tool => {}
+                other => {
+                    if let Some(tool) = other {
+                        // Not this step's tool: the step stays for its own report.
+                        run_state.await_report(request.step, &tool);
+                    }
+                    return Err(());
+                }
+            }
             let was_halted = run_state.halted.is_some();
             let breach = policy
                 .report(&usage, run_state, window, now)
                 .filter(|_| !was_halted);
-            (breach, counters(run_state))
+            Ok((breach, counters(run_state)))
         })
     };
-    let Some((breach, run_counters)) = reported else {
-        let refusal = Refusal::new(
-            StatusCode::CONFLICT,
-            RefusalCode::UnknownRun,
-            format!("run {run:?} has no decided call to report on"),
-        );
-        return gateway
-            .refuse_recorded(Some(&holder), Some(&request.tool), "/v1/report", refusal)
-            .await;
+    let (breach, run_counters) = match reported {
+        Some(Ok(reported)) => reported,
+        Some(Err(())) => {
+            let refusal = Refusal::new(
+                StatusCode::CONFLICT,
+                RefusalCode::UnknownStep,
+                format!(
+                    "step {} of run {run:?} is not a call of {:?} that Tollgate let through and \
+                     that waits for its report: a result is reported once, for a call that was \
+                     allowed (or approved and released), with the step its decision answered",
+                    request.step, request.tool
+                ),
+            );
+            return gateway
+                .refuse_recorded(Some(&holder), Some(&request.tool), "/v1/report", refusal)
+                .await;
+        }
+        None => {
+            let refusal = Refusal::new(
+                StatusCode::CONFLICT,
+                RefusalCode::UnknownRun,
+                format!("run {run:?} has no decided call to report on"),
+            );
+            return gateway
+                .refuse_recorded(Some(&holder), Some(&request.tool), "/v1/report", refusal)
+                .await;
+        }
     };
     let (visible, removed) = match (&request.result, policy.result_fields(&request.tool)) {
         (Some(result), Some(fields)) => {
@@ -1142,6 +1262,7 @@ async fn report(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: B
     let mut entry = Entry::new(now, Event::Report, identity.clone());
     entry.agent = Some(holder.agent.clone());
     entry.run = Some(run.clone());
+    entry.step = Some(request.step);
     entry.tool = Some(request.tool.clone());
     if let Some(result) = &request.result {
         entry.set_result(&gateway.redactor, result);

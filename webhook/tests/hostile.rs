@@ -1,0 +1,473 @@
+//! What an agent sends can never buy it budget, hide a call or make a refusal go unrecorded:
+//! the attacks of issue 24 against the standalone gateway, each as a named test, and a property
+//! test that no request body, however crafted, goes unanswered or unrecorded.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use proptest::prelude::*;
+use serde_json::{Value, json};
+use tollgate_audit::{AuditLog, Entry, Query, Redactor, SqliteStore, Store, WriterConfig, verify};
+use tollgate_webhook::gateway::keys::Keys;
+use tollgate_webhook::gateway::policies::{PolicySet, WatchedDir};
+use tollgate_webhook::gateway::{self, Gateway, RefusalCode};
+use tower::ServiceExt;
+
+const KEY: &str = "support-key-1";
+
+fn keys() -> Keys {
+    use sha2::Digest;
+    Keys::parse(&format!(
+        "keys:\n  - {{name: support, agent: default/support-agent-v2, sha256: {}}}\n  - {{name: ghost, agent: default/nobody, sha256: {}}}\n",
+        hex::encode(sha2::Sha256::digest(KEY.as_bytes())),
+        hex::encode(sha2::Sha256::digest(b"ghost-key")),
+    ))
+    .unwrap()
+}
+
+fn samples() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/samples")
+}
+
+struct Harness {
+    app: axum::Router,
+    store: Arc<SqliteStore>,
+    _dir: tempfile::TempDir,
+}
+
+async fn harness_over(policies: WatchedDir) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path().join("audit.db")).unwrap());
+    let (log, _) = AuditLog::open(store.clone(), WriterConfig::new("hostile"))
+        .await
+        .unwrap();
+    let gateway =
+        Gateway::new(policies, keys(), log, Redactor::default()).with_history(store.clone());
+    Harness {
+        app: gateway::standalone_router(Arc::new(gateway)),
+        store,
+        _dir: dir,
+    }
+}
+
+async fn harness() -> Harness {
+    harness_over(WatchedDir::fixed(PolicySet::load(&samples()))).await
+}
+
+impl Harness {
+    async fn send(&self, request: Request<Body>) -> (StatusCode, String) {
+        let response = self.app.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    async fn post_bytes(&self, path: &str, key: &str, body: Vec<u8>) -> (StatusCode, Value) {
+        let request = Request::post(path)
+            .header("content-type", "application/json")
+            .header("authorization", format!("Bearer {key}"))
+            .body(Body::from(body))
+            .unwrap();
+        let (status, text) = self.send(request).await;
+        let body = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{path} answered {status} with no JSON ({e}): {text}"));
+        (status, body)
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.post_bytes(path, KEY, body.to_string().into_bytes())
+            .await
+    }
+
+    async fn decide(&self, run: &str, tool: &str, arguments: Value) -> Value {
+        let (status, body) = self
+            .post(
+                "/v1/decide",
+                json!({"runId": run, "tool": tool, "arguments": arguments}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body
+    }
+
+    async fn report(&self, body: Value) -> (StatusCode, Value) {
+        self.post("/v1/report", body).await
+    }
+
+    async fn records(&self) -> usize {
+        self.store.query(&Query::default()).await.unwrap().len()
+    }
+
+    async fn audit(&self) -> Vec<Entry> {
+        verify(self.store.as_ref(), true, &BTreeMap::new())
+            .await
+            .expect("the audit chain verifies");
+        self.store
+            .query(&Query::default())
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.entry().unwrap())
+            .collect()
+    }
+}
+
+fn read() -> Value {
+    json!({"customer_id": "C000042"})
+}
+
+#[tokio::test]
+async fn a_negative_cost_cannot_refund_a_run() {
+    let h = harness().await;
+    let step = h.decide("neg", "read_customer_record", read()).await["step"].clone();
+    let before = h.records().await;
+    let (status, body) = h
+        .report(
+            json!({"runId": "neg", "step": step, "tool": "read_customer_record",
+                       "usage": {"cost": "-100.00"}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["code"], "MalformedRequest");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("negative"),
+        "{body}"
+    );
+    assert_eq!(h.records().await, before + 1, "the refusal is recorded");
+    // The sample's run ceiling is $5.00: $50 reported halts the run; nothing was credited.
+    let (status, body) = h
+        .report(
+            json!({"runId": "neg", "step": step, "tool": "read_customer_record",
+                       "usage": {"cost": "50.00"}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["counters"]["costUSD"], "50.00", "{body}");
+    assert!(body.get("halted").is_some(), "{body}");
+    assert_eq!(
+        h.decide("neg", "read_customer_record", read()).await["decision"],
+        "halt"
+    );
+    h.audit().await;
+}
+
+#[tokio::test]
+async fn a_huge_cost_is_refused_with_an_answer_and_a_record_and_the_agent_still_works() {
+    let h = harness().await;
+    let step = h.decide("huge", "read_customer_record", read()).await["step"].clone();
+    for cost in ["79228162514264337593543950335", "1000000.01", "1e30"] {
+        let before = h.records().await;
+        let (status, body) = h
+            .report(
+                json!({"runId": "huge", "step": step, "tool": "read_customer_record",
+                           "usage": {"cost": cost}}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{cost}: {body}");
+        assert_eq!(h.records().await, before + 1, "{cost}: recorded");
+    }
+    let (status, body) = h
+        .report(
+            json!({"runId": "huge", "step": step, "tool": "read_customer_record",
+                       "usage": {"tokens": 1_000_000_001u64}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    // The agent's other calls are decided as before.
+    assert_eq!(
+        h.decide("huge-2", "read_customer_record", read()).await["decision"],
+        "allow"
+    );
+    h.audit().await;
+}
+
+#[tokio::test]
+async fn a_result_for_a_refused_or_unknown_call_is_refused_and_recorded() {
+    let h = harness().await;
+    let denied = h.decide("rr", "delete_customer_record", read()).await;
+    assert_eq!(denied["decision"], "deny");
+    let allowed = h.decide("rr", "read_customer_record", read()).await;
+    let cases = [
+        // The denied call's step, with its tool.
+        json!({"runId": "rr", "step": denied["step"], "tool": "delete_customer_record",
+               "result": {"deleted": true}}),
+        // The allowed step, named with another tool.
+        json!({"runId": "rr", "step": allowed["step"], "tool": "delete_customer_record",
+               "result": {"deleted": true}}),
+        // A step the run never reached.
+        json!({"runId": "rr", "step": 99, "tool": "read_customer_record", "result": {}}),
+    ];
+    for case in cases {
+        let before = h.records().await;
+        let (status, body) = h.report(case.clone()).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{case}: {body}");
+        assert_eq!(body["error"]["code"], "UnknownStep", "{case}: {body}");
+        assert_eq!(h.records().await, before + 1, "{case}: recorded");
+    }
+    // The allowed step is still reportable, once.
+    let ok = json!({"runId": "rr", "step": allowed["step"], "tool": "read_customer_record",
+                    "result": {"customer_id": "C000042"}});
+    assert_eq!(h.report(ok.clone()).await.0, StatusCode::OK);
+    assert_eq!(h.report(ok).await.1["error"]["code"], "UnknownStep");
+    // Nothing of the refused reports reads as a result in the trail.
+    let entries = h.audit().await;
+    let results: Vec<_> = entries
+        .iter()
+        .filter(|e| e.event == tollgate_audit::Event::Report)
+        .map(|e| (e.tool.clone().unwrap(), e.step))
+        .collect();
+    assert_eq!(
+        results,
+        [("read_customer_record".to_owned(), allowed["step"].as_u64())]
+    );
+}
+
+#[tokio::test]
+async fn every_refusal_code_leaves_a_record() {
+    // Each code, made to happen; a new code fails to compile here until it has a case.
+    let h = harness().await;
+    h.decide("codes", "read_customer_record", read()).await;
+    for code in RefusalCode::ALL {
+        let before = h.records().await;
+        let (status, body) = match code {
+            RefusalCode::Unauthenticated => {
+                h.post_bytes("/v1/decide", "not-a-key", b"{}".to_vec())
+                    .await
+            }
+            RefusalCode::MalformedRequest => h.post("/v1/decide", json!({"tool": 7})).await,
+            RefusalCode::PayloadTooLarge => {
+                h.post_bytes("/v1/decide", KEY, vec![b' '; gateway::MAX_BODY + 1])
+                    .await
+            }
+            RefusalCode::UnknownRun => {
+                h.report(json!({"runId": "never", "step": 1, "tool": "read_customer_record"}))
+                    .await
+            }
+            RefusalCode::UnknownStep => {
+                h.report(json!({"runId": "codes", "step": 42, "tool": "read_customer_record"}))
+                    .await
+            }
+            RefusalCode::NoApprovals => {
+                h.post(
+                    "/v1/decide",
+                    json!({"runId": "codes", "tool": "send_customer_email",
+                           "arguments": {}, "approval": "ar-1"}),
+                )
+                .await
+            }
+            RefusalCode::UnknownAgent => {
+                h.post_bytes(
+                    "/v1/report",
+                    "ghost-key",
+                    json!({"runId": "g", "step": 1, "tool": "t"})
+                        .to_string()
+                        .into_bytes(),
+                )
+                .await
+            }
+            RefusalCode::NoPolicy | RefusalCode::PolicyInvalid => {
+                // In their own directories, below.
+                continue;
+            }
+            // Need a cluster: the e2e suite makes them (an apiserver that does not answer, a
+            // token of no agent, an ApprovalRequest that cannot be read).
+            RefusalCode::AuthenticationUnavailable
+            | RefusalCode::NotAnAgent
+            | RefusalCode::Misconfigured
+            | RefusalCode::ClusterUnavailable => continue,
+            // The one refusal that cannot be recorded: it says the trail takes no records
+            // (when_the_trail_cannot_record_a_call_it_is_refused_never_allowed).
+            RefusalCode::AuditUnavailable => continue,
+        };
+        assert_eq!(
+            body["error"]["code"],
+            code.as_str(),
+            "{code}: {status} {body}"
+        );
+        assert_eq!(h.records().await, before + 1, "{code}: recorded");
+    }
+    // NoPolicy and PolicyInvalid: an identity without a policy, and one whose policy is broken.
+    for (code, policy) in [("NoPolicy", None), ("PolicyInvalid", Some("maxSteps: -1"))] {
+        let dir = tempfile::tempdir().unwrap();
+        let sample = std::fs::read_to_string(samples().join("support-agent.yaml")).unwrap();
+        let text = match policy {
+            Some(broken) => sample.replace("maxSteps: 25", broken),
+            None => sample
+                .split("\n---")
+                .find(|doc| doc.contains("kind: AgentIdentity"))
+                .unwrap()
+                .to_owned(),
+        };
+        std::fs::write(dir.path().join("support.yaml"), text).unwrap();
+        let h = harness_over(WatchedDir::fixed(PolicySet::load(dir.path()))).await;
+        let before = h.records().await;
+        let (status, body) = h
+            .report(json!({"runId": "p", "step": 1, "tool": "read_customer_record"}))
+            .await;
+        assert_eq!(status, StatusCode::CONFLICT, "{body}");
+        assert_eq!(body["error"]["code"], code, "{body}");
+        assert_eq!(h.records().await, before + 1, "{code}: recorded");
+        // A decision says the same, as a deny with the reason.
+        let d = h.decide("p", "read_customer_record", read()).await;
+        assert_eq!(d["code"], code, "{d}");
+    }
+}
+
+#[tokio::test]
+async fn a_policy_change_is_in_force_for_the_very_next_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let sample = std::fs::read_to_string(samples().join("support-agent.yaml")).unwrap();
+    let file = dir.path().join("support.yaml");
+    std::fs::write(&file, &sample).unwrap();
+    // A poll interval of an hour: only file-system events can make the change visible in time.
+    let h = harness_over(WatchedDir::start(
+        dir.path().to_owned(),
+        Duration::from_secs(3600),
+    ))
+    .await;
+    let probe = |h: &Harness| {
+        let request = Request::get("/readyz").body(Body::empty()).unwrap();
+        let app = h.app.clone();
+        async move {
+            let response = app.oneshot(request).await.unwrap();
+            let status = response.status();
+            let bytes = response.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8_lossy(&bytes).into_owned())
+        }
+    };
+    assert_eq!(probe(&h).await.0, StatusCode::OK);
+    for round in 0..20 {
+        let run = format!("edit-{round}");
+        assert_eq!(
+            h.decide(&run, "read_customer_record", read()).await["decision"],
+            "allow"
+        );
+        std::fs::remove_file(&file).unwrap();
+        let d = h.decide(&run, "read_customer_record", read()).await;
+        assert_eq!(
+            d["code"], "NoPolicy",
+            "round {round}: right after the delete: {d}"
+        );
+        std::fs::write(&file, &sample).unwrap();
+        assert_eq!(
+            h.decide(&run, "read_customer_record", read()).await["decision"],
+            "allow",
+            "round {round}: right after the write"
+        );
+    }
+    // A misspelt field: the caller and /readyz get the parse error, not "no AgentPolicy".
+    std::fs::write(&file, sample.replace("maxSteps: 25", "maxStepz: 25")).unwrap();
+    let d = h.decide("bad", "read_customer_record", read()).await;
+    assert_eq!(d["code"], "PolicyInvalid", "{d}");
+    assert!(d["message"].as_str().unwrap().contains("maxStepz"), "{d}");
+    let (status, text) = probe(&h).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
+    assert!(text.contains("maxStepz"), "{text}");
+    // Bad YAML too.
+    std::fs::write(&file, "apiVersion: [unclosed").unwrap();
+    let d = h.decide("bad", "read_customer_record", read()).await;
+    assert_eq!(d["code"], "PolicyInvalid", "{d}");
+    assert!(
+        d["message"].as_str().unwrap().contains("support.yaml"),
+        "{d}"
+    );
+    h.audit().await;
+}
+
+fn hostile_value() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(|n| json!(n)),
+        any::<u64>().prop_map(|n| json!(n)),
+        any::<f64>()
+            .prop_filter("JSON has no NaN", |f| f.is_finite())
+            .prop_map(|f| json!(f)),
+        "[-0-9.eE]{0,40}".prop_map(Value::String),
+        ".{0,12}".prop_map(Value::String),
+    ];
+    leaf.prop_recursive(3, 24, 4, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            prop::collection::btree_map("[a-zA-Z_]{1,8}", inner, 0..4)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+fn hostile_body() -> impl Strategy<Value = (bool, Vec<u8>)> {
+    let field = |name: &'static str| {
+        prop_oneof![
+            Just(None),
+            hostile_value().prop_map(move |v| Some((name, v))),
+        ]
+    };
+    let structured = (
+        any::<bool>(),
+        field("runId"),
+        field("step"),
+        field("tool"),
+        field("arguments"),
+        field("result"),
+        prop_oneof![
+            Just(None),
+            ("[-0-9.eE]{0,32}", any::<u64>(), hostile_value()).prop_map(|(cost, tokens, extra)| {
+                Some(("usage", json!({"cost": cost, "tokens": tokens, "x": extra})))
+            }),
+            ("[-0-9.]{0,32}").prop_map(|cost| Some(("usage", json!({"cost": cost})))),
+        ],
+    )
+        .prop_map(|(report, a, b, c, d, e, f)| {
+            let mut body = serde_json::Map::new();
+            for (name, value) in [a, b, c, d, e, f].into_iter().flatten() {
+                body.insert(name.to_owned(), value);
+            }
+            (report, Value::Object(body).to_string().into_bytes())
+        });
+    prop_oneof![
+        4 => structured,
+        1 => (any::<bool>(), prop::collection::vec(any::<u8>(), 0..64)),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 192, ..ProptestConfig::default() })]
+
+    /// No request body, however crafted, makes the gateway drop the connection: every request
+    /// gets a JSON answer and leaves at least one record, and the chain verifies.
+    #[test]
+    fn every_hostile_body_gets_an_answer_and_a_record(bodies in prop::collection::vec(hostile_body(), 1..6)) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let h = harness().await;
+            // A released call, so reports reach the budget code.
+            h.decide("1", "read_customer_record", read()).await;
+            for (report, body) in bodies {
+                let path = if report { "/v1/report" } else { "/v1/decide" };
+                let before = h.records().await;
+                let request = Request::post(path)
+                    .header("authorization", format!("Bearer {KEY}"))
+                    .header("tollgate-run-id", "1")
+                    .body(Body::from(body.clone()))
+                    .unwrap();
+                let (status, text) = h.send(request).await;
+                let answer: Result<Value, _> = serde_json::from_str(&text);
+                assert!(answer.is_ok(), "{path} {status}: {text}");
+                assert!(
+                    [200, 202, 400, 409].contains(&status.as_u16()),
+                    "{path} {status}: {text}"
+                );
+                assert!(h.records().await > before, "{path}: {}", String::from_utf8_lossy(&body));
+            }
+            h.audit().await;
+        });
+    }
+}
