@@ -196,6 +196,10 @@ pub struct Entry {
     /// What went wrong: the reason input was rejected, or the upstream's error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// For reports: the released call did not run as far as Tollgate knows (the upstream could
+    /// not be reached, refused it, or answered no result), so it is no clean completion.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub not_run: bool,
     /// Time spent deciding or calling, in microseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_us: Option<u64>,
@@ -227,6 +231,7 @@ impl Entry {
             usage: None,
             ceiling: None,
             error: None,
+            not_run: false,
             latency_us: None,
             checkpoint: None,
         }
@@ -255,9 +260,15 @@ impl Entry {
         {
             return Some(approval.phase.to_ascii_lowercase());
         }
+        if self.event == Event::Report && self.not_run {
+            return Some(NOT_RUN.to_owned());
+        }
         self.decision.as_ref().map(outcome_of)
     }
 }
+
+/// The outcome of a report whose released call did not run.
+pub const NOT_RUN: &str = "notRun";
 
 /// `allow`, `deny:<Code>`, `requireApproval` or `halt`.
 pub fn outcome_of(decision: &Decision) -> String {
@@ -280,6 +291,7 @@ pub fn outcome_kind(outcome: &str) -> Option<Outcome> {
         "approved" => Outcome::Approved,
         "denied" => Outcome::DeniedByApprover,
         "expired" => Outcome::Expired,
+        NOT_RUN => Outcome::NotRun,
         _ => Outcome::Denied(
             serde_json::from_value(Value::String(outcome.strip_prefix("deny:")?.to_owned()))
                 .ok()?,

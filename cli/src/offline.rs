@@ -89,6 +89,9 @@ pub fn check(paths: &[PathBuf]) -> Result<CheckReport> {
                                 compiled.allowed_tools().len(),
                                 compiled.hash()
                             )?;
+                            for warning in result_field_warnings(&policy, &compiled) {
+                                writeln!(text, "warn AgentPolicy {name}: {warning}")?;
+                            }
                             policies.push((name, compiled.identity().to_owned(), file.clone()));
                         }
                         Err(errors) => {
@@ -118,6 +121,34 @@ pub fn check(paths: &[PathBuf]) -> Result<CheckReport> {
         bail!("no AgentIdentity or AgentPolicy found");
     }
     Ok(CheckReport { text, ok })
+}
+
+/// The tools whose results are cut to `resultFields` and that an MCP upstream serves: most MCP
+/// servers answer text only, and the gateway can cut text only when it is one JSON value; any
+/// other result of such a tool is withheld from the agent.
+fn result_field_warnings(
+    policy: &tollgate_crds::AgentPolicy,
+    compiled: &CompiledPolicy,
+) -> Vec<String> {
+    let mcp = |upstream: Option<&str>| {
+        policy
+            .spec
+            .upstreams
+            .iter()
+            .any(|u| u.mcp.is_some() && upstream.is_none_or(|name| name == u.name))
+    };
+    compiled
+        .allowed_tools()
+        .into_iter()
+        .filter(|tool| compiled.result_fields(tool).is_some() && mcp(compiled.upstream_of(tool)))
+        .map(|tool| {
+            format!(
+                "tool {tool} keeps only its resultFields, and its MCP upstream may answer text: \
+                 the gateway cuts structuredContent or one JSON text block, and withholds any \
+                 other result (prose, several blocks, images) from the agent"
+            )
+        })
+        .collect()
 }
 
 /// Loads the single AgentPolicy of a file.

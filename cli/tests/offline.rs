@@ -29,9 +29,13 @@ fn check_accepts_the_samples() {
         "ok   AgentPolicy support-agent-v2: 3 allowed tool(s), sha256:",
         "ok   AgentIdentity deploy-agent",
         "ok   AgentPolicy deploy-agent",
+        // A warning, not a failure: read_customer_record keeps only some fields of what its MCP
+        // server answers.
+        "warn AgentPolicy support-agent-v2: tool read_customer_record keeps only its resultFields",
     ] {
         assert!(out.contains(line), "missing {line:?} in:\n{out}");
     }
+    assert_eq!(out.matches("warn ").count(), 1, "{out}");
 }
 
 #[test]

@@ -18,6 +18,9 @@ pub struct TrackRecord {
     pub clean_completions: u64,
     /// Incidents ([`Outcome::counts`]).
     pub incidents: u64,
+    /// Released calls that did not run (the upstream failed them): each takes one clean
+    /// completion back, whatever order the counts are added in ([`TrackRecord::clean`]).
+    pub not_run: u64,
 }
 
 /// The window drift is evaluated over, and track records when a policy sets no graduation: 30
@@ -39,6 +42,9 @@ pub enum Outcome {
     Expired,
     /// A ceiling was breached at this call and the run halted.
     Halted,
+    /// A released call that did not run (its upstream could not be reached or refused it): it
+    /// takes back the clean completion its release counted.
+    NotRun,
     /// The policy denied the call.
     Denied(DenyCode),
 }
@@ -78,7 +84,7 @@ impl Outcome {
                 // Not a tool call: admission's records of Kubernetes writes.
                 | DenyCode::WriteRefused => None,
             },
-            Outcome::Pending | Outcome::Expired => None,
+            Outcome::Pending | Outcome::Expired | Outcome::NotRun => None,
         }
     }
 }
@@ -86,11 +92,19 @@ impl Outcome {
 impl TrackRecord {
     /// Adds `count` calls with `outcome`.
     pub fn add(&mut self, outcome: Outcome, count: u64) {
+        if outcome == Outcome::NotRun {
+            self.not_run = self.not_run.saturating_add(count);
+        }
         match outcome.counts() {
-            Some(true) => self.clean_completions += count,
-            Some(false) => self.incidents += count,
+            Some(true) => self.clean_completions = self.clean_completions.saturating_add(count),
+            Some(false) => self.incidents = self.incidents.saturating_add(count),
             None => {}
         }
+    }
+
+    /// Clean completions that ran: calls let through, less those whose upstream failed them.
+    pub fn clean(&self) -> u64 {
+        self.clean_completions.saturating_sub(self.not_run)
     }
 
     /// Track records per tool from `(tool, outcome, count)` rows.
@@ -128,8 +142,7 @@ impl CompiledPolicy {
             return None;
         }
         let current = tool.autonomy?;
-        (record.clean_completions >= rule.clean_completions
-            && record.incidents <= rule.max_incidents)
+        (record.clean() >= rule.clean_completions && record.incidents <= rule.max_incidents)
             .then(|| next_level(current))
             .flatten()
     }
@@ -160,7 +173,7 @@ impl CompiledPolicy {
                 ToolStatus {
                     name: name.to_owned(),
                     autonomy: self.tools.get(name).and_then(|t| t.autonomy),
-                    clean_completions: saturating_i64(record.clean_completions),
+                    clean_completions: saturating_i64(record.clean()),
                     incidents: saturating_i64(record.incidents),
                     last_used: last_used.get(name).map(|t| seconds(*t)),
                     eligible_for: self.eligible_for(name, record),

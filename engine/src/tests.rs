@@ -946,6 +946,7 @@ fn graduation_reports_eligibility_only() {
     let record = |clean, incidents| TrackRecord {
         clean_completions: clean,
         incidents,
+        not_run: 0,
     };
     let cases = [
         ("gated", record(200, 1), Some(Autonomy::ExceptionBased)),
@@ -993,13 +994,39 @@ fn track_records_count_what_went_through_and_what_overstepped() {
         records["refund"],
         TrackRecord {
             clean_completions: 42,
-            incidents: 6
+            incidents: 6,
+            not_run: 0,
         },
         "allowed and approved are clean; an approver's denial, a halt and the tool's own rules \
          are incidents; waiting, expiry, kill switches and missing policies are neither"
     );
     assert_eq!(records["lookup"].clean_completions, 7);
     assert_eq!(records["wipe"], TrackRecord::default());
+}
+
+#[test]
+fn a_released_call_that_did_not_run_is_no_clean_completion_whatever_the_order() {
+    use crate::graduation::Outcome;
+    let rows = [
+        ("lookup", Outcome::NotRun, 2),
+        ("lookup", Outcome::Allowed, 5),
+        ("lookup", Outcome::NotRun, 1),
+    ];
+    let record = TrackRecord::per_tool(rows)["lookup"];
+    assert_eq!(record.clean(), 2);
+    assert_eq!(
+        record.incidents, 0,
+        "an upstream's failure is not the agent's incident"
+    );
+    let p = policy(json!({"tools": {"allowed": [
+        {"name": "lookup", "approval": {"approvers": {"groups": ["leads"]}}}
+    ]}, "graduation": {"cleanCompletions": 5, "maxIncidents": 0, "window": "48h"}}));
+    assert_eq!(p.eligible_for("lookup", record), None);
+    let statuses = p.tool_statuses(
+        &BTreeMap::from([("lookup".to_owned(), record)]),
+        &BTreeMap::new(),
+    );
+    assert_eq!(statuses[0].clean_completions, 2);
 }
 
 #[test]
@@ -1017,6 +1044,7 @@ fn tool_statuses_and_drift_say_what_each_allowed_tool_earned_and_what_went_unuse
             TrackRecord {
                 clean_completions: 3,
                 incidents: 0,
+                not_run: 0,
             },
         ),
         (
@@ -1024,6 +1052,7 @@ fn tool_statuses_and_drift_say_what_each_allowed_tool_earned_and_what_went_unuse
             TrackRecord {
                 clean_completions: 9,
                 incidents: 1,
+                not_run: 0,
             },
         ),
         // A tool the policy does not allow has no status, whatever its record.
@@ -1032,6 +1061,7 @@ fn tool_statuses_and_drift_say_what_each_allowed_tool_earned_and_what_went_unuse
             TrackRecord {
                 clean_completions: 100,
                 incidents: 0,
+                not_run: 0,
             },
         ),
     ]);

@@ -96,6 +96,9 @@ impl ServerHandler for Crm {
             .lock()
             .unwrap()
             .push((request.name.to_string(), arguments, auth));
+        if customer == "C000097" {
+            return Err(ErrorData::invalid_params("no such customer", None));
+        }
         // Most servers answer text only: C000099 gets its record as one JSON text block,
         // C000098 as prose.
         let text = match customer.as_str() {
@@ -904,4 +907,40 @@ async fn a_call_sent_to_another_upstream_is_refused_before_any_decision() {
         .map(|r| (r.index.event.clone(), r.entry().unwrap().outcome()))
         .collect();
     assert_eq!(events, [("rejected".to_owned(), None)], "{events:?}");
+}
+
+#[tokio::test]
+async fn a_call_its_upstream_refused_is_recorded_as_not_run() {
+    // Released by the policy, refused by the server: it never ran, so graduation must not count
+    // it as a clean completion.
+    let h = harness().await;
+    let session = h.session().await;
+    let reply = h
+        .call(
+            &session,
+            3,
+            "read_customer_record",
+            json!({"customer_id": "C000097"}),
+        )
+        .await;
+    assert!(reply.body.get("error").is_some(), "{}", reply.body);
+    let records = h
+        .store
+        .query(&Query {
+            run: Some(session.clone()),
+            ..Query::default()
+        })
+        .await
+        .unwrap();
+    let outcomes: Vec<(String, Option<String>)> = records
+        .iter()
+        .map(|r| (r.index.event.clone(), r.index.outcome.clone()))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("decide".to_owned(), Some("allow".to_owned())),
+            ("report".to_owned(), Some("notRun".to_owned()))
+        ]
+    );
 }

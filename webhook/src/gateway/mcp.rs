@@ -794,7 +794,9 @@ async fn call_tool(
                 entry.set_result(&gateway.redactor, result);
             }
             if let Some(error) = body.get("error") {
+                // The server refused the call (a JSON-RPC error, not a tool's own error result).
                 entry.error = Some(error.to_string());
+                entry.not_run = true;
             }
             if let Some(fields) = policy.as_ref().and_then(|p| p.result_fields(tool))
                 && let Some(result) = body.get_mut("result")
@@ -813,6 +815,7 @@ async fn call_tool(
         Ok((None, session)) => answer(StatusCode::ACCEPTED, None, session),
         Err(e) => {
             entry.error = Some(e.clone());
+            entry.not_run = true;
             rpc_error(
                 StatusCode::BAD_GATEWAY,
                 forwarded["id"].clone(),
