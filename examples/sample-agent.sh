@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A scripted sample agent against the gateway in standalone mode. Start the gateway first:
 #
-#   cargo run -p tollgate-webhook -- standalone
+#   cargo run -p tollgate-gateway -- standalone
 #
 # then run this script. It makes the calls a support agent would, prints each decision, and ends
 # with the replay of its run from the audit store.

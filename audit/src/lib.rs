@@ -26,5 +26,5 @@ pub use record::{
     ApprovalRef, Checkpoint, Counters, Entry, Event, Identity, PolicyRef, Record, SCHEMA,
 };
 pub use redact::{RedactionRules, Redactor};
-pub use store::{Head, PostgresStore, Query, SqliteStore, Store, StoreError};
+pub use store::{Head, PostgresStore, Query, SqliteStore, Store, StoreError, StoreLocation};
 pub use verify::{Broken, ChainReport, Fault, VerifyError, verify};

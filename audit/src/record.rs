@@ -100,6 +100,17 @@ pub struct PolicyRef {
     pub generation: Option<i64>,
 }
 
+impl PolicyRef {
+    /// The reference to a compiled policy: its name, hash and generation.
+    pub fn of(policy: &tollgate_engine::CompiledPolicy) -> Self {
+        Self {
+            name: policy.id().to_owned(),
+            hash: policy.hash().to_owned(),
+            generation: policy.generation(),
+        }
+    }
+}
+
 /// The approval behind a released or refused call.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

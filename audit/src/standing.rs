@@ -7,7 +7,7 @@
 //! [`Store::tallies`] query, one per window (the CLI reading a store directly); [`of_records`]
 //! counts records already read (the CLI reading through the gateway's read API, which answers
 //! records and not aggregates); both give the same answer. The gateway keeps settled hours of
-//! counts and reads only what is new (`tollgate_webhook::gateway::standing`).
+//! counts and reads only what is new (`tollgate_gateway::standing`).
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -45,8 +45,10 @@ impl std::str::FromStr for Location {
         if s.is_empty() {
             return Err("the audit store location is empty".to_owned());
         }
-        if s.starts_with("postgres://") || s.starts_with("postgresql://") || s.contains("host=") {
-            return Ok(Self::Postgres(s.to_owned()));
+        if let tollgate_audit::StoreLocation::Postgres(url) =
+            tollgate_audit::StoreLocation::parse(s)
+        {
+            return Ok(Self::Postgres(url));
         }
         if let Some(rest) = s.strip_prefix("http://") {
             let host = rest.split(['/', ':']).next().unwrap_or_default();
@@ -63,9 +65,10 @@ impl std::str::FromStr for Location {
                 ca: None,
             }));
         }
-        let path = s.strip_prefix("sqlite:").unwrap_or(s);
-        let path = path.strip_prefix("//").unwrap_or(path);
-        Ok(Self::Sqlite(path.into()))
+        match tollgate_audit::StoreLocation::parse(s) {
+            tollgate_audit::StoreLocation::Sqlite(path) => Ok(Self::Sqlite(path)),
+            tollgate_audit::StoreLocation::Postgres(url) => Ok(Self::Postgres(url)),
+        }
     }
 }
 

@@ -52,10 +52,10 @@ pub struct Running {
 pub enum Trail {
     /// Nowhere: admission only logs its refusals.
     None,
-    /// Admission records to this store (`--audit AUDIT` without `--gateway-listen`).
+    /// Admission records to this store (`tollgate-webhook --audit AUDIT`).
     Admission(String),
-    /// The gateway serves too and records to this store, as admission does
-    /// (`--gateway-listen … --audit AUDIT`).
+    /// A gateway serves too (`tollgate-gateway --audit AUDIT`) and admission records into its
+    /// trail.
     Gateway(String),
 }
 
@@ -72,8 +72,9 @@ pub fn start(name: &str, trail: Trail) -> Running {
     let port = crate::free_port().unwrap();
     let probe = crate::free_port().unwrap();
     let gateway = matches!(trail, Trail::Gateway(_)).then(|| crate::free_port().unwrap());
+    let gateway_probe = crate::free_port().unwrap();
     let kubeconfig = cp.kubeconfig(User::Admin);
-    let tls = tollgate_webhook::server::TlsFiles {
+    let tls = tollgate_runtime::server::TlsFiles {
         cert: dir.join("tls.crt"),
         key: dir.join("tls.key"),
     };
@@ -97,32 +98,47 @@ pub fn start(name: &str, trail: Trail) -> Running {
             };
             let handle = axum_server::Handle::new();
             let address = |port: u16| format!("127.0.0.1:{port}").parse().unwrap();
-            let metrics = tollgate_webhook::metrics::Metrics::default();
-            let gateway = match (gateway, &trail) {
+            let metrics = tollgate_runtime::metrics::Metrics::default();
+            // With a gateway, admission records into the gateway's trail (one chain, as the
+            // shared PostgreSQL trail of a cluster holds both).
+            let admission_audit = match (gateway, &trail) {
                 (Some(port), Trail::Gateway(audit)) => {
-                    let mut config = tollgate_webhook::GatewayConfig::open(
-                        address(port),
+                    let opened = tollgate_gateway::run::Trail::open(
                         audit,
                         "gw-e2e-cluster".into(),
                         &metrics,
                     )
                     .await
                     .unwrap();
-                    // Its empty trail would rewrite the standing of other tests' policies, which
-                    // share the control plane (the writer has a test of its own).
-                    config.standing = None;
-                    Some(config)
+                    let admission = opened.audit.clone();
+                    let config = tollgate_gateway::run::InCluster {
+                        namespace: "tollgate-system".into(),
+                        listen: address(port),
+                        probe_listen: address(gateway_probe),
+                        tls: tls.clone(),
+                        // Its empty trail would rewrite the standing of other tests' policies,
+                        // which share the control plane (the writer has a test of its own).
+                        standing: None,
+                    };
+                    let (client, metrics, handle) =
+                        (client.clone(), metrics.clone(), handle.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = tollgate_gateway::run::in_cluster(
+                            client, config, opened, metrics, handle,
+                        )
+                        .await
+                        {
+                            panic!("the gateway stopped: {e:#}");
+                        }
+                    });
+                    Some(admission)
                 }
-                _ => None,
-            };
-            let admission_audit = match (&gateway, &trail) {
-                (Some(config), _) => Some(config.audit.clone()),
                 (None, Trail::Admission(audit)) => Some(
-                    tollgate_webhook::open_audit_log(audit, "admission-e2e".into(), &metrics)
+                    tollgate_runtime::open_audit_log(audit, "admission-e2e".into(), &metrics)
                         .await
                         .unwrap(),
                 ),
-                (None, _) => None,
+                _ => None,
             };
             if let Err(e) = tollgate_webhook::run_in_cluster(
                 client,
@@ -133,7 +149,6 @@ pub fn start(name: &str, trail: Trail) -> Running {
                 address(probe),
                 handle,
                 metrics,
-                gateway,
                 admission_audit,
             )
             .await
@@ -143,7 +158,9 @@ pub fn start(name: &str, trail: Trail) -> Running {
         });
     });
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !crate::http_get_ok(probe, "/readyz") {
+    while !crate::http_get_ok(probe, "/readyz")
+        || (gateway.is_some() && !crate::http_get_ok(gateway_probe, "/readyz"))
+    {
         assert!(
             std::time::Instant::now() < deadline,
             "the webhook did not become ready"

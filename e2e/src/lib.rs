@@ -90,10 +90,10 @@ pub fn control_plane() -> &'static ControlPlane {
 
 /// Serves `gateway`'s router (decision API and MCP proxy, plain HTTP) on a loopback port of its
 /// own until the test ends; returns its base URL.
-pub async fn serve_gateway(gateway: tollgate_webhook::gateway::Gateway) -> String {
+pub async fn serve_gateway(gateway: tollgate_gateway::Gateway) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let router = tollgate_webhook::gateway::router(std::sync::Arc::new(gateway));
+    let router = tollgate_gateway::router(std::sync::Arc::new(gateway));
     tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
     url
 }

@@ -41,8 +41,8 @@ use tollgate_engine::approval::{self, Author};
 use tollgate_engine::status::KILL_SWITCH_BY_ANNOTATION;
 use tollgate_engine::{CompiledPolicy, Decision, children};
 
-use crate::cluster::ClusterView;
-use crate::metrics::Metrics;
+use tollgate_runtime::cluster::ClusterView;
+use tollgate_runtime::metrics::Metrics;
 
 /// The largest AdmissionReview accepted (the apiserver's own request limit is 3 MiB).
 pub const MAX_BODY: usize = 4 * 1024 * 1024;
@@ -517,7 +517,7 @@ fn admission_record(
     }
     entry.decision = Some(verdict.decision(judged, &agent, policy));
     entry.agent = Some(agent);
-    entry.policy = policy.map(crate::gateway::policy_ref);
+    entry.policy = policy.map(tollgate_audit::PolicyRef::of);
     entry
 }
 

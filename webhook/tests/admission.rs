@@ -6,7 +6,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
-use tollgate_webhook::cluster::StaticView;
+use tollgate_runtime::cluster::StaticView;
 use tollgate_webhook::{AdmissionState, Settings, admission};
 use tower::ServiceExt;
 

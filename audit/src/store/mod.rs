@@ -21,6 +21,64 @@ mod sqlite;
 pub use postgres::{AgentLock, PostgresStore};
 pub use sqlite::SqliteStore;
 
+/// Where an audit store is, as a command line or an environment variable names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// `postgres://…`, `postgresql://…` or a `host=… dbname=…` connection string.
+    Postgres(String),
+    /// A SQLite file: a plain path, or `sqlite:PATH` (`sqlite://PATH` too).
+    Sqlite(std::path::PathBuf),
+}
+
+impl StoreLocation {
+    /// Reads a location: PostgreSQL by its URL schemes or a `host=` key, else a SQLite path.
+    pub fn parse(location: &str) -> Self {
+        if location.starts_with("postgres://")
+            || location.starts_with("postgresql://")
+            || location.contains("host=")
+        {
+            return Self::Postgres(location.to_owned());
+        }
+        let path = location.strip_prefix("sqlite:").unwrap_or(location);
+        let path = path.strip_prefix("//").unwrap_or(path);
+        Self::Sqlite(path.into())
+    }
+}
+
+#[cfg(test)]
+mod location_tests {
+    use super::StoreLocation;
+
+    #[test]
+    fn locations_name_their_store() {
+        for (text, expected) in [
+            (
+                "postgres://u@h/db",
+                StoreLocation::Postgres("postgres://u@h/db".into()),
+            ),
+            (
+                "postgresql://h/db",
+                StoreLocation::Postgres("postgresql://h/db".into()),
+            ),
+            (
+                "host=/run dbname=x",
+                StoreLocation::Postgres("host=/run dbname=x".into()),
+            ),
+            ("audit.db", StoreLocation::Sqlite("audit.db".into())),
+            (
+                "sqlite:/var/a.db",
+                StoreLocation::Sqlite("/var/a.db".into()),
+            ),
+            (
+                "sqlite:///var/a.db",
+                StoreLocation::Sqlite("/var/a.db".into()),
+            ),
+        ] {
+            assert_eq!(StoreLocation::parse(text), expected, "{text}");
+        }
+    }
+}
+
 /// The last record of a chain, or the anchor left by pruning.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Head {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tollgate_webhook::cluster::StaticView;
+use tollgate_runtime::cluster::StaticView;
 use tollgate_webhook::{AdmissionState, Settings, admission};
 
 fn review() -> Value {
@@ -63,7 +63,7 @@ async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let rate: u64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(1000);
     let seconds: u64 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(10);
-    tollgate_webhook::server::install_crypto_provider();
+    tollgate_runtime::server::install_crypto_provider();
 
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();

@@ -30,9 +30,9 @@ use rmcp::transport::streamable_http_server::{
 use rmcp::{ErrorData, RoleServer, ServerHandler};
 use serde_json::{Value, json};
 use tollgate_audit::{AuditLog, Batch, Observer, Redactor, SqliteStore, WriterConfig};
-use tollgate_webhook::gateway::keys::Keys;
-use tollgate_webhook::gateway::policies::{PolicySet, WatchedDir};
-use tollgate_webhook::gateway::{self, Gateway};
+use tollgate_gateway::keys::Keys;
+use tollgate_gateway::policies::{PolicySet, WatchedDir};
+use tollgate_gateway::{self as gateway, Gateway};
 
 /// The allocator the `tollgate-webhook` binary uses.
 #[global_allocator]

@@ -19,8 +19,8 @@ use tollgate_audit::{AuditLog, Redactor, SqliteStore, WriterConfig};
 use tollgate_crds::{AgentIdentity, ApprovalRequest};
 use tollgate_e2e::admission::{GATEWAY, webhook};
 use tollgate_e2e::{User, control_plane, repo_root};
-use tollgate_webhook::cluster::WatchedView;
-use tollgate_webhook::gateway::{self, ClusterPolicies, Gateway, TokenReviewer};
+use tollgate_gateway::{self as gateway, ClusterPolicies, Gateway, TokenReviewer};
+use tollgate_runtime::cluster::WatchedView;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]

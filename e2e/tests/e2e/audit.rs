@@ -1183,7 +1183,7 @@ spec:
 async fn the_cli_reads_through_the_gateway_only_what_rbac_lets_it() {
     use kubectl_tollgate::audit::{Action, Location};
     use tollgate_e2e::control_plane;
-    use tollgate_webhook::gateway::read::{Reader, router};
+    use tollgate_gateway::read::{Reader, router};
 
     let cp = control_plane();
     tollgate_e2e::admission::webhook();

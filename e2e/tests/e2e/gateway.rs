@@ -13,8 +13,8 @@ use tollgate_audit::{AuditLog, Redactor, SqliteStore, WriterConfig};
 use tollgate_crds::ApprovalRequest;
 use tollgate_e2e::admission::{GATEWAY, webhook};
 use tollgate_e2e::{User, control_plane, eventually, install_crds, repo_root};
-use tollgate_webhook::cluster::WatchedView;
-use tollgate_webhook::gateway::{self, ClusterPolicies, Gateway, TokenReviewer};
+use tollgate_gateway::{self as gateway, ClusterPolicies, Gateway, TokenReviewer};
+use tollgate_runtime::cluster::WatchedView;
 
 fn run(command: &mut Command) -> String {
     let output = command.output().expect("run kubectl");
@@ -137,7 +137,7 @@ async fn sample_agent(prefix: &str) -> (String, String) {
 /// accepts ApprovalRequests from nobody else), reviewing tokens as the admin, its trail `chain`
 /// in a fresh SQLite store; returns its URL, the store, and the directory that holds it.
 async fn gateway_over(
-    view: Arc<dyn tollgate_webhook::cluster::ClusterView>,
+    view: Arc<dyn tollgate_runtime::cluster::ClusterView>,
     chain: &str,
 ) -> (String, Arc<SqliteStore>, tempfile::TempDir) {
     let cp = control_plane();
@@ -386,7 +386,7 @@ type Frozen = (
 
 impl Lagging {
     fn freeze(&self) {
-        use tollgate_webhook::cluster::ClusterView;
+        use tollgate_runtime::cluster::ClusterView;
         let now = (
             self.live.identities(),
             self.live.policies(),
@@ -396,7 +396,7 @@ impl Lagging {
     }
 }
 
-impl tollgate_webhook::cluster::ClusterView for Lagging {
+impl tollgate_runtime::cluster::ClusterView for Lagging {
     fn identities(&self) -> Vec<Arc<tollgate_crds::AgentIdentity>> {
         match &*self.frozen.lock().unwrap() {
             Some((identities, _, _)) => identities.clone(),
@@ -543,7 +543,7 @@ async fn the_gateway_writes_each_policys_track_record_and_drift_beside_the_opera
     use tollgate_crds::AgentPolicy;
     use tollgate_crds::policy::Autonomy;
     use tollgate_e2e::operator::{Operator, Options};
-    use tollgate_webhook::gateway::standing::{Schedule, StatusWriter};
+    use tollgate_gateway::standing::{Schedule, StatusWriter};
 
     let cp = control_plane();
     install_crds();
@@ -632,7 +632,7 @@ async fn the_gateway_writes_each_policys_track_record_and_drift_beside_the_opera
     assert_eq!(body["decision"], "deny", "{body}");
 
     // The writer, as the gateway's ServiceAccount with the shipped rights.
-    let metrics = tollgate_webhook::metrics::Metrics::default();
+    let metrics = tollgate_runtime::metrics::Metrics::default();
     let writer = StatusWriter::new(
         view.clone(),
         store.clone(),
@@ -737,7 +737,7 @@ async fn the_gateway_writes_each_policys_track_record_and_drift_beside_the_opera
         || {
             let (view, ns) = (view.clone(), ns.clone());
             async move {
-                use tollgate_webhook::cluster::ClusterView;
+                use tollgate_runtime::cluster::ClusterView;
                 view.policies()
                     .iter()
                     .any(|p| {
@@ -891,7 +891,7 @@ async fn a_budget_breach_engages_the_kill_switch_as_the_gateway_records_an_event
     use k8s_openapi::api::events::v1::Event;
     use kube::api::PostParams;
     use tollgate_crds::AgentIdentity;
-    use tollgate_webhook::gateway::escalate::{Breach, Escalation, NOTIFY_SECRET};
+    use tollgate_gateway::escalate::{Breach, Escalation, NOTIFY_SECRET};
 
     let cp = control_plane();
     install_crds();
@@ -1043,8 +1043,8 @@ fn sample(text: &str, name: &str) -> Option<f64> {
 
 #[tokio::test]
 async fn the_shipped_cluster_gateway_answers_agents_over_tls_and_counts_on_the_probe_port() {
-    // `run_in_cluster` with a gateway, opened as `tollgate-webhook --gateway-listen … --audit …`
-    // opens it: the other tests here build their gateway in-process.
+    // The gateway as `tollgate-gateway --audit …` runs it (`run::in_cluster`): the other tests
+    // here build their gateway in-process.
     let cp = control_plane();
     install_crds();
     let ns = cp.namespace("gateway-cluster").await;

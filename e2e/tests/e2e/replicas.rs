@@ -8,9 +8,9 @@ use serde_json::{Value, json};
 use tollgate_audit::{AuditLog, PostgresStore, Redactor, WriterConfig, verify};
 use tollgate_e2e::postgres::postgres;
 use tollgate_e2e::repo_root;
-use tollgate_webhook::gateway::Gateway;
-use tollgate_webhook::gateway::keys::Keys;
-use tollgate_webhook::gateway::policies::{PolicySet, WatchedDir};
+use tollgate_gateway::Gateway;
+use tollgate_gateway::keys::Keys;
+use tollgate_gateway::policies::{PolicySet, WatchedDir};
 
 const KEY: &str = "support-key-replicas";
 

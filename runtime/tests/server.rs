@@ -6,8 +6,8 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
-use tollgate_webhook::metrics::Metrics;
-use tollgate_webhook::server::{self, Readiness, TlsFiles};
+use tollgate_runtime::metrics::Metrics;
+use tollgate_runtime::server::{self, Readiness, TlsFiles};
 use tower::ServiceExt;
 
 struct Ca {

@@ -1,4 +1,6 @@
-//! The egress face: the decision API agents and orchestrators call before every tool call.
+//! tollgate-gateway: the egress face, the decision API agents and orchestrators call before
+//! every tool call, and the MCP proxy in front of their tool servers. Its own binary and
+//! Deployment (`tollgate-gateway`; `tollgate-gateway standalone` runs it with no cluster).
 //!
 //! - `POST /v1/decide`: a tool call in, the engine's decision out (code, rule, message, and the
 //!   approval requirement when people must decide).
@@ -10,7 +12,8 @@
 //! (unauthenticated, malformed, oversized), is written to the audit trail before the answer
 //! leaves; if the audit trail cannot take the record, the call is refused (fail closed).
 //!
-//! The contract is in `webhook/openapi/gateway.yaml`.
+//! The contract is in `gateway/openapi/gateway.yaml`.
+#![forbid(unsafe_code)]
 
 pub mod approvals;
 pub mod cluster;
@@ -19,6 +22,7 @@ pub mod keys;
 pub mod mcp;
 pub mod policies;
 pub mod read;
+pub mod run;
 pub mod shared;
 pub mod standing;
 
@@ -185,7 +189,7 @@ pub struct Gateway {
     secrets: Option<std::path::PathBuf>,
     history: Option<Arc<dyn History>>,
     escalation: Arc<Escalation>,
-    pub(crate) metrics: crate::metrics::Metrics,
+    pub(crate) metrics: tollgate_runtime::metrics::Metrics,
     /// ApprovalRequests whose call was released through `approval` (exactly once).
     redeemed: Mutex<std::collections::HashSet<String>>,
     /// How often a streamed MCP answer sends a keep-alive while the call waits.
@@ -226,7 +230,7 @@ impl Gateway {
             secrets: None,
             history: None,
             escalation: Arc::new(Escalation::default()),
-            metrics: crate::metrics::Metrics::default(),
+            metrics: tollgate_runtime::metrics::Metrics::default(),
             redeemed: Mutex::default(),
             keep_alive: std::time::Duration::from_secs(15),
             shared: None,
@@ -319,7 +323,7 @@ impl Gateway {
 
     /// Counts into `metrics` (in a cluster, the probe port's: the gateway's own router serves
     /// none).
-    pub fn with_metrics(mut self, metrics: crate::metrics::Metrics) -> Self {
+    pub fn with_metrics(mut self, metrics: tollgate_runtime::metrics::Metrics) -> Self {
         self.metrics = metrics;
         self
     }
@@ -1037,11 +1041,7 @@ fn counters(run: &RunState) -> Counters {
 }
 
 pub(crate) fn policy_ref(policy: &CompiledPolicy) -> PolicyRef {
-    PolicyRef {
-        name: policy.id().to_owned(),
-        hash: policy.hash().to_owned(),
-        generation: policy.generation(),
-    }
+    PolicyRef::of(policy)
 }
 
 async fn decide(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: Body) -> Response {

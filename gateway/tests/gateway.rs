@@ -12,10 +12,10 @@ use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tollgate_audit::{AuditLog, Entry, Query, Redactor, SqliteStore, Store, WriterConfig, verify};
-use tollgate_webhook::gateway::keys::Keys;
-use tollgate_webhook::gateway::policies::{PolicySet, WatchedDir};
-use tollgate_webhook::gateway::{self, Gateway};
-use tollgate_webhook::metrics::Metrics;
+use tollgate_gateway::keys::Keys;
+use tollgate_gateway::policies::{PolicySet, WatchedDir};
+use tollgate_gateway::{self as gateway, Gateway};
+use tollgate_runtime::metrics::Metrics;
 use tower::ServiceExt;
 
 const SUPPORT_KEY: &str = "support-key-1";
@@ -48,7 +48,7 @@ struct Harness {
 async fn harness_with(policies: WatchedDir) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(SqliteStore::open(dir.path().join("audit.db")).unwrap());
-    // Wired as `tollgate-webhook standalone` wires them: the audit writer reports its batches
+    // Wired as `tollgate-gateway standalone` wires them: the audit writer reports its batches
     // to the gateway's metrics.
     let metrics = Metrics::default();
     let (log, _) = AuditLog::open(
@@ -579,7 +579,7 @@ async fn the_openapi_document_matches_what_the_gateway_accepts() {
         .iter()
         .map(|c| c.as_str().unwrap())
         .collect();
-    let codes: Vec<&str> = tollgate_webhook::gateway::RefusalCode::ALL
+    let codes: Vec<&str> = tollgate_gateway::RefusalCode::ALL
         .iter()
         .map(|c| c.as_str())
         .collect();

@@ -18,7 +18,7 @@ use tollgate_engine::CompiledPolicy;
 
 use super::policies::{AgentEntry, PolicyProblem};
 use super::{Caller, Refusal, RefusalCode};
-use crate::cluster::{ClusterView, global_switch_engaged};
+use tollgate_runtime::cluster::{ClusterView, global_switch_engaged};
 
 /// The audience agents' tokens must be issued for.
 pub const AUDIENCE: &str = "tollgate";

@@ -117,3 +117,36 @@ pub fn probes(readiness: Readiness, metrics: Metrics) -> Router {
         )
         .with_state((readiness, metrics))
 }
+
+/// Completes on SIGTERM (what Kubernetes sends a pod it stops) or SIGINT (Ctrl-C), so a server
+/// drains its in-flight requests instead of dying with them.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "SIGTERM cannot be caught; stopping on SIGINT only");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutting down: draining in-flight requests");
+}
+
+/// Shuts `handle`'s servers down gracefully (up to `grace` for in-flight requests) once a
+/// shutdown signal arrives.
+pub fn drain_on_signal(handle: Handle<SocketAddr>, grace: Duration) {
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        handle.graceful_shutdown(Some(grace));
+    });
+}

@@ -33,7 +33,7 @@ use tollgate_crds::policy::AgentPolicyStatus;
 use tollgate_engine::CompiledPolicy;
 
 use super::read::Records;
-use crate::cluster::ClusterView;
+use tollgate_runtime::cluster::ClusterView;
 
 /// The field manager of the gateway's status writes.
 pub const MANAGER: &str = "tollgate-gateway";
@@ -82,7 +82,7 @@ pub struct StatusWriter {
     schedule: Schedule,
     now: fn() -> Timestamp,
     hours: tokio::sync::Mutex<Hours>,
-    metrics: Option<crate::metrics::Metrics>,
+    metrics: Option<tollgate_runtime::metrics::Metrics>,
 }
 
 impl std::fmt::Debug for StatusWriter {
@@ -114,7 +114,7 @@ impl StatusWriter {
     }
 
     /// Counts each evaluation in `metrics` (`tollgate_gateway_policy_status_total`).
-    pub fn with_metrics(mut self, metrics: crate::metrics::Metrics) -> Self {
+    pub fn with_metrics(mut self, metrics: tollgate_runtime::metrics::Metrics) -> Self {
         self.metrics = Some(metrics);
         self
     }
@@ -375,8 +375,8 @@ mod tests {
     use tollgate_engine::{Decision, DenyCode, RuleRef};
 
     use super::*;
-    use crate::cluster::StaticView;
-    use crate::gateway::read::Answer;
+    use crate::read::Answer;
+    use tollgate_runtime::cluster::StaticView;
 
     /// The trail, counting the tally queries it answers.
     struct Counted(SqliteStore, AtomicUsize);

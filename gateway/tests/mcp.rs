@@ -19,9 +19,9 @@ use rmcp::transport::streamable_http_server::{
 use rmcp::{ErrorData, RoleServer, ServerHandler};
 use serde_json::{Value, json};
 use tollgate_audit::{AuditLog, Query, Redactor, SqliteStore, Store, WriterConfig, verify};
-use tollgate_webhook::gateway::keys::Keys;
-use tollgate_webhook::gateway::policies::{PolicySet, WatchedDir};
-use tollgate_webhook::gateway::{self, Gateway, mcp};
+use tollgate_gateway::keys::Keys;
+use tollgate_gateway::policies::{PolicySet, WatchedDir};
+use tollgate_gateway::{self as gateway, Gateway, mcp};
 use tower::ServiceExt;
 
 const KEY: &str = "support-key-1";

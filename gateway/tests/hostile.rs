@@ -13,9 +13,9 @@ use http_body_util::BodyExt;
 use proptest::prelude::*;
 use serde_json::{Value, json};
 use tollgate_audit::{AuditLog, Entry, Query, Redactor, SqliteStore, Store, WriterConfig, verify};
-use tollgate_webhook::gateway::keys::Keys;
-use tollgate_webhook::gateway::policies::{PolicySet, WatchedDir};
-use tollgate_webhook::gateway::{self, Gateway, RefusalCode};
+use tollgate_gateway::keys::Keys;
+use tollgate_gateway::policies::{PolicySet, WatchedDir};
+use tollgate_gateway::{self as gateway, Gateway, RefusalCode};
 use tower::ServiceExt;
 
 const KEY: &str = "support-key-1";
