@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admission;
+pub mod image;
 pub mod operator;
 mod pki;
 pub mod postgres;

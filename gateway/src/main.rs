@@ -131,6 +131,8 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
+    // First: a SIGTERM while the stores open must not be lost (see shutdown_signal).
+    let shutdown = server::shutdown_signal();
     let metrics = Metrics::default();
     if let Some(Mode::Standalone {
         policies,
@@ -150,12 +152,18 @@ async fn main() -> anyhow::Result<()> {
             secrets,
             notify,
         };
-        return run::standalone(config, trail, metrics, server::shutdown_signal()).await;
+        return run::standalone(config, trail, metrics, shutdown).await;
+    }
+    let handle = axum_server::Handle::new();
+    {
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            handle.graceful_shutdown(Some(Duration::from_secs(10)));
+        });
     }
     server::install_crypto_provider();
     let client = kube::Client::try_default().await?;
-    let handle = axum_server::Handle::new();
-    server::drain_on_signal(handle.clone(), Duration::from_secs(10));
     let trail = Trail::open(&args.audit, args.chain.clone(), &metrics).await?;
     let config = InCluster {
         namespace: args.namespace,

@@ -69,6 +69,9 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
+    // First: a SIGTERM that comes while the operator starts must not be lost (a container's
+    // first process ignores a signal it has no handler for).
+    let shutdown = tollgate_runtime::server::shutdown_signal();
     let retention = tollgate_engine::duration::parse(&args.approval_retention)
         .map_err(|e| anyhow::anyhow!("--approval-retention: {e}"))?;
     let lease_seconds = args.lease_seconds.max(3);
@@ -91,5 +94,5 @@ async fn main() -> anyhow::Result<()> {
         probe_listen: args.probe_listen,
     };
     let client = kube::Client::try_default().await?;
-    tollgate_operator::run(client, settings, tollgate_operator::shutdown_signal()).await
+    tollgate_operator::run(client, settings, shutdown).await
 }

@@ -119,34 +119,47 @@ pub fn probes(readiness: Readiness, metrics: Metrics) -> Router {
 }
 
 /// Completes on SIGTERM (what Kubernetes sends a pod it stops) or SIGINT (Ctrl-C), so a server
-/// drains its in-flight requests instead of dying with them.
-pub async fn shutdown_signal() {
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "SIGTERM cannot be caught; stopping on SIGINT only");
-                std::future::pending::<()>().await;
-            }
+/// drains its in-flight requests instead of dying with them. The handlers are installed when this
+/// is called, not when the future is first polled: a container's first process ignores a signal
+/// it has no handler for, so a SIGTERM that came while the server was still opening its stores
+/// would otherwise be lost and the pod killed only at the end of its grace period.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
+    use tokio::signal::unix::{SignalKind, signal};
+    let listen = |kind: SignalKind, name: &'static str| match signal(kind) {
+        Ok(signal) => Some(signal),
+        Err(e) => {
+            tracing::warn!(error = %e, signal = name, "cannot catch the signal");
+            None
         }
     };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = terminate => {}
+    let mut terminate = listen(SignalKind::terminate(), "SIGTERM");
+    let mut interrupt = listen(SignalKind::interrupt(), "SIGINT");
+    async move {
+        let received = |signal: &mut Option<tokio::signal::unix::Signal>| {
+            let signal = signal.take();
+            async move {
+                match signal {
+                    Some(mut signal) => {
+                        signal.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            }
+        };
+        tokio::select! {
+            () = received(&mut terminate) => {}
+            () = received(&mut interrupt) => {}
+        }
+        tracing::info!("shutting down: draining in-flight requests");
     }
-    tracing::info!("shutting down: draining in-flight requests");
 }
 
 /// Shuts `handle`'s servers down gracefully (up to `grace` for in-flight requests) once a
-/// shutdown signal arrives.
+/// shutdown signal arrives. Call it before anything slow: the handlers are installed now.
 pub fn drain_on_signal(handle: Handle<SocketAddr>, grace: Duration) {
+    let signal = shutdown_signal();
     tokio::spawn(async move {
-        shutdown_signal().await;
+        signal.await;
         handle.graceful_shutdown(Some(grace));
     });
 }

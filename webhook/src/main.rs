@@ -76,6 +76,8 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
+    let handle = axum_server::Handle::new();
+    tollgate_runtime::server::drain_on_signal(handle.clone(), std::time::Duration::from_secs(10));
     tollgate_runtime::server::install_crypto_provider();
     let client = kube::Client::try_default().await?;
     let settings = Settings {
@@ -85,8 +87,6 @@ async fn main() -> anyhow::Result<()> {
         ),
         gateway_url: args.gateway_url,
     };
-    let handle = axum_server::Handle::new();
-    tollgate_runtime::server::drain_on_signal(handle.clone(), std::time::Duration::from_secs(10));
     let tls = TlsFiles {
         cert: args.tls_cert,
         key: args.tls_key,
