@@ -272,6 +272,7 @@ impl TokenReviewer {
                     RefusalCode::NotAnAgent,
                     format!("{username} is not the ServiceAccount of any AgentIdentity"),
                 )
+                .by(&username)
             })?;
         let extra = user.extra.unwrap_or_default();
         let claim = |key: &str| extra.get(key).and_then(|v| v.first()).cloned();

@@ -645,7 +645,7 @@ impl Gateway {
         path: &str,
         refusal: Refusal,
     ) -> Response {
-        let mut entry = Entry::new((self.now)(), Event::Rejected, identity_of(caller));
+        let mut entry = Entry::new((self.now)(), Event::Rejected, refusal.identity(caller));
         entry.agent = caller.map(|c| c.agent.clone());
         entry.tool = tool.map(str::to_owned);
         entry.error = Some(format!("{path}: {}: {}", refusal.code, refusal.message));
@@ -719,6 +719,9 @@ pub(crate) struct Refusal {
     status: StatusCode,
     code: RefusalCode,
     message: String,
+    /// Who presented a valid credential that is refused all the same (a token of no agent),
+    /// for the record when there is no caller.
+    who: Option<String>,
 }
 
 /// Why the gateway refused a request without a decision: `error.code` of the answer. The OpenAPI
@@ -808,7 +811,26 @@ impl Refusal {
             status,
             code,
             message: message.into(),
+            who: None,
         }
+    }
+
+    /// Names who presented the refused credential.
+    pub(crate) fn by(mut self, username: impl Into<String>) -> Self {
+        self.who = Some(username.into());
+        self
+    }
+
+    /// The identity a record of this refusal names: the caller's, else whoever the credential
+    /// proved to be, else `anonymous`.
+    fn identity(&self, caller: Option<&Caller>) -> Identity {
+        let mut identity = identity_of(caller);
+        if caller.is_none()
+            && let Some(who) = &self.who
+        {
+            identity.username = who.clone();
+        }
+        identity
     }
 
     /// The agent's policy cannot be used: NoPolicy or PolicyInvalid, with the reason.

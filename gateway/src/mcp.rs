@@ -81,7 +81,18 @@ impl Gateway {
         upstream: &str,
         error: String,
     ) -> Result<(), Response> {
-        let mut entry = Entry::new((self.now)(), Event::Rejected, identity_of(holder));
+        self.reject_as(identity_of(holder), holder, upstream, error)
+            .await
+    }
+
+    async fn reject_as(
+        &self,
+        identity: tollgate_audit::Identity,
+        holder: Option<&Caller>,
+        upstream: &str,
+        error: String,
+    ) -> Result<(), Response> {
+        let mut entry = Entry::new((self.now)(), Event::Rejected, identity);
         entry.agent = holder.map(|h| h.agent.clone());
         entry.error = Some(format!("/mcp/{upstream}: {error}"));
         self.metrics.refusals.with_label_values(&["mcp"]).inc();
@@ -120,7 +131,8 @@ pub(super) async fn proxy(
         Ok(holder) => holder,
         Err(refusal) => {
             return match gateway
-                .reject(
+                .reject_as(
+                    refusal.identity(None),
                     None,
                     &upstream,
                     format!("{}: {}", refusal.code, refusal.message),

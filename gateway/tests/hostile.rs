@@ -277,8 +277,8 @@ async fn every_refusal_code_leaves_a_record() {
                 // In their own directories, below.
                 continue;
             }
-            // Need a cluster: the e2e suite makes them (an apiserver that does not answer, a
-            // token of no agent, an ApprovalRequest that cannot be read).
+            // Against an apiserver that does not answer, below; NotAnAgent needs one that does
+            // (e2e `a_token_of_no_agent_is_refused_and_recorded`).
             RefusalCode::AuthenticationUnavailable
             | RefusalCode::NotAnAgent
             | RefusalCode::Misconfigured
@@ -319,6 +319,127 @@ async fn every_refusal_code_leaves_a_record() {
         let d = h.decide("p", "read_customer_record", read()).await;
         assert_eq!(d["code"], code, "{d}");
     }
+}
+
+/// A client of an apiserver that is not there: every call fails at once.
+fn unreachable_apiserver() -> kube::Client {
+    kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap()
+}
+
+/// The sample agents as a cluster would hold them, in namespace `default`.
+fn sample_view() -> Arc<tollgate_runtime::cluster::StaticView> {
+    let mut view = tollgate_runtime::cluster::StaticView::default();
+    for file in ["support-agent.yaml", "deploy-agent.yaml"] {
+        let text = std::fs::read_to_string(samples().join(file)).unwrap();
+        for object in tollgate_engine::manifest::parse(&text) {
+            match object.unwrap() {
+                tollgate_engine::manifest::Object::Identity(mut identity) => {
+                    identity.metadata.namespace = Some("default".into());
+                    view.identities.push(Arc::new(*identity));
+                }
+                tollgate_engine::manifest::Object::Policy(mut policy) => {
+                    policy.metadata.namespace = Some("default".into());
+                    view.policies.push(Arc::new(*policy));
+                }
+                _ => {}
+            }
+        }
+    }
+    Arc::new(view)
+}
+
+async fn harness_of(gateway: Gateway, store: Arc<SqliteStore>, dir: tempfile::TempDir) -> Harness {
+    Harness {
+        app: gateway::router(Arc::new(gateway)),
+        store,
+        _dir: dir,
+    }
+}
+
+async fn trail() -> (AuditLog, Arc<SqliteStore>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path().join("audit.db")).unwrap());
+    let (log, _) = AuditLog::open(store.clone(), WriterConfig::new("hostile"))
+        .await
+        .unwrap();
+    (log, store, dir)
+}
+
+#[tokio::test]
+async fn refusals_for_a_cluster_that_cannot_be_reached_are_recorded_too() {
+    tollgate_runtime::server::install_crypto_provider();
+    // Misconfigured: token authentication over a policy directory.
+    let (log, store, dir) = trail().await;
+    let reviewer = gateway::TokenReviewer::new(unreachable_apiserver());
+    let policies = WatchedDir::fixed(PolicySet::load(&samples()));
+    let h = harness_of(
+        Gateway::new(policies, reviewer, log, Redactor::default()),
+        store,
+        dir,
+    )
+    .await;
+    let (status, body) = h
+        .post("/v1/decide", json!({"runId": "c", "tool": "t"}))
+        .await;
+    assert_eq!(body["error"]["code"], "Misconfigured", "{status} {body}");
+    assert_eq!(h.records().await, 1);
+
+    // AuthenticationUnavailable: the token cannot be reviewed.
+    let (log, store, dir) = trail().await;
+    let cluster = gateway::ClusterPolicies::new(sample_view(), unreachable_apiserver());
+    let reviewer = gateway::TokenReviewer::new(unreachable_apiserver());
+    let h = harness_of(
+        Gateway::new(
+            gateway::Policies::Cluster(cluster),
+            reviewer,
+            log,
+            Redactor::default(),
+        ),
+        store,
+        dir,
+    )
+    .await;
+    let (status, body) = h
+        .post("/v1/decide", json!({"runId": "c", "tool": "t"}))
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"]["code"], "AuthenticationUnavailable", "{body}");
+    assert_eq!(h.records().await, 1);
+
+    // ClusterUnavailable: an approval to redeem that cannot be read.
+    let (log, store, dir) = trail().await;
+    let cluster = gateway::ClusterPolicies::new(sample_view(), unreachable_apiserver());
+    let h = harness_of(
+        Gateway::new(
+            gateway::Policies::Cluster(cluster),
+            keys(),
+            log,
+            Redactor::default(),
+        ),
+        store,
+        dir,
+    )
+    .await;
+    let (status, body) = h
+        .post(
+            "/v1/decide",
+            json!({"runId": "c", "tool": "send_customer_email", "approval": "ar-1",
+                   "arguments": {"customer_id": "C000042", "subject": "s", "body": "b"}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"]["code"], "ClusterUnavailable", "{body}");
+    let entries = h.audit().await;
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert!(
+        entries[0]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("ClusterUnavailable"),
+        "{:?}",
+        entries[0].error
+    );
 }
 
 #[tokio::test]

@@ -425,6 +425,48 @@ impl tollgate_runtime::cluster::ClusterView for Lagging {
 /// (here they never do). The gateway reads the switches from the apiserver itself before it
 /// releases an approved call; when it cannot, the call is not released either.
 #[tokio::test]
+async fn a_token_of_no_agent_is_refused_and_recorded() {
+    // A valid token for the right audience, of a ServiceAccount no AgentIdentity names: 403
+    // NotAnAgent, recorded like every refusal (SECURITY.md 1 and 6).
+    let cp = control_plane();
+    let (ns, _) = sample_agent("not-an-agent").await;
+    run(cp
+        .kubectl(User::Admin)
+        .args(["create", "serviceaccount", "build-bot", "-n", &ns]));
+    let token = run(cp.kubectl(User::Admin).args([
+        "create",
+        "token",
+        "build-bot",
+        "-n",
+        &ns,
+        "--audience",
+        "tollgate",
+    ]));
+    let view = WatchedView::start(cp.client(User::Admin).await, "tollgate-system");
+    view.ready().await;
+    let (url, store, _trail) = gateway_over(Arc::new(view), "gw-e2e-nobody").await;
+    let (status, body) = decide(&reqwest::Client::new(), &url, token.trim(), "run-1").await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["error"]["code"], "NotAnAgent", "{body}");
+    let records = tollgate_audit::Store::query(store.as_ref(), &Default::default())
+        .await
+        .unwrap();
+    assert_eq!(records.len(), 1);
+    let entry = records[0].entry().unwrap();
+    assert_eq!(entry.event, tollgate_audit::Event::Rejected);
+    assert!(
+        entry.error.as_deref().unwrap().contains("NotAnAgent"),
+        "{:?}",
+        entry.error
+    );
+    assert_eq!(
+        entry.identity.username,
+        format!("system:serviceaccount:{ns}:build-bot"),
+        "who was refused is recorded"
+    );
+}
+
+#[tokio::test]
 async fn an_approved_call_is_not_released_once_the_kill_switch_is_engaged_whatever_the_watches_say()
 {
     let cp = control_plane();
