@@ -251,13 +251,42 @@ impl Gateway {
             },
         };
         let mut _following = None;
-        if decision.is_allowed()
-            && let Some(Ok(policy)) = self.policies.agent(&caller.agent).map(|a| a.policy.clone())
-        {
-            _following = Some(self.follow(&caller.agent, &policy).await?);
+        if decision.is_allowed() {
+            let policy = self
+                .policies
+                .agent(&caller.agent)
+                .and_then(|a| a.policy.clone().ok());
+            if let Some(policy) = &policy {
+                _following = Some(self.follow(&caller.agent, policy).await?);
+            }
+            // Once only, across replicas too: the claim is checked under the agent's lock (the
+            // cluster-wide one when replicas share the trail), after catching up with what the
+            // others recorded, and the release is recorded before the lock is let go.
+            match self.claim_release(caller, run, &full_name).await? {
+                Claim::Won => {}
+                Claim::Released => {
+                    return self
+                        .record_redemption(
+                            caller,
+                            run,
+                            tool,
+                            Decision::Deny {
+                                code: DenyCode::ApprovalDenied,
+                                rule,
+                                message: format!(
+                                    "ApprovalRequest {full_name} already released its call once"
+                                ),
+                            },
+                            &full_name,
+                        )
+                        .await;
+                }
+            }
             let state = self.agent_state(&caller.agent);
             let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(run_state) = state.runs.get_mut(run) {
+            if let Some(policy) = &policy
+                && let Some(run_state) = state.runs.get_mut(run)
+            {
                 policy.release(
                     &ToolCall {
                         run_id: run,
@@ -276,11 +305,23 @@ impl Gateway {
         entry.tool = Some(tool.to_owned());
         entry.decision = Some(decision.clone());
         entry.approval = Some(ApprovalRef {
-            name: full_name,
+            name: full_name.clone(),
             phase: format!("{phase:?}"),
             approvers,
         });
-        let audit = self.audit.append(entry).await.map_err(audit_unavailable)?;
+        let audit = match self.audit.append(entry).await {
+            Ok(audit) => audit,
+            Err(e) => {
+                if decision.is_allowed() {
+                    // Not released after all: the approval stays for a retry.
+                    self.redeemed
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&full_name);
+                }
+                return Err(audit_unavailable(e));
+            }
+        };
         Ok(Decided {
             decision,
             step,
@@ -583,42 +624,17 @@ impl Gateway {
                 expires: request.spec.expires_at.0,
             }));
         }
-        if phase == Phase::Approved {
-            if let Some(reason) = self.confirm_release(caller, &full_name, tool).await? {
-                return deny(
-                    DenyCode::KillSwitch,
-                    format!("{reason}: approved {full_name} is not released"),
-                )
-                .await;
-            }
-            let fresh = self
-                .redeemed
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(full_name.clone());
-            let released_before = match &self.history {
-                Some(history) => history
-                    .entries(&caller.agent, Some(run), None)
-                    .await
-                    .map_err(audit_unavailable)?
-                    .iter()
-                    .any(|e| {
-                        e.event == Event::Approval
-                            && e.approval
-                                .as_ref()
-                                .is_some_and(|a| a.name == full_name && a.phase == "Approved")
-                    }),
-                None => false,
-            };
-            if !fresh || released_before {
-                return deny(
-                    DenyCode::ApprovalDenied,
-                    format!("ApprovalRequest {full_name} already released its call once"),
-                )
-                .await;
-            }
+        if phase == Phase::Approved
+            && let Some(reason) = self.confirm_release(caller, &full_name, tool).await?
+        {
+            return deny(
+                DenyCode::KillSwitch,
+                format!("{reason}: approved {full_name} is not released"),
+            )
+            .await;
         }
-        // Approved (released now, once), or denied, expired or cancelled: recorded either way.
+        // Approved (released now, once: `settle` claims it under the agent's lock), or denied,
+        // expired or cancelled: recorded either way.
         let step = Some(request.spec.step.max(0) as u64);
         self.settle(
             caller,
@@ -634,6 +650,49 @@ impl Gateway {
         )
         .await
         .map(|d| Redeemed::Settled(Box::new(d)))
+    }
+
+    /// Claims the one release `full_name` gives: lost when this process released it already or
+    /// the trail records a release of it (by any replica). Hold the agent's lock around it and
+    /// the record of the release. A trail that cannot be read claims nothing (the approval stays
+    /// unused for a retry).
+    async fn claim_release(
+        &self,
+        caller: &Caller,
+        run: &str,
+        full_name: &str,
+    ) -> Result<Claim, axum::response::Response> {
+        let fresh = self
+            .redeemed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(full_name);
+        if !fresh {
+            return Ok(Claim::Released);
+        }
+        let released_before = match &self.history {
+            Some(history) => match history.entries(&caller.agent, Some(run), None).await {
+                Ok(entries) => entries.iter().any(|e| {
+                    e.event == Event::Approval
+                        && e.approval.as_ref().is_some_and(|a| {
+                            a.name == full_name && a.phase == format!("{:?}", Phase::Approved)
+                        })
+                }),
+                Err(e) => {
+                    self.redeemed
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(full_name);
+                    return Err(audit_unavailable(e));
+                }
+            },
+            None => false,
+        };
+        Ok(if released_before {
+            Claim::Released
+        } else {
+            Claim::Won
+        })
     }
 
     async fn record_redemption(
@@ -661,5 +720,47 @@ impl Gateway {
             audit,
             policy: None,
         })
+    }
+}
+
+/// Whether this release of an approval is the one it gives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Claim {
+    /// This one: release the call.
+    Won,
+    /// Released before, here or by another replica.
+    Released,
+}
+
+/// ApprovalRequests whose call was released, by `namespace/name`: at most [`Released::LIMIT`]
+/// in memory, the oldest forgotten first (the trail still holds every release).
+#[derive(Debug, Default)]
+pub(crate) struct Released {
+    names: std::collections::HashSet<String>,
+    order: std::collections::VecDeque<String>,
+}
+
+impl Released {
+    const LIMIT: usize = 65_536;
+
+    /// Notes `name`; false when it was noted already.
+    pub(crate) fn insert(&mut self, name: &str) -> bool {
+        if !self.names.insert(name.to_owned()) {
+            return false;
+        }
+        self.order.push_back(name.to_owned());
+        while self.order.len() > Self::LIMIT {
+            if let Some(oldest) = self.order.pop_front() {
+                self.names.remove(&oldest);
+            }
+        }
+        true
+    }
+
+    /// Forgets `name` (its release did not happen).
+    pub(crate) fn remove(&mut self, name: &str) {
+        if self.names.remove(name) {
+            self.order.retain(|n| n != name);
+        }
     }
 }

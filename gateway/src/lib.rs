@@ -23,6 +23,7 @@ pub mod mcp;
 pub mod policies;
 pub mod read;
 pub mod run;
+mod runs;
 pub mod shared;
 pub mod standing;
 
@@ -124,16 +125,28 @@ impl Policies {
 
 /// Budget state of one agent: its identity window and its runs. One lock per agent, held while a
 /// call is evaluated and recorded, so parallel calls cannot race past a ceiling.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct AgentState {
     window: WindowState,
-    runs: HashMap<String, RunState>,
+    runs: runs::Runs,
     /// Whether the window has been rebuilt from the trail since the gateway started.
     window_loaded: bool,
     /// With budgets shared between replicas: the position in the shared trail up to which
     /// other replicas' records of this agent are applied, and what those records left pending.
     position: Option<i64>,
     follower: tollgate_audit::replay::Follower,
+}
+
+impl AgentState {
+    fn new(run_limit: usize) -> Self {
+        Self {
+            window: WindowState::default(),
+            runs: runs::Runs::new(run_limit),
+            window_loaded: false,
+            position: None,
+            follower: Default::default(),
+        }
+    }
 }
 
 /// Reads an agent's recorded entries back, so that a restarted gateway continues every run's
@@ -191,13 +204,15 @@ pub struct Gateway {
     escalation: Arc<Escalation>,
     pub(crate) metrics: tollgate_runtime::metrics::Metrics,
     /// ApprovalRequests whose call was released through `approval` (exactly once).
-    redeemed: Mutex<std::collections::HashSet<String>>,
+    redeemed: Mutex<approvals::Released>,
     /// How often a streamed MCP answer sends a keep-alive while the call waits.
     pub(crate) keep_alive: std::time::Duration,
     /// Budgets shared with other replicas, when the trail is shared.
     shared: Option<Arc<dyn Shared>>,
     /// With budgets shared: per agent, this process's hold on the agent's cluster-wide lock.
     gates: Gates,
+    /// Runs held in memory per agent when a trail can rebuild the others.
+    run_limit: usize,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -235,7 +250,39 @@ impl Gateway {
             keep_alive: std::time::Duration::from_secs(15),
             shared: None,
             gates: Gates::default(),
+            run_limit: runs::DEFAULT_LIMIT,
         }
+    }
+
+    /// Holds at most `limit` runs of each agent in memory (default 10,000); the others are
+    /// rebuilt from the trail when their next call comes. Only with a history
+    /// ([`Gateway::with_history`]): without one, memory is the only record and nothing is dropped.
+    pub fn with_run_limit(mut self, limit: usize) -> Self {
+        self.run_limit = limit.max(1);
+        self
+    }
+
+    fn run_limit(&self) -> usize {
+        if self.history.is_some() {
+            self.run_limit
+        } else {
+            usize::MAX
+        }
+    }
+
+    /// How many runs, of every agent, the gateway holds in memory now.
+    pub fn runs_in_memory(&self) -> usize {
+        let agents: Vec<_> = self
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        agents
+            .iter()
+            .map(|a| a.lock().unwrap_or_else(|e| e.into_inner()).runs.len())
+            .sum()
     }
 
     /// Shares budgets live with the other replicas writing the same PostgreSQL trail: every
@@ -300,7 +347,7 @@ impl Gateway {
             // window counts its calls now.
             let mut scratch_run = RunState::default();
             let mut scratch_window = WindowState::default();
-            let run = match entry.run.as_ref().and_then(|r| runs.get_mut(r)) {
+            let run = match entry.run.as_ref().and_then(|r| runs.get_mut_untouched(r)) {
                 Some(run) => run,
                 None => &mut scratch_run,
             };
@@ -389,7 +436,7 @@ impl Gateway {
         };
         let (need_window, need_run) = {
             let state = state.lock().unwrap_or_else(|e| e.into_inner());
-            (!state.window_loaded, !state.runs.contains_key(run))
+            (!state.window_loaded, !state.runs.contains(run))
         };
         let window = match (need_window, policy.budget_window()) {
             (true, Some(span)) => {
@@ -412,9 +459,13 @@ impl Gateway {
                 .entries(agent, Some(run), None)
                 .await
                 .map_err(audit_unavailable)?;
-            tollgate_audit::replay::rebuild(policy, &entries)
-                .runs
-                .remove(run)
+            // A run the trail has no record of starts from nothing; either way it is held now.
+            Some(
+                tollgate_audit::replay::rebuild(policy, &entries)
+                    .runs
+                    .remove(run)
+                    .unwrap_or_default(),
+            )
         } else {
             None
         };
@@ -426,7 +477,11 @@ impl Gateway {
             state.window_loaded = true;
         }
         if let Some(run_state) = run_state {
-            state.runs.entry(run.to_owned()).or_insert(run_state);
+            let before = state.runs.len();
+            state.runs.hold(run, run_state);
+            self.metrics
+                .runs_in_memory
+                .add(state.runs.len() as i64 - before as i64);
         }
         Ok(())
     }
@@ -504,7 +559,7 @@ impl Gateway {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entry(agent.to_owned())
-            .or_default()
+            .or_insert_with(|| Arc::new(Mutex::new(AgentState::new(self.run_limit()))))
             .clone()
     }
 }
@@ -541,12 +596,28 @@ impl Gateway {
             self.hydrate(&agent.id, &run, policy, now).await?;
         }
         let mut was_halted = false;
+        let mut evicted = false;
         let (decision, policy, run_counters) = match agent.map(|a| (a, &a.policy)) {
-            Some((agent, Ok(policy))) => {
+            Some((agent, Ok(policy))) => 'decided: {
                 let state = self.agent_state(&agent.id);
                 let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
                 let AgentState { window, runs, .. } = &mut *state;
-                let run_state = runs.entry(run.clone()).or_default();
+                let run_state = if self.history.is_some() {
+                    // Held by `hydrate` just now; gone only if, in between, thousands of other
+                    // runs of this agent pushed it out of memory: never start it from nothing.
+                    match runs.get_mut(&run) {
+                        Some(run_state) => run_state,
+                        None => {
+                            evicted = true;
+                            break 'decided (deny_without_policy(""), None, None);
+                        }
+                    }
+                } else {
+                    if !runs.contains(&run) {
+                        self.metrics.runs_in_memory.inc();
+                    }
+                    runs.get_or_default(&run)
+                };
                 was_halted = run_state.halted.is_some();
                 // Always asked (not short-circuited): seeing the switch engaged at its source
                 // is what hands it back to that source.
@@ -591,6 +662,20 @@ impl Gateway {
             }
         };
 
+        if evicted {
+            let refusal = Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                RefusalCode::AuditUnavailable,
+                format!(
+                    "run {run:?} left the gateway's memory while its call waited (thousands of \
+                     other runs of agent {} came meanwhile); nothing was decided; retry",
+                    holder.agent
+                ),
+            );
+            return Err(self
+                .refuse_recorded(Some(holder), Some(tool), "/v1/decide", refusal)
+                .await);
+        }
         let step = run_counters.as_ref().map(|c| c.steps);
         let mut entry = Entry::new(now, Event::Decide, identity);
         entry.agent = Some(holder.agent.clone());
@@ -1226,7 +1311,9 @@ async fn report(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: B
         let state = gateway.agent_state(&holder.agent);
         let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
         let AgentState { window, runs, .. } = &mut *state;
-        runs.get_mut(&run).map(|run_state| {
+        // A run with no step has never started (with a trail, `hydrate` holds every run it
+        // looked up, started or not).
+        runs.get_mut(&run).filter(|r| r.steps > 0).map(|run_state| {
             match run_state.take_report(request.step) {
                 Some(tool) if tool == request.tool => {}
                 other => {

@@ -592,3 +592,71 @@ proptest! {
         });
     }
 }
+
+#[tokio::test]
+async fn rotating_run_ids_keeps_memory_bounded_and_a_dropped_run_keeps_its_budget() {
+    // An agent may send any number of run ids: past the limit the least recently used runs leave
+    // memory, and one that comes back is rebuilt from the trail with everything it had used.
+    let (log, store, dir) = trail().await;
+    let gateway = Arc::new(
+        Gateway::new(
+            WatchedDir::fixed(PolicySet::load(&samples())),
+            keys(),
+            log,
+            Redactor::default(),
+        )
+        .with_history(store.clone())
+        .with_run_limit(50),
+    );
+    let h = Harness {
+        app: gateway::router(gateway.clone()),
+        store,
+        _dir: dir,
+    };
+    for _ in 0..24 {
+        assert_eq!(
+            h.decide("long", "read_customer_record", read()).await["decision"],
+            "allow"
+        );
+    }
+    let (status, _) = h
+        .report(
+            json!({"runId": "long", "step": 24, "tool": "read_customer_record",
+                       "usage": {"tokens": 40000}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    for i in 0..1_000 {
+        // Past the sample's 100 runs per hour these are halted, and still runs to hold.
+        h.decide(&format!("rotated-{i}"), "read_customer_record", read())
+            .await;
+        assert!(
+            gateway.runs_in_memory() <= 50,
+            "{}",
+            gateway.runs_in_memory()
+        );
+    }
+    // "long" left memory long ago; its 24 steps and 40,000 tokens come back from the trail.
+    let step = h.decide("long", "read_customer_record", read()).await;
+    assert_eq!(step["decision"], "allow", "{step}");
+    assert_eq!(step["step"], 25, "{step}");
+    let (_, body) = h
+        .report(
+            json!({"runId": "long", "step": 25, "tool": "read_customer_record",
+                       "usage": {"tokens": 20000}}),
+        )
+        .await;
+    assert_eq!(body["counters"]["tokens"], 60000, "{body}");
+    assert_eq!(
+        body["halted"]["clause"], "spec.execution.maxTokensPerRun",
+        "{body}"
+    );
+    // A run never started is still no run to report on.
+    let (status, body) = h
+        .report(json!({"runId": "never", "step": 1, "tool": "read_customer_record"}))
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("UnknownRun"))
+    );
+}

@@ -22,6 +22,9 @@ pub struct Metrics {
     pub refusals: IntCounterVec,
     /// Calls waiting for people now.
     pub waiting: IntGauge,
+    /// Runs whose budget state the gateway holds in memory now (bounded per agent; the rest are
+    /// rebuilt from the trail when they come back).
+    pub runs_in_memory: IntGauge,
     /// Budget breaches escalated.
     pub breaches: IntCounter,
     /// Audit batches the writer handed to its store, by outcome (committed, failed).
@@ -92,6 +95,11 @@ impl Default for Metrics {
             "Calls waiting for an approval decision",
         )
         .expect("a valid metric");
+        let runs_in_memory = IntGauge::new(
+            "tollgate_gateway_runs_in_memory",
+            "Runs whose budget state the gateway holds in memory",
+        )
+        .expect("a valid metric");
         let breaches = IntCounter::new(
             "tollgate_gateway_breaches_total",
             "Budget breaches that halted a run and were escalated",
@@ -142,6 +150,7 @@ impl Default for Metrics {
             Box::new(decision_duration.clone()),
             Box::new(refusals.clone()),
             Box::new(waiting.clone()),
+            Box::new(runs_in_memory.clone()),
             Box::new(breaches.clone()),
             Box::new(audit_batches.clone()),
             Box::new(audit_batch_records.clone()),
@@ -159,6 +168,7 @@ impl Default for Metrics {
             decision_duration,
             refusals,
             waiting,
+            runs_in_memory,
             breaches,
             audit_batches,
             audit_batch_records,

@@ -425,6 +425,94 @@ impl tollgate_runtime::cluster::ClusterView for Lagging {
 /// (here they never do). The gateway reads the switches from the apiserver itself before it
 /// releases an approved call; when it cannot, the call is not released either.
 #[tokio::test]
+async fn two_replicas_racing_to_redeem_one_approval_release_it_once() {
+    // A wait:false call approved by alice, then redeemed 100 times at once through two
+    // replicas sharing one PostgreSQL trail: exactly one redemption releases the call.
+    let cp = control_plane();
+    let (ns, token) = sample_agent("once").await;
+    let view = WatchedView::start(cp.client(User::Admin).await, "tollgate-system");
+    view.ready().await;
+    let view: Arc<dyn tollgate_runtime::cluster::ClusterView> = Arc::new(view);
+    let trail = tollgate_e2e::postgres::postgres()
+        .database("approval_once")
+        .unwrap();
+    let mut replicas = Vec::new();
+    for chain in ["gw-once-a", "gw-once-b"] {
+        let store = Arc::new(
+            tollgate_audit::PostgresStore::connect(&trail)
+                .await
+                .unwrap(),
+        );
+        let (log, _) = AuditLog::open(store.clone(), WriterConfig::new(chain))
+            .await
+            .unwrap();
+        let gateway = Gateway::new(
+            gateway::Policies::Cluster(ClusterPolicies::new(
+                view.clone(),
+                cp.client_as(GATEWAY).await,
+            )),
+            TokenReviewer::new(cp.client(User::Admin).await),
+            log,
+            Redactor::default(),
+        )
+        .with_history(store.clone())
+        .with_shared(store);
+        replicas.push(tollgate_e2e::serve_gateway(gateway).await);
+    }
+    let http = reqwest::Client::new();
+    let later = email("once");
+    let (status, pending) = post_decide(
+        &http,
+        &replicas[0],
+        &token,
+        json!({"runId": "run-1", "tool": "send_customer_email", "arguments": later,
+               "wait": false}),
+    )
+    .await;
+    assert_eq!(status, 202, "{pending}");
+    let ticket = pending["approvalRequest"]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    alice_approves(&ns, &ticket, "once").await;
+    let redemptions: Vec<_> = (0..100)
+        .map(|i| {
+            let (http, url, token) = (http.clone(), replicas[i % 2].clone(), token.clone());
+            let body = json!({"runId": "run-1", "tool": "send_customer_email",
+                              "arguments": later, "approval": ticket});
+            tokio::spawn(async move { post_decide(&http, &url, &token, body).await })
+        })
+        .collect();
+    let mut released = 0;
+    for redemption in redemptions {
+        let (status, answer) = redemption.await.unwrap();
+        assert_eq!(status, 200, "{answer}");
+        match answer["decision"].as_str() {
+            Some("allow") => released += 1,
+            _ => assert_eq!(answer["code"], "ApprovalDenied", "{answer}"),
+        }
+    }
+    assert_eq!(released, 1, "one approval releases one call");
+    // The trail agrees: one release of it, whichever replica made it.
+    let store = tollgate_audit::PostgresStore::connect(&trail)
+        .await
+        .unwrap();
+    let records = tollgate_audit::Store::query(&store, &Default::default())
+        .await
+        .unwrap();
+    let releases = records
+        .iter()
+        .filter_map(|r| r.entry().ok())
+        .filter(|e| {
+            e.approval
+                .as_ref()
+                .is_some_and(|a| a.name.ends_with(&ticket) && a.phase == "Approved")
+        })
+        .count();
+    assert_eq!(releases, 1);
+}
+
+#[tokio::test]
 async fn a_token_of_no_agent_is_refused_and_recorded() {
     // A valid token for the right audience, of a ServiceAccount no AgentIdentity names: 403
     // NotAnAgent, recorded like every refusal (SECURITY.md 1 and 6).
