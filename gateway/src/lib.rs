@@ -213,7 +213,12 @@ pub struct Gateway {
     gates: Gates,
     /// Runs held in memory per agent when a trail can rebuild the others.
     run_limit: usize,
+    /// The most bytes of an upstream's answer the MCP proxy reads.
+    pub(crate) upstream_limit: usize,
 }
+
+/// The most bytes of an upstream MCP answer the gateway reads by default: 16 MiB.
+pub const DEFAULT_UPSTREAM_LIMIT: usize = 16 * 1024 * 1024;
 
 impl std::fmt::Debug for Gateway {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -251,7 +256,15 @@ impl Gateway {
             shared: None,
             gates: Gates::default(),
             run_limit: runs::DEFAULT_LIMIT,
+            upstream_limit: DEFAULT_UPSTREAM_LIMIT,
         }
+    }
+
+    /// Reads at most `bytes` of an upstream MCP server's answer (default 16 MiB); a longer one is
+    /// not passed on, and the call is answered with an upstream error saying so.
+    pub fn with_upstream_limit(mut self, bytes: usize) -> Self {
+        self.upstream_limit = bytes;
+        self
     }
 
     /// Holds at most `limit` runs of each agent in memory (default 10,000); the others are

@@ -339,8 +339,33 @@ fn run_of(headers: &HeaderMap) -> Result<String, String> {
     }
 }
 
+/// Why a message sent upstream brought back no answer to pass on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum SendError {
+    /// The upstream never took the message (unreachable, no credential): nothing ran.
+    NotSent(String),
+    /// The upstream took it and answered something the gateway does not pass on (too large, not
+    /// MCP, broken off): the call may have run.
+    Unusable(String),
+}
+
+impl SendError {
+    fn ran(&self) -> bool {
+        matches!(self, SendError::Unusable(_))
+    }
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::NotSent(m) | SendError::Unusable(m) => f.write_str(m),
+        }
+    }
+}
+
 /// Sends `message` upstream and returns the upstream's JSON-RPC answer (`Ok(None)` for an
-/// accepted notification), with the session header to pass back.
+/// accepted notification), with the session header to pass back. An answer longer than the
+/// gateway's upstream limit is not read on (`Gateway::with_upstream_limit`).
 async fn send(
     gateway: &Gateway,
     holder: &Caller,
@@ -348,7 +373,7 @@ async fn send(
     upstream: &str,
     headers: &HeaderMap,
     message: &Value,
-) -> Result<(Option<Value>, Option<HeaderValue>), String> {
+) -> Result<(Option<Value>, Option<HeaderValue>), SendError> {
     let mut request = gateway
         .http
         .post(url)
@@ -361,13 +386,17 @@ async fn send(
             request = request.header(name, value);
         }
     }
-    if let Some((header, value)) = gateway.credential(&holder.agent, upstream).await? {
+    if let Some((header, value)) = gateway
+        .credential(&holder.agent, upstream)
+        .await
+        .map_err(SendError::NotSent)?
+    {
         request = request.header(header, value);
     }
-    let response = request
+    let mut response = request
         .send()
         .await
-        .map_err(|e| format!("upstream {upstream:?} unreachable: {e}"))?;
+        .map_err(|e| SendError::NotSent(format!("upstream {upstream:?} unreachable: {e}")))?;
     let status = response.status();
     let session = response.headers().get(SESSION_HEADER).cloned();
     let sse = response
@@ -375,15 +404,32 @@ async fn send(
         .get("content-type")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
-    let body = response
-        .bytes()
-        .await
-        .map_err(|e| format!("upstream {upstream:?} broke off its answer: {e}"))?;
+    let limit = gateway.upstream_limit;
+    let too_large = || {
+        SendError::Unusable(format!(
+            "upstream {upstream:?} answered more than {limit} bytes, the most the gateway reads; \
+             nothing of it was passed on"
+        ))
+    };
+    if response.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| {
+        SendError::Unusable(format!("upstream {upstream:?} broke off its answer: {e}"))
+    })? {
+        if body.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
     if status == reqwest::StatusCode::ACCEPTED && body.is_empty() {
         return Ok((None, session));
     }
     if !status.is_success() && body.is_empty() {
-        return Err(format!("upstream {upstream:?} answered HTTP {status}"));
+        return Err(SendError::Unusable(format!(
+            "upstream {upstream:?} answered HTTP {status}"
+        )));
     }
     let answer = if sse {
         answer_in_events(&body, message.get("id"))
@@ -392,9 +438,9 @@ async fn send(
     };
     match answer {
         Some(answer) => Ok((Some(answer), session)),
-        None => Err(format!(
+        None => Err(SendError::Unusable(format!(
             "upstream {upstream:?} answered HTTP {status} without a JSON-RPC answer"
-        )),
+        ))),
     }
 }
 
@@ -445,7 +491,7 @@ async fn forward(
             StatusCode::BAD_GATEWAY,
             message.get("id").cloned().unwrap_or(Value::Null),
             codes::UPSTREAM,
-            e,
+            e.to_string(),
             None,
         )),
     }
@@ -467,7 +513,7 @@ async fn list_tools(
                 StatusCode::BAD_GATEWAY,
                 message["id"].clone(),
                 codes::UPSTREAM,
-                e,
+                e.to_string(),
                 None,
             );
         }
@@ -826,13 +872,15 @@ async fn call_tool(
         }
         Ok((None, session)) => answer(StatusCode::ACCEPTED, None, session),
         Err(e) => {
-            entry.error = Some(e.clone());
-            entry.not_run = true;
+            entry.error = Some(e.to_string());
+            // What never reached the upstream did not run; an answer that could not be used may
+            // come from a call that did.
+            entry.not_run = !e.ran();
             rpc_error(
                 StatusCode::BAD_GATEWAY,
                 forwarded["id"].clone(),
                 codes::UPSTREAM,
-                e,
+                e.to_string(),
                 None,
             )
         }

@@ -107,6 +107,12 @@ impl ServerHandler for Crm {
                     .to_string(),
             ),
             "C000098" => Some("Customer C000098, SSN 987-65-4321, no orders.".to_owned()),
+            // A record of 100 kB.
+            "C000095" => Some(
+                json!({"customer_id": "C000095", "ssn": "987-65-4321",
+                       "order_history": vec!["O-1"; 10_000]})
+                .to_string(),
+            ),
             _ => None,
         };
         if let Some(text) = text {
@@ -154,6 +160,11 @@ struct Harness {
 }
 
 async fn harness() -> Harness {
+    harness_with(|gateway| gateway).await
+}
+
+/// [`harness`] with the gateway configured by `configure` too.
+async fn harness_with(configure: impl FnOnce(Gateway) -> Gateway) -> Harness {
     let (url, calls, delay) = upstream().await;
     let dir = tempfile::tempdir().unwrap();
     let samples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/samples");
@@ -195,6 +206,7 @@ async fn harness() -> Harness {
     )
     .with_secrets(dir.path().join("secrets"))
     .with_keep_alive(std::time::Duration::from_millis(50));
+    let gateway = configure(gateway);
     Harness {
         app: gateway::router(Arc::new(gateway)),
         store,
@@ -943,4 +955,54 @@ async fn a_call_its_upstream_refused_is_recorded_as_not_run() {
             ("report".to_owned(), Some("notRun".to_owned()))
         ]
     );
+}
+
+#[tokio::test]
+async fn an_upstream_answer_past_the_limit_is_not_read_on_nor_passed() {
+    // C000095's record is about 100 kB; the proxy reads at most 64 KiB.
+    let h = harness_with(|gateway| gateway.with_upstream_limit(64 * 1024)).await;
+    let session = h.session().await;
+    let reply = h
+        .call(
+            &session,
+            3,
+            "read_customer_record",
+            json!({"customer_id": "C000095"}),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{}", reply.body);
+    assert_eq!(
+        reply.body["error"]["code"],
+        mcp::codes::UPSTREAM,
+        "{}",
+        reply.body
+    );
+    assert!(
+        reply.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("more than 65536 bytes"),
+        "{}",
+        reply.body
+    );
+    assert!(!reply.body.to_string().contains("987-65-4321"));
+    // The call reached the upstream (it may have run), so it is recorded with the error and is
+    // not taken for a call that never ran.
+    let records = h
+        .store
+        .query(&Query {
+            run: Some(session.clone()),
+            ..Query::default()
+        })
+        .await
+        .unwrap();
+    let report = records.last().unwrap().entry().unwrap();
+    assert!(
+        report
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("more than 65536 bytes")
+    );
+    assert!(!report.not_run);
 }
