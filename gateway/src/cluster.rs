@@ -163,11 +163,18 @@ impl ClusterPolicies {
 }
 
 /// Reviews ServiceAccount tokens with the apiserver and caches the answer by the token's digest
-/// until the token expires (at most five minutes).
+/// until the token expires (at most five minutes). A refused token (not valid for the audience,
+/// or of no agent) is remembered for [`REFUSED_TTL`], so a caller repeating a bad token costs the
+/// apiserver one review per interval, not one per request.
 pub struct TokenReviewer {
     client: kube::Client,
     cache: Mutex<HashMap<[u8; 32], (Caller, Instant)>>,
+    refused: Mutex<HashMap<[u8; 32], (Refusal, Instant)>>,
+    refused_ttl: Duration,
 }
+
+/// How long a refused token's answer is remembered by default.
+pub const REFUSED_TTL: Duration = Duration::from_secs(10);
 
 impl std::fmt::Debug for TokenReviewer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -207,17 +214,59 @@ impl TokenReviewer {
         Self {
             client,
             cache: Mutex::new(HashMap::new()),
+            refused: Mutex::new(HashMap::new()),
+            refused_ttl: REFUSED_TTL,
         }
     }
 
-    /// The caller `token` authenticates, acting as the AgentIdentity whose ServiceAccount it
-    /// belongs to.
+    /// Remembers a refused token's answer for `ttl` (default [`REFUSED_TTL`]; zero: never).
+    pub fn with_refused_ttl(mut self, ttl: Duration) -> Self {
+        self.refused_ttl = ttl;
+        self
+    }
+
+    /// Reviews `token`; a refusal the apiserver gave (never an outage) is remembered for a while.
     pub(crate) async fn review(
         &self,
         token: &str,
         policies: &ClusterPolicies,
     ) -> Result<Caller, Refusal> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some((refusal, until)) = self
+            .refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&digest)
+            && *until > Instant::now()
+        {
+            return Err(refusal.clone());
+        }
+        let answer = self.review_uncached(token, digest, policies).await;
+        if let Err(refusal) = &answer
+            && refusal.code != RefusalCode::AuthenticationUnavailable
+            && !self.refused_ttl.is_zero()
+        {
+            let mut refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+            if refused.len() >= MAX_ENTRIES {
+                let now = Instant::now();
+                refused.retain(|_, (_, until)| *until > now);
+                if refused.len() >= MAX_ENTRIES {
+                    refused.clear();
+                }
+            }
+            refused.insert(digest, (refusal.clone(), Instant::now() + self.refused_ttl));
+        }
+        answer
+    }
+
+    /// The caller `token` authenticates, acting as the AgentIdentity whose ServiceAccount it
+    /// belongs to.
+    async fn review_uncached(
+        &self,
+        token: &str,
+        digest: [u8; 32],
+        policies: &ClusterPolicies,
+    ) -> Result<Caller, Refusal> {
         if let Some((caller, until)) = self
             .cache
             .lock()

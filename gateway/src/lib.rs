@@ -813,6 +813,7 @@ fn decision_kind(decision: &Decision) -> &'static str {
 }
 
 /// A refusal before any decision: what is wrong, as a stable code and words.
+#[derive(Debug, Clone)]
 pub(crate) struct Refusal {
     status: StatusCode,
     code: RefusalCode,

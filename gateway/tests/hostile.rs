@@ -660,3 +660,72 @@ async fn rotating_run_ids_keeps_memory_bounded_and_a_dropped_run_keeps_its_budge
         (StatusCode::CONFLICT, Some("UnknownRun"))
     );
 }
+
+/// An apiserver that answers every TokenReview "not authenticated", counting them.
+async fn refusing_apiserver() -> (kube::Client, Arc<std::sync::atomic::AtomicU64>) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let reviews = Arc::new(AtomicU64::new(0));
+    let counted = reviews.clone();
+    let app = axum::Router::new().route(
+        "/apis/authentication.k8s.io/v1/tokenreviews",
+        axum::routing::post(move || {
+            let counted = counted.clone();
+            async move {
+                counted.fetch_add(1, Ordering::SeqCst);
+                axum::Json(json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                    "spec": {}, "status": {"authenticated": false, "error": "invalid bearer token"}}))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+    (client, reviews)
+}
+
+#[tokio::test]
+async fn a_refused_token_repeated_costs_the_apiserver_one_review_per_interval() {
+    use std::sync::atomic::Ordering;
+    tollgate_runtime::server::install_crypto_provider();
+    for (ttl, expected) in [(Duration::from_secs(60), 2), (Duration::ZERO, 6)] {
+        let (client, reviews) = refusing_apiserver().await;
+        let (log, store, dir) = trail().await;
+        let cluster = gateway::ClusterPolicies::new(sample_view(), unreachable_apiserver());
+        let reviewer = gateway::TokenReviewer::new(client).with_refused_ttl(ttl);
+        let h = harness_of(
+            Gateway::new(
+                gateway::Policies::Cluster(cluster),
+                reviewer,
+                log,
+                Redactor::default(),
+            ),
+            store,
+            dir,
+        )
+        .await;
+        for token in [
+            "bad-token-1",
+            "bad-token-1",
+            "bad-token-1",
+            "bad-token-1",
+            "bad-token-2",
+            "bad-token-2",
+        ] {
+            let (status, body) = h
+                .post_bytes("/v1/decide", token, b"{\"tool\": \"t\"}".to_vec())
+                .await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+            assert!(
+                body["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("invalid bearer token"),
+                "{body}"
+            );
+        }
+        assert_eq!(reviews.load(Ordering::SeqCst), expected, "ttl {ttl:?}");
+        // Every refusal is still recorded.
+        assert_eq!(h.records().await, 6);
+    }
+}
