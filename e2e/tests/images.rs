@@ -1,6 +1,7 @@
-//! Tollgate's images as `cargo run -p tollgate-e2e --bin images` writes them (`.ci/run` does,
-//! before the tests): what they hold, and that each runs under a real container runtime
-//! (containerd and runc from Debian) as user 65532 on a read-only root filesystem.
+//! Tollgate's images as `cargo run -p tollgate-e2e --bin images` writes them (the README's test
+//! command and `.ci/run` do, before the tests): what they hold, and that each runs under a real
+//! container runtime (containerd and runc from Debian, installed with apt-get when missing, as
+//! the PostgreSQL harness does) as user 65532 on a read-only root filesystem.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -96,8 +97,41 @@ struct Containerd {
     namespace: String,
 }
 
+/// Installs Debian's containerd and runc when they are missing (needs root, as in CI).
+fn ensure_containerd() {
+    let present = |tool: &str| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if present("containerd") && present("ctr") && present("runc") {
+        return;
+    }
+    let apt = |args: &[&str]| {
+        Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let packages = [
+        "install",
+        "-y",
+        "--no-install-recommends",
+        "containerd",
+        "runc",
+    ];
+    assert!(
+        apt(&packages) || (apt(&["update"]) && apt(&packages)),
+        "containerd and runc are missing and apt-get could not install them: run \
+         `apt-get install -y containerd runc` as root"
+    );
+}
+
 impl Containerd {
     fn start() -> Self {
+        ensure_containerd();
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("config.toml");
         // No CRI (no kubelet here); containers run with runc's v2 shim, cgroupfs.
