@@ -10,7 +10,7 @@ use clap::Parser;
 use tollgate_gateway::run::{self, InCluster, Standalone, Trail};
 use tollgate_gateway::standing::Schedule;
 use tollgate_runtime::metrics::Metrics;
-use tollgate_runtime::server::{self, TlsFiles};
+use tollgate_runtime::server::{self, Serving};
 
 /// mimalloc rather than the system allocator: a decision allocates and frees many small
 /// buffers on two threads, and glibc's malloc was about a tenth of the gateway's CPU
@@ -27,26 +27,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Args {
     #[command(subcommand)]
     mode: Option<Mode>,
-    /// Address of the TLS listener agents call.
-    #[arg(long, env = "TOLLGATE_LISTEN", default_value = "0.0.0.0:8443")]
-    listen: SocketAddr,
-    /// Address of the plain listener for /healthz, /readyz and /metrics.
-    #[arg(long, env = "TOLLGATE_PROBE_LISTEN", default_value = "0.0.0.0:8080")]
-    probe_listen: SocketAddr,
-    /// PEM certificate chain; reloaded when the file changes.
-    #[arg(
-        long,
-        env = "TOLLGATE_TLS_CERT",
-        default_value = "/etc/tollgate/tls/tls.crt"
-    )]
-    tls_cert: PathBuf,
-    /// PEM private key; reloaded when the file changes.
-    #[arg(
-        long,
-        env = "TOLLGATE_TLS_KEY",
-        default_value = "/etc/tollgate/tls/tls.key"
-    )]
-    tls_key: PathBuf,
+    #[command(flatten)]
+    serving: Serving,
     /// Tollgate's own namespace (the global kill switch, the notification Secret).
     #[arg(long, env = "TOLLGATE_NAMESPACE", default_value = "tollgate-system")]
     namespace: String,
@@ -167,12 +149,9 @@ async fn main() -> anyhow::Result<()> {
     let trail = Trail::open(&args.audit, args.chain.clone(), &metrics).await?;
     let config = InCluster {
         namespace: args.namespace,
-        listen: args.listen,
-        probe_listen: args.probe_listen,
-        tls: TlsFiles {
-            cert: args.tls_cert,
-            key: args.tls_key,
-        },
+        listen: args.serving.listen,
+        probe_listen: args.serving.probe_listen,
+        tls: args.serving.tls(),
         standing: (!args.standing_interval.is_zero()).then_some(Schedule {
             interval: args.standing_interval,
             window: args.drift_window,

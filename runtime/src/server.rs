@@ -17,6 +17,42 @@ use axum_server::tls_rustls::RustlsConfig;
 
 use crate::metrics::Metrics;
 
+/// The flags every in-cluster Tollgate server takes: its TLS listener, its probe listener and its
+/// certificate (`#[command(flatten)]` them into a binary's arguments).
+#[derive(Debug, Clone, clap::Args)]
+pub struct Serving {
+    /// Address of the TLS listener.
+    #[arg(long, env = "TOLLGATE_LISTEN", default_value = "0.0.0.0:8443")]
+    pub listen: SocketAddr,
+    /// Address of the plain listener for /healthz, /readyz and /metrics.
+    #[arg(long, env = "TOLLGATE_PROBE_LISTEN", default_value = "0.0.0.0:8080")]
+    pub probe_listen: SocketAddr,
+    /// PEM certificate chain; reloaded when the file changes.
+    #[arg(
+        long,
+        env = "TOLLGATE_TLS_CERT",
+        default_value = "/etc/tollgate/tls/tls.crt"
+    )]
+    pub tls_cert: PathBuf,
+    /// PEM private key; reloaded when the file changes.
+    #[arg(
+        long,
+        env = "TOLLGATE_TLS_KEY",
+        default_value = "/etc/tollgate/tls/tls.key"
+    )]
+    pub tls_key: PathBuf,
+}
+
+impl Serving {
+    /// The certificate's files.
+    pub fn tls(&self) -> TlsFiles {
+        TlsFiles {
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+        }
+    }
+}
+
 /// Where the serving certificate lives.
 #[derive(Debug, Clone)]
 pub struct TlsFiles {

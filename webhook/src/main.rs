@@ -1,11 +1,8 @@
 //! `tollgate-webhook`: Tollgate's admission webhook in a cluster.
 #![forbid(unsafe_code)]
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
-
 use clap::Parser;
-use tollgate_runtime::server::TlsFiles;
+use tollgate_runtime::server::Serving;
 use tollgate_webhook::Settings;
 
 /// mimalloc rather than the system allocator, as the gateway: reviews allocate and free many
@@ -20,26 +17,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
     about = "Tollgate's admission webhook: Tollgate's own kinds, agent pods and agents' own writes"
 )]
 struct Args {
-    /// Address of the TLS listener the kube-apiserver calls.
-    #[arg(long, env = "TOLLGATE_LISTEN", default_value = "0.0.0.0:8443")]
-    listen: SocketAddr,
-    /// Address of the plain listener for /healthz, /readyz and /metrics.
-    #[arg(long, env = "TOLLGATE_PROBE_LISTEN", default_value = "0.0.0.0:8080")]
-    probe_listen: SocketAddr,
-    /// PEM certificate chain; reloaded when the file changes.
-    #[arg(
-        long,
-        env = "TOLLGATE_TLS_CERT",
-        default_value = "/etc/tollgate/tls/tls.crt"
-    )]
-    tls_cert: PathBuf,
-    /// PEM private key; reloaded when the file changes.
-    #[arg(
-        long,
-        env = "TOLLGATE_TLS_KEY",
-        default_value = "/etc/tollgate/tls/tls.key"
-    )]
-    tls_key: PathBuf,
+    #[command(flatten)]
+    serving: Serving,
     /// Tollgate's own namespace (holds the global kill switch).
     #[arg(long, env = "TOLLGATE_NAMESPACE", default_value = "tollgate-system")]
     namespace: String,
@@ -87,10 +66,7 @@ async fn main() -> anyhow::Result<()> {
         ),
         gateway_url: args.gateway_url,
     };
-    let tls = TlsFiles {
-        cert: args.tls_cert,
-        key: args.tls_key,
-    };
+    let tls = args.serving.tls();
     let metrics = tollgate_runtime::metrics::Metrics::default();
     let audit = match &args.audit {
         Some(audit) => Some(tollgate_runtime::open_audit_log(audit, args.chain, &metrics).await?),
@@ -101,8 +77,8 @@ async fn main() -> anyhow::Result<()> {
         settings,
         &args.namespace,
         tls,
-        args.listen,
-        args.probe_listen,
+        args.serving.listen,
+        args.serving.probe_listen,
         handle,
         metrics,
         audit,
