@@ -1845,13 +1845,18 @@ mod tests {
         let wal = std::fs::metadata(path.with_extension("db-wal"))
             .unwrap()
             .len();
-        // The limit, plus the commit that crosses it and the one after (each frame is a page
-        // and a 24-byte header).
+        // What `restart_due` guarantees whatever the scheduling: at twice the limit the writer
+        // waits for a running pass and starts the WAL over, so it never holds more than twice the
+        // limit plus the commit that crosses it and the one after (each frame is a page and a
+        // 24-byte header). Usually it starts over just past the limit, when the checkpoint thread
+        // keeps up; how often is the thread's speed, which a benchmark measures, not this test
+        // (it failed twice in a day here at 44.3 and 54 MB against a tighter bound of the limit
+        // plus two commits). Without any restart the WAL would hold all 150 MB.
         let page: i64 = Connection::open(&path)
             .unwrap()
             .pragma_query_value(None, "page_size", |r| r.get(0))
             .unwrap();
-        let frames = (WAL_LIMIT_BYTES + 2 * commit) / page;
+        let frames = (2 * WAL_LIMIT_BYTES + 2 * commit) / page;
         let bound = (frames * (page + 24) + 32) as u64;
         assert!(
             wal <= bound,
