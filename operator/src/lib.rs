@@ -511,9 +511,9 @@ pub async fn run(
         let (identities, switch, readiness) =
             (identities.clone(), switch.clone(), readiness.clone());
         tokio::spawn(async move {
-            synced(&identities).await;
-            synced(&policies).await;
-            synced(&switch).await;
+            tollgate_runtime::cluster::synced(&identities).await;
+            tollgate_runtime::cluster::synced(&policies).await;
+            tollgate_runtime::cluster::synced(&switch).await;
             readiness.synced.store(true, Ordering::SeqCst);
             tracing::info!("watches synced; ready");
         });
@@ -553,19 +553,6 @@ pub async fn run(
         Err(_) => probe_server.abort(),
     }
     result
-}
-
-/// Waits until `store` has listed once. Re-polled on a short tick: a waiter registered before
-/// the first list completes is not always woken (seen with kube-runtime 5.0).
-async fn synced<K>(store: &Store<K>)
-where
-    K: kube::Resource + Clone + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone,
-{
-    while tokio::time::timeout(Duration::from_millis(100), store.wait_until_ready())
-        .await
-        .is_err()
-    {}
 }
 
 /// A sender and a stream of its signals, for `reconcile_all_on`.

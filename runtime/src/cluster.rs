@@ -102,6 +102,27 @@ impl ClusterView for StaticView {
     }
 }
 
+/// Waits until `store` has listed once, however many tasks wait on it.
+///
+/// `Store::wait_until_ready` alone is not enough: its future keeps a single waker, so of several
+/// tasks waiting on the same store before its first list completes, only one is woken (kube-runtime
+/// 5.0). The gateway's readiness probe and its standing writer both waited; on a real node the
+/// probe then stayed 503 for good in about half of the starts. Re-polling on a short tick
+/// registers each waiter again.
+pub async fn synced<K>(store: &Store<K>)
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    while tokio::time::timeout(
+        std::time::Duration::from_millis(100),
+        store.wait_until_ready(),
+    )
+    .await
+    .is_err()
+    {}
+}
+
 /// A view kept current by watches on the apiserver.
 #[derive(Clone)]
 pub struct WatchedView {
@@ -152,11 +173,11 @@ impl WatchedView {
         }
     }
 
-    /// Waits until every watch has listed once.
+    /// Waits until every watch has listed once. Any number of tasks may wait at once.
     pub async fn ready(&self) {
-        let _ = self.identities.wait_until_ready().await;
-        let _ = self.policies.wait_until_ready().await;
-        let _ = self.switches.wait_until_ready().await;
+        synced(&self.identities).await;
+        synced(&self.policies).await;
+        synced(&self.switches).await;
     }
 }
 

@@ -1248,3 +1248,27 @@ async fn the_shipped_cluster_gateway_answers_agents_over_tls_and_counts_on_the_p
         "{metrics}"
     );
 }
+
+/// The gateway's readiness probe and its standing writer both wait for the watches to sync; on
+/// a real node the probe stayed 503 for good in about half of the starts, because the store's
+/// readiness future woke only one of its waiters. Every waiter returns now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_task_waiting_for_the_watches_to_sync_is_woken() {
+    let cp = control_plane();
+    install_crds();
+    for _ in 0..3 {
+        let view = WatchedView::start(cp.client(User::Admin).await, "tollgate-system");
+        let waiters: Vec<_> = (0..8)
+            .map(|_| {
+                let view = view.clone();
+                tokio::spawn(async move { view.ready().await })
+            })
+            .collect();
+        for waiter in waiters {
+            tokio::time::timeout(Duration::from_secs(20), waiter)
+                .await
+                .expect("a task waiting for the watches to sync was never woken")
+                .unwrap();
+        }
+    }
+}
