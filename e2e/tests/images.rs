@@ -204,6 +204,18 @@ impl Drop for Containerd {
             let _ = self.ctr(&["containers", "delete", id]);
         }
         let _ = std::fs::remove_dir(Path::new("/run/containerd/runc").join(&self.namespace));
+        // runc (cgroupfs) made /<namespace>/<container> in every cgroup hierarchy; empty now.
+        if let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") {
+            for hierarchy in hierarchies.flatten() {
+                let parent = hierarchy.path().join(&self.namespace);
+                if let Ok(children) = std::fs::read_dir(&parent) {
+                    for child in children.flatten() {
+                        let _ = std::fs::remove_dir(child.path());
+                    }
+                }
+                let _ = std::fs::remove_dir(&parent);
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         // The runtime's mounts under its root, if a container was left behind.
