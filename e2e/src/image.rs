@@ -86,7 +86,9 @@ pub fn libraries(binary: &Path) -> Result<Vec<PathBuf>> {
         .context("run ldd (Debian's libc-bin)")?;
     let text = String::from_utf8_lossy(&output.stdout);
     if !output.status.success() {
-        if text.contains("not a dynamic executable") {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        if text.contains("not a dynamic executable") || stderr.contains("not a dynamic executable")
+        {
             return Ok(Vec::new());
         }
         bail!(

@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admission;
+pub mod cluster;
 pub mod image;
 pub mod operator;
 mod pki;

@@ -32,6 +32,12 @@ pub(crate) struct Pki {
 
 impl Pki {
     pub(crate) fn generate() -> Result<Self> {
+        Self::generate_for(&[])
+    }
+
+    /// Like [`Pki::generate`], with `ips` added to the apiserver certificate's names (the node
+    /// IP of a cluster, where pods reach the apiserver).
+    pub(crate) fn generate_for(ips: &[std::net::IpAddr]) -> Result<Self> {
         let ca_key = KeyPair::generate()?;
         let mut ca = CertificateParams::new(Vec::<String>::new())?;
         ca.distinguished_name = name("tollgate-e2e-ca", &[]);
@@ -57,6 +63,12 @@ impl Pki {
         server
             .subject_alt_names
             .push(SanType::IpAddress([10, 0, 0, 1].into()));
+        for ip in ips {
+            server.subject_alt_names.push(SanType::IpAddress(*ip));
+        }
+        server.subject_alt_names.push(SanType::DnsName(
+            "kubernetes.default.svc.cluster.local".try_into()?,
+        ));
         server.distinguished_name = name("kube-apiserver", &[]);
         server.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
@@ -91,17 +103,60 @@ impl Pki {
 
     /// A kubeconfig for `user` with a fresh client certificate embedded.
     pub(crate) fn kubeconfig(&self, server: &str, user: User) -> Result<String> {
+        self.kubeconfig_for(server, user.name(), user.groups())
+    }
+
+    /// A client certificate and its key (PEM) for `user` in `groups`.
+    pub(crate) fn client(&self, user: &str, groups: &[&str]) -> Result<(String, String)> {
+        self.leaf(
+            user,
+            groups,
+            ExtendedKeyUsagePurpose::ClientAuth,
+            Vec::new(),
+        )
+    }
+
+    /// A serving certificate and its key (PEM) for `names` (DNS names or IP addresses).
+    pub(crate) fn serving(&self, common_name: &str, names: &[&str]) -> Result<(String, String)> {
+        let sans = names
+            .iter()
+            .map(|n| match n.parse::<std::net::IpAddr>() {
+                Ok(ip) => Ok(SanType::IpAddress(ip)),
+                Err(_) => Ok(SanType::DnsName((*n).try_into()?)),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.leaf(common_name, &[], ExtendedKeyUsagePurpose::ServerAuth, sans)
+    }
+
+    fn leaf(
+        &self,
+        common_name: &str,
+        groups: &[&str],
+        usage: ExtendedKeyUsagePurpose,
+        sans: Vec<SanType>,
+    ) -> Result<(String, String)> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.distinguished_name = name(user.name(), user.groups());
+        params.distinguished_name = name(common_name, groups);
+        params.subject_alt_names = sans;
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
         ];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.extended_key_usages = vec![usage];
         let cert = params.signed_by(&key, &self.ca_issuer)?.pem();
+        Ok((cert, key.serialize_pem()))
+    }
+
+    /// A kubeconfig for `user` in `groups` with a fresh client certificate embedded.
+    pub(crate) fn kubeconfig_for(
+        &self,
+        server: &str,
+        user: &str,
+        groups: &[&str],
+    ) -> Result<String> {
+        let (cert, key) = self.client(user, groups)?;
         let b64 = |s: &str| STANDARD.encode(s.as_bytes());
-        let user = user.name();
         Ok(format!(
             "apiVersion: v1
 kind: Config
@@ -125,7 +180,7 @@ current-context: {user}
 ",
             ca = b64(&self.ca_pem),
             cert = b64(&cert),
-            key = b64(&key.serialize_pem()),
+            key = b64(&key),
         ))
     }
 }

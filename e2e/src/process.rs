@@ -57,6 +57,14 @@ impl Supervisor {
         })
     }
 
+    /// Records the processes it starts in `<dir>/pids` without a watcher of its own: for a caller
+    /// whose processes something else stops (the e2e node's teardown, see `cluster`).
+    pub(crate) fn attach(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_owned(),
+        }
+    }
+
     /// Starts `command` with its output in `<dir>/<name>.log`.
     pub(crate) fn start(&self, name: &str, command: &mut Command) -> Result<Process> {
         let log = self.dir.join(format!("{name}.log"));

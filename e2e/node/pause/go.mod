@@ -1,0 +1,3 @@
+module tollgate.dev/e2e/node/pause
+
+go 1.24
