@@ -53,15 +53,7 @@ pub fn support() {
         support::installed();
         let started = Instant::now();
         kubectl(&["create", "namespace", NS]);
-        let ca = kubectl(&[
-            "-n",
-            SYSTEM,
-            "get",
-            "secret",
-            "tollgate-gateway-tls",
-            "-o",
-            "jsonpath={.data.ca\\.crt}",
-        ]);
+        let ca = support::gateway_ca();
         apply(&format!(
             r#"apiVersion: v1
 kind: Secret
@@ -149,6 +141,24 @@ spec:
             started.elapsed().as_secs_f64()
         );
     });
+}
+
+/// A binding Tollgate does not manage (a platform team's): the agent may create ConfigMaps
+/// whatever its switch says, so that only admission stands between the agent and that write.
+pub fn platform_writer() {
+    apply(&format!(
+        "apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {{name: platform-configmap-writer, namespace: {NS}}}
+rules: [{{apiGroups: [\"\"], resources: [configmaps], verbs: [create]}}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {{name: platform-configmap-writer, namespace: {NS}}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: platform-configmap-writer}}
+subjects: [{{kind: ServiceAccount, name: agent-{AGENT}, namespace: {NS}}}]
+"
+    ));
 }
 
 fn support_kubectl() -> Command {

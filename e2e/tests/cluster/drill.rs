@@ -29,8 +29,14 @@ pub fn tests() -> Vec<Test> {
     }]
 }
 
-/// Drills of each switch; p50 and p99 over these.
-const DRILLS: usize = 5;
+/// Drills of each switch, p50 and p99 over these: 5, or `TOLLGATE_E2E_DRILLS` (bench/README.md's
+/// figures come from 20).
+fn drills() -> usize {
+    std::env::var("TOLLGATE_E2E_DRILLS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(5)
+}
 /// How long any plane may take to hold or to let go.
 const BOUND: Duration = Duration::from_secs(30);
 const PLANES: [&str; 4] = ["gateway", "RBAC", "network", "admission"];
@@ -71,19 +77,7 @@ fn probes() -> &'static Probes {
         let cp = support::node().control_plane();
         // A binding Tollgate does not manage: the agent may create ConfigMaps whatever its switch
         // says, so that only admission stands between a killed agent and that write.
-        apply(&format!(
-            "apiVersion: rbac.authorization.k8s.io/v1
-kind: Role
-metadata: {{name: platform-configmap-writer, namespace: {NS}}}
-rules: [{{apiGroups: [\"\"], resources: [configmaps], verbs: [create]}}]
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: RoleBinding
-metadata: {{name: platform-configmap-writer, namespace: {NS}}}
-roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: platform-configmap-writer}}
-subjects: [{{kind: ServiceAccount, name: agent-{AGENT}, namespace: {NS}}}]
-"
-        ));
+        crate::agents::platform_writer();
         let token = |audience: &[&str]| {
             let mut args = vec!["create", "token", "-n", NS];
             let sa = format!("agent-{AGENT}");
@@ -100,15 +94,7 @@ subjects: [{{kind: ServiceAccount, name: agent-{AGENT}, namespace: {NS}}}]
             "-o",
             "jsonpath={.spec.clusterIP}",
         ]);
-        let ca = kubectl(&[
-            "-n",
-            SYSTEM,
-            "get",
-            "secret",
-            "tollgate-gateway-tls",
-            "-o",
-            "jsonpath={.data.ca\\.crt}",
-        ]);
+        let ca = support::gateway_ca();
         use base64::Engine as _;
         let ca = base64::engine::general_purpose::STANDARD
             .decode(ca.trim())
@@ -262,9 +248,8 @@ fn network_seen(child: Child, start_ms: u128) -> u128 {
 
 /// One drill: engage, measure each plane until it holds, release, measure until each lets go.
 /// Returns the milliseconds per plane, engage then release.
-fn drill(global: bool, n: usize) -> ([u128; 4], [u128; 4]) {
+fn drill(rt: &tokio::runtime::Runtime, global: bool, n: usize) -> ([u128; 4], [u128; 4]) {
     let probes = probes();
-    let rt = support::runtime();
     let switch = |engage: bool| {
         let verb = if engage { "kill" } else { "unkill" };
         let mut args = vec![verb];
@@ -315,7 +300,8 @@ fn percentile(sorted: &[u128], p: f64) -> u128 {
 fn kill_switch_drills_hold_on_every_plane_and_release_restores_each() {
     probes();
     let _released = Released;
-    // Before any drill every plane lets the agent through.
+    // Before any drill every plane lets the agent through. One runtime for every probe: the
+    // client's pooled connections belong to the runtime that opened them.
     let rt = support::runtime();
     rt.block_on(async {
         let p = probes();
@@ -335,8 +321,8 @@ fn kill_switch_drills_hold_on_every_plane_and_release_restores_each() {
     for global in [false, true] {
         let mut engaged: Vec<Vec<u128>> = vec![Vec::new(); 4];
         let mut released: Vec<Vec<u128>> = vec![Vec::new(); 4];
-        for n in 0..DRILLS {
-            let (on, off) = drill(global, n);
+        for n in 0..drills() {
+            let (on, off) = drill(&rt, global, n);
             for plane in 0..4 {
                 engaged[plane].push(on[plane]);
                 released[plane].push(off[plane]);
@@ -346,13 +332,14 @@ fn kill_switch_drills_hold_on_every_plane_and_release_restores_each() {
             engaged[plane].sort_unstable();
             released[plane].sort_unstable();
             table.push_str(&format!(
-                "| {} | {} | {} ms | {} ms | {} ms | {} ms | {DRILLS} |\n",
+                "| {} | {} | {} ms | {} ms | {} ms | {} ms | {} |\n",
                 if global { "global" } else { "agent" },
                 PLANES[plane],
                 percentile(&engaged[plane], 50.0),
                 percentile(&engaged[plane], 99.0),
                 percentile(&released[plane], 50.0),
                 percentile(&released[plane], 99.0),
+                drills(),
             ));
         }
     }

@@ -182,19 +182,7 @@ fn without_the_webhook_agents_writes_fail_closed_and_peoples_writes_go() {
     let token = kubectl(&["create", "token", "-n", NS, &format!("agent-{AGENT}")])
         .trim()
         .to_owned();
-    apply(&format!(
-        "apiVersion: rbac.authorization.k8s.io/v1
-kind: Role
-metadata: {{name: platform-configmap-writer, namespace: {NS}}}
-rules: [{{apiGroups: [\"\"], resources: [configmaps], verbs: [create]}}]
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: RoleBinding
-metadata: {{name: platform-configmap-writer, namespace: {NS}}}
-roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: platform-configmap-writer}}
-subjects: [{{kind: ServiceAccount, name: agent-{AGENT}, namespace: {NS}}}]
-"
-    ));
+    crate::agents::platform_writer();
     // A kubeconfig holding only the agent's token (beside the admin's client certificate the
     // apiserver would take the certificate).
     let cp = support::node().control_plane();
@@ -484,15 +472,7 @@ fn helm_upgrade_rolls_without_refusing_a_write() {
             (ok, refused)
         })
     };
-    let ca_before = kubectl(&[
-        "-n",
-        SYSTEM,
-        "get",
-        "secret",
-        "tollgate-gateway-tls",
-        "-o",
-        "jsonpath={.data.ca\\.crt}",
-    ]);
+    let ca_before = support::gateway_ca();
     let output = support::node()
         .helm()
         .args(["upgrade", "tollgate"])
@@ -537,15 +517,7 @@ fn helm_upgrade_rolls_without_refusing_a_write() {
     ]);
     assert_eq!(timeout.trim(), "7");
     // The serving certificates were kept: agents that trust the gateway's CA still do.
-    let ca_after = kubectl(&[
-        "-n",
-        SYSTEM,
-        "get",
-        "secret",
-        "tollgate-gateway-tls",
-        "-o",
-        "jsonpath={.data.ca\\.crt}",
-    ]);
+    let ca_after = support::gateway_ca();
     assert_eq!(
         ca_before, ca_after,
         "helm upgrade replaced the gateway's CA"
@@ -660,16 +632,7 @@ fn helm_uninstall_keeps_the_crds_and_every_object_of_them() {
         "-o",
         "name",
     ]);
-    let output = support::node()
-        .helm()
-        .args(["uninstall", "tollgate", "--namespace", SYSTEM, "--wait"])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    support::helm(&["uninstall", "tollgate", "--namespace", SYSTEM, "--wait"]);
     let after = kubectl(&[
         "get",
         "agentidentities,agentpolicies,approvalrequests",

@@ -54,6 +54,30 @@ pub fn installed() -> &'static Cluster {
     node
 }
 
+/// The gateway's CA certificate (PEM, base64) from the chart's Secret: what agents trust.
+pub fn gateway_ca() -> String {
+    kubectl(&[
+        "-n",
+        SYSTEM,
+        "get",
+        "secret",
+        "tollgate-gateway-tls",
+        "-o",
+        "jsonpath={.data.ca\\.crt}",
+    ])
+}
+
+/// The node's `helm ARGS` (as the admin); panics with stderr unless it succeeds.
+pub fn helm(args: &[&str]) {
+    let output = node().helm().args(args).output().unwrap();
+    assert!(
+        output.status.success(),
+        "helm {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 /// `kubectl ARGS` as the admin; panics with stderr on failure.
 pub fn kubectl(args: &[&str]) -> String {
     node().control_plane().kubectl_ok(args)
