@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use tollgate_e2e::User;
 
 use crate::agents::{AGENT, AGENT_POD, NS, support};
-use crate::support::{self, SYSTEM, Test, apply, kubectl, tollgate};
+use crate::support::{self, SYSTEM, Test, kubectl, tollgate};
 
 pub fn tests() -> Vec<Test> {
     vec![Test {
