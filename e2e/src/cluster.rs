@@ -136,6 +136,10 @@ pub fn isolate() -> Result<Option<i32>> {
             "the e2e node needs root (network and mount namespaces, cgroups, iptables); run as root"
         );
     }
+    // Built (or found in the caches) here, where the Go module proxy is reachable: the
+    // namespaces have no route out.
+    crate::build()?;
+    build_node()?;
     let runs = crate::repo_root().join("target/e2e-runs");
     std::fs::create_dir_all(&runs)?;
     let lock = std::fs::File::create(runs.join(".node.lock"))?;
@@ -250,6 +254,7 @@ impl Cluster {
             std::env::var_os(DIR_VAR).context("the e2e node runs only inside isolate()")?,
         );
         let started = Instant::now();
+        // isolate() built them; here they come from the caches.
         let control_bin = crate::build()?;
         let node_bin = build_node()?;
         for tool in ["containerd", "runc", "iptables", "ipset", "conntrack"] {

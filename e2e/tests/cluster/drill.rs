@@ -39,7 +39,13 @@ fn drills() -> usize {
 }
 /// How long any plane may take to hold or to let go.
 const BOUND: Duration = Duration::from_secs(30);
-const PLANES: [&str; 4] = ["gateway", "RBAC", "network", "admission"];
+const PLANES: [&str; 5] = [
+    "gateway",
+    "RBAC",
+    "network",
+    "admission",
+    "(floor: the kubectl tollgate process itself)",
+];
 
 /// What the admission probe last saw, for the message when it does not change in time.
 static LAST_ADMISSION: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
@@ -247,10 +253,11 @@ fn network_seen(child: Child, start_ms: u128) -> u128 {
 }
 
 /// One drill: engage, measure each plane until it holds, release, measure until each lets go.
-/// Returns the milliseconds per plane, engage then release.
-fn drill(rt: &tokio::runtime::Runtime, global: bool, n: usize) -> ([u128; 4], [u128; 4]) {
+/// Returns the milliseconds per plane, engage then release, and last the time the command itself
+/// took (the floor: the switch is an apiserver write by then).
+fn drill(rt: &tokio::runtime::Runtime, global: bool, n: usize) -> ([u128; 5], [u128; 5]) {
     let probes = probes();
-    let switch = |engage: bool| {
+    let switch = move |engage: bool| {
         let verb = if engage { "kill" } else { "unkill" };
         let mut args = vec![verb];
         if global {
@@ -267,14 +274,22 @@ fn drill(rt: &tokio::runtime::Runtime, global: bool, n: usize) -> ([u128; 4], [u
         );
     };
     let run = format!("drill-{global}-{n}");
-    let mut times = ([0; 4], [0; 4]);
+    let mut times = ([0; 5], [0; 5]);
     for engage in [true, false] {
         // The network watch starts first and must see the state change after the switch moved.
         let watch = network_watch(!engage);
         std::thread::sleep(Duration::from_millis(300));
         let start = now_ms();
-        switch(engage);
-        let (gateway, rbac, admission) = rt.block_on(async {
+        let (gateway, rbac, admission, command) = rt.block_on(async {
+            let command = async {
+                // The plugin on a thread of its own, while the probes run.
+                tokio::task::spawn_blocking(move || {
+                    switch(engage);
+                    now_ms() - start
+                })
+                .await
+                .unwrap()
+            };
             tokio::join!(
                 until("the gateway", engage, start, async || probes
                     .gateway_refuses(&run)
@@ -283,11 +298,12 @@ fn drill(rt: &tokio::runtime::Runtime, global: bool, n: usize) -> ([u128; 4], [u
                 until("admission", engage, start, async || probes
                     .admission_refuses()
                     .await),
+                command,
             )
         });
         let network = network_seen(watch, start);
         let slot = if engage { &mut times.0 } else { &mut times.1 };
-        *slot = [gateway, rbac, network, admission];
+        *slot = [gateway, rbac, network, admission, command];
     }
     times
 }
@@ -319,16 +335,16 @@ fn kill_switch_drills_hold_on_every_plane_and_release_restores_each() {
         "| switch | plane | engage p50 | engage p99 | release p50 | release p99 | drills |\n|---|---|---|---|---|---|---|\n",
     );
     for global in [false, true] {
-        let mut engaged: Vec<Vec<u128>> = vec![Vec::new(); 4];
-        let mut released: Vec<Vec<u128>> = vec![Vec::new(); 4];
+        let mut engaged: Vec<Vec<u128>> = vec![Vec::new(); PLANES.len()];
+        let mut released: Vec<Vec<u128>> = vec![Vec::new(); PLANES.len()];
         for n in 0..drills() {
             let (on, off) = drill(&rt, global, n);
-            for plane in 0..4 {
+            for plane in 0..PLANES.len() {
                 engaged[plane].push(on[plane]);
                 released[plane].push(off[plane]);
             }
         }
-        for plane in 0..4 {
+        for plane in 0..PLANES.len() {
             engaged[plane].sort_unstable();
             released[plane].sort_unstable();
             table.push_str(&format!(
