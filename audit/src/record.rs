@@ -117,11 +117,50 @@ impl PolicyRef {
 pub struct ApprovalRef {
     /// `namespace/name` of the ApprovalRequest.
     pub name: String,
-    /// Its phase when recorded (Pending, Approved, Denied, Expired, Cancelled).
-    pub phase: String,
+    /// Its phase when recorded.
+    pub phase: ApprovalPhase,
     /// The authenticated people who decided, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub approvers: Vec<String>,
+}
+
+/// An approval's phase as the trail records it. The names are the trail's contract (old records
+/// hold them, and the hash chain covers them): renaming a variant is a format change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ApprovalPhase {
+    /// The call waits: its ApprovalRequest was created.
+    Pending,
+    /// Enough approvers approved; the call was released.
+    Approved,
+    /// An approver denied it, or a kill switch did.
+    Denied,
+    /// Nobody decided in time.
+    Expired,
+    /// The waiting call went away before a decision.
+    Cancelled,
+    /// A redemption the gateway refused before reading any request (not this run's, tool's or
+    /// arguments', or already redeemed).
+    Refused,
+}
+
+impl ApprovalPhase {
+    /// The name as recorded, such as `Approved`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApprovalPhase::Pending => "Pending",
+            ApprovalPhase::Approved => "Approved",
+            ApprovalPhase::Denied => "Denied",
+            ApprovalPhase::Expired => "Expired",
+            ApprovalPhase::Cancelled => "Cancelled",
+            ApprovalPhase::Refused => "Refused",
+        }
+    }
+}
+
+impl std::fmt::Display for ApprovalPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// The run's counters after the event.
@@ -269,7 +308,7 @@ impl Entry {
         if let Some(approval) = &self.approval
             && self.event == Event::Approval
         {
-            return Some(approval.phase.to_ascii_lowercase());
+            return Some(approval.phase.as_str().to_ascii_lowercase());
         }
         if self.event == Event::Report && self.not_run {
             return Some(NOT_RUN.to_owned());
@@ -479,6 +518,36 @@ fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The phase names are in every approval record ever written, and under the hash chain:
+    /// they are spelled out here, not derived from the code, so a rename fails this test.
+    #[test]
+    fn approval_phases_keep_the_names_the_trail_holds() {
+        use super::ApprovalPhase::*;
+        for (phase, name) in [
+            (Pending, "Pending"),
+            (Approved, "Approved"),
+            (Denied, "Denied"),
+            (Expired, "Expired"),
+            (Cancelled, "Cancelled"),
+            (Refused, "Refused"),
+        ] {
+            assert_eq!(
+                serde_json::to_value(phase).unwrap(),
+                serde_json::json!(name)
+            );
+            assert_eq!(phase.as_str(), name);
+            let read: super::ApprovalRef = serde_json::from_value(
+                serde_json::json!({"name": "shop/refund-1", "phase": name, "approvers": ["alice"]}),
+            )
+            .unwrap();
+            assert_eq!(read.phase, phase);
+        }
+        let unknown = serde_json::from_value::<super::ApprovalRef>(
+            serde_json::json!({"name": "shop/refund-1", "phase": "approved"}),
+        );
+        assert!(unknown.is_err(), "phases are case-sensitive names");
+    }
 
     #[test]
     fn every_outcome_of_a_call_reads_back_for_graduation() {

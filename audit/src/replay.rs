@@ -336,7 +336,9 @@ fn apply_outcome(
     };
     match (e.event, &e.tool) {
         (Event::Approval, Some(tool))
-            if e.approval.as_ref().is_some_and(|a| a.phase == "Approved") =>
+            if e.approval
+                .as_ref()
+                .is_some_and(|a| a.phase == crate::ApprovalPhase::Approved) =>
         {
             if let Some(arguments) = pending.remove(&(run_id.clone(), tool.clone())) {
                 let call = ToolCall {

@@ -96,7 +96,7 @@ fn store() -> (tempfile::TempDir, PathBuf) {
         approval.tool = Some("send_customer_email".into());
         approval.approval = Some(ApprovalRef {
             name: "support/send-customer-email-7f3a".into(),
-            phase: "Approved".into(),
+            phase: tollgate_audit::ApprovalPhase::Approved,
             approvers: vec!["alice".into()],
         });
         log.append(approval).await.unwrap();

@@ -13,7 +13,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{Api, PostParams};
 use kube::runtime::watcher;
 use serde_json::Value;
-use tollgate_audit::{ApprovalRef, Entry, Event};
+use tollgate_audit::{ApprovalPhase, ApprovalRef, Entry, Event};
 use tollgate_crds::ApprovalRequest;
 use tollgate_crds::approval::{ApprovalRequestSpec, Phase, PolicyRef as RequestPolicyRef, Verdict};
 use tollgate_crds::common::{LocalObjectReference, OnTimeout};
@@ -306,7 +306,7 @@ impl Gateway {
         entry.decision = Some(decision.clone());
         entry.approval = Some(ApprovalRef {
             name: full_name.clone(),
-            phase: format!("{phase:?}"),
+            phase: recorded(phase),
             approvers,
         });
         let audit = match self.audit.append(entry).await {
@@ -491,7 +491,7 @@ impl Gateway {
         entry.decision = Some(decided.decision.clone());
         entry.approval = Some(ApprovalRef {
             name: format!("{}/{}", ticket.namespace, ticket.name),
-            phase: "Pending".to_owned(),
+            phase: ApprovalPhase::Pending,
             approvers: Vec::new(),
         });
         let audit = self.audit.append(entry).await.map_err(audit_unavailable)?;
@@ -675,7 +675,7 @@ impl Gateway {
                 Ok(entries) => entries.iter().any(|e| {
                     e.event == Event::Approval
                         && e.approval.as_ref().is_some_and(|a| {
-                            a.name == full_name && a.phase == format!("{:?}", Phase::Approved)
+                            a.name == full_name && a.phase == ApprovalPhase::Approved
                         })
                 }),
                 Err(e) => {
@@ -710,7 +710,7 @@ impl Gateway {
         entry.decision = Some(decision.clone());
         entry.approval = Some(ApprovalRef {
             name: full_name.to_owned(),
-            phase: "Refused".to_owned(),
+            phase: ApprovalPhase::Refused,
             approvers: Vec::new(),
         });
         let audit = self.audit.append(entry).await.map_err(audit_unavailable)?;
@@ -762,5 +762,17 @@ impl Released {
         if self.names.remove(name) {
             self.order.retain(|n| n != name);
         }
+    }
+}
+
+/// The trail's name of an ApprovalRequest's phase. A phase added to the CRD does not compile
+/// until the trail has a name for it.
+fn recorded(phase: Phase) -> ApprovalPhase {
+    match phase {
+        Phase::Pending => ApprovalPhase::Pending,
+        Phase::Approved => ApprovalPhase::Approved,
+        Phase::Denied => ApprovalPhase::Denied,
+        Phase::Expired => ApprovalPhase::Expired,
+        Phase::Cancelled => ApprovalPhase::Cancelled,
     }
 }

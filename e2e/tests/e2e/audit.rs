@@ -13,8 +13,8 @@ use serde_json::json;
 use tollgate_audit::record::seal;
 use tollgate_audit::store::{Query, ToolOutcome};
 use tollgate_audit::{
-    AuditLog, Batch, Entry, Event, Fault, Head, Identity, Observer, PostgresStore, Redactor,
-    SqliteStore, Store, VerifyError, WriterConfig, verify,
+    ApprovalPhase, AuditLog, Batch, Entry, Event, Fault, Head, Identity, Observer, PostgresStore,
+    Redactor, SqliteStore, Store, VerifyError, WriterConfig, verify,
 };
 use tollgate_e2e::postgres::postgres;
 use tollgate_engine::{CompiledPolicy, Decision, DenyCode, RuleRef};
@@ -374,18 +374,19 @@ async fn standing_suite<S: Store>(store: S) {
         // Another agent's calls never count for this one.
         entries.push(decide(recent, "deploy", "run-2", i, "close_account", true));
     }
-    let approval = |phase: &str| {
+    let approval = |phase: ApprovalPhase| {
         let mut entry = decide(recent, "support", "run-1", 30, "refund", true);
         entry.event = Event::Approval;
         entry.approval = Some(ApprovalRef {
             name: "shop/refund-1".into(),
-            phase: phase.into(),
+            phase,
             approvers: vec!["alice".into()],
         });
         entry
     };
+    use ApprovalPhase::{Approved, Denied, Expired, Pending};
     for phase in [
-        "Approved", "Approved", "Approved", "Denied", "Expired", "Expired", "Pending",
+        Approved, Approved, Approved, Denied, Expired, Expired, Pending,
     ] {
         entries.push(approval(phase));
     }

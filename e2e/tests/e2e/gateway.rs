@@ -504,9 +504,9 @@ async fn two_replicas_racing_to_redeem_one_approval_release_it_once() {
         .iter()
         .filter_map(|r| r.entry().ok())
         .filter(|e| {
-            e.approval
-                .as_ref()
-                .is_some_and(|a| a.name.ends_with(&ticket) && a.phase == "Approved")
+            e.approval.as_ref().is_some_and(|a| {
+                a.name.ends_with(&ticket) && a.phase == tollgate_audit::ApprovalPhase::Approved
+            })
         })
         .count();
     assert_eq!(releases, 1);
@@ -649,7 +649,11 @@ async fn an_approved_call_is_not_released_once_the_kill_switch_is_engaged_whatev
         .iter()
         .map(|r| r.entry().unwrap())
         .filter(|e| e.event == tollgate_audit::Event::Approval)
-        .filter(|e| e.approval.as_ref().is_some_and(|a| a.phase != "Pending"))
+        .filter(|e| {
+            e.approval
+                .as_ref()
+                .is_some_and(|a| a.phase != tollgate_audit::ApprovalPhase::Pending)
+        })
         .collect();
     assert_eq!(settled.len(), 2, "{settled:?}");
     for entry in &settled {
