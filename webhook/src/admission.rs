@@ -187,8 +187,13 @@ fn typed<T: DeserializeOwned>(object: &DynamicObject) -> Result<T, String> {
         .map_err(|e| format!("cannot read the object: {e}"))
 }
 
+/// A refusal, as HTTP 403 Forbidden: the apiserver turns a code below 400 into 400 Bad Request,
+/// which tells clients their request was malformed rather than not allowed.
 fn deny(request: &AdmissionRequest<DynamicObject>, message: String) -> AdmissionResponse {
-    AdmissionResponse::from(request).deny(message)
+    let mut response = AdmissionResponse::from(request).deny(message);
+    response.result.code = 403;
+    response.result.reason = "Forbidden".to_owned();
+    response
 }
 
 fn decide_tollgate(

@@ -181,9 +181,7 @@ impl Probes {
         let status = answer.status();
         let text = answer.text().await.unwrap_or_default();
         (
-            status.is_client_error()
-                && text.contains("admission webhook")
-                && text.contains("kill switch"),
+            status == 403 && text.contains("admission webhook") && text.contains("kill switch"),
             format!("{status} {text}"),
         )
     }
