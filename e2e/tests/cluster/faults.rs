@@ -160,6 +160,33 @@ spec:
     );
 }
 
+/// A call the agent makes, retried while the gateway's Service routes nowhere (its pod was just
+/// replaced); the first answer.
+fn decide_once_served(run: &str) -> Value {
+    let body = json!({"runId": run, "tool": "read_customer_record", "arguments": {"customer_id": "C000042"}}).to_string();
+    eventually(
+        "the gateway's new pod to answer",
+        Duration::from_secs(60),
+        || {
+            let (answer, _) = crate::agents::in_agent(
+                AGENT_POD,
+                &[
+                    "http",
+                    "$TOLLGATE_URL/v1/decide",
+                    "--token-file",
+                    crate::agents::TOKEN,
+                    "--ca",
+                    crate::agents::CA,
+                    "--body",
+                    &body,
+                ],
+            );
+            (answer["status"] == 200).then_some(answer)
+        },
+        String::new,
+    )
+}
+
 fn scale(deployment: &str, replicas: u32) {
     kubectl(&[
         "-n",
@@ -391,29 +418,7 @@ fn a_runs_budget_survives_the_gateway_pod_being_deleted_mid_run() {
     ]);
     kubectl(&["-n", SYSTEM, "delete", "pod", pod.trim()]);
     support::wait_ready(SYSTEM, "app.kubernetes.io/name=tollgate-gateway");
-    // Until the Service routes to the new pod the agent's connection is refused: retry.
-    let body = json!({"runId": run, "tool": "read_customer_record", "arguments": {"customer_id": "C000042"}}).to_string();
-    let second = eventually(
-        "the new gateway pod to answer",
-        Duration::from_secs(60),
-        || {
-            let (answer, _) = crate::agents::in_agent(
-                AGENT_POD,
-                &[
-                    "http",
-                    "$TOLLGATE_URL/v1/decide",
-                    "--token-file",
-                    crate::agents::TOKEN,
-                    "--ca",
-                    crate::agents::CA,
-                    "--body",
-                    &body,
-                ],
-            );
-            (answer["status"] == 200).then_some(answer)
-        },
-        String::new,
-    );
+    let second = decide_once_served(run);
     assert_eq!(second["body"]["decision"], "allow", "{second}");
     let report = call(
         AGENT_POD,
@@ -517,11 +522,9 @@ fn helm_upgrade_rolls_without_refusing_a_write() {
         ca_before, ca_after,
         "helm upgrade replaced the gateway's CA"
     );
-    let decided = call(
-        AGENT_POD,
-        "/v1/decide",
-        &json!({"runId": "after-upgrade", "tool": "read_customer_record", "arguments": {"customer_id": "C000042"}}),
-    );
+    // The gateway's single SQLite writer is recreated, not rolled: the agent retries until the
+    // Service routes to the new pod.
+    let decided = decide_once_served("after-upgrade");
     assert_eq!(decided["body"]["decision"], "allow", "{decided}");
     assert!(
         ok > 5,
