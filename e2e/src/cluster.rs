@@ -136,8 +136,9 @@ pub fn isolate() -> Result<Option<i32>> {
             "the e2e node needs root (network and mount namespaces, cgroups, iptables); run as root"
         );
     }
-    // Built (or found in the caches) here, where the Go module proxy is reachable: the
-    // namespaces have no route out.
+    // Installed, built (or found in the caches) here, where the package registries and the Go
+    // module proxy are reachable: the namespaces have no route out.
+    install_packages()?;
     crate::build()?;
     build_node()?;
     let runs = crate::repo_root().join("target/e2e-runs");
@@ -176,6 +177,46 @@ pub fn isolate() -> Result<Option<i32>> {
     teardown(&dir)?;
     drop(lock);
     Ok(Some(status.code().unwrap_or(101)))
+}
+
+/// What the node needs from Debian, and how to tell it is there.
+const PACKAGES: [(&str, &str); 6] = [
+    ("containerd", "command -v containerd"),
+    ("runc", "command -v runc"),
+    ("containernetworking-plugins", "test -x /usr/lib/cni/bridge"),
+    ("iptables", "command -v iptables"),
+    ("ipset", "command -v ipset"),
+    ("conntrack", "command -v conntrack"),
+];
+
+/// Installs the Debian packages the node needs when any is missing (as the PostgreSQL and image
+/// harnesses do; `.ci/run` installs them first).
+fn install_packages() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(_, check)| run("sh", &["-c", check]).is_err())
+        .map(|(package, _)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("installing {} with apt-get", missing.join(" "));
+    let apt = |args: &[&str]| {
+        Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let mut install = vec!["install", "-y", "-qq"];
+    install.extend(&missing);
+    if !(apt(&["update", "-qq"]) && apt(&install)) {
+        bail!(
+            "the e2e node needs the Debian packages {}: apt-get install failed",
+            missing.join(" ")
+        );
+    }
+    Ok(())
 }
 
 fn teardown(dir: &Path) -> Result<()> {
@@ -257,16 +298,10 @@ impl Cluster {
         // isolate() built them; here they come from the caches.
         let control_bin = crate::build()?;
         let node_bin = build_node()?;
-        for tool in ["containerd", "runc", "iptables", "ipset", "conntrack"] {
-            if run("sh", &["-c", &format!("command -v {tool}")]).is_err() {
-                bail!(
-                    "{tool} is missing: apt-get install containerd runc containernetworking-plugins \
-                     iptables ipset conntrack (.ci/run does)"
-                );
+        for (package, check) in PACKAGES {
+            if run("sh", &["-c", check]).is_err() {
+                bail!("{package} is missing (isolate() installs it): apt-get install {package}");
             }
-        }
-        if !Path::new("/usr/lib/cni/bridge").exists() {
-            bail!("the CNI plugins are missing: apt-get install containernetworking-plugins");
         }
         let supervisor = Supervisor::attach(&dir);
         prepare_host(&dir)?;
