@@ -23,8 +23,8 @@ pub mod verify;
 
 pub use log::{AppendError, Appended, AuditLog, Batch, Observer, WriterConfig};
 pub use record::{
-    ApprovalPhase, ApprovalRef, Checkpoint, Counters, Entry, Event, Identity, PolicyRef, Record,
-    SCHEMA,
+    ApprovalPhase, ApprovalRef, Checkpoint, Counters, Cut, Entry, Event, Identity, Metered,
+    ModelCallRecord, PolicyRef, Record, SCHEMA,
 };
 pub use redact::{RedactionRules, Redactor};
 pub use store::{Head, PostgresStore, Query, SqliteStore, Store, StoreError, StoreLocation};

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tollgate_engine::graduation::Outcome;
+use tollgate_engine::llm::ModelUsage;
 use tollgate_engine::{Ceiling, Decision, Usage, canonical};
 
 use crate::redact::Redactor;
@@ -54,6 +55,9 @@ pub enum Event {
     /// says allowed or refused and by which rule. The identity is whoever made the request (for a
     /// pod, usually a controller).
     Admission,
+    /// A model call through the gateway's LLM proxy: `model` says which and what it used,
+    /// `usage` what was charged to the run, `decision` whether it was let through.
+    Model,
 }
 
 impl Event {
@@ -68,6 +72,7 @@ impl Event {
             Event::Rejected => "rejected",
             Event::Checkpoint => "checkpoint",
             Event::Admission => "admission",
+            Event::Model => "model",
         }
     }
 }
@@ -175,6 +180,74 @@ pub struct Counters {
     pub cost_usd: String,
 }
 
+/// A model call through the gateway's LLM proxy: which provider and model, what it used and
+/// cost as the gateway metered it, and how it ended. The entry's `argumentsDigest` and
+/// `resultDigest` are those of the request body and of the answer the agent received (for a
+/// stream, the text of its deltas); `arguments` and `result` hold them, redacted, only when the
+/// upstream's capture is Full.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ModelCallRecord {
+    /// `spec.upstreams[].name`.
+    pub upstream: String,
+    /// The endpoint, such as `chat/completions` or `v1/messages`.
+    pub endpoint: String,
+    /// The model the request named.
+    pub model: String,
+    /// Whether the answer was streamed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stream: bool,
+    /// The output cap the gateway sent (the request's, lowered to what the run can pay for).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_cap: Option<u64>,
+    /// Tokens used.
+    pub tokens: ModelUsage,
+    /// How the tokens are known.
+    pub metered: Metered,
+    /// The cost charged, in US dollars, from the gateway's price table (empty without a price).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cost_usd: String,
+    /// The provider's HTTP status, when it answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// Why the model stopped, as the provider said (`stop`, `length`, `end_turn`, `tool_calls`…).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<String>,
+    /// Why the gateway ended the answer before the provider did, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cut: Option<Cut>,
+    /// Time from the request to the first output, in microseconds (streams).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_token_us: Option<u64>,
+    /// Time from the request to the end of the answer, in microseconds.
+    pub duration_us: u64,
+}
+
+/// How a model call's tokens are known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Metered {
+    /// The provider reported them, and the gateway charged that.
+    Reported,
+    /// The provider reported nothing (a stream cut or broken off, an answer without usage): the
+    /// gateway charged its own bound, never zero.
+    Estimated,
+    /// Nothing was sent to the provider.
+    NotSent,
+}
+
+/// Why the gateway ended a model's answer early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Cut {
+    /// The run's token or cost ceiling was reached while the answer streamed.
+    Ceiling,
+    /// The agent's or the global kill switch was engaged.
+    KillSwitch,
+    /// The agent went away before the answer ended.
+    ClientGone,
+    /// The provider's answer broke off or could not be read.
+    Upstream,
+}
+
 /// The writer's note that old records were pruned: the last pruned record and its hash, which
 /// the first remaining record must link to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -237,9 +310,16 @@ pub struct Entry {
     /// The run's counters after the event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub counters: Option<Counters>,
-    /// Usage reported after the call, for reports.
+    /// Usage reported after the call, for reports; for model calls, what was charged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// For reports: `usage` is the agent's claim, recorded and not charged, because the gateway
+    /// meters this agent's model calls itself.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub usage_claimed: bool,
+    /// For model calls: what was called, used and charged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelCallRecord>,
     /// The ceiling breached, for halts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ceiling: Option<Ceiling>,
@@ -279,6 +359,8 @@ impl Entry {
             approval: None,
             counters: None,
             usage: None,
+            usage_claimed: false,
+            model: None,
             ceiling: None,
             error: None,
             not_run: false,

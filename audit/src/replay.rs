@@ -140,6 +140,10 @@ pub fn timeline(steps: &[Step]) -> String {
             (Event::Decide, Some(tool)) => format!("call {tool}"),
             (Event::Report, Some(tool)) => format!("result of {tool}"),
             (Event::Admission, _) => format!("kubernetes {}", write_of(e.arguments.as_ref())),
+            (Event::Model, _) => match &e.model {
+                Some(m) => format!("model {} via {} {}", m.model, m.upstream, m.endpoint),
+                None => "model call".to_owned(),
+            },
             (event, Some(tool)) => format!("{} {tool}", event.as_str()),
             (event, None) => event.as_str().to_owned(),
         };
@@ -195,12 +199,49 @@ pub fn timeline(steps: &[Step]) -> String {
         if let Some(result) = &e.result {
             let _ = writeln!(out, "    result    {result}");
         }
-        if let Some(usage) = &e.usage {
-            let _ = writeln!(
-                out,
-                "    usage     {} token(s), ${}",
-                usage.tokens, usage.cost
+        if let Some(m) = &e.model {
+            let t = &m.tokens;
+            let metered = match m.metered {
+                crate::Metered::Reported => "reported by the provider",
+                crate::Metered::Estimated => "estimated by the gateway",
+                crate::Metered::NotSent => "not sent",
+            };
+            let mut line = format!(
+                "    tokens    {} in ({} cached) + {} out, {metered}",
+                t.input_tokens, t.cached_input_tokens, t.output_tokens
             );
+            if let Some(cap) = m.output_cap {
+                let _ = write!(line, "; output capped at {cap}");
+            }
+            let _ = writeln!(out, "{line}");
+            let mut how = format!("    answer    {} ms", m.duration_us / 1000);
+            if let Some(status) = m.status {
+                let _ = write!(how, ", HTTP {status}");
+            }
+            if let Some(first) = m.first_token_us {
+                let _ = write!(how, ", first token after {} ms", first / 1000);
+            }
+            if let Some(reason) = &m.finish_reason {
+                let _ = write!(how, ", finished: {reason}");
+            }
+            if let Some(cut) = m.cut {
+                let _ = write!(how, ", CUT by Tollgate ({cut:?})");
+            }
+            let _ = writeln!(out, "{how}");
+        }
+        if let Some(usage) = &e.usage {
+            let kind = match (e.event, e.usage_claimed) {
+                (Event::Model, _) => "charged ",
+                (_, true) => "claimed ",
+                (_, false) => "usage   ",
+            };
+            let mut line = format!("    {kind}  {} token(s), ${}", usage.tokens, usage.cost);
+            if e.usage_claimed {
+                line.push_str(
+                    " (the agent's report; not charged, the gateway meters its model calls)",
+                );
+            }
+            let _ = writeln!(out, "{line}");
         }
         if let Some(error) = &e.error {
             let _ = writeln!(out, "    error     {error}");
@@ -355,8 +396,18 @@ fn apply_outcome(
             if let Some(step) = e.step {
                 run.take_report(step);
             }
-            if let Some(usage) = &e.usage {
+            // A claim the gateway did not charge (it meters the agent's model calls) is not
+            // charged on replay either.
+            if let Some(usage) = e.usage.as_ref().filter(|_| !e.usage_claimed) {
                 policy.report(usage, run, window, e.time);
+            }
+        }
+        (Event::Model, _) => {
+            if e.decision.as_ref().is_some_and(Decision::is_allowed) {
+                policy.start_model_call(run_id, run, window, e.time);
+            }
+            if let Some(usage) = &e.usage {
+                policy.charge_model_call(usage, run, window, e.time);
             }
         }
         _ => {}

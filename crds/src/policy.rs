@@ -91,20 +91,74 @@ pub struct AgentPolicySpec {
     pub graduation: Option<Graduation>,
 }
 
-/// An upstream tool server.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+/// An upstream: a tool server, or a model provider the gateway meters.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!(has(self.mcp) && has(self.llm))")
+    .message("an upstream is either an MCP server (mcp) or a model provider (llm), not both"))]
 pub struct Upstream {
-    /// Name tools refer to, and the path segment of the gateway's MCP proxy (/mcp/<name>).
+    /// Name tools refer to, and the path segment of the gateway's proxy (/mcp/<name> for a
+    /// tool server, /llm/<name> for a model provider).
     #[schemars(
         length(min = 1, max = 63),
         regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     )]
     pub name: String,
-    /// An MCP server (streamable HTTP transport). Without it the upstream is reachable only
-    /// through the decision API, for orchestrators that call tools themselves.
+    /// An MCP server (streamable HTTP transport). Without it (and without llm) the upstream is
+    /// reachable only through the decision API, for orchestrators that call tools themselves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mcp: Option<McpUpstream>,
+    /// A model provider. The gateway proxies its API at /llm/<name>, meters every call's tokens
+    /// and cost itself, and holds the run to its token and cost ceilings mid-stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub llm: Option<LlmUpstream>,
+}
+
+/// A model provider reached through the gateway's LLM proxy.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LlmUpstream {
+    /// The provider's API style: OpenAI (chat completions, responses, embeddings, models; also
+    /// vLLM, Ollama and other OpenAI-compatible servers) or Anthropic (messages, count_tokens,
+    /// models).
+    pub api: LlmApi,
+    /// The provider's base URL as its SDK takes it, such as https://api.openai.com/v1 or
+    /// https://api.anthropic.com. The agent's SDK points at /llm/<name> on the gateway instead.
+    #[schemars(length(min = 1, max = 2048))]
+    #[x_kube(validation = Rule::new("isURL(self) && url(self).getScheme() in ['http', 'https']")
+        .message("must be an absolute http or https URL"))]
+    pub url: String,
+    /// The models the agent may use, by exact name. A call naming any other is refused before
+    /// anything leaves the gateway.
+    #[schemars(schema_with = "crate::schema::model_set")]
+    pub models: Vec<String>,
+    /// The most output tokens one call may ask for; a larger request is lowered to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_output_tokens: Option<i64>,
+    /// What the audit trail keeps of prompts and completions: Digest (default: their SHA-256
+    /// only) or Full (their text too, with secrets redacted as for tool calls).
+    #[serde(default)]
+    pub capture: Capture,
+}
+
+/// A model provider's API style.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum LlmApi {
+    /// OpenAI's API, and the servers that speak it.
+    OpenAI,
+    /// Anthropic's API.
+    Anthropic,
+}
+
+/// What the audit trail keeps of a model call's text.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum Capture {
+    /// The digests of prompt and completion only.
+    #[default]
+    Digest,
+    /// The text as well, redacted.
+    Full,
 }
 
 /// An MCP server reached over the streamable HTTP transport.
@@ -403,7 +457,8 @@ pub struct ExecutionLimits {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_steps: Option<i64>,
-    /// The most model tokens one run may use, as reported to the gateway.
+    /// The most model tokens one run may use: metered by the gateway when the policy has an llm
+    /// upstream (the agent's own reports are then recorded, not charged), else as reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_tokens_per_run: Option<i64>,
@@ -411,7 +466,8 @@ pub struct ExecutionLimits {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_wall_clock_seconds: Option<i64>,
-    /// The most one run may cost, in US dollars, as a decimal string such as "2.00".
+    /// The most one run may cost, in US dollars, as a decimal string such as "2.00": metered by
+    /// the gateway from its price table when the policy has an llm upstream, else as reported.
     #[serde(
         default,
         rename = "maxCostUSD",

@@ -52,6 +52,12 @@ pub(crate) fn tool_name_set(_: &mut SchemaGenerator) -> Schema {
     string_set(crate::policy::MAX_TOOLS, crate::policy::MAX_TOOL_NAME)
 }
 
+pub(crate) fn model_set(_: &mut SchemaGenerator) -> Schema {
+    let mut schema = string_set(64, 256);
+    schema.insert("minItems".into(), 1.into());
+    schema
+}
+
 pub(crate) fn name_set(_: &mut SchemaGenerator) -> Schema {
     string_set(64, 253)
 }

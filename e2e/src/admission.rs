@@ -119,6 +119,7 @@ pub fn start(name: &str, trail: Trail) -> Running {
                         // Its empty trail would rewrite the standing of other tests' policies,
                         // which share the control plane (the writer has a test of its own).
                         standing: None,
+                        prices: tollgate_gateway::default_prices(),
                     };
                     let (client, metrics, handle) =
                         (client.clone(), metrics.clone(), handle.clone());

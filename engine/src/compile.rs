@@ -78,6 +78,7 @@ pub struct CompiledPolicy {
     pub(crate) protected: Vec<ProtectedRule>,
     pub(crate) freezes: Vec<Freeze>,
     pub(crate) graduation: Option<GraduationRule>,
+    pub(crate) llm: std::collections::BTreeMap<String, crate::llm::LlmRoute>,
 }
 
 #[derive(Debug)]
@@ -256,6 +257,7 @@ impl CompiledPolicy {
         }
 
         let mut upstreams = HashSet::new();
+        let mut llm_routes = std::collections::BTreeMap::new();
         for (i, upstream) in spec.upstreams.iter().enumerate() {
             if !upstreams.insert(upstream.name.as_str()) {
                 errors.push(
@@ -272,6 +274,25 @@ impl CompiledPolicy {
                     format!("{:?} is not an http or https URL", mcp.url),
                     "use the MCP server's full URL, such as http://tools.ns.svc:8080/mcp",
                 );
+            }
+            if let Some(llm) = &upstream.llm {
+                if upstream.mcp.is_some() {
+                    errors.push(
+                        format!("spec.upstreams[{i}]"),
+                        "an upstream cannot be both an MCP server and a model provider",
+                        "declare two upstreams, one with mcp and one with llm",
+                    );
+                }
+                match crate::llm::compile_route(llm) {
+                    Ok(route) => {
+                        llm_routes.insert(upstream.name.clone(), route);
+                    }
+                    Err(e) => errors.push(
+                        format!("spec.upstreams[{i}].llm"),
+                        e,
+                        "give the provider's base URL and the models the agent may use",
+                    ),
+                }
             }
         }
 
@@ -392,6 +413,7 @@ impl CompiledPolicy {
             protected,
             freezes,
             graduation,
+            llm: llm_routes,
         })
     }
 }

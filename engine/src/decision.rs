@@ -76,6 +76,12 @@ pub enum DenyCode {
     /// self-escalation, a protected object, a freeze window, a pod that does not match its
     /// identity. Only in the audit trail's admission records; the decision API never answers it.
     WriteRefused,
+    /// A model call names a model (or provider) the policy does not list, or one without a price
+    /// while the run has a cost ceiling.
+    ModelNotAllowed,
+    /// A model call cannot be paid for by what the run's token or cost ceilings leave (after the
+    /// calls in flight): its prompt alone may take more. The run is not halted.
+    InsufficientBudget,
 }
 
 impl DenyCode {
@@ -98,6 +104,8 @@ impl DenyCode {
             DenyCode::ApprovalDenied => "ApprovalDenied",
             DenyCode::ApprovalExpired => "ApprovalExpired",
             DenyCode::WriteRefused => "WriteRefused",
+            DenyCode::ModelNotAllowed => "ModelNotAllowed",
+            DenyCode::InsufficientBudget => "InsufficientBudget",
         }
     }
 }

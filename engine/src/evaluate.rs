@@ -68,12 +68,16 @@ fn deny_unusable(code: DenyCode, reason: &str) -> Decision {
     }
 }
 
-type Refusal = (DenyCode, Cow<'static, str>, String);
+pub(crate) type Refusal = (DenyCode, Cow<'static, str>, String);
 
 impl CompiledPolicy {
     /// The rule behind a decision. Clauses about one tool are written relative to its entry and
     /// made absolute here, such as `spec.tools.allowed[update_order_status].when`.
-    fn rule(&self, tool: Option<&CompiledTool>, clause: impl Into<Cow<'static, str>>) -> RuleRef {
+    pub(crate) fn rule(
+        &self,
+        tool: Option<&CompiledTool>,
+        clause: impl Into<Cow<'static, str>>,
+    ) -> RuleRef {
         let clause = clause.into();
         let clause = match tool {
             Some(tool) if !clause.starts_with("spec.") => {
@@ -90,7 +94,11 @@ impl CompiledPolicy {
         }
     }
 
-    fn deny(&self, tool: Option<&CompiledTool>, (code, clause, message): Refusal) -> Decision {
+    pub(crate) fn deny(
+        &self,
+        tool: Option<&CompiledTool>,
+        (code, clause, message): Refusal,
+    ) -> Decision {
         Decision::Deny {
             code,
             rule: self.rule(tool, clause),
@@ -98,7 +106,7 @@ impl CompiledPolicy {
         }
     }
 
-    fn halt(&self, ceiling: Ceiling) -> Decision {
+    pub(crate) fn halt(&self, ceiling: Ceiling) -> Decision {
         let message =
             format!("{ceiling}; the run is halted and every further call of it is refused");
         Decision::Halt {
@@ -133,7 +141,7 @@ impl CompiledPolicy {
         if let Some(ceiling) = &run.halted {
             return self.halt(ceiling.clone());
         }
-        if let Some(ceiling) = self.ceiling_reached(call.run_id, run, window, now) {
+        if let Some(ceiling) = self.ceiling_reached(call.run_id, run, window, now, true) {
             return self.halt(ceiling);
         }
 
@@ -281,15 +289,19 @@ impl CompiledPolicy {
         }
     }
 
-    fn ceiling_reached(
+    /// The ceiling the run has reached, if any; `steps`: whether its step ceiling counts (tool
+    /// calls are steps, model calls are not).
+    pub(crate) fn ceiling_reached(
         &self,
         run_id: &str,
         run: &RunState,
         window: &WindowState,
         now: Timestamp,
+        steps: bool,
     ) -> Option<Ceiling> {
         let budget = &self.budget;
         if let Some(limit) = budget.max_steps
+            && steps
             && run.steps >= limit
         {
             return Some(Ceiling::MaxSteps { limit });

@@ -81,8 +81,10 @@ impl Outcome {
                 | DenyCode::ToolBlocked
                 | DenyCode::ToolNotAllowed
                 | DenyCode::ConditionError
-                // Not a tool call: admission's records of Kubernetes writes.
-                | DenyCode::WriteRefused => None,
+                // Not a tool call: admission's records of Kubernetes writes, model calls.
+                | DenyCode::WriteRefused
+                | DenyCode::ModelNotAllowed
+                | DenyCode::InsufficientBudget => None,
             },
             Outcome::Pending | Outcome::Expired | Outcome::NotRun => None,
         }

@@ -25,6 +25,7 @@ pub mod doctor;
 pub mod duration;
 mod evaluate;
 pub mod graduation;
+pub mod llm;
 pub mod manifest;
 pub mod selector;
 pub mod status;

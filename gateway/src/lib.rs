@@ -19,6 +19,7 @@ pub mod approvals;
 pub mod cluster;
 pub mod escalate;
 pub mod keys;
+pub mod llm;
 pub mod mcp;
 pub mod policies;
 pub mod read;
@@ -135,6 +136,8 @@ struct AgentState {
     /// other replicas' records of this agent are applied, and what those records left pending.
     position: Option<i64>,
     follower: tollgate_audit::replay::Follower,
+    /// Per run, what its model calls in flight have reserved of its ceilings.
+    reserved: HashMap<String, tollgate_engine::llm::Reserved>,
 }
 
 impl AgentState {
@@ -145,6 +148,7 @@ impl AgentState {
             window_loaded: false,
             position: None,
             follower: Default::default(),
+            reserved: HashMap::new(),
         }
     }
 }
@@ -215,6 +219,17 @@ pub struct Gateway {
     run_limit: usize,
     /// The most bytes of an upstream's answer the MCP proxy reads.
     pub(crate) upstream_limit: usize,
+    /// What models cost, for the LLM proxy's metering.
+    pub(crate) prices: tollgate_engine::llm::Prices,
+}
+
+/// The price table built in: what the models most agents use cost, as of its date. Override or
+/// extend it with `--prices FILE` (in a cluster, the chart's `gateway.prices`).
+pub const DEFAULT_PRICES: &str = include_str!("../prices.yaml");
+
+/// The built-in price table, parsed.
+pub fn default_prices() -> tollgate_engine::llm::Prices {
+    tollgate_engine::llm::Prices::parse(DEFAULT_PRICES).expect("the built-in price table parses")
 }
 
 /// The most bytes of an upstream MCP answer the gateway reads by default: 16 MiB.
@@ -257,7 +272,14 @@ impl Gateway {
             gates: Gates::default(),
             run_limit: runs::DEFAULT_LIMIT,
             upstream_limit: DEFAULT_UPSTREAM_LIMIT,
+            prices: default_prices(),
         }
+    }
+
+    /// Meters model calls with `prices` (the built-in table, overlaid with the operator's).
+    pub fn with_prices(mut self, prices: tollgate_engine::llm::Prices) -> Self {
+        self.prices = prices;
+        self
     }
 
     /// Reads at most `bytes` of an upstream MCP server's answer (default 16 MiB); a longer one is
@@ -354,6 +376,7 @@ impl Gateway {
             window_loaded,
             position,
             follower,
+            ..
         } = &mut *state;
         for (at, entry) in &entries {
             // A run this replica has not seen is read whole when it first comes; only the
@@ -765,6 +788,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/v1/decide", post(decide))
         .route("/v1/report", post(report))
         .route("/mcp/{upstream}", post(mcp::proxy))
+        .route("/llm/{upstream}/{*path}", axum::routing::any(llm::proxy))
         .route("/healthz", axum::routing::get(|| async { "ok" }))
         .with_state(gateway)
 }
@@ -856,11 +880,13 @@ pub enum RefusalCode {
     AuditUnavailable,
     /// The Kubernetes API could not be read for what the decision needs.
     ClusterUnavailable,
+    /// The path names an upstream, endpoint or model the agent's policy does not serve.
+    NotServed,
 }
 
 impl RefusalCode {
     /// Every code.
-    pub const ALL: [Self; 14] = [
+    pub const ALL: [Self; 15] = [
         Self::Unauthenticated,
         Self::AuthenticationUnavailable,
         Self::NotAnAgent,
@@ -875,6 +901,7 @@ impl RefusalCode {
         Self::NoApprovals,
         Self::AuditUnavailable,
         Self::ClusterUnavailable,
+        Self::NotServed,
     ];
 
     /// The code as it is sent.
@@ -894,6 +921,7 @@ impl RefusalCode {
             Self::NoApprovals => "NoApprovals",
             Self::AuditUnavailable => "AuditUnavailable",
             Self::ClusterUnavailable => "ClusterUnavailable",
+            Self::NotServed => "NotServed",
         }
     }
 }
@@ -989,27 +1017,53 @@ fn audit_unavailable_refusing(e: impl std::fmt::Display, refused: &str) -> Respo
 }
 
 async fn authenticate(gateway: &Gateway, headers: &HeaderMap) -> Result<Caller, Refusal> {
-    let value = headers
-        .get(header::AUTHORIZATION)
-        .ok_or_else(|| {
-            Refusal::new(
-                StatusCode::UNAUTHORIZED,
-                RefusalCode::Unauthenticated,
-                "no Authorization header: send Authorization: Bearer <token>",
-            )
-        })?
-        .to_str()
-        .unwrap_or_default();
-    let token = value
-        .strip_prefix("Bearer ")
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| {
+    authenticate_with(gateway, headers, false).await
+}
+
+/// Authenticates the caller's `Authorization: Bearer` credential; with `api_key`, Anthropic's
+/// `x-api-key` header is read too (when there is no Authorization header), so its SDK works
+/// with the agent's credential as its key.
+pub(crate) async fn authenticate_with(
+    gateway: &Gateway,
+    headers: &HeaderMap,
+    api_key: bool,
+) -> Result<Caller, Refusal> {
+    let key = headers
+        .get("x-api-key")
+        .filter(|_| api_key && !headers.contains_key(header::AUTHORIZATION));
+    let token = if let Some(key) = key {
+        key.to_str().unwrap_or_default().trim()
+    } else {
+        let value = headers
+            .get(header::AUTHORIZATION)
+            .ok_or_else(|| {
+                Refusal::new(
+                    StatusCode::UNAUTHORIZED,
+                    RefusalCode::Unauthenticated,
+                    if api_key {
+                        "no credential: send Authorization: Bearer <token> or x-api-key: <token>"
+                    } else {
+                        "no Authorization header: send Authorization: Bearer <token>"
+                    },
+                )
+            })?
+            .to_str()
+            .unwrap_or_default();
+        value.strip_prefix("Bearer ").ok_or_else(|| {
             Refusal::new(
                 StatusCode::UNAUTHORIZED,
                 RefusalCode::Unauthenticated,
                 "the Authorization header must be Bearer <token>",
             )
-        })?;
+        })?
+    };
+    if token.is_empty() {
+        return Err(Refusal::new(
+            StatusCode::UNAUTHORIZED,
+            RefusalCode::Unauthenticated,
+            "the credential is empty",
+        ));
+    }
     match &gateway.auth {
         Auth::Keys(keys) => keys
             .holder(token)
@@ -1339,9 +1393,15 @@ async fn report(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: B
                 }
             }
             let was_halted = run_state.halted.is_some();
-            let breach = policy
-                .report(&usage, run_state, window, now)
-                .filter(|_| !was_halted);
+            // A policy with a model provider is metered by the gateway: what the agent reports
+            // is its claim, recorded and never charged.
+            let breach = if policy.meters_models() {
+                None
+            } else {
+                policy
+                    .report(&usage, run_state, window, now)
+                    .filter(|_| !was_halted)
+            };
             Ok((breach, counters(run_state)))
         })
     };
@@ -1391,6 +1451,7 @@ async fn report(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: B
         entry.set_result(&gateway.redactor, result);
     }
     entry.usage = request.usage.clone();
+    entry.usage_claimed = request.usage.is_some() && policy.meters_models();
     entry.error = request.error.clone();
     entry.policy = Some(policy_ref(&policy));
     entry.counters = Some(run_counters.clone());

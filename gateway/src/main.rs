@@ -49,6 +49,23 @@ struct Args {
     /// The drift window: allowed tools not called in it are listed in `status.drift`.
     #[arg(long, env = "TOLLGATE_DRIFT_WINDOW", default_value = "720h", value_parser = window)]
     drift_window: String,
+    /// A model price table (YAML: asOf, models: {NAME: {input, cachedInput, output}} in US
+    /// dollars per million tokens) laid over the built-in one, for the LLM proxy's metering.
+    #[arg(long, env = "TOLLGATE_PRICES")]
+    prices: Option<PathBuf>,
+}
+
+/// The built-in price table, overlaid with `file`'s.
+fn prices(file: Option<&std::path::Path>) -> anyhow::Result<tollgate_engine::llm::Prices> {
+    let builtin = tollgate_gateway::default_prices();
+    let Some(file) = file else {
+        return Ok(builtin);
+    };
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| anyhow::anyhow!("--prices {}: {e}", file.display()))?;
+    let overlay = tollgate_engine::llm::Prices::parse(&text)
+        .map_err(|e| anyhow::anyhow!("--prices {}: {e}", file.display()))?;
+    Ok(builtin.overlay(overlay))
 }
 
 fn interval(text: &str) -> Result<Duration, String> {
@@ -95,12 +112,17 @@ enum Mode {
         #[arg(long, default_value = "127.0.0.1:8480")]
         listen: SocketAddr,
         /// Per-upstream credentials, laid out as mounted Secrets: DIR/<namespace>/<secret>/<key>.
-        #[arg(long)]
+        /// The default holds only the fake model provider's demo key.
+        #[arg(long, default_value = "config/standalone/secrets")]
         secrets: Option<PathBuf>,
         /// Notification targets for budget breaches: a YAML map of target name (as named in
         /// onBudgetExceeded.notify) to a Slack-compatible incoming-webhook URL.
         #[arg(long)]
         notify: Option<PathBuf>,
+        /// A model price table laid over the built-in one (as the gateway's --prices). The
+        /// default prices the fake provider's demo models.
+        #[arg(long, default_value = "config/standalone/prices.yaml")]
+        prices: PathBuf,
     },
 }
 
@@ -124,8 +146,10 @@ async fn main() -> anyhow::Result<()> {
         listen,
         secrets,
         notify,
+        prices: price_file,
     }) = args.mode
     {
+        let prices = prices(Some(&price_file))?;
         let trail = Trail::open(&audit, chain, &metrics).await?;
         let config = Standalone {
             policies,
@@ -133,6 +157,7 @@ async fn main() -> anyhow::Result<()> {
             listen,
             secrets,
             notify,
+            prices,
         };
         return run::standalone(config, trail, metrics, shutdown).await;
     }
@@ -145,6 +170,7 @@ async fn main() -> anyhow::Result<()> {
         });
     }
     server::install_crypto_provider();
+    let prices = prices(args.prices.as_deref())?;
     let client = kube::Client::try_default().await?;
     let trail = Trail::open(&args.audit, args.chain.clone(), &metrics).await?;
     let config = InCluster {
@@ -156,6 +182,7 @@ async fn main() -> anyhow::Result<()> {
             interval: args.standing_interval,
             window: args.drift_window,
         }),
+        prices,
     };
     run::in_cluster(client, config, trail, metrics, handle).await
 }

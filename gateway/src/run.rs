@@ -75,6 +75,8 @@ pub struct InCluster {
     /// How often AgentPolicy `status.tools` and `status.drift` are written from the trail; never
     /// when None.
     pub standing: Option<standing::Schedule>,
+    /// Model prices for the LLM proxy.
+    pub prices: tollgate_engine::llm::Prices,
 }
 
 /// Runs the gateway in a cluster until a server stops or `handle` shuts it down (draining
@@ -104,6 +106,7 @@ pub async fn in_cluster(
         Redactor::default(),
     )
     .with_metrics(metrics.clone())
+    .with_prices(config.prices.clone())
     .with_history(trail.history)
     .with_escalation(crate::Escalation::cluster(
         client.clone(),
@@ -152,6 +155,8 @@ pub struct Standalone {
     pub secrets: Option<PathBuf>,
     /// Notification targets for budget breaches.
     pub notify: Option<PathBuf>,
+    /// Model prices for the LLM proxy.
+    pub prices: tollgate_engine::llm::Prices,
 }
 
 /// Runs the gateway standalone until `shutdown` completes: policies from a directory (in force
@@ -179,6 +184,7 @@ pub async fn standalone(
     let policies = WatchedDir::start(config.policies, std::time::Duration::from_secs(1));
     let mut gateway = Gateway::new(policies, keys, trail.audit, Redactor::default())
         .with_metrics(metrics)
+        .with_prices(config.prices)
         .with_history(trail.history)
         .with_escalation(crate::Escalation::standalone(targets));
     if let Some(shared) = trail.shared {

@@ -273,6 +273,11 @@ async fn every_refusal_code_leaves_a_record() {
                 )
                 .await
             }
+            // The LLM proxy, for an upstream that is not a model provider of the policy.
+            RefusalCode::NotServed => {
+                h.post("/llm/crm/chat/completions", json!({"model": "m"}))
+                    .await
+            }
             RefusalCode::NoPolicy | RefusalCode::PolicyInvalid => {
                 // In their own directories, below.
                 continue;

@@ -27,6 +27,12 @@ pub struct Metrics {
     pub runs_in_memory: IntGauge,
     /// Budget breaches escalated.
     pub breaches: IntCounter,
+    /// Model tokens metered by the LLM proxy, by agent, model and kind (input, cachedInput, output).
+    pub model_tokens: IntCounterVec,
+    /// Model cost metered by the LLM proxy, in micro-dollars, by agent and model.
+    pub model_cost_microusd: IntCounterVec,
+    /// Model calls, by agent, model and outcome (ok, providerError, refused, cut).
+    pub model_calls: IntCounterVec,
     /// Audit batches the writer handed to its store, by outcome (committed, failed).
     pub audit_batches: IntCounterVec,
     /// Records per audit batch.
@@ -105,6 +111,30 @@ impl Default for Metrics {
             "Budget breaches that halted a run and were escalated",
         )
         .expect("a valid metric");
+        let model_tokens = IntCounterVec::new(
+            Opts::new(
+                "tollgate_gateway_model_tokens_total",
+                "Model tokens metered by the gateway's LLM proxy",
+            ),
+            &["agent", "model", "kind"],
+        )
+        .expect("a valid metric");
+        let model_cost_microusd = IntCounterVec::new(
+            Opts::new(
+                "tollgate_gateway_model_cost_microusd_total",
+                "Model cost metered by the gateway's LLM proxy, in millionths of a US dollar",
+            ),
+            &["agent", "model"],
+        )
+        .expect("a valid metric");
+        let model_calls = IntCounterVec::new(
+            Opts::new(
+                "tollgate_gateway_model_calls_total",
+                "Model calls through the gateway's LLM proxy, by outcome",
+            ),
+            &["agent", "model", "outcome"],
+        )
+        .expect("a valid metric");
         let audit_batches = IntCounterVec::new(
             Opts::new(
                 "tollgate_audit_batches_total",
@@ -152,6 +182,9 @@ impl Default for Metrics {
             Box::new(waiting.clone()),
             Box::new(runs_in_memory.clone()),
             Box::new(breaches.clone()),
+            Box::new(model_tokens.clone()),
+            Box::new(model_cost_microusd.clone()),
+            Box::new(model_calls.clone()),
             Box::new(audit_batches.clone()),
             Box::new(audit_batch_records.clone()),
             Box::new(audit_commit_duration.clone()),
@@ -170,6 +203,9 @@ impl Default for Metrics {
             waiting,
             runs_in_memory,
             breaches,
+            model_tokens,
+            model_cost_microusd,
+            model_calls,
             audit_batches,
             audit_batch_records,
             audit_commit_duration,

@@ -81,6 +81,34 @@ async fn samples_apply_cleanly() {
             .as_deref(),
         Some("2.00")
     );
+    // The standalone demo's model-calling agent (not in the kustomization) is a valid object
+    // too: its llm upstream passes the schema and the CEL rules, and reads back whole.
+    let output = cp
+        .kubectl(User::Admin)
+        .args([
+            "apply",
+            "--server-side",
+            "--validate=strict",
+            "-n",
+            &ns,
+            "-f",
+        ])
+        .arg(repo_root().join("config/samples/summarizer-agent.yaml"))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "kubectl apply summarizer-agent.yaml failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let summarizer = policies.get("summarizer-agent").await.unwrap();
+    let llm = summarizer.spec.upstreams[0].llm.as_ref().unwrap();
+    assert_eq!(llm.models, ["gpt-4o-mini", "greedy"]);
+    assert_eq!(
+        llm.capture,
+        tollgate_crds::policy::Capture::Digest,
+        "the default"
+    );
     let identities: Api<AgentIdentity> = Api::namespaced(client, &ns);
     let deploy = identities.get("deploy-agent").await.unwrap();
     assert_eq!(deploy.spec.kubernetes.rules.len(), 3);
@@ -154,7 +182,14 @@ fn with(mut object: Value, pointer: &str, value: Value) -> Value {
         .unwrap_or_else(|| panic!("{parent} exists in the fixture"))
     {
         Value::Object(map) => map.entry(key.to_owned()).or_insert(Value::Null),
-        Value::Array(items) => &mut items[key.parse::<usize>().expect("an array index")],
+        Value::Array(items) => {
+            // One past the end appends.
+            let index = key.parse::<usize>().expect("an array index");
+            if index == items.len() {
+                items.push(Value::Null);
+            }
+            &mut items[index]
+        }
         other => panic!("{parent} is {other}, not a container"),
     };
     *slot = value;
@@ -339,6 +374,42 @@ async fn cel_rules_refuse_invalid_policies() {
             "undeclared upstream",
             with(policy(), "/spec/tools/allowed/0/upstream", json!("billing")),
             "every tools.allowed[].upstream must name an entry of spec.upstreams",
+        ),
+        (
+            "an upstream both MCP server and model provider",
+            with(
+                policy(),
+                "/spec/upstreams/0/llm",
+                json!({"api": "OpenAI", "url": "https://api.openai.com/v1", "models": ["m"]}),
+            ),
+            "an upstream is either an MCP server (mcp) or a model provider (llm), not both",
+        ),
+        (
+            "a model provider without models",
+            with(
+                policy(),
+                "/spec/upstreams/1",
+                json!({"name": "models", "llm": {"api": "Anthropic", "url": "https://x", "models": []}}),
+            ),
+            "spec.upstreams[1].llm.models",
+        ),
+        (
+            "a model provider of an unknown API",
+            with(
+                policy(),
+                "/spec/upstreams/1",
+                json!({"name": "models", "llm": {"api": "Gemini", "url": "https://x", "models": ["m"]}}),
+            ),
+            "Unsupported value: \"Gemini\"",
+        ),
+        (
+            "a model provider URL that is not http",
+            with(
+                policy(),
+                "/spec/upstreams/1",
+                json!({"name": "models", "llm": {"api": "OpenAI", "url": "file:///etc/passwd", "models": ["m"]}}),
+            ),
+            "must be an absolute http or https URL",
         ),
         (
             "duplicate allowed tool",
