@@ -40,12 +40,43 @@ echo "== 6. a result reported for the blocked step 2 is refused (and audited): o
 call v1/report '{"runId":"'"$run"'","step":2,"tool":"delete_customer_record","result":{"deleted":true}}'
 echo "== 7. a request that names another agent is refused (and audited): only the key says who is calling"
 call v1/decide '{"runId":"'"$run"'","tool":"read_customer_record","agent":"default/deploy-agent","arguments":{"customer_id":"C000042"}}'
+
+# The model calls of a second sample agent, summarizer-agent, through the LLM proxy. Its provider
+# is the FAKE one Tollgate ships for examples (it makes words up); started here if not running.
+llm=${TOLLGATE_FAKE_LLM:-127.0.0.1:8490}
+if ! curl -s "http://$llm/v1/models" >/dev/null 2>&1; then
+  cargo run -q -p tollgate-gateway --example fake-llm -- "$llm" 2>/dev/null &
+  fake=$!
+  trap 'kill $fake 2>/dev/null' EXIT
+  for _ in $(seq 1 300); do curl -s "http://$llm/v1/models" >/dev/null 2>&1 && break; sleep 1; done
+fi
+model() { # run json [curl options]
+  local run=$1 body=$2; shift 2
+  curl -sS -X POST "$url/llm/models/chat/completions" "$@" -H "Authorization: Bearer tg-demo-summarizer-key" \
+    -H "Tollgate-Run-Id: $run" -H 'Content-Type: application/json' -d "$body"
+  echo
+}
+mrun=$run-summary
+echo "== 8. a model call through the LLM proxy: the agent asks for 5000 output tokens; the gateway"
+echo "==    lowers the cap to what the run can pay for (maxOutputTokens 1024, maxTokensPerRun 400),"
+echo "==    adds the provider key the agent never holds, and charges the usage the provider reports"
+model "$mrun" '{"model":"gpt-4o-mini","max_tokens":5000,"messages":[{"role":"user","content":"Summarize ticket T000042."}]}'
+echo "== 9. a model the policy does not list is refused before anything leaves"
+model "$mrun" '{"model":"gpt-4o","messages":[{"role":"user","content":"Summarize ticket T000042."}]}'
+echo "== 10. a streamed answer from a provider that ignores the cap is ended at the run's ceiling"
+echo "==     (the last events: the error event Tollgate sent instead of the next delta)"
+model "$mrun" '{"model":"greedy","stream":true,"messages":[{"role":"user","content":"Summarize every ticket."}]}' -N | tail -n 4
+echo "== 11. the run is halted: its next model call is refused, though the agent never reported a token"
+model "$mrun" '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"One more."}]}'
 echo
-echo "== replay of run $run from the audit store"
+echo "== replay of the model run $mrun: each call with its tokens, cap and cost, the cut, the halt"
 tollgate() {
   if command -v kubectl-tollgate >/dev/null; then kubectl-tollgate "$@"
   else cargo run -q -p kubectl-tollgate -- "$@"; fi
 }
+tollgate audit replay --run "$mrun"
+echo
+echo "== replay of run $run from the audit store"
 tollgate audit replay --run "$run"
 echo
 echo "== the support agent's track record and unused rights (graduation and drift)"
