@@ -186,6 +186,8 @@ async fn openai_chat(
         "stop"
     };
     if body["stream"] != json!(true) {
+        // A whole answer takes as long as its stream would.
+        tokio::time::sleep(every * n as u32).await;
         let text: String = (0..n).map(word).collect();
         let message = if model == "tools" {
             json!({"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",

@@ -746,3 +746,82 @@ async fn a_crafted_run_header_or_body_cannot_charge_another_agent() {
         "the other agent's run was not charged"
     );
 }
+
+#[tokio::test]
+async fn the_kill_switch_ends_a_call_waiting_for_its_whole_answer() {
+    let h = harness("{maxTokensPerRun: 100000}").await;
+    // 30 words at 100 ms: the answer would come after three seconds.
+    let call = h.sdk(json!({"sdk": "openai", "run": "r1", "model": "slow", "max_tokens": 30}));
+    let kill = async {
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let text = std::fs::read_to_string(h.policies.join("agent.yaml")).unwrap();
+        let engaged = text.replacen(
+            "  podSelector: {matchLabels: {app: llm-agent}}",
+            "  podSelector: {matchLabels: {app: llm-agent}}\n  killSwitch: {engaged: true}",
+            1,
+        );
+        std::fs::write(h.policies.join("agent.yaml"), engaged).unwrap();
+        Instant::now()
+    };
+    let (out, engaged_at) = tokio::join!(call, kill);
+    assert!(
+        engaged_at.elapsed() < Duration::from_millis(1500),
+        "ended with the switch"
+    );
+    let error = error_of(&out);
+    assert_eq!(error["status"], 403, "{out}");
+    assert!(
+        error["message"].as_str().unwrap().contains("kill switch"),
+        "{out}"
+    );
+    let record = &h.model_records("r1").await[0];
+    let model = record.model.as_ref().unwrap();
+    assert_eq!(
+        (model.cut, model.metered),
+        (Some(Cut::KillSwitch), Metered::Estimated)
+    );
+    assert_eq!(model.tokens.output_tokens, 30, "charged all it reserved");
+}
+
+#[tokio::test]
+async fn an_agent_that_goes_away_mid_stream_is_charged_and_its_reservation_released() {
+    // 200 tokens: a 30-token call reserves about 90 of them; had the reservation leaked, the
+    // calls after it could not be paid for.
+    let h = harness("{maxTokensPerRun: 200}").await;
+    let client = reqwest::Client::new();
+    let mut response = client
+        .post(format!("{}/llm/openai/chat/completions", h.url))
+        .bearer_auth(AGENT_KEY)
+        .header("tollgate-run-id", "r1")
+        .json(&json!({"model": "slow", "stream": true, "max_tokens": 30,
+            "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let first = response.chunk().await.unwrap().unwrap();
+    assert!(
+        String::from_utf8_lossy(&first).starts_with("data: "),
+        "relayed as it came"
+    );
+    drop(response);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let record = loop {
+        if let Some(record) = h.model_records("r1").await.pop() {
+            break record;
+        }
+        assert!(Instant::now() < deadline, "the call was never recorded");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let model = record.model.as_ref().unwrap();
+    assert_eq!(model.cut, Some(Cut::ClientGone));
+    assert!(record.usage.as_ref().unwrap().tokens > 0, "never free");
+    let charged = record.counters.as_ref().unwrap().tokens;
+    let out = h
+        .sdk(json!({"sdk": "openai", "run": "r1", "model": "gpt-4o-mini", "max_tokens": 5}))
+        .await;
+    assert_eq!(
+        out["ok"], true,
+        "the reservation was released ({charged} charged): {out}"
+    );
+}

@@ -326,16 +326,47 @@ pub(crate) async fn proxy(
         arguments,
     };
 
-    let response = match send(
-        &gateway,
-        &call.holder,
-        &call.upstream,
-        &url,
-        &headers,
-        outgoing,
-    )
-    .await
-    {
+    // From here the call holds a reservation: it is forwarded, charged and recorded in a task
+    // of its own, so an agent that goes away (or a handler dropped with it) leaks nothing and
+    // leaves no call without its record.
+    let forwarding = tokio::spawn(forward(gateway, call, url, headers, outgoing));
+    forwarding.await.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "a model call's forwarding task failed");
+        answer(
+            api,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Internal",
+            "the gateway failed while forwarding the call",
+            json!({}),
+        )
+    })
+}
+
+/// Waits until `agent`'s kill switch is engaged.
+async fn kill_switch(gateway: &Gateway, agent: &str) {
+    let mut tick = tokio::time::interval(KILL_CHECK);
+    loop {
+        tick.tick().await;
+        if gateway.killed(agent) {
+            return;
+        }
+    }
+}
+
+/// Forwards a granted call, relays the answer and settles the call.
+async fn forward(
+    gateway: Arc<Gateway>,
+    call: Call,
+    url: String,
+    headers: HeaderMap,
+    outgoing: Vec<u8>,
+) -> Response {
+    let api = call.api;
+    let sent = tokio::select! {
+        sent = send(&gateway, &call.holder, &call.upstream, &url, &headers, outgoing) => sent,
+        _ = kill_switch(&gateway, &call.agent) => return killed_waiting(&gateway, &call).await,
+    };
+    let response = match sent {
         Ok(response) => response,
         Err(e) => {
             let ending = Ending {
@@ -364,7 +395,10 @@ pub(crate) async fn proxy(
     if status.is_success() && is_events {
         return relay_stream(gateway, call, response);
     }
-    let (relayed, bytes) = relay_whole(response, &gateway).await;
+    let (relayed, bytes) = tokio::select! {
+        relayed = relay_whole(response, &gateway) => relayed,
+        _ = kill_switch(&gateway, &call.agent) => return killed_waiting(&gateway, &call).await,
+    };
     let mut ending = Ending {
         status: Some(status.as_u16()),
         ..Default::default()
@@ -398,6 +432,33 @@ pub(crate) async fn proxy(
         return response;
     }
     relayed
+}
+
+/// A call whose answer had not come when the agent's kill switch was engaged: ended, charged
+/// all it reserved (the provider may bill what it wrote), recorded, and answered KillSwitch.
+async fn killed_waiting(gateway: &Gateway, call: &Call) -> Response {
+    let ending = Ending {
+        cut: Some(Cut::KillSwitch),
+        output_tokens: call.grant.output_cap.unwrap_or(0),
+        error: Some(
+            "the agent's kill switch was engaged while the call waited for its answer".into(),
+        ),
+        ..Default::default()
+    };
+    if let Err(response) = gateway.settle_model_call(call, ending).await {
+        return response;
+    }
+    let message = format!(
+        "the kill switch of agent {} is engaged; the call was ended before its answer came",
+        call.agent
+    );
+    answer(
+        call.api,
+        StatusCode::FORBIDDEN,
+        "KillSwitch",
+        &message,
+        json!({"cut": Cut::KillSwitch}),
+    )
 }
 
 /// Sends the request to the provider with the gateway's credential for it.
