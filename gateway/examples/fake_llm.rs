@@ -11,7 +11,8 @@
 //! - `no-usage`: never reports usage;
 //! - `busy`: HTTP 429 in the provider's error shape;
 //! - `slow`: one word every 100 ms, as many as the cap allows, at most 600 (for the kill switch);
-//! - `tools`: a tool call (streamed as argument deltas).
+//! - `tools`: a tool call (streamed as argument deltas);
+//! - `bench`: as any name, without pauses between words (for benchmarks).
 //!
 //! `GET /_seen` answers the last request it received (headers and body), so tests can check what
 //! left the gateway.
@@ -121,6 +122,7 @@ fn prompt_tokens(body: &Value) -> u64 {
 fn plan(model: &str, cap: Option<u64>) -> (u64, Duration) {
     match model {
         "greedy" => (5_000, Duration::ZERO),
+        "bench" => (cap.unwrap_or(16).min(40), Duration::ZERO),
         "slow" => (cap.unwrap_or(600).min(600), Duration::from_millis(100)),
         _ => (cap.unwrap_or(40).min(40), Duration::from_millis(2)),
     }
@@ -187,7 +189,9 @@ async fn openai_chat(
     };
     if body["stream"] != json!(true) {
         // A whole answer takes as long as its stream would.
-        tokio::time::sleep(every * n as u32).await;
+        if !every.is_zero() {
+            tokio::time::sleep(every * n as u32).await;
+        }
         let text: String = (0..n).map(word).collect();
         let message = if model == "tools" {
             json!({"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",

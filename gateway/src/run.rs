@@ -195,6 +195,10 @@ pub async fn standalone(
     }
     let listener = tokio::net::TcpListener::bind(listen).await?;
     tracing::info!(%listen, "tollgate gateway (standalone) listening");
+    // TCP_NODELAY, as in a cluster: streamed events leave as they are written.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, crate::standalone_router(Arc::new(gateway)))
         .with_graceful_shutdown(shutdown)
         .await?;

@@ -125,7 +125,12 @@ pub async fn serve_tls(
     config: RustlsConfig,
     handle: Handle<SocketAddr>,
 ) -> std::io::Result<()> {
-    axum_server::bind_rustls(addr, config)
+    // TCP_NODELAY: a streamed answer's events (SSE from the LLM and MCP proxies) leave as they
+    // are written, not held back by Nagle's algorithm until the agent's ACK of the previous one.
+    let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(config)
+        .acceptor(axum_server::accept::NoDelayAcceptor::new());
+    axum_server::bind(addr)
+        .acceptor(acceptor)
         .handle(handle)
         .serve(app.into_make_service())
         .await
