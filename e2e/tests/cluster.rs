@@ -17,6 +17,8 @@ mod drill;
 mod faults;
 #[path = "cluster/install.rs"]
 mod install;
+#[path = "cluster/llm.rs"]
+mod llm;
 #[path = "cluster/support.rs"]
 mod support;
 
@@ -27,6 +29,7 @@ fn tests() -> Vec<Test> {
     all.extend(install::tests());
     all.extend(agents::tests());
     all.extend(drill::tests());
+    all.extend(llm::tests());
     // Last: these restart, scale and finally uninstall Tollgate.
     all.extend(faults::tests());
     all

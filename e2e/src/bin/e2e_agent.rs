@@ -10,13 +10,20 @@
 //! e2e-agent connect HOST:PORT [--timeout-ms N]
 //! e2e-agent until HOST:PORT --connected|--refused [--timeout-ms N]
 //! e2e-agent upstream --listen ADDR --credential VALUE [--allowed-host HOST]...
+//! e2e-agent fake-llm [--listen ADDR]
 //! ```
+//!
+//! `fake-llm` serves the FAKE model provider of `gateway/examples/fake_llm.rs` (OpenAI and
+//! Anthropic wire formats, key `sk-fake-provider`), for the LLM proxy's tests on the node.
 //!
 //! `$TOLLGATE_URL` in `http`'s URL is replaced by that environment variable (which admission
 //! injects into agent pods). `http` prints one JSON line, `{"status": N, "headers": {...}, "body": ...}`, for any answer,
 //! and `{"error": "..."}` with exit code 3 when no answer came. `connect` prints `connected` (exit
 //! 0) or `failed: REASON` (exit 1).
 #![forbid(unsafe_code)]
+
+#[path = "../../../gateway/examples/fake_llm.rs"]
+mod fake_llm;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,6 +53,11 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Serve the fake model provider (for the LLM proxy's tests; it makes words up).
+    FakeLlm {
+        #[arg(long, default_value = "0.0.0.0:8490")]
+        listen: String,
+    },
     /// Wait for SIGTERM (the agent's pod idles; the tests exec into it).
     Sleep,
     /// POST (with --body) or GET a URL and print the answer as JSON.
@@ -101,6 +113,11 @@ enum Cmd {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
     match Args::parse().command {
+        Cmd::FakeLlm { listen } => {
+            let listener = tokio::net::TcpListener::bind(&listen).await?;
+            fake_llm::serve(listener).await;
+            Ok(())
+        }
         Cmd::Sleep => {
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
