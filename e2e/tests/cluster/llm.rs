@@ -34,7 +34,7 @@ fn apply(yaml: &str) {
             );
             output.status.success().then_some(())
         },
-        || String::new(),
+        String::new,
     );
 }
 
