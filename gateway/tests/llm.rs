@@ -209,6 +209,15 @@ impl Harness {
             .unwrap()
     }
 
+    /// Waits until the fake provider has received a request.
+    async fn until_the_provider_has_a_call(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.seen().await == Value::Null {
+            assert!(Instant::now() < deadline, "no call reached the provider");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     async fn audit(&self) -> Vec<Entry> {
         verify(self.store.as_ref(), true, &BTreeMap::new())
             .await
@@ -670,7 +679,9 @@ async fn the_kill_switch_ends_a_live_stream() {
     let h = harness("{maxTokensPerRun: 100000}").await;
     let call = h.sdk(json!({"sdk": "anthropic", "run": "r1", "model": "slow", "max_tokens": 1000, "stream": true}));
     let kill = async {
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // Once the provider has the call (the SDK's start takes its time), and a few words.
+        h.until_the_provider_has_a_call().await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
         let text = std::fs::read_to_string(h.policies.join("agent.yaml")).unwrap();
         let engaged = text.replacen(
             "  podSelector: {matchLabels: {app: llm-agent}}",
@@ -691,8 +702,13 @@ async fn the_kill_switch_ends_a_live_stream() {
         ended < Duration::from_secs(5),
         "the stream ended {ended:?} after the switch"
     );
-    let record = &h.model_records("r1").await[0];
-    assert_eq!(record.model.as_ref().unwrap().cut, Some(Cut::KillSwitch));
+    let records = h.model_records("r1").await;
+    assert_eq!(records.len(), 1, "{records:#?}");
+    assert_eq!(
+        records[0].model.as_ref().unwrap().cut,
+        Some(Cut::KillSwitch),
+        "{out}"
+    );
     let chunks = out["chunks"].as_u64().unwrap();
     assert!(chunks > 0 && chunks < 600, "{chunks}");
 }
@@ -753,7 +769,8 @@ async fn the_kill_switch_ends_a_call_waiting_for_its_whole_answer() {
     // 30 words at 100 ms: the answer would come after three seconds.
     let call = h.sdk(json!({"sdk": "openai", "run": "r1", "model": "slow", "max_tokens": 30}));
     let kill = async {
-        tokio::time::sleep(Duration::from_millis(1000)).await;
+        h.until_the_provider_has_a_call().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
         let text = std::fs::read_to_string(h.policies.join("agent.yaml")).unwrap();
         let engaged = text.replacen(
             "  podSelector: {matchLabels: {app: llm-agent}}",

@@ -277,7 +277,7 @@ pub(crate) async fn proxy(
     };
 
     let arguments = Value::Object(body.clone());
-    let input_bound = wire::input_bound(&arguments);
+    let input_bound = wire::input_estimate(api, &model, &arguments).await;
     let stream = wire::is_stream(&body);
     let price = gateway.prices.get(&model).cloned();
     let call = ModelCall {

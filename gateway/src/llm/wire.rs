@@ -182,12 +182,18 @@ const MEDIA_TOKENS: u64 = 6_000;
 /// is at most one token for the byte-level tokenizers these providers use, plus a little per
 /// structure (roles, message framing) and a generous allowance per media part.
 pub(crate) fn input_bound(body: &Value) -> u64 {
-    fn walk(value: &Value, sum: &mut u64) {
+    input_tokens(body, &|s: &str| s.len() as u64)
+}
+
+/// The request's input tokens, counting each string with `tokens` and adding the framing and
+/// media allowances of [`input_bound`].
+fn input_tokens(body: &Value, tokens: &dyn Fn(&str) -> u64) -> u64 {
+    fn walk(value: &Value, sum: &mut u64, tokens: &dyn Fn(&str) -> u64) {
         match value {
-            Value::String(s) => *sum = sum.saturating_add(s.len() as u64),
+            Value::String(s) => *sum = sum.saturating_add(tokens(s)),
             Value::Array(items) => {
                 for item in items {
-                    walk(item, sum);
+                    walk(item, sum, tokens);
                 }
             }
             Value::Object(map) => {
@@ -209,7 +215,7 @@ pub(crate) fn input_bound(body: &Value) -> u64 {
                 }
                 for (key, value) in map {
                     if key != "model" {
-                        walk(value, sum);
+                        walk(value, sum, tokens);
                     }
                 }
             }
@@ -217,8 +223,88 @@ pub(crate) fn input_bound(body: &Value) -> u64 {
         }
     }
     let mut sum = 0;
-    walk(body, &mut sum);
+    walk(body, &mut sum, tokens);
     sum
+}
+
+/// The most text a request may hold to be counted with the model's tokenizer; a larger one is
+/// bounded by its bytes (counting costs CPU the agent would choose).
+const MAX_TOKENIZED: u64 = 1024 * 1024;
+
+/// The tokenizers the gateway knows: OpenAI's, for the model families tiktoken names.
+#[derive(Debug, Clone, Copy)]
+enum Bpe {
+    O200k,
+    Cl100k,
+}
+
+impl Bpe {
+    fn of(api: LlmApi, model: &str) -> Option<Self> {
+        use tiktoken_rs::tokenizer::{Tokenizer, get_tokenizer};
+        if api != LlmApi::OpenAI {
+            return None;
+        }
+        match get_tokenizer(model)? {
+            Tokenizer::O200kBase | Tokenizer::O200kHarmony => Some(Self::O200k),
+            Tokenizer::Cl100kBase => Some(Self::Cl100k),
+            _ => None,
+        }
+    }
+
+    /// The tokenizer, once built (building one takes a few hundred milliseconds).
+    fn ready(self) -> Option<&'static tiktoken_rs::CoreBPE> {
+        self.cell().get().copied()
+    }
+
+    fn cell(self) -> &'static std::sync::OnceLock<&'static tiktoken_rs::CoreBPE> {
+        static O200K: std::sync::OnceLock<&'static tiktoken_rs::CoreBPE> =
+            std::sync::OnceLock::new();
+        static CL100K: std::sync::OnceLock<&'static tiktoken_rs::CoreBPE> =
+            std::sync::OnceLock::new();
+        match self {
+            Self::O200k => &O200K,
+            Self::Cl100k => &CL100K,
+        }
+    }
+
+    fn build(self) -> &'static tiktoken_rs::CoreBPE {
+        self.cell().get_or_init(|| match self {
+            Self::O200k => tiktoken_rs::o200k_base_singleton(),
+            Self::Cl100k => tiktoken_rs::cl100k_base_singleton(),
+        })
+    }
+}
+
+fn text_bytes(body: &Value) -> u64 {
+    input_tokens(body, &|s: &str| s.len() as u64)
+}
+
+/// The request's input tokens as the gateway estimates them before forwarding: with the model's
+/// own tokenizer where one is public (OpenAI's families, counted string by string, one token
+/// more per string than the tokenizer says, with the framing and media allowances of
+/// [`input_bound`]), else [`input_bound`]. Large texts and a tokenizer's first build are counted
+/// off the async workers.
+pub(crate) async fn input_estimate(api: LlmApi, model: &str, body: &Value) -> u64 {
+    let Some(bpe) = Bpe::of(api, model) else {
+        return input_bound(body);
+    };
+    let bytes = text_bytes(body);
+    if bytes > MAX_TOKENIZED {
+        return input_bound(body);
+    }
+    let count = |bpe: &tiktoken_rs::CoreBPE, body: &Value| {
+        input_tokens(body, &|s: &str| bpe.encode_ordinary(s).len() as u64 + 1)
+    };
+    if let Some(ready) = bpe.ready()
+        && bytes <= 16 * 1024
+    {
+        return count(ready, body);
+    }
+    let owned = body.clone();
+    match tokio::task::spawn_blocking(move || count(bpe.build(), &owned)).await {
+        Ok(tokens) => tokens,
+        Err(_) => input_bound(body),
+    }
 }
 
 fn count(value: Option<&Value>) -> Option<u64> {
@@ -556,6 +642,20 @@ mod tests {
         );
         assert_eq!(usage_of(&json!({"prompt_tokens": -3})), None);
         assert_eq!(usage_of(&json!("many")), None);
+    }
+
+    #[tokio::test]
+    async fn openai_prompts_are_counted_with_their_tokenizer_and_others_by_bytes() {
+        let text = "The gate holds every call to its rule. ".repeat(50);
+        let body = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}]});
+        let tokens = input_estimate(LlmApi::OpenAI, "gpt-4o-mini", &body).await;
+        // o200k: 9 tokens per sentence, 450 for the text; plus framing.
+        assert!((450..520).contains(&tokens), "{tokens}");
+        assert!(tokens < input_bound(&body) / 3, "far below the byte bound");
+        let bytes = input_estimate(LlmApi::Anthropic, "claude-haiku-4-5", &body).await;
+        assert_eq!(bytes, input_bound(&body));
+        let unknown = input_estimate(LlmApi::OpenAI, "llama-3-70b", &body).await;
+        assert_eq!(unknown, input_bound(&body), "an unknown family: bytes");
     }
 
     #[test]
