@@ -34,7 +34,13 @@ impl Endpoint {
                 || path
                     .strip_prefix(prefix)
                     .and_then(|rest| rest.strip_prefix('/'))
-                    .is_some_and(|id| !id.is_empty() && !id.contains('/'))
+                    .is_some_and(|id| {
+                        // A model id, nothing a URL would read as a path or an escape.
+                        !id.starts_with('.')
+                            && id.bytes().all(|b| {
+                                b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':')
+                            })
+                    })
         };
         match (api, get, path) {
             (LlmApi::OpenAI, false, "chat/completions") => Some(Self::Chat),
@@ -571,6 +577,15 @@ mod tests {
             (LlmApi::OpenAI, false, "/responses", Some(Responses)),
             (LlmApi::OpenAI, true, "models/gpt-4o", Some(Models)),
             (LlmApi::OpenAI, true, "models/a/../../admin", None),
+            (LlmApi::OpenAI, true, "models/..", None),
+            (LlmApi::OpenAI, true, "models/%2e%2e", None),
+            (LlmApi::OpenAI, true, "models/", Some(Models)),
+            (
+                LlmApi::Anthropic,
+                true,
+                "v1/models/claude-haiku-4-5",
+                Some(Models),
+            ),
             (LlmApi::OpenAI, false, "v1/messages", None),
             (LlmApi::OpenAI, true, "chat/completions", None),
             (LlmApi::OpenAI, false, "files", None),
