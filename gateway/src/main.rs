@@ -55,6 +55,9 @@ struct Args {
     prices: Option<PathBuf>,
 }
 
+/// The standalone demo's price table, used when it exists and no --prices is given.
+const DEMO_PRICES: &str = "config/standalone/prices.yaml";
+
 /// The built-in price table, overlaid with `file`'s.
 fn prices(file: Option<&std::path::Path>) -> anyhow::Result<tollgate_engine::llm::Prices> {
     let builtin = tollgate_gateway::default_prices();
@@ -119,10 +122,11 @@ enum Mode {
         /// onBudgetExceeded.notify) to a Slack-compatible incoming-webhook URL.
         #[arg(long)]
         notify: Option<PathBuf>,
-        /// A model price table laid over the built-in one (as the gateway's --prices). The
-        /// default prices the fake provider's demo models.
-        #[arg(long, default_value = "config/standalone/prices.yaml")]
-        prices: PathBuf,
+        /// A model price table laid over the built-in one (as the gateway's --prices).
+        /// Without it, config/standalone/prices.yaml if it exists (the demo's: it prices the
+        /// fake provider's models), else the built-in table alone.
+        #[arg(long)]
+        prices: Option<PathBuf>,
     },
 }
 
@@ -149,7 +153,9 @@ async fn main() -> anyhow::Result<()> {
         prices: price_file,
     }) = args.mode
     {
-        let prices = prices(Some(&price_file))?;
+        let demo = std::path::Path::new(DEMO_PRICES);
+        let price_file = price_file.or_else(|| demo.exists().then(|| demo.to_path_buf()));
+        let prices = prices(price_file.as_deref())?;
         let trail = Trail::open(&audit, chain, &metrics).await?;
         let config = Standalone {
             policies,
