@@ -193,6 +193,9 @@ pub struct Grant {
     /// The run ceiling that set the cap, if one did: an answer that goes past the cap reached
     /// that ceiling, and halts the run.
     pub binding: Option<Ceiling>,
+    /// When the run's wall clock runs out (`maxWallClockSeconds` from its first call): an answer
+    /// still coming then is ended, and the run halts.
+    pub deadline: Option<(Timestamp, Ceiling)>,
     /// The decision, for the record.
     pub decision: Decision,
 }
@@ -427,6 +430,18 @@ impl CompiledPolicy {
                 cost: reserve_cost,
             },
             binding,
+            deadline: self.budget.max_wall_clock.and_then(|limit| {
+                let started = run.started_at.unwrap_or(now);
+                let end = started
+                    .checked_add(jiff::SignedDuration::try_from(limit).ok()?)
+                    .ok()?;
+                Some((
+                    end,
+                    Ceiling::MaxWallClockSeconds {
+                        limit: limit.as_secs(),
+                    },
+                ))
+            }),
             decision: Decision::Allow {
                 rule: self.rule(None, clause),
                 review: false,
@@ -559,6 +574,20 @@ mod tests {
         // Requested 100: under every bound.
         let g = grant(&policy, &call(10, Some(100)), &run, &none).unwrap();
         assert_eq!((g.output_cap, g.binding.clone()), (Some(100), None));
+        assert_eq!(g.deadline, None, "no wall-clock ceiling");
+        let clocked = metered(json!({"maxWallClockSeconds": 60}));
+        let started = RunState {
+            started_at: Some(now() - jiff::SignedDuration::from_secs(45)),
+            ..Default::default()
+        };
+        let timed = grant(&clocked, &call(10, Some(5)), &started, &none).unwrap();
+        assert_eq!(
+            timed.deadline,
+            Some((
+                now() + jiff::SignedDuration::from_secs(15),
+                Ceiling::MaxWallClockSeconds { limit: 60 }
+            ))
+        );
         assert_eq!(g.reserve.tokens, 110);
         // No request: maxOutputTokens (500) is under the tokens left (990), but $0.002 buys 199
         // output tokens after the prompt's $0.00001.

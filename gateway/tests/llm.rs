@@ -842,3 +842,54 @@ async fn an_agent_that_goes_away_mid_stream_is_charged_and_its_reservation_relea
         "the reservation was released ({charged} charged): {out}"
     );
 }
+
+#[tokio::test]
+async fn an_answer_still_coming_when_the_runs_wall_clock_runs_out_is_ended_and_the_run_halted() {
+    let h = harness("{maxTokensPerRun: 100000, maxWallClockSeconds: 2}").await;
+    // 100 words at 100 ms: ten seconds of answer in a run of two.
+    let started = Instant::now();
+    let out = h
+        .sdk(json!({"sdk": "anthropic", "run": "r1", "model": "slow", "max_tokens": 100, "stream": true}))
+        .await;
+    let error = error_of(&out);
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("maxWallClockSeconds"),
+        "{out}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "ended with the clock"
+    );
+    let chunks = out["chunks"].as_u64().unwrap();
+    assert!(chunks < 100, "{chunks}");
+    let records = h.model_records("r1").await;
+    let model = records[0].model.as_ref().unwrap();
+    assert_eq!(model.cut, Some(Cut::Ceiling));
+    let halts: Vec<_> = h
+        .audit()
+        .await
+        .into_iter()
+        .filter(|e| e.event == Event::Halt)
+        .collect();
+    assert_eq!(halts.len(), 1);
+    assert_eq!(
+        halts[0].ceiling.as_ref().unwrap().clause(),
+        "spec.execution.maxWallClockSeconds"
+    );
+    // A whole answer too: the same run is halted now; another run's long call ends at its clock.
+    let out = h
+        .sdk(json!({"sdk": "openai", "run": "r2", "model": "slow", "max_tokens": 50}))
+        .await;
+    assert!(
+        error_of(&out)["message"]
+            .as_str()
+            .unwrap()
+            .contains("maxWallClockSeconds"),
+        "{out}"
+    );
+    let decided = h.run_tokens("r2").await;
+    assert_eq!(decided["decision"], "halt", "{decided}");
+}

@@ -142,6 +142,8 @@ struct Ending {
     cut: Option<Cut>,
     first_token: Option<Duration>,
     error: Option<String>,
+    /// The run ceiling the call reached while its answer came (the wall clock), if one did.
+    reached: Option<Ceiling>,
     /// Input tokens the provider reported before the answer was cut.
     partial_input: Option<u64>,
     /// What the agent received: the answer's JSON, or the stream's text.
@@ -365,6 +367,7 @@ async fn forward(
     let sent = tokio::select! {
         sent = send(&gateway, &call.holder, &call.upstream, &url, &headers, outgoing) => sent,
         _ = kill_switch(&gateway, &call.agent) => return killed_waiting(&gateway, &call).await,
+        _ = wall_clock(&gateway, &call) => return out_of_time(&gateway, &call).await,
     };
     let response = match sent {
         Ok(response) => response,
@@ -398,6 +401,7 @@ async fn forward(
     let (relayed, bytes) = tokio::select! {
         relayed = relay_whole(response, &gateway) => relayed,
         _ = kill_switch(&gateway, &call.agent) => return killed_waiting(&gateway, &call).await,
+        _ = wall_clock(&gateway, &call) => return out_of_time(&gateway, &call).await,
     };
     let mut ending = Ending {
         status: Some(status.as_u16()),
@@ -436,6 +440,52 @@ async fn forward(
 
 /// A call whose answer had not come when the agent's kill switch was engaged: ended, charged
 /// all it reserved (the provider may bill what it wrote), recorded, and answered KillSwitch.
+/// Waits until the run's wall clock runs out (never, without a wall-clock ceiling).
+async fn wall_clock(gateway: &Gateway, call: &Call) {
+    match &call.grant.deadline {
+        Some((end, _)) => {
+            let left = end.duration_since((gateway.now)());
+            let left = if left.is_negative() {
+                Duration::ZERO
+            } else {
+                left.unsigned_abs()
+            };
+            tokio::time::sleep(left).await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// A call whose answer had not come when the run's wall clock ran out: ended, charged all it
+/// reserved, the run halted and escalated, answered with the halt.
+async fn out_of_time(gateway: &Gateway, call: &Call) -> Response {
+    let ceiling = call.grant.deadline.as_ref().map(|(_, c)| c.clone());
+    let ending = Ending {
+        cut: Some(Cut::Ceiling),
+        reached: ceiling.clone(),
+        output_tokens: call.grant.output_cap.unwrap_or(0),
+        error: Some("the run's wall clock ran out while the call waited for its answer".into()),
+        ..Default::default()
+    };
+    if let Err(response) = gateway.settle_model_call(call, ending).await {
+        return response;
+    }
+    let clause = ceiling.as_ref().map_or("", Ceiling::clause);
+    let message = match &ceiling {
+        Some(c) => format!(
+            "{c}; the call was ended before its answer came and the run is halted ({clause})"
+        ),
+        None => "the run's wall clock ran out".to_owned(),
+    };
+    answer(
+        call.api,
+        StatusCode::FORBIDDEN,
+        clause,
+        &message,
+        json!({"cut": Cut::Ceiling}),
+    )
+}
+
 async fn killed_waiting(gateway: &Gateway, call: &Call) -> Response {
     let ending = Ending {
         cut: Some(Cut::KillSwitch),
@@ -655,6 +705,12 @@ fn capture_arguments(entry: &mut Entry, gateway: &Gateway, capture: Capture, arg
     }
 }
 
+/// The wall-clock ceiling, if the run's clock has run out now.
+fn out_of_clock(gateway: &Gateway, call: &Call) -> Option<Ceiling> {
+    let (end, ceiling) = call.grant.deadline.as_ref()?;
+    ((gateway.now)() >= *end).then(|| ceiling.clone())
+}
+
 /// Relays a streamed answer event by event, counting its output, and ends it early at the call's
 /// share of the run's ceilings or at the kill switch; charges and records it when it ends, even
 /// if the agent went away.
@@ -677,6 +733,11 @@ fn relay_stream(gateway: Arc<Gateway>, call: Call, mut response: reqwest::Respon
                 _ = tick.tick() => {
                     if gateway.killed(&call.agent) {
                         ending.cut = Some(Cut::KillSwitch);
+                        break 'stream;
+                    }
+                    if let Some(ceiling) = out_of_clock(&gateway, &call) {
+                        ending.cut = Some(Cut::Ceiling);
+                        ending.reached = Some(ceiling);
                         break 'stream;
                     }
                     continue;
@@ -717,6 +778,11 @@ fn relay_stream(gateway: Arc<Gateway>, call: Call, mut response: reqwest::Respon
                 }
                 if gateway.killed(&call.agent) {
                     ending.cut = Some(Cut::KillSwitch);
+                    break 'stream;
+                }
+                if let Some(ceiling) = out_of_clock(&gateway, &call) {
+                    ending.cut = Some(Cut::Ceiling);
+                    ending.reached = Some(ceiling);
                     break 'stream;
                 }
                 if tx.send(Ok(event.raw)).await.is_err() {
@@ -897,11 +963,12 @@ impl Gateway {
         // An answer cut for going past a cap a run ceiling set has reached that ceiling: it is
         // charged at least all it reserved (the provider bills what it wrote, relayed or not),
         // and the run halts.
-        let reached = call
-            .grant
-            .binding
-            .clone()
-            .filter(|_| ending.cut == Some(Cut::Ceiling));
+        let reached = ending.reached.clone().or_else(|| {
+            call.grant
+                .binding
+                .clone()
+                .filter(|_| ending.cut == Some(Cut::Ceiling))
+        });
         if reached.is_some() {
             usage.tokens = usage.tokens.max(call.grant.reserve.tokens);
             usage.cost = usage.cost.max(call.grant.reserve.cost);
