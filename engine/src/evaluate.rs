@@ -116,17 +116,20 @@ impl CompiledPolicy {
         }
     }
 
-    /// Evaluates one call. Pure: the same inputs always give the same decision.
-    pub fn evaluate(
+    /// What stops every call of the run before its own rules are read: the agent's kill switch,
+    /// the run's halt, a ceiling it has reached (`steps`: whether the step ceiling counts; model
+    /// calls are not steps).
+    pub(crate) fn stopped(
         &self,
         agent: &Agent<'_>,
-        call: &ToolCall<'_>,
+        run_id: &str,
         run: &RunState,
         window: &WindowState,
         now: Timestamp,
-    ) -> Decision {
+        steps: bool,
+    ) -> Option<Decision> {
         if agent.killed {
-            return self.deny(
+            return Some(self.deny(
                 None,
                 (
                     DenyCode::KillSwitch,
@@ -136,13 +139,26 @@ impl CompiledPolicy {
                         agent.name
                     ),
                 ),
-            );
+            ));
         }
         if let Some(ceiling) = &run.halted {
-            return self.halt(ceiling.clone());
+            return Some(self.halt(ceiling.clone()));
         }
-        if let Some(ceiling) = self.ceiling_reached(call.run_id, run, window, now, true) {
-            return self.halt(ceiling);
+        self.ceiling_reached(run_id, run, window, now, steps)
+            .map(|ceiling| self.halt(ceiling))
+    }
+
+    /// Evaluates one call. Pure: the same inputs always give the same decision.
+    pub fn evaluate(
+        &self,
+        agent: &Agent<'_>,
+        call: &ToolCall<'_>,
+        run: &RunState,
+        window: &WindowState,
+        now: Timestamp,
+    ) -> Decision {
+        if let Some(stopped) = self.stopped(agent, call.run_id, run, window, now, true) {
+            return stopped;
         }
 
         if self.blocked.contains(call.tool) {

@@ -240,24 +240,8 @@ impl CompiledPolicy {
         now: Timestamp,
     ) -> Result<Grant, Decision> {
         let price = call.price;
-        if agent.killed {
-            return Err(self.deny(
-                None,
-                (
-                    DenyCode::KillSwitch,
-                    "spec.killSwitch".into(),
-                    format!(
-                        "the kill switch of agent {} is engaged; every call is denied",
-                        agent.name
-                    ),
-                ),
-            ));
-        }
-        if let Some(ceiling) = &run.halted {
-            return Err(self.halt(ceiling.clone()));
-        }
-        if let Some(ceiling) = self.ceiling_reached(call.run_id, run, window, now, false) {
-            return Err(self.halt(ceiling));
+        if let Some(stopped) = self.stopped(agent, call.run_id, run, window, now, false) {
+            return Err(stopped);
         }
         let clause = format!("spec.upstreams[{}].llm.models", call.upstream);
         let Some(route) = self.llm.get(call.upstream) else {

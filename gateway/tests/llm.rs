@@ -209,6 +209,18 @@ impl Harness {
             .unwrap()
     }
 
+    /// Engages the agent's kill switch in its policy file (in force at the next reload).
+    fn engage_kill_switch(&self) {
+        let file = self.policies.join("agent.yaml");
+        let text = std::fs::read_to_string(&file).unwrap();
+        let engaged = text.replacen(
+            "  podSelector: {matchLabels: {app: llm-agent}}",
+            "  podSelector: {matchLabels: {app: llm-agent}}\n  killSwitch: {engaged: true, reason: drill}",
+            1,
+        );
+        std::fs::write(file, engaged).unwrap();
+    }
+
     /// Waits until the fake provider has received a request.
     async fn until_the_provider_has_a_call(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -682,13 +694,7 @@ async fn the_kill_switch_ends_a_live_stream() {
         // Once the provider has the call (the SDK's start takes its time), and a few words.
         h.until_the_provider_has_a_call().await;
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let text = std::fs::read_to_string(h.policies.join("agent.yaml")).unwrap();
-        let engaged = text.replacen(
-            "  podSelector: {matchLabels: {app: llm-agent}}",
-            "  podSelector: {matchLabels: {app: llm-agent}}\n  killSwitch: {engaged: true, reason: drill}",
-            1,
-        );
-        std::fs::write(h.policies.join("agent.yaml"), engaged).unwrap();
+        h.engage_kill_switch();
         Instant::now()
     };
     let (out, engaged_at) = tokio::join!(call, kill);
@@ -771,13 +777,7 @@ async fn the_kill_switch_ends_a_call_waiting_for_its_whole_answer() {
     let kill = async {
         h.until_the_provider_has_a_call().await;
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let text = std::fs::read_to_string(h.policies.join("agent.yaml")).unwrap();
-        let engaged = text.replacen(
-            "  podSelector: {matchLabels: {app: llm-agent}}",
-            "  podSelector: {matchLabels: {app: llm-agent}}\n  killSwitch: {engaged: true}",
-            1,
-        );
-        std::fs::write(h.policies.join("agent.yaml"), engaged).unwrap();
+        h.engage_kill_switch();
         Instant::now()
     };
     let (out, engaged_at) = tokio::join!(call, kill);
