@@ -382,6 +382,15 @@ async fn models_outside_the_list_and_bad_requests_are_refused_before_anything_le
         "{out}"
     );
     assert_eq!(h.seen().await, Value::Null, "nothing reached the provider");
+    // Refused models never name a metric series (an agent could grow them without bound).
+    let metrics = reqwest::get(format!("{}/metrics", h.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!metrics.contains("model=\"gpt-4o\""), "{metrics}");
+    assert!(metrics.contains("model=\"(not allowed)\""), "{metrics}");
 
     let out = h
         .sdk(json!({"sdk": "anthropic", "model": "claude-haiku-4-5", "max_tokens": 5}))

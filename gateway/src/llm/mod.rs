@@ -677,7 +677,17 @@ async fn refuse_call(
     gateway
         .metrics
         .model_calls
-        .with_label_values(&[&holder.agent, model, "refused"])
+        // The model is the agent's string: only one the policy lists may name a series, or an
+        // agent could grow the metrics without bound.
+        .with_label_values(&[
+            holder.agent.as_str(),
+            if route.models.contains(model) {
+                model
+            } else {
+                "(not allowed)"
+            },
+            "refused",
+        ])
         .inc();
     let (code, message) = match &decision {
         Decision::Deny { code, message, .. } => (code.as_str(), message.clone()),
