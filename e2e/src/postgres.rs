@@ -10,8 +10,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -24,7 +24,11 @@ use crate::process::{Process, Supervisor};
 pub struct Postgres {
     port: u16,
     dir: PathBuf,
-    _server: Process,
+    /// How the server is started, for [`Postgres::restart`].
+    bin: PathBuf,
+    root: bool,
+    supervisor: Supervisor,
+    server: Mutex<Process>,
 }
 
 /// The role that must log in with a client certificate.
@@ -190,61 +194,43 @@ impl Postgres {
         )
         .context("write pg_hba.conf")?;
         let port = crate::free_port()?;
-        let server = supervisor.start(
-            "postgres",
-            as_server_user(&bin.join("postgres"), root)
-                .arg("-D")
-                .arg(&data)
-                .args([
-                    "-c",
-                    "listen_addresses=127.0.0.1",
-                    "-c",
-                    &format!("port={port}"),
-                    "-c",
-                    &format!("unix_socket_directories={}", dir.display()),
-                    "-c",
-                    "max_connections=200",
-                    "-c",
-                    "ssl=on",
-                    "-c",
-                    &format!("ssl_cert_file={}", dir.join(SERVER_CERT).display()),
-                    "-c",
-                    &format!("ssl_key_file={}", dir.join(SERVER_KEY).display()),
-                    "-c",
-                    &format!("ssl_ca_file={}", dir.join(CA_FILE).display()),
-                    // Durability stays on: fsync and synchronous_commit keep their defaults.
-                ])
-                .args(extra_settings()),
-        )?;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-                && std::fs::read_to_string(server.log())
-                    .is_ok_and(|log| log.contains("ready to accept connections"))
-            {
-                break;
-            }
-            if let Some(status) = server.exited() {
-                bail!("postgres exited with {status}:\n{}", server.log_tail(30));
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "postgres was not ready within 60s:\n{}",
-                    server.log_tail(30)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let server = launch(&supervisor, &bin, root, &dir, port)?;
         let postgres = Self {
             port,
             dir,
-            _server: server,
+            bin,
+            root,
+            supervisor,
+            server: Mutex::new(server),
         };
         postgres.psql(
             "postgres",
             &format!("CREATE ROLE {CERT_USER} LOGIN SUPERUSER"),
         )?;
         Ok(postgres)
+    }
+
+    /// A server of the caller's own, apart from the binary's shared one: for tests that stop
+    /// and start it ([`Postgres::restart`]).
+    pub fn own() -> Result<Self> {
+        Self::start()
+    }
+
+    /// Stops the server as an operator's restart or a failover does (fast shutdown: every
+    /// session is cut), keeps it down for `down`, and starts it again on the same port and data.
+    pub fn restart(&self, down: Duration) -> Result<()> {
+        let mut server = self.server.lock().unwrap_or_else(|e| e.into_inner());
+        server.signal("INT")?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while server.exited().is_none() {
+            if Instant::now() > deadline {
+                bail!("postgres did not stop within 30s:\n{}", server.log_tail(30));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(down);
+        *server = launch(&self.supervisor, &self.bin, self.root, &self.dir, self.port)?;
+        Ok(())
     }
 
     fn psql(&self, database: &str, sql: &str) -> Result<()> {
@@ -309,6 +295,62 @@ impl Postgres {
         );
         self.psql("postgres", &format!("CREATE DATABASE {name}"))?;
         Ok(self.url(&name))
+    }
+}
+
+/// Starts the server of `dir` on `port` and waits until it accepts connections.
+fn launch(
+    supervisor: &Supervisor,
+    bin: &Path,
+    root: bool,
+    dir: &Path,
+    port: u16,
+) -> Result<Process> {
+    let data = dir.join("data");
+    let server = supervisor.start(
+        "postgres",
+        as_server_user(&bin.join("postgres"), root)
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                &format!("port={port}"),
+                "-c",
+                &format!("unix_socket_directories={}", dir.display()),
+                "-c",
+                "max_connections=200",
+                "-c",
+                "ssl=on",
+                "-c",
+                &format!("ssl_cert_file={}", dir.join(SERVER_CERT).display()),
+                "-c",
+                &format!("ssl_key_file={}", dir.join(SERVER_KEY).display()),
+                "-c",
+                &format!("ssl_ca_file={}", dir.join(CA_FILE).display()),
+                // Durability stays on: fsync and synchronous_commit keep their defaults.
+            ])
+            .args(extra_settings()),
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            && std::fs::read_to_string(server.log())
+                .is_ok_and(|log| log.contains("ready to accept connections"))
+        {
+            return Ok(server);
+        }
+        if let Some(status) = server.exited() {
+            bail!("postgres exited with {status}:\n{}", server.log_tail(30));
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "postgres was not ready within 60s:\n{}",
+                server.log_tail(30)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

@@ -112,6 +112,25 @@ impl Process {
         self.child.lock().ok()?.try_wait().ok().flatten()
     }
 
+    /// Sends it `signal` (a name `kill` knows, such as `INT`).
+    pub fn signal(&self, signal: &str) -> Result<()> {
+        let pid = self
+            .child
+            .lock()
+            .map_err(|_| anyhow::anyhow!("{}: poisoned", self.name))?
+            .id();
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()?;
+        anyhow::ensure!(
+            status.success(),
+            "kill -{signal} {pid} ({}) failed",
+            self.name
+        );
+        Ok(())
+    }
+
     /// The last `lines` lines of its output.
     pub fn log_tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();

@@ -44,7 +44,9 @@ impl Trail {
                 Self {
                     audit: AuditLog::open(store.clone(), config).await?.0,
                     history: store.clone(),
-                    records: store.clone(),
+                    // Exports and standings read on connections of their own: a long read
+                    // never holds up a decision's.
+                    records: Arc::new(store.apart()),
                     shared: Some(store),
                 }
             }

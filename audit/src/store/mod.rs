@@ -190,6 +190,15 @@ pub enum StoreError {
     /// The blocking task running the query was lost.
     #[error("audit store task failed: {0}")]
     Task(String),
+    /// The database did not answer in time: the connection is dropped and the next use dials
+    /// again.
+    #[error("audit store did not answer {what} within {}s", after.as_secs())]
+    Timeout {
+        /// What was asked for.
+        what: &'static str,
+        /// How long this side waited.
+        after: std::time::Duration,
+    },
 }
 
 /// A place to keep records. Implemented by [`SqliteStore`] and [`PostgresStore`]; the test suite

@@ -741,8 +741,8 @@ async fn postgres_over_tls_checks_the_server_and_presents_a_client_certificate()
     }
     let reports = verify(store.as_ref(), true, NONE).await.unwrap();
     assert_eq!(reports[0].records, 5);
-    // The two appending connections and the reader.
-    assert_eq!(encrypted_sessions(&database).await, 3);
+    // The two appending connections, the session holding the chain's claim and a reader.
+    assert_eq!(encrypted_sessions(&database).await, 4);
 
     // Someone else answering on the address: a CA with the same name but another key (what a
     // forger would make) does not vouch for the server's certificate.

@@ -4,5 +4,6 @@ mod admission;
 mod audit;
 mod crds;
 mod gateway;
+mod healing;
 mod operator;
 mod replicas;

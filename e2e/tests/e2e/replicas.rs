@@ -12,7 +12,7 @@ use tollgate_gateway::Gateway;
 use tollgate_gateway::keys::Keys;
 use tollgate_gateway::policies::{PolicySet, WatchedDir};
 
-const KEY: &str = "support-key-replicas";
+pub(crate) const KEY: &str = "support-key-replicas";
 
 fn keys() -> Keys {
     use sha2::Digest as _;
@@ -25,7 +25,7 @@ fn keys() -> Keys {
 
 /// A replica writing chain `chain` of the trail at `url`, with budgets shared or not; returns
 /// its base URL.
-async fn replica(url: &str, chain: &str, shared: bool) -> String {
+pub(crate) async fn replica(url: &str, chain: &str, shared: bool) -> String {
     let store = Arc::new(PostgresStore::connect(url).await.unwrap());
     let (log, _) = AuditLog::open(store.clone(), WriterConfig::new(chain))
         .await
@@ -49,7 +49,7 @@ async fn post(http: &reqwest::Client, base: &str, path: &str, body: Value) -> Va
     body
 }
 
-async fn post_answer(
+pub(crate) async fn post_answer(
     http: &reqwest::Client,
     base: &str,
     path: &str,
