@@ -12,6 +12,7 @@
 
 pub mod admission;
 pub mod cluster;
+pub mod freeze;
 pub mod image;
 pub mod operator;
 mod pki;
@@ -264,6 +265,29 @@ impl ControlPlane {
                 .await
                 .expect("the kubeconfig loads");
         kube::Client::try_from(config).expect("a client can be built from the kubeconfig")
+    }
+
+    /// A kube client authenticated as `user` that reaches the apiserver through `addr` (a
+    /// proxy on 127.0.0.1, such as a [`freeze::Freezable`] one).
+    pub async fn client_through(&self, user: User, addr: std::net::SocketAddr) -> kube::Client {
+        let kubeconfig = Kubeconfig::read_from(self.kubeconfig(user))
+            .expect("the harness wrote a valid kubeconfig");
+        let mut config =
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .expect("the kubeconfig loads");
+        config.cluster_url = format!("https://{addr}")
+            .parse()
+            .expect("a proxy address is a URL");
+        kube::Client::try_from(config).expect("a client can be built from the kubeconfig")
+    }
+
+    /// The apiserver's address.
+    pub fn server_addr(&self) -> std::net::SocketAddr {
+        self.server
+            .trim_start_matches("https://")
+            .parse()
+            .expect("the apiserver listens on 127.0.0.1:<port>")
     }
 
     /// Runs `kubectl ARGS` as the admin and returns its stdout; panics with its stderr when it

@@ -6,6 +6,7 @@
 //! another: a changed argument is a different call, with a different digest and request.
 
 use std::time::{Duration, Instant};
+use tollgate_runtime::cluster::bounded;
 
 use futures::StreamExt;
 use jiff::Timestamp;
@@ -120,7 +121,7 @@ impl Gateway {
             status: None,
         };
         let api: Api<ApprovalRequest> = Api::namespaced(cluster.client(), namespace);
-        let created = api.create(&PostParams::default(), &request).await;
+        let created = bounded(api.create(&PostParams::default(), &request)).await;
         let created = match created {
             Ok(created) => created,
             Err(e) => {
@@ -569,7 +570,7 @@ impl Gateway {
             }
         };
         let api: Api<ApprovalRequest> = Api::namespaced(cluster.client(), namespace);
-        let request = match api.get_opt(name).await {
+        let request = match bounded(api.get_opt(name)).await {
             Ok(Some(request)) => request,
             Ok(None) => {
                 return deny(

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tollgate_runtime::cluster::bounded;
 
 use axum::http::StatusCode;
 use base64::Engine as _;
@@ -117,19 +118,21 @@ impl ClusterPolicies {
         let (namespace, name) = id
             .split_once('/')
             .ok_or_else(|| format!("agent {id:?} is not namespace/name"))?;
-        let identity = Api::<AgentIdentity>::namespaced(self.client.clone(), namespace)
-            .get_opt(name)
-            .await
-            .map_err(|e| format!("read AgentIdentity {id}: {e}"))?
-            .ok_or_else(|| format!("AgentIdentity {id} no longer exists"))?;
+        let identity =
+            bounded(Api::<AgentIdentity>::namespaced(self.client.clone(), namespace).get_opt(name))
+                .await
+                .map_err(|e| format!("read AgentIdentity {id}: {e}"))?
+                .ok_or_else(|| format!("AgentIdentity {id} no longer exists"))?;
         if identity.spec.kill_switch.engaged {
             return Ok(Some(format!("the kill switch of agent {id} is engaged")));
         }
         if let Some(tollgate) = self.view.tollgate_namespace() {
-            let switch = Api::<ConfigMap>::namespaced(self.client.clone(), tollgate)
-                .get_opt(GLOBAL_KILL_SWITCH)
-                .await
-                .map_err(|e| format!("read ConfigMap {tollgate}/{GLOBAL_KILL_SWITCH}: {e}"))?;
+            let switch = bounded(
+                Api::<ConfigMap>::namespaced(self.client.clone(), tollgate)
+                    .get_opt(GLOBAL_KILL_SWITCH),
+            )
+            .await
+            .map_err(|e| format!("read ConfigMap {tollgate}/{GLOBAL_KILL_SWITCH}: {e}"))?;
             if switch.as_ref().is_some_and(global_switch_engaged) {
                 return Ok(Some("the global kill switch is engaged".to_owned()));
             }
@@ -283,17 +286,18 @@ impl TokenReviewer {
             },
             ..TokenReview::default()
         };
-        let answer = Api::<TokenReview>::all(self.client.clone())
-            .create(&PostParams::default(), &review)
-            .await
-            .map_err(|e| {
-                tracing::error!(error = %e, "TokenReview failed");
-                Refusal::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    RefusalCode::AuthenticationUnavailable,
-                    "the token cannot be reviewed now; retry later",
-                )
-            })?;
+        let answer = bounded(
+            Api::<TokenReview>::all(self.client.clone()).create(&PostParams::default(), &review),
+        )
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "TokenReview failed");
+            Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                RefusalCode::AuthenticationUnavailable,
+                "the token cannot be reviewed now; retry later",
+            )
+        })?;
         let status = answer.status.unwrap_or_default();
         if status.authenticated != Some(true) {
             return Err(unauthenticated(format!(

@@ -10,6 +10,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
+use tollgate_runtime::cluster::{bounded, bounded_by};
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams};
@@ -157,20 +158,17 @@ impl Escalation {
                 let api: Api<AgentIdentity> = Api::namespaced(client.clone(), &breach.namespace);
                 let patch = json!({"spec": {"killSwitch": {"engaged": true,
                     "reason": format!("budget breach: {} in run {}", breach.clause, breach.run)}}});
-                let engaged = tokio::time::timeout(
+                let engaged = bounded_by(
                     Duration::from_secs(5),
                     api.patch(&breach.name, &PatchParams::default(), &Patch::Merge(&patch)),
                 )
                 .await;
                 match engaged {
-                    Ok(Ok(_)) => {
+                    Ok(_) => {
                         tracing::warn!(%agent, "kill switch engaged after a budget breach")
                     }
-                    Ok(Err(e)) => {
+                    Err(e) => {
                         tracing::error!(%agent, error = %e, "kill switch NOT engaged in the cluster; this gateway holds the agent stopped")
-                    }
-                    Err(_) => {
-                        tracing::error!(%agent, "kill switch patch timed out; this gateway holds the agent stopped")
                     }
                 }
             }
@@ -189,7 +187,7 @@ impl Escalation {
             return;
         };
         let api: Api<AgentIdentity> = Api::namespaced(client.clone(), &breach.namespace);
-        let reference = match api.get(&breach.name).await {
+        let reference = match bounded(api.get(&breach.name)).await {
             Ok(identity) => kube::Resource::object_ref(&identity, &()),
             Err(e) => {
                 tracing::warn!(agent = %breach.agent(), error = %e, "no Event: the AgentIdentity cannot be read");
@@ -210,7 +208,7 @@ impl Escalation {
             action: "HaltRun".into(),
             secondary: None,
         };
-        if let Err(e) = recorder.publish(&event, &reference).await {
+        if let Err(e) = bounded(recorder.publish(&event, &reference)).await {
             tracing::warn!(agent = %breach.agent(), error = %e, "the breach Event was not recorded");
         }
     }
@@ -218,7 +216,7 @@ impl Escalation {
     async fn targets(&self) -> HashMap<String, String> {
         match &self.targets {
             Targets::Static(targets) => targets.clone(),
-            Targets::Secret(api) => match api.get_opt(NOTIFY_SECRET).await {
+            Targets::Secret(api) => match bounded(api.get_opt(NOTIFY_SECRET)).await {
                 Ok(Some(secret)) => secret
                     .data
                     .unwrap_or_default()

@@ -11,6 +11,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use tollgate_runtime::cluster::bounded;
 
 use axum::Router;
 use axum::extract::{Query as QueryParams, State};
@@ -124,17 +125,18 @@ async fn authenticate(reader: &Reader, headers: &HeaderMap) -> Result<UserInfo, 
         },
         ..TokenReview::default()
     };
-    let reviewed = Api::<TokenReview>::all(reader.client.clone())
-        .create(&PostParams::default(), &review)
-        .await
-        .map_err(|e| {
-            tracing::warn!(error = %e, "TokenReview failed");
-            refuse(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "ReviewUnavailable",
-                "the token could not be reviewed; try again",
-            )
-        })?;
+    let reviewed = bounded(
+        Api::<TokenReview>::all(reader.client.clone()).create(&PostParams::default(), &review),
+    )
+    .await
+    .map_err(|e| {
+        tracing::warn!(error = %e, "TokenReview failed");
+        refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ReviewUnavailable",
+            "the token could not be reviewed; try again",
+        )
+    })?;
     let status = reviewed.status.unwrap_or_default();
     match (status.authenticated, status.user) {
         (Some(true), Some(user)) if user.username.is_some() => Ok(user),
@@ -168,17 +170,19 @@ async fn may_read(reader: &Reader, user: &UserInfo, namespace: &str) -> Result<b
         },
         ..SubjectAccessReview::default()
     };
-    let answer = Api::<SubjectAccessReview>::all(reader.client.clone())
-        .create(&PostParams::default(), &review)
-        .await
-        .map_err(|e| {
-            tracing::warn!(error = %e, "SubjectAccessReview failed");
-            refuse(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "ReviewUnavailable",
-                "access could not be reviewed; try again",
-            )
-        })?;
+    let answer = bounded(
+        Api::<SubjectAccessReview>::all(reader.client.clone())
+            .create(&PostParams::default(), &review),
+    )
+    .await
+    .map_err(|e| {
+        tracing::warn!(error = %e, "SubjectAccessReview failed");
+        refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ReviewUnavailable",
+            "access could not be reviewed; try again",
+        )
+    })?;
     Ok(answer.status.is_some_and(|s| s.allowed))
 }
 

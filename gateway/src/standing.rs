@@ -21,6 +21,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
+use tollgate_runtime::cluster::bounded;
 
 use jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
@@ -284,14 +285,15 @@ impl StatusWriter {
             "kind": "AgentPolicy",
             "status": {"tools": standing.tools, "drift": standing.drift},
         });
-        Api::<AgentPolicy>::namespaced(self.client.clone(), namespace)
-            .patch_status(
+        bounded(
+            Api::<AgentPolicy>::namespaced(self.client.clone(), namespace).patch_status(
                 name,
                 &PatchParams::apply(MANAGER).force(),
                 &Patch::Apply(body),
-            )
-            .await
-            .map_err(|e| format!("writing the status of AgentPolicy {namespace}/{name}: {e}"))?;
+            ),
+        )
+        .await
+        .map_err(|e| format!("writing the status of AgentPolicy {namespace}/{name}: {e}"))?;
         let notes = newly_eligible(&old, standing);
         if !notes.is_empty() {
             let recorder = Recorder::new(

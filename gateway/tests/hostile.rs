@@ -447,6 +447,87 @@ async fn refusals_for_a_cluster_that_cannot_be_reached_are_recorded_too() {
     );
 }
 
+/// An apiserver that takes connections and never answers: a narrow stand-in for a hung one.
+async fn hung_apiserver() -> kube::Client {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    kube::Client::try_from(kube::Config::new(format!("http://{addr}").parse().unwrap())).unwrap()
+}
+
+#[tokio::test]
+async fn calls_to_an_apiserver_that_never_answers_are_refused_within_the_deadline() {
+    tollgate_runtime::server::install_crypto_provider();
+    let deadline = tollgate_runtime::cluster::CALL_DEADLINE + Duration::from_secs(3);
+    // A token to review.
+    let reviewing = async {
+        let (log, store, dir) = trail().await;
+        let h = harness_of(
+            Gateway::new(
+                gateway::Policies::Cluster(gateway::ClusterPolicies::new(
+                    sample_view(),
+                    hung_apiserver().await,
+                )),
+                gateway::TokenReviewer::new(hung_apiserver().await),
+                log,
+                Redactor::default(),
+            ),
+            store,
+            dir,
+        )
+        .await;
+        let answer = tokio::time::timeout(
+            deadline,
+            h.post("/v1/decide", json!({"runId": "c", "tool": "t"})),
+        )
+        .await
+        .expect("a TokenReview the apiserver never answers is given up");
+        (answer, h.records().await)
+    };
+    // An approval to redeem.
+    let redeeming = async {
+        let (log, store, dir) = trail().await;
+        let h = harness_of(
+            Gateway::new(
+                gateway::Policies::Cluster(gateway::ClusterPolicies::new(
+                    sample_view(),
+                    hung_apiserver().await,
+                )),
+                keys(),
+                log,
+                Redactor::default(),
+            ),
+            store,
+            dir,
+        )
+        .await;
+        let answer = tokio::time::timeout(
+            deadline,
+            h.post(
+                "/v1/decide",
+                json!({"runId": "c", "tool": "send_customer_email", "approval": "ar-1",
+                       "arguments": {"customer_id": "C000042", "subject": "s", "body": "b"}}),
+            ),
+        )
+        .await
+        .expect("an ApprovalRequest read the apiserver never answers is given up");
+        (answer, h.records().await)
+    };
+    let (((status, body), records), ((status2, body2), records2)) =
+        tokio::join!(reviewing, redeeming);
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"]["code"], "AuthenticationUnavailable", "{body}");
+    assert_eq!(records, 1, "the refusal is recorded");
+    assert_eq!(status2, StatusCode::SERVICE_UNAVAILABLE, "{body2}");
+    assert_eq!(body2["error"]["code"], "ClusterUnavailable", "{body2}");
+    assert_eq!(records2, 1, "the refusal is recorded");
+}
+
 #[tokio::test]
 async fn a_policy_change_is_in_force_for_the_very_next_call() {
     let dir = tempfile::tempdir().unwrap();

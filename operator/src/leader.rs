@@ -3,6 +3,7 @@
 //! both believe they hold the lease; a holder that cannot renew before the lease runs out stops.
 
 use std::time::Duration;
+use tollgate_runtime::cluster::{CALL_DEADLINE, bounded, bounded_by};
 
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -87,7 +88,7 @@ impl Elector {
     pub async fn acquire(&self) {
         let mut logged = None;
         loop {
-            match self.try_acquire().await {
+            match bounded(self.try_acquire()).await {
                 Ok(Attempt::Held) => {
                     tracing::info!(lease = %self.name, holder = %self.holder, "leading");
                     return;
@@ -104,12 +105,20 @@ impl Elector {
         }
     }
 
-    /// Renews the lease until it is lost; never returns while leading.
+    /// Renews the lease until it is lost; never returns while leading. Each renewal must end
+    /// before the lease could run out, whatever the apiserver does: one that hangs is given up
+    /// at that point, and leadership with it (a lease renewed with no deadline could leave two
+    /// replicas leading, the one stuck in its call and the one that took the lease over).
     pub async fn hold(&self) -> Lost {
+        // Stop a little before the lease runs out, so no other replica can lead while this one
+        // still acts.
+        let margin = self.timing.duration.saturating_sub(self.timing.renew_every);
         let mut last_renewal = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(self.timing.renew_every).await;
-            match self.try_acquire().await {
+            let left = margin.saturating_sub(last_renewal.elapsed());
+            let attempt = bounded_by(left.min(CALL_DEADLINE), self.try_acquire()).await;
+            match attempt {
                 Ok(Attempt::Held) => last_renewal = tokio::time::Instant::now(),
                 Ok(Attempt::HeldBy(holder)) => {
                     return Lost::TakenOver {
@@ -118,9 +127,6 @@ impl Elector {
                     };
                 }
                 Err(error) => {
-                    // Stop a little before the lease runs out, so no other replica can lead
-                    // while this one still acts.
-                    let margin = self.timing.duration.saturating_sub(self.timing.renew_every);
                     if last_renewal.elapsed() >= margin {
                         return Lost::Expired {
                             lease: self.name.clone(),
@@ -135,7 +141,7 @@ impl Elector {
 
     /// Gives the lease up so a standby takes over at once (on graceful shutdown).
     pub async fn release(&self) {
-        let Ok(mut lease) = self.api.get(&self.name).await else {
+        let Ok(mut lease) = bounded(self.api.get(&self.name)).await else {
             return;
         };
         let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
@@ -145,11 +151,7 @@ impl Elector {
         spec.holder_identity = None;
         spec.renew_time = None;
         spec.acquire_time = None;
-        match self
-            .api
-            .replace(&self.name, &PostParams::default(), &lease)
-            .await
-        {
+        match bounded(self.api.replace(&self.name, &PostParams::default(), &lease)).await {
             Ok(_) => tracing::info!(lease = %self.name, "lease released"),
             Err(e) => tracing::warn!(lease = %self.name, error = %e, "lease not released"),
         }

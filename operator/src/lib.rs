@@ -23,6 +23,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+use tollgate_runtime::cluster::bounded;
 
 use axum::Router;
 use axum::extract::State;
@@ -263,11 +264,11 @@ where
         .name
         .clone()
         .ok_or_else(|| Error::Incomplete("a desired object has no name".into()))?;
-    api.patch(
+    bounded(api.patch(
         &name,
         &PatchParams::apply(MANAGER).force(),
         &Patch::Apply(object),
-    )
+    ))
     .await
     .doing(|| format!("applying {} {name}", K::kind(&())))
 }
@@ -277,7 +278,7 @@ pub(crate) async fn delete_if_present<K>(api: &Api<K>, name: &str) -> Result<boo
 where
     K: Resource<DynamicType = ()> + DeserializeOwned + Clone + std::fmt::Debug,
 {
-    match api.delete(name, &Default::default()).await {
+    match bounded(api.delete(name, &Default::default())).await {
         Ok(_) => Ok(true),
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
         Err(source) => Err(Error::Kube {
@@ -302,11 +303,11 @@ where
         "kind": K::kind(&()),
         "status": status,
     });
-    api.patch_status(
+    bounded(api.patch_status(
         name,
         &PatchParams::apply(MANAGER).force(),
         &Patch::Apply(body),
-    )
+    ))
     .await
     .map(|_| ())
     .doing(|| format!("writing the status of {} {name}", K::kind(&())))

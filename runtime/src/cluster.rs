@@ -198,3 +198,56 @@ impl ClusterView for WatchedView {
             .any(|cm| global_switch_engaged(cm))
     }
 }
+
+/// How long one Kubernetes API call on a request's path (a TokenReview, a Secret or kill-switch
+/// read, an approval's read or write) may take before it is given up: kube's client waits for
+/// ever for an answer by default, so an apiserver that hangs would hold the call, and the agent,
+/// as long as it hangs.
+pub const CALL_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `call` within [`CALL_DEADLINE`]; past it, an error naming the deadline.
+pub async fn bounded<T>(
+    call: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> Result<T, kube::Error> {
+    bounded_by(CALL_DEADLINE, call).await
+}
+
+/// `call` within `deadline`; past it, an error naming the deadline.
+pub async fn bounded_by<T>(
+    deadline: std::time::Duration,
+    call: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> Result<T, kube::Error> {
+    match tokio::time::timeout(deadline, call).await {
+        Ok(answer) => answer,
+        Err(_) => Err(timed_out(deadline)),
+    }
+}
+
+/// The error of a call the apiserver did not answer within `deadline`.
+pub fn timed_out(deadline: std::time::Duration) -> kube::Error {
+    kube::Error::Service(Box::new(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!(
+            "the Kubernetes API did not answer within {} ms",
+            deadline.as_millis()
+        ),
+    )))
+}
+
+#[cfg(test)]
+mod deadline_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_call_past_its_deadline_is_an_error_naming_it() {
+        let never = std::future::pending::<Result<(), kube::Error>>();
+        let deadline = std::time::Duration::from_millis(20);
+        let err = bounded_by(deadline, never).await.unwrap_err();
+        assert!(
+            err.to_string().contains("did not answer within 20 ms"),
+            "{err}"
+        );
+        let answered = bounded(async { Ok::<_, kube::Error>(7) }).await.unwrap();
+        assert_eq!(answered, 7);
+    }
+}

@@ -182,3 +182,52 @@ async fn a_lock_held_by_a_hung_replica_refuses_in_bounded_time_and_then_heals() 
     assert!(status.is_success(), "{status}: {body}");
     assert_eq!(body["decision"], "allow");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_apiserver_hangs_stops_before_its_lease_runs_out() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use kube::Api;
+    use tollgate_e2e::{User, control_plane};
+    use tollgate_operator::leader::{Elector, Lost, Timing};
+
+    let cp = control_plane();
+    let ns = cp.namespace("leader-hang").await;
+    let proxy = tollgate_e2e::freeze::Freezable::start(cp.server_addr())
+        .await
+        .unwrap();
+    let client = cp.client_through(User::Admin, proxy.addr()).await;
+    let timing = Timing {
+        duration: Duration::from_secs(6),
+        renew_every: Duration::from_secs(1),
+    };
+    let elector = Elector::new(client, &ns, "tollgate-hang", "hung", timing);
+    tokio::time::timeout(Duration::from_secs(30), elector.acquire())
+        .await
+        .expect("the lease is acquired while the apiserver answers");
+    let holding = tokio::spawn(async move { elector.hold().await });
+    // A renewal or two go through, then the apiserver stops answering mid-lease.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    proxy.freeze();
+    let lost = tokio::time::timeout(Duration::from_secs(20), holding)
+        .await
+        .expect("a leader whose renewals hang gives leadership up")
+        .unwrap();
+    let stopped_at = jiff::Timestamp::now();
+    assert!(matches!(lost, Lost::Expired { .. }), "{lost}");
+    // It stopped while the lease, as the apiserver holds it, was still its own: no other
+    // replica could have led before it stopped.
+    let lease = Api::<Lease>::namespaced(cp.client(User::Admin).await, &ns)
+        .get("tollgate-hang")
+        .await
+        .unwrap();
+    let spec = lease.spec.unwrap();
+    assert_eq!(spec.holder_identity.as_deref(), Some("hung"));
+    let runs_out = spec.renew_time.unwrap().0 + jiff::SignedDuration::from_secs(6);
+    let left = runs_out.duration_since(stopped_at);
+    assert!(
+        left > jiff::SignedDuration::ZERO,
+        "it stopped {left:?} after its lease ran out"
+    );
+    eprintln!("stopped leading {left:?} before the lease ran out");
+    proxy.thaw();
+}
