@@ -19,6 +19,8 @@ mod faults;
 mod install;
 #[path = "cluster/llm.rs"]
 mod llm;
+#[path = "cluster/secrets.rs"]
+mod secrets;
 #[path = "cluster/support.rs"]
 mod support;
 
@@ -30,6 +32,8 @@ fn tests() -> Vec<Test> {
     all.extend(agents::tests());
     all.extend(drill::tests());
     all.extend(llm::tests());
+    // After every test that sent a secret through Tollgate, before its pods go.
+    all.extend(secrets::tests());
     // Last: these restart, scale and finally uninstall Tollgate.
     all.extend(faults::tests());
     all

@@ -44,7 +44,7 @@ pub const AGENT: &str = "support-agent-v2";
 pub const AGENT_POD: &str = "support-agent";
 pub const TOKEN: &str = "/var/run/secrets/tollgate.dev/token";
 pub const CA: &str = "/etc/tollgate-gateway/ca.crt";
-const CREDENTIAL: &str = "crm-secret-123";
+pub const CREDENTIAL: &str = "crm-secret-123";
 
 /// The support namespace with its agent, policy, tool server and the agent's pod, once.
 pub fn support() {

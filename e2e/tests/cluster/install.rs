@@ -6,10 +6,57 @@ use tollgate_e2e::User;
 use crate::support::{self, SYSTEM, Test, kubectl, tollgate};
 
 pub fn tests() -> Vec<Test> {
-    vec![Test {
-        name: "the_chart_installs_every_part_as_pods_and_doctor_passes",
-        run: the_chart_installs_every_part_as_pods_and_doctor_passes,
-    }]
+    vec![
+        Test {
+            name: "the_chart_installs_every_part_as_pods_and_doctor_passes",
+            run: the_chart_installs_every_part_as_pods_and_doctor_passes,
+        },
+        Test {
+            name: "the_chart_takes_the_store_url_from_a_secret_and_writes_it_nowhere",
+            run: the_chart_takes_the_store_url_from_a_secret_and_writes_it_nowhere,
+        },
+    ]
+}
+
+/// `helm template` of the chart with `sets`: the manifests, or helm's error.
+fn render(sets: &[&str]) -> Result<String, String> {
+    let chart = tollgate_e2e::repo_root().join("charts/tollgate");
+    let mut helm = support::node().helm();
+    helm.args(["template", "tollgate", "-n", SYSTEM])
+        .arg(&chart);
+    for set in sets {
+        helm.args(["--set", set]);
+    }
+    let output = helm.output().unwrap();
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).into_owned())
+    }
+}
+
+fn the_chart_takes_the_store_url_from_a_secret_and_writes_it_nowhere() {
+    let secret_ref = "valueFrom: {secretKeyRef: {name: \"tollgate-audit-store\", key: \"url\"}}";
+    let manifests = render(&[
+        "gateway.auditStoreSecret.name=tollgate-audit-store",
+        "webhook.auditStoreSecret.name=tollgate-audit-store",
+        "gateway.replicas=2",
+    ])
+    .expect("a store URL in a Secret is a PostgreSQL trail: two gateway replicas render");
+    // Both the gateway and the webhook read it from the Secret; no manifest holds a URL.
+    assert_eq!(manifests.matches(secret_ref).count(), 2, "{manifests}");
+    assert!(!manifests.contains("postgres://") && !manifests.contains("host="));
+    // A PostgreSQL trail: rolled, not recreated, and no SQLite volume.
+    assert!(manifests.contains("strategy: {type: RollingUpdate}"));
+    // Without it, the plain value as before, and a SQLite trail still refuses two replicas.
+    let plain = render(&[]).unwrap();
+    assert!(plain.contains("{name: TOLLGATE_AUDIT_STORE, value: \"/var/lib/tollgate/audit.db\"}"));
+    assert!(!plain.contains("secretKeyRef: {name: \"tollgate-audit-store\""));
+    let refused = render(&["gateway.replicas=2"]).unwrap_err();
+    assert!(refused.contains("gateway.auditStoreSecret"), "{refused}");
+    // The schema names a key it does not know.
+    let refused = render(&["gateway.auditStoreSecret.nmae=x"]).unwrap_err();
+    assert!(refused.contains("nmae"), "{refused}");
 }
 
 fn the_chart_installs_every_part_as_pods_and_doctor_passes() {

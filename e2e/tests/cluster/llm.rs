@@ -50,7 +50,7 @@ const AGENT: &str = "summarizer";
 const POD: &str = "summarizer";
 const TOKEN: &str = "/var/run/secrets/tollgate.dev/token";
 const CA: &str = "/etc/tollgate-gateway/ca.crt";
-const PROVIDER_KEY: &str = "sk-fake-provider";
+pub const PROVIDER_KEY: &str = "sk-fake-provider";
 
 fn setting() {
     static READY: OnceLock<()> = OnceLock::new();
