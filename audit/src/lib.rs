@@ -27,5 +27,7 @@ pub use record::{
     ModelCallRecord, PolicyRef, Record, SCHEMA,
 };
 pub use redact::{RedactionRules, Redactor};
-pub use store::{Head, PostgresStore, Query, SqliteStore, Store, StoreError, StoreLocation};
+pub use store::{
+    Census, Cursor, Head, PostgresStore, Query, SqliteStore, Store, StoreError, StoreLocation,
+};
 pub use verify::{Broken, ChainReport, Fault, VerifyError, verify};

@@ -13,7 +13,11 @@ pub(crate) enum Param {
 /// A WHERE … ORDER BY … LIMIT clause and its parameters.
 #[derive(Debug, Clone)]
 pub(crate) struct Filter {
+    /// WHERE, ORDER BY and LIMIT.
     pub sql: String,
+    /// The WHERE part alone (empty without conditions), without the cursor: what a census
+    /// counts.
+    pub conditions: String,
     pub params: Vec<Param>,
     /// The numbers of the agent's, the since time's and the until time's parameters, if given
     /// (SQLite's query reads its agent index with them).
@@ -51,6 +55,25 @@ impl Filter {
             until = Some(params.len());
             clauses.push(format!("time_us < ${}", params.len()));
         }
+        let conditions = if clauses.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", clauses.join(" AND "))
+        };
+        if let Some(cursor) = &query.after {
+            params.push(Param::Int(cursor.time_us));
+            params.push(Param::Text(cursor.chain.clone()));
+            params.push(Param::Int(i64::try_from(cursor.seq).unwrap_or(i64::MAX)));
+            let n = params.len();
+            clauses.push(format!(
+                "(time_us > ${} OR (time_us = ${} AND (chain > ${} OR (chain = ${} AND seq > ${}))))",
+                n - 2,
+                n - 2,
+                n - 1,
+                n - 1,
+                n
+            ));
+        }
         let mut sql = String::new();
         if !clauses.is_empty() {
             sql.push_str("WHERE ");
@@ -63,6 +86,7 @@ impl Filter {
         }
         Self {
             sql,
+            conditions,
             params,
             agent,
             since,

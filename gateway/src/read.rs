@@ -8,6 +8,13 @@
 //! SubjectAccessReview says they may `get auditrecords.tollgate.dev` there (records with no agent,
 //! such as refused unauthenticated requests, need it in every namespace). A request that touches
 //! a namespace the caller may not read is refused, naming it; nothing is dropped silently.
+//!
+//! Nothing is read before it is allowed: a census of the query (records per agent, from the
+//! index columns alone) says which namespaces the answer touches and how big it is; only after
+//! every one is reviewed, and the size is within [`MAX_RECORDS`], are the records read, a
+//! [`PAGE`] at a time after a cursor, and streamed as they are read. An answer holds one page in
+//! memory, whatever its size; a store that fails half-way breaks the answer (the chunked body
+//! ends without its terminator), so a reader never takes a short answer for a whole one.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -26,12 +33,16 @@ use kube::api::{Api, PostParams};
 use serde::Deserialize;
 use serde_json::json;
 use tollgate_audit::store::ToolTally;
-use tollgate_audit::{Query, Record, Store};
+use tollgate_audit::{Census, Cursor, Query, Record, Store};
 
 /// The API group and resource a SubjectAccessReview asks about.
 pub const RESOURCE: (&str, &str) = ("tollgate.dev", "auditrecords");
 /// The most records one answer holds; narrower queries read the rest.
 pub const MAX_RECORDS: u64 = 200_000;
+/// The most namespaces one answer may span: each costs a SubjectAccessReview.
+pub const MAX_NAMESPACES: usize = 64;
+/// Records read, and sent, at a time: an answer holds at most one page in memory.
+pub const PAGE: u64 = 1_000;
 
 pub(crate) type Answer<'a, T> =
     std::pin::Pin<Box<dyn Future<Output = Result<T, String>> + Send + 'a>>;
@@ -41,6 +52,9 @@ pub trait Records: Send + Sync + 'static {
     /// The records `query` selects, oldest first.
     fn records<'a>(&'a self, query: Query) -> Answer<'a, Vec<Record>>;
 
+    /// How many records `query` selects, per agent, without reading them ([`Store::census`]).
+    fn census<'a>(&'a self, query: Query) -> Answer<'a, Vec<Census>>;
+
     /// The records with an agent and a tool in `[since_us, until_us)`, counted
     /// ([`Store::tallies`]).
     fn tallies<'a>(&'a self, since_us: i64, until_us: i64) -> Answer<'a, Vec<ToolTally>>;
@@ -49,6 +63,10 @@ pub trait Records: Send + Sync + 'static {
 impl<S: Store> Records for S {
     fn records<'a>(&'a self, query: Query) -> Answer<'a, Vec<Record>> {
         Box::pin(async move { self.query(&query).await.map_err(|e| e.to_string()) })
+    }
+
+    fn census<'a>(&'a self, query: Query) -> Answer<'a, Vec<Census>> {
+        Box::pin(async move { Store::census(self, &query).await.map_err(|e| e.to_string()) })
     }
 
     fn tallies<'a>(&'a self, since_us: i64, until_us: i64) -> Answer<'a, Vec<ToolTally>> {
@@ -239,11 +257,12 @@ async fn records(
         run: params.run.clone(),
         agent: params.agent.clone(),
         since_us,
-        limit: Some(MAX_RECORDS + 1),
         ..Query::default()
     };
-    let found = match reader.records.records(query).await {
-        Ok(found) => found,
+    // Who may read what is settled before any record is read: first how many records the query
+    // selects in which namespaces (index columns only), then a review per namespace.
+    let census = match reader.records.census(query.clone()).await {
+        Ok(census) => census,
         Err(e) => {
             tracing::error!(error = %e, "audit store unreadable");
             return refuse(
@@ -253,27 +272,24 @@ async fn records(
             );
         }
     };
-    if found.len() as u64 > MAX_RECORDS {
-        return refuse(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "TooManyRecords",
-            format!("more than {MAX_RECORDS} records match; narrow with agent= or a later since="),
-        );
-    }
     // The namespaces the answer touches, each reviewed once; the agent asked about counts even
     // when it has no records, so an empty answer says nothing to someone who may not read it.
-    let mut namespaces: BTreeSet<String> = found
+    let mut namespaces: BTreeSet<String> = census
         .iter()
-        .map(|r| {
-            r.index
-                .agent
-                .as_deref()
-                .and_then(|a| a.split_once('/'))
-                .map_or(String::new(), |(ns, _)| ns.to_owned())
-        })
+        .map(|c| namespace_of(c.agent.as_deref()).to_owned())
         .collect();
     if let Some((ns, _)) = params.agent.as_deref().and_then(|a| a.split_once('/')) {
         namespaces.insert(ns.to_owned());
+    }
+    if namespaces.len() > MAX_NAMESPACES {
+        return refuse(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "TooManyNamespaces",
+            format!(
+                "the records span {} namespaces, more than {MAX_NAMESPACES}; narrow with agent=",
+                namespaces.len()
+            ),
+        );
     }
     let mut refused = Vec::new();
     for namespace in &namespaces {
@@ -300,20 +316,93 @@ async fn records(
             ),
         );
     }
-    let mut body = String::new();
-    for record in &found {
-        body.push_str(
-            &json!({"chain": record.chain, "seq": record.seq, "prev": record.prev,
-                    "hash": record.hash, "body": record.body})
-            .to_string(),
+    let total: u64 = census.iter().map(|c| c.records).sum();
+    if total > MAX_RECORDS {
+        return refuse(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "TooManyRecords",
+            format!("more than {MAX_RECORDS} records match; narrow with agent= or a later since="),
         );
-        body.push('\n');
     }
-    tracing::info!(user = %username, records = found.len(), "audit records read");
+    let body =
+        axum::body::Body::from_stream(pages(reader.records.clone(), query, namespaces, username));
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "application/x-ndjson")],
         body,
     )
         .into_response()
+}
+
+/// The namespace of an agent's records ("" for records with no agent).
+fn namespace_of(agent: Option<&str>) -> &str {
+    agent
+        .and_then(|a| a.split_once('/'))
+        .map_or("", |(ns, _)| ns)
+}
+
+/// The answer as JSON lines, read and sent [`PAGE`] records at a time, at most [`MAX_RECORDS`].
+/// Only records of the namespaces the reader was allowed are sent: one written after the
+/// census into another namespace was not part of the answer reviewed. A store that fails
+/// mid-answer ends it with an error, so the reader sees a broken answer, never a short one.
+fn pages(
+    records: Arc<dyn Records>,
+    query: Query,
+    allowed: BTreeSet<String>,
+    username: String,
+) -> impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send {
+    struct State {
+        records: Arc<dyn Records>,
+        query: Query,
+        allowed: BTreeSet<String>,
+        username: String,
+        sent: u64,
+        done: bool,
+    }
+    let state = State {
+        records,
+        query,
+        allowed,
+        username,
+        sent: 0,
+        done: false,
+    };
+    futures::stream::unfold(state, |mut state| async move {
+        if state.done {
+            return None;
+        }
+        let page = Query {
+            limit: Some(PAGE.min(MAX_RECORDS - state.sent)),
+            ..state.query.clone()
+        };
+        let found = match state.records.records(page).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::error!(error = %e, "audit store unreadable mid-answer");
+                state.done = true;
+                let error = std::io::Error::other("the audit store could not be read to the end");
+                return Some((Err(error), state));
+            }
+        };
+        state.done = (found.len() as u64) < PAGE || state.sent + found.len() as u64 >= MAX_RECORDS;
+        state.query.after = found.last().map(Cursor::after);
+        state.sent += found.len() as u64;
+        let mut chunk = String::new();
+        for record in found.iter().filter(|r| {
+            state
+                .allowed
+                .contains(namespace_of(r.index.agent.as_deref()))
+        }) {
+            chunk.push_str(
+                &json!({"chain": record.chain, "seq": record.seq, "prev": record.prev,
+                        "hash": record.hash, "body": record.body})
+                .to_string(),
+            );
+            chunk.push('\n');
+        }
+        if state.done {
+            tracing::info!(user = %state.username, records = state.sent, "audit records read");
+        }
+        Some((Ok(bytes::Bytes::from(chunk)), state))
+    })
 }

@@ -390,6 +390,12 @@ mod tests {
         ) -> Answer<'a, Vec<tollgate_audit::Record>> {
             self.0.records(query)
         }
+        fn census<'a>(
+            &'a self,
+            query: tollgate_audit::Query,
+        ) -> Answer<'a, Vec<tollgate_audit::Census>> {
+            Records::census(&self.0, query)
+        }
         fn tallies<'a>(&'a self, since_us: i64, until_us: i64) -> Answer<'a, Vec<ToolTally>> {
             self.1.fetch_add(1, Ordering::Relaxed);
             Records::tallies(&self.0, since_us, until_us)

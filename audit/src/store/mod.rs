@@ -106,6 +106,40 @@ pub struct Query {
     pub until_us: Option<i64>,
     /// At most this many records (the earliest ones).
     pub limit: Option<u64>,
+    /// Only records after this one in the query's order: the next page.
+    pub after: Option<Cursor>,
+}
+
+/// A place in a query's order (time, then chain and sequence): where the next page starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    /// The record's time, microseconds since the epoch.
+    pub time_us: i64,
+    /// Its chain.
+    pub chain: String,
+    /// Its sequence number.
+    pub seq: u64,
+}
+
+impl Cursor {
+    /// Just after `record`.
+    pub fn after(record: &Record) -> Self {
+        Self {
+            time_us: record.index.time_us,
+            chain: record.chain.clone(),
+            seq: record.seq,
+        }
+    }
+}
+
+/// How many records a query selects, per agent (`None`: records with no agent), without
+/// reading them: what a reader must be allowed to see before any is read.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Census {
+    /// `namespace/name` of the agent, if the records have one.
+    pub agent: Option<String>,
+    /// How many.
+    pub records: u64,
 }
 
 /// How often an agent called a tool in a window: the "used" half of the permission-drift audit.
@@ -289,6 +323,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// The records `query` selects.
     fn query(&self, query: &Query) -> impl Future<Output = Result<Vec<Record>, StoreError>> + Send;
+
+    /// How many records `query` selects per agent (its `limit` and `after` ignored), in agent
+    /// order, reading only the index columns.
+    fn census(&self, query: &Query)
+    -> impl Future<Output = Result<Vec<Census>, StoreError>> + Send;
 
     /// Per agent and tool, the decide records in `[since_us, until_us)`.
     fn tool_use(

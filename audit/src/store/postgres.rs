@@ -32,7 +32,8 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, NoTls, Row};
 
 use super::{
-    Head, Query, Store, StoreError, ToolOutcome, ToolTally, ToolUse, dense_prefix, to_i64, to_u64,
+    Census, Head, Query, Store, StoreError, ToolOutcome, ToolTally, ToolUse, dense_prefix, to_i64,
+    to_u64,
 };
 use crate::record::{Index, Record};
 use crate::sql::{Filter, Param};
@@ -703,6 +704,27 @@ async fn copy_batch(
     Ok(())
 }
 
+/// A filter's parameters as PostgreSQL takes them.
+fn boxed_params(filter: &Filter) -> Vec<Box<dyn ToSql + Sync + Send>> {
+    filter
+        .params
+        .iter()
+        .map(|p| -> Box<dyn ToSql + Sync + Send> {
+            match p {
+                Param::Text(s) => Box::new(s.clone()),
+                Param::Int(i) => Box::new(*i),
+            }
+        })
+        .collect()
+}
+
+fn param_refs(params: &[Box<dyn ToSql + Sync + Send>]) -> Vec<&(dyn ToSql + Sync)> {
+    params
+        .iter()
+        .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+        .collect()
+}
+
 fn head(row: Option<Row>) -> Result<Option<Head>, StoreError> {
     row.map(|r| {
         Ok(Head {
@@ -923,20 +945,8 @@ impl Store for PostgresStore {
 
     async fn query(&self, query: &Query) -> Result<Vec<Record>, StoreError> {
         let filter = Filter::of(query);
-        let params: Vec<Box<dyn ToSql + Sync + Send>> = filter
-            .params
-            .iter()
-            .map(|p| -> Box<dyn ToSql + Sync + Send> {
-                match p {
-                    Param::Text(s) => Box::new(s.clone()),
-                    Param::Int(i) => Box::new(*i),
-                }
-            })
-            .collect();
-        let refs: Vec<&(dyn ToSql + Sync)> = params
-            .iter()
-            .map(|p| p.as_ref() as &(dyn ToSql + Sync))
-            .collect();
+        let params = boxed_params(&filter);
+        let refs = param_refs(&params);
         let rows = self
             .read(
                 "the records asked for",
@@ -948,6 +958,34 @@ impl Store for PostgresStore {
             )
             .await?;
         rows.iter().map(record).collect()
+    }
+
+    async fn census(&self, query: &Query) -> Result<Vec<Census>, StoreError> {
+        let filter = Filter::of(&Query {
+            limit: None,
+            after: None,
+            ..query.clone()
+        });
+        let params = boxed_params(&filter);
+        let refs = param_refs(&params);
+        let rows = self
+            .read(
+                "a census of records",
+                &format!(
+                    "SELECT agent, COUNT(*) FROM tollgate_audit_records {} GROUP BY agent ORDER BY agent",
+                    filter.conditions
+                ),
+                &refs,
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Census {
+                    agent: r.try_get(0)?,
+                    records: to_u64(r.try_get(1)?)?,
+                })
+            })
+            .collect()
     }
 
     async fn tool_use(&self, since_us: i64, until_us: i64) -> Result<Vec<ToolUse>, StoreError> {

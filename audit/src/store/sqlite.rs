@@ -26,7 +26,8 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params_from_iter};
 
 use super::{
-    Head, Query, Store, StoreError, ToolOutcome, ToolTally, ToolUse, dense_prefix, to_i64, to_u64,
+    Census, Head, Query, Store, StoreError, ToolOutcome, ToolTally, ToolUse, dense_prefix, to_i64,
+    to_u64,
 };
 use crate::record::{Index, Record};
 use crate::sql::{Filter, Param};
@@ -80,9 +81,27 @@ fn from_run() -> String {
     from_rows(&RUNS.rows("run = $1"))
 }
 
+/// The first part of a query for `query`'s records (its conditions follow), selecting
+/// `columns`: through the run index or the agent index when the query names one.
+fn selecting(query: &Query, filter: &Filter, columns: &str) -> String {
+    let rows = match query.run {
+        Some(_) => Some(RUNS.rows("run = $1")),
+        None => agent_rows(filter),
+    };
+    match rows {
+        Some(rows) => from_rows_selecting(&rows, columns),
+        None => format!("SELECT {columns} FROM tollgate_audit_records"),
+    }
+}
+
 /// The records a query for an agent reads (before its other conditions): those in every level
 /// of the agent index whose key matches the query's agent and time bounds.
 fn from_agent(filter: &Filter) -> Option<String> {
+    Some(from_rows(&agent_rows(filter)?))
+}
+
+/// The rowids of the agent index levels whose key matches the query's agent and time bounds.
+fn agent_rows(filter: &Filter) -> Option<String> {
     let agent = filter.agent?;
     let mut condition = format!("agent = ${agent}");
     if let Some(since) = filter.since {
@@ -91,7 +110,7 @@ fn from_agent(filter: &Filter) -> Option<String> {
     if let Some(until) = filter.until {
         condition.push_str(&format!(" AND time_us < ${until}"));
     }
-    Some(from_rows(&AGENTS.rows(&condition)))
+    Some(AGENTS.rows(&condition))
 }
 
 /// [`crate::sql::OUTCOMES`], reading the agent index.
@@ -108,9 +127,14 @@ static OUTCOMES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 
 /// The records whose rowids `rows` selects, each row of them joined to its record.
 fn from_rows(rows: &str) -> String {
+    from_rows_selecting(rows, COLUMNS)
+}
+
+/// [`from_rows`], selecting `columns`.
+fn from_rows_selecting(rows: &str, columns: &str) -> String {
     format!(
         "WITH selected(rec) AS ({rows}) \
-         SELECT {COLUMNS} FROM selected CROSS JOIN tollgate_audit_records \
+         SELECT {columns} FROM selected CROSS JOIN tollgate_audit_records \
          ON tollgate_audit_records.rowid = selected.rec"
     )
 }
@@ -723,6 +747,35 @@ impl Store for SqliteStore {
         };
         self.read(move |conn| records(conn, &format!("{select} {}", filter.sql), params(&filter)))
             .await
+    }
+
+    async fn census(&self, query: &Query) -> Result<Vec<Census>, StoreError> {
+        let query = Query {
+            limit: None,
+            after: None,
+            ..query.clone()
+        };
+        let filter = Filter::of(&query);
+        let sql = format!(
+            "{} {} GROUP BY agent ORDER BY agent",
+            selecting(&query, &filter, "agent, COUNT(*)"),
+            filter.conditions
+        );
+        self.read(move |conn| {
+            let mut statement = conn.prepare_cached(&sql)?;
+            let rows = statement.query_map(params_from_iter(params(&filter)), |r| {
+                Ok((r.get::<_, Option<String>>(0)?, r.get::<_, i64>(1)?))
+            })?;
+            rows.map(|row| {
+                let (agent, records) = row?;
+                Ok(Census {
+                    agent,
+                    records: to_u64(records)?,
+                })
+            })
+            .collect()
+        })
+        .await
     }
 
     async fn tool_use(&self, since_us: i64, until_us: i64) -> Result<Vec<ToolUse>, StoreError> {

@@ -354,6 +354,116 @@ async fn postgres_store_passes_the_suite() {
     .await;
 }
 
+/// Pages and censuses: a query read a page at a time after a cursor returns exactly what one
+/// query returns, ties in time broken by chain and sequence; a census counts per agent what the
+/// query selects, without its limit or cursor.
+async fn paging_suite<S: Store>(store: S) {
+    use tollgate_audit::{Census, Cursor};
+    let store = Arc::new(store);
+    let t0: Timestamp = "2026-11-25T10:00:00Z".parse().unwrap();
+    for chain in ["gw-b", "gw-a"] {
+        let log = open(&store, chain).await;
+        for step in 1..=40u64 {
+            // Four records share each instant, across both chains.
+            let time = t0 + SignedDuration::from_secs((step / 4) as i64);
+            let agent = if step % 3 == 0 { "refunds" } else { "support" };
+            log.append(decide(
+                time,
+                agent,
+                &format!("run-{}", step % 2),
+                step,
+                "t",
+                true,
+            ))
+            .await
+            .unwrap();
+        }
+    }
+    let everything = Query {
+        since_us: Some(t0.as_microsecond()),
+        ..Query::default()
+    };
+    let whole = store.query(&everything).await.unwrap();
+    assert_eq!(whole.len(), 80);
+    for page_size in [1, 7, 80] {
+        let mut paged = Vec::new();
+        let mut after = None;
+        loop {
+            let page = store
+                .query(&Query {
+                    limit: Some(page_size),
+                    after: after.clone(),
+                    ..everything.clone()
+                })
+                .await
+                .unwrap();
+            after = page.last().map(Cursor::after);
+            let done = (page.len() as u64) < page_size;
+            paged.extend(page);
+            if done {
+                break;
+            }
+        }
+        assert!(
+            paged == whole,
+            "pages of {page_size} read what one query reads"
+        );
+    }
+    let census = |query: Query| {
+        let store = store.clone();
+        async move { store.census(&query).await.unwrap() }
+    };
+    let count = |agent: &str, records: u64| Census {
+        agent: Some(format!("shop/{agent}")),
+        records,
+    };
+    assert_eq!(
+        census(everything.clone()).await,
+        vec![count("refunds", 26), count("support", 54)]
+    );
+    assert_eq!(
+        census(Query {
+            run: Some("run-1".into()),
+            limit: Some(1),
+            after: whole.first().map(Cursor::after),
+            ..Query::default()
+        })
+        .await,
+        vec![count("refunds", 14), count("support", 26)],
+        "a run's census ignores the limit and the cursor"
+    );
+    assert_eq!(
+        census(Query {
+            agent: Some("shop/refunds".into()),
+            since_us: Some((t0 + SignedDuration::from_secs(5)).as_microsecond()),
+            ..Query::default()
+        })
+        .await,
+        // Steps 21, 24, …, 39 of each chain: seven each.
+        vec![count("refunds", 14)]
+    );
+    assert_eq!(
+        census(Query {
+            agent: Some("shop/nobody".into()),
+            ..Query::default()
+        })
+        .await,
+        vec![]
+    );
+}
+
+#[tokio::test]
+async fn sqlite_pages_and_counts_what_it_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    paging_suite(SqliteStore::open(dir.path().join("audit.db")).unwrap()).await;
+}
+
+#[tokio::test]
+async fn postgres_pages_and_counts_what_it_holds() {
+    let url = postgres().database("paging").unwrap();
+    paging_suite(PostgresStore::connect(&url).await.unwrap()).await;
+}
+
 /// Graduation and drift from a trail: each allowed tool's clean completions and incidents in the
 /// policy's graduation window, its last call, and the allowed tools never called, the same from
 /// the store's aggregate queries as from folding the records themselves.
@@ -1178,6 +1288,61 @@ spec:
     assert!(change.redacted_arguments);
 }
 
+/// The read API's store, counting the pages of records it reads (censuses are not counted).
+struct CountedReads {
+    store: Arc<SqliteStore>,
+    pages: std::sync::atomic::AtomicUsize,
+}
+
+impl CountedReads {
+    fn pages(&self) -> usize {
+        self.pages.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl tollgate_gateway::read::Records for CountedReads {
+    fn records<'a>(
+        &'a self,
+        query: Query,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<Vec<tollgate_audit::Record>, String>>
+                + Send
+                + 'a,
+        >,
+    > {
+        self.pages.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.store.records(query)
+    }
+
+    fn census<'a>(
+        &'a self,
+        query: Query,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<Vec<tollgate_audit::Census>, String>>
+                + Send
+                + 'a,
+        >,
+    > {
+        tollgate_gateway::read::Records::census(self.store.as_ref(), query)
+    }
+
+    fn tallies<'a>(
+        &'a self,
+        since_us: i64,
+        until_us: i64,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<Vec<tollgate_audit::store::ToolTally>, String>>
+                + Send
+                + 'a,
+        >,
+    > {
+        tollgate_gateway::read::Records::tallies(self.store.as_ref(), since_us, until_us)
+    }
+}
+
 /// In a cluster the CLI reads through the gateway: a bearer token reviewed by the apiserver, and
 /// a SubjectAccessReview per namespace the answer touches.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1204,12 +1369,34 @@ async fn the_cli_reads_through_the_gateway_only_what_rbac_lets_it() {
         }
     }
 
+    // More than two pages of one agent's records, all at the same instant: the answer is read
+    // and sent a page at a time, in order across pages.
+    let bulk = (1..=2_500).map(|step| {
+        let mut entry = decide(
+            t0,
+            "support",
+            "run-bulk",
+            step,
+            "read_customer_record",
+            true,
+        );
+        entry.agent = Some(format!("{allowed_ns}/bulk"));
+        log.append(entry)
+    });
+    for appended in futures::future::join_all(bulk).await {
+        appended.unwrap();
+    }
+
     // The read API as the gateway's ServiceAccount (impersonated; the harness grants it the
-    // shipped rights), on loopback.
+    // shipped rights), on loopback, over a store that counts the pages of records read.
+    let counted = Arc::new(CountedReads {
+        store: store.clone(),
+        pages: std::sync::atomic::AtomicUsize::new(0),
+    });
     let as_gateway = cp.client_as(tollgate_e2e::admission::GATEWAY).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let app = router(Reader::new(store.clone(), as_gateway));
+    let app = router(Reader::new(counted.clone(), as_gateway));
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
 
     // An auditor ServiceAccount allowed to read one namespace: the shipped
@@ -1270,6 +1457,30 @@ async fn the_cli_reads_through_the_gateway_only_what_rbac_lets_it() {
     .await
     .unwrap();
     assert_eq!(export.text.lines().count(), 3);
+    let pages_before = counted.pages();
+    let export_bulk = || Action::Export {
+        since: t0 - jiff::SignedDuration::from_hours(1),
+        agent: Some(format!("{allowed_ns}/bulk")),
+    };
+    let bulk = kubectl_tollgate::audit::run(&remote(Some(&token)), export_bulk())
+        .await
+        .unwrap();
+    let direct = kubectl_tollgate::audit::run(
+        &Location::Sqlite(dir.path().join("audit.db")),
+        export_bulk(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(bulk.text.lines().count(), 2_500);
+    assert!(
+        bulk.text == direct.text,
+        "every record once, in the store's order, across pages"
+    );
+    assert_eq!(
+        counted.pages() - pages_before,
+        3,
+        "read a page of 1,000 at a time"
+    );
     // Drift and track records for a policy of that namespace: folded from the sealed records
     // the gateway answers, exactly as from the store itself.
     let policy_file = dir.path().join("policy.yaml");
@@ -1318,7 +1529,9 @@ spec:
         .collect();
     assert_eq!(row[..4], ["read_customer_record", "-", "2", "0"]);
 
-    // Another namespace, or everything at once, is refused, naming the namespace.
+    // Another namespace, or everything at once, is refused, naming the namespace, and before
+    // a single record is read.
+    let pages_before = counted.pages();
     let theirs = kubectl_tollgate::audit::run(&remote(Some(&token)), replay("run-theirs"))
         .await
         .unwrap_err()
@@ -1341,6 +1554,11 @@ spec:
         all.contains(&format!("namespace {other_ns}"))
             && !all.contains(&format!("namespace {allowed_ns},")),
         "{all}"
+    );
+    assert_eq!(
+        counted.pages(),
+        pages_before,
+        "refused reads read no record"
     );
     // Asking for an agent it may not read says so even when there is nothing to read.
     let empty = kubectl_tollgate::audit::run(
