@@ -98,7 +98,7 @@ enum Mode {
         /// Directory of AgentIdentity and AgentPolicy YAML.
         #[arg(long, default_value = "config/samples")]
         policies: PathBuf,
-        /// API key file (see the README).
+        /// API key file (see docs/gateway.md).
         #[arg(long, default_value = "config/standalone/keys.yaml")]
         keys: PathBuf,
         /// The audit store: a SQLite file or a PostgreSQL URL.
