@@ -320,9 +320,14 @@ pub fn admit_pod(
     }
 }
 
+/// The label admission puts on every agent pod, valued with its AgentIdentity's name: the
+/// gateway's ingress NetworkPolicy lets only pods carrying it reach the gateway's API.
+pub const AGENT_LABEL: &str = "tollgate.dev/agent";
+
 /// The JSON patch that gives an agent pod its gateway token (a projected ServiceAccount token
-/// with the identity's audience and lifetime, mounted read-only in every container) and sets
-/// TOLLGATE_URL. `pod` is the pod as submitted.
+/// with the identity's audience and lifetime, mounted read-only in every container), sets
+/// TOLLGATE_URL and labels it [`AGENT_LABEL`]. `pod` is the pod as submitted (its `metadata`
+/// and `spec`).
 pub fn pod_injection(
     identity: &tollgate_crds::AgentIdentity,
     gateway_url: &str,
@@ -337,6 +342,14 @@ pub fn pod_injection(
         }}]}
     });
     let mut patch = Vec::new();
+    // The label the gateway's ingress NetworkPolicy admits: only agent pods reach its API.
+    let name = identity.metadata.name.clone().unwrap_or_default();
+    match pod.pointer("/metadata/labels") {
+        Some(serde_json::Value::Object(_)) => patch.push(json!({"op": "add",
+            "path": format!("/metadata/labels/{}", AGENT_LABEL.replace('~', "~0").replace('/', "~1")),
+            "value": name})),
+        _ => patch.push(json!({"op": "add", "path": "/metadata/labels", "value": {AGENT_LABEL: name}})),
+    }
     let volumes = pod.pointer("/spec/volumes").and_then(|v| v.as_array());
     if volumes.is_some_and(|v| v.iter().any(|v| v["name"] == TOKEN_VOLUME)) {
         return patch;

@@ -623,7 +623,10 @@ fn inject_pod(
     let Some(object) = &request.object else {
         return allow;
     };
-    let pod = json!({"spec": object.data.get("spec").cloned().unwrap_or(Value::Null)});
+    let pod = json!({
+        "metadata": {"labels": object.metadata.labels},
+        "spec": object.data.get("spec").cloned().unwrap_or(Value::Null),
+    });
     let operations = admission::pod_injection(&identity, &state.settings.gateway_url, &pod);
     with_patch(request, allow, operations)
 }

@@ -520,19 +520,51 @@ async fn agent_pods() {
     assert_eq!(
         paths,
         vec![
+            "/metadata/labels/tollgate.dev~1agent",
             "/spec/volumes",
             "/spec/containers/0/volumeMounts",
             "/spec/containers/0/env/-"
         ]
     );
+    // Labelled as its identity's pod: the gateway's ingress NetworkPolicy admits only these.
+    assert_eq!(patch[0]["value"], "deployer");
     assert_eq!(
-        patch[0]["value"][0]["projected"]["sources"][0]["serviceAccountToken"]["audience"],
+        patch[1]["value"][0]["projected"]["sources"][0]["serviceAccountToken"]["audience"],
         "tollgate"
     );
     assert_eq!(
-        patch[2]["value"],
+        patch[3]["value"],
         json!({"name": "TOLLGATE_URL", "value": "https://gw:8443"})
     );
+    // A pod that claims to be another agent's is labelled with its own identity's name, and a
+    // pod with no labels at all gets the label too.
+    for (labels, expected) in [
+        (
+            json!({"app": "deployer", "tollgate.dev/agent": "someone-else"}),
+            json!({"op": "add", "path": "/metadata/labels/tollgate.dev~1agent", "value": "deployer"}),
+        ),
+        (
+            json!(null),
+            json!({"op": "add", "path": "/metadata/labels", "value": {"tollgate.dev/agent": "deployer"}}),
+        ),
+    ] {
+        let (allowed, _, patch) = send(
+            app(false, false, now),
+            "/admission/mutate-pods",
+            &create(pod(labels, "agent-deployer")),
+        )
+        .await;
+        assert!(allowed);
+        assert_eq!(patch[0], expected);
+    }
+    // Not an agent's pod: left alone.
+    let (allowed, _, patch) = send(
+        app(false, false, now),
+        "/admission/mutate-pods",
+        &create(pod(json!({"tollgate.dev/agent": "deployer"}), "default")),
+    )
+    .await;
+    assert!(allowed && patch.is_empty(), "{patch:?}");
 }
 
 #[tokio::test]

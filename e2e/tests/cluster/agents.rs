@@ -36,7 +36,105 @@ pub fn tests() -> Vec<Test> {
             name: "an_agent_pod_reaches_its_tool_server_only_through_the_gateway_which_adds_the_credential",
             run: an_agent_pod_reaches_its_tool_server_only_through_the_gateway_which_adds_the_credential,
         },
+        Test {
+            name: "only_agent_pods_reach_the_gateways_api",
+            run: only_agent_pods_reach_the_gateways_api,
+        },
     ]
+}
+
+/// A pod that is no agent's, in the agent's namespace, and one in Tollgate's own: the gateway's
+/// ingress NetworkPolicy (the chart's) lets neither reach its API, by Service or pod IP, while
+/// the agent's pod, labelled by admission, does; its probe port stays open to all.
+fn only_agent_pods_reach_the_gateways_api() {
+    support();
+    for (namespace, name) in [(NS, "bystander"), (SYSTEM, "tollgate-bystander")] {
+        apply(&format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: {namespace}, labels: {{app: {name}}}}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers: [{{name: probe, image: {AGENT_IMAGE}, imagePullPolicy: Never, args: [sleep]}}]
+"#
+        ));
+        support::wait_ready(namespace, &format!("app={name}"));
+    }
+    let labels = kubectl(&[
+        "-n",
+        NS,
+        "get",
+        "pod",
+        AGENT_POD,
+        "-o",
+        "jsonpath={.metadata.labels.tollgate\\.dev/agent}",
+    ]);
+    assert_eq!(labels, AGENT, "admission labelled the agent's pod");
+    let gateway_ip = kubectl(&[
+        "-n",
+        SYSTEM,
+        "get",
+        "pods",
+        "-l",
+        "app.kubernetes.io/name=tollgate-gateway",
+        "-o",
+        "jsonpath={.items[0].status.podIP}",
+    ]);
+    let service = format!("tollgate-gateway.{SYSTEM}.svc:8443");
+    let api = format!("{gateway_ip}:8444");
+    let probes = format!("{gateway_ip}:8080");
+    let connect = |namespace: &str, pod: &str, address: &str| -> i32 {
+        let output = support::node()
+            .control_plane()
+            .kubectl(tollgate_e2e::User::Admin)
+            .args([
+                "exec",
+                "-n",
+                namespace,
+                pod,
+                "--",
+                "/usr/local/bin/e2e-agent",
+            ])
+            .args(["connect", address, "--timeout-ms=2000"])
+            .output()
+            .unwrap();
+        output.status.code().unwrap_or(-1)
+    };
+    assert_eq!(
+        connect(NS, AGENT_POD, &service),
+        0,
+        "the agent reaches the gateway"
+    );
+    assert_eq!(
+        connect(NS, AGENT_POD, &api),
+        0,
+        "the agent reaches the gateway's pod"
+    );
+    for (namespace, pod) in [(NS, "bystander"), (SYSTEM, "tollgate-bystander")] {
+        assert_eq!(
+            connect(namespace, pod, &service),
+            1,
+            "{pod} reached the gateway's Service"
+        );
+        assert_eq!(
+            connect(namespace, pod, &api),
+            1,
+            "{pod} reached the gateway's API"
+        );
+        assert_eq!(
+            connect(namespace, pod, &probes),
+            0,
+            "{pod} reaches the probe port"
+        );
+    }
+    kubectl(&[
+        "-n",
+        SYSTEM,
+        "delete",
+        "pod",
+        "tollgate-bystander",
+        "--wait=false",
+    ]);
 }
 
 pub const NS: &str = "support";
