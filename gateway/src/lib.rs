@@ -15,6 +15,7 @@
 //! The contract is in `gateway/openapi/gateway.yaml`.
 #![forbid(unsafe_code)]
 
+mod anonymous;
 pub mod approvals;
 pub mod cluster;
 pub mod escalate;
@@ -221,6 +222,8 @@ pub struct Gateway {
     pub(crate) upstream_limit: usize,
     /// What models cost, for the LLM proxy's metering.
     pub(crate) prices: tollgate_engine::llm::Prices,
+    /// Refusals of requests that proved no identity, summarized per interval.
+    anonymous: Arc<anonymous::Anonymous>,
 }
 
 /// The price table built in: what the models most agents use cost, as of its date. Override or
@@ -273,6 +276,44 @@ impl Gateway {
             run_limit: runs::DEFAULT_LIMIT,
             upstream_limit: DEFAULT_UPSTREAM_LIMIT,
             prices: default_prices(),
+            anonymous: Arc::new(anonymous::Anonymous::new(anonymous::DEFAULT_INTERVAL)),
+        }
+    }
+
+    /// Summarizes refusals of requests that proved no identity every `interval` (default 10 s):
+    /// the first of each route and code in an interval is recorded in full, the others as one
+    /// summary record when the interval ends.
+    pub fn with_anonymous_interval(mut self, interval: std::time::Duration) -> Self {
+        self.anonymous = Arc::new(anonymous::Anonymous::new(interval));
+        self
+    }
+
+    /// Whether `refusal`, of a request to `route` that proved no identity, goes into the
+    /// interval's summary instead of a record of its own (then the caller answers it without
+    /// recording it). Refusals that name who presented the credential are never summarized.
+    pub(crate) fn summarized(&self, route: &'static str, refusal: &Refusal) -> bool {
+        let anonymous = refusal.who.is_none()
+            && matches!(
+                refusal.code,
+                RefusalCode::Unauthenticated | RefusalCode::AuthenticationUnavailable
+            );
+        if !anonymous {
+            return false;
+        }
+        if self.anonymous.start_flusher() {
+            let (summaries, audit) = (self.anonymous.clone(), self.audit.clone());
+            tokio::spawn(async move { summaries.flush_every_interval(audit).await });
+        }
+        let note = self
+            .anonymous
+            .note(route, refusal.code, &refusal.message, (self.now)());
+        match note {
+            anonymous::Note::Record => false,
+            anonymous::Note::Counted => {
+                let face = if route == "/mcp" { "mcp" } else { "api" };
+                self.metrics.refusals.with_label_values(&[face]).inc();
+                true
+            }
         }
     }
 
@@ -1117,7 +1158,17 @@ async fn admit<T: for<'de> Deserialize<'de>>(
     };
     let holder = match authenticate(gateway, headers).await {
         Ok(holder) => holder,
-        Err(refusal) => return Err(refuse(None, refusal).await),
+        Err(refusal) => {
+            let route = if path == "/v1/report" {
+                "/v1/report"
+            } else {
+                "/v1/decide"
+            };
+            if gateway.summarized(route, &refusal) {
+                return Err(refusal.response());
+            }
+            return Err(refuse(None, refusal).await);
+        }
     };
     let holder = &holder;
     let bytes = match axum::body::to_bytes(body, MAX_BODY).await {

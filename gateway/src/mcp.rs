@@ -130,6 +130,9 @@ pub(super) async fn proxy(
     let holder = match authenticate(&gateway, &headers).await {
         Ok(holder) => holder,
         Err(refusal) => {
+            if gateway.summarized("/mcp", &refusal) {
+                return refusal.response();
+            }
             return match gateway
                 .reject_as(
                     refusal.identity(None),

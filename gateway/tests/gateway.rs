@@ -57,14 +57,20 @@ async fn harness_with(policies: WatchedDir) -> Harness {
     )
     .await
     .unwrap();
-    let gateway =
-        Arc::new(Gateway::new(policies, keys(), log, Redactor::default()).with_metrics(metrics));
+    let gateway = Arc::new(
+        Gateway::new(policies, keys(), log, Redactor::default())
+            .with_metrics(metrics)
+            .with_anonymous_interval(ANONYMOUS_INTERVAL),
+    );
     Harness {
         app: gateway::standalone_router(gateway),
         store,
         _dir: dir,
     }
 }
+
+/// How often these gateways summarize refusals of requests that proved no identity.
+const ANONYMOUS_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
 
 async fn harness() -> Harness {
     harness_with(WatchedDir::fixed(PolicySet::load(&samples()))).await
@@ -389,16 +395,82 @@ async fn unauthenticated_malformed_and_oversized_requests_are_refused_and_record
             .contains("disagree")
     );
 
+    // The first anonymous refusal is recorded at once; the second, of the same interval, is
+    // counted and recorded in the interval's summary once it ends.
+    tokio::time::sleep(ANONYMOUS_INTERVAL * 3).await;
     let entries = h.audit().await;
     assert_eq!(entries.len(), 10, "every refusal is recorded");
     assert!(entries.iter().all(|e| e.event.as_str() == "rejected"));
     assert_eq!(entries[0].identity.username, "anonymous");
+    let errors: Vec<&str> = entries.iter().filter_map(|e| e.error.as_deref()).collect();
     assert!(
-        entries[2]
-            .error
-            .as_deref()
-            .unwrap()
-            .contains("duplicate key")
+        errors.iter().any(|e| e.contains("duplicate key")),
+        "{errors:?}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("/v1/decide: Unauthenticated: 1 more refused")),
+        "{errors:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_flood_without_a_credential_is_all_refused_and_costs_the_trail_a_record_per_interval() {
+    let h = harness().await;
+    let call = json!({"runId": "r1", "tool": "read_customer_record"})
+        .to_string()
+        .into_bytes();
+    let started = std::time::Instant::now();
+    for i in 0..1_000 {
+        let key = format!("guessed-key-{i}");
+        let (status, body) = h
+            .post_raw("/v1/decide", Some(&key), &[], call.clone())
+            .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+        assert_eq!(body["error"]["code"], "Unauthenticated");
+    }
+    let intervals = (started.elapsed().as_millis() / ANONYMOUS_INTERVAL.as_millis()) as usize + 2;
+    // An agent's refusals are still recorded one by one, at once.
+    let (status, _) = h
+        .post_raw("/v1/decide", Some(SUPPORT_KEY), &[], b"[]".to_vec())
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let agents = |entries: &[tollgate_audit::Entry]| {
+        entries
+            .iter()
+            .filter(|e| e.identity.username != "anonymous")
+            .count()
+    };
+    assert_eq!(
+        agents(&h.audit().await),
+        1,
+        "the agent's refusal, recorded at once"
+    );
+    tokio::time::sleep(ANONYMOUS_INTERVAL * 3).await;
+    let entries = h.audit().await;
+    let anonymous: Vec<&str> = entries
+        .iter()
+        .filter(|e| e.identity.username == "anonymous")
+        .filter_map(|e| e.error.as_deref())
+        .collect();
+    // Each refusal is in the trail: in full (the first of an interval) or counted in a summary.
+    let in_full = anonymous
+        .iter()
+        .filter(|e| !e.contains(" more refused from "))
+        .count();
+    let summarized: u64 = anonymous
+        .iter()
+        .filter_map(|e| e.strip_prefix("/v1/decide: Unauthenticated: "))
+        .filter(|e| e.contains(" more refused from "))
+        .filter_map(|e| e.split(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(in_full as u64 + summarized, 1_000, "{anonymous:?}");
+    // ... at the cost of two records an interval at most, not one a request.
+    assert!(
+        anonymous.len() <= 2 * intervals,
+        "{} records for 1,000 refusals over {intervals} intervals",
+        anonymous.len()
     );
 }
 

@@ -165,7 +165,18 @@ pub(crate) async fn proxy(
     let guessed = guess_api(&headers);
     let holder = match crate::authenticate_with(&gateway, &headers, true).await {
         Ok(holder) => holder,
-        Err(refusal) => return refuse(&gateway, None, &upstream, guessed, refusal).await,
+        Err(refusal) => {
+            if gateway.summarized("/llm", &refusal) {
+                return answer(
+                    guessed,
+                    refusal.status,
+                    refusal.code.as_str(),
+                    &refusal.message,
+                    json!({"code": refusal.code.as_str()}),
+                );
+            }
+            return refuse(&gateway, None, &upstream, guessed, refusal).await;
+        }
     };
     let entry = gateway.policies.agent(&holder.agent);
     let policy = match entry.as_deref().map(|a| &a.policy) {
