@@ -664,6 +664,8 @@ async fn call_tool_streaming(
     use futures::StreamExt;
     let id = message.get("id").cloned().unwrap_or(Value::Null);
     let every = gateway.keep_alive;
+    // The answer holds at most the upstream's (cut) and its framing.
+    let limit = gateway.upstream_limit.saturating_mul(2).max(MAX_BODY);
     let mut pending = Box::pin(async move {
         call_tool(
             &gateway, &holder, &url, &upstream, &headers, message, started,
@@ -686,7 +688,7 @@ async fn call_tool_streaming(
             tokio::select! {
                 finished = &mut call.0 => {
                     let event = match finished {
-                        Ok(response) => event_of(response, id).await,
+                        Ok(response) => event_of(response, id, limit).await,
                         Err(_) => event_data(&json!({"jsonrpc": "2.0", "id": id,
                             "error": {"code": codes::UPSTREAM, "message": "the call was cut short"}})),
                     };
@@ -715,10 +717,13 @@ fn event_data(message: &Value) -> String {
 }
 
 /// The JSON-RPC answer a finished call gave, as an SSE event; a refusal that is not JSON-RPC
-/// (the audit trail unavailable) becomes a JSON-RPC error that carries it.
-async fn event_of(response: Response, id: Value) -> String {
+/// (the audit trail unavailable) becomes a JSON-RPC error that carries it. The answer is read
+/// up to `limit` bytes: what the gateway itself built from an upstream answer it read up to
+/// [`Gateway::with_upstream_limit`], so a large result is passed on whole (it was cut at the
+/// request body limit, 1 MiB, before).
+async fn event_of(response: Response, id: Value, limit: usize) -> String {
     let status = response.status();
-    let bytes = axum::body::to_bytes(response.into_body(), MAX_BODY)
+    let bytes = axum::body::to_bytes(response.into_body(), limit)
         .await
         .unwrap_or_default();
     let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);

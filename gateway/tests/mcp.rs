@@ -107,6 +107,11 @@ impl ServerHandler for Crm {
                     .to_string(),
             ),
             "C000098" => Some("Customer C000098, SSN 987-65-4321, no orders.".to_owned()),
+            // A record of about 2 MiB.
+            "C000094" => Some(
+                json!({"customer_id": "C000094", "order_history": vec!["O-1"; 300_000]})
+                    .to_string(),
+            ),
             // A record of 100 kB.
             "C000095" => Some(
                 json!({"customer_id": "C000095", "ssn": "987-65-4321",
@@ -724,6 +729,55 @@ async fn a_call_that_waits_is_streamed_with_keep_alives_then_its_answer() {
         serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap();
     assert_eq!(answer["id"], 31);
     assert_eq!(h.calls.lock().unwrap().len(), 2, "each call forwarded once");
+}
+
+#[tokio::test]
+async fn a_large_answer_that_comes_after_the_keep_alives_reaches_the_client_whole() {
+    let h = harness().await;
+    let session = h.session().await;
+    h.delay.store(200, std::sync::atomic::Ordering::SeqCst);
+    let response = h
+        .app
+        .clone()
+        .oneshot(
+            Request::post("/mcp/crm")
+                .header("content-type", "application/json")
+                .header("accept", "application/json, text/event-stream")
+                .header("authorization", format!("Bearer {KEY}"))
+                .header(mcp::SESSION_HEADER, session)
+                .body(Body::from(
+                    json!({"jsonrpc": "2.0", "id": 40, "method": "tools/call",
+                           "params": {"name": "read_customer_record",
+                                      "arguments": {"customer_id": "C000094"}}})
+                    .to_string(),
+                ))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let text = String::from_utf8(
+        response
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(text.len() > 1 << 20, "{} bytes", text.len());
+    let data: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(data.len(), 1);
+    let answer: Value = serde_json::from_str(data[0]).unwrap();
+    assert_eq!(answer["id"], 40);
+    assert!(answer.get("error").is_none(), "{}", &data[0][..200]);
+    let record: Value =
+        serde_json::from_str(answer["result"]["content"][0]["text"].as_str().unwrap()).unwrap();
+    assert_eq!(record["order_history"].as_array().unwrap().len(), 300_000);
 }
 
 #[tokio::test]
