@@ -5,6 +5,7 @@
 //! Each waiting call has its own request, so an approval can release that call once and never
 //! another: a changed argument is a different call, with a different digest and request.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tollgate_runtime::cluster::bounded;
 
@@ -43,7 +44,6 @@ fn name_prefix(tool: &str) -> String {
 
 /// An ApprovalRequest the gateway created for a pending call.
 struct Created {
-    api: Api<ApprovalRequest>,
     name: String,
     namespace: String,
     latest: ApprovalRequest,
@@ -140,7 +140,6 @@ impl Gateway {
         };
         let object = created.metadata.name.clone().unwrap_or_default();
         Ok(Some(Created {
-            api,
             name: object,
             namespace: namespace.to_owned(),
             latest: created,
@@ -161,7 +160,6 @@ impl Gateway {
         decided: Decided,
     ) -> Result<Decided, axum::response::Response> {
         let Some(Created {
-            api,
             name: object,
             namespace,
             latest: created,
@@ -184,9 +182,7 @@ impl Gateway {
         }
         self.metrics.waiting.inc();
         let waiting = Waiting(self.metrics.waiting.clone());
-        let (mut phase, approvers) = self
-            .wait(&api, &object, &caller.agent, created, expires)
-            .await;
+        let (mut phase, approvers) = self.wait(&object, &caller.agent, created, expires).await;
         drop(waiting);
         let full_name = format!("{namespace}/{object}");
         if phase == Phase::Approved
@@ -375,12 +371,12 @@ impl Gateway {
         Ok(stopped)
     }
 
-    /// Watches one ApprovalRequest until its decisions settle it, it expires, or the agent is
-    /// killed (checked every second). Returns the phase (`Cancelled` for the kill switch) and
-    /// the approving users.
+    /// Follows one ApprovalRequest until its decisions settle it, it expires, or the agent is
+    /// killed (checked every second), through the gateway's one watch of every ApprovalRequest
+    /// ([`ApprovalWatch`]): however many calls wait, the apiserver serves this replica one
+    /// watch. Returns the phase (`Cancelled` for the kill switch) and the approving users.
     async fn wait(
         &self,
-        api: &Api<ApprovalRequest>,
         object: &str,
         agent: &str,
         mut latest: ApprovalRequest,
@@ -394,10 +390,21 @@ impl Gateway {
                 .filter_map(|d| d.user.clone())
                 .collect()
         };
-        let config = watcher::Config::default().fields(&format!("metadata.name={object}"));
-        let mut events = watcher::watcher(api.clone(), config).boxed();
+        let Some(watch) = self.approval_watch() else {
+            // Only a gateway in a cluster creates ApprovalRequests, so only it waits on one.
+            return (Phase::Expired, approvers(&latest));
+        };
+        let namespace = latest.metadata.namespace.clone().unwrap_or_default();
+        let reference = kube::runtime::reflector::ObjectRef::new(object).within(&namespace);
         let started = Instant::now();
         loop {
+            // Registered before the state is read, so a change in between still wakes it.
+            let changed = watch.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(seen) = watch.store.get(&reference) {
+                latest = (*seen).clone();
+            }
             if self.policies.agent(agent).is_none_or(|entry| entry.killed) {
                 return (Phase::Cancelled, approvers(&latest));
             }
@@ -412,30 +419,62 @@ impl Gateway {
                     approvers(&latest),
                 );
             }
-            if (self.now)() >= expires {
+            if (self.now)() >= expires || started.elapsed() > Duration::from_secs(24 * 3600) {
                 return (Phase::Expired, approvers(&latest));
             }
-            match tokio::time::timeout(Duration::from_secs(1), events.next()).await {
-                Ok(Some(Ok(watcher::Event::Apply(object) | watcher::Event::InitApply(object)))) => {
-                    latest = object;
-                }
-                Ok(Some(Ok(_))) | Err(_) => {}
-                Ok(Some(Err(e))) => {
-                    tracing::warn!(error = %e, "approval watch error; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                Ok(None) => {
-                    events = watcher::watcher(
-                        api.clone(),
-                        watcher::Config::default().fields(&format!("metadata.name={object}")),
-                    )
-                    .boxed();
-                }
-            }
-            if started.elapsed() > Duration::from_secs(24 * 3600) {
-                return (Phase::Expired, approvers(&latest));
-            }
+            let _ = tokio::time::timeout(Duration::from_secs(1), changed).await;
         }
+    }
+
+    /// The gateway's one watch of every ApprovalRequest, started on first use; `None` without
+    /// a cluster.
+    fn approval_watch(&self) -> Option<&ApprovalWatch> {
+        let Policies::Cluster(cluster) = &self.policies else {
+            return None;
+        };
+        Some(
+            self.approval_watch
+                .get_or_init(|| ApprovalWatch::start(cluster.client())),
+        )
+    }
+}
+
+/// One watch of every ApprovalRequest for the whole gateway: a reflector store the waiting
+/// calls read, and a signal each change of it raises.
+pub(crate) struct ApprovalWatch {
+    store: kube::runtime::reflector::Store<ApprovalRequest>,
+    changed: Arc<tokio::sync::Notify>,
+}
+
+impl std::fmt::Debug for ApprovalWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApprovalWatch").finish_non_exhaustive()
+    }
+}
+
+impl ApprovalWatch {
+    fn start(client: kube::Client) -> Self {
+        let (store, writer) = kube::runtime::reflector::store();
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let signal = changed.clone();
+        let events = kube::runtime::reflector::reflector(
+            writer,
+            watcher::watcher(
+                Api::<ApprovalRequest>::all(client),
+                watcher::Config::default(),
+            ),
+        );
+        tokio::spawn(async move {
+            use kube::runtime::WatchStreamExt as _;
+            let mut events = std::pin::pin!(events.default_backoff());
+            while let Some(event) = events.next().await {
+                match event {
+                    Ok(_) => signal.notify_waiters(),
+                    Err(e) => tracing::warn!(error = %e, "approval watch error; retrying"),
+                }
+            }
+        });
+        Self { store, changed }
     }
 }
 

@@ -224,6 +224,8 @@ pub struct Gateway {
     pub(crate) prices: tollgate_engine::llm::Prices,
     /// Refusals of requests that proved no identity, summarized per interval.
     anonymous: Arc<anonymous::Anonymous>,
+    /// In a cluster: the one watch of every ApprovalRequest that waiting calls follow.
+    approval_watch: std::sync::OnceLock<approvals::ApprovalWatch>,
 }
 
 /// The price table built in: what the models most agents use cost, as of its date. Override or
@@ -277,6 +279,7 @@ impl Gateway {
             upstream_limit: DEFAULT_UPSTREAM_LIMIT,
             prices: default_prices(),
             anonymous: Arc::new(anonymous::Anonymous::new(anonymous::DEFAULT_INTERVAL)),
+            approval_watch: std::sync::OnceLock::new(),
         }
     }
 
