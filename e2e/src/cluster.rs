@@ -138,7 +138,7 @@ pub fn isolate() -> Result<Option<i32>> {
     }
     // Installed, built (or found in the caches) here, where the package registries and the Go
     // module proxy are reachable: the namespaces have no route out.
-    install_packages()?;
+    check_packages()?;
     crate::build()?;
     build_node()?;
     let runs = crate::repo_root().join("target/e2e-runs");
@@ -189,30 +189,19 @@ const PACKAGES: [(&str, &str); 6] = [
     ("conntrack", "command -v conntrack"),
 ];
 
-/// Installs the Debian packages the node needs when any is missing (as the PostgreSQL and image
-/// harnesses do; `.ci/run` installs them first).
-fn install_packages() -> Result<()> {
+/// Fails naming the Debian packages the node needs that are missing (`e2e/prepare.sh` installs
+/// them; a test installs nothing).
+fn check_packages() -> Result<()> {
     let missing: Vec<&str> = PACKAGES
         .iter()
         .filter(|(_, check)| run("sh", &["-c", check]).is_err())
         .map(|(package, _)| *package)
         .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    eprintln!("installing {} with apt-get", missing.join(" "));
-    let apt = |args: &[&str]| {
-        Command::new("apt-get")
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    let mut install = vec!["install", "-y", "-qq"];
-    install.extend(&missing);
-    if !(apt(&["update", "-qq"]) && apt(&install)) {
+    if !missing.is_empty() {
         bail!(
-            "the e2e node needs the Debian packages {}: apt-get install failed",
+            "the e2e node needs the Debian packages {}: run `bash e2e/prepare.sh`, which installs \
+             what the tests need, or `apt-get install -y {}` as root",
+            missing.join(" "),
             missing.join(" ")
         );
     }
@@ -298,11 +287,7 @@ impl Cluster {
         // isolate() built them; here they come from the caches.
         let control_bin = crate::build()?;
         let node_bin = build_node()?;
-        for (package, check) in PACKAGES {
-            if run("sh", &["-c", check]).is_err() {
-                bail!("{package} is missing (isolate() installs it): apt-get install {package}");
-            }
-        }
+        check_packages()?;
         let supervisor = Supervisor::attach(&dir);
         prepare_host(&dir)?;
         let stamp =

@@ -1,7 +1,7 @@
 //! A throwaway PostgreSQL server on loopback, for the audit store's tests and benchmarks.
 //!
-//! The server comes from Debian's `postgresql` package; when it is missing the harness installs
-//! it with apt-get (this needs root, as in CI). PostgreSQL refuses to run as root, so as root the
+//! The server comes from Debian's `postgresql` package, which `e2e/prepare.sh` installs (a test
+//! installs nothing: without it the tests fail saying so). PostgreSQL refuses to run as root, so as root the
 //! harness runs initdb and the server as the package's `postgres` user through `setpriv`, which
 //! execs in place: the supervisor's signal reaches the server itself. The data directory lives
 //! under /tmp (every user can reach it) and is removed with the test binary. The server speaks
@@ -113,27 +113,10 @@ fn bin_dir() -> Option<PathBuf> {
 }
 
 fn install() -> Result<PathBuf> {
-    if let Some(bin) = bin_dir() {
-        return Ok(bin);
-    }
-    if !is_root() {
-        bail!(
-            "PostgreSQL is not installed and this user cannot install it: run `apt-get install -y postgresql` as root"
-        );
-    }
-    let apt = |args: &[&str]| {
-        Command::new("apt-get")
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    let packages = ["install", "-y", "--no-install-recommends", "postgresql"];
-    let installed = apt(&packages) || (apt(&["update"]) && apt(&packages));
-    if !installed {
-        bail!("apt-get install postgresql failed");
-    }
-    bin_dir().context("postgresql installed, but /usr/lib/postgresql/*/bin/postgres is missing")
+    bin_dir().context(
+        "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/postgres): run `bash e2e/prepare.sh`, \
+         which installs what the tests need, or `apt-get install -y postgresql` as root",
+    )
 }
 
 /// `command` as the server's user: the `postgres` account when we are root.

@@ -1,7 +1,7 @@
-//! Tollgate's images as `cargo run -p tollgate-e2e --bin images` writes them (the README's test
-//! command and `.ci/run` do, before the tests): what they hold, and that each runs under a real
-//! container runtime (containerd and runc from Debian, installed with apt-get when missing, as
-//! the PostgreSQL harness does) as user 65532 on a read-only root filesystem.
+//! Tollgate's images as `cargo run -p tollgate-e2e --bin images` writes them (`e2e/prepare.sh`,
+//! the README's test command, does, before the tests): what they hold, and that each runs under
+//! a real container runtime (containerd and runc from Debian, which `e2e/prepare.sh` installs)
+//! as user 65532 on a read-only root filesystem.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -105,27 +105,10 @@ fn ensure_containerd() {
             .output()
             .is_ok_and(|o| o.status.success())
     };
-    if present("containerd") && present("ctr") && present("runc") {
-        return;
-    }
-    let apt = |args: &[&str]| {
-        Command::new("apt-get")
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    let packages = [
-        "install",
-        "-y",
-        "--no-install-recommends",
-        "containerd",
-        "runc",
-    ];
     assert!(
-        apt(&packages) || (apt(&["update"]) && apt(&packages)),
-        "containerd and runc are missing and apt-get could not install them: run \
-         `apt-get install -y containerd runc` as root"
+        present("containerd") && present("ctr") && present("runc"),
+        "containerd and runc are missing: run `bash e2e/prepare.sh`, which installs what the \
+         tests need, or `apt-get install -y containerd runc` as root"
     );
 }
 

@@ -164,8 +164,8 @@ fn venv_python() -> PathBuf {
     let python = venv.join("bin/python");
     assert!(
         python.exists(),
-        "{} is missing: install the official SDKs with `bash e2e/sdk/install.sh` (the README's test \
-         command and .ci/run do)",
+        "{} is missing: install the official SDKs with `bash e2e/prepare.sh` (the README's test \
+         command; `bash e2e/sdk/install.sh` installs only them)",
         python.display()
     );
     python
