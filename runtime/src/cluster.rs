@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::ConfigMap;
+use kube::core::DeserializeGuard;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
@@ -123,13 +124,116 @@ where
     {}
 }
 
-/// A view kept current by watches on the apiserver.
+/// A view kept current by watches on the apiserver, indexed for lookups by name and by
+/// ServiceAccount.
+///
+/// Objects are read through [`DeserializeGuard`]: an AgentIdentity or AgentPolicy the apiserver
+/// holds but Tollgate cannot read (stored under an older schema, or a value its types refuse)
+/// is left out of the view, logged with its error, instead of failing the whole list, which
+/// would keep every watch of its kind, and so readiness, from ever completing. An agent whose
+/// identity or policy is left out is unknown or has no policy: refused, never allowed.
+///
+/// Lookups read an index rebuilt when any watch has seen a change since it was built (an event
+/// counter), not a scan of every object per request.
 #[derive(Clone)]
 pub struct WatchedView {
-    identities: Store<AgentIdentity>,
-    policies: Store<AgentPolicy>,
+    identities: Store<DeserializeGuard<AgentIdentity>>,
+    policies: Store<DeserializeGuard<AgentPolicy>>,
     switches: Store<ConfigMap>,
     tollgate_namespace: Arc<str>,
+    /// Events the identity and policy watches have seen.
+    events: Arc<std::sync::atomic::AtomicU64>,
+    index: Arc<std::sync::RwLock<Arc<Index>>>,
+}
+
+/// What the view's lookups read, as of `events` events.
+#[derive(Default)]
+struct Index {
+    events: u64,
+    identities: Vec<Arc<AgentIdentity>>,
+    policies: Vec<Arc<AgentPolicy>>,
+    by_name: std::collections::HashMap<(String, String), Arc<AgentIdentity>>,
+    by_account: std::collections::HashMap<(String, String), Arc<AgentIdentity>>,
+    /// Per (namespace, identity name), the policies naming it, sorted by name.
+    policies_of: std::collections::HashMap<(String, String), Vec<Arc<AgentPolicy>>>,
+}
+
+impl Index {
+    fn build(
+        events: u64,
+        identities: &Store<DeserializeGuard<AgentIdentity>>,
+        policies: &Store<DeserializeGuard<AgentPolicy>>,
+    ) -> Self {
+        let identities = readable(identities.state());
+        let policies = readable(policies.state());
+        let key = |meta: &kube::api::ObjectMeta| {
+            (
+                meta.namespace.clone().unwrap_or_default(),
+                meta.name.clone().unwrap_or_default(),
+            )
+        };
+        let by_name = identities
+            .iter()
+            .map(|i| (key(&i.metadata), i.clone()))
+            .collect();
+        let by_account = identities
+            .iter()
+            .map(|i| {
+                (
+                    (
+                        i.metadata.namespace.clone().unwrap_or_default(),
+                        i.service_account_name(),
+                    ),
+                    i.clone(),
+                )
+            })
+            .collect();
+        let mut policies_of: std::collections::HashMap<_, Vec<Arc<AgentPolicy>>> =
+            std::collections::HashMap::new();
+        for policy in &policies {
+            policies_of
+                .entry((
+                    policy.metadata.namespace.clone().unwrap_or_default(),
+                    policy.spec.identity_ref.name.clone(),
+                ))
+                .or_default()
+                .push(policy.clone());
+        }
+        for list in policies_of.values_mut() {
+            list.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        }
+        Self {
+            events,
+            identities,
+            policies,
+            by_name,
+            by_account,
+            policies_of,
+        }
+    }
+}
+
+/// The objects of `state` Tollgate can read; the others logged, named, with why.
+fn readable<K>(state: Vec<Arc<DeserializeGuard<K>>>) -> Vec<Arc<K>>
+where
+    K: kube::Resource<DynamicType = ()> + Clone,
+{
+    state
+        .iter()
+        .filter_map(|guarded| match &guarded.0 {
+            Ok(object) => Some(Arc::new(object.clone())),
+            Err(invalid) => {
+                tracing::warn!(
+                    kind = %K::kind(&()),
+                    namespace = invalid.metadata.namespace.as_deref().unwrap_or_default(),
+                    name = invalid.metadata.name.as_deref().unwrap_or_default(),
+                    error = %invalid.error,
+                    "object left out of the view: Tollgate cannot read it"
+                );
+                None
+            }
+        })
+        .collect()
 }
 
 impl std::fmt::Debug for WatchedView {
@@ -141,7 +245,11 @@ impl std::fmt::Debug for WatchedView {
 impl WatchedView {
     /// Starts the watches; `tollgate_namespace` holds the global kill switch.
     pub fn start(client: Client, tollgate_namespace: &str) -> Self {
-        fn spawn<K>(api: Api<K>, config: watcher::Config) -> Store<K>
+        fn spawn<K>(
+            api: Api<K>,
+            config: watcher::Config,
+            events: Option<Arc<std::sync::atomic::AtomicU64>>,
+        ) -> Store<K>
         where
             K: kube::Resource<DynamicType = ()>
                 + Clone
@@ -153,23 +261,40 @@ impl WatchedView {
         {
             use futures::StreamExt;
             let (reader, writer) = reflector::store();
-            let stream = reflector::reflector(writer, watcher(api, config))
-                .default_backoff()
-                .touched_objects();
-            tokio::spawn(stream.for_each(|event| async move {
-                if let Err(e) = event {
-                    tracing::warn!(error = %e, "watch error; retrying with backoff");
+            let stream = reflector::reflector(writer, watcher(api, config)).default_backoff();
+            tokio::spawn(stream.for_each(move |event| {
+                let events = events.clone();
+                async move {
+                    match event {
+                        Ok(_) => {
+                            if let Some(events) = events {
+                                events.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "watch error; retrying with backoff"),
+                    }
                 }
             }));
             reader
         }
         let switch =
             watcher::Config::default().fields(&format!("metadata.name={GLOBAL_KILL_SWITCH}"));
+        let events = Arc::new(std::sync::atomic::AtomicU64::new(1));
         WatchedView {
-            identities: spawn(Api::all(client.clone()), watcher::Config::default()),
-            policies: spawn(Api::all(client.clone()), watcher::Config::default()),
-            switches: spawn(Api::namespaced(client, tollgate_namespace), switch),
+            identities: spawn(
+                Api::all(client.clone()),
+                watcher::Config::default(),
+                Some(events.clone()),
+            ),
+            policies: spawn(
+                Api::all(client.clone()),
+                watcher::Config::default(),
+                Some(events.clone()),
+            ),
+            switches: spawn(Api::namespaced(client, tollgate_namespace), switch, None),
             tollgate_namespace: tollgate_namespace.into(),
+            events,
+            index: Arc::default(),
         }
     }
 
@@ -179,23 +304,61 @@ impl WatchedView {
         synced(&self.policies).await;
         synced(&self.switches).await;
     }
+
+    /// The index as of the latest event, rebuilt first if a watch saw one since.
+    fn index(&self) -> Arc<Index> {
+        // Read before the stores: an event counted after this is caught by the next lookup.
+        let events = self.events.load(std::sync::atomic::Ordering::SeqCst);
+        {
+            let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+            if index.events == events {
+                return index.clone();
+            }
+        }
+        let fresh = Arc::new(Index::build(events, &self.identities, &self.policies));
+        let mut index = self.index.write().unwrap_or_else(|e| e.into_inner());
+        if index.events < events {
+            *index = fresh.clone();
+        }
+        fresh
+    }
 }
 
 impl ClusterView for WatchedView {
     fn identities(&self) -> Vec<Arc<AgentIdentity>> {
-        self.identities.state()
+        self.index().identities.clone()
     }
     fn tollgate_namespace(&self) -> Option<&str> {
         Some(&self.tollgate_namespace)
     }
     fn policies(&self) -> Vec<Arc<AgentPolicy>> {
-        self.policies.state()
+        self.index().policies.clone()
     }
     fn global_kill(&self) -> bool {
         self.switches
             .state()
             .iter()
             .any(|cm| global_switch_engaged(cm))
+    }
+    fn identity(&self, namespace: &str, name: &str) -> Option<Arc<AgentIdentity>> {
+        self.index()
+            .by_name
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .cloned()
+    }
+    fn identity_by_username(&self, username: &str) -> Option<Arc<AgentIdentity>> {
+        let (namespace, account) = service_account_of(username)?;
+        self.index()
+            .by_account
+            .get(&(namespace.to_owned(), account.to_owned()))
+            .cloned()
+    }
+    fn policies_for(&self, namespace: &str, name: &str) -> Vec<Arc<AgentPolicy>> {
+        self.index()
+            .policies_of
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .cloned()
+            .unwrap_or_default()
     }
 }
 
