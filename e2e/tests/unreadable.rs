@@ -1,6 +1,6 @@
 //! An object the apiserver holds but Tollgate cannot read must not blind Tollgate to every other
 //! one. A test binary of its own, so its own control plane: the unreadable identity it writes
-//! would stop the watches of the operators other tests run.
+//! would be seen by every other test's watches.
 
 use std::time::Duration;
 
