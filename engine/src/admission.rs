@@ -320,19 +320,17 @@ pub fn admit_pod(
     }
 }
 
-/// The label admission puts on every agent pod, valued with its AgentIdentity's name: the
-/// gateway's ingress NetworkPolicy lets only pods carrying it reach the gateway's API.
-pub const AGENT_LABEL: &str = "tollgate.dev/agent";
-
 /// The JSON patch that gives an agent pod its gateway token (a projected ServiceAccount token
 /// with the identity's audience and lifetime, mounted read-only in every container), sets
-/// TOLLGATE_URL and labels it [`AGENT_LABEL`]. `pod` is the pod as submitted (its `metadata`
-/// and `spec`).
+/// TOLLGATE_URL and labels it [`crate::children::AGENT_LABEL`] with its identity's name (the label the
+/// gateway's ingress NetworkPolicy admits, and the one on every object the operator makes for
+/// the agent). `pod` is the pod as submitted (its `metadata` and `spec`).
 pub fn pod_injection(
     identity: &tollgate_crds::AgentIdentity,
     gateway_url: &str,
     pod: &serde_json::Value,
 ) -> Vec<serde_json::Value> {
+    use crate::children::AGENT_LABEL;
     use serde_json::json;
     let settings = &identity.spec.service_account;
     let volume = json!({
