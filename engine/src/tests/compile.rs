@@ -1,0 +1,118 @@
+//! Compiling policies: what compiles, what is refused and where, the policy hash, what a policy governs and serves.
+
+use super::*;
+
+#[test]
+fn compiled_policies_can_be_shared_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<CompiledPolicy>();
+}
+
+#[test]
+fn the_samples_compile() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/samples");
+    for file in ["support-agent.yaml", "deploy-agent.yaml"] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        for document in serde_yaml::Deserializer::from_str(&text) {
+            let value = serde_yaml::Value::deserialize(document).unwrap();
+            if value["kind"] == "AgentPolicy" {
+                let policy: AgentPolicy = serde_yaml::from_value(value).unwrap();
+                CompiledPolicy::compile(&policy).unwrap_or_else(|e| panic!("{file}: {e}"));
+            }
+        }
+    }
+    use serde::Deserialize;
+}
+
+#[test]
+fn compile_reports_every_problem_with_its_path() {
+    let errors = policy_with(json!({
+        "upstreams": [{"name": "crm"}, {"name": "crm"}],
+        "tools": {
+            "allowed": [
+                {"name": "a", "upstream": "billing"},
+                {"name": "b", "irreversible": true},
+                {"name": "c", "arguments": {"fields": {"x": {"type": "integer", "pattern": "("}}}},
+                {"name": "d", "when": "args.x ==", "autonomy": "Gated"},
+                {"name": "e", "limits": {"maxItemsPerRun": {"field": "ids", "max": 0}}},
+                {"name": "bad name"},
+                {"name": "blocked_too"}
+            ],
+            "blocked": ["blocked_too"]
+        },
+        "execution": {"maxSteps": 0, "maxCostUSD": "-1", "perIdentity": {"window": "1d"}},
+        "kubernetes": {"freezeWindows": [{"start": "2026-12-02T00:00:00Z", "end": "2026-12-01T00:00:00Z"}]}
+    }))
+    .unwrap_err();
+    let paths: Vec<&str> = errors.0.iter().map(|e| e.path.as_str()).collect();
+    for expected in [
+        "spec.upstreams[1].name",
+        "spec.tools.allowed[0].upstream",
+        "spec.tools.allowed[1].approval",
+        "spec.tools.allowed[2].arguments.fields.x.pattern",
+        "spec.tools.allowed[3].when",
+        "spec.tools.allowed[3].autonomy",
+        "spec.tools.allowed[4].limits.maxItemsPerRun.field",
+        "spec.tools.allowed[4].limits.maxItemsPerRun.max",
+        "spec.tools.allowed[5].name",
+        "spec.tools.allowed[6].name",
+        "spec.execution.maxSteps",
+        "spec.execution.maxCostUSD",
+        "spec.execution.perIdentity.window",
+        "spec.kubernetes.freezeWindows[0].end",
+    ] {
+        assert!(
+            paths.contains(&expected),
+            "no error at {expected}; got:\n{errors}"
+        );
+    }
+    assert!(
+        errors
+            .0
+            .iter()
+            .all(|e| !e.message.is_empty() && !e.hint.is_empty())
+    );
+    assert!(
+        errors.to_string().contains("invalid regular expression"),
+        "{errors}"
+    );
+}
+
+#[test]
+fn the_policy_hash_follows_the_spec_and_nothing_else() {
+    let a = tools(json!([{"name": "read"}]));
+    let b = tools(json!([{"name": "read"}]));
+    let c = tools(json!([{"name": "read2"}]));
+    assert_eq!(a.hash(), b.hash());
+    assert_ne!(a.hash(), c.hash());
+    assert!(a.hash().starts_with("sha256:"));
+}
+
+#[test]
+fn a_policy_governs_its_identity_in_its_namespace_only() {
+    let p = policy(json!({}));
+    assert!(p.governs("ns/support"));
+    assert!(!p.governs("other/support"));
+    assert!(!p.governs("ns/support2"));
+    assert!(!p.governs("support"));
+    assert!(!p.governs("ns/support/x"));
+}
+
+#[test]
+fn an_mcp_upstream_serves_only_allowed_tools_it_hosts() {
+    let policy = policy_with(json!({
+        "upstreams": [{"name": "crm"}, {"name": "billing"}],
+        "tools": {"allowed": [
+            {"name": "lookup", "upstream": "crm"},
+            {"name": "charge", "upstream": "billing"},
+            {"name": "anywhere"}
+        ], "blocked": ["drop"]}
+    }))
+    .unwrap();
+    assert!(policy.serves_through("lookup", "crm"));
+    assert!(!policy.serves_through("lookup", "billing"));
+    assert!(!policy.serves_through("charge", "crm"));
+    assert!(policy.serves_through("anywhere", "crm"));
+    assert!(!policy.serves_through("drop", "crm"));
+    assert!(!policy.serves_through("unknown", "crm"));
+}
