@@ -61,7 +61,12 @@ async fn post_decide(
     (status, response.json().await.unwrap())
 }
 
-async fn decide(client: &reqwest::Client, url: &str, token: &str, run: &str) -> (u16, Value) {
+pub(crate) async fn decide(
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+    run: &str,
+) -> (u16, Value) {
     call(
         client,
         url,
@@ -75,7 +80,7 @@ async fn decide(client: &reqwest::Client, url: &str, token: &str, run: &str) -> 
 
 /// Waits for the gateway at `url` to allow the support agent's call in run-1 (its watch may
 /// still be delivering the policy), by the policy of `ns`.
-async fn first_allow(http: &reqwest::Client, url: &str, token: &str, ns: &str) {
+pub(crate) async fn first_allow(http: &reqwest::Client, url: &str, token: &str, ns: &str) {
     let allowed = eventually(
         "the gateway allows the agent's call",
         Duration::from_secs(30),
@@ -90,7 +95,7 @@ async fn first_allow(http: &reqwest::Client, url: &str, token: &str, ns: &str) {
 
 /// Creates the support agent's ServiceAccount in `ns` (the operator's job, not part of these
 /// tests) and returns a TokenRequest token for it with audience `tollgate`.
-fn support_agent_token(ns: &str) -> String {
+pub(crate) fn support_agent_token(ns: &str) -> String {
     let cp = control_plane();
     run(cp.kubectl(User::Admin).args([
         "create",
@@ -115,7 +120,7 @@ fn support_agent_token(ns: &str) -> String {
 /// The sample support agent in a fresh namespace `prefix-…` whose agents admission watches, its
 /// e-mails approved by the group tollgate-approvers (alice and bob); returns the namespace and a
 /// TokenRequest token for the agent's ServiceAccount (audience `tollgate`).
-async fn sample_agent(prefix: &str) -> (String, String) {
+pub(crate) async fn sample_agent(prefix: &str) -> (String, String) {
     let cp = control_plane();
     install_crds();
     webhook();

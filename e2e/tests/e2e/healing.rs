@@ -231,3 +231,86 @@ async fn a_leader_whose_apiserver_hangs_stops_before_its_lease_runs_out() {
     eprintln!("stopped leading {left:?} before the lease ran out");
     proxy.thaw();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_whose_apiserver_restarts_resumes_its_watches_and_reviews_without_a_restart() {
+    use kube::api::{Api, Patch, PatchParams};
+    use tollgate_crds::AgentIdentity;
+    use tollgate_e2e::{User, control_plane, eventually};
+    use tollgate_gateway::{ClusterPolicies, Gateway, Policies, TokenReviewer};
+    use tollgate_runtime::cluster::WatchedView;
+
+    let cp = control_plane();
+    let (ns, token) = super::gateway::sample_agent("heal-api").await;
+    // Everything the gateway asks of the apiserver goes through a proxy that can go down as an
+    // apiserver restarting does: every connection cut, new ones refused.
+    let proxy = tollgate_e2e::freeze::Freezable::start(cp.server_addr())
+        .await
+        .unwrap();
+    let through = cp.client_through(User::Admin, proxy.addr()).await;
+    let view = WatchedView::start(through.clone(), "tollgate-system");
+    view.ready().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(tollgate_audit::SqliteStore::open(dir.path().join("audit.db")).unwrap());
+    let (log, _) = tollgate_audit::AuditLog::open(store, tollgate_audit::WriterConfig::new("gw"))
+        .await
+        .unwrap();
+    let gateway = Gateway::new(
+        Policies::Cluster(ClusterPolicies::new(Arc::new(view), through.clone())),
+        TokenReviewer::new(through),
+        log,
+        tollgate_audit::Redactor::default(),
+    );
+    let url = tollgate_e2e::serve_gateway(gateway).await;
+    let http = http();
+    super::gateway::first_allow(&http, &url, &token, &ns).await;
+
+    // The apiserver goes away for 3 s; meanwhile someone engages the agent's kill switch.
+    proxy.cut();
+    let identities: Api<AgentIdentity> = Api::namespaced(cp.client(User::Admin).await, &ns);
+    identities
+        .patch(
+            "support-agent-v2",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"killSwitch": {"engaged": true, "reason": "drill"}}})),
+        )
+        .await
+        .unwrap();
+    let fresh = cp
+        .kubectl_ok(&[
+            "create",
+            "token",
+            "agent-support-agent-v2",
+            "-n",
+            &ns,
+            "--audience",
+            "tollgate",
+        ])
+        .trim()
+        .to_owned();
+    // A token never seen cannot be reviewed while it is away: refused, and within the deadline.
+    let started = Instant::now();
+    let (status, body) = super::gateway::decide(&http, &url, &fresh, "run-2").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "AuthenticationUnavailable", "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(12),
+        "{:?}",
+        started.elapsed()
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    proxy.restore();
+
+    // Back: the same gateway reviews the new token and its watch has caught up with the kill
+    // switch engaged while it was away.
+    let body = eventually(
+        "the gateway to see the kill switch engaged while the apiserver was away",
+        Duration::from_secs(60),
+        || async {
+            let (status, body) = super::gateway::decide(&http, &url, &fresh, "run-2").await;
+            (status == 200 && body["decision"] == "deny").then_some(body)
+        },
+    )
+    .await;
+    assert_eq!(body["code"], "KillSwitch", "{body}");
+}
