@@ -460,27 +460,26 @@ async fn hung_apiserver() -> kube::Client {
     kube::Client::try_from(kube::Config::new(format!("http://{addr}").parse().unwrap())).unwrap()
 }
 
+/// A gateway over the sample agents whose apiserver never answers, authenticating with `auth`.
+async fn over_a_hung_apiserver(auth: impl Into<gateway::Auth>) -> Harness {
+    let (log, store, dir) = trail().await;
+    let cluster = gateway::ClusterPolicies::new(sample_view(), hung_apiserver().await);
+    let gateway = Gateway::new(
+        gateway::Policies::Cluster(cluster),
+        auth,
+        log,
+        Redactor::default(),
+    );
+    harness_of(gateway, store, dir).await
+}
+
 #[tokio::test]
 async fn calls_to_an_apiserver_that_never_answers_are_refused_within_the_deadline() {
     tollgate_runtime::server::install_crypto_provider();
     let deadline = tollgate_runtime::cluster::CALL_DEADLINE + Duration::from_secs(3);
-    // A token to review.
+    // A token to review, and (with a key) an approval to redeem: each needs the apiserver.
     let reviewing = async {
-        let (log, store, dir) = trail().await;
-        let h = harness_of(
-            Gateway::new(
-                gateway::Policies::Cluster(gateway::ClusterPolicies::new(
-                    sample_view(),
-                    hung_apiserver().await,
-                )),
-                gateway::TokenReviewer::new(hung_apiserver().await),
-                log,
-                Redactor::default(),
-            ),
-            store,
-            dir,
-        )
-        .await;
+        let h = over_a_hung_apiserver(gateway::TokenReviewer::new(hung_apiserver().await)).await;
         let answer = tokio::time::timeout(
             deadline,
             h.post("/v1/decide", json!({"runId": "c", "tool": "t"})),
@@ -489,23 +488,8 @@ async fn calls_to_an_apiserver_that_never_answers_are_refused_within_the_deadlin
         .expect("a TokenReview the apiserver never answers is given up");
         (answer, h.records().await)
     };
-    // An approval to redeem.
     let redeeming = async {
-        let (log, store, dir) = trail().await;
-        let h = harness_of(
-            Gateway::new(
-                gateway::Policies::Cluster(gateway::ClusterPolicies::new(
-                    sample_view(),
-                    hung_apiserver().await,
-                )),
-                keys(),
-                log,
-                Redactor::default(),
-            ),
-            store,
-            dir,
-        )
-        .await;
+        let h = over_a_hung_apiserver(keys()).await;
         let answer = tokio::time::timeout(
             deadline,
             h.post(

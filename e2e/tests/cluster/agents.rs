@@ -43,22 +43,28 @@ pub fn tests() -> Vec<Test> {
     ]
 }
 
-/// A pod that is no agent's, in the agent's namespace, and one in Tollgate's own: the gateway's
-/// ingress NetworkPolicy (the chart's) lets neither reach its API, by Service or pod IP, while
-/// the agent's pod, labelled by admission, does; its probe port stays open to all.
-fn only_agent_pods_reach_the_gateways_api() {
-    support();
-    for (namespace, name) in [(NS, "bystander"), (SYSTEM, "tollgate-bystander")] {
-        apply(&format!(
-            r#"apiVersion: v1
+/// A pod of no agent, `name` in `namespace` (labelled `app: NAME`), running the test agent's
+/// image idle, Ready; applying it again is harmless.
+fn bystander(namespace: &str, name: &str) {
+    apply(&format!(
+        r#"apiVersion: v1
 kind: Pod
 metadata: {{name: {name}, namespace: {namespace}, labels: {{app: {name}}}}}
 spec:
   terminationGracePeriodSeconds: 1
   containers: [{{name: probe, image: {AGENT_IMAGE}, imagePullPolicy: Never, args: [sleep]}}]
 "#
-        ));
-        support::wait_ready(namespace, &format!("app={name}"));
+    ));
+    support::wait_ready(namespace, &format!("app={name}"));
+}
+
+/// A pod that is no agent's, in the agent's namespace, and one in Tollgate's own: the gateway's
+/// ingress NetworkPolicy (the chart's) lets neither reach its API, by Service or pod IP, while
+/// the agent's pod, labelled by admission, does; its probe port stays open to all.
+fn only_agent_pods_reach_the_gateways_api() {
+    support();
+    for (namespace, name) in [(NS, "bystander"), (SYSTEM, "tollgate-bystander")] {
+        bystander(namespace, name);
     }
     let labels = kubectl(&[
         "-n",
@@ -493,16 +499,7 @@ fn an_irreversible_call_from_a_pod_waits_until_alice_approves_it_with_kubectl_to
 fn an_agent_pod_reaches_its_tool_server_only_through_the_gateway_which_adds_the_credential() {
     support();
     // The tool server answers from a pod the identity does not select (no NetworkPolicy).
-    apply(&format!(
-        r#"apiVersion: v1
-kind: Pod
-metadata: {{name: bystander, namespace: {NS}, labels: {{app: bystander}}}}
-spec:
-  terminationGracePeriodSeconds: 1
-  containers: [{{name: probe, image: {AGENT_IMAGE}, imagePullPolicy: Never, args: [sleep]}}]
-"#
-    ));
-    support::wait_ready(NS, "app=bystander");
+    bystander(NS, "bystander");
     let (reached, code) = in_agent("bystander", &["connect", "crm-mcp.support.svc:8080"]);
     assert_eq!(
         code, 0,
