@@ -15,7 +15,6 @@ use kube::api::{Api, PostParams};
 use sha2::{Digest, Sha256};
 use tollgate_crds::AgentIdentity;
 use tollgate_crds::common::GLOBAL_KILL_SWITCH;
-use tollgate_engine::CompiledPolicy;
 
 use super::policies::{AgentEntry, PolicyProblem};
 use super::{Caller, Refusal, RefusalCode};
@@ -28,15 +27,12 @@ pub const AUDIENCE: &str = "tollgate";
 const MAX_CACHE: Duration = Duration::from_secs(300);
 const MAX_ENTRIES: usize = 100_000;
 
-/// Compiled policies by (uid, resourceVersion), or why one does not compile.
-type Compiled = HashMap<(String, String), Result<Arc<CompiledPolicy>, PolicyProblem>>;
-
-/// Policies from the cluster view, compiled once per object version.
+/// Policies from the cluster view, compiled once per object version (by the view, for every
+/// part of Tollgate that reads it).
 #[derive(Clone)]
 pub struct ClusterPolicies {
     view: Arc<dyn ClusterView>,
     client: kube::Client,
-    compiled: Arc<Mutex<Compiled>>,
 }
 
 impl std::fmt::Debug for ClusterPolicies {
@@ -48,11 +44,7 @@ impl std::fmt::Debug for ClusterPolicies {
 impl ClusterPolicies {
     /// Policies from `view`; `client` reads credential Secrets.
     pub fn new(view: Arc<dyn ClusterView>, client: kube::Client) -> Self {
-        Self {
-            view,
-            client,
-            compiled: Arc::default(),
-        }
+        Self { view, client }
     }
 
     /// The agent `namespace/name`: its identity, kill switch (its own or the global one) and
@@ -73,25 +65,9 @@ impl ClusterPolicies {
                     .iter()
                     .filter_map(|u| Some((u.name.clone(), u.mcp.as_ref()?.url.clone())))
                     .collect();
-                let key = (
-                    policy.metadata.uid.clone().unwrap_or_default(),
-                    policy.metadata.resource_version.clone().unwrap_or_default(),
-                );
-                let mut cache = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
-                if cache.len() > 10_000 {
-                    cache.clear();
-                }
-                cache
-                    .entry(key)
-                    .or_insert_with(|| {
-                        CompiledPolicy::compile(policy).map(Arc::new).map_err(|e| {
-                            PolicyProblem::Invalid(format!(
-                                "AgentPolicy {namespace}/{} does not compile: {e}",
-                                policy.metadata.name.as_deref().unwrap_or_default()
-                            ))
-                        })
-                    })
-                    .clone()
+                self.view
+                    .compiled(policy)
+                    .map_err(|e| PolicyProblem::Invalid(e.to_string()))
             }
             more => Err(PolicyProblem::Invalid(format!(
                 "{} AgentPolicies name AgentIdentity {id}; exactly one must",

@@ -166,13 +166,13 @@ impl StatusWriter {
 
     /// The standing of every policy that compiles, at `now`.
     pub async fn standings(&self, now: Timestamp) -> Vec<(Arc<AgentPolicy>, Standing)> {
-        let policies: Vec<(Arc<AgentPolicy>, CompiledPolicy)> = self
+        let policies: Vec<(Arc<AgentPolicy>, Arc<CompiledPolicy>)> = self
             .view
             .policies()
             .into_iter()
             // A policy that does not compile is left alone: its Ready condition says why, and
             // it has no allowed tools to report.
-            .filter_map(|p| CompiledPolicy::compile(&p).ok().map(|c| (p, c)))
+            .filter_map(|p| self.view.compiled(&p).ok().map(|c| (p, c)))
             .collect();
         let Ok(drift) = tollgate_engine::duration::parse(&self.schedule.window) else {
             tracing::warn!(window = %self.schedule.window, "the drift window does not parse");

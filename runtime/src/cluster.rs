@@ -10,6 +10,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tollgate_crds::common::{GLOBAL_KILL_SWITCH, GLOBAL_KILL_SWITCH_KEY};
 use tollgate_crds::{AgentIdentity, AgentPolicy};
+use tollgate_engine::CompiledPolicy;
 
 /// A read-only view of the Tollgate objects in the cluster.
 pub trait ClusterView: Send + Sync {
@@ -29,6 +30,13 @@ pub trait ClusterView: Send + Sync {
     /// Whether `identity` is stopped: its own kill switch or the global one is engaged.
     fn is_killed(&self, identity: &AgentIdentity) -> bool {
         identity.spec.kill_switch.engaged || self.global_kill()
+    }
+
+    /// `policy` compiled, or why it does not compile. Views of a real cluster compile each
+    /// version of a policy (uid and resourceVersion) once, for every caller; this default
+    /// compiles every time.
+    fn compiled(&self, policy: &AgentPolicy) -> Result<Arc<CompiledPolicy>, Arc<str>> {
+        compile(policy)
     }
 
     /// The identity whose ServiceAccount authenticates as `username`.
@@ -60,6 +68,76 @@ pub trait ClusterView: Send + Sync {
             .collect();
         policies.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
         policies
+    }
+}
+
+/// `policy` compiled, or the message saying why not.
+fn compile(policy: &AgentPolicy) -> Result<Arc<CompiledPolicy>, Arc<str>> {
+    CompiledPolicy::compile(policy).map(Arc::new).map_err(|e| {
+        format!(
+            "AgentPolicy {}/{} does not compile: {e}",
+            policy.metadata.namespace.as_deref().unwrap_or_default(),
+            policy.metadata.name.as_deref().unwrap_or_default()
+        )
+        .into()
+    })
+}
+
+/// Compiled policies by (uid, resourceVersion): each version of a policy compiled once.
+#[derive(Clone, Default)]
+pub struct CompiledCache {
+    entries: Arc<std::sync::Mutex<CompiledEntries>>,
+}
+
+type CompiledEntries =
+    std::collections::HashMap<(String, String), Result<Arc<CompiledPolicy>, Arc<str>>>;
+
+/// The most versions kept; past it the cache starts over (the next lookups compile again).
+const MAX_COMPILED: usize = 10_000;
+
+impl std::fmt::Debug for CompiledCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompiledCache")
+            .field("versions", &self.len())
+            .finish()
+    }
+}
+
+impl CompiledCache {
+    /// `policy` compiled, from the cache when this version was compiled before.
+    pub fn get(&self, policy: &AgentPolicy) -> Result<Arc<CompiledPolicy>, Arc<str>> {
+        let key = (
+            policy.metadata.uid.clone().unwrap_or_default(),
+            policy.metadata.resource_version.clone().unwrap_or_default(),
+        );
+        if key.1.is_empty() {
+            return compile(policy); // not from the apiserver: nothing names its version
+        }
+        if let Some(found) = self
+            .entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
+            return found.clone();
+        }
+        let compiled = compile(policy);
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if entries.len() >= MAX_COMPILED {
+            entries.clear();
+        }
+        entries.insert(key, compiled.clone());
+        compiled
+    }
+
+    /// How many versions are held.
+    pub fn len(&self) -> usize {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -144,6 +222,9 @@ pub struct WatchedView {
     /// Events the identity and policy watches have seen.
     events: Arc<std::sync::atomic::AtomicU64>,
     index: Arc<std::sync::RwLock<Arc<Index>>>,
+    /// Each version of each policy compiled once, for admission, the gateway and the standing
+    /// writer alike.
+    compiled: CompiledCache,
 }
 
 /// What the view's lookups read, as of `events` events.
@@ -295,6 +376,7 @@ impl WatchedView {
             tollgate_namespace: tollgate_namespace.into(),
             events,
             index: Arc::default(),
+            compiled: CompiledCache::default(),
         }
     }
 
@@ -353,6 +435,9 @@ impl ClusterView for WatchedView {
             .get(&(namespace.to_owned(), account.to_owned()))
             .cloned()
     }
+    fn compiled(&self, policy: &AgentPolicy) -> Result<Arc<CompiledPolicy>, Arc<str>> {
+        self.compiled.get(policy)
+    }
     fn policies_for(&self, namespace: &str, name: &str) -> Vec<Arc<AgentPolicy>> {
         self.index()
             .policies_of
@@ -395,6 +480,44 @@ pub fn timed_out(deadline: std::time::Duration) -> kube::Error {
             deadline.as_millis()
         ),
     )))
+}
+
+#[cfg(test)]
+mod compiled_tests {
+    use super::*;
+
+    fn policy(version: &str, tool: &str) -> AgentPolicy {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "tollgate.dev/v1alpha1", "kind": "AgentPolicy",
+            "metadata": {"name": "p", "namespace": "ns", "uid": "u-1", "resourceVersion": version},
+            "spec": {"identityRef": {"name": "a"}, "tools": {"allowed": [{"name": tool}]}},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn each_version_of_a_policy_is_compiled_once_and_a_new_version_again() {
+        let cache = CompiledCache::default();
+        let first = cache.get(&policy("1", "lookup")).unwrap();
+        let again = cache.get(&policy("1", "lookup")).unwrap();
+        assert!(
+            Arc::ptr_eq(&first, &again),
+            "the same version: the same compiled policy"
+        );
+        let next = cache.get(&policy("2", "refund")).unwrap();
+        assert!(!Arc::ptr_eq(&first, &next));
+        assert_eq!(cache.len(), 2);
+        // One that does not compile is remembered with its reason, too.
+        let broken = cache.get(&policy("3", "bad name!")).unwrap_err();
+        assert!(
+            broken.contains("AgentPolicy ns/p does not compile"),
+            "{broken}"
+        );
+        assert!(Arc::ptr_eq(
+            &broken,
+            &cache.get(&policy("3", "bad name!")).unwrap_err()
+        ));
+    }
 }
 
 #[cfg(test)]

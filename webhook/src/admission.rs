@@ -431,7 +431,7 @@ fn decide_agent_write(
     let killed = state.view.is_killed(&identity);
     let policies = state.view.policies_for(&namespace, &agent);
     let compiled = match policies.as_slice() {
-        [policy] => CompiledPolicy::compile(policy).ok(),
+        [policy] => state.view.compiled(policy).ok(),
         _ => None,
     };
     let operation = match request.operation {
@@ -450,11 +450,11 @@ fn decide_agent_write(
         old_labels: labels_of(request.old_object.as_ref()),
     };
     let now = (state.now)();
-    let verdict = admission::admit(&agent, killed, compiled.as_ref(), &write, now);
+    let verdict = admission::admit(&agent, killed, compiled.as_deref(), &write, now);
     let record = admission_record(
         request,
         &identity,
-        compiled.as_ref(),
+        compiled.as_deref(),
         &verdict,
         Judged::Write,
         now,
