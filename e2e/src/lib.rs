@@ -16,8 +16,7 @@ pub mod freeze;
 pub mod image;
 pub mod operator;
 mod pki;
-pub mod postgres;
-mod process;
+pub use tollgate_testkit::{postgres, process};
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -385,10 +384,7 @@ fn build() -> Result<PathBuf> {
     Ok(PathBuf::from(dir))
 }
 
-pub(crate) fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
-}
+pub(crate) use tollgate_testkit::free_port;
 
 pub(crate) fn http_get_ok(port: u16, path: &str) -> bool {
     use std::io::{Read, Write};

@@ -32,12 +32,12 @@ fi
 
 /// Starts processes and makes sure they end with the test binary.
 #[derive(Debug)]
-pub(crate) struct Supervisor {
+pub struct Supervisor {
     dir: PathBuf,
 }
 
 impl Supervisor {
-    pub(crate) fn spawn(dir: &Path) -> Result<Self> {
+    pub fn spawn(dir: &Path) -> Result<Self> {
         use std::os::unix::process::CommandExt as _;
         Command::new("bash")
             .args(["-c", SUPERVISOR, "tollgate-e2e-supervisor"])
@@ -59,14 +59,14 @@ impl Supervisor {
 
     /// Records the processes it starts in `<dir>/pids` without a watcher of its own: for a caller
     /// whose processes something else stops (the e2e node's teardown, see `cluster`).
-    pub(crate) fn attach(dir: &Path) -> Self {
+    pub fn attach(dir: &Path) -> Self {
         Self {
             dir: dir.to_owned(),
         }
     }
 
     /// Starts `command` with its output in `<dir>/<name>.log`.
-    pub(crate) fn start(&self, name: &str, command: &mut Command) -> Result<Process> {
+    pub fn start(&self, name: &str, command: &mut Command) -> Result<Process> {
         let log = self.dir.join(format!("{name}.log"));
         let out = File::create(&log)?;
         let child = command
