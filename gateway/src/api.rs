@@ -101,7 +101,7 @@ async fn admit<T: for<'de> Deserialize<'de>>(
     headers: &HeaderMap,
     body: Body,
     path: &str,
-) -> Result<(Caller, T), Response> {
+) -> Result<(Caller, T), Refusal> {
     let refuse = async |holder: Option<&Caller>, refusal: Refusal| {
         gateway.refuse_recorded(holder, None, path, refusal).await
     };
@@ -114,7 +114,7 @@ async fn admit<T: for<'de> Deserialize<'de>>(
                 "/v1/decide"
             };
             if gateway.summarized(route, &refusal) {
-                return Err(refusal.response());
+                return Err(refusal);
             }
             return Err(refuse(None, refusal).await);
         }
@@ -228,14 +228,15 @@ pub(crate) async fn decide(
     let (holder, request) =
         match admit::<DecideRequest>(&gateway, &headers, body, "/v1/decide").await {
             Ok(ok) => ok,
-            Err(response) => return response,
+            Err(refusal) => return refusal.into_response(),
         };
     let run = match run_id(request.run_id.clone(), &headers) {
         Ok(run) => run,
         Err(refusal) => {
             return gateway
                 .refuse_recorded(Some(&holder), Some(&request.tool), "/v1/decide", refusal)
-                .await;
+                .await
+                .into_response();
         }
     };
 
@@ -256,7 +257,7 @@ pub(crate) async fn decide(
                 )
                     .into_response();
             }
-            Err(response) => return response,
+            Err(refusal) => return refusal.into_response(),
         }
     } else {
         let decided = match gateway
@@ -264,7 +265,7 @@ pub(crate) async fn decide(
             .await
         {
             Ok(decided) => decided,
-            Err(response) => return response,
+            Err(refusal) => return refusal.into_response(),
         };
         if request.wait {
             // A call that needs people waits for them here (in a cluster).
@@ -273,7 +274,7 @@ pub(crate) async fn decide(
                 .await
             {
                 Ok(decided) => decided,
-                Err(response) => return response,
+                Err(refusal) => return refusal.into_response(),
             }
         } else {
             match gateway
@@ -284,7 +285,7 @@ pub(crate) async fn decide(
                     ticket = created;
                     decided
                 }
-                Err(response) => return response,
+                Err(refusal) => return refusal.into_response(),
             }
         }
     };
@@ -337,7 +338,7 @@ pub(crate) async fn report(
     let (holder, request) =
         match admit::<ReportRequest>(&gateway, &headers, body, "/v1/report").await {
             Ok(ok) => ok,
-            Err(response) => return response,
+            Err(refusal) => return refusal.into_response(),
         };
     let identity = identity_of(Some(&holder));
     let now = (gateway.now)();
@@ -346,7 +347,8 @@ pub(crate) async fn report(
         Err(refusal) => {
             return gateway
                 .refuse_recorded(Some(&holder), Some(&request.tool), "/v1/report", refusal)
-                .await;
+                .await
+                .into_response();
         }
     };
     let policy = match gateway
@@ -362,7 +364,8 @@ pub(crate) async fn report(
             };
             return gateway
                 .refuse_recorded(Some(&holder), Some(&request.tool), "/v1/report", refusal)
-                .await;
+                .await
+                .into_response();
         }
     };
     let usage = request.usage.clone().unwrap_or_default();
@@ -374,14 +377,15 @@ pub(crate) async fn report(
         );
         return gateway
             .refuse_recorded(Some(&holder), Some(&request.tool), "/v1/report", refusal)
-            .await;
+            .await
+            .into_response();
     }
     let _following = match gateway.follow(&holder.agent, &policy).await {
         Ok(following) => following,
-        Err(response) => return response,
+        Err(refusal) => return refusal.into_response(),
     };
-    if let Err(response) = gateway.hydrate(&holder.agent, &run, &policy, now).await {
-        return response;
+    if let Err(refusal) = gateway.hydrate(&holder.agent, &run, &policy, now).await {
+        return refusal.into_response();
     }
     let reported = {
         let state = gateway.agent_state(&holder.agent);
@@ -428,7 +432,8 @@ pub(crate) async fn report(
             );
             return gateway
                 .refuse_recorded(Some(&holder), Some(&request.tool), "/v1/report", refusal)
-                .await;
+                .await
+                .into_response();
         }
         None => {
             let refusal = Refusal::new(
@@ -438,7 +443,8 @@ pub(crate) async fn report(
             );
             return gateway
                 .refuse_recorded(Some(&holder), Some(&request.tool), "/v1/report", refusal)
-                .await;
+                .await
+                .into_response();
         }
     };
     let (visible, removed) = match (&request.result, policy.result_fields(&request.tool)) {
@@ -465,7 +471,7 @@ pub(crate) async fn report(
     entry.counters = Some(run_counters.clone());
     entry.latency_us = Some(started.elapsed().as_micros() as u64);
     if let Err(e) = gateway.audit.append(entry).await {
-        return audit_unavailable(e);
+        return audit_unavailable(e).into_response();
     }
     let mut body = json!({
         "runId": run,
@@ -485,14 +491,14 @@ pub(crate) async fn report(
             ceiling.clause()
         ));
         if let Err(e) = gateway.audit.append(halt).await {
-            return audit_unavailable(e);
+            return audit_unavailable(e).into_response();
         }
         tracing::warn!(agent = %holder.agent, clause = ceiling.clause(), "run halted");
         if let Err(response) = gateway
             .escalate(&holder, &run, &policy, ceiling.clause())
             .await
         {
-            return response;
+            return response.into_response();
         }
         body["halted"] = json!({"ceiling": ceiling, "clause": ceiling.clause()});
     }

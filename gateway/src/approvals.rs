@@ -21,7 +21,9 @@ use tollgate_crds::approval::{ApprovalRequestSpec, Phase, PolicyRef as RequestPo
 use tollgate_crds::common::{LocalObjectReference, OnTimeout};
 use tollgate_engine::{Decision, DenyCode, ToolCall};
 
-use super::{Caller, Decided, Gateway, Policies, RefusalCode, audit_unavailable, identity_of};
+use super::{
+    Caller, Decided, Gateway, Policies, Refusal, RefusalCode, audit_unavailable, identity_of,
+};
 
 /// The object name's prefix for a tool: lowercase, `_` and `.` as `-`, at most 40 characters.
 fn name_prefix(tool: &str) -> String {
@@ -60,7 +62,7 @@ impl Gateway {
         tool: &str,
         arguments: &Value,
         decided: &Decided,
-    ) -> Result<Option<Created>, axum::response::Response> {
+    ) -> Result<Option<Created>, Refusal> {
         let Decision::RequireApproval { approval, .. } = &decided.decision else {
             return Ok(None);
         };
@@ -158,7 +160,7 @@ impl Gateway {
         tool: &str,
         arguments: &Value,
         decided: Decided,
-    ) -> Result<Decided, axum::response::Response> {
+    ) -> Result<Decided, Refusal> {
         let Some(Created {
             name: object,
             namespace,
@@ -222,7 +224,7 @@ impl Gateway {
         phase: Phase,
         approvers: Vec<String>,
         full_name: String,
-    ) -> Result<Decided, axum::response::Response> {
+    ) -> Result<Decided, Refusal> {
         let decision = match phase {
             Phase::Approved => Decision::Allow {
                 rule: rule.clone(),
@@ -338,7 +340,7 @@ impl Gateway {
         caller: &Caller,
         full_name: &str,
         tool: &str,
-    ) -> Result<Option<String>, axum::response::Response> {
+    ) -> Result<Option<String>, Refusal> {
         let Policies::Cluster(cluster) = &self.policies else {
             return Ok(None);
         };
@@ -511,7 +513,7 @@ impl Gateway {
         tool: &str,
         arguments: &Value,
         decided: Decided,
-    ) -> Result<(Decided, Option<Ticket>), axum::response::Response> {
+    ) -> Result<(Decided, Option<Ticket>), Refusal> {
         let Some(created) = self
             .create_request(caller, run, tool, arguments, &decided)
             .await?
@@ -549,7 +551,7 @@ impl Gateway {
         tool: &str,
         arguments: &Value,
         name: &str,
-    ) -> Result<Redeemed, axum::response::Response> {
+    ) -> Result<Redeemed, Refusal> {
         use super::Refusal;
         use axum::http::StatusCode;
         // Every refusal here is recorded before it is answered, as every other one is.
@@ -701,7 +703,7 @@ impl Gateway {
         caller: &Caller,
         run: &str,
         full_name: &str,
-    ) -> Result<Claim, axum::response::Response> {
+    ) -> Result<Claim, Refusal> {
         let fresh = self
             .redeemed
             .lock()
@@ -742,7 +744,7 @@ impl Gateway {
         tool: &str,
         decision: Decision,
         full_name: &str,
-    ) -> Result<Decided, axum::response::Response> {
+    ) -> Result<Decided, Refusal> {
         let mut entry = Entry::new((self.now)(), Event::Approval, identity_of(Some(caller)));
         entry.agent = Some(caller.agent.clone());
         entry.run = Some(run.to_owned());

@@ -225,6 +225,8 @@ pub struct Gateway {
     run_limit: usize,
     /// The most bytes of an upstream's answer the MCP proxy reads.
     pub(crate) upstream_limit: usize,
+    /// How long the MCP proxy waits for an upstream's answer.
+    pub(crate) upstream_timeout: std::time::Duration,
     /// What models cost, for the LLM proxy's metering.
     pub(crate) prices: tollgate_engine::llm::Prices,
     /// Refusals of requests that proved no identity, summarized per interval.
@@ -244,6 +246,19 @@ pub fn default_prices() -> tollgate_engine::llm::Prices {
 
 /// The most bytes of an upstream MCP answer the gateway reads by default: 16 MiB.
 pub const DEFAULT_UPSTREAM_LIMIT: usize = 16 * 1024 * 1024;
+
+/// How long the MCP proxy waits for an upstream's answer unless told otherwise.
+pub const DEFAULT_UPSTREAM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// The MCP proxy's limits on what an upstream may take and send (`--mcp-call-timeout`,
+/// `--mcp-answer-limit`).
+#[derive(Debug, Clone, Copy)]
+pub struct McpLimits {
+    /// How long one upstream request may take, from sending it to the end of its answer.
+    pub call_timeout: std::time::Duration,
+    /// The most bytes of an answer read.
+    pub answer_limit: usize,
+}
 
 impl std::fmt::Debug for Gateway {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -282,6 +297,7 @@ impl Gateway {
             gates: Gates::default(),
             run_limit: runs::DEFAULT_LIMIT,
             upstream_limit: DEFAULT_UPSTREAM_LIMIT,
+            upstream_timeout: DEFAULT_UPSTREAM_TIMEOUT,
             prices: default_prices(),
             anonymous: Arc::new(anonymous::Anonymous::new(anonymous::DEFAULT_INTERVAL)),
             approval_watch: std::sync::OnceLock::new(),
@@ -338,6 +354,13 @@ impl Gateway {
         self
     }
 
+    /// The MCP proxy's upstream timeout (default 10 minutes) and answer limit.
+    pub fn with_mcp_limits(mut self, limits: McpLimits) -> Self {
+        self.upstream_timeout = limits.call_timeout;
+        self.upstream_limit = limits.answer_limit;
+        self
+    }
+
     /// Holds at most `limit` runs of each agent in memory (default 10,000); the others are
     /// rebuilt from the trail when their next call comes. Only with a history
     /// ([`Gateway::with_history`]): without one, memory is the only record and nothing is dropped.
@@ -385,7 +408,7 @@ impl Gateway {
         &self,
         agent: &str,
         policy: &CompiledPolicy,
-    ) -> Result<Following, Response> {
+    ) -> Result<Following, Refusal> {
         let Some(shared) = &self.shared else {
             // One replica: the state in memory is the truth, changed under the agent's
             // state lock; parallel calls share a group commit.
@@ -405,7 +428,7 @@ impl Gateway {
         shared: &dyn Shared,
         agent: &str,
         policy: &CompiledPolicy,
-    ) -> Result<(), Response> {
+    ) -> Result<(), Refusal> {
         let state = self.agent_state(agent);
         let position = state.lock().unwrap_or_else(|e| e.into_inner()).position;
         let Some(position) = position else {
@@ -474,7 +497,7 @@ impl Gateway {
         run: &str,
         policy: &CompiledPolicy,
         clause: &str,
-    ) -> Result<(), Response> {
+    ) -> Result<(), Refusal> {
         let (namespace, name) = holder.agent.split_once('/').unwrap_or(("", &holder.agent));
         let breach = escalate::Breach {
             namespace: namespace.to_owned(),
@@ -514,7 +537,7 @@ impl Gateway {
         run: &str,
         policy: &CompiledPolicy,
         now: Timestamp,
-    ) -> Result<(), Response> {
+    ) -> Result<(), Refusal> {
         let state = self.agent_state(agent);
         let Some(history) = &self.history else {
             return Ok(());
@@ -667,7 +690,7 @@ impl Gateway {
         tool: &str,
         arguments: &Value,
         started: Instant,
-    ) -> Result<Decided, Response> {
+    ) -> Result<Decided, Refusal> {
         let identity = identity_of(Some(holder));
         let now = (self.now)();
         let run = run.to_owned();
@@ -806,22 +829,22 @@ impl Gateway {
 
 impl Gateway {
     /// Records that a request (of `caller`, once authenticated) was refused before any decision,
-    /// then answers it; if the trail cannot record it, refuses it as unrecordable, naming why
-    /// it was refused as well.
+    /// and returns the refusal to answer; if the trail cannot record it, the refusal becomes
+    /// one as unrecordable, naming why it was refused as well.
     async fn refuse_recorded(
         &self,
         caller: Option<&Caller>,
         tool: Option<&str>,
         path: &str,
         refusal: Refusal,
-    ) -> Response {
+    ) -> Refusal {
         let mut entry = Entry::new((self.now)(), Event::Rejected, refusal.identity(caller));
         entry.agent = caller.map(|c| c.agent.clone());
         entry.tool = tool.map(str::to_owned);
         entry.error = Some(format!("{path}: {}: {}", refusal.code, refusal.message));
         self.metrics.refusals.with_label_values(&["api"]).inc();
         match self.audit.append(entry).await {
-            Ok(_) => refusal.response(),
+            Ok(_) => refusal,
             Err(e) => {
                 audit_unavailable_refusing(e, &format!("{}: {}", refusal.code, refusal.message))
             }
@@ -836,7 +859,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
     Router::new()
         .route("/v1/decide", post(api::decide))
         .route("/v1/report", post(api::report))
-        .route("/mcp/{upstream}", post(mcp::proxy))
+        .route("/mcp/{upstream}", post(mcp::proxy).delete(mcp::end_session))
         .route("/llm/{upstream}/{*path}", axum::routing::any(llm::proxy))
         .route("/healthz", axum::routing::get(|| async { "ok" }))
         .with_state(gateway)

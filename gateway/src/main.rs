@@ -53,6 +53,15 @@ struct Args {
     /// dollars per million tokens) laid over the built-in one, for the LLM proxy's metering.
     #[arg(long, env = "TOLLGATE_PRICES")]
     prices: Option<PathBuf>,
+    /// How long the MCP proxy waits for an upstream's answer to one request, such as 10m (a
+    /// call waiting for approval waits for people first, and that is not counted here).
+    #[arg(long, global = true, env = "TOLLGATE_MCP_CALL_TIMEOUT", default_value = "10m", value_parser = duration)]
+    mcp_call_timeout: Duration,
+    /// The most bytes of an MCP upstream's answer the proxy reads; a longer answer is not passed
+    /// on, and the call is answered with an upstream error saying so. Requests are limited
+    /// apart (1 MiB).
+    #[arg(long, global = true, env = "TOLLGATE_MCP_ANSWER_LIMIT", default_value_t = tollgate_gateway::DEFAULT_UPSTREAM_LIMIT)]
+    mcp_answer_limit: usize,
 }
 
 /// The standalone demo's price table, used when it exists and no --prices is given.
@@ -139,6 +148,10 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
+    let mcp = tollgate_gateway::McpLimits {
+        call_timeout: args.mcp_call_timeout,
+        answer_limit: args.mcp_answer_limit,
+    };
     // First: a SIGTERM while the stores open must not be lost (see shutdown_signal).
     let shutdown = server::shutdown_signal();
     let metrics = Metrics::default();
@@ -164,6 +177,7 @@ async fn main() -> anyhow::Result<()> {
             secrets,
             notify,
             prices,
+            mcp,
         };
         return run::standalone(config, trail, metrics, shutdown).await;
     }
@@ -189,6 +203,7 @@ async fn main() -> anyhow::Result<()> {
             window: args.drift_window,
         }),
         prices,
+        mcp,
     };
     run::in_cluster(client, config, trail, metrics, handle).await
 }

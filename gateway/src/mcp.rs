@@ -7,8 +7,10 @@
 //!   upstream;
 //! - `tools/call` is decided first (as `/v1/decide` decides) and forwarded only when allowed,
 //!   with the agent's credential for this upstream added by the gateway; the result's
-//!   `structuredContent` is cut to the tool's `resultFields`. A refusal is a JSON-RPC error whose
-//!   `data` carries the decision: code, rule, message.
+//!   `structuredContent` is cut to the tool's `resultFields`. A refusal is a tool result with
+//!   `isError: true`, its reason in text for the model and the decision under `_meta`
+//!   ([`DECISION_META`]); JSON-RPC errors are for protocol faults ([`codes`]).
+//! - `DELETE` ends the session upstream too.
 //!
 //! A `tools/call` from a client that accepts `text/event-stream` is answered as an SSE stream: `: keep-alive` comments while the call waits (for approval, or for the upstream),
 //! then one `message` event with the JSON-RPC response, so proxies with idle timeouts do not cut
@@ -16,27 +18,31 @@
 //!
 //! Everything else is refused without reaching the upstream: batches (removed from MCP in
 //! 2025-06-18, and a way to slip a second call behind a first), other methods (resources,
-//! prompts, sampling replies), JSON-RPC responses, and anything malformed. Method names match
-//! exactly, so `Tools/Call` or `tools/call ` is an unknown method, not a call.
+//! prompts, sampling replies), JSON-RPC responses, routing headers (2026-07-28) that disagree
+//! with the body, and anything malformed. Method names match exactly, so `Tools/Call` or
+//! `tools/call ` is an unknown method, not a call.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use jiff::Timestamp;
 use serde_json::{Map, Value, json};
 use tollgate_audit::{Entry, Event};
 use tollgate_engine::{Decision, canonical};
 
 use super::{
-    Caller, Gateway, MAX_BODY, RUN_HEADER, audit_unavailable, audit_unavailable_refusing,
-    authenticate, identity_of, valid_run_id,
+    Caller, Gateway, MAX_BODY, RUN_HEADER, Refusal, RefusalCode, audit_unavailable,
+    audit_unavailable_refusing, authenticate, identity_of, valid_run_id,
 };
 
-/// JSON-RPC error codes the proxy answers with.
+/// JSON-RPC error codes the proxy answers with: the four standard ones for protocol faults, and
+/// two of Tollgate's own outside JSON-RPC's reserved range (-32768 to -32000), where MCP and its
+/// SDKs put theirs (-32001 is the SDKs' request timeout, -32002 MCP's resource not found), so no
+/// client mistakes a refusal for a timeout it may retry. A tool call the policy refuses is not
+/// an error at all: it is a tool result with `isError: true` (see [`refused_call`]).
 pub mod codes {
     /// The body is not JSON.
     pub const PARSE_ERROR: i64 = -32700;
@@ -46,15 +52,26 @@ pub mod codes {
     pub const METHOD_NOT_FOUND: i64 = -32601;
     /// Bad parameters (a tools/call without a name, a run id that is missing or malformed).
     pub const INVALID_PARAMS: i64 = -32602;
-    /// The policy refused the call (deny, halt, or approval required); `data` says why.
-    pub const DENIED: i64 = -32001;
-    /// The upstream could not be reached or answered with something that is not MCP.
-    pub const UPSTREAM: i64 = -32002;
+    /// The 2026-07-28 headers (`Mcp-Method`, `Mcp-Name`) disagree with the body; MCP's own code.
+    pub const HEADER_MISMATCH: i64 = -32020;
+    /// Tollgate refused the request before any decision (no credential, no usable policy, an
+    /// upstream the policy does not serve, the audit trail unavailable); `data.code` names why,
+    /// as the decision API's `error.code` does.
+    pub const REFUSED: i64 = -31001;
+    /// The upstream could not be reached, or answered with something that is not MCP.
+    pub const UPSTREAM: i64 = -31002;
 }
+
+/// The `_meta` key of a refused tool call's result that carries Tollgate's decision.
+pub const DECISION_META: &str = "dev.tollgate/decision";
 
 /// The header the streamable HTTP transport carries the session in.
 pub const SESSION_HEADER: &str = "mcp-session-id";
 const PROTOCOL_HEADER: &str = "mcp-protocol-version";
+/// Protocol 2026-07-28: the request's method, and the name it acts on, in headers that
+/// intermediaries route by; both must say what the body says.
+const METHOD_HEADER: &str = "mcp-method";
+const NAME_HEADER: &str = "mcp-name";
 
 fn rpc_error(
     status: StatusCode,
@@ -80,7 +97,7 @@ impl Gateway {
         holder: Option<&Caller>,
         upstream: &str,
         error: String,
-    ) -> Result<(), Response> {
+    ) -> Result<(), Refusal> {
         self.reject_as(identity_of(holder), holder, upstream, error)
             .await
     }
@@ -91,7 +108,7 @@ impl Gateway {
         holder: Option<&Caller>,
         upstream: &str,
         error: String,
-    ) -> Result<(), Response> {
+    ) -> Result<(), Refusal> {
         let mut entry = Entry::new((self.now)(), Event::Rejected, identity);
         entry.agent = holder.map(|h| h.agent.clone());
         entry.error = Some(format!("/mcp/{upstream}: {error}"));
@@ -104,6 +121,84 @@ impl Gateway {
     }
 }
 
+/// A refusal before any decision, as a JSON-RPC error with the refusal's HTTP status.
+fn rpc_refusal(id: Value, refusal: &Refusal) -> Response {
+    rpc_error(
+        refusal.status,
+        id,
+        codes::REFUSED,
+        refusal.message.clone(),
+        Some(json!({"code": refusal.code.as_str()})),
+    )
+}
+
+/// A tool call the policy refused, as the tool result MCP gives to failures the model can act
+/// on (2025-11-25: input validation errors are tool results): `isError`, the reason in a text
+/// block the model reads, and the decision under `_meta` ([`DECISION_META`]) for the client's
+/// code. Not in `structuredContent`: clients validate that against the tool's `outputSchema`
+/// even when `isError` is set (the TypeScript SDK does), so a refusal there would become an
+/// exception again.
+fn refused_call(id: Value, message: &str, decision: Value) -> Response {
+    let code = decision
+        .get("code")
+        .and_then(Value::as_str)
+        .or_else(|| decision.get("decision").and_then(Value::as_str))
+        .unwrap_or("refused")
+        .to_owned();
+    let result = json!({
+        "content": [{"type": "text", "text": format!("Tollgate refused the call ({code}): {message}")}],
+        "isError": true,
+        "_meta": {DECISION_META: decision},
+    });
+    (
+        StatusCode::OK,
+        axum::Json(json!({"jsonrpc": "2.0", "id": id, "result": result})),
+    )
+        .into_response()
+}
+
+/// The URL of `upstream` for the caller's agent. An upstream its policy does not name is
+/// refused with 400, not 404: MCP clients read a 404 as "your session is gone", and a mistyped
+/// path must not look like that.
+fn upstream_url(gateway: &Gateway, holder: &Caller, upstream: &str) -> Result<String, Refusal> {
+    gateway
+        .policies
+        .agent(&holder.agent)
+        .and_then(|agent| agent.upstreams.get(upstream).cloned())
+        .ok_or_else(|| {
+            Refusal::new(
+                StatusCode::BAD_REQUEST,
+                RefusalCode::NotServed,
+                format!(
+                    "upstream {upstream:?} is not an MCP upstream of agent {}'s policy",
+                    holder.agent
+                ),
+            )
+        })
+}
+
+/// Records a refusal before any decision and answers it as a JSON-RPC error.
+async fn refuse_with(
+    gateway: &Gateway,
+    holder: &Caller,
+    upstream: &str,
+    id: Value,
+    refusal: Refusal,
+) -> Response {
+    let recorded = match gateway
+        .reject(
+            Some(holder),
+            upstream,
+            format!("{}: {}", refusal.code, refusal.message),
+        )
+        .await
+    {
+        Ok(()) => refusal,
+        Err(unrecorded) => unrecorded,
+    };
+    rpc_refusal(id, &recorded)
+}
+
 /// Refuses before anything reaches the upstream: the refusal is audited, then answered.
 async fn refuse(
     gateway: &Gateway,
@@ -114,10 +209,85 @@ async fn refuse(
     code: i64,
     message: String,
 ) -> Response {
-    if let Err(response) = gateway.reject(holder, upstream, message.clone()).await {
-        return response;
+    if let Err(refusal) = gateway.reject(holder, upstream, message.clone()).await {
+        return rpc_refusal(id, &refusal);
     }
     rpc_error(status, id, code, message, None)
+}
+
+/// The caller, or the answer refusing it (recorded, or counted in the interval's summary).
+async fn authenticated(
+    gateway: &Gateway,
+    headers: &HeaderMap,
+    upstream: &str,
+) -> Result<Caller, Response> {
+    let refusal = match authenticate(gateway, headers).await {
+        Ok(holder) => return Ok(holder),
+        Err(refusal) => refusal,
+    };
+    if gateway.summarized("/mcp", &refusal) {
+        return Err(rpc_refusal(Value::Null, &refusal));
+    }
+    let recorded = gateway
+        .reject_as(
+            refusal.identity(None),
+            None,
+            upstream,
+            format!("{}: {}", refusal.code, refusal.message),
+        )
+        .await;
+    Err(match recorded {
+        Ok(()) => rpc_refusal(Value::Null, &refusal),
+        Err(unrecorded) => rpc_refusal(Value::Null, &unrecorded),
+    })
+}
+
+/// `DELETE /mcp/{upstream}`: the client ends its session, and the upstream its own (behind a
+/// stdio bridge, that ends a process). The upstream's status is passed back as it is: 200 or
+/// 204 ended, 404 unknown, 405 the server does not let clients end sessions.
+pub(super) async fn end_session(
+    State(gateway): State<Arc<Gateway>>,
+    Path(upstream): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let holder = match authenticated(&gateway, &headers, &upstream).await {
+        Ok(holder) => holder,
+        Err(response) => return response,
+    };
+    let url = match upstream_url(&gateway, &holder, &upstream) {
+        Ok(url) => url,
+        Err(refusal) => {
+            return refuse_with(&gateway, &holder, &upstream, Value::Null, refusal).await;
+        }
+    };
+    let Some(session) = headers.get(SESSION_HEADER) else {
+        let refusal = Refusal::new(
+            StatusCode::BAD_REQUEST,
+            RefusalCode::MalformedRequest,
+            format!("DELETE ends a session: the {SESSION_HEADER} header names it"),
+        );
+        return refuse_with(&gateway, &holder, &upstream, Value::Null, refusal).await;
+    };
+    let mut request = gateway
+        .http
+        .delete(&url)
+        .timeout(gateway.upstream_timeout)
+        .header(SESSION_HEADER, session);
+    if let Some(version) = headers.get(PROTOCOL_HEADER) {
+        request = request.header(PROTOCOL_HEADER, version);
+    }
+    match gateway.credential(&holder.agent, &upstream).await {
+        Ok(Some((header, value))) => request = request.header(header, value),
+        Ok(None) => {}
+        Err(e) => return SendError::NotSent(e).answer(Value::Null),
+    }
+    match request.send().await {
+        Ok(answer) => StatusCode::from_u16(answer.status().as_u16())
+            .unwrap_or(StatusCode::BAD_GATEWAY)
+            .into_response(),
+        Err(e) => SendError::NotSent(format!("upstream {upstream:?} unreachable: {e}"))
+            .answer(Value::Null),
+    }
 }
 
 pub(super) async fn proxy(
@@ -127,25 +297,9 @@ pub(super) async fn proxy(
     body: Body,
 ) -> Response {
     let started = Instant::now();
-    let holder = match authenticate(&gateway, &headers).await {
+    let holder = match authenticated(&gateway, &headers, &upstream).await {
         Ok(holder) => holder,
-        Err(refusal) => {
-            if gateway.summarized("/mcp", &refusal) {
-                return refusal.response();
-            }
-            return match gateway
-                .reject_as(
-                    refusal.identity(None),
-                    None,
-                    &upstream,
-                    format!("{}: {}", refusal.code, refusal.message),
-                )
-                .await
-            {
-                Ok(()) => refusal.response(),
-                Err(response) => response,
-            };
-        }
+        Err(response) => return response,
     };
     let Ok(bytes) = axum::body::to_bytes(body, MAX_BODY).await else {
         return refuse(
@@ -208,24 +362,22 @@ pub(super) async fn proxy(
         }
     };
 
-    let url = gateway
-        .policies
-        .agent(&holder.agent)
-        .and_then(|agent| agent.upstreams.get(&upstream).cloned());
-    let Some(url) = url else {
+    if let Err(problem) = check_routing(&headers, &message, &method) {
         return refuse(
             &gateway,
             Some(&holder),
             &upstream,
-            StatusCode::NOT_FOUND,
+            StatusCode::BAD_REQUEST,
             reply_id,
-            codes::INVALID_REQUEST,
-            format!(
-                "upstream {upstream:?} is not an MCP upstream of agent {}'s policy",
-                holder.agent
-            ),
+            codes::HEADER_MISMATCH,
+            problem,
         )
         .await;
+    }
+
+    let url = match upstream_url(&gateway, &holder, &upstream) {
+        Ok(url) => url,
+        Err(refusal) => return refuse_with(&gateway, &holder, &upstream, reply_id, refusal).await,
     };
 
     match (method.as_str(), id.is_some()) {
@@ -267,7 +419,7 @@ pub(super) async fn proxy(
         (method, false) => {
             // Per the transport, notifications are acknowledged with 202; unknown ones are
             // recorded and dropped, never forwarded.
-            if let Err(response) = gateway
+            if let Err(refusal) = gateway
                 .reject(
                     Some(&holder),
                     &upstream,
@@ -275,7 +427,7 @@ pub(super) async fn proxy(
                 )
                 .await
             {
-                return response;
+                return rpc_refusal(Value::Null, &refusal);
             }
             StatusCode::ACCEPTED.into_response()
         }
@@ -347,8 +499,11 @@ fn run_of(headers: &HeaderMap) -> Result<String, String> {
 enum SendError {
     /// The upstream never took the message (unreachable, no credential): nothing ran.
     NotSent(String),
+    /// The upstream does not know the session (HTTP 404): nothing ran, and the client must
+    /// start a new session, which it learns from a 404 of its own.
+    SessionGone(String),
     /// The upstream took it and answered something the gateway does not pass on (too large, not
-    /// MCP, broken off): the call may have run.
+    /// MCP, broken off, too late): the call may have run.
     Unusable(String),
 }
 
@@ -356,14 +511,100 @@ impl SendError {
     fn ran(&self) -> bool {
         matches!(self, SendError::Unusable(_))
     }
+
+    /// The answer to the client: its HTTP status, and a JSON-RPC error with the request's id.
+    fn answer(&self, id: Value) -> Response {
+        let status = match self {
+            SendError::SessionGone(_) => StatusCode::NOT_FOUND,
+            SendError::NotSent(_) | SendError::Unusable(_) => StatusCode::BAD_GATEWAY,
+        };
+        rpc_error(status, id, codes::UPSTREAM, self.to_string(), None)
+    }
 }
 
 impl std::fmt::Display for SendError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            SendError::NotSent(m) | SendError::Unusable(m) => f.write_str(m),
+            SendError::NotSent(m) | SendError::SessionGone(m) | SendError::Unusable(m) => {
+                f.write_str(m)
+            }
         }
     }
+}
+
+/// The value of an `Mcp-Name` header: as it is when it is visible ASCII without leading or
+/// trailing spaces, else MCP's base64 form (`=?base64?…?=`).
+fn header_text(value: &str) -> Option<HeaderValue> {
+    use base64::Engine as _;
+    let plain = !value.is_empty()
+        && value.bytes().all(|b| (0x20..0x7f).contains(&b))
+        && value.trim() == value
+        && !value.starts_with("=?base64?");
+    let text = if plain {
+        value.to_owned()
+    } else {
+        format!(
+            "=?base64?{}?=",
+            base64::engine::general_purpose::STANDARD.encode(value)
+        )
+    };
+    HeaderValue::from_str(&text).ok()
+}
+
+/// A header value as MCP means it: base64 decoded when in the `=?base64?…?=` form.
+fn header_meaning(value: &HeaderValue) -> Option<String> {
+    use base64::Engine as _;
+    let text = value.to_str().ok()?;
+    match text
+        .strip_prefix("=?base64?")
+        .and_then(|rest| rest.strip_suffix("?="))
+    {
+        Some(encoded) => base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .ok()
+            .and_then(|bytes| String::from_utf8(bytes).ok()),
+        None => Some(text.to_owned()),
+    }
+}
+
+/// The body parameter a method's `Mcp-Name` header mirrors (protocol 2026-07-28).
+fn name_param(method: &str) -> Option<&'static str> {
+    match method {
+        "tools/call" | "prompts/get" => Some("name"),
+        "resources/read" => Some("uri"),
+        _ => None,
+    }
+}
+
+/// Protocol 2026-07-28 routes by `Mcp-Method` and `Mcp-Name`; when a client sends them they must
+/// say what the body says, or an intermediary could route (or a server log) one call while the
+/// gateway decides another.
+fn check_routing(
+    headers: &HeaderMap,
+    message: &Map<String, Value>,
+    method: &str,
+) -> Result<(), String> {
+    if let Some(value) = headers.get(METHOD_HEADER)
+        && header_meaning(value).as_deref() != Some(method)
+    {
+        return Err(format!(
+            "the {METHOD_HEADER} header {value:?} does not match the body's method {method:?}"
+        ));
+    }
+    if let Some(value) = headers.get(NAME_HEADER) {
+        let named = name_param(method)
+            .and_then(|key| message.get("params")?.get(key)?.as_str().map(str::to_owned));
+        if header_meaning(value) != named {
+            return Err(format!(
+                "the {NAME_HEADER} header {value:?} does not match the body's {}",
+                name_param(method).map_or_else(
+                    || format!("method {method:?}, which names nothing"),
+                    |key| format!("params.{key}")
+                )
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Sends `message` upstream and returns the upstream's JSON-RPC answer (`Ok(None)` for an
@@ -382,13 +623,34 @@ async fn send(
         .post(url)
         .header("content-type", "application/json")
         .header("accept", "application/json, text/event-stream")
-        .timeout(Duration::from_secs(120))
+        .timeout(gateway.upstream_timeout)
         .body(message.to_string());
     for name in [SESSION_HEADER, PROTOCOL_HEADER] {
         if let Some(value) = headers.get(name) {
             request = request.header(name, value);
         }
     }
+    // A client of protocol 2026-07-28 routes by these headers: they go on, written from the
+    // message that was decided and is sent (checked against the client's on the way in).
+    if headers.contains_key(METHOD_HEADER)
+        && let Some(method) = message.get("method").and_then(Value::as_str)
+    {
+        request = request.header(METHOD_HEADER, method);
+        if let Some(value) = name_param(method)
+            .and_then(|key| message.get("params")?.get(key)?.as_str())
+            .and_then(header_text)
+        {
+            request = request.header(NAME_HEADER, value);
+        }
+    }
+    let timeout = gateway.upstream_timeout;
+    let late = |e: &reqwest::Error| {
+        e.is_timeout().then(|| {
+            format!(
+                "upstream {upstream:?} did not answer within {timeout:?} (the gateway's --mcp-call-timeout)"
+            )
+        })
+    };
     if let Some((header, value)) = gateway
         .credential(&holder.agent, upstream)
         .await
@@ -396,11 +658,20 @@ async fn send(
     {
         request = request.header(header, value);
     }
-    let mut response = request
-        .send()
-        .await
-        .map_err(|e| SendError::NotSent(format!("upstream {upstream:?} unreachable: {e}")))?;
+    let mut response = request.send().await.map_err(|e| match late(&e) {
+        // Sent, and no answer in time: it may have run.
+        Some(late) => SendError::Unusable(late),
+        None => SendError::NotSent(format!("upstream {upstream:?} unreachable: {e}")),
+    })?;
     let status = response.status();
+    if status == reqwest::StatusCode::NOT_FOUND {
+        return Err(SendError::SessionGone(match headers.get(SESSION_HEADER) {
+            Some(_) => format!(
+                "upstream {upstream:?} does not know this session (HTTP 404): start a new one"
+            ),
+            None => format!("upstream {upstream:?} answered HTTP 404: its URL serves no MCP"),
+        }));
+    }
     let session = response.headers().get(SESSION_HEADER).cloned();
     let sse = response
         .headers()
@@ -419,7 +690,9 @@ async fn send(
     }
     let mut body = Vec::new();
     while let Some(chunk) = response.chunk().await.map_err(|e| {
-        SendError::Unusable(format!("upstream {upstream:?} broke off its answer: {e}"))
+        SendError::Unusable(
+            late(&e).unwrap_or_else(|| format!("upstream {upstream:?} broke off its answer: {e}")),
+        )
     })? {
         if body.len() + chunk.len() > limit {
             return Err(too_large());
@@ -490,13 +763,7 @@ async fn forward(
 ) -> Result<Response, Response> {
     match send(gateway, holder, url, upstream, headers, message).await {
         Ok((body, session)) => Ok(answer(StatusCode::OK, body, session)),
-        Err(e) => Err(rpc_error(
-            StatusCode::BAD_GATEWAY,
-            message.get("id").cloned().unwrap_or(Value::Null),
-            codes::UPSTREAM,
-            e.to_string(),
-            None,
-        )),
+        Err(e) => Err(e.answer(message.get("id").cloned().unwrap_or(Value::Null))),
     }
 }
 
@@ -511,15 +778,7 @@ async fn list_tools(
     let message = Value::Object(message);
     let (body, session) = match send(gateway, holder, url, upstream, headers, &message).await {
         Ok(ok) => ok,
-        Err(e) => {
-            return rpc_error(
-                StatusCode::BAD_GATEWAY,
-                message["id"].clone(),
-                codes::UPSTREAM,
-                e.to_string(),
-                None,
-            );
-        }
+        Err(e) => return e.answer(message["id"].clone()),
     };
     let policy = gateway
         .policies
@@ -645,6 +904,42 @@ struct AbortOnDrop(tokio::task::JoinHandle<Response>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+/// The report of a forwarded call, written when its handler is dropped before the upstream
+/// answered (the client went away): the outcome is "aborted by client", and the call may have
+/// run, so it is not marked as not run.
+struct Unfinished {
+    audit: tollgate_audit::AuditLog,
+    entry: Option<Entry>,
+    started: Instant,
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        let Some(mut entry) = self.entry.take() else {
+            return;
+        };
+        entry.latency_us = Some(self.started.elapsed().as_micros() as u64);
+        entry.error = Some(
+            "aborted by client: the client went away before the upstream answered; the call may \
+             have run"
+                .to_owned(),
+        );
+        let audit = self.audit.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    if let Err(e) = audit.append(entry).await {
+                        tracing::error!(error = %e, "could not record an MCP call its client abandoned");
+                    }
+                });
+            }
+            Err(_) => tracing::error!(
+                "an MCP call its client abandoned could not be recorded: no runtime"
+            ),
+        }
     }
 }
 
@@ -785,18 +1080,16 @@ async fn call_tool(
         let message = format!(
             "tool {tool:?} is served by upstream {served_by:?}, not {upstream:?}: call it at /mcp/{served_by}"
         );
-        if let Err(response) = gateway
+        if let Err(refusal) = gateway
             .reject(Some(holder), upstream, message.clone())
             .await
         {
-            return response;
+            return rpc_refusal(id, &refusal);
         }
-        return rpc_error(
-            StatusCode::OK,
+        return refused_call(
             id,
-            codes::DENIED,
-            format!("Tollgate refused the call: {message}"),
-            Some(json!({"decision": "deny", "code": "ToolNotAllowed", "message": message})),
+            &message,
+            json!({"decision": "deny", "code": "ToolNotAllowed", "message": message}),
         );
     }
     let decided = match gateway
@@ -804,14 +1097,14 @@ async fn call_tool(
         .await
     {
         Ok(decided) => decided,
-        Err(response) => return response,
+        Err(refusal) => return rpc_refusal(id, &refusal),
     };
     let decided = match gateway
         .await_approval(holder, &run, tool, &arguments, decided)
         .await
     {
         Ok(decided) => decided,
-        Err(response) => return response,
+        Err(refusal) => return rpc_refusal(id, &refusal),
     };
     let policy = decided.policy.clone();
     if !decided.decision.is_allowed() {
@@ -824,13 +1117,7 @@ async fn call_tool(
             }
             Decision::Allow { .. } => String::new(),
         };
-        return rpc_error(
-            StatusCode::OK,
-            id,
-            codes::DENIED,
-            format!("Tollgate refused the call: {message}"),
-            Some(data),
-        );
+        return refused_call(id, &message, data);
     }
 
     // Forward exactly what was decided: the checked name and arguments, nothing else from the
@@ -846,13 +1133,21 @@ async fn call_tool(
     if let Some(step) = decided.step {
         gateway.take_report(&holder.agent, &run, step);
     }
+    let mut report = Entry::new((gateway.now)(), Event::Report, identity_of(Some(holder)));
+    report.agent = Some(holder.agent.clone());
+    report.run = Some(run);
+    report.step = decided.step;
+    report.tool = Some(tool.clone());
+    // If the client goes away while the upstream works, this handler is dropped here: the guard
+    // records the call's outcome as aborted, so no allowed call is left without one.
+    let mut unfinished = Unfinished {
+        audit: gateway.audit.clone(),
+        entry: Some(report),
+        started,
+    };
     let outcome = send(gateway, holder, url, upstream, headers, &forwarded).await;
-    let now: Timestamp = (gateway.now)();
-    let mut entry = Entry::new(now, Event::Report, identity_of(Some(holder)));
-    entry.agent = Some(holder.agent.clone());
-    entry.run = Some(run);
-    entry.step = decided.step;
-    entry.tool = Some(tool.clone());
+    let mut entry = unfinished.entry.take().expect("taken only here");
+    entry.time = (gateway.now)();
     entry.latency_us = Some(started.elapsed().as_micros() as u64);
     let response = match outcome {
         Ok((Some(mut body), session)) => {
@@ -884,17 +1179,11 @@ async fn call_tool(
             // What never reached the upstream did not run; an answer that could not be used may
             // come from a call that did.
             entry.not_run = !e.ran();
-            rpc_error(
-                StatusCode::BAD_GATEWAY,
-                forwarded["id"].clone(),
-                codes::UPSTREAM,
-                e.to_string(),
-                None,
-            )
+            e.answer(forwarded["id"].clone())
         }
     };
     if let Err(e) = gateway.audit.append(entry).await {
-        return audit_unavailable(e);
+        return rpc_refusal(forwarded["id"].clone(), &audit_unavailable(e));
     }
     response
 }

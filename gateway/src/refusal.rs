@@ -158,19 +158,26 @@ impl Refusal {
     }
 }
 
-pub(crate) fn audit_unavailable(e: impl std::fmt::Display) -> Response {
+/// The decision API's and the LLM proxy's answer; the MCP proxy answers in JSON-RPC instead
+/// (`mcp::rpc_refusal`).
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        self.response()
+    }
+}
+
+pub(crate) fn audit_unavailable(e: impl std::fmt::Display) -> Refusal {
     tracing::error!(error = %e, "audit trail refused a record; the call is refused");
     Refusal::new(
         StatusCode::SERVICE_UNAVAILABLE,
         RefusalCode::AuditUnavailable,
         "the audit trail cannot record this call, so it must not proceed; retry later",
     )
-    .response()
 }
 
 /// The trail could not record the refusal of a request: refused as unrecordable, naming what
 /// was wrong with it too, so that the caller loses nothing by the outage.
-pub(crate) fn audit_unavailable_refusing(e: impl std::fmt::Display, refused: &str) -> Response {
+pub(crate) fn audit_unavailable_refusing(e: impl std::fmt::Display, refused: &str) -> Refusal {
     tracing::error!(error = %e, refused, "audit trail refused a record; the request is refused");
     Refusal::new(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -180,5 +187,4 @@ pub(crate) fn audit_unavailable_refusing(e: impl std::fmt::Display, refused: &st
              It is refused in any case: {refused}"
         ),
     )
-    .response()
 }

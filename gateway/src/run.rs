@@ -79,6 +79,8 @@ pub struct InCluster {
     pub standing: Option<standing::Schedule>,
     /// Model prices for the LLM proxy.
     pub prices: tollgate_engine::llm::Prices,
+    /// The MCP proxy's upstream timeout and answer limit.
+    pub mcp: crate::McpLimits,
 }
 
 /// Runs the gateway in a cluster until a server stops or `handle` shuts it down (draining
@@ -109,6 +111,7 @@ pub async fn in_cluster(
     )
     .with_metrics(metrics.clone())
     .with_prices(config.prices.clone())
+    .with_mcp_limits(config.mcp)
     .with_history(trail.history)
     .with_escalation(crate::Escalation::cluster(
         client.clone(),
@@ -159,6 +162,8 @@ pub struct Standalone {
     pub notify: Option<PathBuf>,
     /// Model prices for the LLM proxy.
     pub prices: tollgate_engine::llm::Prices,
+    /// The MCP proxy's upstream timeout and answer limit.
+    pub mcp: crate::McpLimits,
 }
 
 /// Runs the gateway standalone until `shutdown` completes: policies from a directory (in force
@@ -187,6 +192,7 @@ pub async fn standalone(
     let mut gateway = Gateway::new(policies, keys, trail.audit, Redactor::default())
         .with_metrics(metrics)
         .with_prices(config.prices)
+        .with_mcp_limits(config.mcp)
         .with_history(trail.history)
         .with_escalation(crate::Escalation::standalone(targets));
     if let Some(shared) = trail.shared {

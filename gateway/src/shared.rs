@@ -11,10 +11,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::response::Response;
 use tollgate_audit::Entry;
 
-use super::audit_unavailable;
+use super::{Refusal, audit_unavailable};
 
 type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
@@ -177,10 +176,10 @@ impl Gates {
         agent: &str,
         shared: &dyn Shared,
         fresh: F,
-    ) -> Result<Following, Response>
+    ) -> Result<Following, Refusal>
     where
         F: Fn() -> Fut,
-        Fut: std::future::Future<Output = Result<(), Response>>,
+        Fut: std::future::Future<Output = Result<(), Refusal>>,
     {
         let gate = self
             .gates

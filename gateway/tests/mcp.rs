@@ -171,6 +171,16 @@ async fn harness() -> Harness {
 /// [`harness`] with the gateway configured by `configure` too.
 async fn harness_with(configure: impl FnOnce(Gateway) -> Gateway) -> Harness {
     let (url, calls, delay) = upstream().await;
+    harness_on(url, calls, delay, configure).await
+}
+
+/// The gateway in front of the upstream at `url`.
+async fn harness_on(
+    url: String,
+    calls: Calls,
+    delay: Arc<std::sync::atomic::AtomicU64>,
+    configure: impl FnOnce(Gateway) -> Gateway,
+) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let samples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/samples");
     let policies = dir.path().join("policies");
@@ -397,13 +407,10 @@ async fn mcp_metadata_and_headers_naming_another_agent_are_ignored() {
             ),
         )
         .await;
+    assert_refused(&blocked, "ToolBlocked");
     assert_eq!(
-        blocked.body["error"]["data"]["code"], "ToolBlocked",
-        "{}",
-        blocked.body
-    );
-    assert_eq!(
-        blocked.body["error"]["data"]["rule"]["policy"], "support-agent-v2",
+        blocked.body["result"]["_meta"][mcp::DECISION_META]["rule"]["policy"],
+        "support-agent-v2",
         "{}",
         blocked.body
     );
@@ -474,8 +481,33 @@ async fn an_allowed_call_is_forwarded_once_with_the_credential_and_its_result_cu
     assert_eq!(events, ["decide", "report"]);
 }
 
+/// A refusal is a tool result the model reads (`isError`, the reason in text), never a
+/// JSON-RPC error an SDK raises; the decision rides in `_meta` for the client's code.
+fn assert_refused(reply: &Reply, code: &str) {
+    let result = &reply.body["result"];
+    assert_eq!(result["isError"], true, "{}", reply.body);
+    assert!(reply.body.get("error").is_none(), "{}", reply.body);
+    let text = result["content"][0]["text"].as_str().unwrap_or_default();
+    assert!(
+        text.starts_with(&format!("Tollgate refused the call ({code}): ")) && text.len() > 40,
+        "{}",
+        reply.body
+    );
+    let decision = &result["_meta"][mcp::DECISION_META];
+    assert!(
+        decision["code"] == code || decision["decision"] == code,
+        "{}",
+        reply.body
+    );
+    assert!(
+        result.get("structuredContent").is_none(),
+        "a refusal must not be checked against the tool's outputSchema: {}",
+        reply.body
+    );
+}
+
 #[tokio::test]
-async fn refused_calls_are_json_rpc_errors_and_never_reach_the_upstream() {
+async fn refused_calls_are_tool_results_the_model_reads_and_never_reach_the_upstream() {
     let h = harness().await;
     let session = h.session().await;
     for (id, tool, arguments, code) in [
@@ -495,20 +527,26 @@ async fn refused_calls_are_json_rpc_errors_and_never_reach_the_upstream() {
         ),
     ] {
         let reply = h.call(&session, id, tool, arguments).await;
+        assert_eq!(reply.status, StatusCode::OK);
         assert_eq!(reply.body["id"], id, "{}", reply.body);
-        assert_eq!(
-            reply.body["error"]["code"],
-            mcp::codes::DENIED,
-            "{}",
-            reply.body
-        );
-        assert_eq!(
-            reply.body["error"]["data"]["code"], code,
-            "{tool}: {}",
-            reply.body
-        );
-        assert!(reply.body["error"]["data"]["rule"]["clause"].is_string());
+        assert_refused(&reply, code);
+        let decision = &reply.body["result"]["_meta"][mcp::DECISION_META];
+        assert!(decision["rule"]["clause"].is_string(), "{}", reply.body);
+        assert!(decision["audit"]["seq"].is_u64(), "{}", reply.body);
     }
+    // The model is told what to change: the constraint names the argument and the pattern.
+    let constrained = h
+        .call(
+            &session,
+            15,
+            "read_customer_record",
+            json!({"customer_id": "42"}),
+        )
+        .await;
+    let text = constrained.body["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap();
+    assert!(text.contains("customer_id"), "{text}");
     let approval = h
         .call(
             &session,
@@ -517,10 +555,7 @@ async fn refused_calls_are_json_rpc_errors_and_never_reach_the_upstream() {
             json!({"customer_id": "C000042", "subject": "Hi", "body": "Done."}),
         )
         .await;
-    assert_eq!(
-        approval.body["error"]["data"]["decision"],
-        "requireApproval"
-    );
+    assert_refused(&approval, "requireApproval");
     assert!(h.calls.lock().unwrap().is_empty(), "nothing was forwarded");
 }
 
@@ -640,7 +675,8 @@ async fn a_call_without_a_session_or_run_is_refused_and_an_unknown_upstream_is_n
         )
         .await
         .unwrap();
-    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    // Not 404: clients read that as "session terminated".
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
     let body: Value =
         serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap();
     assert!(
@@ -650,6 +686,9 @@ async fn a_call_without_a_session_or_run_is_refused_and_an_unknown_upstream_is_n
             .contains("\"billing\" is not an MCP upstream"),
         "{body}"
     );
+    assert_eq!(body["id"], 1, "{body}");
+    assert_eq!(body["error"]["code"], mcp::codes::REFUSED, "{body}");
+    assert_eq!(body["error"]["data"]["code"], "NotServed", "{body}");
     let response = h
         .app
         .clone()
@@ -807,8 +846,17 @@ async fn when_the_trail_cannot_record_a_call_it_never_reaches_the_upstream() {
         "{}",
         reply.body
     );
+    // A protocol-level error (nothing was decided, the model can do nothing about it), in
+    // JSON-RPC, with Tollgate's code that no SDK uses for a timeout.
+    assert_eq!(reply.body["id"], 20, "{}", reply.body);
     assert_eq!(
-        reply.body["error"]["code"], "AuditUnavailable",
+        reply.body["error"]["code"],
+        mcp::codes::REFUSED,
+        "{}",
+        reply.body
+    );
+    assert_eq!(
+        reply.body["error"]["data"]["code"], "AuditUnavailable",
         "{}",
         reply.body
     );
@@ -957,9 +1005,17 @@ async fn a_call_sent_to_another_upstream_is_refused_before_any_decision() {
     let response = h.app.clone().oneshot(request).await.unwrap();
     let bytes = response.into_body().collect().await.unwrap().to_bytes();
     let body: Value = serde_json::from_slice(&bytes).unwrap();
-    assert_eq!(body["error"]["data"]["code"], "ToolNotAllowed", "{body}");
+    assert_eq!(body["result"]["isError"], true, "{body}");
+    assert_eq!(
+        body["result"]["_meta"][mcp::DECISION_META]["code"],
+        "ToolNotAllowed",
+        "{body}"
+    );
     assert!(
-        body["error"]["message"].as_str().unwrap().contains("crm"),
+        body["result"]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("call it at /mcp/crm"),
         "{body}"
     );
     assert!(
@@ -1059,4 +1115,334 @@ async fn an_upstream_answer_past_the_limit_is_not_read_on_nor_passed() {
             .contains("more than 65536 bytes")
     );
     assert!(!report.not_run);
+}
+
+/// What a bare upstream received: method, path, headers and body of each request.
+type Seen = Arc<Mutex<Vec<(String, axum::http::HeaderMap, Value)>>>;
+
+/// A bare HTTP upstream that records every request and answers as `answer` says: a JSON-RPC
+/// result echoing the id, after `delay`; HTTP 404; or 204 to a DELETE.
+async fn bare_upstream(status: StatusCode, delay: std::time::Duration) -> (String, Seen) {
+    use axum::routing::post;
+    let seen: Seen = Arc::default();
+    let recorded = seen.clone();
+    let handler =
+        move |method: axum::http::Method, headers: axum::http::HeaderMap, body: String| {
+            let recorded = recorded.clone();
+            async move {
+                let message: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+                recorded
+                    .lock()
+                    .unwrap()
+                    .push((method.to_string(), headers, message.clone()));
+                tokio::time::sleep(delay).await;
+                if method == axum::http::Method::DELETE {
+                    return StatusCode::NO_CONTENT.into_response();
+                }
+                if status != StatusCode::OK {
+                    return status.into_response();
+                }
+                axum::Json(json!({"jsonrpc": "2.0", "id": message["id"],
+                "result": {"content": [{"type": "text", "text": "{\"customer_id\":\"C000042\"}"}],
+                           "structuredContent": {"customer_id": "C000042"}}}))
+                .into_response()
+            }
+        };
+    use axum::response::IntoResponse;
+    let app = axum::Router::new().route("/mcp", post(handler.clone()).delete(handler));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}/mcp"), seen)
+}
+
+async fn bare_harness(
+    status: StatusCode,
+    delay: std::time::Duration,
+    configure: impl FnOnce(Gateway) -> Gateway,
+) -> (Harness, Seen) {
+    let (url, seen) = bare_upstream(status, delay).await;
+    let h = harness_on(url, Calls::default(), Arc::default(), configure).await;
+    (h, seen)
+}
+
+fn call(id: u64, tool: &str, arguments: Value) -> Vec<u8> {
+    json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+           "params": {"name": tool, "arguments": arguments}})
+    .to_string()
+    .into_bytes()
+}
+
+/// The `error` records of the trail, in order.
+async fn rejections(store: &SqliteStore) -> Vec<String> {
+    store
+        .query(&Query::default())
+        .await
+        .unwrap()
+        .iter()
+        .filter(|r| r.index.event == "rejected")
+        .filter_map(|r| r.entry().unwrap().error)
+        .collect()
+}
+
+#[tokio::test]
+async fn routing_headers_of_2026_must_say_what_the_body_says_and_go_on_as_decided() {
+    let (h, seen) = bare_harness(StatusCode::OK, std::time::Duration::ZERO, |g| g).await;
+    let read = json!({"customer_id": "C000042"});
+    let run = [("tollgate-run-id", "run-2026")];
+    for (headers, problem) in [
+        (
+            vec![
+                ("mcp-method", "tools/call"),
+                ("mcp-name", "delete_customer_record"),
+            ],
+            "mcp-name header",
+        ),
+        (vec![("mcp-method", "tools/list")], "mcp-method header"),
+        (
+            // The base64 form, decoded before comparing.
+            vec![
+                ("mcp-method", "tools/call"),
+                ("mcp-name", "=?base64?ZXhwb3J0X2FsbF9jdXN0b21lcnM=?="),
+            ],
+            "mcp-name header",
+        ),
+    ] {
+        let headers: Vec<(&str, &str)> = headers.into_iter().chain(run).collect();
+        let reply = h
+            .send_with(
+                None,
+                &headers,
+                call(7, "read_customer_record", read.clone()),
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
+        assert_eq!(reply.body["id"], 7, "{}", reply.body);
+        assert_eq!(
+            reply.body["error"]["code"],
+            mcp::codes::HEADER_MISMATCH,
+            "{}",
+            reply.body
+        );
+        let message = reply.body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(problem), "{message}");
+    }
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "nothing reached the upstream"
+    );
+    assert_eq!(
+        rejections(&h.store).await.len(),
+        3,
+        "every refusal is recorded"
+    );
+
+    // Headers that agree: decided, forwarded, and the upstream sees the headers written from
+    // what was decided (base64 from the client arrives as plain text).
+    let headers = [
+        ("mcp-method", "tools/call"),
+        ("mcp-name", "=?base64?cmVhZF9jdXN0b21lcl9yZWNvcmQ=?="),
+        ("mcp-protocol-version", "2026-07-28"),
+        ("tollgate-run-id", "run-2026"),
+    ];
+    let reply = h
+        .send_with(
+            None,
+            &headers,
+            call(8, "read_customer_record", read.clone()),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(
+        reply.body["result"]["structuredContent"]["customer_id"], "C000042",
+        "{}",
+        reply.body
+    );
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1);
+    let (_, upstream_headers, body) = &seen[0];
+    assert_eq!(upstream_headers["mcp-method"], "tools/call");
+    assert_eq!(upstream_headers["mcp-name"], "read_customer_record");
+    assert_eq!(upstream_headers["mcp-protocol-version"], "2026-07-28");
+    assert_eq!(body["params"]["name"], "read_customer_record");
+    assert_eq!(
+        upstream_headers["authorization"],
+        format!("Bearer {CREDENTIAL}").as_str()
+    );
+}
+
+#[tokio::test]
+async fn delete_ends_the_upstream_session_and_a_session_the_upstream_lost_is_a_404() {
+    let (h, seen) = bare_harness(StatusCode::OK, std::time::Duration::ZERO, |g| g).await;
+    let delete = |session: Option<&str>| {
+        let mut request =
+            Request::delete("/mcp/crm").header("authorization", format!("Bearer {KEY}"));
+        if let Some(session) = session {
+            request = request.header(mcp::SESSION_HEADER, session);
+        }
+        h.app.clone().oneshot(request.body(Body::empty()).unwrap())
+    };
+    let ended = delete(Some("session-1")).await.unwrap();
+    assert_eq!(ended.status(), StatusCode::NO_CONTENT);
+    {
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 1);
+        let (method, headers, _) = &seen[0];
+        assert_eq!(method, "DELETE");
+        assert_eq!(headers[mcp::SESSION_HEADER], "session-1");
+        assert_eq!(
+            headers["authorization"],
+            format!("Bearer {CREDENTIAL}").as_str()
+        );
+    }
+    let unnamed = delete(None).await.unwrap();
+    assert_eq!(unnamed.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        1,
+        "nothing more reached the upstream"
+    );
+    let records = rejections(&h.store).await;
+    assert!(
+        records.iter().any(|e| e.contains("DELETE ends a session")),
+        "{records:?}"
+    );
+
+    // An upstream that lost the session: 404 with the request's id, so the client starts a new
+    // one instead of waiting.
+    let (lost, _) = bare_harness(StatusCode::NOT_FOUND, std::time::Duration::ZERO, |g| g).await;
+    let reply = lost
+        .rpc(
+            Some("gone"),
+            json!({"jsonrpc": "2.0", "id": 41, "method": "tools/list"}),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", reply.body);
+    assert_eq!(reply.body["id"], 41, "{}", reply.body);
+    assert_eq!(reply.body["error"]["code"], mcp::codes::UPSTREAM);
+    assert!(
+        reply.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("does not know this session"),
+        "{}",
+        reply.body
+    );
+    // A call to it: recorded as not run.
+    let reply = lost
+        .send_with(
+            Some("gone"),
+            &[],
+            call(
+                42,
+                "read_customer_record",
+                json!({"customer_id": "C000042"}),
+            ),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", reply.body);
+    let records = lost.store.query(&Query::default()).await.unwrap();
+    let report = records.last().unwrap().entry().unwrap();
+    assert!(report.not_run, "{report:?}");
+}
+
+#[tokio::test]
+async fn an_upstream_slower_than_the_call_timeout_is_named_and_the_call_recorded() {
+    let limits = gateway::McpLimits {
+        call_timeout: std::time::Duration::from_millis(300),
+        answer_limit: gateway::DEFAULT_UPSTREAM_LIMIT,
+    };
+    let (h, seen) = bare_harness(
+        StatusCode::OK,
+        std::time::Duration::from_secs(3),
+        move |g| g.with_mcp_limits(limits),
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let reply = h
+        .send_with(
+            None,
+            &[("tollgate-run-id", "run-slow")],
+            call(9, "read_customer_record", json!({"customer_id": "C000042"})),
+        )
+        .await;
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    // Past the keep-alive interval, so the answer is an SSE stream (200) ending in the error.
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(reply.body["id"], 9, "{}", reply.body);
+    assert_eq!(
+        reply.body["error"]["code"],
+        mcp::codes::UPSTREAM,
+        "{}",
+        reply.body
+    );
+    let message = reply.body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("did not answer within 300ms"), "{message}");
+    assert!(message.contains("--mcp-call-timeout"), "{message}");
+    assert_eq!(seen.lock().unwrap().len(), 1);
+    let records = h.store.query(&Query::default()).await.unwrap();
+    let report = records.last().unwrap().entry().unwrap();
+    assert!(!report.not_run, "sent, so it may have run: {report:?}");
+    assert!(report.error.unwrap().contains("--mcp-call-timeout"));
+}
+
+#[tokio::test]
+async fn a_call_whose_client_goes_away_is_recorded_as_aborted() {
+    let (h, seen) = bare_harness(StatusCode::OK, std::time::Duration::from_secs(2), |g| g).await;
+    for accept in ["application/json", "application/json, text/event-stream"] {
+        let request = Request::post("/mcp/crm")
+            .header("content-type", "application/json")
+            .header("accept", accept)
+            .header("authorization", format!("Bearer {KEY}"))
+            .header("tollgate-run-id", "run-gone")
+            .body(Body::from(call(
+                5,
+                "read_customer_record",
+                json!({"customer_id": "C000042"}),
+            )))
+            .unwrap();
+        // The client waits 300 ms for the whole answer, then goes away.
+        let app = h.app.clone();
+        let gone = tokio::time::timeout(std::time::Duration::from_millis(300), async move {
+            let response = app.oneshot(request).await.unwrap();
+            response.into_body().collect().await.map(|b| b.to_bytes())
+        })
+        .await;
+        assert!(gone.is_err(), "the upstream answers after 2 s");
+    }
+    // The reports are written as the handlers are dropped.
+    let mut reports = Vec::new();
+    for _ in 0..50 {
+        let records = h.store.query(&Query::default()).await.unwrap();
+        reports = records
+            .iter()
+            .filter(|r| r.index.event == "report")
+            .map(|r| r.entry().unwrap())
+            .collect::<Vec<_>>();
+        if reports.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(reports.len(), 2, "{reports:?}");
+    let mut steps: Vec<Option<u64>> = reports.iter().map(|r| r.step).collect();
+    steps.sort();
+    assert_eq!(
+        steps,
+        [Some(1), Some(2)],
+        "each allowed call has its outcome"
+    );
+    for report in &reports {
+        let error = report.error.as_deref().unwrap_or_default();
+        assert!(error.starts_with("aborted by client"), "{report:?}");
+        assert!(
+            !report.not_run,
+            "it was sent, so it may have run: {report:?}"
+        );
+    }
+    assert_eq!(seen.lock().unwrap().len(), 2);
 }

@@ -97,13 +97,15 @@ async fn refuse(
     api: LlmApi,
     refusal: Refusal,
 ) -> Response {
+    // If the trail could not record it, the refusal that comes back says so and names this one.
     let recorded = gateway
-        .refuse_recorded(holder, None, &format!("/llm/{upstream}"), refusal.clone())
+        .refuse_recorded(holder, None, &format!("/llm/{upstream}"), refusal)
         .await;
-    if recorded.status() != refusal.status {
-        // The trail could not record it: that answer says so, and names the refusal too.
-        return recorded;
-    }
+    refused(api, &recorded)
+}
+
+/// A refusal in the provider's error shape, so the provider's SDK reads it as one of its own.
+fn refused(api: LlmApi, refusal: &Refusal) -> Response {
     answer(
         api,
         refusal.status,
@@ -304,7 +306,7 @@ pub(crate) async fn proxy(
     };
     let granted = match gateway.grant(&holder, &policy, &call).await {
         Ok(granted) => granted,
-        Err(response) => return response,
+        Err(refusal) => return refused(api, &refusal),
     };
     let grant = match granted {
         Ok(grant) => grant,
@@ -388,8 +390,8 @@ async fn forward(
                 free: true,
                 ..Default::default()
             };
-            if let Err(response) = gateway.settle_model_call(&call, ending).await {
-                return response;
+            if let Err(refusal) = gateway.settle_model_call(&call, ending).await {
+                return refused(call.api, &refusal);
             }
             return answer(
                 api,
@@ -443,8 +445,8 @@ async fn forward(
             ));
         }
     }
-    if let Err(response) = gateway.settle_model_call(&call, ending).await {
-        return response;
+    if let Err(refusal) = gateway.settle_model_call(&call, ending).await {
+        return refused(call.api, &refusal);
     }
     relayed
 }
@@ -478,8 +480,8 @@ async fn out_of_time(gateway: &Gateway, call: &Call) -> Response {
         error: Some("the run's wall clock ran out while the call waited for its answer".into()),
         ..Default::default()
     };
-    if let Err(response) = gateway.settle_model_call(call, ending).await {
-        return response;
+    if let Err(refusal) = gateway.settle_model_call(call, ending).await {
+        return refused(call.api, &refusal);
     }
     let clause = ceiling.as_ref().map_or("", Ceiling::clause);
     let message = match &ceiling {
@@ -506,8 +508,8 @@ async fn killed_waiting(gateway: &Gateway, call: &Call) -> Response {
         ),
         ..Default::default()
     };
-    if let Err(response) = gateway.settle_model_call(call, ending).await {
-        return response;
+    if let Err(refusal) = gateway.settle_model_call(call, ending).await {
+        return refused(call.api, &refusal);
     }
     let message = format!(
         "the kill switch of agent {} is engaged; the call was ended before its answer came",
@@ -683,7 +685,7 @@ async fn refuse_call(
         entry.ceiling = Some(ceiling.clone());
     }
     if let Err(e) = gateway.audit.append(entry).await {
-        return audit_unavailable(e);
+        return refused(api, &audit_unavailable(e));
     }
     gateway
         .metrics
@@ -708,11 +710,11 @@ async fn refuse_call(
         other => ("Refused", format!("{other:?}")),
     };
     if let (Decision::Halt { ceiling, .. }, false) = (&decision, was_halted)
-        && let Err(response) = gateway
+        && let Err(refusal) = gateway
             .escalate(holder, run, policy, ceiling.clause())
             .await
     {
-        return response;
+        return refused(api, &refusal);
     }
     let tollgate = serde_json::to_value(&decision).unwrap_or_default();
     answer(api, StatusCode::FORBIDDEN, code, &message, tollgate)
@@ -893,7 +895,7 @@ impl Gateway {
         holder: &Caller,
         policy: &Arc<CompiledPolicy>,
         call: &ModelCall<'_>,
-    ) -> Result<Result<Grant, (Decision, bool)>, Response> {
+    ) -> Result<Result<Grant, (Decision, bool)>, Refusal> {
         let now = (self.now)();
         let _following = self.follow(&holder.agent, policy).await?;
         self.hydrate(&holder.agent, call.run_id, policy, now)
@@ -958,7 +960,7 @@ impl Gateway {
         &self,
         call: &Call,
         ending: Ending,
-    ) -> Result<Option<Ceiling>, Response> {
+    ) -> Result<Option<Ceiling>, Refusal> {
         let now = (self.now)();
         // What the provider reported; else the gateway's bound, never zero: the whole input and
         // the output counted (an answer that broke off is charged what passed).
