@@ -120,6 +120,7 @@ pub fn start(name: &str, trail: Trail) -> Running {
                         // which share the control plane (the writer has a test of its own).
                         standing: None,
                         prices: tollgate_gateway::default_prices(),
+                        mcp: Default::default(),
                     };
                     let (client, metrics, handle) =
                         (client.clone(), metrics.clone(), handle.clone());

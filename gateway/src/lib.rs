@@ -260,6 +260,15 @@ pub struct McpLimits {
     pub answer_limit: usize,
 }
 
+impl Default for McpLimits {
+    fn default() -> Self {
+        Self {
+            call_timeout: DEFAULT_UPSTREAM_TIMEOUT,
+            answer_limit: DEFAULT_UPSTREAM_LIMIT,
+        }
+    }
+}
+
 impl std::fmt::Debug for Gateway {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Gateway")
