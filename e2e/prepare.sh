@@ -16,7 +16,7 @@ need python3 "install Python 3.9 or newer; the official OpenAI and Anthropic SDK
 # namespaces; PostgreSQL for the audit store's tests; containerd and runc run Tollgate's images
 # (e2e/tests/images.rs) and the node's pods (e2e/tests/cluster.rs) with the CNI plugins, iptables,
 # ipset (kube-router) and conntrack (kube-proxy); ldd and the CA certificates go into the images;
-# python3-venv holds the SDKs.
+# python3-venv holds the SDKs; nodejs and npm the TypeScript SDK and the reference MCP server.
 missing=()
 command -v flock >/dev/null 2>&1 || missing+=(util-linux)
 command -v unshare >/dev/null 2>&1 || missing+=(util-linux)
@@ -30,6 +30,7 @@ command -v conntrack >/dev/null 2>&1 || missing+=(conntrack)
 command -v ldd >/dev/null 2>&1 || missing+=(libc-bin)
 [[ -f /etc/ssl/certs/ca-certificates.crt ]] || missing+=(ca-certificates)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
 if ((${#missing[@]})); then
   echo "== apt-get install ${missing[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

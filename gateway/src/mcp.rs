@@ -166,14 +166,17 @@ fn upstream_url(gateway: &Gateway, holder: &Caller, upstream: &str) -> Result<St
         .agent(&holder.agent)
         .and_then(|agent| agent.upstreams.get(upstream).cloned())
         .ok_or_else(|| {
-            Refusal::new(
-                StatusCode::BAD_REQUEST,
-                RefusalCode::NotServed,
-                format!(
-                    "upstream {upstream:?} is not an MCP upstream of agent {}'s policy",
-                    holder.agent
-                ),
-            )
+            let mut message = format!(
+                "upstream {upstream:?} is not an MCP upstream of agent {}'s policy",
+                holder.agent
+            );
+            // A file that does not load may have held it: say so, with the file's error.
+            if let Some(problems) = gateway.policies.load_problems() {
+                message.push_str(&format!(
+                    ", and the policy directory has files that do not load: {problems}"
+                ));
+            }
+            Refusal::new(StatusCode::BAD_REQUEST, RefusalCode::NotServed, message)
         })
 }
 
@@ -381,17 +384,21 @@ pub(super) async fn proxy(
     };
 
     match (method.as_str(), id.is_some()) {
-        ("initialize" | "ping", true)
-        | ("notifications/initialized" | "notifications/cancelled", false) => forward(
-            &gateway,
-            &holder,
-            &url,
-            &upstream,
-            &headers,
-            &Value::Object(message),
-        )
-        .await
-        .unwrap_or_else(|e| e),
+        ("initialize", true) => {
+            initialize(&gateway, &holder, &url, &upstream, &headers, message).await
+        }
+        ("ping", true) | ("notifications/initialized" | "notifications/cancelled", false) => {
+            forward(
+                &gateway,
+                &holder,
+                &url,
+                &upstream,
+                &headers,
+                &Value::Object(message),
+            )
+            .await
+            .unwrap_or_else(|e| e)
+        }
         ("tools/list", true) => {
             list_tools(&gateway, &holder, &url, &upstream, &headers, message).await
         }
@@ -765,6 +772,36 @@ async fn forward(
         Ok((body, session)) => Ok(answer(StatusCode::OK, body, session)),
         Err(e) => Err(e.answer(message.get("id").cloned().unwrap_or(Value::Null))),
     }
+}
+
+/// `initialize`, forwarded; the upstream's capabilities in the answer are cut to what the proxy
+/// serves: tools (without `listChanged`: no notification reaches the client). A client told the
+/// server offers logging, prompts, resources or completions would ask for them and be refused.
+async fn initialize(
+    gateway: &Gateway,
+    holder: &Caller,
+    url: &str,
+    upstream: &str,
+    headers: &HeaderMap,
+    message: Map<String, Value>,
+) -> Response {
+    let message = Value::Object(message);
+    let (body, session) = match send(gateway, holder, url, upstream, headers, &message).await {
+        Ok(ok) => ok,
+        Err(e) => return e.answer(message["id"].clone()),
+    };
+    let mut body = body.unwrap_or(Value::Null);
+    if let Some(capabilities) = body
+        .pointer_mut("/result/capabilities")
+        .and_then(Value::as_object_mut)
+    {
+        let tools = capabilities.contains_key("tools");
+        capabilities.clear();
+        if tools {
+            capabilities.insert("tools".to_owned(), json!({}));
+        }
+    }
+    answer(StatusCode::OK, Some(body), session)
 }
 
 async fn list_tools(

@@ -1,0 +1,35 @@
+// One MCP session through the official MCP TypeScript SDK, as an agent would run it; prints what
+// the SDK handed back as one JSON line. The same SPEC and output as mcp_client.py:
+//   node mcp_client.mjs SPEC   (SDK_NODE: the directory holding node_modules)
+// A call the SDK raises on is reported as an exception, not a result.
+import { join } from "node:path";
+import { pathToFileURL } from "node:url";
+
+const spec = JSON.parse(process.argv[2]);
+const sdk = join(process.env.SDK_NODE, "node_modules/@modelcontextprotocol/sdk");
+const load = (path) => import(pathToFileURL(join(sdk, "dist/esm", path)).href);
+const { Client } = await load("client/index.js");
+const { StreamableHTTPClientTransport } = await load("client/streamableHttp.js");
+const { version } = JSON.parse(
+  await (await import("node:fs/promises")).readFile(join(sdk, "package.json"), "utf8"),
+);
+
+const client = new Client({ name: "tollgate-test", version: "1" });
+const transport = new StreamableHTTPClientTransport(new URL(spec.url), {
+  requestInit: { headers: spec.headers ?? {} },
+});
+await client.connect(transport);
+const listed = await client.listTools();
+const tools = listed.tools.map((t) => t.name).sort();
+const calls = [];
+for (const call of spec.calls ?? []) {
+  try {
+    calls.push(await client.callTool({ name: call.name, arguments: call.arguments ?? {} }));
+  } catch (e) {
+    calls.push({ exception: e.constructor.name, message: String(e.message ?? e) });
+  }
+}
+await transport.terminateSession().catch(() => {});
+await client.close();
+const capabilities = Object.keys(client.getServerCapabilities() ?? {}).sort();
+console.log(JSON.stringify({ sdk: version, capabilities, tools, calls }));
