@@ -138,18 +138,24 @@ fn rpc_refusal(id: Value, refusal: &Refusal) -> Response {
 /// code. Not in `structuredContent`: clients validate that against the tool's `outputSchema`
 /// even when `isError` is set (the TypeScript SDK does), so a refusal there would become an
 /// exception again.
-fn refused_call(id: Value, message: &str, decision: Value) -> Response {
+///
+/// At protocol 2026-07-28 and later a result says what kind it is (`resultType`); earlier clients
+/// get none, as their schemas do not know it.
+fn refused_call(id: Value, modern: bool, message: &str, decision: Value) -> Response {
     let code = decision
         .get("code")
         .and_then(Value::as_str)
         .or_else(|| decision.get("decision").and_then(Value::as_str))
         .unwrap_or("refused")
         .to_owned();
-    let result = json!({
+    let mut result = json!({
         "content": [{"type": "text", "text": format!("Tollgate refused the call ({code}): {message}")}],
         "isError": true,
         "_meta": {DECISION_META: decision},
     });
+    if modern {
+        result["resultType"] = json!("complete");
+    }
     (
         StatusCode::OK,
         axum::Json(json!({"jsonrpc": "2.0", "id": id, "result": result})),
@@ -384,7 +390,9 @@ pub(super) async fn proxy(
     };
 
     match (method.as_str(), id.is_some()) {
-        ("initialize", true) => {
+        // The handshake (to 2025-11-25) and its stateless successor (2026-07-28) both tell
+        // the client what the server offers.
+        ("initialize" | "server/discover", true) => {
             initialize(&gateway, &holder, &url, &upstream, &headers, message).await
         }
         ("ping", true) | ("notifications/initialized" | "notifications/cancelled", false) => {
@@ -572,6 +580,26 @@ fn header_meaning(value: &HeaderValue) -> Option<String> {
             .and_then(|bytes| String::from_utf8(bytes).ok()),
         None => Some(text.to_owned()),
     }
+}
+
+/// The first protocol version whose requests carry their own version and whose results say
+/// their kind (`resultType`).
+const MODERN_PROTOCOL: &str = "2026-07-28";
+
+/// Whether a request speaks protocol 2026-07-28 or later: its `MCP-Protocol-Version` header, or
+/// the version in its `_meta` envelope. Versions are dates, so they compare as strings.
+fn modern_protocol(headers: &HeaderMap, params: &Value) -> bool {
+    let header = headers
+        .get(PROTOCOL_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let envelope = params
+        .pointer("/_meta/io.modelcontextprotocol~1protocolVersion")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    header
+        .or(envelope)
+        .is_some_and(|version| version.as_str() >= MODERN_PROTOCOL)
 }
 
 /// The body parameter a method's `Mcp-Name` header mirrors (protocol 2026-07-28).
@@ -774,9 +802,10 @@ async fn forward(
     }
 }
 
-/// `initialize`, forwarded; the upstream's capabilities in the answer are cut to what the proxy
-/// serves: tools (without `listChanged`: no notification reaches the client). A client told the
-/// server offers logging, prompts, resources or completions would ask for them and be refused.
+/// `initialize` or `server/discover`, forwarded; the upstream's capabilities in the answer are
+/// cut to what the proxy serves: tools (without `listChanged`: no notification reaches the
+/// client). A client told the server offers logging, prompts, resources or completions would ask
+/// for them and be refused.
 async fn initialize(
     gateway: &Gateway,
     holder: &Caller,
@@ -1080,6 +1109,7 @@ async fn call_tool(
 ) -> Response {
     let id = message["id"].clone();
     let params = message.get("params").cloned().unwrap_or_else(|| json!({}));
+    let modern = modern_protocol(headers, &params);
     let checked = (|| {
         let Some(Value::String(tool)) = params.get("name") else {
             return Err("tools/call needs params.name, a string".to_owned());
@@ -1125,6 +1155,7 @@ async fn call_tool(
         }
         return refused_call(
             id,
+            modern,
             &message,
             json!({"decision": "deny", "code": "ToolNotAllowed", "message": message}),
         );
@@ -1154,7 +1185,7 @@ async fn call_tool(
             }
             Decision::Allow { .. } => String::new(),
         };
-        return refused_call(id, &message, data);
+        return refused_call(id, modern, &message, data);
     }
 
     // Forward exactly what was decided: the checked name and arguments, nothing else from the

@@ -32,28 +32,54 @@ fn installed(relative: &str, what: &str) -> PathBuf {
     path
 }
 
-/// The reference server, on a port of its own, stopped with the test.
-struct Everything {
+/// An upstream MCP server others wrote, with the tools the policy below names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Server {
+    /// `@modelcontextprotocol/server-everything` (TypeScript SDK), protocol to 2025-11-25.
+    Everything,
+    /// `gateway/tests/sdk/mcp_server.py` (Python SDK 2.x MCPServer), to 2026-07-28.
+    Python,
+}
+
+/// A server on a port of its own, stopped with the test.
+struct Upstream {
     url: String,
     _child: tokio::process::Child,
 }
 
-async fn everything() -> Everything {
-    let node = installed("sdk-node", "the MCP TypeScript SDK and reference server");
+async fn start(server: Server) -> Upstream {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let child = tokio::process::Command::new("node")
-        .arg(node.join("node_modules/@modelcontextprotocol/server-everything/dist/index.js"))
-        .arg("streamableHttp")
-        .env("PORT", port.to_string())
+    let mut command = match server {
+        Server::Everything => {
+            let node = installed("sdk-node", "the MCP TypeScript SDK and reference server");
+            let mut command = tokio::process::Command::new("node");
+            command
+                .arg(
+                    node.join("node_modules/@modelcontextprotocol/server-everything/dist/index.js"),
+                )
+                .arg("streamableHttp")
+                .env("PORT", port.to_string());
+            command
+        }
+        Server::Python => {
+            let venv = installed("sdk-venv", "the MCP Python SDK 2.x");
+            let mut command = tokio::process::Command::new(venv.join("bin/python"));
+            command
+                .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/mcp_server.py"))
+                .args(["http", &port.to_string()]);
+            command
+        }
+    };
+    let child = command
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
-        .expect("start the everything server with node");
+        .unwrap_or_else(|e| panic!("start the {server:?} server: {e}"));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -61,11 +87,11 @@ async fn everything() -> Everything {
     {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the everything server did not listen on {port} within 30 s"
+            "the {server:?} server did not listen on {port} within 30 s"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Everything {
+    Upstream {
         url: format!("http://127.0.0.1:{port}/mcp"),
         _child: child,
     }
@@ -212,16 +238,20 @@ fn text(result: &Value) -> &str {
     result["content"][0]["text"].as_str().unwrap_or_default()
 }
 
-async fn direct_and_through(sdk: Sdk, mode: Option<&str>) {
-    let server = everything().await;
-    let tollgate = tollgate(&server.url).await;
-    let mut spec = json!({"url": server.url, "calls": calls()});
+async fn direct_and_through(sdk: Sdk, mode: Option<&str>, server: Server) {
+    let upstream = start(server).await;
+    let tollgate = tollgate(&upstream.url).await;
+    let mut spec = json!({"url": upstream.url, "calls": calls()});
     if let Some(mode) = mode {
         spec["mode"] = json!(mode);
     }
     let direct = sdk.session(spec.clone()).await;
     spec["url"] = json!(tollgate.url);
-    spec["headers"] = json!({"Authorization": format!("Bearer {KEY}")});
+    // A 2026-07-28 client has no session: the run is named, as Tollgate then requires.
+    spec["headers"] = json!({
+        "Authorization": format!("Bearer {KEY}"),
+        "Tollgate-Run-Id": "run-sdk",
+    });
     let through = sdk.session(spec).await;
     let (d, t) = (&direct["calls"], &through["calls"]);
     let sdk_version = &through["sdk"];
@@ -248,21 +278,23 @@ async fn direct_and_through(sdk: Sdk, mode: Option<&str>) {
     // The server advertises logging, prompts, resources and completions; through Tollgate only
     // what the proxy serves is advertised, so no client asks for what would be refused (the
     // MCP Inspector sends logging/setLevel first to any server that offers logging).
-    for capability in ["logging", "prompts", "resources", "tools"] {
-        assert!(
-            direct["capabilities"]
-                .as_array()
-                .unwrap()
-                .contains(&json!(capability)),
-            "{sdk:?}: {}",
-            direct["capabilities"]
+    if server == Server::Everything {
+        for capability in ["logging", "prompts", "resources", "tools"] {
+            assert!(
+                direct["capabilities"]
+                    .as_array()
+                    .unwrap()
+                    .contains(&json!(capability)),
+                "{sdk:?}: {}",
+                direct["capabilities"]
+            );
+        }
+        assert_eq!(
+            through["capabilities"],
+            json!(["tools"]),
+            "{sdk:?} {sdk_version}"
         );
     }
-    assert_eq!(
-        through["capabilities"],
-        json!(["tools"]),
-        "{sdk:?} {sdk_version}"
-    );
 
     // Allowed calls: the same result either way.
     for i in 0..3 {
@@ -333,20 +365,30 @@ async fn direct_and_through(sdk: Sdk, mode: Option<&str>) {
 
 #[tokio::test]
 async fn the_python_sdk_1_sees_the_same_server_less_what_the_policy_refuses() {
-    direct_and_through(Sdk::Python1, None).await;
+    direct_and_through(Sdk::Python1, None, Server::Everything).await;
 }
 
 #[tokio::test]
 async fn the_python_sdk_2_in_auto_mode_falls_back_and_sees_the_same() {
-    direct_and_through(Sdk::Python2, None).await;
+    direct_and_through(Sdk::Python2, None, Server::Everything).await;
 }
 
 #[tokio::test]
 async fn the_python_sdk_2_in_legacy_mode_sees_the_same() {
-    direct_and_through(Sdk::Python2, Some("legacy")).await;
+    direct_and_through(Sdk::Python2, Some("legacy"), Server::Everything).await;
 }
 
 #[tokio::test]
 async fn the_typescript_sdk_sees_the_same_and_never_throws_on_a_refusal() {
-    direct_and_through(Sdk::TypeScript, None).await;
+    direct_and_through(Sdk::TypeScript, None, Server::Everything).await;
+}
+
+#[tokio::test]
+async fn the_python_sdk_2_at_2026_07_28_without_a_handshake_sees_the_same() {
+    direct_and_through(Sdk::Python2, Some("2026-07-28"), Server::Python).await;
+}
+
+#[tokio::test]
+async fn the_typescript_sdk_against_a_python_sdk_server_sees_the_same() {
+    direct_and_through(Sdk::TypeScript, None, Server::Python).await;
 }

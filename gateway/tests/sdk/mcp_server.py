@@ -1,0 +1,51 @@
+"""An MCP server written with the official MCP Python SDK 2.x (MCPServer), with the tools of the
+reference "everything" server that Tollgate's MCP tests call, so one policy serves both. It speaks
+every protocol version the SDK does, 2026-07-28 included.
+
+Usage: mcp_server.py http PORT | mcp_server.py stdio
+"""
+
+import os
+import sys
+
+from mcp.server.mcpserver import MCPServer
+from pydantic import BaseModel
+
+server = MCPServer("tollgate-test-python-server")
+
+
+@server.tool(name="echo")
+def echo(message: str) -> str:
+    """Echoes back the input string"""
+    return f"Echo: {message}"
+
+
+@server.tool(name="get-sum")
+def get_sum(a: float, b: float) -> str:
+    """Returns the sum of two numbers"""
+    total = a + b
+    return f"The sum of {a:g} and {b:g} is {total:g}."
+
+
+class Weather(BaseModel):
+    temperature: float
+    conditions: str
+    humidity: float
+
+
+@server.tool(name="get-structured-content")
+def get_structured_content(location: str) -> Weather:
+    """Returns structured content along with an output schema"""
+    return Weather(temperature=22.5, conditions="Partly cloudy", humidity=65)
+
+
+@server.tool(name="get-env")
+def get_env() -> str:
+    """Returns the server's environment (a tool no agent should reach)"""
+    return repr(dict(os.environ))
+
+
+if sys.argv[1] == "http":
+    server.run("streamable-http", host="127.0.0.1", port=int(sys.argv[2]))
+else:
+    server.run("stdio")
