@@ -104,8 +104,9 @@ pub struct Upstream {
         regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     )]
     pub name: String,
-    /// An MCP server (streamable HTTP transport). Without it (and without llm) the upstream is
-    /// reachable only through the decision API, for orchestrators that call tools themselves.
+    /// An MCP server: at a URL (streamable HTTP transport), or a stdio command a standalone
+    /// gateway starts. Without it (and without llm) the upstream is reachable only through the
+    /// decision API, for orchestrators that call tools themselves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mcp: Option<McpUpstream>,
     /// A model provider. The gateway proxies its API at /llm/<name>, meters every call's tokens
@@ -161,15 +162,48 @@ pub enum Capture {
     Full,
 }
 
-/// An MCP server reached over the streamable HTTP transport.
+/// An MCP server: reached at a URL over the streamable HTTP transport, or started by the gateway
+/// as a process it talks to over stdio.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.url) != has(self.stdio)")
+    .message("an MCP upstream has either a url or a stdio command, exactly one"))]
 pub struct McpUpstream {
     /// The server's MCP endpoint, an http or https URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 2048))]
     #[x_kube(validation = Rule::new("isURL(self) && url(self).getScheme() in ['http', 'https']")
         .message("must be an absolute http or https URL"))]
-    pub url: String,
+    pub url: Option<String>,
+    /// A server the gateway starts itself, one process per MCP session of the agent, and talks
+    /// to over its stdin and stdout. Only a standalone gateway starts processes: in a cluster, a
+    /// policy must not be able to run commands inside the gateway, which holds every agent's
+    /// credentials; run the server behind `tollgate-gateway stdio-bridge` as a Deployment of its
+    /// own and name its url instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdio: Option<StdioServer>,
+}
+
+/// How the gateway starts a stdio MCP server.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StdioServer {
+    /// The program: a path, or a name looked up in the gateway's PATH.
+    #[schemars(length(min = 1, max = 1024))]
+    pub command: String,
+    /// Its arguments, passed as they are (no shell).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub args: Vec<String>,
+    /// Environment variables it gets besides PATH, HOME and LANG (nothing else of the gateway's
+    /// environment reaches it). Not for secrets: they are in the policy for anyone who reads it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// The variable that receives the agent's credential for this upstream (the AgentIdentity's
+    /// `credentials` entry, formatted as it says), such as GITHUB_TOKEN. The agent never sees it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$"), length(max = 128))]
+    pub credential_env: Option<String>,
 }
 
 /// Which tools the agent may call.

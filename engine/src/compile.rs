@@ -266,14 +266,8 @@ impl CompiledPolicy {
                     "give each upstream a unique name",
                 );
             }
-            if let Some(mcp) = &upstream.mcp
-                && !(mcp.url.starts_with("http://") || mcp.url.starts_with("https://"))
-            {
-                errors.push(
-                    format!("spec.upstreams[{i}].mcp.url"),
-                    format!("{:?} is not an http or https URL", mcp.url),
-                    "use the MCP server's full URL, such as http://tools.ns.svc:8080/mcp",
-                );
+            if let Some(mcp) = &upstream.mcp {
+                check_mcp_upstream(i, mcp, &mut errors);
             }
             if let Some(llm) = &upstream.llm {
                 if upstream.mcp.is_some() {
@@ -794,4 +788,72 @@ fn compile_field(
         max_items: constraint.max_items.map(|v| v as u64),
         items,
     })
+}
+
+/// An MCP upstream is a URL or a stdio command, exactly one, each well formed.
+fn check_mcp_upstream(i: usize, mcp: &tollgate_crds::policy::McpUpstream, errors: &mut Errors) {
+    let at = |field: &str| format!("spec.upstreams[{i}].mcp{field}");
+    match (&mcp.url, &mcp.stdio) {
+        (Some(url), None) => {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                errors.push(
+                    at(".url"),
+                    format!("{url:?} is not an http or https URL"),
+                    "use the MCP server's full URL, such as http://tools.ns.svc:8080/mcp",
+                );
+            }
+        }
+        (None, Some(stdio)) => {
+            if stdio.command.trim().is_empty() || stdio.command.contains('\0') {
+                errors.push(
+                    at(".stdio.command"),
+                    "the command is empty or holds a NUL byte",
+                    "name the program, such as npx or /usr/local/bin/server",
+                );
+            }
+            if stdio.args.len() > 64 || stdio.args.iter().any(|a| a.contains('\0')) {
+                errors.push(
+                    at(".stdio.args"),
+                    "more than 64 arguments, or one holding a NUL byte",
+                    "pass at most 64 arguments of text",
+                );
+            }
+            let name_ok = |name: &str| {
+                !name.is_empty()
+                    && name.len() <= 128
+                    && !name.starts_with(|c: char| c.is_ascii_digit())
+                    && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            };
+            for (name, value) in &stdio.env {
+                if !name_ok(name) || value.contains('\0') {
+                    errors.push(
+                        at(&format!(".stdio.env[{name}]")),
+                        "not a variable name (letters, digits and _, not starting with a digit), or a value holding a NUL byte",
+                        "name variables as a shell would",
+                    );
+                }
+            }
+            if stdio.env.len() > 64 {
+                errors.push(
+                    at(".stdio.env"),
+                    "more than 64 variables",
+                    "pass at most 64",
+                );
+            }
+            if let Some(name) = &stdio.credential_env
+                && (!name_ok(name) || stdio.env.contains_key(name))
+            {
+                errors.push(
+                    at(".stdio.credentialEnv"),
+                    format!("{name:?} is not a variable name, or env sets it too"),
+                    "name one variable env does not set",
+                );
+            }
+        }
+        _ => errors.push(
+            at(""),
+            "an MCP upstream has either a url or a stdio command, exactly one",
+            "give it url for a server over HTTP, or stdio for one the gateway starts",
+        ),
+    }
 }

@@ -63,7 +63,7 @@ impl ClusterPolicies {
                     .spec
                     .upstreams
                     .iter()
-                    .filter_map(|u| Some((u.name.clone(), u.mcp.as_ref()?.url.clone())))
+                    .filter_map(|u| Some((u.name.clone(), u.mcp.clone()?)))
                     .collect();
                 self.view
                     .compiled(policy)

@@ -30,6 +30,7 @@ pub mod run;
 mod runs;
 pub mod shared;
 pub mod standing;
+pub mod stdio;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -227,6 +228,8 @@ pub struct Gateway {
     pub(crate) upstream_limit: usize,
     /// How long the MCP proxy waits for an upstream's answer.
     pub(crate) upstream_timeout: std::time::Duration,
+    /// The stdio MCP servers this gateway started, by session.
+    pub(crate) stdio: stdio::StdioSessions,
     /// What models cost, for the LLM proxy's metering.
     pub(crate) prices: tollgate_engine::llm::Prices,
     /// Refusals of requests that proved no identity, summarized per interval.
@@ -307,6 +310,7 @@ impl Gateway {
             run_limit: runs::DEFAULT_LIMIT,
             upstream_limit: DEFAULT_UPSTREAM_LIMIT,
             upstream_timeout: DEFAULT_UPSTREAM_TIMEOUT,
+            stdio: stdio::StdioSessions::default(),
             prices: default_prices(),
             anonymous: Arc::new(anonymous::Anonymous::new(anonymous::DEFAULT_INTERVAL)),
             approval_watch: std::sync::OnceLock::new(),
@@ -361,6 +365,23 @@ impl Gateway {
     pub fn with_upstream_limit(mut self, bytes: usize) -> Self {
         self.upstream_limit = bytes;
         self
+    }
+
+    /// Ends a stdio MCP server's session after `idle` without a request (default 10 minutes),
+    /// and lets one agent hold at most `per_agent` of them (default 8).
+    pub fn with_stdio_limits(mut self, idle: std::time::Duration, per_agent: usize) -> Self {
+        self.stdio = stdio::StdioSessions::new(idle, per_agent);
+        self
+    }
+
+    /// Ends every stdio MCP server this gateway started (it is stopping).
+    pub fn end_stdio_sessions(&self) {
+        self.stdio.end_all();
+    }
+
+    /// The pids of the stdio MCP servers this gateway runs (for tests and diagnostics).
+    pub fn stdio_pids(&self) -> Vec<u32> {
+        self.stdio.pids()
     }
 
     /// The MCP proxy's upstream timeout (default 10 minutes) and answer limit.
@@ -914,5 +935,30 @@ fn decision_kind(decision: &Decision) -> &'static str {
         Decision::Deny { .. } => "deny",
         Decision::RequireApproval { .. } => "requireApproval",
         Decision::Halt { .. } => "halt",
+    }
+}
+
+impl stdio::Keeper for Gateway {
+    fn keeps(
+        &self,
+        agent: &str,
+        upstream: &str,
+        server: &tollgate_crds::policy::StdioServer,
+    ) -> bool {
+        let Some(entry) = self.policies.agent(agent) else {
+            return false;
+        };
+        let killed = entry.killed || self.escalation.holds(&entry.id, entry.killed);
+        !killed
+            && matches!(&self.policies, Policies::Dir(_))
+            && entry
+                .upstreams
+                .get(upstream)
+                .and_then(|mcp| mcp.stdio.as_ref())
+                == Some(server)
+    }
+
+    fn sessions(&self) -> &stdio::StdioSessions {
+        &self.stdio
     }
 }

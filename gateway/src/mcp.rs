@@ -31,12 +31,14 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 use tollgate_audit::{Entry, Event};
+use tollgate_crds::policy::McpUpstream;
 use tollgate_engine::{Decision, canonical};
 
 use super::{
     Caller, Gateway, MAX_BODY, RUN_HEADER, Refusal, RefusalCode, audit_unavailable,
     audit_unavailable_refusing, authenticate, identity_of, valid_run_id,
 };
+use crate::stdio::StdioError;
 
 /// JSON-RPC error codes the proxy answers with: the four standard ones for protocol faults, and
 /// two of Tollgate's own outside JSON-RPC's reserved range (-32768 to -32000), where MCP and its
@@ -166,24 +168,42 @@ fn refused_call(id: Value, modern: bool, message: &str, decision: Value) -> Resp
 /// The URL of `upstream` for the caller's agent. An upstream its policy does not name is
 /// refused with 400, not 404: MCP clients read a 404 as "your session is gone", and a mistyped
 /// path must not look like that.
-fn upstream_url(gateway: &Gateway, holder: &Caller, upstream: &str) -> Result<String, Refusal> {
-    gateway
+fn upstream_url(
+    gateway: &Gateway,
+    holder: &Caller,
+    upstream: &str,
+) -> Result<McpUpstream, Refusal> {
+    let found = gateway
         .policies
         .agent(&holder.agent)
-        .and_then(|agent| agent.upstreams.get(upstream).cloned())
-        .ok_or_else(|| {
-            let mut message = format!(
-                "upstream {upstream:?} is not an MCP upstream of agent {}'s policy",
-                holder.agent
-            );
-            // A file that does not load may have held it: say so, with the file's error.
-            if let Some(problems) = gateway.policies.load_problems() {
-                message.push_str(&format!(
-                    ", and the policy directory has files that do not load: {problems}"
-                ));
-            }
-            Refusal::new(StatusCode::BAD_REQUEST, RefusalCode::NotServed, message)
-        })
+        .and_then(|agent| agent.upstreams.get(upstream).cloned());
+    if let Some(mcp) = &found
+        && mcp.stdio.is_some()
+        && !matches!(gateway.policies, crate::Policies::Dir(_))
+    {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            RefusalCode::NotServed,
+            format!(
+                "upstream {upstream:?} is a stdio command, which only a standalone gateway starts: \
+                 in a cluster a policy must not run commands inside the gateway; run the server \
+                 behind `tollgate-gateway stdio-bridge` as a Deployment and name its url"
+            ),
+        ));
+    }
+    found.ok_or_else(|| {
+        let mut message = format!(
+            "upstream {upstream:?} is not an MCP upstream of agent {}'s policy",
+            holder.agent
+        );
+        // A file that does not load may have held it: say so, with the file's error.
+        if let Some(problems) = gateway.policies.load_problems() {
+            message.push_str(&format!(
+                ", and the policy directory has files that do not load: {problems}"
+            ));
+        }
+        Refusal::new(StatusCode::BAD_REQUEST, RefusalCode::NotServed, message)
+    })
 }
 
 /// Records a refusal before any decision and answers it as a JSON-RPC error.
@@ -276,6 +296,18 @@ pub(super) async fn end_session(
             format!("DELETE ends a session: the {SESSION_HEADER} header names it"),
         );
         return refuse_with(&gateway, &holder, &upstream, Value::Null, refusal).await;
+    };
+    let url = match (&url.url, &url.stdio) {
+        (Some(url), _) => url.clone(),
+        (None, _) => {
+            // A stdio server's session ends with its process.
+            let id = session.to_str().unwrap_or_default();
+            return if gateway.stdio.end(id, &holder.agent, &upstream) {
+                StatusCode::NO_CONTENT.into_response()
+            } else {
+                StatusCode::NOT_FOUND.into_response()
+            };
+        }
     };
     let mut request = gateway
         .http
@@ -388,6 +420,10 @@ pub(super) async fn proxy(
         Ok(url) => url,
         Err(refusal) => return refuse_with(&gateway, &holder, &upstream, reply_id, refusal).await,
     };
+    if url.stdio.is_some() {
+        // The task that ends idle, killed and changed stdio servers (started once).
+        gateway.stdio.reap_for(Arc::downgrade(&gateway));
+    }
 
     match (method.as_str(), id.is_some()) {
         // The handshake (to 2025-11-25) and its stateless successor (2026-07-28) both tell
@@ -648,11 +684,22 @@ fn check_routing(
 async fn send(
     gateway: &Gateway,
     holder: &Caller,
-    url: &str,
+    url: &McpUpstream,
     upstream: &str,
     headers: &HeaderMap,
     message: &Value,
 ) -> Result<(Option<Value>, Option<HeaderValue>), SendError> {
+    let url = match (&url.url, &url.stdio) {
+        (Some(url), _) => url,
+        (None, Some(_)) => {
+            return send_stdio(gateway, holder, upstream, headers, message).await;
+        }
+        (None, None) => {
+            return Err(SendError::NotSent(format!(
+                "upstream {upstream:?} has neither a url nor a stdio command"
+            )));
+        }
+    };
     let mut request = gateway
         .http
         .post(url)
@@ -755,6 +802,45 @@ async fn send(
     }
 }
 
+/// [`send`] to a stdio server: in the session the client names, which must be one this agent
+/// started at this upstream.
+async fn send_stdio(
+    gateway: &Gateway,
+    holder: &Caller,
+    upstream: &str,
+    headers: &HeaderMap,
+    message: &Value,
+) -> Result<(Option<Value>, Option<HeaderValue>), SendError> {
+    let Some(session) = headers.get(SESSION_HEADER).cloned() else {
+        return Err(SendError::SessionGone(format!(
+            "upstream {upstream:?} is a stdio server: a session is needed (initialize first)"
+        )));
+    };
+    let id = session.to_str().unwrap_or_default();
+    match gateway
+        .stdio
+        .request(
+            id,
+            &holder.agent,
+            upstream,
+            message,
+            gateway.upstream_timeout,
+        )
+        .await
+    {
+        Ok(answer) => Ok((answer, Some(session))),
+        Err(StdioError::UnknownSession) => Err(SendError::SessionGone(format!(
+            "upstream {upstream:?} has no session {id:?} of this agent (it ended, or never \
+             began): start a new one"
+        ))),
+        Err(StdioError::NotSent(why)) => Err(SendError::NotSent(why)),
+        Err(StdioError::Unanswered(why)) => Err(SendError::Unusable(why)),
+        Err(StdioError::Limit(n)) => Err(SendError::NotSent(format!(
+            "upstream {upstream:?}: the agent holds {n} stdio servers already"
+        ))),
+    }
+}
+
 /// The JSON-RPC answer to `id` among the `data:` events of an SSE body.
 fn answer_in_events(body: &[u8], id: Option<&Value>) -> Option<Value> {
     let text = std::str::from_utf8(body).ok()?;
@@ -791,7 +877,7 @@ fn answer(status: StatusCode, body: Option<Value>, session: Option<HeaderValue>)
 async fn forward(
     gateway: &Gateway,
     holder: &Caller,
-    url: &str,
+    url: &McpUpstream,
     upstream: &str,
     headers: &HeaderMap,
     message: &Value,
@@ -809,15 +895,69 @@ async fn forward(
 async fn initialize(
     gateway: &Gateway,
     holder: &Caller,
-    url: &str,
+    url: &McpUpstream,
     upstream: &str,
     headers: &HeaderMap,
     message: Map<String, Value>,
 ) -> Response {
     let message = Value::Object(message);
-    let (body, session) = match send(gateway, holder, url, upstream, headers, &message).await {
+    // A stdio server starts here, one process for the session this initialize opens.
+    let mut headers = headers.clone();
+    if let Some(server) = &url.stdio {
+        if message.get("method").and_then(Value::as_str) != Some("initialize") {
+            // server/discover (2026-07-28) needs no session, and a stdio server lives for one:
+            // the client falls back to initialize.
+            return rpc_error(
+                StatusCode::OK,
+                message["id"].clone(),
+                codes::METHOD_NOT_FOUND,
+                format!("upstream {upstream:?} is a stdio server: open a session with initialize"),
+                None,
+            );
+        }
+        let credential = match gateway.credential(&holder.agent, upstream).await {
+            Ok(credential) => credential.map(|(_, value)| value),
+            Err(e) => return SendError::NotSent(e).answer(message["id"].clone()),
+        };
+        let started = gateway.stdio.start(
+            &holder.agent,
+            upstream,
+            server,
+            credential,
+            gateway.upstream_limit,
+        );
+        let session = match started {
+            Ok(session) => session,
+            Err(StdioError::Limit(n)) => {
+                let refusal = Refusal::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    RefusalCode::SessionLimit,
+                    format!(
+                        "agent {} holds {n} stdio server sessions already, the most it may: end \
+                         one (DELETE) or let one go idle",
+                        holder.agent
+                    ),
+                );
+                return refuse_with(gateway, holder, upstream, message["id"].clone(), refusal)
+                    .await;
+            }
+            Err(e) => return SendError::NotSent(format!("{e:?}")).answer(message["id"].clone()),
+        };
+        // Hex: always a valid header value.
+        if let Ok(value) = HeaderValue::from_str(&session) {
+            headers.insert(SESSION_HEADER, value);
+        }
+    }
+    let (body, session) = match send(gateway, holder, url, upstream, &headers, &message).await {
         Ok(ok) => ok,
-        Err(e) => return e.answer(message["id"].clone()),
+        Err(e) => {
+            if url.stdio.is_some()
+                && let Some(session) = headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok())
+            {
+                gateway.stdio.end(session, &holder.agent, upstream);
+            }
+            return e.answer(message["id"].clone());
+        }
     };
     let mut body = body.unwrap_or(Value::Null);
     if let Some(capabilities) = body
@@ -836,7 +976,7 @@ async fn initialize(
 async fn list_tools(
     gateway: &Gateway,
     holder: &Caller,
-    url: &str,
+    url: &McpUpstream,
     upstream: &str,
     headers: &HeaderMap,
     message: Map<String, Value>,
@@ -1016,7 +1156,7 @@ impl Drop for Unfinished {
 async fn call_tool_streaming(
     gateway: Arc<Gateway>,
     holder: Caller,
-    url: String,
+    url: McpUpstream,
     upstream: String,
     headers: HeaderMap,
     message: Map<String, Value>,
@@ -1101,7 +1241,7 @@ async fn event_of(response: Response, id: Value, limit: usize) -> String {
 async fn call_tool(
     gateway: &Gateway,
     holder: &Caller,
-    url: &str,
+    url: &McpUpstream,
     upstream: &str,
     headers: &HeaderMap,
     message: Map<String, Value>,

@@ -29,8 +29,8 @@ pub struct AgentEntry {
     pub killed: bool,
     /// Its compiled policy, or why there is none.
     pub policy: Result<Arc<CompiledPolicy>, PolicyProblem>,
-    /// MCP endpoints of the policy's upstreams, by name.
-    pub upstreams: BTreeMap<String, String>,
+    /// The policy's MCP upstreams, by name: a URL, or a stdio command.
+    pub upstreams: BTreeMap<String, tollgate_crds::policy::McpUpstream>,
     /// Per-upstream credentials the gateway adds when it forwards (the agent never holds them).
     pub credentials: Vec<ToolCredential>,
 }
@@ -85,7 +85,7 @@ impl PolicySet {
     /// Loads every *.yaml / *.yml file under `dir` (recursively).
     pub fn load(dir: &Path) -> Self {
         let mut set = Self::default();
-        type Upstreams = BTreeMap<String, String>;
+        type Upstreams = BTreeMap<String, tollgate_crds::policy::McpUpstream>;
         let mut policies: Vec<(String, Result<CompiledPolicy, String>, Upstreams)> = Vec::new();
         for file in yaml_files(dir) {
             let text = match std::fs::read_to_string(&file) {
@@ -118,7 +118,7 @@ impl PolicySet {
                             .spec
                             .upstreams
                             .iter()
-                            .filter_map(|u| Some((u.name.clone(), u.mcp.as_ref()?.url.clone())))
+                            .filter_map(|u| Some((u.name.clone(), u.mcp.clone()?)))
                             .collect();
                         policies.push((target, compiled, upstreams));
                     }

@@ -49,11 +49,13 @@ pub enum RefusalCode {
     ClusterUnavailable,
     /// The path names an upstream, endpoint or model the agent's policy does not serve.
     NotServed,
+    /// The agent holds as many stdio MCP server sessions as it may.
+    SessionLimit,
 }
 
 impl RefusalCode {
     /// Every code.
-    pub const ALL: [Self; 15] = [
+    pub const ALL: [Self; 16] = [
         Self::Unauthenticated,
         Self::AuthenticationUnavailable,
         Self::NotAnAgent,
@@ -69,6 +71,7 @@ impl RefusalCode {
         Self::AuditUnavailable,
         Self::ClusterUnavailable,
         Self::NotServed,
+        Self::SessionLimit,
     ];
 
     /// The code as it is sent.
@@ -89,6 +92,7 @@ impl RefusalCode {
             Self::AuditUnavailable => "AuditUnavailable",
             Self::ClusterUnavailable => "ClusterUnavailable",
             Self::NotServed => "NotServed",
+            Self::SessionLimit => "SessionLimit",
         }
     }
 }

@@ -207,8 +207,11 @@ pub async fn standalone(
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(listener, crate::standalone_router(Arc::new(gateway)))
+    let gateway = Arc::new(gateway);
+    let served = axum::serve(listener, crate::standalone_router(gateway.clone()))
         .with_graceful_shutdown(shutdown)
-        .await?;
+        .await;
+    gateway.end_stdio_sessions();
+    served?;
     Ok(())
 }

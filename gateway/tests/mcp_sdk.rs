@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tollgate_audit::{AuditLog, Query, Redactor, SqliteStore, Store, WriterConfig};
 use tollgate_gateway::keys::Keys;
-use tollgate_gateway::policies::{PolicySet, WatchedDir};
+use tollgate_gateway::policies::WatchedDir;
 use tollgate_gateway::{self as gateway, Gateway, mcp};
 
 const KEY: &str = "everything-key-1";
@@ -101,17 +101,66 @@ async fn start(server: Server) -> Upstream {
 struct Tollgate {
     url: String,
     store: Arc<SqliteStore>,
+    gateway: Arc<Gateway>,
+    /// The agent's identity and policy, reloaded on change.
+    policy_file: PathBuf,
     _dir: tempfile::TempDir,
 }
 
+/// The agent's credential for the upstream, as the gateway adds it (header or stdio variable).
+const TOOL_TOKEN: &str = "tool-secret-123";
+
 async fn tollgate(upstream: &str) -> Tollgate {
+    tollgate_with(&format!("{{url: \"{upstream}\"}}"), |g| g).await
+}
+
+/// Tollgate with the upstream's `mcp:` given as YAML (a URL or a stdio command).
+async fn tollgate_with(mcp: &str, configure: impl FnOnce(Gateway) -> Gateway) -> Tollgate {
     let dir = tempfile::tempdir().unwrap();
     let policies = dir.path().join("policies");
     std::fs::create_dir(&policies).unwrap();
-    std::fs::write(
-        policies.join("everything.yaml"),
-        format!(
-            r#"
+    let policy_file = policies.join("everything.yaml");
+    std::fs::write(&policy_file, policy(mcp, false)).unwrap();
+    let secret = dir.path().join("secrets/default/tool-token");
+    std::fs::create_dir_all(&secret).unwrap();
+    std::fs::write(secret.join("token"), TOOL_TOKEN).unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path().join("audit.db")).unwrap());
+    let (log, _) = AuditLog::open(store.clone(), WriterConfig::new("gw-sdk"))
+        .await
+        .unwrap();
+    let keys = Keys::parse(&format!(
+        "keys:\n  - {{name: everything, agent: default/everything, sha256: {}}}\n",
+        {
+            use sha2::Digest;
+            hex::encode(sha2::Sha256::digest(KEY.as_bytes()))
+        }
+    ))
+    .unwrap();
+    let gateway = Gateway::new(
+        WatchedDir::start(policies.clone(), Duration::from_millis(100)),
+        keys,
+        log,
+        Redactor::default(),
+    )
+    .with_secrets(dir.path().join("secrets"));
+    let gateway = Arc::new(configure(gateway));
+    let app = gateway::router(gateway.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/mcp/everything", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    Tollgate {
+        url,
+        store,
+        gateway,
+        policy_file,
+        _dir: dir,
+    }
+}
+
+/// The agent's identity and policy: three tools allowed with constraints, `get-env` blocked.
+fn policy(mcp: &str, killed: bool) -> String {
+    format!(
+        r#"
 apiVersion: tollgate.dev/v1alpha1
 kind: AgentIdentity
 metadata: {{name: everything}}
@@ -120,6 +169,12 @@ spec:
   podSelector:
     matchLabels: {{app: everything}}
   owner: {{team: platform, contacts: [alice@example.com]}}
+  credentials:
+    - upstream: everything
+      secretRef: {{name: tool-token, key: token}}
+      header: X-Tool-Token
+      format: "{{}}"
+  killSwitch: {{engaged: {killed}}}
 ---
 apiVersion: tollgate.dev/v1alpha1
 kind: AgentPolicy
@@ -128,7 +183,7 @@ spec:
   identityRef: {{name: everything}}
   upstreams:
     - name: everything
-      mcp: {{url: "{upstream}"}}
+      mcp: {mcp}
   tools:
     allowed:
       - name: echo
@@ -149,36 +204,7 @@ spec:
             location: {{type: string, required: true, enum: [Chicago]}}
     blocked: [get-env]
 "#
-        ),
     )
-    .unwrap();
-    let store = Arc::new(SqliteStore::open(dir.path().join("audit.db")).unwrap());
-    let (log, _) = AuditLog::open(store.clone(), WriterConfig::new("gw-sdk"))
-        .await
-        .unwrap();
-    let keys = Keys::parse(&format!(
-        "keys:\n  - {{name: everything, agent: default/everything, sha256: {}}}\n",
-        {
-            use sha2::Digest;
-            hex::encode(sha2::Sha256::digest(KEY.as_bytes()))
-        }
-    ))
-    .unwrap();
-    let gateway = Gateway::new(
-        WatchedDir::fixed(PolicySet::load(&policies)),
-        keys,
-        log,
-        Redactor::default(),
-    );
-    let app = gateway::router(Arc::new(gateway));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/mcp/everything", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    Tollgate {
-        url,
-        store,
-        _dir: dir,
-    }
 }
 
 /// An SDK client: which program runs `gateway/tests/sdk/mcp_client.{py,mjs}`.
@@ -269,11 +295,6 @@ async fn direct_and_through(sdk: Sdk, mode: Option<&str>, server: Server) {
             "{sdk:?} {sdk_version}: {direct}"
         );
     }
-    assert_eq!(
-        through["tools"],
-        json!(["echo", "get-structured-content", "get-sum"]),
-        "{sdk:?} {sdk_version}"
-    );
 
     // The server advertises logging, prompts, resources and completions; through Tollgate only
     // what the proxy serves is advertised, so no client asks for what would be refused (the
@@ -311,17 +332,36 @@ async fn direct_and_through(sdk: Sdk, mode: Option<&str>, server: Server) {
             "{sdk:?} {sdk_version}: call {i}"
         );
     }
-    assert_eq!(text(&t[0]), "Echo: hello", "{sdk:?} {sdk_version}: {t}");
-    assert!(text(&t[1]).contains("42"), "{sdk:?} {sdk_version}: {t}");
-    assert!(t[2]["structuredContent"]["temperature"].is_number(), "{t}");
-
-    // Directly, the server runs them; through Tollgate they are refused before the server sees
-    // them, as tool results the SDK hands back (no exception, even for the tool whose output
-    // schema the TypeScript SDK checks), with the reason in text and the decision in _meta.
+    // Directly, the server runs get-env; through Tollgate it is refused (below).
     assert!(
         d[3].get("exception").is_none() && d[3]["isError"] != true,
         "{sdk:?}: get-env runs directly: {d}"
     );
+    assert_served(sdk, &through, &tollgate).await;
+}
+
+/// What a session through Tollgate must have seen, whatever the server and transport: the
+/// allowed tools only, allowed calls answered, refusals before the server saw them as tool
+/// results the SDK hands back (no exception, even for the tool whose output schema the
+/// TypeScript SDK checks) with the reason in text and the decision in _meta, and every call in
+/// the trail.
+async fn assert_served(sdk: Sdk, through: &Value, tollgate: &Tollgate) {
+    let t = &through["calls"];
+    let sdk_version = &through["sdk"];
+    assert_eq!(
+        through["tools"],
+        json!(["echo", "get-structured-content", "get-sum"]),
+        "{sdk:?} {sdk_version}"
+    );
+    for i in 0..3 {
+        assert!(
+            t[i].get("exception").is_none() && t[i]["isError"] != true,
+            "{sdk:?} {sdk_version}: call {i}: {t}"
+        );
+    }
+    assert_eq!(text(&t[0]), "Echo: hello", "{sdk:?} {sdk_version}: {t}");
+    assert!(text(&t[1]).contains("42"), "{sdk:?} {sdk_version}: {t}");
+    assert!(t[2]["structuredContent"]["temperature"].is_number(), "{t}");
     for (i, code, words) in [
         (3, "ToolBlocked", "blocked"),
         (4, "ArgumentConstraint", "message"),
@@ -391,4 +431,258 @@ async fn the_python_sdk_2_at_2026_07_28_without_a_handshake_sees_the_same() {
 #[tokio::test]
 async fn the_typescript_sdk_against_a_python_sdk_server_sees_the_same() {
     direct_and_through(Sdk::TypeScript, None, Server::Python).await;
+}
+
+/// The upstream as a stdio command the gateway starts, its credential in TOOL_TOKEN.
+fn stdio_mcp(server: Server) -> String {
+    let (command, args) = match server {
+        Server::Python => (
+            installed("sdk-venv", "the MCP Python SDK 2.x").join("bin/python"),
+            vec![
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("tests/sdk/mcp_server.py")
+                    .display()
+                    .to_string(),
+                "stdio".to_owned(),
+            ],
+        ),
+        Server::Everything => (
+            PathBuf::from("node"),
+            vec![
+                installed("sdk-node", "the MCP reference server")
+                    .join("node_modules/@modelcontextprotocol/server-everything/dist/index.js")
+                    .display()
+                    .to_string(),
+                "stdio".to_owned(),
+            ],
+        ),
+    };
+    json!({"stdio": {"command": command, "args": args, "credentialEnv": "TOOL_TOKEN"}}).to_string()
+}
+
+/// Waits until the gateway runs `count` stdio servers.
+async fn stdio_servers(tollgate: &Tollgate, count: usize, within: Duration) -> Vec<u32> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let pids = tollgate.gateway.stdio_pids();
+        if pids.len() == count || tokio::time::Instant::now() > deadline {
+            return pids;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn through_stdio(sdk: Sdk, mode: Option<&str>, server: Server) {
+    let tollgate = tollgate_with(&stdio_mcp(server), |g| g).await;
+    let mut spec = json!({
+        "url": tollgate.url,
+        "calls": calls(),
+        "headers": {"Authorization": format!("Bearer {KEY}")},
+    });
+    if let Some(mode) = mode {
+        spec["mode"] = json!(mode);
+    }
+    let through = sdk.session(spec).await;
+    assert_served(sdk, &through, &tollgate).await;
+    // The client ended its session (DELETE): its process is gone.
+    let left = stdio_servers(&tollgate, 0, Duration::from_secs(5)).await;
+    assert!(
+        left.is_empty(),
+        "{sdk:?}: stdio servers still running: {left:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_stdio_python_sdk_server_serves_the_python_sdk_1() {
+    through_stdio(Sdk::Python1, None, Server::Python).await;
+}
+
+#[tokio::test]
+async fn a_stdio_python_sdk_server_serves_the_python_sdk_2_which_falls_back_to_a_session() {
+    through_stdio(Sdk::Python2, None, Server::Python).await;
+}
+
+#[tokio::test]
+async fn the_stdio_reference_server_serves_the_typescript_sdk() {
+    through_stdio(Sdk::TypeScript, None, Server::Everything).await;
+}
+
+/// Raw MCP over HTTP to the gateway: (status, session header, body).
+async fn post(
+    tollgate: &Tollgate,
+    session: Option<&str>,
+    message: Value,
+) -> (u16, Option<String>, Value) {
+    let mut request = reqwest::Client::new()
+        .post(&tollgate.url)
+        .header("authorization", format!("Bearer {KEY}"))
+        .header("accept", "application/json")
+        .json(&message);
+    if let Some(session) = session {
+        request = request.header(mcp::SESSION_HEADER, session);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let session = response
+        .headers()
+        .get(mcp::SESSION_HEADER)
+        .map(|v| v.to_str().unwrap().to_owned());
+    let body = response.json().await.unwrap_or(Value::Null);
+    (status, session, body)
+}
+
+async fn open(tollgate: &Tollgate) -> (u16, Option<String>, Value) {
+    post(
+        tollgate,
+        None,
+        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {},
+            "clientInfo": {"name": "tollgate-test", "version": "1"}}}),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_stdio_server_gets_the_credential_and_nothing_else_of_the_gateways_environment() {
+    let tollgate = tollgate_with(&stdio_mcp(Server::Python), |g| g).await;
+    let (status, session, body) = open(&tollgate).await;
+    assert_eq!(status, 200, "{body}");
+    let session = session.expect("a session id");
+    assert_eq!(session.len(), 32, "128 random bits: {session}");
+    assert_eq!(
+        body["result"]["capabilities"],
+        json!({"tools": {}}),
+        "{body}"
+    );
+    let pids = stdio_servers(&tollgate, 1, Duration::from_secs(5)).await;
+    let environ = std::fs::read(format!("/proc/{}/environ", pids[0])).unwrap();
+    let variables: Vec<String> = environ
+        .split(|b| *b == 0)
+        .filter(|v| !v.is_empty())
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .collect();
+    assert!(
+        variables.contains(&format!("TOOL_TOKEN={TOOL_TOKEN}")),
+        "{variables:?}"
+    );
+    // The test process (the gateway's) runs with CARGO_* variables; none reach the server.
+    assert!(std::env::var_os("CARGO_MANIFEST_DIR").is_some());
+    assert!(
+        variables.iter().all(|v| v.starts_with("TOOL_TOKEN=")
+            || v.starts_with("PATH=")
+            || v.starts_with("HOME=")
+            || v.starts_with("LANG=")),
+        "{variables:?}"
+    );
+    // A request without a session is told to open one (404, as for a lost session), and a
+    // guessed id names no session: sessions are looked up by id, agent and upstream together.
+    let (status, _, body) = post(
+        &tollgate,
+        None,
+        json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}),
+    )
+    .await;
+    assert_eq!(status, 404, "{body}");
+    let (status, _, body) = post(
+        &tollgate,
+        Some("0123456789abcdef0123456789abcdef"),
+        json!({"jsonrpc": "2.0", "id": 3, "method": "tools/list"}),
+    )
+    .await;
+    assert_eq!(status, 404, "a guessed session: {body}");
+    assert_eq!(body["id"], 3, "{body}");
+}
+
+#[tokio::test]
+async fn stdio_servers_end_on_delete_idle_and_the_kill_switch_and_are_bounded_per_agent() {
+    let tollgate = tollgate_with(&stdio_mcp(Server::Python), |g| {
+        g.with_stdio_limits(Duration::from_secs(2), 2)
+    })
+    .await;
+    // DELETE ends the process, and the session is gone.
+    let (_, session, _) = open(&tollgate).await;
+    let session = session.unwrap();
+    assert_eq!(
+        stdio_servers(&tollgate, 1, Duration::from_secs(5))
+            .await
+            .len(),
+        1
+    );
+    let deleted = reqwest::Client::new()
+        .delete(&tollgate.url)
+        .header("authorization", format!("Bearer {KEY}"))
+        .header(mcp::SESSION_HEADER, &session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status().as_u16(), 204);
+    assert!(
+        stdio_servers(&tollgate, 0, Duration::from_secs(5))
+            .await
+            .is_empty()
+    );
+    let (status, _, _) = post(
+        &tollgate,
+        Some(&session),
+        json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}),
+    )
+    .await;
+    assert_eq!(status, 404);
+
+    // Two at most per agent: a third is refused, and the refusal recorded.
+    let (a, b) = (open(&tollgate).await, open(&tollgate).await);
+    assert_eq!((a.0, b.0), (200, 200));
+    let (status, session, body) = open(&tollgate).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(session.is_none());
+    assert_eq!(body["error"]["data"]["code"], "SessionLimit", "{body}");
+    let records = tollgate.store.query(&Query::default()).await.unwrap();
+    assert!(
+        records
+            .iter()
+            .filter_map(|r| r.entry().unwrap().error)
+            .any(|e| e.contains("SessionLimit")),
+        "the refusal is in the trail"
+    );
+    assert_eq!(
+        stdio_servers(&tollgate, 2, Duration::from_secs(1))
+            .await
+            .len(),
+        2
+    );
+
+    // Idle for 2 s: both end.
+    assert!(
+        stdio_servers(&tollgate, 0, Duration::from_secs(6))
+            .await
+            .is_empty()
+    );
+
+    // The kill switch ends a live one within a second or two of the policy's reload.
+    let (_, session, _) = open(&tollgate).await;
+    let session = session.unwrap();
+    assert_eq!(
+        stdio_servers(&tollgate, 1, Duration::from_secs(5))
+            .await
+            .len(),
+        1
+    );
+    std::fs::write(
+        &tollgate.policy_file,
+        policy(&stdio_mcp(Server::Python), true),
+    )
+    .unwrap();
+    assert!(
+        stdio_servers(&tollgate, 0, Duration::from_secs(5))
+            .await
+            .is_empty(),
+        "the kill switch ends the server"
+    );
+    let (status, _, _) = post(
+        &tollgate,
+        Some(&session),
+        json!({"jsonrpc": "2.0", "id": 9, "method": "tools/list"}),
+    )
+    .await;
+    assert_eq!(status, 404);
 }

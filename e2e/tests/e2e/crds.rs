@@ -412,6 +412,29 @@ async fn cel_rules_refuse_invalid_policies() {
             "must be an absolute http or https URL",
         ),
         (
+            "an MCP upstream with both a url and a stdio command",
+            with(
+                policy(),
+                "/spec/upstreams/0/mcp/stdio",
+                json!({"command": "npx", "args": ["some-server"]}),
+            ),
+            "an MCP upstream has either a url or a stdio command, exactly one",
+        ),
+        (
+            "an MCP upstream with neither",
+            with(policy(), "/spec/upstreams/0/mcp", json!({})),
+            "an MCP upstream has either a url or a stdio command, exactly one",
+        ),
+        (
+            "a stdio credential variable that is no variable name",
+            with(
+                policy(),
+                "/spec/upstreams/1",
+                json!({"name": "local", "mcp": {"stdio": {"command": "srv", "credentialEnv": "A=B"}}}),
+            ),
+            "spec.upstreams[1].mcp.stdio.credentialEnv",
+        ),
+        (
             "duplicate allowed tool",
             with(policy(), "/spec/tools/allowed/1/name", json!("read")),
             "Duplicate value",

@@ -518,6 +518,72 @@ async fn two_replicas_racing_to_redeem_one_approval_release_it_once() {
 }
 
 #[tokio::test]
+async fn a_gateway_in_a_cluster_never_starts_a_policys_stdio_command() {
+    // Whoever may write an AgentPolicy must not run programs inside the gateway, which holds
+    // every agent's credentials: in a cluster a stdio upstream is refused (SECURITY.md 10).
+    let cp = control_plane();
+    let (ns, token) = sample_agent("stdio-refused").await;
+    let marker = std::env::temp_dir().join(format!("tollgate-stdio-{ns}"));
+    let patch = json!([{"op": "replace", "path": "/spec/upstreams/0/mcp",
+        "value": {"stdio": {"command": "/bin/sh",
+                            "args": ["-c", format!("touch {}", marker.display())]}}}]);
+    run(cp.kubectl(User::Admin).args([
+        "patch",
+        "agentpolicy",
+        "support-agent-v2",
+        "-n",
+        &ns,
+        "--type=json",
+        "-p",
+        &patch.to_string(),
+    ]));
+    let view = WatchedView::start(cp.client(User::Admin).await, "tollgate-system");
+    view.ready().await;
+    let (url, store, _trail) = gateway_over(Arc::new(view), "gw-e2e-stdio").await;
+    let initialize = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {},
+        "clientInfo": {"name": "agent", "version": "1"}}});
+    let http = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let (status, body) = loop {
+        let response = http
+            .post(format!("{url}/mcp/crm"))
+            .bearer_auth(&token)
+            .json(&initialize)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        if status == 400 || std::time::Instant::now() > deadline {
+            break (status, body);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["data"]["code"], "NotServed", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("only a standalone gateway starts"),
+        "{body}"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!marker.exists(), "the command ran");
+    let records = tollgate_audit::Store::query(store.as_ref(), &Default::default())
+        .await
+        .unwrap();
+    assert!(
+        records
+            .iter()
+            .filter_map(|r| r.entry().unwrap().error)
+            .any(|e| e.contains("NotServed")),
+        "the refusal is recorded"
+    );
+}
+
+#[tokio::test]
 async fn a_token_of_no_agent_is_refused_and_recorded() {
     // A valid token for the right audience, of a ServiceAccount no AgentIdentity names: 403
     // NotAnAgent, recorded like every refusal (SECURITY.md 1 and 6).

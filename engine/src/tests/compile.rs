@@ -116,3 +116,39 @@ fn an_mcp_upstream_serves_only_allowed_tools_it_hosts() {
     assert!(!policy.serves_through("drop", "crm"));
     assert!(!policy.serves_through("unknown", "crm"));
 }
+
+#[test]
+fn an_mcp_upstream_is_a_url_or_a_stdio_command_each_well_formed() {
+    let errors = policy_with(json!({
+        "upstreams": [
+            {"name": "both", "mcp": {"url": "http://x/mcp", "stdio": {"command": "srv"}}},
+            {"name": "neither", "mcp": {}},
+            {"name": "ftp", "mcp": {"url": "ftp://x/mcp"}},
+            {"name": "blank", "mcp": {"stdio": {"command": " "}}},
+            {"name": "names", "mcp": {"stdio": {"command": "srv", "env": {"1X": "v", "OK": "a\u{0}b"},
+                                                 "credentialEnv": "OK"}}},
+            {"name": "fine", "mcp": {"stdio": {"command": "npx", "args": ["-y", "server"],
+                                                "env": {"MODE": "read"}, "credentialEnv": "TOKEN"}}}
+        ]
+    }))
+    .unwrap_err();
+    let paths: Vec<&str> = errors.0.iter().map(|e| e.path.as_str()).collect();
+    for expected in [
+        "spec.upstreams[0].mcp",
+        "spec.upstreams[1].mcp",
+        "spec.upstreams[2].mcp.url",
+        "spec.upstreams[3].mcp.stdio.command",
+        "spec.upstreams[4].mcp.stdio.env[1X]",
+        "spec.upstreams[4].mcp.stdio.env[OK]",
+        "spec.upstreams[4].mcp.stdio.credentialEnv",
+    ] {
+        assert!(
+            paths.contains(&expected),
+            "no error at {expected}; got:\n{errors}"
+        );
+    }
+    assert!(
+        paths.iter().all(|p| !p.starts_with("spec.upstreams[5]")),
+        "a well-formed stdio upstream is accepted: {errors}"
+    );
+}
