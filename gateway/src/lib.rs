@@ -18,6 +18,7 @@
 mod anonymous;
 mod api;
 pub mod approvals;
+pub mod bridge;
 pub mod cluster;
 pub mod escalate;
 pub mod keys;

@@ -137,6 +137,47 @@ enum Mode {
         #[arg(long)]
         prices: Option<PathBuf>,
     },
+    /// One stdio MCP server served over streamable HTTP at /mcp, a process per session, for a
+    /// cluster (where the gateway starts no programs): run it in the server's own pod, reachable
+    /// from the gateway only, and name its URL in the policy. It decides nothing.
+    StdioBridge {
+        /// Address to listen on (plain HTTP, inside the cluster network).
+        #[arg(long, default_value = "0.0.0.0:8080")]
+        listen: SocketAddr,
+        /// The request header the gateway puts the agent's credential in (the AgentIdentity's
+        /// credentials[].header); its value at initialize goes to --credential-env.
+        #[arg(long, requires = "credential_env")]
+        credential_header: Option<String>,
+        /// The server process's variable that receives that credential.
+        #[arg(long, requires = "credential_header")]
+        credential_env: Option<String>,
+        /// A variable for the server process, NAME=VALUE (repeatable); besides these it gets
+        /// only PATH, HOME and LANG.
+        #[arg(long = "env", value_parser = variable)]
+        env: Vec<(String, String)>,
+        /// A session without a request for this long is ended, with its process.
+        #[arg(long, default_value = "10m", value_parser = duration)]
+        idle: Duration,
+        /// The most processes at a time.
+        #[arg(long, default_value_t = 16)]
+        max_sessions: usize,
+        /// The server: its program and arguments, after `--`.
+        #[arg(last = true, required = true, num_args = 1..)]
+        command: Vec<String>,
+    },
+}
+
+fn variable(text: &str) -> Result<(String, String), String> {
+    let (name, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not NAME=VALUE"))?;
+    let valid = !name.is_empty()
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !valid {
+        return Err(format!("{name:?} is not a variable name"));
+    }
+    Ok((name.to_owned(), value.to_owned()))
 }
 
 #[tokio::main]
@@ -155,6 +196,39 @@ async fn main() -> anyhow::Result<()> {
     // First: a SIGTERM while the stores open must not be lost (see shutdown_signal).
     let shutdown = server::shutdown_signal();
     let metrics = Metrics::default();
+    if let Some(Mode::StdioBridge {
+        listen,
+        credential_header,
+        credential_env,
+        env,
+        idle,
+        max_sessions,
+        command,
+    }) = args.mode
+    {
+        let credential_header = credential_header
+            .map(|name| axum::http::HeaderName::try_from(name.as_str()))
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("--credential-header: {e}"))?;
+        let (program, arguments) = command
+            .split_first()
+            .ok_or_else(|| anyhow::anyhow!("name the server's command after --"))?;
+        let config = tollgate_gateway::bridge::BridgeConfig {
+            listen,
+            server: tollgate_crds::policy::StdioServer {
+                command: program.clone(),
+                args: arguments.to_vec(),
+                env: env.into_iter().collect(),
+                credential_env,
+            },
+            credential_header,
+            idle,
+            max_sessions: max_sessions.max(1),
+            timeout: mcp.call_timeout,
+            answer_limit: mcp.answer_limit,
+        };
+        return tollgate_gateway::bridge::run(config, shutdown).await;
+    }
     if let Some(Mode::Standalone {
         policies,
         keys,

@@ -686,3 +686,108 @@ async fn stdio_servers_end_on_delete_idle_and_the_kill_switch_and_are_bounded_pe
     .await;
     assert_eq!(status, 404);
 }
+
+/// The children of process `parent`, from /proc.
+fn children(parent: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    // pid (comm) state ppid …: comm may hold spaces, so read after the last ')'.
+                    let after = &stat[stat.rfind(')')? + 2..];
+                    after.split(' ').nth(1)?.parse::<u32>().ok()
+                })
+                == Some(parent)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn in_a_cluster_a_stdio_server_runs_behind_the_bridge_and_gets_the_credential_from_it() {
+    // The bridge as its own process (in a cluster: the server's own pod), the gateway in front
+    // of it as of any MCP server over HTTP, adding the agent's credential as a header.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let python = installed("sdk-venv", "the MCP Python SDK 2.x").join("bin/python");
+    let bridge = tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate-gateway"))
+        .args([
+            "stdio-bridge",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--credential-header",
+            "X-Tool-Token",
+            "--credential-env",
+            "TOOL_TOKEN",
+            "--",
+        ])
+        .arg(&python)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/mcp_server.py"))
+        .arg("stdio")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let bridge_pid = bridge.id().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the bridge did not listen"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let bridge_url = format!("http://127.0.0.1:{port}/mcp");
+
+    for sdk in [Sdk::Python1, Sdk::Python2, Sdk::TypeScript] {
+        let tollgate = tollgate(&bridge_url).await;
+        let through = sdk
+            .session(json!({
+                "url": tollgate.url,
+                "calls": calls(),
+                "headers": {"Authorization": format!("Bearer {KEY}")},
+            }))
+            .await;
+        assert_served(sdk, &through, &tollgate).await;
+        // Each client ended its session: the bridge ended its process.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !children(bridge_pid).is_empty() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{sdk:?}: the process lives on"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    // The process of a session got the agent's credential from the header the gateway added.
+    let tollgate = tollgate(&bridge_url).await;
+    let (status, session, body) = open(&tollgate).await;
+    assert_eq!(status, 200, "{body}");
+    let pids = children(bridge_pid);
+    assert_eq!(pids.len(), 1, "one process per session");
+    let environ = std::fs::read(format!("/proc/{}/environ", pids[0])).unwrap();
+    let environ = String::from_utf8_lossy(&environ);
+    assert!(
+        environ.contains(&format!("TOOL_TOKEN={TOOL_TOKEN}")),
+        "{environ}"
+    );
+    assert!(!environ.contains("CARGO_"), "{environ}");
+    let deleted = reqwest::Client::new()
+        .delete(&tollgate.url)
+        .header("authorization", format!("Bearer {KEY}"))
+        .header(mcp::SESSION_HEADER, session.unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status().as_u16(), 204);
+}
