@@ -892,6 +892,14 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/v1/report", post(api::report))
         .route("/mcp/{upstream}", post(mcp::proxy).delete(mcp::end_session))
         .route("/llm/{upstream}/{*path}", axum::routing::any(llm::proxy))
+        .route(
+            "/.well-known/oauth-protected-resource",
+            axum::routing::get(mcp::resource_metadata),
+        )
+        .route(
+            "/.well-known/oauth-protected-resource/mcp/{upstream}",
+            axum::routing::get(mcp::resource_metadata),
+        )
         .route("/healthz", axum::routing::get(|| async { "ok" }))
         .with_state(gateway)
 }

@@ -254,21 +254,100 @@ async fn authenticated(
         Ok(holder) => return Ok(holder),
         Err(refusal) => refusal,
     };
-    if gateway.summarized("/mcp", &refusal) {
-        return Err(rpc_refusal(Value::Null, &refusal));
+    let mut response = if gateway.summarized("/mcp", &refusal) {
+        rpc_refusal(Value::Null, &refusal)
+    } else {
+        let recorded = gateway
+            .reject_as(
+                refusal.identity(None),
+                None,
+                upstream,
+                format!("{}: {}", refusal.code, refusal.message),
+            )
+            .await;
+        match recorded {
+            Ok(()) => rpc_refusal(Value::Null, &refusal),
+            Err(unrecorded) => rpc_refusal(Value::Null, &unrecorded),
+        }
+    };
+    if response.status() == StatusCode::UNAUTHORIZED
+        && let Some(challenge) = challenge(gateway, headers, upstream)
+    {
+        response
+            .headers_mut()
+            .insert(axum::http::header::WWW_AUTHENTICATE, challenge);
     }
-    let recorded = gateway
-        .reject_as(
-            refusal.identity(None),
-            None,
-            upstream,
-            format!("{}: {}", refusal.code, refusal.message),
-        )
-        .await;
-    Err(match recorded {
-        Ok(()) => rpc_refusal(Value::Null, &refusal),
-        Err(unrecorded) => rpc_refusal(Value::Null, &unrecorded),
-    })
+    Err(response)
+}
+
+/// This gateway's base URL as the client reached it (`Host`), or None when the header is not a
+/// plain host\[:port\].
+fn base_url(gateway: &Gateway, headers: &HeaderMap) -> Option<String> {
+    let host = headers.get(axum::http::header::HOST)?.to_str().ok()?;
+    let plain = !host.is_empty()
+        && host.len() <= 255
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'));
+    // A cluster gateway serves TLS; a standalone one plain HTTP on loopback.
+    let scheme = match gateway.policies {
+        crate::Policies::Cluster(_) => "https",
+        crate::Policies::Dir(_) => "http",
+    };
+    plain.then(|| format!("{scheme}://{host}"))
+}
+
+/// `WWW-Authenticate` for a request without a usable credential: a Bearer challenge naming the
+/// protected resource metadata (RFC 9728), where an OAuth-aware client reads how to get one.
+fn challenge(gateway: &Gateway, headers: &HeaderMap, upstream: &str) -> Option<HeaderValue> {
+    let base = base_url(gateway, headers)?;
+    let named = !upstream.is_empty()
+        && upstream.len() <= 63
+        && upstream
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    let path = if named {
+        format!("/.well-known/oauth-protected-resource/mcp/{upstream}")
+    } else {
+        "/.well-known/oauth-protected-resource".to_owned()
+    };
+    HeaderValue::from_str(&format!(
+        "Bearer realm=\"tollgate\", resource_metadata=\"{base}{path}\""
+    ))
+    .ok()
+}
+
+/// `GET /.well-known/oauth-protected-resource[/mcp/{upstream}]`: the protected resource metadata
+/// (RFC 9728) of the MCP proxy. Tollgate is no authorization server and names none: its
+/// credentials are the agent's own (in a cluster a projected ServiceAccount token for the
+/// audience `tollgate`; standalone an API key from the gateway's keys file), said in words for
+/// the person reading a client's error.
+pub(super) async fn resource_metadata(
+    State(gateway): State<Arc<Gateway>>,
+    upstream: Option<Path<String>>,
+    headers: HeaderMap,
+) -> Response {
+    let base = base_url(&gateway, &headers).unwrap_or_default();
+    let resource = match &upstream {
+        Some(Path(upstream)) => format!("{base}/mcp/{upstream}"),
+        None => format!("{base}/mcp"),
+    };
+    let how = match gateway.policies {
+        crate::Policies::Cluster(_) => {
+            "a projected ServiceAccount token of the agent's pod for the audience `tollgate` \
+             (the AgentIdentity's serviceAccount.tokenAudience), as a Bearer token"
+        }
+        crate::Policies::Dir(_) => "an API key from the gateway's keys file, as a Bearer token",
+    };
+    axum::Json(json!({
+        "resource": resource,
+        "authorization_servers": [],
+        "bearer_methods_supported": ["header"],
+        "resource_name": "Tollgate MCP gateway",
+        "resource_documentation": "https://github.com/tollgate-dev/tollgate/blob/main/docs/gateway.md#mcp-proxy",
+        "tollgate_credentials": how,
+    }))
+    .into_response()
 }
 
 /// `DELETE /mcp/{upstream}`: the client ends its session, and the upstream its own (behind a

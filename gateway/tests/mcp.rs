@@ -1446,3 +1446,64 @@ async fn a_call_whose_client_goes_away_is_recorded_as_aborted() {
     }
     assert_eq!(seen.lock().unwrap().len(), 2);
 }
+
+#[tokio::test]
+async fn a_401_names_the_resource_metadata_that_says_how_to_get_a_credential() {
+    let h = harness().await;
+    let unauthenticated = |host: &'static str| {
+        h.app.clone().oneshot(
+            Request::post("/mcp/crm")
+                .header("host", host)
+                .header("content-type", "application/json")
+                .body(Body::from(
+                    json!({"jsonrpc": "2.0", "id": 1, "method": "initialize"}).to_string(),
+                ))
+                .unwrap(),
+        )
+    };
+    let response = unauthenticated("127.0.0.1:8480").await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    let challenge = response.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        challenge,
+        "Bearer realm=\"tollgate\", resource_metadata=\"http://127.0.0.1:8480/.well-known/oauth-protected-resource/mcp/crm\""
+    );
+    let body: Value =
+        serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(body["error"]["data"]["code"], "Unauthenticated", "{body}");
+
+    // The metadata (RFC 9728): the resource, Bearer in a header, no authorization server, and
+    // in words what the credential is.
+    let metadata = h
+        .app
+        .clone()
+        .oneshot(
+            Request::get("/.well-known/oauth-protected-resource/mcp/crm")
+                .header("host", "127.0.0.1:8480")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(metadata.status(), StatusCode::OK);
+    let metadata: Value =
+        serde_json::from_slice(&metadata.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(metadata["resource"], "http://127.0.0.1:8480/mcp/crm");
+    assert_eq!(metadata["bearer_methods_supported"], json!(["header"]));
+    assert_eq!(metadata["authorization_servers"], json!([]));
+    assert!(
+        metadata["tollgate_credentials"]
+            .as_str()
+            .unwrap()
+            .contains("API key"),
+        "{metadata}"
+    );
+
+    // A Host that is not a plain host:port is never written into the challenge.
+    let response = unauthenticated("evil.example\", x=\"y").await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert!(response.headers().get("www-authenticate").is_none());
+}
