@@ -529,10 +529,14 @@ pub(super) async fn proxy(
             call_tool_streaming(gateway, holder, url, upstream, headers, message, started).await
         }
         ("tools/call", true) => {
-            call_tool(
-                &gateway, &holder, &url, &upstream, &headers, message, started,
-            )
-            .await
+            let route = Route {
+                gateway: &gateway,
+                holder: &holder,
+                url: &url,
+                upstream: &upstream,
+                headers: &headers,
+            };
+            call_tool(route, message, started, None).await
         }
         (method, true) => {
             refuse(
@@ -767,6 +771,7 @@ async fn send(
     upstream: &str,
     headers: &HeaderMap,
     message: &Value,
+    relay: Option<&Relay>,
 ) -> Result<(Option<Value>, Option<HeaderValue>), SendError> {
     let url = match (&url.url, &url.stdio) {
         (Some(url), _) => url,
@@ -850,6 +855,8 @@ async fn send(
         return Err(too_large());
     }
     let mut body = Vec::new();
+    // How far the events of an SSE answer were relayed.
+    let mut relayed = 0;
     while let Some(chunk) = response.chunk().await.map_err(|e| {
         SendError::Unusable(
             late(&e).unwrap_or_else(|| format!("upstream {upstream:?} broke off its answer: {e}")),
@@ -859,6 +866,9 @@ async fn send(
             return Err(too_large());
         }
         body.extend_from_slice(&chunk);
+        if sse && let Some(relay) = relay {
+            relayed = relay_events(&body, relayed, relay);
+        }
     }
     if status == reqwest::StatusCode::ACCEPTED && body.is_empty() {
         return Ok((None, session));
@@ -920,6 +930,57 @@ async fn send_stdio(
     }
 }
 
+/// Where a call's stream sends what its upstream says before the answer.
+pub(crate) type Relay = tokio::sync::mpsc::Sender<Value>;
+
+/// The server-to-client notifications relayed to the client while its call runs: progress (a
+/// client's request timeout restarts on it) and log messages. Anything else the server sends
+/// inside a call's answer (requests for sampling or elicitation, other notifications) is not.
+const RELAYED: [&str; 2] = ["notifications/progress", "notifications/message"];
+
+/// Relays the complete events of an SSE `body` after byte `from` that are notifications of
+/// [`RELAYED`]; returns how far it read. A client too slow to take them loses some (the channel
+/// is bounded), never the answer.
+fn relay_events(body: &[u8], from: usize, relay: &Relay) -> usize {
+    let mut start = from;
+    while let Some(end) = event_end(body, start) {
+        let event = &body[start..end];
+        let data: String = String::from_utf8_lossy(event)
+            .lines()
+            .filter_map(|line| line.strip_prefix("data:"))
+            .map(|rest| rest.strip_prefix(' ').unwrap_or(rest))
+            .collect::<Vec<_>>()
+            .join("\n");
+        if let Ok(message) = serde_json::from_str::<Value>(&data)
+            && message.get("id").is_none()
+            && message
+                .get("method")
+                .and_then(Value::as_str)
+                .is_some_and(|m| RELAYED.contains(&m))
+        {
+            let _ = relay.try_send(message);
+        }
+        start = end;
+    }
+    start
+}
+
+/// The end (past its blank line) of the SSE event that starts at `from`, once it is complete.
+fn event_end(body: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
+    while i < body.len() {
+        if body[i] == b'\n' {
+            match body.get(i + 1) {
+                Some(b'\n') => return Some(i + 2),
+                Some(b'\r') if body.get(i + 2) == Some(&b'\n') => return Some(i + 3),
+                _ => {}
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
 /// The JSON-RPC answer to `id` among the `data:` events of an SSE body.
 fn answer_in_events(body: &[u8], id: Option<&Value>) -> Option<Value> {
     let text = std::str::from_utf8(body).ok()?;
@@ -961,7 +1022,7 @@ async fn forward(
     headers: &HeaderMap,
     message: &Value,
 ) -> Result<Response, Response> {
-    match send(gateway, holder, url, upstream, headers, message).await {
+    match send(gateway, holder, url, upstream, headers, message, None).await {
         Ok((body, session)) => Ok(answer(StatusCode::OK, body, session)),
         Err(e) => Err(e.answer(message.get("id").cloned().unwrap_or(Value::Null))),
     }
@@ -1027,7 +1088,8 @@ async fn initialize(
             headers.insert(SESSION_HEADER, value);
         }
     }
-    let (body, session) = match send(gateway, holder, url, upstream, &headers, &message).await {
+    let (body, session) = match send(gateway, holder, url, upstream, &headers, &message, None).await
+    {
         Ok(ok) => ok,
         Err(e) => {
             if url.stdio.is_some()
@@ -1061,7 +1123,8 @@ async fn list_tools(
     message: Map<String, Value>,
 ) -> Response {
     let message = Value::Object(message);
-    let (body, session) = match send(gateway, holder, url, upstream, headers, &message).await {
+    let (body, session) = match send(gateway, holder, url, upstream, headers, &message, None).await
+    {
         Ok(ok) => ok,
         Err(e) => return e.answer(message["id"].clone()),
     };
@@ -1246,26 +1309,44 @@ async fn call_tool_streaming(
     let every = gateway.keep_alive;
     // The answer holds at most the upstream's (cut) and its framing.
     let limit = gateway.upstream_limit.saturating_mul(2).max(MAX_BODY);
+    let (relay, mut relayed) = tokio::sync::mpsc::channel(64);
     let mut pending = Box::pin(async move {
-        call_tool(
-            &gateway, &holder, &url, &upstream, &headers, message, started,
-        )
-        .await
+        let route = Route {
+            gateway: &gateway,
+            holder: &holder,
+            url: &url,
+            upstream: &upstream,
+            headers: &headers,
+        };
+        call_tool(route, message, started, Some(&relay)).await
     });
     // The quick path polls the call here (no task, one write); only a call still running after
-    // the first interval moves, as it is, into a task that the stream waits on.
-    tokio::select! {
+    // the first interval, or whose server reports progress first, moves, as it is, into a task
+    // that the stream waits on.
+    let first = tokio::select! {
         finished = &mut pending => return finished,
-        () = tokio::time::sleep(every) => {}
-    }
+        () = tokio::time::sleep(every) => None,
+        Some(event) = relayed.recv() => Some(event),
+    };
     let call = AbortOnDrop(tokio::spawn(pending));
-    // Still waiting: stream, starting with a keep-alive now.
-    let ticks = tokio::time::interval(every);
-    let stream = futures::stream::unfold(Some((call, ticks)), move |state| {
+    // Still waiting: stream, starting with what the server said or a keep-alive now.
+    let mut ticks = tokio::time::interval(every);
+    if first.is_some() {
+        ticks.reset();
+    }
+    let first = first.map(|event| event_data(&event));
+    let stream = futures::stream::unfold(Some((call, ticks, relayed, first)), move |state| {
         let id = id.clone();
         async move {
-            let (mut call, mut ticks) = state?;
+            let (mut call, mut ticks, mut relayed, first) = state?;
+            if let Some(first) = first {
+                return Some((first, Some((call, ticks, relayed, None))));
+            }
             tokio::select! {
+                biased;
+                Some(event) = relayed.recv() => {
+                    Some((event_data(&event), Some((call, ticks, relayed, None))))
+                }
                 finished = &mut call.0 => {
                     let event = match finished {
                         Ok(response) => event_of(response, id, limit).await,
@@ -1274,7 +1355,7 @@ async fn call_tool_streaming(
                     };
                     Some((event, None))
                 }
-                _ = ticks.tick() => Some((": keep-alive\n\n".to_owned(), Some((call, ticks)))),
+                _ = ticks.tick() => Some((": keep-alive\n\n".to_owned(), Some((call, ticks, relayed, None)))),
             }
         }
     });
@@ -1317,15 +1398,29 @@ async fn event_of(response: Response, id: Value, limit: usize) -> String {
     }}))
 }
 
+/// Where one agent's request goes, and how it came.
+#[derive(Clone, Copy)]
+struct Route<'a> {
+    gateway: &'a Gateway,
+    holder: &'a Caller,
+    url: &'a McpUpstream,
+    upstream: &'a str,
+    headers: &'a HeaderMap,
+}
+
 async fn call_tool(
-    gateway: &Gateway,
-    holder: &Caller,
-    url: &McpUpstream,
-    upstream: &str,
-    headers: &HeaderMap,
+    route: Route<'_>,
     message: Map<String, Value>,
     started: Instant,
+    relay: Option<&Relay>,
 ) -> Response {
+    let Route {
+        gateway,
+        holder,
+        url,
+        upstream,
+        headers,
+    } = route;
     let id = message["id"].clone();
     let params = message.get("params").cloned().unwrap_or_else(|| json!({}));
     let modern = modern_protocol(headers, &params);
@@ -1432,7 +1527,7 @@ async fn call_tool(
         entry: Some(report),
         started,
     };
-    let outcome = send(gateway, holder, url, upstream, headers, &forwarded).await;
+    let outcome = send(gateway, holder, url, upstream, headers, &forwarded, relay).await;
     let mut entry = unfinished.entry.take().expect("taken only here");
     entry.time = (gateway.now)();
     entry.latency_us = Some(started.elapsed().as_micros() as u64);

@@ -202,6 +202,12 @@ spec:
         arguments:
           fields:
             location: {{type: string, required: true, enum: [Chicago]}}
+      - name: trigger-long-running-operation
+        upstream: everything
+        arguments:
+          fields:
+            duration: {{type: number, required: true, maximum: 10}}
+            steps: {{type: integer, required: true, maximum: 20}}
     blocked: [get-env]
 "#
     )
@@ -350,7 +356,12 @@ async fn assert_served(sdk: Sdk, through: &Value, tollgate: &Tollgate) {
     let sdk_version = &through["sdk"];
     assert_eq!(
         through["tools"],
-        json!(["echo", "get-structured-content", "get-sum"]),
+        json!([
+            "echo",
+            "get-structured-content",
+            "get-sum",
+            "trigger-long-running-operation"
+        ]),
         "{sdk:?} {sdk_version}"
     );
     for i in 0..3 {
@@ -790,4 +801,41 @@ async fn in_a_cluster_a_stdio_server_runs_behind_the_bridge_and_gets_the_credent
         .await
         .unwrap();
     assert_eq!(deleted.status().as_u16(), 204);
+}
+
+/// A long call whose server reports progress: the client gets every progress notification as
+/// it comes, through Tollgate as directly, and a TypeScript client whose request timeout (1.5 s)
+/// is shorter than the call (3 s) keeps it alive on them, as `resetTimeoutOnProgress` is meant to.
+async fn progress_passes(sdk: Sdk, server: Server) {
+    let upstream = start(server).await;
+    let tollgate = tollgate(&upstream.url).await;
+    let calls = json!([{"name": "trigger-long-running-operation",
+                        "arguments": {"duration": 3, "steps": 6},
+                        "progress": true, "timeout_ms": 1500}]);
+    let direct = sdk
+        .session(json!({"url": upstream.url, "calls": calls}))
+        .await;
+    let through = sdk
+        .session(json!({
+            "url": tollgate.url,
+            "calls": calls,
+            "headers": {"Authorization": format!("Bearer {KEY}"), "Tollgate-Run-Id": "run-long"},
+        }))
+        .await;
+    for (how, outcome) in [("directly", &direct), ("through Tollgate", &through)] {
+        let call = &outcome["calls"][0];
+        assert!(call.get("exception").is_none(), "{sdk:?} {how}: {call}");
+        assert!(text(call).contains("completed"), "{sdk:?} {how}: {call}");
+        assert_eq!(call["tollgate_progress"], 6, "{sdk:?} {how}: {call}");
+    }
+}
+
+#[tokio::test]
+async fn progress_reaches_the_typescript_sdk_as_it_comes_and_keeps_its_call_alive() {
+    progress_passes(Sdk::TypeScript, Server::Everything).await;
+}
+
+#[tokio::test]
+async fn progress_reaches_the_python_sdk_as_it_comes() {
+    progress_passes(Sdk::Python2, Server::Python).await;
 }

@@ -23,8 +23,16 @@ const listed = await client.listTools();
 const tools = listed.tools.map((t) => t.name).sort();
 const calls = [];
 for (const call of spec.calls ?? []) {
+  // With "progress": count progress notifications, and give the call only "timeout_ms" unless
+  // progress keeps it alive (the SDK's resetTimeoutOnProgress), as agents with long tools do.
+  let progress = 0;
+  const options = call.progress
+    ? { onprogress: () => (progress += 1), timeout: call.timeout_ms ?? 60000, resetTimeoutOnProgress: true }
+    : undefined;
   try {
-    calls.push(await client.callTool({ name: call.name, arguments: call.arguments ?? {} }));
+    const result = await client.callTool({ name: call.name, arguments: call.arguments ?? {} }, undefined, options);
+    if (call.progress) result.tollgate_progress = progress;
+    calls.push(result);
   } catch (e) {
     calls.push({ exception: e.constructor.name, message: String(e.message ?? e) });
   }

@@ -3,7 +3,7 @@ agent would run it; prints what the SDK handed back as one JSON line.
 
 Usage: mcp_client.py SPEC, where SPEC is JSON:
   {"url": ..., "headers": {...}, "mode": "auto" | "legacy" (2.x only),
-   "calls": [{"name": ..., "arguments": {...}}, ...]}
+   "calls": [{"name": ..., "arguments": {...}, "progress": true (count progress)}, ...]}
 Output: {"sdk": VERSION, "capabilities": [the server's, by name], "tools": [names],
          "calls": [result as on the wire | {"exception": ...}]}
 A call the SDK raises on is reported as an exception, not a result: that is the difference a
@@ -28,9 +28,20 @@ async def run_calls(session, capabilities):
     tools = sorted(tool.name for tool in listed.tools)
     calls = []
     for call in SPEC.get("calls", []):
+        progress = []
+        options = {}
+        if call.get("progress"):
+
+            async def on_progress(value, total, message):
+                progress.append(value)
+
+            options["progress_callback"] = on_progress
         try:
-            result = await session.call_tool(call["name"], call.get("arguments", {}))
-            calls.append(wire(result))
+            result = await session.call_tool(call["name"], call.get("arguments", {}), **options)
+            outcome = wire(result)
+            if call.get("progress"):
+                outcome["tollgate_progress"] = len(progress)
+            calls.append(outcome)
         except Exception as e:  # what a framework would see
             calls.append({"exception": type(e).__name__, "message": str(e)})
     return tools, calls, sorted(wire(capabilities).keys())

@@ -8,7 +8,7 @@ Usage: mcp_server.py http PORT | mcp_server.py stdio
 import os
 import sys
 
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from pydantic import BaseModel
 
 server = MCPServer("tollgate-test-python-server")
@@ -37,6 +37,17 @@ class Weather(BaseModel):
 def get_structured_content(location: str) -> Weather:
     """Returns structured content along with an output schema"""
     return Weather(temperature=22.5, conditions="Partly cloudy", humidity=65)
+
+
+@server.tool(name="trigger-long-running-operation")
+async def long_running(ctx: Context, duration: float = 10, steps: int = 5) -> str:
+    """Demonstrates a long running operation with progress updates"""
+    import anyio
+
+    for step in range(1, steps + 1):
+        await anyio.sleep(duration / steps)
+        await ctx.report_progress(step, steps)
+    return f"Long running operation completed. Duration: {duration:g} seconds, Steps: {steps}."
 
 
 @server.tool(name="get-env")
