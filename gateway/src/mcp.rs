@@ -773,6 +773,7 @@ async fn send(
     message: &Value,
     relay: Option<&Relay>,
 ) -> Result<(Option<Value>, Option<HeaderValue>), SendError> {
+    let message = &without_client_capabilities(message);
     let url = match (&url.url, &url.stdio) {
         (Some(url), _) => url,
         (None, Some(_)) => {
@@ -866,8 +867,12 @@ async fn send(
             return Err(too_large());
         }
         body.extend_from_slice(&chunk);
-        if sse && let Some(relay) = relay {
-            relayed = relay_events(&body, relayed, relay);
+        if sse {
+            let (read, messages) = complete_events(&body, relayed);
+            relayed = read;
+            for message in messages {
+                server_message(gateway, holder, url, upstream, headers, &message, relay).await;
+            }
         }
     }
     if status == reqwest::StatusCode::ACCEPTED && body.is_empty() {
@@ -930,6 +935,25 @@ async fn send_stdio(
     }
 }
 
+/// `message` as the upstream may see it: the client's capabilities (in `initialize`, and in the
+/// `_meta` of a 2026-07-28 request) emptied, since Tollgate relays no server requests to the
+/// client (sampling, elicitation, roots): a server told the client can answer them would ask,
+/// and wait.
+fn without_client_capabilities(message: &Value) -> Value {
+    let mut message = message.clone();
+    if message.get("method").and_then(Value::as_str) == Some("initialize")
+        && let Some(capabilities) = message.pointer_mut("/params/capabilities")
+    {
+        *capabilities = json!({});
+    }
+    if let Some(capabilities) =
+        message.pointer_mut("/params/_meta/io.modelcontextprotocol~1clientCapabilities")
+    {
+        *capabilities = json!({});
+    }
+    message
+}
+
 /// Where a call's stream sends what its upstream says before the answer.
 pub(crate) type Relay = tokio::sync::mpsc::Sender<Value>;
 
@@ -938,11 +962,11 @@ pub(crate) type Relay = tokio::sync::mpsc::Sender<Value>;
 /// inside a call's answer (requests for sampling or elicitation, other notifications) is not.
 const RELAYED: [&str; 2] = ["notifications/progress", "notifications/message"];
 
-/// Relays the complete events of an SSE `body` after byte `from` that are notifications of
-/// [`RELAYED`]; returns how far it read. A client too slow to take them loses some (the channel
-/// is bounded), never the answer.
-fn relay_events(body: &[u8], from: usize, relay: &Relay) -> usize {
+/// The JSON-RPC messages of the complete events of an SSE `body` after byte `from`, and how far
+/// it read.
+fn complete_events(body: &[u8], from: usize) -> (usize, Vec<Value>) {
     let mut start = from;
+    let mut messages = Vec::new();
     while let Some(end) = event_end(body, start) {
         let event = &body[start..end];
         let data: String = String::from_utf8_lossy(event)
@@ -951,18 +975,65 @@ fn relay_events(body: &[u8], from: usize, relay: &Relay) -> usize {
             .map(|rest| rest.strip_prefix(' ').unwrap_or(rest))
             .collect::<Vec<_>>()
             .join("\n");
-        if let Ok(message) = serde_json::from_str::<Value>(&data)
-            && message.get("id").is_none()
-            && message
-                .get("method")
-                .and_then(Value::as_str)
-                .is_some_and(|m| RELAYED.contains(&m))
-        {
-            let _ = relay.try_send(message);
+        if let Ok(message) = serde_json::from_str::<Value>(&data) {
+            messages.push(message);
         }
         start = end;
     }
-    start
+    (start, messages)
+}
+
+/// What the server says inside its answer besides the answer: notifications of [`RELAYED`] go
+/// to the client's stream (a client too slow to take them loses some, never the answer); a
+/// request to the client (sampling, elicitation, roots), which Tollgate does not relay, is
+/// answered with an error at once, so the call never hangs waiting for it, and recorded.
+async fn server_message(
+    gateway: &Gateway,
+    holder: &Caller,
+    url: &str,
+    upstream: &str,
+    headers: &HeaderMap,
+    message: &Value,
+    relay: Option<&Relay>,
+) {
+    let method = message.get("method").and_then(Value::as_str);
+    match (message.get("id"), method) {
+        (None, Some(method)) if RELAYED.contains(&method) => {
+            if let Some(relay) = relay {
+                let _ = relay.try_send(message.clone());
+            }
+        }
+        (Some(id), Some(method)) => {
+            let why = format!(
+                "the server's request {method} was answered with an error: Tollgate does not \
+                 relay sampling, elicitation or roots requests to the client"
+            );
+            let refusal = json!({"jsonrpc": "2.0", "id": id, "error": {
+                "code": codes::METHOD_NOT_FOUND, "message": why}});
+            let mut answer = gateway
+                .http
+                .post(url)
+                .header("content-type", "application/json")
+                .header("accept", "application/json, text/event-stream")
+                .timeout(gateway.upstream_timeout)
+                .body(refusal.to_string());
+            for name in [SESSION_HEADER, PROTOCOL_HEADER] {
+                if let Some(value) = headers.get(name) {
+                    answer = answer.header(name, value);
+                }
+            }
+            if let Ok(Some((header, value))) = gateway.credential(&holder.agent, upstream).await {
+                answer = answer.header(header, value);
+            }
+            if let Err(e) = answer.send().await {
+                tracing::warn!(%upstream, error = %e, "could not answer the server's request");
+            }
+            if let Err(refusal) = gateway.reject(Some(holder), upstream, why).await {
+                tracing::error!(message = %refusal.message, "a refused server request could not be recorded");
+            }
+        }
+        _ => {}
+    }
 }
 
 /// The end (past its blank line) of the SSE event that starts at `from`, once it is complete.

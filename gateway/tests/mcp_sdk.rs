@@ -202,6 +202,8 @@ spec:
         arguments:
           fields:
             location: {{type: string, required: true, enum: [Chicago]}}
+      - name: trigger-elicitation-request
+        upstream: everything
       - name: trigger-long-running-operation
         upstream: everything
         arguments:
@@ -252,6 +254,15 @@ impl Sdk {
         })
     }
 }
+
+/// The tools the policy allows.
+const ALLOWED: [&str; 5] = [
+    "echo",
+    "get-structured-content",
+    "get-sum",
+    "trigger-elicitation-request",
+    "trigger-long-running-operation",
+];
 
 /// The calls every scenario makes: two allowed, one with an output schema, one blocked, and two
 /// the policy's argument constraints refuse (one of a tool with an output schema).
@@ -354,16 +365,28 @@ async fn direct_and_through(sdk: Sdk, mode: Option<&str>, server: Server) {
 async fn assert_served(sdk: Sdk, through: &Value, tollgate: &Tollgate) {
     let t = &through["calls"];
     let sdk_version = &through["sdk"];
-    assert_eq!(
-        through["tools"],
-        json!([
-            "echo",
-            "get-structured-content",
-            "get-sum",
-            "trigger-long-running-operation"
-        ]),
-        "{sdk:?} {sdk_version}"
-    );
+    // The allowed tools the server offers (the reference server offers its elicitation tool
+    // only to clients that can be asked, which a client through Tollgate cannot), never another.
+    let tools: Vec<&str> = through["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for tool in [
+        "echo",
+        "get-structured-content",
+        "get-sum",
+        "trigger-long-running-operation",
+    ] {
+        assert!(tools.contains(&tool), "{sdk:?} {sdk_version}: {tools:?}");
+    }
+    for tool in &tools {
+        assert!(
+            ALLOWED.contains(tool),
+            "{sdk:?} {sdk_version}: {tool} is not allowed: {tools:?}"
+        );
+    }
     for i in 0..3 {
         assert!(
             t[i].get("exception").is_none() && t[i]["isError"] != true,
@@ -838,4 +861,42 @@ async fn progress_reaches_the_typescript_sdk_as_it_comes_and_keeps_its_call_aliv
 #[tokio::test]
 async fn progress_reaches_the_python_sdk_as_it_comes() {
     progress_passes(Sdk::Python2, Server::Python).await;
+}
+
+#[tokio::test]
+async fn a_servers_elicitation_never_reaches_past_tollgate_and_never_hangs_the_call() {
+    // Directly, the server asks the person at the client (who accepts); through Tollgate the
+    // server is told the client cannot be asked (its capabilities emptied) and, asking all
+    // the same, is answered with an error at once: the call ends, nobody was asked, and the
+    // refused request is in the trail.
+    let upstream = start(Server::Python).await;
+    let tollgate = tollgate(&upstream.url).await;
+    let calls = json!([{"name": "trigger-elicitation-request", "arguments": {}}]);
+    let direct = Sdk::Python1
+        .session(json!({"url": upstream.url, "calls": calls, "elicit": true}))
+        .await;
+    assert_eq!(direct["elicited"], 1, "{direct}");
+    assert_eq!(text(&direct["calls"][0]), "elicitation accept", "{direct}");
+    let through = Sdk::Python1
+        .session(json!({
+            "url": tollgate.url,
+            "calls": calls,
+            "elicit": true,
+            "headers": {"Authorization": format!("Bearer {KEY}")},
+        }))
+        .await;
+    assert_eq!(through["elicited"], 0, "{through}");
+    let call = &through["calls"][0];
+    assert!(
+        call.get("exception").is_some() || call["isError"] == true,
+        "the tool could not ask: {call}"
+    );
+    let records = tollgate.store.query(&Query::default()).await.unwrap();
+    assert!(
+        records
+            .iter()
+            .filter_map(|r| r.entry().unwrap().error)
+            .any(|e| e.contains("elicitation/create was answered with an error")),
+        "the refused request is recorded"
+    );
 }

@@ -3,7 +3,8 @@ agent would run it; prints what the SDK handed back as one JSON line.
 
 Usage: mcp_client.py SPEC, where SPEC is JSON:
   {"url": ..., "headers": {...}, "mode": "auto" | "legacy" (2.x only),
-   "calls": [{"name": ..., "arguments": {...}, "progress": true (count progress)}, ...]}
+   "calls": [{"name": ..., "arguments": {...}, "progress": true (count progress)}, ...],
+   "elicit": true (a person who accepts every elicitation, counted)}
 Output: {"sdk": VERSION, "capabilities": [the server's, by name], "tools": [names],
          "calls": [result as on the wire | {"exception": ...}]}
 A call the SDK raises on is reported as an exception, not a result: that is the difference a
@@ -47,14 +48,28 @@ async def run_calls(session, capabilities):
     return tools, calls, sorted(wire(capabilities).keys())
 
 
+ELICITED = []
+
+
+async def on_elicitation(context, params):
+    """A person who confirms whatever is asked, counted."""
+    ELICITED.append(params.message)
+    if SDK.startswith("1."):
+        from mcp.types import ElicitResult
+    else:
+        from mcp_types import ElicitResult
+    return ElicitResult(action="accept", content={"confirm": True})
+
+
 async def main():
     headers = SPEC.get("headers", {})
+    callbacks = {"elicitation_callback": on_elicitation} if SPEC.get("elicit") else {}
     if SDK.startswith("1."):
         from mcp import ClientSession
         from mcp.client.streamable_http import streamablehttp_client
 
         async with streamablehttp_client(SPEC["url"], headers=headers) as (read, write, _):
-            async with ClientSession(read, write) as session:
+            async with ClientSession(read, write, **callbacks) as session:
                 initialized = await session.initialize()
                 tools, calls, capabilities = await run_calls(session, initialized.capabilities)
     else:
@@ -64,9 +79,10 @@ async def main():
 
         http = create_mcp_http_client(headers=headers)
         transport = streamable_http_client(SPEC["url"], http_client=http)
-        async with Client(transport, mode=SPEC.get("mode", "auto")) as client:
+        async with Client(transport, mode=SPEC.get("mode", "auto"), **callbacks) as client:
             tools, calls, capabilities = await run_calls(client, client.server_capabilities)
-    print(json.dumps({"sdk": SDK, "capabilities": capabilities, "tools": tools, "calls": calls}))
+    print(json.dumps({"sdk": SDK, "capabilities": capabilities, "tools": tools, "calls": calls,
+                      "elicited": len(ELICITED)}))
 
 
 asyncio.run(asyncio.wait_for(main(), 60))

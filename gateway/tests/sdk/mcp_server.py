@@ -50,6 +50,17 @@ async def long_running(ctx: Context, duration: float = 10, steps: int = 5) -> st
     return f"Long running operation completed. Duration: {duration:g} seconds, Steps: {steps}."
 
 
+class Confirmation(BaseModel):
+    confirm: bool
+
+
+@server.tool(name="trigger-elicitation-request")
+async def elicitation(ctx: Context) -> str:
+    """Asks the person at the client to confirm, through an elicitation"""
+    result = await ctx.elicit("Delete the record?", Confirmation)
+    return f"elicitation {result.action}"
+
+
 @server.tool(name="get-env")
 def get_env() -> str:
     """Returns the server's environment (a tool no agent should reach)"""
