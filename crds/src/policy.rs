@@ -168,6 +168,8 @@ pub enum Capture {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.url) != has(self.stdio)")
     .message("an MCP upstream has either a url or a stdio command, exactly one"))]
+#[x_kube(validation = Rule::new("!has(self.transport) || has(self.url)")
+    .message("transport is how the server at url speaks: give it with url only"))]
 pub struct McpUpstream {
     /// The server's MCP endpoint, an http or https URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -175,6 +177,11 @@ pub struct McpUpstream {
     #[x_kube(validation = Rule::new("isURL(self) && url(self).getScheme() in ['http', 'https']")
         .message("must be an absolute http or https URL"))]
     pub url: Option<String>,
+    /// How the server at `url` speaks MCP: StreamableHttp (the default, MCP 2025-03-26 and
+    /// later) or Sse, the HTTP+SSE transport of 2024-11-05 that many hosted servers still serve
+    /// alone (`url` is then the stream's, such as https://host/sse).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<McpTransport>,
     /// A server the gateway starts itself, one process per MCP session of the agent, and talks
     /// to over its stdin and stdout. Only a standalone gateway starts processes: in a cluster, a
     /// policy must not be able to run commands inside the gateway, which holds every agent's
@@ -182,6 +189,15 @@ pub struct McpUpstream {
     /// own and name its url instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stdio: Option<StdioServer>,
+}
+
+/// The HTTP transport of an MCP server.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum McpTransport {
+    /// Streamable HTTP: one endpoint, a POST per message.
+    StreamableHttp,
+    /// HTTP+SSE (2024-11-05): a GET stream that names where to POST, answers on the stream.
+    Sse,
 }
 
 /// How the gateway starts a stdio MCP server.

@@ -804,6 +804,13 @@ fn check_mcp_upstream(i: usize, mcp: &tollgate_crds::policy::McpUpstream, errors
             }
         }
         (None, Some(stdio)) => {
+            if mcp.transport.is_some() {
+                errors.push(
+                    at(".transport"),
+                    "transport is how the server at url speaks; a stdio server has no url",
+                    "remove transport",
+                );
+            }
             if stdio.command.trim().is_empty() || stdio.command.contains('\0') {
                 errors.push(
                     at(".stdio.command"),

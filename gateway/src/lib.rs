@@ -22,6 +22,7 @@ pub mod bridge;
 pub mod cluster;
 pub mod escalate;
 pub mod keys;
+mod legacy;
 pub mod llm;
 pub mod mcp;
 pub mod policies;
@@ -231,6 +232,8 @@ pub struct Gateway {
     pub(crate) upstream_timeout: std::time::Duration,
     /// The stdio MCP servers this gateway started, by session.
     pub(crate) stdio: stdio::StdioSessions,
+    /// The streams of HTTP+SSE MCP servers this gateway holds, by session.
+    pub(crate) streams: legacy::SseSessions,
     /// What models cost, for the LLM proxy's metering.
     pub(crate) prices: tollgate_engine::llm::Prices,
     /// Refusals of requests that proved no identity, summarized per interval.
@@ -312,6 +315,7 @@ impl Gateway {
             upstream_limit: DEFAULT_UPSTREAM_LIMIT,
             upstream_timeout: DEFAULT_UPSTREAM_TIMEOUT,
             stdio: stdio::StdioSessions::default(),
+            streams: legacy::SseSessions::default(),
             prices: default_prices(),
             anonymous: Arc::new(anonymous::Anonymous::new(anonymous::DEFAULT_INTERVAL)),
             approval_watch: std::sync::OnceLock::new(),
@@ -378,6 +382,12 @@ impl Gateway {
     /// Ends every stdio MCP server this gateway started (it is stopping).
     pub fn end_stdio_sessions(&self) {
         self.stdio.end_all();
+        self.streams.end_all();
+    }
+
+    /// How many HTTP+SSE server streams this gateway holds (for tests and diagnostics).
+    pub fn held_streams(&self) -> usize {
+        self.streams.count()
     }
 
     /// The pids of the stdio MCP servers this gateway runs (for tests and diagnostics).
@@ -969,5 +979,23 @@ impl stdio::Keeper for Gateway {
 
     fn sessions(&self) -> &stdio::StdioSessions {
         &self.stdio
+    }
+}
+
+impl legacy::Keeper for Gateway {
+    fn keeps_stream(&self, agent: &str, upstream: &str, url: &str) -> bool {
+        let Some(entry) = self.policies.agent(agent) else {
+            return false;
+        };
+        let killed = entry.killed || self.escalation.holds(&entry.id, entry.killed);
+        !killed
+            && entry.upstreams.get(upstream).is_some_and(|mcp| {
+                mcp.url.as_deref() == Some(url)
+                    && mcp.transport == Some(tollgate_crds::policy::McpTransport::Sse)
+            })
+    }
+
+    fn streams(&self) -> &legacy::SseSessions {
+        &self.streams
     }
 }

@@ -31,7 +31,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 use tollgate_audit::{Entry, Event};
-use tollgate_crds::policy::McpUpstream;
+use tollgate_crds::policy::{McpTransport, McpUpstream};
 use tollgate_engine::{Decision, canonical};
 
 use super::{
@@ -376,7 +376,17 @@ pub(super) async fn end_session(
         );
         return refuse_with(&gateway, &holder, &upstream, Value::Null, refusal).await;
     };
+    let sse = url.transport == Some(McpTransport::Sse);
     let url = match (&url.url, &url.stdio) {
+        (Some(_), _) if sse => {
+            // An HTTP+SSE server's session ends with its stream.
+            let id = session.to_str().unwrap_or_default();
+            return if gateway.streams.end(id, &holder.agent, &upstream) {
+                StatusCode::NO_CONTENT.into_response()
+            } else {
+                StatusCode::NOT_FOUND.into_response()
+            };
+        }
         (Some(url), _) => url.clone(),
         (None, _) => {
             // A stdio server's session ends with its process.
@@ -502,6 +512,9 @@ pub(super) async fn proxy(
     if url.stdio.is_some() {
         // The task that ends idle, killed and changed stdio servers (started once).
         gateway.stdio.reap_for(Arc::downgrade(&gateway));
+    }
+    if url.transport == Some(McpTransport::Sse) {
+        gateway.streams.reap_for(Arc::downgrade(&gateway));
     }
 
     match (method.as_str(), id.is_some()) {
@@ -775,9 +788,12 @@ async fn send(
 ) -> Result<(Option<Value>, Option<HeaderValue>), SendError> {
     let message = &without_client_capabilities(message);
     let url = match (&url.url, &url.stdio) {
+        (Some(_), _) if url.transport == Some(McpTransport::Sse) => {
+            return send_held(gateway, holder, upstream, headers, message, true).await;
+        }
         (Some(url), _) => url,
         (None, Some(_)) => {
-            return send_stdio(gateway, holder, upstream, headers, message).await;
+            return send_held(gateway, holder, upstream, headers, message, false).await;
         }
         (None, None) => {
             return Err(SendError::NotSent(format!(
@@ -896,32 +912,35 @@ async fn send(
     }
 }
 
-/// [`send`] to a stdio server: in the session the client names, which must be one this agent
-/// started at this upstream.
-async fn send_stdio(
+/// [`send`] in a session the gateway holds itself (a stdio process, or an HTTP+SSE stream): the
+/// one the client names, which must be this agent's at this upstream.
+async fn send_held(
     gateway: &Gateway,
     holder: &Caller,
     upstream: &str,
     headers: &HeaderMap,
     message: &Value,
+    stream: bool,
 ) -> Result<(Option<Value>, Option<HeaderValue>), SendError> {
     let Some(session) = headers.get(SESSION_HEADER).cloned() else {
         return Err(SendError::SessionGone(format!(
-            "upstream {upstream:?} is a stdio server: a session is needed (initialize first)"
+            "upstream {upstream:?} needs a session the gateway holds for it: initialize first"
         )));
     };
     let id = session.to_str().unwrap_or_default();
-    match gateway
-        .stdio
-        .request(
-            id,
-            &holder.agent,
-            upstream,
-            message,
-            gateway.upstream_timeout,
-        )
-        .await
-    {
+    let timeout = gateway.upstream_timeout;
+    let answer = if stream {
+        gateway
+            .streams
+            .request(&gateway.http, id, &holder.agent, upstream, message, timeout)
+            .await
+    } else {
+        gateway
+            .stdio
+            .request(id, &holder.agent, upstream, message, timeout)
+            .await
+    };
+    match answer {
         Ok(answer) => Ok((answer, Some(session))),
         Err(StdioError::UnknownSession) => Err(SendError::SessionGone(format!(
             "upstream {upstream:?} has no session {id:?} of this agent (it ended, or never \
@@ -930,7 +949,7 @@ async fn send_stdio(
         Err(StdioError::NotSent(why)) => Err(SendError::NotSent(why)),
         Err(StdioError::Unanswered(why)) => Err(SendError::Unusable(why)),
         Err(StdioError::Limit(n)) => Err(SendError::NotSent(format!(
-            "upstream {upstream:?}: the agent holds {n} stdio servers already"
+            "upstream {upstream:?}: the agent holds {n} sessions already"
         ))),
     }
 }
@@ -1037,7 +1056,7 @@ async fn server_message(
 }
 
 /// The end (past its blank line) of the SSE event that starts at `from`, once it is complete.
-fn event_end(body: &[u8], from: usize) -> Option<usize> {
+pub(crate) fn event_end(body: &[u8], from: usize) -> Option<usize> {
     let mut i = from;
     while i < body.len() {
         if body[i] == b'\n' {
@@ -1114,18 +1133,63 @@ async fn initialize(
     let message = Value::Object(message);
     // A stdio server starts here, one process for the session this initialize opens.
     let mut headers = headers.clone();
-    if let Some(server) = &url.stdio {
-        if message.get("method").and_then(Value::as_str) != Some("initialize") {
-            // server/discover (2026-07-28) needs no session, and a stdio server lives for one:
-            // the client falls back to initialize.
-            return rpc_error(
-                StatusCode::OK,
-                message["id"].clone(),
-                codes::METHOD_NOT_FOUND,
-                format!("upstream {upstream:?} is a stdio server: open a session with initialize"),
-                None,
-            );
+    let held = url.stdio.is_some() || url.transport == Some(McpTransport::Sse);
+    if held && message.get("method").and_then(Value::as_str) != Some("initialize") {
+        // server/discover (2026-07-28) needs no session, and these servers live in one: the
+        // client falls back to initialize.
+        return rpc_error(
+            StatusCode::OK,
+            message["id"].clone(),
+            codes::METHOD_NOT_FOUND,
+            format!("upstream {upstream:?} needs a session: open one with initialize"),
+            None,
+        );
+    }
+    if let (Some(stream), Some(McpTransport::Sse)) = (&url.url, url.transport) {
+        let credential = match gateway.credential(&holder.agent, upstream).await {
+            Ok(credential) => credential,
+            Err(e) => return SendError::NotSent(e).answer(message["id"].clone()),
+        };
+        let opened = gateway
+            .streams
+            .open(
+                &gateway.http,
+                &holder.agent,
+                upstream,
+                stream,
+                credential,
+                gateway.upstream_limit,
+            )
+            .await;
+        match opened {
+            Ok(session) => {
+                if let Ok(value) = HeaderValue::from_str(&session) {
+                    headers.insert(SESSION_HEADER, value);
+                }
+            }
+            Err(StdioError::Limit(n)) => {
+                let refusal = Refusal::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    RefusalCode::SessionLimit,
+                    format!(
+                        "agent {} holds {n} sessions of HTTP+SSE servers already, the most it \
+                         may: end one (DELETE) or let one go idle",
+                        holder.agent
+                    ),
+                );
+                return refuse_with(gateway, holder, upstream, message["id"].clone(), refusal)
+                    .await;
+            }
+            Err(StdioError::NotSent(why) | StdioError::Unanswered(why)) => {
+                return SendError::NotSent(why).answer(message["id"].clone());
+            }
+            Err(StdioError::UnknownSession) => {
+                return SendError::NotSent(format!("upstream {upstream:?}: no session"))
+                    .answer(message["id"].clone());
+            }
         }
+    }
+    if let Some(server) = &url.stdio {
         let credential = match gateway.credential(&holder.agent, upstream).await {
             Ok(credential) => credential.map(|(_, value)| value),
             Err(e) => return SendError::NotSent(e).answer(message["id"].clone()),
@@ -1163,10 +1227,10 @@ async fn initialize(
     {
         Ok(ok) => ok,
         Err(e) => {
-            if url.stdio.is_some()
-                && let Some(session) = headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok())
+            if held && let Some(session) = headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok())
             {
                 gateway.stdio.end(session, &holder.agent, upstream);
+                gateway.streams.end(session, &holder.agent, upstream);
             }
             return e.answer(message["id"].clone());
         }

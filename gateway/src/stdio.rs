@@ -350,7 +350,7 @@ impl StdioSessions {
 }
 
 /// 128 random bits from the kernel, hex: a session id nobody can guess.
-fn session_id() -> std::io::Result<String> {
+pub(crate) fn session_id() -> std::io::Result<String> {
     use std::io::Read as _;
     let mut bytes = [0u8; 16];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;

@@ -426,6 +426,24 @@ async fn cel_rules_refuse_invalid_policies() {
             "an MCP upstream has either a url or a stdio command, exactly one",
         ),
         (
+            "a transport for a stdio server",
+            with(
+                policy(),
+                "/spec/upstreams/1",
+                json!({"name": "local", "mcp": {"stdio": {"command": "srv"}, "transport": "Sse"}}),
+            ),
+            "transport is how the server at url speaks",
+        ),
+        (
+            "an unknown MCP transport",
+            with(
+                policy(),
+                "/spec/upstreams/0/mcp/transport",
+                json!("WebSocket"),
+            ),
+            "Unsupported value: \"WebSocket\"",
+        ),
+        (
             "a stdio credential variable that is no variable name",
             with(
                 policy(),
