@@ -900,7 +900,10 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
     Router::new()
         .route("/v1/decide", post(api::decide))
         .route("/v1/report", post(api::report))
-        .route("/mcp/{upstream}", post(mcp::proxy).delete(mcp::end_session))
+        .route(
+            "/mcp/{upstream}",
+            post(mcp::proxy).delete(mcp::end_session).get(mcp::listen),
+        )
         .route("/llm/{upstream}/{*path}", axum::routing::any(llm::proxy))
         .route(
             "/.well-known/oauth-protected-resource",

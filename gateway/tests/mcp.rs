@@ -1507,3 +1507,131 @@ async fn a_401_names_the_resource_metadata_that_says_how_to_get_a_credential() {
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
     assert!(response.headers().get("www-authenticate").is_none());
 }
+
+#[tokio::test]
+async fn the_get_stream_passes_the_servers_notifications_and_answers_its_requests() {
+    // An upstream whose GET stream sends a progress notification, a sampling request, a
+    // resource notification and a tools/list_changed, each with an event id.
+    use axum::response::IntoResponse;
+    let posted: Seen = Arc::default();
+    let last_event: Arc<Mutex<Option<String>>> = Arc::default();
+    let (seen, last) = (posted.clone(), last_event.clone());
+    let stream = move |headers: axum::http::HeaderMap| {
+        let last = last.clone();
+        async move {
+            *last.lock().unwrap() = headers
+                .get("last-event-id")
+                .map(|v| v.to_str().unwrap().to_owned());
+            let body = [
+                (
+                    1,
+                    json!({"jsonrpc": "2.0", "method": "notifications/progress",
+                           "params": {"progressToken": "t", "progress": 1}}),
+                ),
+                (
+                    2,
+                    json!({"jsonrpc": "2.0", "id": 77, "method": "sampling/createMessage",
+                           "params": {"messages": [], "maxTokens": 10}}),
+                ),
+                (
+                    3,
+                    json!({"jsonrpc": "2.0", "method": "notifications/resources/updated",
+                           "params": {"uri": "file:///secret"}}),
+                ),
+                (
+                    4,
+                    json!({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}),
+                ),
+            ]
+            .iter()
+            .map(|(id, m)| format!("id: {id}\nevent: message\ndata: {m}\n\n"))
+            .collect::<String>();
+            ([("content-type", "text/event-stream")], body).into_response()
+        }
+    };
+    let post = move |headers: axum::http::HeaderMap, body: String| {
+        let seen = seen.clone();
+        async move {
+            seen.lock().unwrap().push((
+                "POST".into(),
+                headers,
+                serde_json::from_str(&body).unwrap(),
+            ));
+            StatusCode::ACCEPTED
+        }
+    };
+    let app = axum::Router::new().route("/mcp", axum::routing::get(stream).post(post));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/mcp", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let h = harness_on(url, Calls::default(), Arc::default(), |g| g).await;
+
+    let response = h
+        .app
+        .clone()
+        .oneshot(
+            Request::get("/mcp/crm")
+                .header("authorization", format!("Bearer {KEY}"))
+                .header("accept", "text/event-stream")
+                .header(mcp::SESSION_HEADER, "s-1")
+                .header("last-event-id", "0")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let text = String::from_utf8(
+        response
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    // Progress and list_changed pass with their ids; the resource notification does not (its id
+    // does, so a reconnect resumes after it); the request never reaches the client.
+    assert!(text.contains("id: 1\nevent: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\""), "{text}");
+    assert!(text.contains("id: 4\nevent: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/tools/list_changed\""), "{text}");
+    assert!(text.contains("id: 3\n"), "{text}");
+    assert!(!text.contains("file:///secret"), "{text}");
+    assert!(!text.contains("sampling/createMessage"), "{text}");
+    assert_eq!(last_event.lock().unwrap().as_deref(), Some("0"));
+    // The server's request was answered with an error, in its session, with the credential.
+    let posted = posted.lock().unwrap().clone();
+    assert_eq!(posted.len(), 1, "{posted:?}");
+    let (_, headers, answer) = &posted[0];
+    assert_eq!(answer["id"], 77);
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("does not relay")
+    );
+    assert_eq!(headers[mcp::SESSION_HEADER], "s-1");
+    assert_eq!(
+        headers["authorization"],
+        format!("Bearer {CREDENTIAL}").as_str()
+    );
+    let records = rejections(&h.store).await;
+    assert!(
+        records.iter().any(|e| e.contains("sampling/createMessage")),
+        "{records:?}"
+    );
+
+    // Without a session there is no stream to name.
+    let response = h
+        .app
+        .clone()
+        .oneshot(
+            Request::get("/mcp/crm")
+                .header("authorization", format!("Bearer {KEY}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+}
