@@ -20,6 +20,7 @@ mod api;
 pub mod approvals;
 pub mod bridge;
 pub mod cluster;
+pub mod combined;
 pub mod escalate;
 pub mod keys;
 mod legacy;
@@ -234,6 +235,8 @@ pub struct Gateway {
     pub(crate) stdio: stdio::StdioSessions,
     /// The streams of HTTP+SSE MCP servers this gateway holds, by session.
     pub(crate) streams: legacy::SseSessions,
+    /// The sessions of `/mcp`, each a session at every upstream.
+    pub(crate) combined: combined::CombinedSessions,
     /// What models cost, for the LLM proxy's metering.
     pub(crate) prices: tollgate_engine::llm::Prices,
     /// Refusals of requests that proved no identity, summarized per interval.
@@ -316,6 +319,7 @@ impl Gateway {
             upstream_timeout: DEFAULT_UPSTREAM_TIMEOUT,
             stdio: stdio::StdioSessions::default(),
             streams: legacy::SseSessions::default(),
+            combined: combined::CombinedSessions::default(),
             prices: default_prices(),
             anonymous: Arc::new(anonymous::Anonymous::new(anonymous::DEFAULT_INTERVAL)),
             approval_watch: std::sync::OnceLock::new(),
@@ -900,6 +904,12 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
     Router::new()
         .route("/v1/decide", post(api::decide))
         .route("/v1/report", post(api::report))
+        .route(
+            "/mcp",
+            post(combined::proxy)
+                .delete(combined::end)
+                .get(|| async { StatusCode::METHOD_NOT_ALLOWED }),
+        )
         .route(
             "/mcp/{upstream}",
             post(mcp::proxy).delete(mcp::end_session).get(mcp::listen),

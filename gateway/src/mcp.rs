@@ -72,10 +72,10 @@ pub const SESSION_HEADER: &str = "mcp-session-id";
 const PROTOCOL_HEADER: &str = "mcp-protocol-version";
 /// Protocol 2026-07-28: the request's method, and the name it acts on, in headers that
 /// intermediaries route by; both must say what the body says.
-const METHOD_HEADER: &str = "mcp-method";
-const NAME_HEADER: &str = "mcp-name";
+pub(crate) const METHOD_HEADER: &str = "mcp-method";
+pub(crate) const NAME_HEADER: &str = "mcp-name";
 
-fn rpc_error(
+pub(crate) fn rpc_error(
     status: StatusCode,
     id: Value,
     code: i64,
@@ -94,7 +94,8 @@ fn rpc_error(
 }
 
 impl Gateway {
-    async fn reject(
+    /// Records a refusal at `/mcp/<upstream>` (at `/mcp` when `upstream` is empty).
+    pub(crate) async fn reject(
         &self,
         holder: Option<&Caller>,
         upstream: &str,
@@ -113,7 +114,11 @@ impl Gateway {
     ) -> Result<(), Refusal> {
         let mut entry = Entry::new((self.now)(), Event::Rejected, identity);
         entry.agent = holder.map(|h| h.agent.clone());
-        entry.error = Some(format!("/mcp/{upstream}: {error}"));
+        entry.error = Some(if upstream.is_empty() {
+            format!("/mcp: {error}")
+        } else {
+            format!("/mcp/{upstream}: {error}")
+        });
         self.metrics.refusals.with_label_values(&["mcp"]).inc();
         self.audit
             .append(entry)
@@ -124,7 +129,7 @@ impl Gateway {
 }
 
 /// A refusal before any decision, as a JSON-RPC error with the refusal's HTTP status.
-fn rpc_refusal(id: Value, refusal: &Refusal) -> Response {
+pub(crate) fn rpc_refusal(id: Value, refusal: &Refusal) -> Response {
     rpc_error(
         refusal.status,
         id,
@@ -143,7 +148,7 @@ fn rpc_refusal(id: Value, refusal: &Refusal) -> Response {
 ///
 /// At protocol 2026-07-28 and later a result says what kind it is (`resultType`); earlier clients
 /// get none, as their schemas do not know it.
-fn refused_call(id: Value, modern: bool, message: &str, decision: Value) -> Response {
+pub(crate) fn refused_call(id: Value, modern: bool, message: &str, decision: Value) -> Response {
     let code = decision
         .get("code")
         .and_then(Value::as_str)
@@ -245,7 +250,7 @@ async fn refuse(
 }
 
 /// The caller, or the answer refusing it (recorded, or counted in the interval's summary).
-async fn authenticated(
+pub(crate) async fn authenticated(
     gateway: &Gateway,
     headers: &HeaderMap,
     upstream: &str,
@@ -353,7 +358,7 @@ pub(super) async fn resource_metadata(
 /// `DELETE /mcp/{upstream}`: the client ends its session, and the upstream its own (behind a
 /// stdio bridge, that ends a process). The upstream's status is passed back as it is: 200 or
 /// 204 ended, 404 unknown, 405 the server does not let clients end sessions.
-pub(super) async fn end_session(
+pub(crate) async fn end_session(
     State(gateway): State<Arc<Gateway>>,
     Path(upstream): Path<String>,
     headers: HeaderMap,
@@ -572,7 +577,7 @@ pub(super) async fn listen(
     response
 }
 
-pub(super) async fn proxy(
+pub(crate) async fn proxy(
     State(gateway): State<Arc<Gateway>>,
     Path(upstream): Path<String>,
     headers: HeaderMap,
@@ -734,7 +739,7 @@ pub(super) async fn proxy(
 }
 
 /// The JSON-RPC method of a request or notification; anything else is refused with the reason.
-fn check_shape(message: &Map<String, Value>) -> Result<String, String> {
+pub(crate) fn check_shape(message: &Map<String, Value>) -> Result<String, String> {
     if message.get("jsonrpc") != Some(&Value::String("2.0".to_owned())) {
         return Err("a JSON-RPC message must carry \"jsonrpc\": \"2.0\"".to_owned());
     }
@@ -872,7 +877,7 @@ const MODERN_PROTOCOL: &str = "2026-07-28";
 
 /// Whether a request speaks protocol 2026-07-28 or later: its `MCP-Protocol-Version` header, or
 /// the version in its `_meta` envelope. Versions are dates, so they compare as strings.
-fn modern_protocol(headers: &HeaderMap, params: &Value) -> bool {
+pub(crate) fn modern_protocol(headers: &HeaderMap, params: &Value) -> bool {
     let header = headers
         .get(PROTOCOL_HEADER)
         .and_then(|v| v.to_str().ok())
@@ -898,7 +903,7 @@ fn name_param(method: &str) -> Option<&'static str> {
 /// Protocol 2026-07-28 routes by `Mcp-Method` and `Mcp-Name`; when a client sends them they must
 /// say what the body says, or an intermediary could route (or a server log) one call while the
 /// gateway decides another.
-fn check_routing(
+pub(crate) fn check_routing(
     headers: &HeaderMap,
     message: &Map<String, Value>,
     method: &str,

@@ -116,11 +116,16 @@ async fn tollgate(upstream: &str) -> Tollgate {
 
 /// Tollgate with the upstream's `mcp:` given as YAML (a URL or a stdio command).
 async fn tollgate_with(mcp: &str, configure: impl FnOnce(Gateway) -> Gateway) -> Tollgate {
+    tollgate_from(&policy(mcp, false), configure).await
+}
+
+/// Tollgate with the agent's identity and policy as `manifests` says.
+async fn tollgate_from(manifests: &str, configure: impl FnOnce(Gateway) -> Gateway) -> Tollgate {
     let dir = tempfile::tempdir().unwrap();
     let policies = dir.path().join("policies");
     std::fs::create_dir(&policies).unwrap();
     let policy_file = policies.join("everything.yaml");
-    std::fs::write(&policy_file, policy(mcp, false)).unwrap();
+    std::fs::write(&policy_file, manifests).unwrap();
     let secret = dir.path().join("secrets/default/tool-token");
     std::fs::create_dir_all(&secret).unwrap();
     std::fs::write(secret.join("token"), TOOL_TOKEN).unwrap();
@@ -1020,4 +1025,85 @@ async fn an_sse_server_cannot_send_the_agents_credential_to_another_origin() {
         "nothing reached the other origin"
     );
     assert_eq!(tollgate.gateway.held_streams(), 0);
+}
+
+#[tokio::test]
+async fn one_endpoint_serves_every_upstream_with_tool_names_that_say_which() {
+    // Two upstreams, one over HTTP (the reference server) and one over stdio (a Python SDK
+    // server), behind /mcp: tools named <upstream>__<tool>, each call decided at its upstream.
+    let everything = start(Server::Everything).await;
+    let manifests = policy(&format!("{{url: \"{}\"}}", everything.url), false).replace(
+        "  tools:\n    allowed:\n",
+        &format!(
+            "    - name: local\n      mcp: {}\n  tools:\n    allowed:\n      - name: get-sum\n        upstream: local\n        arguments: {{additionalFields: Allow}}\n",
+            stdio_mcp(Server::Python)
+        ),
+    );
+    let manifests = manifests.replace(
+        "      - name: get-sum\n        upstream: everything\n        arguments:\n          fields:\n            a: {type: number, required: true}\n            b: {type: number, required: true}\n",
+        "",
+    );
+    let tollgate = tollgate_from(&manifests, |g| g).await;
+    let all = tollgate.url.trim_end_matches("/everything").to_owned();
+    let spec = json!({
+        "url": all,
+        "headers": {"Authorization": format!("Bearer {KEY}")},
+        "calls": [
+            {"name": "everything__echo", "arguments": {"message": "hello"}},
+            {"name": "local__get-sum", "arguments": {"a": 2, "b": 40}},
+            {"name": "local__echo", "arguments": {"message": "hello"}},
+            {"name": "everything__get-env", "arguments": {}},
+            {"name": "nowhere__echo", "arguments": {}},
+        ],
+    });
+    for sdk in [Sdk::Python1, Sdk::TypeScript] {
+        let outcome = sdk.session(spec.clone()).await;
+        let tools: Vec<&str> = outcome["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        assert!(tools.contains(&"everything__echo"), "{sdk:?}: {tools:?}");
+        assert!(tools.contains(&"local__get-sum"), "{sdk:?}: {tools:?}");
+        assert!(
+            !tools.contains(&"local__echo"),
+            "echo is not served from local: {tools:?}"
+        );
+        assert!(!tools.iter().any(|t| t.ends_with("get-env")), "{tools:?}");
+        let calls = &outcome["calls"];
+        assert_eq!(text(&calls[0]), "Echo: hello", "{sdk:?}: {calls}");
+        assert!(text(&calls[1]).contains("42"), "{sdk:?}: {calls}");
+        for (i, code) in [
+            (2, "ToolNotAllowed"),
+            (3, "ToolBlocked"),
+            (4, "ToolNotAllowed"),
+        ] {
+            assert_eq!(calls[i]["isError"], true, "{sdk:?}: call {i}: {calls}");
+            assert_eq!(
+                calls[i]["_meta"][mcp::DECISION_META]["code"],
+                code,
+                "{sdk:?}: call {i}: {calls}"
+            );
+        }
+        // The client's DELETE ended the stdio server's process.
+        assert!(
+            stdio_servers(&tollgate, 0, Duration::from_secs(5))
+                .await
+                .is_empty(),
+            "{sdk:?}"
+        );
+    }
+    // One run across both upstreams: the session at /mcp.
+    let records = tollgate.store.query(&Query::default()).await.unwrap();
+    let runs: std::collections::BTreeSet<String> = records
+        .iter()
+        .filter(|r| r.index.event == "decide")
+        .filter_map(|r| r.entry().unwrap().run)
+        .collect();
+    assert_eq!(
+        runs.len(),
+        2,
+        "a run per session, across upstreams: {runs:?}"
+    );
 }
