@@ -1,0 +1,408 @@
+//! `tools/call`: decided, forwarded exactly as decided, its result cut to what the agent may
+//! see, recorded with its outcome; streamed to clients that accept events.
+
+use super::*;
+
+/// Cuts an MCP `tools/call` result to `fields`, whatever its shape, in place; returns the
+/// removed field names. With `structuredContent` that is cut, and the text content becomes the
+/// cut JSON; without it, the content must be one text block holding one JSON value, which is cut
+/// the same way. Anything else (prose, several blocks, images, resources) cannot be cut field by
+/// field, so it is an error and the caller withholds the result: a field the policy hides never
+/// reaches the agent because its server answered in another shape.
+pub fn cut_result(result: &mut Value, fields: &[String]) -> Result<Vec<String>, String> {
+    let restriction = || {
+        format!(
+            "the tool's policy lets the agent see only {}",
+            fields.join(", ")
+        )
+    };
+    let Value::Object(result) = result else {
+        return Err(format!(
+            "{}, and the result is not an object",
+            restriction()
+        ));
+    };
+    let visible = match result.get("structuredContent") {
+        Some(structured) => {
+            let (visible, removed) = tollgate_engine::redact(structured, fields);
+            result.insert("structuredContent".into(), visible.clone());
+            (visible, removed)
+        }
+        None => {
+            let text = match result
+                .get("content")
+                .and_then(Value::as_array)
+                .map(Vec::as_slice)
+            {
+                Some([block]) if block.get("type").and_then(Value::as_str) == Some("text") => {
+                    block.get("text").and_then(Value::as_str)
+                }
+                Some([]) | None => {
+                    return Ok(Vec::new());
+                }
+                Some(_) => None,
+            };
+            let Some(parsed) = text.and_then(|t| serde_json::from_str::<Value>(t).ok()) else {
+                return Err(format!(
+                    "{}, and its server answered without structuredContent and not with one JSON \
+                     text block, so the result cannot be cut field by field",
+                    restriction()
+                ));
+            };
+            if !(parsed.is_object() || parsed.is_array()) {
+                return Err(format!(
+                    "{}, and its server answered a JSON {} rather than an object",
+                    restriction(),
+                    if parsed.is_string() {
+                        "string"
+                    } else {
+                        "scalar"
+                    }
+                ));
+            }
+            tollgate_engine::redact(&parsed, fields)
+        }
+    };
+    let (visible, removed) = visible;
+    result.insert(
+        "content".into(),
+        json!([{"type": "text", "text": visible.to_string()}]),
+    );
+    Ok(removed)
+}
+
+/// A tool's `outputSchema` as the agent may see it: only the properties of `fields`, and only
+/// they required, so a client that checks results against the schema accepts the cut ones.
+pub fn cut_output_schema(schema: &mut Value, fields: &[String]) {
+    let keep = |name: &str| fields.iter().any(|f| f == name);
+    if let Some(Value::Object(properties)) = schema.get_mut("properties") {
+        properties.retain(|name, _| keep(name));
+    }
+    if let Some(Value::Array(required)) = schema.get_mut("required") {
+        required.retain(|name| name.as_str().is_some_and(keep));
+    }
+}
+
+/// Aborts the call when the client goes away, as a dropped handler would.
+pub(super) struct AbortOnDrop(tokio::task::JoinHandle<Response>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The report of a forwarded call, written when its handler is dropped before the upstream
+/// answered (the client went away): the outcome is "aborted by client", and the call may have
+/// run, so it is not marked as not run.
+pub(super) struct Unfinished {
+    audit: tollgate_audit::AuditLog,
+    entry: Option<Entry>,
+    started: Instant,
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        let Some(mut entry) = self.entry.take() else {
+            return;
+        };
+        entry.latency_us = Some(self.started.elapsed().as_micros() as u64);
+        entry.error = Some(
+            "aborted by client: the client went away before the upstream answered; the call may \
+             have run"
+                .to_owned(),
+        );
+        let audit = self.audit.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    if let Err(e) = audit.append(entry).await {
+                        tracing::error!(error = %e, "could not record an MCP call its client abandoned");
+                    }
+                });
+            }
+            Err(_) => tracing::error!(
+                "an MCP call its client abandoned could not be recorded: no runtime"
+            ),
+        }
+    }
+}
+
+/// `tools/call` for a client that accepts SSE: a call answered within [`Gateway::keep_alive`]
+/// gets its plain JSON answer (one write, no stream); a longer one (waiting for approval, or a
+/// slow upstream) becomes an SSE stream of keep-alive comments, then its JSON-RPC response as
+/// one `message` event.
+pub(super) async fn call_tool_streaming(
+    gateway: Arc<Gateway>,
+    holder: Caller,
+    url: McpUpstream,
+    upstream: String,
+    headers: HeaderMap,
+    message: Map<String, Value>,
+    started: Instant,
+) -> Response {
+    use futures::StreamExt;
+    let id = message.get("id").cloned().unwrap_or(Value::Null);
+    let every = gateway.keep_alive;
+    // The answer holds at most the upstream's (cut) and its framing.
+    let limit = gateway.upstream_limit.saturating_mul(2).max(MAX_BODY);
+    let (relay, mut relayed) = tokio::sync::mpsc::channel(64);
+    let mut pending = Box::pin(async move {
+        let route = Route {
+            gateway: &gateway,
+            holder: &holder,
+            url: &url,
+            upstream: &upstream,
+            headers: &headers,
+        };
+        call_tool(route, message, started, Some(&relay)).await
+    });
+    // The quick path polls the call here (no task, one write); only a call still running after
+    // the first interval, or whose server reports progress first, moves, as it is, into a task
+    // that the stream waits on.
+    let first = tokio::select! {
+        finished = &mut pending => return finished,
+        () = tokio::time::sleep(every) => None,
+        Some(event) = relayed.recv() => Some(event),
+    };
+    let call = AbortOnDrop(tokio::spawn(pending));
+    // Still waiting: stream, starting with what the server said or a keep-alive now.
+    let mut ticks = tokio::time::interval(every);
+    if first.is_some() {
+        ticks.reset();
+    }
+    let first = first.map(|event| event_data(&event));
+    let stream = futures::stream::unfold(Some((call, ticks, relayed, first)), move |state| {
+        let id = id.clone();
+        async move {
+            let (mut call, mut ticks, mut relayed, first) = state?;
+            if let Some(first) = first {
+                return Some((first, Some((call, ticks, relayed, None))));
+            }
+            tokio::select! {
+                biased;
+                Some(event) = relayed.recv() => {
+                    Some((event_data(&event), Some((call, ticks, relayed, None))))
+                }
+                finished = &mut call.0 => {
+                    let event = match finished {
+                        Ok(response) => event_of(response, id, limit).await,
+                        Err(_) => event_data(&json!({"jsonrpc": "2.0", "id": id,
+                            "error": {"code": codes::UPSTREAM, "message": "the call was cut short"}})),
+                    };
+                    Some((event, None))
+                }
+                _ = ticks.tick() => Some((": keep-alive\n\n".to_owned(), Some((call, ticks, relayed, None)))),
+            }
+        }
+    });
+    let mut response =
+        Body::from_stream(stream.map(Ok::<_, std::convert::Infallible>)).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        axum::http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(
+        axum::http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache"),
+    );
+    response
+}
+
+pub(super) fn event_data(message: &Value) -> String {
+    format!("event: message\ndata: {message}\n\n")
+}
+
+/// The JSON-RPC answer a finished call gave, as an SSE event; a refusal that is not JSON-RPC
+/// (the audit trail unavailable) becomes a JSON-RPC error that carries it. The answer is read
+/// up to `limit` bytes: what the gateway itself built from an upstream answer it read up to
+/// [`Gateway::with_upstream_limit`], so a large result is passed on whole (it was cut at the
+/// request body limit, 1 MiB, before).
+pub(super) async fn event_of(response: Response, id: Value, limit: usize) -> String {
+    let status = response.status();
+    let bytes = axum::body::to_bytes(response.into_body(), limit)
+        .await
+        .unwrap_or_default();
+    let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    if body.get("jsonrpc").is_some() {
+        return event_data(&body);
+    }
+    event_data(&json!({"jsonrpc": "2.0", "id": id, "error": {
+        "code": codes::UPSTREAM,
+        "message": format!("Tollgate could not complete the call ({status})"),
+        "data": body,
+    }}))
+}
+
+/// Where one agent's request goes, and how it came.
+#[derive(Clone, Copy)]
+pub(super) struct Route<'a> {
+    pub(super) gateway: &'a Gateway,
+    pub(super) holder: &'a Caller,
+    pub(super) url: &'a McpUpstream,
+    pub(super) upstream: &'a str,
+    pub(super) headers: &'a HeaderMap,
+}
+
+pub(super) async fn call_tool(
+    route: Route<'_>,
+    message: Map<String, Value>,
+    started: Instant,
+    relay: Option<&Relay>,
+) -> Response {
+    let Route {
+        gateway,
+        holder,
+        url,
+        upstream,
+        headers,
+    } = route;
+    let id = message["id"].clone();
+    let params = message.get("params").cloned().unwrap_or_else(|| json!({}));
+    let modern = modern_protocol(headers, &params);
+    let checked = (|| {
+        let Some(Value::String(tool)) = params.get("name") else {
+            return Err("tools/call needs params.name, a string".to_owned());
+        };
+        let arguments = match params.get("arguments") {
+            None => json!({}),
+            Some(Value::Object(a)) => Value::Object(a.clone()),
+            Some(_) => return Err("params.arguments must be an object".to_owned()),
+        };
+        Ok((tool.clone(), arguments, run_of(headers)?))
+    })();
+    let (tool, arguments, run) = match checked {
+        Ok(checked) => checked,
+        Err(problem) => {
+            return refuse(
+                gateway,
+                Some(holder),
+                upstream,
+                StatusCode::OK,
+                id,
+                codes::INVALID_PARAMS,
+                problem,
+            )
+            .await;
+        }
+    };
+    let tool = &tool;
+    // A tool of the policy that another upstream serves is refused before any decision: the
+    // call never runs, so nothing is charged or counted toward the tool's track record.
+    if let Some(agent) = gateway.policies.agent(&holder.agent)
+        && let Ok(policy) = &agent.policy
+        && let Some(served_by) = policy.upstream_of(tool)
+        && served_by != upstream
+    {
+        let message = format!(
+            "tool {tool:?} is served by upstream {served_by:?}, not {upstream:?}: call it at /mcp/{served_by}"
+        );
+        if let Err(refusal) = gateway
+            .reject(Some(holder), upstream, message.clone())
+            .await
+        {
+            return rpc_refusal(id, &refusal);
+        }
+        return refused_call(
+            id,
+            modern,
+            &message,
+            json!({"decision": "deny", "code": "ToolNotAllowed", "message": message}),
+        );
+    }
+    let decided = match gateway
+        .decide_call(holder, &run, tool, &arguments, started)
+        .await
+    {
+        Ok(decided) => decided,
+        Err(refusal) => return rpc_refusal(id, &refusal),
+    };
+    let decided = match gateway
+        .await_approval(holder, &run, tool, &arguments, decided)
+        .await
+    {
+        Ok(decided) => decided,
+        Err(refusal) => return rpc_refusal(id, &refusal),
+    };
+    let policy = decided.policy.clone();
+    if !decided.decision.is_allowed() {
+        let mut data = serde_json::to_value(&decided.decision).expect("a decision serialises");
+        data["audit"] = json!({"chain": decided.audit.chain.as_ref(), "seq": decided.audit.seq});
+        let message = match &decided.decision {
+            Decision::Deny { message, .. } | Decision::Halt { message, .. } => message.clone(),
+            Decision::RequireApproval { approval, .. } => {
+                format!("the call waits for approval: {}", approval.reason)
+            }
+            Decision::Allow { .. } => String::new(),
+        };
+        return refused_call(id, modern, &message, data);
+    }
+
+    // Forward exactly what was decided: the checked name and arguments, nothing else from the
+    // client's params except the request's _meta.
+    let mut forwarded = json!({
+        "jsonrpc": "2.0", "id": id, "method": "tools/call",
+        "params": {"name": tool, "arguments": arguments}
+    });
+    if let Some(meta) = params.get("_meta") {
+        forwarded["params"]["_meta"] = meta.clone();
+    }
+    // The proxy reports this step itself: an agent cannot report another result for it.
+    if let Some(step) = decided.step {
+        gateway.take_report(&holder.agent, &run, step);
+    }
+    let mut report = Entry::new((gateway.now)(), Event::Report, identity_of(Some(holder)));
+    report.agent = Some(holder.agent.clone());
+    report.run = Some(run);
+    report.step = decided.step;
+    report.tool = Some(tool.clone());
+    // If the client goes away while the upstream works, this handler is dropped here: the guard
+    // records the call's outcome as aborted, so no allowed call is left without one.
+    let mut unfinished = Unfinished {
+        audit: gateway.audit.clone(),
+        entry: Some(report),
+        started,
+    };
+    let outcome = send(gateway, holder, url, upstream, headers, &forwarded, relay).await;
+    let mut entry = unfinished.entry.take().expect("taken only here");
+    entry.time = (gateway.now)();
+    entry.latency_us = Some(started.elapsed().as_micros() as u64);
+    let response = match outcome {
+        Ok((Some(mut body), session)) => {
+            if let Some(result) = body.get("result") {
+                entry.set_result(&gateway.redactor, result);
+            }
+            if let Some(error) = body.get("error") {
+                // The server refused the call (a JSON-RPC error, not a tool's own error result).
+                entry.error = Some(error.to_string());
+                entry.not_run = true;
+            }
+            if let Some(fields) = policy.as_ref().and_then(|p| p.result_fields(tool))
+                && let Some(result) = body.get_mut("result")
+            {
+                match cut_result(result, fields) {
+                    Ok(_) => {}
+                    Err(why) => {
+                        entry.error = Some(format!("result withheld from the agent: {why}"));
+                        *result = json!({"isError": true, "content": [{"type": "text", "text":
+                            format!("Tollgate withheld the result of {tool}: {why}")}]});
+                    }
+                }
+            }
+            answer(StatusCode::OK, Some(body), session)
+        }
+        Ok((None, session)) => answer(StatusCode::ACCEPTED, None, session),
+        Err(e) => {
+            entry.error = Some(e.to_string());
+            // What never reached the upstream did not run; an answer that could not be used may
+            // come from a call that did.
+            entry.not_run = !e.ran();
+            e.answer(forwarded["id"].clone())
+        }
+    };
+    if let Err(e) = gateway.audit.append(entry).await {
+        return rpc_refusal(forwarded["id"].clone(), &audit_unavailable(e));
+    }
+    response
+}

@@ -1,0 +1,226 @@
+//! A session's other verbs: `DELETE` ends it (at the upstream too), `GET` opens the server's
+//! stream of messages outside any call.
+
+use super::*;
+
+/// `DELETE /mcp/{upstream}`: the client ends its session, and the upstream its own (behind a
+/// stdio bridge, that ends a process). The upstream's status is passed back as it is: 200 or
+/// 204 ended, 404 unknown, 405 the server does not let clients end sessions.
+pub(crate) async fn end_session(
+    State(gateway): State<Arc<Gateway>>,
+    Path(upstream): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let holder = match authenticated(&gateway, &headers, &upstream).await {
+        Ok(holder) => holder,
+        Err(response) => return response,
+    };
+    let url = match upstream_url(&gateway, &holder, &upstream) {
+        Ok(url) => url,
+        Err(refusal) => {
+            return refuse_with(&gateway, &holder, &upstream, Value::Null, refusal).await;
+        }
+    };
+    let Some(session) = headers.get(SESSION_HEADER) else {
+        let refusal = Refusal::new(
+            StatusCode::BAD_REQUEST,
+            RefusalCode::MalformedRequest,
+            format!("DELETE ends a session: the {SESSION_HEADER} header names it"),
+        );
+        return refuse_with(&gateway, &holder, &upstream, Value::Null, refusal).await;
+    };
+    let sse = url.transport == Some(McpTransport::Sse);
+    let url = match (&url.url, &url.stdio) {
+        (Some(_), _) if sse => {
+            // An HTTP+SSE server's session ends with its stream.
+            let id = session.to_str().unwrap_or_default();
+            return if gateway.streams.end(id, &holder.agent, &upstream) {
+                StatusCode::NO_CONTENT.into_response()
+            } else {
+                StatusCode::NOT_FOUND.into_response()
+            };
+        }
+        (Some(url), _) => url.clone(),
+        (None, _) => {
+            // A stdio server's session ends with its process.
+            let id = session.to_str().unwrap_or_default();
+            return if gateway.stdio.end(id, &holder.agent, &upstream) {
+                StatusCode::NO_CONTENT.into_response()
+            } else {
+                StatusCode::NOT_FOUND.into_response()
+            };
+        }
+    };
+    let mut request = gateway
+        .http
+        .delete(&url)
+        .timeout(gateway.upstream_timeout)
+        .header(SESSION_HEADER, session);
+    if let Some(version) = headers.get(PROTOCOL_HEADER) {
+        request = request.header(PROTOCOL_HEADER, version);
+    }
+    match gateway.credential(&holder.agent, &upstream).await {
+        Ok(Some((header, value))) => request = request.header(header, value),
+        Ok(None) => {}
+        Err(e) => return SendError::NotSent(e).answer(Value::Null),
+    }
+    match request.send().await {
+        Ok(answer) => StatusCode::from_u16(answer.status().as_u16())
+            .unwrap_or(StatusCode::BAD_GATEWAY)
+            .into_response(),
+        Err(e) => SendError::NotSent(format!("upstream {upstream:?} unreachable: {e}"))
+            .answer(Value::Null),
+    }
+}
+
+/// The server-to-client notifications the GET stream passes on: those of a call (progress, log
+/// messages) and that the tool list changed (the client lists again, and sees it cut again).
+pub(super) const STREAMED: [&str; 3] = [
+    "notifications/progress",
+    "notifications/message",
+    "notifications/tools/list_changed",
+];
+
+/// `GET /mcp/{upstream}`: the server's stream of messages outside any call, for the session the
+/// client names. What passes is [`STREAMED`]; a request the server makes of the client is
+/// answered with an error at once and recorded, as inside a call. Each event keeps its `id`, so
+/// a client that reconnects with `Last-Event-ID` resumes where the server lets it. Servers
+/// without a stream answer 405, passed on; a session the gateway holds itself (stdio, HTTP+SSE)
+/// has none (405).
+pub(crate) async fn listen(
+    State(gateway): State<Arc<Gateway>>,
+    Path(upstream): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    use futures::StreamExt;
+    let holder = match authenticated(&gateway, &headers, &upstream).await {
+        Ok(holder) => holder,
+        Err(response) => return response,
+    };
+    let url = match upstream_url(&gateway, &holder, &upstream) {
+        Ok(url) => url,
+        Err(refusal) => {
+            return refuse_with(&gateway, &holder, &upstream, Value::Null, refusal).await;
+        }
+    };
+    let (Some(stream_url), None) = (url.url.clone(), url.transport) else {
+        return StatusCode::METHOD_NOT_ALLOWED.into_response();
+    };
+    let Some(session) = headers.get(SESSION_HEADER) else {
+        let refusal = Refusal::new(
+            StatusCode::BAD_REQUEST,
+            RefusalCode::MalformedRequest,
+            format!("the GET stream belongs to a session: the {SESSION_HEADER} header names it"),
+        );
+        return refuse_with(&gateway, &holder, &upstream, Value::Null, refusal).await;
+    };
+    let mut request = gateway
+        .http
+        .get(&stream_url)
+        .header("accept", "text/event-stream")
+        .header(SESSION_HEADER, session);
+    for name in [PROTOCOL_HEADER, "last-event-id"] {
+        if let Some(value) = headers.get(name) {
+            request = request.header(name, value);
+        }
+    }
+    match gateway.credential(&holder.agent, &upstream).await {
+        Ok(Some((header, value))) => request = request.header(header, value),
+        Ok(None) => {}
+        Err(e) => return SendError::NotSent(e).answer(Value::Null),
+    }
+    let response = match request.send().await {
+        Ok(response) => response,
+        Err(e) => {
+            return SendError::NotSent(format!("upstream {upstream:?} unreachable: {e}"))
+                .answer(Value::Null);
+        }
+    };
+    let sse = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    if !response.status().is_success() || !sse {
+        let status =
+            StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+        return if status.is_success() {
+            StatusCode::BAD_GATEWAY.into_response()
+        } else {
+            status.into_response()
+        };
+    }
+    let limit = gateway.upstream_limit;
+    let events = futures::stream::unfold(
+        (
+            response,
+            Vec::<u8>::new(),
+            gateway,
+            holder,
+            stream_url,
+            upstream,
+            headers,
+        ),
+        move |(mut response, mut buffer, gateway, holder, url, upstream, headers)| async move {
+            loop {
+                if let Some(end) = event_end(&buffer, 0) {
+                    let event: Vec<u8> = buffer.drain(..end).collect();
+                    let text = String::from_utf8_lossy(&event).into_owned();
+                    let mut out = String::new();
+                    let mut data = Vec::new();
+                    for line in text.lines() {
+                        if line.starts_with("id:") || line.starts_with("retry:") {
+                            out.push_str(line);
+                            out.push('\n');
+                        } else if let Some(rest) = line.strip_prefix("data:") {
+                            data.push(rest.strip_prefix(' ').unwrap_or(rest).to_owned());
+                        }
+                    }
+                    let message = serde_json::from_str::<Value>(&data.join("\n")).ok();
+                    let method = message
+                        .as_ref()
+                        .and_then(|m| m.get("method"))
+                        .and_then(Value::as_str);
+                    let passes = message.as_ref().is_some_and(|m| m.get("id").is_none())
+                        && method.is_some_and(|m| STREAMED.contains(&m));
+                    if passes && let Some(message) = &message {
+                        out.push_str(&format!("event: message\ndata: {message}\n\n"));
+                        let state = (response, buffer, gateway, holder, url, upstream, headers);
+                        return Some((out, state));
+                    }
+                    if let Some(message) = &message {
+                        // A request of the client, or a notification that does not pass.
+                        server_message(&gateway, &holder, &url, &upstream, &headers, message, None)
+                            .await;
+                    }
+                    if !out.is_empty() {
+                        // Keep the event id, so a reconnect resumes after it.
+                        out.push_str(": \n\n");
+                        let state = (response, buffer, gateway, holder, url, upstream, headers);
+                        return Some((out, state));
+                    }
+                    continue;
+                }
+                if buffer.len() > limit {
+                    return None;
+                }
+                match response.chunk().await {
+                    Ok(Some(chunk)) => buffer.extend_from_slice(&chunk),
+                    Ok(None) | Err(_) => return None,
+                }
+            }
+        },
+    );
+    let mut response =
+        Body::from_stream(events.map(Ok::<_, std::convert::Infallible>)).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        axum::http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(
+        axum::http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache"),
+    );
+    response
+}
