@@ -58,6 +58,10 @@ pub enum Event {
     /// A model call through the gateway's LLM proxy: `model` says which and what it used,
     /// `usage` what was charged to the run, `decision` whether it was let through.
     Model,
+    /// An MCP resource read or prompt got through the gateway: `tool` is the method
+    /// (`resources/read`, `prompts/get`), `arguments` what it named, `decision` whether it was
+    /// let through and by which rule, `result` (redacted) what came back.
+    Resource,
 }
 
 impl Event {
@@ -73,6 +77,7 @@ impl Event {
             Event::Checkpoint => "checkpoint",
             Event::Admission => "admission",
             Event::Model => "model",
+            Event::Resource => "resource",
         }
     }
 }

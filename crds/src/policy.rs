@@ -78,6 +78,13 @@ pub struct AgentPolicySpec {
     /// Which tools the agent may call, under which constraints. Anything not allowed is denied.
     #[serde(default)]
     pub tools: ToolRules,
+    /// Which MCP resources the agent may list and read. Without it, none: resources are not
+    /// advertised to the agent, listed as nothing, and every read is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRules>,
+    /// Which MCP prompts the agent may list and get. Without it, none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompts: Option<PromptRules>,
     /// Per-run and per-identity ceilings. A breach halts the run; nothing retries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub execution: Option<ExecutionLimits>,
@@ -220,6 +227,49 @@ pub struct StdioServer {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$"), length(max = 128))]
     pub credential_env: Option<String>,
+}
+
+/// The MCP resources an agent may read.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceRules {
+    /// Resources by upstream and URI.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub allowed: Vec<ResourceRule>,
+}
+
+/// Resources of one upstream the agent may read.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceRule {
+    /// The MCP upstream (an entry of spec.upstreams) that serves them.
+    pub upstream: String,
+    /// URIs read exactly as written, or, ending in `*`, every URI that starts with what comes
+    /// before it (a URI with a `..` segment, plain or percent-encoded, never matches a prefix).
+    #[schemars(length(min = 1, max = 64))]
+    pub uris: Vec<String>,
+}
+
+/// The MCP prompts an agent may get.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PromptRules {
+    /// Prompts by upstream and name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub allowed: Vec<PromptRule>,
+}
+
+/// Prompts of one upstream the agent may get.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PromptRule {
+    /// The MCP upstream (an entry of spec.upstreams) that serves them.
+    pub upstream: String,
+    /// Prompt names, exactly.
+    #[schemars(length(min = 1, max = 256))]
+    pub names: Vec<String>,
 }
 
 /// Which tools the agent may call.

@@ -22,6 +22,7 @@ use tollgate_crds::policy::{
 
 use crate::canonical;
 use crate::cel::Condition;
+use crate::decision::{Decision, DenyCode, RuleRef};
 use crate::duration;
 use crate::selector::Selector;
 
@@ -79,6 +80,40 @@ pub struct CompiledPolicy {
     pub(crate) freezes: Vec<Freeze>,
     pub(crate) graduation: Option<GraduationRule>,
     pub(crate) llm: std::collections::BTreeMap<String, crate::llm::LlmRoute>,
+    /// MCP resources the agent may read, by upstream.
+    pub(crate) resources: std::collections::BTreeMap<String, Vec<UriRule>>,
+    /// MCP prompts the agent may get, by upstream.
+    pub(crate) prompts: std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+}
+
+/// One entry of `spec.resources.allowed[].uris`.
+#[derive(Debug, Clone)]
+pub(crate) struct UriRule {
+    /// `spec.resources.allowed[i].uris[j]`, for the record.
+    clause: String,
+    /// The URI, or the prefix before a trailing `*`.
+    text: String,
+    prefix: bool,
+}
+
+impl UriRule {
+    fn matches(&self, uri: &str) -> bool {
+        if self.prefix {
+            uri.starts_with(&self.text) && !has_dot_segment(uri)
+        } else {
+            uri == self.text
+        }
+    }
+}
+
+/// Whether `uri` has a `..` segment, plain or percent-encoded, which could climb out of a
+/// prefix once the server resolves it.
+fn has_dot_segment(uri: &str) -> bool {
+    let lower = uri.to_ascii_lowercase().replace("%2e", ".");
+    lower.split(['/', '\\']).any(|segment| {
+        segment == ".." || segment.starts_with("..%2f") || segment.starts_with("..%5c")
+    }) || lower.contains("%2f..")
+        || lower.contains("%5c..")
 }
 
 #[derive(Debug)]
@@ -230,6 +265,110 @@ impl CompiledPolicy {
             .is_some_and(|t| t.upstream.as_deref().is_none_or(|u| u == upstream))
     }
 
+    /// The clause of the rule that lets the agent read resource `uri` of `upstream`, if one does.
+    pub fn reads_resource(&self, upstream: &str, uri: &str) -> Option<&str> {
+        self.resources
+            .get(upstream)?
+            .iter()
+            .find(|rule| rule.matches(uri))
+            .map(|rule| rule.clause.as_str())
+    }
+
+    /// Whether `agent` may read resource `uri` of `upstream` (`resources/read`), and by which
+    /// rule: its kill switch first, then `spec.resources`.
+    pub fn decide_resource(&self, killed: bool, upstream: &str, uri: &str) -> Decision {
+        self.decide_content(
+            killed,
+            "resources/read",
+            || {
+                self.reads_resource(upstream, uri).map(str::to_owned).ok_or_else(|| {
+                format!("resource {uri:?} of upstream {upstream:?} is not listed in spec.resources")
+            })
+            },
+            "spec.resources",
+        )
+    }
+
+    /// Whether `agent` may get prompt `name` of `upstream` (`prompts/get`), and by which rule.
+    pub fn decide_prompt(&self, killed: bool, upstream: &str, name: &str) -> Decision {
+        self.decide_content(
+            killed,
+            "prompts/get",
+            || {
+                if self.gets_prompt(upstream, name) {
+                    Ok("spec.prompts".to_owned())
+                } else {
+                    Err(format!(
+                        "prompt {name:?} of upstream {upstream:?} is not listed in spec.prompts"
+                    ))
+                }
+            },
+            "spec.prompts",
+        )
+    }
+
+    fn decide_content(
+        &self,
+        killed: bool,
+        method: &'static str,
+        rule: impl FnOnce() -> Result<String, String>,
+        section: &'static str,
+    ) -> Decision {
+        let at = |clause: String| RuleRef {
+            policy: self.id.clone(),
+            generation: self.generation,
+            policy_hash: self.hash.clone(),
+            tool: Some(method.into()),
+            clause: clause.into(),
+        };
+        if killed {
+            return Decision::Deny {
+                code: DenyCode::KillSwitch,
+                rule: at("spec.killSwitch".to_owned()),
+                message: "the agent's kill switch is engaged".to_owned(),
+            };
+        }
+        match rule() {
+            Ok(clause) => Decision::Allow {
+                rule: at(clause),
+                review: false,
+            },
+            Err(message) => Decision::Deny {
+                code: DenyCode::ContentNotAllowed,
+                rule: at(section.to_owned()),
+                message,
+            },
+        }
+    }
+
+    /// Whether the agent may read any resource of `upstream`.
+    pub fn offers_resources(&self, upstream: &str) -> bool {
+        self.resources.contains_key(upstream)
+    }
+
+    /// Whether a resource template of `upstream` can only name resources the agent may read:
+    /// its literal part before the first `{` lies within a prefix rule.
+    pub fn serves_template(&self, upstream: &str, template: &str) -> bool {
+        let literal = template.split('{').next().unwrap_or_default();
+        self.resources.get(upstream).is_some_and(|rules| {
+            rules.iter().any(|rule| {
+                rule.prefix && literal.starts_with(&rule.text) && !has_dot_segment(literal)
+            })
+        })
+    }
+
+    /// Whether the agent may get prompt `name` of `upstream`.
+    pub fn gets_prompt(&self, upstream: &str, name: &str) -> bool {
+        self.prompts
+            .get(upstream)
+            .is_some_and(|names| names.contains(name))
+    }
+
+    /// Whether the agent may get any prompt of `upstream`.
+    pub fn offers_prompts(&self, upstream: &str) -> bool {
+        self.prompts.contains_key(upstream)
+    }
+
     /// The result fields an allowed tool may return, if it restricts them.
     pub fn result_fields(&self, tool: &str) -> Option<&[String]> {
         self.tools.get(tool)?.result_fields.as_deref()
@@ -331,6 +470,13 @@ impl CompiledPolicy {
         }
 
         let budget = compile_budget(spec.execution.as_ref(), &mut errors);
+        let mcp_upstreams: HashSet<&str> = spec
+            .upstreams
+            .iter()
+            .filter(|u| u.mcp.is_some())
+            .map(|u| u.name.as_str())
+            .collect();
+        let (resources, prompts) = compile_content(spec, &mcp_upstreams, &mut errors);
 
         let mut protected = Vec::new();
         let mut freezes = Vec::new();
@@ -408,6 +554,8 @@ impl CompiledPolicy {
             freezes,
             graduation,
             llm: llm_routes,
+            resources,
+            prompts,
         })
     }
 }
@@ -863,4 +1011,84 @@ fn check_mcp_upstream(i: usize, mcp: &tollgate_crds::policy::McpUpstream, errors
             "give it url for a server over HTTP, or stdio for one the gateway starts",
         ),
     }
+}
+
+type Resources = std::collections::BTreeMap<String, Vec<UriRule>>;
+type Prompts = std::collections::BTreeMap<String, std::collections::BTreeSet<String>>;
+
+/// `spec.resources` and `spec.prompts`: each names an MCP upstream; URIs and names are text, a
+/// `*` only at a URI's end, and a prefix never holds a `..` segment.
+fn compile_content(
+    spec: &tollgate_crds::policy::AgentPolicySpec,
+    mcp_upstreams: &HashSet<&str>,
+    errors: &mut Errors,
+) -> (Resources, Prompts) {
+    let mut resources = Resources::new();
+    let upstream_ok = |path: String, upstream: &str, errors: &mut Errors| {
+        let ok = mcp_upstreams.contains(upstream);
+        if !ok {
+            errors.push(
+                path,
+                format!("upstream {upstream:?} is not an MCP upstream in spec.upstreams"),
+                "declare it with mcp in spec.upstreams or fix the name",
+            );
+        }
+        ok
+    };
+    for (i, rule) in spec.resources.iter().flat_map(|r| &r.allowed).enumerate() {
+        let path = format!("spec.resources.allowed[{i}]");
+        if !upstream_ok(format!("{path}.upstream"), &rule.upstream, errors) {
+            continue;
+        }
+        if rule.uris.is_empty() {
+            errors.push(
+                format!("{path}.uris"),
+                "no URI is listed",
+                "list the URIs, or a prefix ending in *",
+            );
+        }
+        for (j, uri) in rule.uris.iter().enumerate() {
+            let clause = format!("{path}.uris[{j}]");
+            let (text, prefix) = match uri.strip_suffix('*') {
+                Some(text) => (text, true),
+                None => (uri.as_str(), false),
+            };
+            if text.is_empty() || text.contains('*') || text.len() > 2048 || has_dot_segment(text) {
+                errors.push(
+                    clause,
+                    format!("{uri:?} is empty, has a * before its end, is over 2048 bytes or has a .. segment"),
+                    "write a URI, or a prefix followed by one *",
+                );
+                continue;
+            }
+            resources
+                .entry(rule.upstream.clone())
+                .or_default()
+                .push(UriRule {
+                    clause,
+                    text: text.to_owned(),
+                    prefix,
+                });
+        }
+    }
+    let mut prompts = Prompts::new();
+    for (i, rule) in spec.prompts.iter().flat_map(|r| &r.allowed).enumerate() {
+        let path = format!("spec.prompts.allowed[{i}]");
+        if !upstream_ok(format!("{path}.upstream"), &rule.upstream, errors) {
+            continue;
+        }
+        if rule.names.is_empty() || rule.names.iter().any(|n| n.is_empty() || n.len() > 256) {
+            errors.push(
+                format!("{path}.names"),
+                "a name is empty or over 256 bytes, or none is listed",
+                "list the prompts by name",
+            );
+            continue;
+        }
+        prompts
+            .entry(rule.upstream.clone())
+            .or_default()
+            .extend(rule.names.iter().cloned());
+    }
+    (resources, prompts)
 }

@@ -82,6 +82,8 @@ pub enum DenyCode {
     /// A model call cannot be paid for by what the run's token or cost ceilings leave (after the
     /// calls in flight): its prompt alone may take more. The run is not halted.
     InsufficientBudget,
+    /// An MCP resource or prompt the policy does not list (`spec.resources`, `spec.prompts`).
+    ContentNotAllowed,
 }
 
 impl DenyCode {
@@ -106,6 +108,7 @@ impl DenyCode {
             DenyCode::WriteRefused => "WriteRefused",
             DenyCode::ModelNotAllowed => "ModelNotAllowed",
             DenyCode::InsufficientBudget => "InsufficientBudget",
+            DenyCode::ContentNotAllowed => "ContentNotAllowed",
         }
     }
 }

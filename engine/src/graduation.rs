@@ -84,7 +84,8 @@ impl Outcome {
                 // Not a tool call: admission's records of Kubernetes writes, model calls.
                 | DenyCode::WriteRefused
                 | DenyCode::ModelNotAllowed
-                | DenyCode::InsufficientBudget => None,
+                | DenyCode::InsufficientBudget
+                | DenyCode::ContentNotAllowed => None,
             },
             Outcome::Pending | Outcome::Expired | Outcome::NotRun => None,
         }

@@ -581,7 +581,7 @@ async fn batches_responses_and_other_methods_cannot_smuggle_a_call() {
         "Tools/Call",
         "tools/call ",
         "tools/call/",
-        "resources/read",
+        "Resources/Read",
         "sampling/createMessage",
     ] {
         let reply = h
@@ -595,6 +595,42 @@ async fn batches_responses_and_other_methods_cannot_smuggle_a_call() {
             reply.body["error"]["code"],
             mcp::codes::METHOD_NOT_FOUND,
             "{method}: {}",
+            reply.body
+        );
+    }
+    // A resource read or prompt the policy lists none of (the sample lists none): refused
+    // before the upstream sees it, with the decision; without its uri or name, malformed.
+    for (method, params) in [
+        ("resources/read", json!({"uri": "crm://customers/C000042"})),
+        ("prompts/get", json!({"name": "draft_reply"})),
+    ] {
+        let reply = h
+            .rpc(
+                Some(&session),
+                json!({"jsonrpc": "2.0", "id": 23, "method": method, "params": params}),
+            )
+            .await;
+        assert_eq!(
+            reply.body["error"]["code"],
+            mcp::codes::CONTENT_REFUSED,
+            "{}",
+            reply.body
+        );
+        assert_eq!(
+            reply.body["error"]["data"]["code"], "ContentNotAllowed",
+            "{}",
+            reply.body
+        );
+        let reply = h
+            .rpc(
+                Some(&session),
+                json!({"jsonrpc": "2.0", "id": 24, "method": method, "params": {}}),
+            )
+            .await;
+        assert_eq!(
+            reply.body["error"]["code"],
+            mcp::codes::INVALID_PARAMS,
+            "{}",
             reply.body
         );
     }

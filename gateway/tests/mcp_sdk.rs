@@ -216,6 +216,14 @@ spec:
             duration: {{type: number, required: true, maximum: 10}}
             steps: {{type: integer, required: true, maximum: 20}}
     blocked: [get-env]
+  resources:
+    allowed:
+      - upstream: everything
+        uris: ["demo://resource/dynamic/text/*"]
+  prompts:
+    allowed:
+      - upstream: everything
+        names: [simple-prompt]
 "#
     )
 }
@@ -332,9 +340,10 @@ async fn direct_and_through(sdk: Sdk, mode: Option<&str>, server: Server) {
                 direct["capabilities"]
             );
         }
+        // Resources and prompts too: the policy lists some of the server's.
         assert_eq!(
             through["capabilities"],
-            json!(["tools"]),
+            json!(["prompts", "resources", "tools"]),
             "{sdk:?} {sdk_version}"
         );
     }
@@ -588,9 +597,10 @@ async fn a_stdio_server_gets_the_credential_and_nothing_else_of_the_gateways_env
     assert_eq!(status, 200, "{body}");
     let session = session.expect("a session id");
     assert_eq!(session.len(), 32, "128 random bits: {session}");
+    // What the server offers that the policy lets through, nothing else (no logging).
     assert_eq!(
         body["result"]["capabilities"],
-        json!({"tools": {}}),
+        json!({"tools": {}, "resources": {}, "prompts": {}}),
         "{body}"
     );
     let pids = stdio_servers(&tollgate, 1, Duration::from_secs(5)).await;
@@ -1105,5 +1115,89 @@ async fn one_endpoint_serves_every_upstream_with_tool_names_that_say_which() {
         runs.len(),
         2,
         "a run per session, across upstreams: {runs:?}"
+    );
+}
+
+#[tokio::test]
+async fn resources_and_prompts_are_listed_read_and_refused_as_the_policy_says() {
+    // The reference server serves documents, dynamic text and blob resources, and four prompts;
+    // the policy lists the dynamic text resources and one prompt.
+    let upstream = start(Server::Everything).await;
+    let tollgate = tollgate(&upstream.url).await;
+    let content = json!({
+        "reads": ["demo://resource/dynamic/text/1", "demo://resource/dynamic/blob/1",
+                  "demo://resource/dynamic/text/../blob/1"],
+        "gets": ["simple-prompt", "args-prompt"],
+    });
+    let direct = Sdk::TypeScript
+        .session(json!({"url": upstream.url, "content": content}))
+        .await;
+    let through = Sdk::TypeScript
+        .session(json!({
+            "url": tollgate.url,
+            "content": content,
+            "headers": {"Authorization": format!("Bearer {KEY}")},
+        }))
+        .await;
+    let (d, t) = (&direct["content"], &through["content"]);
+    // Directly: more than the policy lists, and every read goes.
+    assert!(d["prompts"].as_array().unwrap().len() >= 2, "{d}");
+    assert!(d["reads"][1].get("exception").is_none(), "{d}");
+    // Through Tollgate: only what is listed, listed and read.
+    assert_eq!(t["prompts"], json!(["simple-prompt"]), "{t}");
+    for uri in t["resources"].as_array().unwrap() {
+        assert!(
+            uri.as_str()
+                .unwrap()
+                .starts_with("demo://resource/dynamic/text/"),
+            "{t}"
+        );
+    }
+    for template in t["templates"].as_array().unwrap() {
+        assert!(
+            template
+                .as_str()
+                .unwrap()
+                .starts_with("demo://resource/dynamic/text/"),
+            "{t}"
+        );
+    }
+    assert!(t["reads"][0].get("exception").is_none(), "{t}");
+    // The same resource (its text holds the time it was made).
+    assert_eq!(
+        t["reads"][0]["contents"][0]["uri"], d["reads"][0]["contents"][0]["uri"],
+        "{t}"
+    );
+    assert!(
+        t["reads"][0]["contents"][0]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("Resource 1:"),
+        "{t}"
+    );
+    assert!(t["gets"][0].get("exception").is_none(), "{t}");
+    for refused in [&t["reads"][1], &t["reads"][2], &t["gets"][1]] {
+        assert_eq!(refused["code"], mcp::codes::CONTENT_REFUSED, "{refused}");
+        assert_eq!(refused["data"]["code"], "ContentNotAllowed", "{refused}");
+    }
+    // Each read and get decided in the trail, the refused ones too.
+    let records = tollgate.store.query(&Query::default()).await.unwrap();
+    let decided: Vec<(String, bool)> = records
+        .iter()
+        .filter(|r| r.index.event == "resource")
+        .map(|r| {
+            let entry = r.entry().unwrap();
+            (entry.tool.unwrap(), entry.decision.unwrap().is_allowed())
+        })
+        .collect();
+    assert_eq!(
+        decided,
+        [
+            ("resources/read".to_owned(), true),
+            ("resources/read".to_owned(), false),
+            ("resources/read".to_owned(), false),
+            ("prompts/get".to_owned(), true),
+            ("prompts/get".to_owned(), false),
+        ]
     );
 }

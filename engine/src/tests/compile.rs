@@ -152,3 +152,64 @@ fn an_mcp_upstream_is_a_url_or_a_stdio_command_each_well_formed() {
         "a well-formed stdio upstream is accepted: {errors}"
     );
 }
+
+#[test]
+fn resources_and_prompts_are_read_only_as_listed_and_never_past_a_prefix() {
+    let policy = policy_with(json!({
+        "upstreams": [{"name": "docs", "mcp": {"url": "http://docs/mcp"}},
+                      {"name": "crm", "mcp": {"url": "http://crm/mcp"}}],
+        "resources": {"allowed": [{"upstream": "docs",
+                                   "uris": ["docs://handbook/*", "docs://index.md"]}]},
+        "prompts": {"allowed": [{"upstream": "docs", "names": ["summarize"]}]}
+    }))
+    .unwrap();
+    assert_eq!(
+        policy.reads_resource("docs", "docs://handbook/leave.md"),
+        Some("spec.resources.allowed[0].uris[0]")
+    );
+    assert_eq!(
+        policy.reads_resource("docs", "docs://index.md"),
+        Some("spec.resources.allowed[0].uris[1]")
+    );
+    for denied in [
+        "docs://index.md2",
+        "docs://handbook/../secrets.md",
+        "docs://handbook/%2e%2e/secrets.md",
+        "docs://handbook/%2E%2E%2fsecrets.md",
+        "docs://handbook/a%2f..%2fsecrets.md",
+        "docs://other.md",
+    ] {
+        assert_eq!(policy.reads_resource("docs", denied), None, "{denied}");
+    }
+    assert_eq!(policy.reads_resource("crm", "docs://index.md"), None);
+    assert!(policy.offers_resources("docs") && !policy.offers_resources("crm"));
+    assert!(policy.serves_template("docs", "docs://handbook/{page}"));
+    assert!(!policy.serves_template("docs", "docs://{path}"));
+    assert!(policy.gets_prompt("docs", "summarize"));
+    assert!(!policy.gets_prompt("docs", "Summarize") && !policy.gets_prompt("crm", "summarize"));
+    assert!(policy.offers_prompts("docs") && !policy.offers_prompts("crm"));
+
+    let errors = policy_with(json!({
+        "upstreams": [{"name": "docs", "mcp": {"url": "http://docs/mcp"}},
+                      {"name": "models", "llm": {"api": "OpenAI", "url": "https://x", "models": ["m"]}}],
+        "resources": {"allowed": [{"upstream": "models", "uris": ["x://*"]},
+                                  {"upstream": "docs", "uris": ["a*b", "docs://x/../*", "*"]}]},
+        "prompts": {"allowed": [{"upstream": "nowhere", "names": ["p"]},
+                                {"upstream": "docs", "names": [""]}]}
+    }))
+    .unwrap_err();
+    let paths: Vec<&str> = errors.0.iter().map(|e| e.path.as_str()).collect();
+    for expected in [
+        "spec.resources.allowed[0].upstream",
+        "spec.resources.allowed[1].uris[0]",
+        "spec.resources.allowed[1].uris[1]",
+        "spec.resources.allowed[1].uris[2]",
+        "spec.prompts.allowed[0].upstream",
+        "spec.prompts.allowed[1].names",
+    ] {
+        assert!(
+            paths.contains(&expected),
+            "no error at {expected}; got:\n{errors}"
+        );
+    }
+}

@@ -41,6 +41,7 @@ use super::{
 use crate::stdio::StdioError;
 
 mod call;
+mod content;
 mod headers;
 mod oauth;
 mod session;
@@ -78,6 +79,9 @@ pub mod codes {
     pub const REFUSED: i64 = -31001;
     /// The upstream could not be reached, or answered with something that is not MCP.
     pub const UPSTREAM: i64 = -31002;
+    /// The policy refused a resource read or a prompt (`data` is the decision: its code, rule
+    /// and message). Tool calls are refused as tool results instead.
+    pub const CONTENT_REFUSED: i64 = -31003;
 }
 
 /// The `_meta` key of a refused tool call's result that carries Tollgate's decision.
@@ -416,6 +420,15 @@ pub(crate) async fn proxy(
             .await
             .unwrap_or_else(|e| e)
         }
+        ("resources/list" | "resources/templates/list" | "prompts/list", true) => {
+            content::list(&gateway, &holder, &url, &upstream, &headers, message).await
+        }
+        ("resources/read" | "prompts/get", true) => {
+            content::get(
+                &gateway, &holder, &url, &upstream, &headers, message, started,
+            )
+            .await
+        }
         ("tools/list", true) => {
             list_tools(&gateway, &holder, &url, &upstream, &headers, message).await
         }
@@ -669,10 +682,25 @@ async fn initialize(
         .pointer_mut("/result/capabilities")
         .and_then(Value::as_object_mut)
     {
-        let tools = capabilities.contains_key("tools");
+        let policy = gateway
+            .policies
+            .agent(&holder.agent)
+            .and_then(|agent| agent.policy.as_ref().ok().cloned());
+        let offers = |kind: &str| {
+            capabilities.contains_key(kind)
+                && policy.as_ref().is_some_and(|p| match kind {
+                    "resources" => p.offers_resources(upstream),
+                    "prompts" => p.offers_prompts(upstream),
+                    _ => true,
+                })
+        };
+        let served: Vec<&str> = ["tools", "resources", "prompts"]
+            .into_iter()
+            .filter(|kind| offers(kind))
+            .collect();
         capabilities.clear();
-        if tools {
-            capabilities.insert("tools".to_owned(), json!({}));
+        for kind in served {
+            capabilities.insert(kind.to_owned(), json!({}));
         }
     }
     answer(StatusCode::OK, Some(body), session)

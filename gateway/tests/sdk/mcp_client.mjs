@@ -37,7 +37,27 @@ for (const call of spec.calls ?? []) {
     calls.push({ exception: e.constructor.name, message: String(e.message ?? e) });
   }
 }
+// With "content": list resources, templates and prompts, read and get those named.
+let content;
+if (spec.content) {
+  const attempt = async (f) => {
+    try {
+      return await f();
+    } catch (e) {
+      return { exception: e.constructor.name, message: String(e.message ?? e), code: e.code, data: e.data };
+    }
+  };
+  content = {
+    resources: (await client.listResources()).resources.map((r) => r.uri).sort(),
+    templates: (await client.listResourceTemplates()).resourceTemplates.map((t) => t.uriTemplate).sort(),
+    prompts: (await client.listPrompts()).prompts.map((p) => p.name).sort(),
+    reads: [],
+    gets: [],
+  };
+  for (const uri of spec.content.reads ?? []) content.reads.push(await attempt(() => client.readResource({ uri })));
+  for (const name of spec.content.gets ?? []) content.gets.push(await attempt(() => client.getPrompt({ name })));
+}
 await transport.terminateSession().catch(() => {});
 await client.close();
 const capabilities = Object.keys(client.getServerCapabilities() ?? {}).sort();
-console.log(JSON.stringify({ sdk: version, capabilities, tools, calls }));
+console.log(JSON.stringify({ sdk: version, capabilities, tools, calls, content }));

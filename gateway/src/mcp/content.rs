@@ -1,0 +1,188 @@
+//! Resources and prompts: listed as the policy lets the agent see them (`spec.resources`,
+//! `spec.prompts`; none without them, and then not even asked of the server), and each read or
+//! get decided first, recorded, and forwarded only when allowed, as a tool call is.
+
+use super::*;
+
+/// What the agent's policy says of `upstream`'s content, or None without a usable policy.
+fn policy_of(gateway: &Gateway, holder: &Caller) -> Option<Arc<tollgate_engine::CompiledPolicy>> {
+    gateway
+        .policies
+        .agent(&holder.agent)
+        .and_then(|agent| agent.policy.as_ref().ok().cloned())
+}
+
+/// `resources/list`, `resources/templates/list`, `prompts/list`: the upstream's answer cut to
+/// what the policy lists; an upstream whose content the policy lists none of is not asked.
+pub(super) async fn list(
+    gateway: &Gateway,
+    holder: &Caller,
+    url: &McpUpstream,
+    upstream: &str,
+    headers: &HeaderMap,
+    message: Map<String, Value>,
+) -> Response {
+    let method = message
+        .get("method")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    let (key, field) = match method.as_str() {
+        "resources/list" => ("resources", "uri"),
+        "resources/templates/list" => ("resourceTemplates", "uriTemplate"),
+        _ => ("prompts", "name"),
+    };
+    let policy = policy_of(gateway, holder);
+    let offers = policy.as_ref().is_some_and(|p| match key {
+        "prompts" => p.offers_prompts(upstream),
+        _ => p.offers_resources(upstream),
+    });
+    let message = Value::Object(message);
+    if !offers {
+        return answer(
+            StatusCode::OK,
+            Some(json!({"jsonrpc": "2.0", "id": message["id"], "result": {key: []}})),
+            None,
+        );
+    }
+    let (body, session) = match send(gateway, holder, url, upstream, headers, &message, None).await
+    {
+        Ok(ok) => ok,
+        Err(e) => return e.answer(message["id"].clone()),
+    };
+    let mut body = body.unwrap_or(Value::Null);
+    if let (Some(items), Some(policy)) = (
+        body.pointer_mut(&format!("/result/{key}"))
+            .and_then(Value::as_array_mut),
+        &policy,
+    ) {
+        items.retain(|item| {
+            let Some(value) = item.get(field).and_then(Value::as_str) else {
+                return false;
+            };
+            match key {
+                "resources" => policy.reads_resource(upstream, value).is_some(),
+                "resourceTemplates" => policy.serves_template(upstream, value),
+                _ => policy.gets_prompt(upstream, value),
+            }
+        });
+    }
+    answer(StatusCode::OK, Some(body), session)
+}
+
+/// `resources/read` and `prompts/get`: decided (the kill switch, then the policy's lists),
+/// recorded durably, and only then forwarded with exactly what was decided; what came back is
+/// recorded too. A refusal is a JSON-RPC error ([`codes::CONTENT_REFUSED`]) whose `data` is the
+/// decision: there is no result shape for a refused read.
+pub(super) async fn get(
+    gateway: &Gateway,
+    holder: &Caller,
+    url: &McpUpstream,
+    upstream: &str,
+    headers: &HeaderMap,
+    message: Map<String, Value>,
+    started: Instant,
+) -> Response {
+    let id = message["id"].clone();
+    let method = message
+        .get("method")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    let params = message.get("params").cloned().unwrap_or_else(|| json!({}));
+    let key = if method == "resources/read" {
+        "uri"
+    } else {
+        "name"
+    };
+    let Some(named) = params.get(key).and_then(Value::as_str).map(str::to_owned) else {
+        return refuse(
+            gateway,
+            Some(holder),
+            upstream,
+            StatusCode::OK,
+            id,
+            codes::INVALID_PARAMS,
+            format!("{method} needs params.{key}, a string"),
+        )
+        .await;
+    };
+    let Some(agent) = gateway.policies.agent(&holder.agent) else {
+        return rpc_refusal(id, &Refusal::unknown_agent(&holder.agent));
+    };
+    let policy = match &agent.policy {
+        Ok(policy) => policy.clone(),
+        Err(problem) => {
+            let refusal = Refusal::unusable_policy(&holder.agent, problem);
+            return refuse_with(gateway, holder, upstream, id, refusal).await;
+        }
+    };
+    let killed = agent.killed || gateway.escalation.holds(&agent.id, agent.killed);
+    let decision = if key == "uri" {
+        policy.decide_resource(killed, upstream, &named)
+    } else {
+        policy.decide_prompt(killed, upstream, &named)
+    };
+    // Exactly what is decided is what goes: the name, the prompt's arguments, the _meta.
+    let mut decided = json!({key: named});
+    if key == "name"
+        && let Some(arguments) = params.get("arguments")
+    {
+        decided["arguments"] = arguments.clone();
+    }
+    let run = run_of(headers).ok();
+    let record = |event: Event| {
+        let mut entry = Entry::new((gateway.now)(), event, identity_of(Some(holder)));
+        entry.agent = Some(holder.agent.clone());
+        entry.run = run.clone();
+        entry.tool = Some(method.clone());
+        entry
+    };
+    let mut entry = record(Event::Resource);
+    entry.set_arguments(&gateway.redactor, &decided);
+    entry.decision = Some(decision.clone());
+    entry.policy = Some(crate::policy_ref(&policy));
+    entry.latency_us = Some(started.elapsed().as_micros() as u64);
+    if let Err(e) = gateway.audit.append(entry).await {
+        return rpc_refusal(id, &audit_unavailable(e));
+    }
+    if let Decision::Deny { message, .. } = &decision {
+        let data = serde_json::to_value(&decision).unwrap_or(Value::Null);
+        return rpc_error(
+            StatusCode::OK,
+            id,
+            codes::CONTENT_REFUSED,
+            format!("Tollgate refused {method}: {message}"),
+            Some(data),
+        );
+    }
+    if let Some(meta) = params.get("_meta") {
+        decided["_meta"] = meta.clone();
+    }
+    let forwarded = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": decided});
+    let outcome = send(gateway, holder, url, upstream, headers, &forwarded, None).await;
+    let mut report = record(Event::Report);
+    report.latency_us = Some(started.elapsed().as_micros() as u64);
+    let response = match outcome {
+        Ok((Some(body), session)) => {
+            if let Some(result) = body.get("result") {
+                report.set_result(&gateway.redactor, result);
+            }
+            if let Some(error) = body.get("error") {
+                report.error = Some(error.to_string());
+                report.not_run = true;
+            }
+            answer(StatusCode::OK, Some(body), session)
+        }
+        Ok((None, session)) => answer(StatusCode::ACCEPTED, None, session),
+        Err(e) => {
+            report.error = Some(e.to_string());
+            report.not_run = !e.ran();
+            e.answer(forwarded["id"].clone())
+        }
+    };
+    if let Err(e) = gateway.audit.append(report).await {
+        return rpc_refusal(forwarded["id"].clone(), &audit_unavailable(e));
+    }
+    response
+}
