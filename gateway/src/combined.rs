@@ -339,30 +339,8 @@ async fn initialize(
             .count()
             >= PER_AGENT
     };
-    {
-        if full {
-            let refusal = Refusal::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                RefusalCode::SessionLimit,
-                format!(
-                    "agent {} holds {PER_AGENT} sessions at /mcp already, the most it may: end \
-                     one (DELETE) or let one go idle",
-                    holder.agent
-                ),
-            );
-            let recorded = match gateway
-                .reject(
-                    Some(holder),
-                    "",
-                    format!("{}: {}", refusal.code, refusal.message),
-                )
-                .await
-            {
-                Ok(()) => refusal,
-                Err(unrecorded) => unrecorded,
-            };
-            return mcp::rpc_refusal(id, &recorded);
-        }
+    if full {
+        return session_limit(gateway, holder, id).await;
     }
     let mut opened = BTreeMap::new();
     let mut version = None;
@@ -388,14 +366,30 @@ async fn initialize(
             None,
         );
     };
-    gateway.combined.lock().insert(
-        session.clone(),
-        Combined {
-            agent: holder.agent.clone(),
-            upstreams: opened,
-            last_used: Instant::now(),
-        },
-    );
+    // Counted again under the lock: concurrent initializes cannot pass the bound together.
+    let refused = {
+        let mut sessions = gateway.combined.lock();
+        let full = sessions
+            .values()
+            .filter(|c| c.agent == holder.agent)
+            .count()
+            >= PER_AGENT;
+        if !full {
+            sessions.insert(
+                session.clone(),
+                Combined {
+                    agent: holder.agent.clone(),
+                    upstreams: opened.clone(),
+                    last_used: Instant::now(),
+                },
+            );
+        }
+        full
+    };
+    if refused {
+        end_all(gateway, headers, &opened).await;
+        return session_limit(gateway, holder, id).await;
+    }
     let requested = message.pointer("/params/protocolVersion").cloned();
     let result = json!({
         "protocolVersion": version.or(requested).unwrap_or(json!("2025-11-25")),
@@ -407,6 +401,32 @@ async fn initialize(
         ),
     });
     with_session(ok(id, result), &session)
+}
+
+/// The agent holds as many sessions at `/mcp` as it may: refused (429 `SessionLimit`) and
+/// recorded.
+async fn session_limit(gateway: &Gateway, holder: &crate::Caller, id: Value) -> Response {
+    let refusal = Refusal::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        RefusalCode::SessionLimit,
+        format!(
+            "agent {} holds {PER_AGENT} sessions at /mcp already, the most it may: end one \
+             (DELETE) or let one go idle",
+            holder.agent
+        ),
+    );
+    let recorded = match gateway
+        .reject(
+            Some(holder),
+            "",
+            format!("{}: {}", refusal.code, refusal.message),
+        )
+        .await
+    {
+        Ok(()) => refusal,
+        Err(unrecorded) => unrecorded,
+    };
+    mcp::rpc_refusal(id, &recorded)
 }
 
 /// Ends the upstream sessions `sessions` (DELETE at each).

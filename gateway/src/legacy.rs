@@ -181,7 +181,14 @@ impl SseSessions {
         ));
         let id = crate::stdio::session_id()
             .map_err(|e| not_sent(format!("no randomness for a session id: {e}")))?;
-        self.lock().insert(
+        let mut sessions = self.lock();
+        // Counted again under the lock: concurrent opens cannot pass the bound together (a
+        // session opened past it is dropped, which closes its stream).
+        if sessions.values().filter(|s| s.agent == agent).count() >= self.per_agent {
+            reader.abort();
+            return Err(SessionError::Limit(self.per_agent));
+        }
+        sessions.insert(
             id.clone(),
             Arc::new(Session {
                 agent: agent.to_owned(),
@@ -194,6 +201,7 @@ impl SseSessions {
                 reader,
             }),
         );
+        drop(sessions);
         tracing::info!(session = %id, agent, upstream, "HTTP+SSE upstream session opened");
         Ok(id)
     }

@@ -172,12 +172,12 @@ impl StdioSessions {
         credential: Option<String>,
         answer_limit: usize,
     ) -> Result<String, StdioError> {
-        {
-            let sessions = self.lock();
-            let held = sessions.values().filter(|s| s.agent == agent).count();
-            if held >= self.per_agent {
-                return Err(StdioError::Limit(self.per_agent));
-            }
+        // Held from the count to the insert (nothing here awaits), so that concurrent starts
+        // cannot pass the bound together.
+        let mut sessions = self.lock();
+        let held = sessions.values().filter(|s| s.agent == agent).count();
+        if held >= self.per_agent {
+            return Err(StdioError::Limit(self.per_agent));
         }
         let mut command = Command::new(&server.command);
         command
@@ -237,7 +237,7 @@ impl StdioSessions {
             answer_limit,
             upstream_name,
         ));
-        self.lock().insert(id.clone(), session);
+        sessions.insert(id.clone(), session);
         tracing::info!(session = %id, agent = %agent_name, upstream, command = %server.command, "stdio MCP server started");
         Ok(id)
     }

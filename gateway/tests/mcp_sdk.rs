@@ -1201,3 +1201,38 @@ async fn resources_and_prompts_are_listed_read_and_refused_as_the_policy_says() 
         ]
     );
 }
+
+#[tokio::test]
+async fn an_agent_holds_a_bounded_number_of_sessions_at_the_one_endpoint() {
+    let upstream = start(Server::Python).await;
+    let tollgate = tollgate(&upstream.url).await;
+    let all = tollgate.url.trim_end_matches("/everything").to_owned();
+    let initialize = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {},
+        "clientInfo": {"name": "tollgate-test", "version": "1"}}});
+    let http = reqwest::Client::new();
+    let open = || {
+        http.post(&all)
+            .header("authorization", format!("Bearer {KEY}"))
+            .header("accept", "application/json")
+            .json(&initialize)
+            .send()
+    };
+    for _ in 0..gateway::combined::PER_AGENT {
+        let opened = open().await.unwrap();
+        assert_eq!(opened.status().as_u16(), 200);
+        assert!(opened.headers().contains_key(mcp::SESSION_HEADER));
+    }
+    let refused = open().await.unwrap();
+    assert_eq!(refused.status().as_u16(), 429);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["data"]["code"], "SessionLimit", "{body}");
+    let records = tollgate.store.query(&Query::default()).await.unwrap();
+    assert!(
+        records
+            .iter()
+            .filter_map(|r| r.entry().unwrap().error)
+            .any(|e| e.starts_with("/mcp: SessionLimit")),
+        "the refusal is recorded"
+    );
+}
