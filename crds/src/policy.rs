@@ -189,6 +189,12 @@ pub struct McpUpstream {
     /// alone (`url` is then the stream's, such as https://host/sse).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transport: Option<McpTransport>,
+    /// How long one request to this server may take, in seconds (from sending it to the end of
+    /// its answer; a wait for approval is not counted). Without it, the gateway's
+    /// `--mcp-call-timeout` (10 minutes by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub timeout_seconds: Option<i64>,
     /// A server the gateway starts itself, one process per MCP session of the agent, and talks
     /// to over its stdin and stdout. Only a standalone gateway starts processes: in a cluster, a
     /// policy must not be able to run commands inside the gateway, which holds every agent's

@@ -941,6 +941,16 @@ fn compile_field(
 /// An MCP upstream is a URL or a stdio command, exactly one, each well formed.
 fn check_mcp_upstream(i: usize, mcp: &tollgate_crds::policy::McpUpstream, errors: &mut Errors) {
     let at = |field: &str| format!("spec.upstreams[{i}].mcp{field}");
+    if mcp
+        .timeout_seconds
+        .is_some_and(|t| !(1..=86_400).contains(&t))
+    {
+        errors.push(
+            at(".timeoutSeconds"),
+            "must be 1 to 86400 seconds",
+            "give the longest one request to this server may take",
+        );
+    }
     match (&mcp.url, &mcp.stdio) {
         (Some(url), None) => {
             if !(url.starts_with("http://") || url.starts_with("https://")) {

@@ -280,8 +280,8 @@ impl SseSessions {
                 "upstream {upstream:?}: its SSE stream ended before it answered"
             ))),
             Err(_) => Err(SessionError::Unanswered(format!(
-                "upstream {upstream:?} did not answer within {timeout:?} (the gateway's \
-                 --mcp-call-timeout)"
+                "upstream {upstream:?} did not answer within {timeout:?} (mcp.timeoutSeconds, \
+                 or the gateway's --mcp-call-timeout)"
             ))),
         }
     }

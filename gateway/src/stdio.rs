@@ -309,8 +309,8 @@ impl StdioSessions {
                  reads, before it answered"
             ))),
             Err(_) => Err(StdioError::Unanswered(format!(
-                "upstream {upstream:?} did not answer within {timeout:?} (the gateway's \
-                 --mcp-call-timeout)"
+                "upstream {upstream:?} did not answer within {timeout:?} (mcp.timeoutSeconds, \
+                 or the gateway's --mcp-call-timeout)"
             ))),
         }
     }

@@ -223,7 +223,7 @@ spec:
   prompts:
     allowed:
       - upstream: everything
-        names: [simple-prompt]
+        names: [simple-prompt, completable-prompt]
 "#
     )
 }
@@ -340,10 +340,11 @@ async fn direct_and_through(sdk: Sdk, mode: Option<&str>, server: Server) {
                 direct["capabilities"]
             );
         }
-        // Resources and prompts too: the policy lists some of the server's.
+        // Resources, prompts and their completions too (the policy lists some of the
+        // server's), and logging; nothing else the server offers.
         assert_eq!(
             through["capabilities"],
-            json!(["prompts", "resources", "tools"]),
+            json!(["completions", "logging", "prompts", "resources", "tools"]),
             "{sdk:?} {sdk_version}"
         );
     }
@@ -1128,6 +1129,13 @@ async fn resources_and_prompts_are_listed_read_and_refused_as_the_policy_says() 
         "reads": ["demo://resource/dynamic/text/1", "demo://resource/dynamic/blob/1",
                   "demo://resource/dynamic/text/../blob/1"],
         "gets": ["simple-prompt", "args-prompt"],
+        "complete": [
+            {"ref": {"type": "ref/prompt", "name": "completable-prompt"},
+             "argument": {"name": "department", "value": "E"}},
+            {"ref": {"type": "ref/prompt", "name": "args-prompt"},
+             "argument": {"name": "city", "value": "P"}},
+        ],
+        "logLevel": "info",
     });
     let direct = Sdk::TypeScript
         .session(json!({"url": upstream.url, "content": content}))
@@ -1144,7 +1152,24 @@ async fn resources_and_prompts_are_listed_read_and_refused_as_the_policy_says() 
     assert!(d["prompts"].as_array().unwrap().len() >= 2, "{d}");
     assert!(d["reads"][1].get("exception").is_none(), "{d}");
     // Through Tollgate: only what is listed, listed and read.
-    assert_eq!(t["prompts"], json!(["simple-prompt"]), "{t}");
+    assert_eq!(
+        t["prompts"],
+        json!(["completable-prompt", "simple-prompt"]),
+        "{t}"
+    );
+    // Completion for a prompt the agent may get, as directly; for another, refused.
+    assert!(t["completions"][0].get("exception").is_none(), "{t}");
+    assert_eq!(
+        t["completions"][0]["completion"], d["completions"][0]["completion"],
+        "{t}"
+    );
+    assert_eq!(
+        t["completions"][1]["code"],
+        mcp::codes::CONTENT_REFUSED,
+        "{t}"
+    );
+    // The log level is the client's to set.
+    assert!(t["logLevel"].get("exception").is_none(), "{t}");
     for uri in t["resources"].as_array().unwrap() {
         assert!(
             uri.as_str()
@@ -1235,4 +1260,34 @@ async fn an_agent_holds_a_bounded_number_of_sessions_at_the_one_endpoint() {
             .any(|e| e.starts_with("/mcp: SessionLimit")),
         "the refusal is recorded"
     );
+}
+
+#[tokio::test]
+async fn an_upstreams_own_timeout_bounds_its_calls_and_is_named() {
+    // The gateway waits 10 minutes by default; this upstream's policy says 1 s.
+    let upstream = start(Server::Python).await;
+    let tollgate = tollgate_with(
+        &format!("{{url: \"{}\", timeoutSeconds: 1}}", upstream.url),
+        |g| g,
+    )
+    .await;
+    let (status, session, body) = open(&tollgate).await;
+    assert_eq!(status, 200, "{body}");
+    let started = std::time::Instant::now();
+    let (status, _, body) = post(
+        &tollgate,
+        session.as_deref(),
+        json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
+            "name": "trigger-long-running-operation", "arguments": {"duration": 4, "steps": 2}}}),
+    )
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(status, 502, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("did not answer within 1s"), "{message}");
+    assert!(message.contains("mcp.timeoutSeconds"), "{message}");
 }

@@ -123,7 +123,7 @@ fn an_mcp_upstream_is_a_url_or_a_stdio_command_each_well_formed() {
         "upstreams": [
             {"name": "both", "mcp": {"url": "http://x/mcp", "stdio": {"command": "srv"}}},
             {"name": "neither", "mcp": {}},
-            {"name": "ftp", "mcp": {"url": "ftp://x/mcp"}},
+            {"name": "ftp", "mcp": {"url": "ftp://x/mcp", "timeoutSeconds": 0}},
             {"name": "blank", "mcp": {"stdio": {"command": " "}}},
             {"name": "names", "mcp": {"stdio": {"command": "srv", "env": {"1X": "v", "OK": "a\u{0}b"},
                                                  "credentialEnv": "OK"}}},
@@ -137,6 +137,7 @@ fn an_mcp_upstream_is_a_url_or_a_stdio_command_each_well_formed() {
         "spec.upstreams[0].mcp",
         "spec.upstreams[1].mcp",
         "spec.upstreams[2].mcp.url",
+        "spec.upstreams[2].mcp.timeoutSeconds",
         "spec.upstreams[3].mcp.stdio.command",
         "spec.upstreams[4].mcp.stdio.env[1X]",
         "spec.upstreams[4].mcp.stdio.env[OK]",

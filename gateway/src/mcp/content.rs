@@ -186,3 +186,61 @@ pub(super) async fn get(
     }
     response
 }
+
+/// `completion/complete`: suggestions for a prompt's or a resource template's arguments, asked
+/// of the server only for a prompt the agent may get or a template within what it may read;
+/// otherwise refused (recorded) before the server sees it.
+pub(super) async fn complete(
+    gateway: &Gateway,
+    holder: &Caller,
+    url: &McpUpstream,
+    upstream: &str,
+    headers: &HeaderMap,
+    message: Map<String, Value>,
+) -> Response {
+    let id = message["id"].clone();
+    let reference = message.get("params").and_then(|p| p.get("ref"));
+    let kind = reference
+        .and_then(|r| r.get("type"))
+        .and_then(Value::as_str);
+    let policy = policy_of(gateway, holder);
+    let allowed = match (kind, policy) {
+        (Some("ref/prompt"), Some(policy)) => reference
+            .and_then(|r| r.get("name"))
+            .and_then(Value::as_str)
+            .is_some_and(|name| policy.gets_prompt(upstream, name)),
+        (Some("ref/resource"), Some(policy)) => reference
+            .and_then(|r| r.get("uri"))
+            .and_then(Value::as_str)
+            .is_some_and(|uri| {
+                policy.serves_template(upstream, uri)
+                    || policy.reads_resource(upstream, uri).is_some()
+            }),
+        _ => false,
+    };
+    if !allowed {
+        return refuse(
+            gateway,
+            Some(holder),
+            upstream,
+            StatusCode::OK,
+            id,
+            codes::CONTENT_REFUSED,
+            format!(
+                "completion/complete names no prompt or resource the policy lists: {}",
+                reference.map_or_else(|| "no ref".to_owned(), Value::to_string)
+            ),
+        )
+        .await;
+    }
+    forward(
+        gateway,
+        holder,
+        url,
+        upstream,
+        headers,
+        &Value::Object(message),
+    )
+    .await
+    .unwrap_or_else(|e| e)
+}

@@ -423,6 +423,21 @@ pub(crate) async fn proxy(
         ("resources/list" | "resources/templates/list" | "prompts/list", true) => {
             content::list(&gateway, &holder, &url, &upstream, &headers, message).await
         }
+        ("completion/complete", true) => {
+            content::complete(&gateway, &holder, &url, &upstream, &headers, message).await
+        }
+        // The server's log level for this session: harmless, and its messages still pass only
+        // as notifications the proxy relays.
+        ("logging/setLevel", true) => forward(
+            &gateway,
+            &holder,
+            &url,
+            &upstream,
+            &headers,
+            &Value::Object(message),
+        )
+        .await
+        .unwrap_or_else(|e| e),
         ("resources/read" | "prompts/get", true) => {
             content::get(
                 &gateway, &holder, &url, &upstream, &headers, message, started,
@@ -691,10 +706,11 @@ async fn initialize(
                 && policy.as_ref().is_some_and(|p| match kind {
                     "resources" => p.offers_resources(upstream),
                     "prompts" => p.offers_prompts(upstream),
+                    "completions" => p.offers_prompts(upstream) || p.offers_resources(upstream),
                     _ => true,
                 })
         };
-        let served: Vec<&str> = ["tools", "resources", "prompts"]
+        let served: Vec<&str> = ["tools", "resources", "prompts", "completions", "logging"]
             .into_iter()
             .filter(|kind| offers(kind))
             .collect();

@@ -30,6 +30,7 @@ pub(crate) async fn end_session(
         return refuse_with(&gateway, &holder, &upstream, Value::Null, refusal).await;
     };
     let sse = url.transport == Some(McpTransport::Sse);
+    let (timeout, _) = call_timeout(&gateway, &url);
     let url = match (&url.url, &url.stdio) {
         (Some(_), _) if sse => {
             // An HTTP+SSE server's session ends with its stream.
@@ -54,7 +55,7 @@ pub(crate) async fn end_session(
     let mut request = gateway
         .http
         .delete(&url)
-        .timeout(gateway.upstream_timeout)
+        .timeout(timeout)
         .header(SESSION_HEADER, session);
     if let Some(version) = headers.get(PROTOCOL_HEADER) {
         request = request.header(PROTOCOL_HEADER, version);

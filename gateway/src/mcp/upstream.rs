@@ -3,6 +3,8 @@
 
 use super::*;
 
+use std::time::Duration;
+
 /// Why a message sent upstream brought back no answer to pass on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum SendError {
@@ -54,13 +56,14 @@ pub(super) async fn send(
     relay: Option<&Relay>,
 ) -> Result<(Option<Value>, Option<HeaderValue>), SendError> {
     let message = &without_client_capabilities(message);
+    let (timeout, whose) = call_timeout(gateway, url);
     let url = match (&url.url, &url.stdio) {
         (Some(_), _) if url.transport == Some(McpTransport::Sse) => {
-            return send_held(gateway, holder, upstream, headers, message, true).await;
+            return send_held(gateway, holder, upstream, headers, message, true, timeout).await;
         }
         (Some(url), _) => url,
         (None, Some(_)) => {
-            return send_held(gateway, holder, upstream, headers, message, false).await;
+            return send_held(gateway, holder, upstream, headers, message, false, timeout).await;
         }
         (None, None) => {
             return Err(SendError::NotSent(format!(
@@ -73,7 +76,7 @@ pub(super) async fn send(
         .post(url)
         .header("content-type", "application/json")
         .header("accept", "application/json, text/event-stream")
-        .timeout(gateway.upstream_timeout)
+        .timeout(timeout)
         .body(message.to_string());
     for name in [SESSION_HEADER, PROTOCOL_HEADER] {
         if let Some(value) = headers.get(name) {
@@ -93,13 +96,9 @@ pub(super) async fn send(
             request = request.header(NAME_HEADER, value);
         }
     }
-    let timeout = gateway.upstream_timeout;
     let late = |e: &reqwest::Error| {
-        e.is_timeout().then(|| {
-            format!(
-                "upstream {upstream:?} did not answer within {timeout:?} (the gateway's --mcp-call-timeout)"
-            )
-        })
+        e.is_timeout()
+            .then(|| format!("upstream {upstream:?} did not answer within {timeout:?} ({whose})"))
     };
     if let Some((header, value)) = gateway
         .credential(&holder.agent, upstream)
@@ -188,6 +187,7 @@ pub(super) async fn send_held(
     headers: &HeaderMap,
     message: &Value,
     stream: bool,
+    timeout: Duration,
 ) -> Result<(Option<Value>, Option<HeaderValue>), SendError> {
     let Some(session) = headers.get(SESSION_HEADER).cloned() else {
         return Err(SendError::SessionGone(format!(
@@ -195,7 +195,6 @@ pub(super) async fn send_held(
         )));
     };
     let id = session.to_str().unwrap_or_default();
-    let timeout = gateway.upstream_timeout;
     let answer = if stream {
         gateway
             .streams
@@ -218,6 +217,22 @@ pub(super) async fn send_held(
         Err(StdioError::Limit(n)) => Err(SendError::NotSent(format!(
             "upstream {upstream:?}: the agent holds {n} sessions already"
         ))),
+    }
+}
+
+/// How long one request to `url` may take, and what set it: the upstream's own
+/// `mcp.timeoutSeconds`, else the gateway's `--mcp-call-timeout`.
+pub(super) fn call_timeout(gateway: &Gateway, url: &McpUpstream) -> (Duration, &'static str) {
+    match url
+        .timeout_seconds
+        .and_then(|s| u64::try_from(s).ok())
+        .filter(|s| *s > 0)
+    {
+        Some(seconds) => (
+            Duration::from_secs(seconds),
+            "the upstream's mcp.timeoutSeconds",
+        ),
+        None => (gateway.upstream_timeout, "the gateway's --mcp-call-timeout"),
     }
 }
 

@@ -56,6 +56,9 @@ if (spec.content) {
   };
   for (const uri of spec.content.reads ?? []) content.reads.push(await attempt(() => client.readResource({ uri })));
   for (const name of spec.content.gets ?? []) content.gets.push(await attempt(() => client.getPrompt({ name })));
+  content.completions = [];
+  for (const request of spec.content.complete ?? []) content.completions.push(await attempt(() => client.complete(request)));
+  if (spec.content.logLevel) content.logLevel = await attempt(() => client.setLoggingLevel(spec.content.logLevel));
 }
 await transport.terminateSession().catch(() => {});
 await client.close();
