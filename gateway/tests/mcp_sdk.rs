@@ -53,7 +53,7 @@ async fn start(server: Server) -> Upstream {
         .local_addr()
         .unwrap()
         .port();
-    let mut command = match server {
+    let command = match server {
         Server::Everything => {
             let node = installed("sdk-node", "the MCP TypeScript SDK and reference server");
             let mut command = tokio::process::Command::new("node");
@@ -74,12 +74,22 @@ async fn start(server: Server) -> Upstream {
             command
         }
     };
+    listening(command, port, "/mcp", &format!("{server:?}")).await
+}
+
+/// Runs `command` (a server told to listen on `port`) until it does; the upstream at `path`.
+async fn listening(
+    mut command: tokio::process::Command,
+    port: u16,
+    path: &str,
+    what: &str,
+) -> Upstream {
     let child = command
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
-        .unwrap_or_else(|e| panic!("start the {server:?} server: {e}"));
+        .unwrap_or_else(|e| panic!("start the {what} server: {e}"));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -87,12 +97,12 @@ async fn start(server: Server) -> Upstream {
     {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the {server:?} server did not listen on {port} within 30 s"
+            "the {what} server did not listen on {port} within 30 s"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Upstream {
-        url: format!("http://127.0.0.1:{port}/mcp"),
+        url: format!("http://127.0.0.1:{port}{path}"),
         _child: child,
     }
 }
@@ -925,30 +935,12 @@ async fn start_sse() -> Upstream {
         .unwrap()
         .port();
     let node = installed("sdk-node", "the MCP reference server");
-    let child = tokio::process::Command::new("node")
+    let mut command = tokio::process::Command::new("node");
+    command
         .arg(node.join("node_modules/@modelcontextprotocol/server-everything/dist/index.js"))
         .arg("sse")
-        .env("PORT", port.to_string())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the SSE server did not listen"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Upstream {
-        url: format!("http://127.0.0.1:{port}/sse"),
-        _child: child,
-    }
+        .env("PORT", port.to_string());
+    listening(command, port, "/sse", "SSE").await
 }
 
 #[tokio::test]

@@ -4,14 +4,6 @@
 
 use super::*;
 
-/// What the agent's policy says of `upstream`'s content, or None without a usable policy.
-fn policy_of(gateway: &Gateway, holder: &Caller) -> Option<Arc<tollgate_engine::CompiledPolicy>> {
-    gateway
-        .policies
-        .agent(&holder.agent)
-        .and_then(|agent| agent.policy.as_ref().ok().cloned())
-}
-
 /// `resources/list`, `resources/templates/list`, `prompts/list`: the upstream's answer cut to
 /// what the policy lists; an upstream whose content the policy lists none of is not asked.
 pub(super) async fn list(

@@ -575,6 +575,14 @@ async fn forward(
     }
 }
 
+/// The caller's compiled policy, or None without a usable one.
+fn policy_of(gateway: &Gateway, holder: &Caller) -> Option<Arc<tollgate_engine::CompiledPolicy>> {
+    gateway
+        .policies
+        .agent(&holder.agent)
+        .and_then(|agent| agent.policy.as_ref().ok().cloned())
+}
+
 /// `initialize` or `server/discover`, forwarded; the upstream's capabilities in the answer are
 /// cut to what the proxy serves: tools (without `listChanged`: no notification reaches the
 /// client). A client told the server offers logging, prompts, resources or completions would ask
@@ -697,10 +705,7 @@ async fn initialize(
         .pointer_mut("/result/capabilities")
         .and_then(Value::as_object_mut)
     {
-        let policy = gateway
-            .policies
-            .agent(&holder.agent)
-            .and_then(|agent| agent.policy.as_ref().ok().cloned());
+        let policy = policy_of(gateway, holder);
         let offers = |kind: &str| {
             capabilities.contains_key(kind)
                 && policy.as_ref().is_some_and(|p| match kind {
@@ -736,10 +741,7 @@ async fn list_tools(
         Ok(ok) => ok,
         Err(e) => return e.answer(message["id"].clone()),
     };
-    let policy = gateway
-        .policies
-        .agent(&holder.agent)
-        .and_then(|a| a.policy.as_ref().ok().cloned());
+    let policy = policy_of(gateway, holder);
     let mut body = body.unwrap_or(Value::Null);
     if let Some(tools) = body
         .pointer_mut("/result/tools")

@@ -3,6 +3,32 @@
 
 use super::*;
 
+/// The caller, its upstream and the session it names, for the verbs that act on a session; or
+/// the answer refusing the request (recorded), `what` saying why a session is needed.
+async fn session_of(
+    gateway: &Gateway,
+    headers: &HeaderMap,
+    upstream: &str,
+    what: &str,
+) -> Result<(Caller, McpUpstream, HeaderValue), Response> {
+    let holder = authenticated(gateway, headers, upstream).await?;
+    let url = match upstream_url(gateway, &holder, upstream) {
+        Ok(url) => url,
+        Err(refusal) => {
+            return Err(refuse_with(gateway, &holder, upstream, Value::Null, refusal).await);
+        }
+    };
+    let Some(session) = headers.get(SESSION_HEADER).cloned() else {
+        let refusal = Refusal::new(
+            StatusCode::BAD_REQUEST,
+            RefusalCode::MalformedRequest,
+            format!("{what}: the {SESSION_HEADER} header names it"),
+        );
+        return Err(refuse_with(gateway, &holder, upstream, Value::Null, refusal).await);
+    };
+    Ok((holder, url, session))
+}
+
 /// `DELETE /mcp/{upstream}`: the client ends its session, and the upstream its own (behind a
 /// stdio bridge, that ends a process). The upstream's status is passed back as it is: 200 or
 /// 204 ended, 404 unknown, 405 the server does not let clients end sessions.
@@ -11,24 +37,12 @@ pub(crate) async fn end_session(
     Path(upstream): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let holder = match authenticated(&gateway, &headers, &upstream).await {
-        Ok(holder) => holder,
-        Err(response) => return response,
-    };
-    let url = match upstream_url(&gateway, &holder, &upstream) {
-        Ok(url) => url,
-        Err(refusal) => {
-            return refuse_with(&gateway, &holder, &upstream, Value::Null, refusal).await;
-        }
-    };
-    let Some(session) = headers.get(SESSION_HEADER) else {
-        let refusal = Refusal::new(
-            StatusCode::BAD_REQUEST,
-            RefusalCode::MalformedRequest,
-            format!("DELETE ends a session: the {SESSION_HEADER} header names it"),
-        );
-        return refuse_with(&gateway, &holder, &upstream, Value::Null, refusal).await;
-    };
+    let (holder, url, session) =
+        match session_of(&gateway, &headers, &upstream, "DELETE ends a session").await {
+            Ok(found) => found,
+            Err(response) => return response,
+        };
+    let session = &session;
     let sse = url.transport == Some(McpTransport::Sse);
     let (timeout, _) = call_timeout(&gateway, &url);
     let url = match (&url.url, &url.stdio) {
@@ -94,26 +108,20 @@ pub(crate) async fn listen(
     headers: HeaderMap,
 ) -> Response {
     use futures::StreamExt;
-    let holder = match authenticated(&gateway, &headers, &upstream).await {
-        Ok(holder) => holder,
+    let (holder, url, session) = match session_of(
+        &gateway,
+        &headers,
+        &upstream,
+        "the GET stream belongs to a session",
+    )
+    .await
+    {
+        Ok(found) => found,
         Err(response) => return response,
     };
-    let url = match upstream_url(&gateway, &holder, &upstream) {
-        Ok(url) => url,
-        Err(refusal) => {
-            return refuse_with(&gateway, &holder, &upstream, Value::Null, refusal).await;
-        }
-    };
+    let session = &session;
     let (Some(stream_url), None) = (url.url.clone(), url.transport) else {
         return StatusCode::METHOD_NOT_ALLOWED.into_response();
-    };
-    let Some(session) = headers.get(SESSION_HEADER) else {
-        let refusal = Refusal::new(
-            StatusCode::BAD_REQUEST,
-            RefusalCode::MalformedRequest,
-            format!("the GET stream belongs to a session: the {SESSION_HEADER} header names it"),
-        );
-        return refuse_with(&gateway, &holder, &upstream, Value::Null, refusal).await;
     };
     let mut request = gateway
         .http
