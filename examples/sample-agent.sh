@@ -17,6 +17,11 @@ for _ in $(seq 1 450); do
 done
 curl -sf "$url/healthz" >/dev/null || { echo "no gateway at $url; start it first (see the README)" >&2; exit 1; }
 
+tollgate() { # kubectl tollgate, as built here unless installed
+  if command -v kubectl-tollgate >/dev/null; then kubectl-tollgate "$@"
+  else cargo run -q -p kubectl-tollgate -- "$@"; fi
+}
+
 call() { # endpoint json
   curl -sS -X POST "$url/$1" -H "Authorization: Bearer $key" -H 'Content-Type: application/json' -d "$2"
   echo
@@ -30,11 +35,28 @@ echo "== 2. blocked: delete a customer record"
 call v1/decide '{"runId":"'"$run"'","tool":"delete_customer_record","arguments":{"customer_id":"C000042"}}'
 echo "== 3. constraint breach: an order id that is not O-…"
 call v1/decide '{"runId":"'"$run"'","tool":"update_order_status","arguments":{"status":"refunded","order_ids":["O-1","X-2"]}}'
-echo "== 4. irreversible: e-mailing a customer waits for a support lead"
-call v1/decide '{"runId":"'"$run"'","tool":"send_customer_email","arguments":{"customer_id":"C000042","subject":"Your refund","body":"Done."}}'
-echo "== 5. budget: another read (step 5) reports 60000 tokens, over maxTokensPerRun 50000, and the run is halted"
-call v1/decide '{"runId":"'"$run"'","tool":"read_customer_record","arguments":{"customer_id":"C000043"}}'
-call v1/report '{"runId":"'"$run"'","step":5,"tool":"read_customer_record","usage":{"tokens":60000,"cost":"0.90"}}'
+echo "== 4. irreversible: e-mailing a customer waits for a support lead. The agent asks without"
+echo "==    waiting (wait:false) and gets 202 with the ApprovalRequest people decide"
+refund='{"customer_id":"C000042","subject":"Your refund","body":"Done."}'
+asked=$(call v1/decide '{"runId":"'"$run"'","tool":"send_customer_email","arguments":'"$refund"',"wait":false}')
+echo "$asked"
+ticket() { sed -n 's/.*"approvalRequest":{[^}]*"name":"\([^"]*\)".*/\1/p'; }
+name=$(ticket <<<"$asked")
+echo "== 4a. dana, a support lead, sees it waiting and approves it with her approver key"
+TOLLGATE_APPROVER_KEY=tg-demo-dana-key tollgate approvals --gateway "$url"
+TOLLGATE_APPROVER_KEY=tg-demo-dana-key tollgate approve "default/$name" --gateway "$url" -m "refund confirmed"
+echo "== 4b. the agent redeems the approval for exactly that call: allowed (once; other arguments are another call)"
+call v1/decide '{"runId":"'"$run"'","tool":"send_customer_email","arguments":'"$refund"',"approval":"'"$name"'"}'
+echo "== 4c. another e-mail; lee, a support lead too, denies it, and the agent's redemption is denied"
+upsell='{"customer_id":"C000042","subject":"A special offer","body":"Buy more."}'
+name=$(call v1/decide '{"runId":"'"$run"'","tool":"send_customer_email","arguments":'"$upsell"',"wait":false}' | ticket)
+TOLLGATE_APPROVER_KEY=tg-demo-lee-key tollgate deny "default/$name" --gateway "$url" -m "not a support message"
+call v1/decide '{"runId":"'"$run"'","tool":"send_customer_email","arguments":'"$upsell"',"approval":"'"$name"'"}'
+echo "== 5. budget: another read reports 60000 tokens, over maxTokensPerRun 50000, and the run is halted"
+read=$(call v1/decide '{"runId":"'"$run"'","tool":"read_customer_record","arguments":{"customer_id":"C000043"}}')
+echo "$read"
+step=$(sed -n 's/.*"step":\([0-9]*\).*/\1/p' <<<"$read")
+call v1/report '{"runId":"'"$run"'","step":'"$step"',"tool":"read_customer_record","usage":{"tokens":60000,"cost":"0.90"}}'
 call v1/decide '{"runId":"'"$run"'","tool":"read_customer_record","arguments":{"customer_id":"C000042"}}'
 echo "== 6. a result reported for the blocked step 2 is refused (and audited): only calls Tollgate let through have results"
 call v1/report '{"runId":"'"$run"'","step":2,"tool":"delete_customer_record","result":{"deleted":true}}'
@@ -70,10 +92,6 @@ echo "== 11. the run is halted: its next model call is refused, though the agent
 model "$mrun" '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"One more."}]}'
 echo
 echo "== replay of the model run $mrun: each call with its tokens, cap and cost, the cut, the halt"
-tollgate() {
-  if command -v kubectl-tollgate >/dev/null; then kubectl-tollgate "$@"
-  else cargo run -q -p kubectl-tollgate -- "$@"; fi
-}
 tollgate audit replay --run "$mrun"
 echo
 echo "== replay of run $run from the audit store"

@@ -151,6 +151,10 @@ pub enum ApprovalPhase {
     /// A redemption the gateway refused before reading any request (not this run's, tool's or
     /// arguments', or already redeemed).
     Refused,
+    /// A person's verdict on the request, as given (standalone approvals): `identity` is who,
+    /// `arguments` holds `verdict` and `comment`, `approvers` names the person. Not the call's
+    /// outcome, which the gateway records apart when the call is released or refused.
+    Decided,
 }
 
 impl ApprovalPhase {
@@ -163,6 +167,7 @@ impl ApprovalPhase {
             ApprovalPhase::Expired => "Expired",
             ApprovalPhase::Cancelled => "Cancelled",
             ApprovalPhase::Refused => "Refused",
+            ApprovalPhase::Decided => "Decided",
         }
     }
 }

@@ -32,6 +32,17 @@ enum Command {
         #[command(flatten)]
         request: Request,
     },
+    /// List the approval requests waiting for a decision (with --gateway: those listing you).
+    Approvals {
+        /// Only this namespace (default: every namespace).
+        #[arg(short, long)]
+        namespace: Option<String>,
+        /// Decided and expired ones too.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        gateway: GatewayDesk,
+    },
     /// Engage an agent's kill switch (or with --all every agent's): its next call is denied and
     /// its waiting calls are released as denied.
     Kill {
@@ -97,14 +108,25 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct Request {
-    /// The ApprovalRequest.
+    /// The ApprovalRequest (`NAME`, or `NAMESPACE/NAME` with --gateway).
     name: String,
-    /// Its namespace (default: the kubeconfig context's).
+    /// Its namespace (default: the kubeconfig context's; with --gateway, `default`).
     #[arg(short, long)]
     namespace: Option<String>,
     /// What you want on the record.
     #[arg(short = 'm', long = "message")]
     comment: Option<String>,
+    #[command(flatten)]
+    gateway: GatewayDesk,
+}
+
+/// A standalone gateway's approvals, instead of a cluster's.
+#[derive(Debug, clap::Args)]
+struct GatewayDesk {
+    /// Decide at a standalone gateway (`http://127.0.0.1:8480`) instead of in a cluster, with
+    /// the approver's key from TOLLGATE_APPROVER_KEY (never a flag: it would show in `ps`).
+    #[arg(long, env = "TOLLGATE_GATEWAY")]
+    gateway: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -225,6 +247,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", block_on(decide(request, Verdict::Deny))?);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Approvals {
+            namespace,
+            all,
+            gateway,
+        } => {
+            let listed = match gateway.gateway {
+                Some(url) => block_on(people::list_at_gateway(
+                    &url,
+                    &approver_key()?,
+                    namespace.as_deref(),
+                ))?,
+                None => block_on(people::list(namespace.as_deref()))?,
+            };
+            print!("{}", people::table(&listed, all, jiff::Timestamp::now()));
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Kill { switch } => {
             print!("{}", block_on(kill(switch, true))?);
             Ok(ExitCode::SUCCESS)
@@ -337,7 +375,39 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// The approver's key a standalone gateway authenticates.
+fn approver_key() -> anyhow::Result<String> {
+    match std::env::var("TOLLGATE_APPROVER_KEY") {
+        Ok(key) if !key.trim().is_empty() => Ok(key.trim().to_owned()),
+        _ => anyhow::bail!(
+            "--gateway needs your approver's key in TOLLGATE_APPROVER_KEY (a key with \
+             role: approver in the gateway's key file)"
+        ),
+    }
+}
+
 async fn decide(request: Request, verdict: Verdict) -> anyhow::Result<String> {
+    if let Some(url) = &request.gateway.gateway {
+        let (namespace, name) = match request.name.split_once('/') {
+            Some((namespace, name)) => (namespace.to_owned(), name.to_owned()),
+            None => (
+                request
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| "default".to_owned()),
+                request.name.clone(),
+            ),
+        };
+        return people::decide_at_gateway(
+            url,
+            &approver_key()?,
+            &namespace,
+            &name,
+            verdict,
+            request.comment.as_deref(),
+        )
+        .await;
+    }
     let (client, namespace) = people::client(request.namespace.as_deref()).await?;
     people::decide(
         client,

@@ -18,6 +18,45 @@ pub(crate) async fn authenticate_with(
     headers: &HeaderMap,
     api_key: bool,
 ) -> Result<Caller, Refusal> {
+    let token = bearer(headers, api_key)?;
+    match &gateway.auth {
+        Auth::Keys(keys) => match keys.holder(token) {
+            Some(h) if h.role == keys::Role::Agent => Ok(Caller {
+                username: format!("apikey:{}", h.name),
+                agent: h.agent.clone(),
+                pod: None,
+                token_id: h.key_id.clone(),
+            }),
+            Some(h) => Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                RefusalCode::NotAnAgent,
+                format!(
+                    "key {:?} is an approver's: it decides approvals at /v1/approvals and makes \
+                     no agent's calls",
+                    h.name
+                ),
+            )
+            .by(h.name.clone())),
+            None => Err(Refusal::new(
+                StatusCode::UNAUTHORIZED,
+                RefusalCode::Unauthenticated,
+                "the key is not known",
+            )),
+        },
+        Auth::TokenReview(reviewer) => match &gateway.policies {
+            Policies::Cluster(cluster) => reviewer.review(token, cluster).await,
+            Policies::Dir(_) => Err(Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                RefusalCode::Misconfigured,
+                "token authentication needs the cluster policy source",
+            )),
+        },
+    }
+}
+
+/// The credential a request presents: `Authorization: Bearer`, or with `api_key` Anthropic's
+/// `x-api-key` when there is no Authorization header.
+pub(crate) fn bearer(headers: &HeaderMap, api_key: bool) -> Result<&str, Refusal> {
     let key = headers
         .get("x-api-key")
         .filter(|_| api_key && !headers.contains_key(header::AUTHORIZATION));
@@ -54,31 +93,7 @@ pub(crate) async fn authenticate_with(
             "the credential is empty",
         ));
     }
-    match &gateway.auth {
-        Auth::Keys(keys) => keys
-            .holder(token)
-            .map(|h| Caller {
-                username: format!("apikey:{}", h.name),
-                agent: h.agent.clone(),
-                pod: None,
-                token_id: h.key_id.clone(),
-            })
-            .ok_or_else(|| {
-                Refusal::new(
-                    StatusCode::UNAUTHORIZED,
-                    RefusalCode::Unauthenticated,
-                    "the key is not known",
-                )
-            }),
-        Auth::TokenReview(reviewer) => match &gateway.policies {
-            Policies::Cluster(cluster) => reviewer.review(token, cluster).await,
-            Policies::Dir(_) => Err(Refusal::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                RefusalCode::Misconfigured,
-                "token authentication needs the cluster policy source",
-            )),
-        },
-    }
+    Ok(token)
 }
 
 pub(crate) fn identity_of(caller: Option<&Caller>) -> Identity {

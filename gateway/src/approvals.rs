@@ -66,9 +66,6 @@ impl Gateway {
         let Decision::RequireApproval { approval, .. } = &decided.decision else {
             return Ok(None);
         };
-        let Policies::Cluster(cluster) = &self.policies else {
-            return Ok(None);
-        };
         let rule = decided.decision.rule();
         let (namespace, name) = caller
             .agent
@@ -122,19 +119,33 @@ impl Gateway {
             },
             status: None,
         };
-        let api: Api<ApprovalRequest> = Api::namespaced(cluster.client(), namespace);
-        let created = bounded(api.create(&PostParams::default(), &request)).await;
+        let created = match &self.policies {
+            Policies::Cluster(cluster) => {
+                let api: Api<ApprovalRequest> = Api::namespaced(cluster.client(), namespace);
+                bounded(api.create(&PostParams::default(), &request))
+                    .await
+                    .map_err(|e| {
+                        super::Refusal::new(
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            RefusalCode::ClusterUnavailable,
+                            format!(
+                                "the call needs approval, but its ApprovalRequest could not be \
+                                 created ({e}); nothing was released; retry later"
+                            ),
+                        )
+                    })
+            }
+            Policies::Dir(_) => self.desk.create(request, (self.now)()).map_err(|e| {
+                super::Refusal::new(
+                    axum::http::StatusCode::TOO_MANY_REQUESTS,
+                    RefusalCode::NoApprovals,
+                    format!("the call needs approval, but it cannot be asked for: {e}"),
+                )
+            }),
+        };
         let created = match created {
             Ok(created) => created,
-            Err(e) => {
-                let refusal = super::Refusal::new(
-                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                    RefusalCode::ClusterUnavailable,
-                    format!(
-                        "the call needs approval, but its ApprovalRequest could not be created \
-                         ({e}); nothing was released; retry later"
-                    ),
-                );
+            Err(refusal) => {
                 return Err(self
                     .refuse_recorded(Some(caller), Some(tool), "/v1/decide", refusal)
                     .await);
@@ -342,6 +353,15 @@ impl Gateway {
         tool: &str,
     ) -> Result<Option<String>, Refusal> {
         let Policies::Cluster(cluster) = &self.policies else {
+            // Standalone: the switch in the policy directory as it reads now, or one this
+            // gateway holds after a breach.
+            let engaged = self.policies.agent(&caller.agent).is_none_or(|a| a.killed);
+            if engaged || self.escalation.holds(&caller.agent, engaged) {
+                return Ok(Some(format!(
+                    "the kill switch of agent {} is engaged",
+                    caller.agent
+                )));
+            }
             return Ok(None);
         };
         let stopped = match cluster.stopped_now(&caller.agent).await {
@@ -392,22 +412,22 @@ impl Gateway {
                 .filter_map(|d| d.user.clone())
                 .collect()
         };
-        let Some(watch) = self.approval_watch() else {
-            // Only a gateway in a cluster creates ApprovalRequests, so only it waits on one.
-            return (Phase::Expired, approvers(&latest));
-        };
         let namespace = latest.metadata.namespace.clone().unwrap_or_default();
-        let reference = kube::runtime::reflector::ObjectRef::new(object).within(&namespace);
+        let signal = self.approval_signal();
         let started = Instant::now();
         loop {
             // Registered before the state is read, so a change in between still wakes it.
-            let changed = watch.changed.notified();
+            let changed = signal.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            if let Some(seen) = watch.store.get(&reference) {
-                latest = (*seen).clone();
+            if let Some(seen) = self.approval_latest(&namespace, object) {
+                latest = seen;
             }
             if self.policies.agent(agent).is_none_or(|entry| entry.killed) {
+                if matches!(self.policies, Policies::Dir(_)) {
+                    // As the operator does in a cluster: the agent's open requests end.
+                    self.desk.cancel_agent(agent, (self.now)());
+                }
                 return (Phase::Cancelled, approvers(&latest));
             }
             let phase = tollgate_engine::approval::phase(&latest, (self.now)());
@@ -428,16 +448,31 @@ impl Gateway {
         }
     }
 
-    /// The gateway's one watch of every ApprovalRequest, started on first use; `None` without
-    /// a cluster.
-    fn approval_watch(&self) -> Option<&ApprovalWatch> {
-        let Policies::Cluster(cluster) = &self.policies else {
-            return None;
-        };
-        Some(
-            self.approval_watch
-                .get_or_init(|| ApprovalWatch::start(cluster.client())),
-        )
+    /// What wakes a call waiting for people: the gateway's one watch of every ApprovalRequest
+    /// in a cluster (started on first use), the desk standalone.
+    pub(crate) fn approval_signal(&self) -> &tokio::sync::Notify {
+        match &self.policies {
+            Policies::Cluster(cluster) => {
+                &self
+                    .approval_watch
+                    .get_or_init(|| ApprovalWatch::start(cluster.client()))
+                    .changed
+            }
+            Policies::Dir(_) => self.desk.signal(),
+        }
+    }
+
+    /// ApprovalRequest `namespace/name` as last seen: the watch's copy in a cluster, the desk's
+    /// standalone.
+    pub(crate) fn approval_latest(&self, namespace: &str, name: &str) -> Option<ApprovalRequest> {
+        match &self.policies {
+            Policies::Cluster(_) => {
+                let watch = self.approval_watch.get()?;
+                let reference = kube::runtime::reflector::ObjectRef::new(name).within(namespace);
+                watch.store.get(&reference).map(|seen| (*seen).clone())
+            }
+            Policies::Dir(_) => self.desk.get(&format!("{namespace}/{name}"), (self.now)()),
+        }
     }
 }
 
@@ -559,17 +594,6 @@ impl Gateway {
             self.refuse_recorded(Some(caller), Some(tool), "/v1/decide", refusal)
                 .await
         };
-        let Policies::Cluster(cluster) = &self.policies else {
-            return Err(refuse(Refusal::new(
-                StatusCode::BAD_REQUEST,
-                RefusalCode::NoApprovals,
-                format!(
-                    "approval {name:?} cannot be redeemed: approvals are ApprovalRequests in a \
-                     cluster, and this gateway runs standalone"
-                ),
-            ))
-            .await);
-        };
         let (namespace, agent_name) = caller
             .agent
             .split_once('/')
@@ -610,8 +634,14 @@ impl Gateway {
                 .map(|d| Redeemed::Settled(Box::new(d)))
             }
         };
-        let api: Api<ApprovalRequest> = Api::namespaced(cluster.client(), namespace);
-        let request = match bounded(api.get_opt(name)).await {
+        let read = match &self.policies {
+            Policies::Cluster(cluster) => {
+                let api: Api<ApprovalRequest> = Api::namespaced(cluster.client(), namespace);
+                bounded(api.get_opt(name)).await.map_err(|e| e.to_string())
+            }
+            Policies::Dir(_) => Ok(self.desk.get(&full_name, (self.now)())),
+        };
+        let request = match read {
             Ok(Some(request)) => request,
             Ok(None) => {
                 return deny(

@@ -18,9 +18,11 @@
 mod anonymous;
 mod api;
 pub mod approvals;
+mod approvers;
 pub mod bridge;
 pub mod cluster;
 pub mod combined;
+pub mod desk;
 pub mod escalate;
 pub mod keys;
 mod legacy;
@@ -243,6 +245,9 @@ pub struct Gateway {
     anonymous: Arc<anonymous::Anonymous>,
     /// In a cluster: the one watch of every ApprovalRequest that waiting calls follow.
     approval_watch: std::sync::OnceLock<approvals::ApprovalWatch>,
+    /// Standalone: the ApprovalRequests of this gateway, which approvers decide through
+    /// `/v1/approvals`.
+    pub(crate) desk: Arc<desk::LocalDesk>,
 }
 
 /// The price table built in: what the models most agents use cost, as of its date. Override or
@@ -323,6 +328,7 @@ impl Gateway {
             prices: default_prices(),
             anonymous: Arc::new(anonymous::Anonymous::new(anonymous::DEFAULT_INTERVAL)),
             approval_watch: std::sync::OnceLock::new(),
+            desk: Arc::default(),
         }
     }
 
@@ -513,6 +519,13 @@ impl Gateway {
             *position = Some(*at);
         }
         Ok(())
+    }
+
+    /// Standalone: holds at most `limit` approval requests at once (default
+    /// [`desk::LocalDesk::LIMIT`]); a call that needs one past that is refused (`NoApprovals`).
+    pub fn with_approval_limit(mut self, limit: usize) -> Self {
+        self.desk = Arc::new(desk::LocalDesk::with_limit(limit));
+        self
     }
 
     /// How often a streamed MCP `tools/call` answer sends a keep-alive (default 15 s).
@@ -933,7 +946,17 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
 pub fn standalone_router(gateway: Arc<Gateway>) -> Router {
     let metrics = gateway.metrics.clone();
     let policies = gateway.policies.clone();
-    router(gateway)
+    router(gateway.clone())
+        .route(
+            "/v1/approvals",
+            axum::routing::get(approvers::list).with_state(gateway.clone()),
+        )
+        .route(
+            "/v1/approvals/{namespace}/{name}",
+            axum::routing::get(approvers::show)
+                .post(approvers::decide)
+                .with_state(gateway),
+        )
         .route(
             "/metrics",
             axum::routing::get(move || async move { metrics.render() }),

@@ -41,7 +41,8 @@ pub enum RefusalCode {
     UnknownStep,
     /// The agent's policy failed to load (standalone: its file); the message says why.
     PolicyInvalid,
-    /// An approval was named to a gateway running standalone, where there are none.
+    /// No approval can be asked for now: the standalone gateway holds as many open
+    /// ApprovalRequests as it may.
     NoApprovals,
     /// The audit trail cannot record the request, so it must not proceed.
     AuditUnavailable,
@@ -51,11 +52,19 @@ pub enum RefusalCode {
     NotServed,
     /// The agent holds as many stdio MCP server sessions as it may.
     SessionLimit,
+    /// Standalone approvals: the key is not an approver's (an agent's key decides nothing).
+    NotAnApprover,
+    /// Standalone approvals: there is no such ApprovalRequest (never asked for, or forgotten
+    /// an hour after it ended or when the gateway restarted).
+    UnknownApproval,
+    /// Standalone approvals: the rules refuse this decision (not a listed approver, decided
+    /// already, final, expired, the agent's kill switch); the message says which.
+    DecisionRefused,
 }
 
 impl RefusalCode {
     /// Every code.
-    pub const ALL: [Self; 16] = [
+    pub const ALL: [Self; 19] = [
         Self::Unauthenticated,
         Self::AuthenticationUnavailable,
         Self::NotAnAgent,
@@ -72,6 +81,9 @@ impl RefusalCode {
         Self::ClusterUnavailable,
         Self::NotServed,
         Self::SessionLimit,
+        Self::NotAnApprover,
+        Self::UnknownApproval,
+        Self::DecisionRefused,
     ];
 
     /// The code as it is sent.
@@ -93,6 +105,9 @@ impl RefusalCode {
             Self::ClusterUnavailable => "ClusterUnavailable",
             Self::NotServed => "NotServed",
             Self::SessionLimit => "SessionLimit",
+            Self::NotAnApprover => "NotAnApprover",
+            Self::UnknownApproval => "UnknownApproval",
+            Self::DecisionRefused => "DecisionRefused",
         }
     }
 }

@@ -351,10 +351,15 @@ impl StdioSessions {
 
 /// 128 random bits from the kernel, hex: a session id nobody can guess.
 pub(crate) fn session_id() -> std::io::Result<String> {
+    random_bytes::<16>().map(hex::encode)
+}
+
+/// `N` bytes from the kernel's random source.
+pub(crate) fn random_bytes<const N: usize>() -> std::io::Result<[u8; N]> {
     use std::io::Read as _;
-    let mut bytes = [0u8; 16];
+    let mut bytes = [0u8; N];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
-    Ok(hex::encode(bytes))
+    Ok(bytes)
 }
 
 /// What one bounded line read found.

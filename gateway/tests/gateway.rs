@@ -178,14 +178,28 @@ async fn every_decision_path_answers_and_is_recorded() {
         .await;
     assert_eq!(breach["code"], "ArgumentConstraint", "{breach}");
 
-    let approval = h
-        .decide(
-            "r1",
-            "send_customer_email",
-            json!({"customer_id": "C000042", "subject": "Refund", "body": "Done."}),
+    // Asked without waiting: 202 at once, naming the ApprovalRequest people decide.
+    let (status, approval) = h
+        .post(
+            "/v1/decide",
+            SUPPORT_KEY,
+            json!({"runId": "r1", "tool": "send_customer_email", "wait": false,
+                   "arguments": {"customer_id": "C000042", "subject": "Refund", "body": "Done."}}),
         )
         .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{approval}");
     assert_eq!(approval["decision"], "requireApproval");
+    assert_eq!(
+        approval["approvalRequest"]["namespace"], "default",
+        "{approval}"
+    );
+    assert!(
+        approval["approvalRequest"]["name"]
+            .as_str()
+            .unwrap()
+            .starts_with("send-customer-email-"),
+        "{approval}"
+    );
     assert!(
         approval["approval"]["argumentsDigest"]
             .as_str()
@@ -245,6 +259,7 @@ async fn every_decision_path_answers_and_is_recorded() {
             ("decide", Some("deny:ToolBlocked".into())),
             ("decide", Some("deny:ArgumentConstraint".into())),
             ("decide", Some("requireApproval".into())),
+            ("approval", Some("pending".into())),
             ("report", None),
             ("decide", Some("allow".into())),
             ("report", None),
@@ -258,7 +273,7 @@ async fn every_decision_path_answers_and_is_recorded() {
     assert!(first.policy.as_ref().unwrap().hash.starts_with("sha256:"));
     assert_eq!(first.counters.as_ref().unwrap().steps, 1);
     // The secret in the reported result is redacted in the trail; the digest covers it whole.
-    let report = &entries[4];
+    let report = &entries[5];
     assert_eq!(report.result.as_ref().unwrap()["apiToken"], "[REDACTED]");
     assert!(report.result_digest.is_some());
 }
@@ -616,9 +631,55 @@ fn key_files_name_what_is_wrong() {
     ))
     .unwrap_err();
     assert!(err.contains("keys[0].agent"), "{err}");
+    let err = Keys::parse("keys:\n  - {name: a, agent: default/x, sha256: 00, rights: all}\n")
+        .unwrap_err();
+    assert!(err.contains("unknown field `rights`"), "{err}");
     let err = Keys::parse("keys:\n  - {name: a, agent: default/x, sha256: 00, role: admin}\n")
         .unwrap_err();
-    assert!(err.contains("unknown field `role`"), "{err}");
+    assert!(
+        err.contains("unknown variant `admin`, expected `agent` or `approver`"),
+        "{err}"
+    );
+    // An approver's key acts as no agent; an agent's key has no groups; a person is named.
+    let key = sha("k");
+    for (entry, wrong) in [
+        (
+            format!("{{name: dana, role: approver, agent: default/x, sha256: {key}}}"),
+            "keys[0].agent: an approver's key acts as no agent",
+        ),
+        (
+            format!("{{name: a, agent: default/x, groups: [leads], sha256: {key}}}"),
+            "keys[0].groups: only an approver's key",
+        ),
+        (
+            format!("{{name: a, sha256: {key}}}"),
+            "keys[0].agent: an agent's key names the AgentIdentity",
+        ),
+        (
+            format!("{{name: 'apikey:support', role: approver, sha256: {key}}}"),
+            "keys[0].name: \"apikey:support\" is reserved",
+        ),
+        (
+            format!("{{name: ' ', role: approver, sha256: {key}}}"),
+            "keys[0].name: must not be empty",
+        ),
+    ] {
+        let err = Keys::parse(&format!("keys:\n  - {entry}\n")).unwrap_err();
+        assert!(err.contains(wrong), "{entry}: {err}");
+    }
+    let approver = Keys::parse(&format!(
+        "keys:\n  - {{name: dana, role: approver, groups: [leads], sha256: {key}}}\n"
+    ))
+    .unwrap();
+    let dana = approver.holder("k").unwrap();
+    assert_eq!(
+        (dana.role, dana.agent.as_str(), dana.groups.as_slice()),
+        (
+            gateway::keys::Role::Approver,
+            "",
+            ["leads".to_owned()].as_slice()
+        )
+    );
     assert!(keys().holder(SUPPORT_KEY).is_some());
     assert!(keys().holder("support-key-2").is_none());
 }
@@ -656,7 +717,8 @@ async fn the_openapi_document_matches_what_the_gateway_accepts() {
         .map(|c| c.as_str())
         .collect();
     assert_eq!(documented, codes);
-    // Both optional fields are accepted; approvals need a cluster, which standalone says.
+    // Both optional fields are accepted; an approval that was never asked for releases nothing
+    // (recorded as a refused redemption).
     let h = harness().await;
     let (status, body) = h
         .post(
@@ -678,14 +740,22 @@ async fn the_openapi_document_matches_what_the_gateway_accepts() {
         )
         .await;
     assert_eq!(
-        (status, &body["error"]["code"]),
-        (StatusCode::BAD_REQUEST, &json!("NoApprovals")),
+        (status, &body["decision"], &body["code"]),
+        (StatusCode::OK, &json!("deny"), &json!("ApprovalDenied")),
+        "{body}"
+    );
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("there is no ApprovalRequest default/x"),
         "{body}"
     );
     assert_eq!(
         fields("ReportRequest"),
         ["error", "result", "runId", "step", "tool", "usage"]
     );
+    assert_eq!(fields("ApprovalDecision"), ["comment", "verdict"]);
     // The documented example is accepted as it stands.
     let example = doc["paths"]["/v1/decide"]["post"]["requestBody"]["content"]["application/json"]
         ["example"]

@@ -19,13 +19,16 @@ use tollgate_gateway::{self as gateway, Gateway, RefusalCode};
 use tower::ServiceExt;
 
 const KEY: &str = "support-key-1";
+/// An approver's key, of a group no sample policy lists.
+const OUTSIDER: &str = "outsider-key-1";
 
 fn keys() -> Keys {
     use sha2::Digest;
     Keys::parse(&format!(
-        "keys:\n  - {{name: support, agent: default/support-agent-v2, sha256: {}}}\n  - {{name: ghost, agent: default/nobody, sha256: {}}}\n",
+        "keys:\n  - {{name: support, agent: default/support-agent-v2, sha256: {}}}\n  - {{name: ghost, agent: default/nobody, sha256: {}}}\n  - {{name: olive, role: approver, groups: [finance], sha256: {}}}\n",
         hex::encode(sha2::Sha256::digest(KEY.as_bytes())),
         hex::encode(sha2::Sha256::digest(b"ghost-key")),
+        hex::encode(sha2::Sha256::digest(OUTSIDER.as_bytes())),
     ))
     .unwrap()
 }
@@ -235,6 +238,18 @@ async fn every_refusal_code_leaves_a_record() {
     // Each code, made to happen; a new code fails to compile here until it has a case.
     let h = harness().await;
     h.decide("codes", "read_customer_record", read()).await;
+    let (status, asked) = h
+        .post(
+            "/v1/decide",
+            json!({"runId": "codes", "tool": "send_customer_email", "wait": false,
+                   "arguments": {"customer_id": "C000042", "subject": "s", "body": "b"}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{asked}");
+    let pending = asked["approvalRequest"]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     for code in RefusalCode::ALL {
         let before = h.records().await;
         let (status, body) = match code {
@@ -255,13 +270,44 @@ async fn every_refusal_code_leaves_a_record() {
                 h.report(json!({"runId": "codes", "step": 42, "tool": "read_customer_record"}))
                     .await
             }
-            RefusalCode::NoApprovals => {
-                h.post(
-                    "/v1/decide",
-                    json!({"runId": "codes", "tool": "send_customer_email",
-                           "arguments": {}, "approval": "ar-1"}),
+            // Needs a full desk: approvals.rs `a_full_desk_refuses_new_requests_and_records_it`.
+            RefusalCode::NoApprovals => continue,
+            // An approver's key is nobody's agent.
+            RefusalCode::NotAnAgent => h.post_bytes("/v1/decide", OUTSIDER, b"{}".to_vec()).await,
+            // An agent's key decides nothing.
+            RefusalCode::NotAnApprover => {
+                h.post_bytes(
+                    "/v1/approvals/default/x",
+                    KEY,
+                    br#"{"verdict":"Approve"}"#.to_vec(),
                 )
                 .await
+            }
+            RefusalCode::UnknownApproval => {
+                h.post_bytes(
+                    "/v1/approvals/default/never-asked",
+                    OUTSIDER,
+                    br#"{"verdict":"Approve"}"#.to_vec(),
+                )
+                .await
+            }
+            // A request whose approvers are support-leads, approved by someone of finance.
+            RefusalCode::DecisionRefused => {
+                let (status, body) = h
+                    .post_bytes(
+                        &format!("/v1/approvals/default/{pending}"),
+                        OUTSIDER,
+                        br#"{"verdict":"Approve"}"#.to_vec(),
+                    )
+                    .await;
+                assert!(
+                    body["error"]["message"]
+                        .as_str()
+                        .unwrap()
+                        .contains("olive is not an approver of this request"),
+                    "{body}"
+                );
+                (status, body)
             }
             RefusalCode::UnknownAgent => {
                 h.post_bytes(
@@ -282,10 +328,8 @@ async fn every_refusal_code_leaves_a_record() {
                 // In their own directories, below.
                 continue;
             }
-            // Against an apiserver that does not answer, below; NotAnAgent needs one that does
-            // (e2e `a_token_of_no_agent_is_refused_and_recorded`).
+            // Against an apiserver that does not answer, below.
             RefusalCode::AuthenticationUnavailable
-            | RefusalCode::NotAnAgent
             | RefusalCode::Misconfigured
             | RefusalCode::ClusterUnavailable => continue,
             // The one refusal that cannot be recorded: it says the trail takes no records

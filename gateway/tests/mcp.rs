@@ -25,6 +25,8 @@ use tollgate_gateway::{self as gateway, Gateway, mcp};
 use tower::ServiceExt;
 
 const KEY: &str = "support-key-1";
+/// A support lead's approver key.
+const LEAD: &str = "lead-key-1";
 const CREDENTIAL: &str = "crm-secret-123";
 
 /// What the upstream received: tool, arguments, Authorization header.
@@ -205,12 +207,14 @@ async fn harness_on(
     let (log, _) = AuditLog::open(store.clone(), WriterConfig::new("gw-test"))
         .await
         .unwrap();
+    let sha = |key: &str| {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(key.as_bytes()))
+    };
     let keys = Keys::parse(&format!(
-        "keys:\n  - {{name: support, agent: default/support-agent-v2, sha256: {}}}\n",
-        {
-            use sha2::Digest;
-            hex::encode(sha2::Sha256::digest(KEY.as_bytes()))
-        }
+        "keys:\n  - {{name: support, agent: default/support-agent-v2, sha256: {}}}\n  - {{name: lead, role: approver, groups: [support-leads], sha256: {}}}\n",
+        sha(KEY),
+        sha(LEAD),
     ))
     .unwrap();
     let gateway = Gateway::new(
@@ -223,7 +227,7 @@ async fn harness_on(
     .with_keep_alive(std::time::Duration::from_millis(50));
     let gateway = configure(gateway);
     Harness {
-        app: gateway::router(Arc::new(gateway)),
+        app: gateway::standalone_router(Arc::new(gateway)),
         store,
         calls,
         delay,
@@ -325,6 +329,46 @@ impl Harness {
             .await;
         assert_eq!(initialized.status, StatusCode::ACCEPTED);
         session
+    }
+
+    /// The support lead decides the one approval request waiting (polling until there is one).
+    async fn lead_decides(&self, verdict: &str) -> Value {
+        let send = |request: axum::http::request::Builder, body: Body| async move {
+            let response = self
+                .app
+                .clone()
+                .oneshot(
+                    request
+                        .header("authorization", format!("Bearer {LEAD}"))
+                        .body(body)
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            let bytes = response.into_body().collect().await.unwrap().to_bytes();
+            serde_json::from_slice::<Value>(&bytes).unwrap()
+        };
+        for _ in 0..200 {
+            let listed = send(Request::get("/v1/approvals"), Body::empty()).await;
+            let waiting = listed["items"]
+                .as_array()
+                .and_then(|items| items.iter().find(|r| r["status"]["phase"] == "Pending"));
+            if let Some(request) = waiting {
+                let name = format!(
+                    "{}/{}",
+                    request["metadata"]["namespace"].as_str().unwrap(),
+                    request["metadata"]["name"].as_str().unwrap()
+                );
+                return send(
+                    Request::post(format!("/v1/approvals/{name}"))
+                        .header("content-type", "application/json"),
+                    Body::from(json!({"verdict": verdict}).to_string()),
+                )
+                .await;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        panic!("no approval request was created");
     }
 
     async fn call(&self, session: &str, id: u64, tool: &str, arguments: Value) -> Reply {
@@ -547,16 +591,41 @@ async fn refused_calls_are_tool_results_the_model_reads_and_never_reach_the_upst
         .as_str()
         .unwrap();
     assert!(text.contains("customer_id"), "{text}");
-    let approval = h
-        .call(
+    // An irreversible call waits for a person, here a support lead who denies it.
+    let (approval, decided) = tokio::join!(
+        h.call(
             &session,
             14,
             "send_customer_email",
             json!({"customer_id": "C000042", "subject": "Hi", "body": "Done."}),
-        )
-        .await;
-    assert_refused(&approval, "requireApproval");
+        ),
+        h.lead_decides("Deny")
+    );
+    assert_eq!(decided["status"]["phase"], "Denied", "{decided}");
+    assert_eq!(decided["spec"]["decisions"][0]["user"], "lead", "{decided}");
+    assert_refused(&approval, "ApprovalDenied");
     assert!(h.calls.lock().unwrap().is_empty(), "nothing was forwarded");
+    // Approved, the same call goes through to the upstream, once.
+    let (approved, decided) = tokio::join!(
+        h.call(
+            &session,
+            16,
+            "send_customer_email",
+            json!({"customer_id": "C000042", "subject": "Hi", "body": "Done."}),
+        ),
+        h.lead_decides("Approve")
+    );
+    assert_eq!(decided["status"]["phase"], "Approved", "{decided}");
+    assert_eq!(
+        approved.body["result"]["isError"], false,
+        "{}",
+        approved.body
+    );
+    assert_eq!(
+        h.calls.lock().unwrap().len(),
+        1,
+        "the approved call was forwarded"
+    );
 }
 
 #[tokio::test]
