@@ -545,6 +545,12 @@ pub struct ApprovalRule {
     /// What happens at timeout: the call is denied.
     #[serde(default)]
     pub on_timeout: OnTimeout,
+    /// Who to tell when a call waits: names of notification targets configured for the gateway
+    /// (the Secret `tollgate-notify`, or `--notify` standalone). Each gets the request when it
+    /// is created, a reminder before it expires, and its outcome.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "crate::schema::name_set")]
+    pub notify: Vec<String>,
 }
 
 fn default_min_approvals() -> i32 {

@@ -138,6 +138,7 @@ pub(crate) struct Approval {
     pub(crate) approvers: Approvers,
     pub(crate) min_approvals: u32,
     pub(crate) timeout: Duration,
+    pub(crate) notify: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -749,6 +750,7 @@ fn compile_tool(path: &str, tool: &AllowedTool, errors: &mut Errors) -> Option<C
             approvers: a.approvers.clone(),
             min_approvals: a.min_approvals.clamp(1, 10) as u32,
             timeout: Duration::from_secs(a.timeout_seconds.max(10) as u64),
+            notify: a.notify.clone(),
         }
     });
 

@@ -128,6 +128,10 @@ pub struct ApprovalRequirement {
     pub arguments_digest: String,
     /// Why approval is needed, for the approver.
     pub reason: String,
+    /// The notification targets the policy names for this tool's requests: delivery
+    /// configuration, not part of the decision (never sent to the agent nor recorded).
+    #[serde(skip)]
+    pub notify: Vec<String>,
 }
 
 mod seconds {

@@ -300,6 +300,7 @@ impl CompiledPolicy {
                     timeout: approval.timeout,
                     arguments_digest: canonical::digest(call.arguments),
                     reason,
+                    notify: approval.notify.clone(),
                 },
             },
         }

@@ -151,6 +151,17 @@ impl Gateway {
                     .await);
             }
         };
+        if !approval.notify.is_empty() {
+            let follow = super::notify::follow(
+                self.approval_source(),
+                self.escalation.clone(),
+                created.clone(),
+                approval.notify.clone(),
+                self.now,
+                self.approval_url.clone(),
+            );
+            tokio::spawn(follow);
+        }
         let object = created.metadata.name.clone().unwrap_or_default();
         Ok(Some(Created {
             name: object,
@@ -459,6 +470,22 @@ impl Gateway {
                     .changed
             }
             Policies::Dir(_) => self.desk.signal(),
+        }
+    }
+
+    /// Where a request is followed after its creation: the watch, or the desk.
+    fn approval_source(&self) -> super::notify::Source {
+        match &self.policies {
+            Policies::Cluster(cluster) => {
+                let watch = self
+                    .approval_watch
+                    .get_or_init(|| ApprovalWatch::start(cluster.client()));
+                super::notify::Source::Watch {
+                    store: watch.store.clone(),
+                    changed: watch.changed.clone(),
+                }
+            }
+            Policies::Dir(_) => super::notify::Source::Desk(self.desk.clone()),
         }
     }
 

@@ -28,6 +28,7 @@ pub mod keys;
 mod legacy;
 pub mod llm;
 pub mod mcp;
+mod notify;
 pub mod policies;
 pub mod read;
 mod refusal;
@@ -248,6 +249,8 @@ pub struct Gateway {
     /// Standalone: the ApprovalRequests of this gateway, which approvers decide through
     /// `/v1/approvals`.
     pub(crate) desk: Arc<desk::LocalDesk>,
+    /// Standalone: the URL approvers reach this gateway at, for the commands notifications carry.
+    approval_url: Option<String>,
 }
 
 /// The price table built in: what the models most agents use cost, as of its date. Override or
@@ -329,6 +332,7 @@ impl Gateway {
             anonymous: Arc::new(anonymous::Anonymous::new(anonymous::DEFAULT_INTERVAL)),
             approval_watch: std::sync::OnceLock::new(),
             desk: Arc::default(),
+            approval_url: None,
         }
     }
 
@@ -525,6 +529,13 @@ impl Gateway {
     /// [`desk::LocalDesk::LIMIT`]); a call that needs one past that is refused (`NoApprovals`).
     pub fn with_approval_limit(mut self, limit: usize) -> Self {
         self.desk = Arc::new(desk::LocalDesk::with_limit(limit));
+        self
+    }
+
+    /// Standalone: the URL approvers reach this gateway at (`http://127.0.0.1:8480`), named in
+    /// the commands approval notifications carry.
+    pub fn with_approval_url(mut self, url: impl Into<String>) -> Self {
+        self.approval_url = Some(url.into());
         self
     }
 

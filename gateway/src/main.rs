@@ -127,8 +127,10 @@ enum Mode {
         /// The default holds only the fake model provider's demo key.
         #[arg(long, default_value = "config/standalone/secrets")]
         secrets: Option<PathBuf>,
-        /// Notification targets for budget breaches: a YAML map of target name (as named in
-        /// onBudgetExceeded.notify) to a Slack-compatible incoming-webhook URL.
+        /// Notification targets for budget breaches and approvals: a YAML map of target name
+        /// (as onBudgetExceeded.notify and approval.notify name it) to a Slack-compatible
+        /// incoming-webhook URL, or to {url, format: webhook, secret} for the event as JSON
+        /// signed with HMAC-SHA256 (docs/gateway.md).
         #[arg(long)]
         notify: Option<PathBuf>,
         /// A model price table laid over the built-in one (as the gateway's --prices).

@@ -194,7 +194,8 @@ pub async fn standalone(
         .with_prices(config.prices)
         .with_mcp_limits(config.mcp)
         .with_history(trail.history)
-        .with_escalation(crate::Escalation::standalone(targets));
+        .with_escalation(crate::Escalation::standalone(targets))
+        .with_approval_url(format!("http://{listen}"));
     if let Some(shared) = trail.shared {
         gateway = gateway.with_shared(shared);
     }

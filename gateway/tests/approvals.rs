@@ -13,10 +13,12 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
+use std::collections::HashMap;
 use tollgate_audit::{
     ApprovalPhase, AuditLog, Entry, Event, Query, Redactor, SqliteStore, Store, WriterConfig,
     verify,
 };
+use tollgate_gateway::escalate::Target;
 use tollgate_gateway::keys::Keys;
 use tollgate_gateway::policies::WatchedDir;
 use tollgate_gateway::{self as gateway, Gateway};
@@ -57,6 +59,15 @@ struct Harness {
 
 /// The sample support agent, its policy edited by `edit`, in a watched directory.
 async fn harness_with(edit: impl Fn(String) -> String, limit: Option<usize>) -> Harness {
+    harness_notifying(edit, limit, HashMap::new()).await
+}
+
+/// [`harness_with`], telling `targets` of approvals.
+async fn harness_notifying(
+    edit: impl Fn(String) -> String,
+    limit: Option<usize>,
+    targets: HashMap<String, Target>,
+) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let policies = dir.path().join("policies");
     std::fs::create_dir(&policies).unwrap();
@@ -76,7 +87,9 @@ async fn harness_with(edit: impl Fn(String) -> String, limit: Option<usize>) -> 
         log,
         Redactor::default(),
     )
-    .with_history(store.clone());
+    .with_history(store.clone())
+    .with_escalation(gateway::Escalation::standalone(targets))
+    .with_approval_url("http://127.0.0.1:8480");
     if let Some(limit) = limit {
         gateway = gateway.with_approval_limit(limit);
     }
@@ -620,5 +633,251 @@ async fn a_full_desk_refuses_new_requests_and_records_it() {
             .contains("NoApprovals"),
         "{:?}",
         entries.last()
+    );
+}
+
+/// What a notification target received: (path, event header, delivery id, signature, body as
+/// sent).
+type Received = Arc<std::sync::Mutex<Vec<(String, String, String, String, String)>>>;
+
+/// A receiver of our own for two targets, `/chat` (Slack-compatible) and `/hook` (signed
+/// webhook), which refuses the first delivery to `/hook` with 503 (a retry must follow).
+async fn receiver() -> (String, Received) {
+    use axum::http::HeaderMap;
+    let received: Received = Arc::default();
+    let refused_once = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let log = received.clone();
+    let app = axum::Router::new().route(
+        "/{target}",
+        axum::routing::post(
+            move |axum::extract::Path(target): axum::extract::Path<String>,
+                  headers: HeaderMap,
+                  body: String| {
+                let (log, refused_once) = (log.clone(), refused_once.clone());
+                async move {
+                    let header = |name: &str| {
+                        headers
+                            .get(name)
+                            .map(|v| v.to_str().unwrap().to_owned())
+                            .unwrap_or_default()
+                    };
+                    let refuse = target == "hook"
+                        && !refused_once.swap(true, std::sync::atomic::Ordering::SeqCst);
+                    let event = header("tollgate-event");
+                    log.lock().unwrap().push((
+                        target,
+                        if refuse {
+                            format!("refused {event}")
+                        } else {
+                            event
+                        },
+                        header("tollgate-delivery"),
+                        header("tollgate-signature"),
+                        body,
+                    ));
+                    if refuse {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    } else {
+                        StatusCode::OK
+                    }
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, received)
+}
+
+const HOOK_SECRET: &str = "0123456789abcdef-hook-secret";
+
+fn targets(url: &str) -> HashMap<String, Target> {
+    let parse = |yaml: String| Target::parse(&serde_yaml::from_str(&yaml).unwrap()).unwrap();
+    HashMap::from([
+        ("leads-chat".to_owned(), parse(format!("{url}/chat"))),
+        (
+            "audit-hook".to_owned(),
+            parse(format!(
+                "{{url: '{url}/hook', format: webhook, secret: '{HOOK_SECRET}'}}"
+            )),
+        ),
+    ])
+}
+
+/// Waits until `received` holds `count` notices of `event` per target; returns them.
+async fn notices(
+    received: &Received,
+    event: &str,
+    count: usize,
+) -> Vec<(String, String, String, Value, String)> {
+    for _ in 0..1000 {
+        let got: Vec<_> = received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, kind, ..)| kind == event)
+            .map(|(target, _, delivery, signature, body)| {
+                (
+                    target.clone(),
+                    delivery.clone(),
+                    signature.clone(),
+                    serde_json::from_str(body).unwrap(),
+                    body.clone(),
+                )
+            })
+            .collect();
+        if got.len() >= count {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!(
+        "no {count} notice(s) of {event}: {:?}",
+        received.lock().unwrap()
+    );
+}
+
+fn notifying(policy: String) -> String {
+    policy.replacen(
+        "          onTimeout: Deny",
+        "          onTimeout: Deny\n          notify: [leads-chat, audit-hook, not-configured]",
+        1,
+    )
+}
+
+#[tokio::test]
+async fn people_hear_of_a_waiting_call_and_of_its_outcome() {
+    let (url, received) = receiver().await;
+    let h = harness_notifying(notifying, None, targets(&url)).await;
+    let (_, asked) = h
+        .call(
+            json!({"runId": "n1", "tool": "send_customer_email", "arguments": email("hello"),
+                     "wait": false}),
+        )
+        .await;
+    let name = asked["approvalRequest"]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let created = notices(&received, "approval.created", 2).await;
+    let chat = created.iter().find(|(t, ..)| t == "chat").unwrap();
+    let text = chat.3["text"].as_str().unwrap();
+    for words in [
+        "agent default/support-agent-v2 waits for approval to call send_customer_email (run n1",
+        r#""subject":"hello""#,
+        asked["approval"]["argumentsDigest"].as_str().unwrap(),
+        "Who may decide: groups support-leads; 1 distinct approval(s) needed",
+        asked["approvalRequest"]["expiresAt"].as_str().unwrap(),
+        &format!("kubectl tollgate approve default/{name} --gateway http://127.0.0.1:8480"),
+        &format!("kubectl tollgate deny default/{name} --gateway http://127.0.0.1:8480"),
+    ] {
+        assert!(text.contains(words), "{words:?} not in {text}");
+    }
+    assert_eq!(
+        chat.3.as_object().unwrap().len(),
+        1,
+        "Slack gets text only: {}",
+        chat.3
+    );
+    // The webhook got the event, signed, after one retry with the same delivery id.
+    let hook = created.iter().find(|(t, ..)| t == "hook").unwrap();
+    let (_, delivery, signature, event, body) = hook;
+    assert_eq!(delivery.len(), 32, "{delivery}");
+    let refused = notices(&received, "refused approval.created", 1).await;
+    assert_eq!(
+        &refused[0].1, delivery,
+        "a retry carries the same delivery id"
+    );
+    assert_eq!(event["type"], "approval.created");
+    assert_eq!(event["request"]["name"], name.as_str());
+    assert_eq!(event["request"]["tool"], "send_customer_email");
+    assert_eq!(event["request"]["arguments"]["subject"], "hello");
+    assert_eq!(event["phase"], "Pending");
+    let at: i64 = signature
+        .strip_prefix("t=")
+        .and_then(|s| s.split(',').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    // Signed over the exact bytes sent.
+    assert_eq!(
+        signature,
+        &tollgate_gateway::escalate::signature(HOOK_SECRET.as_bytes(), at, body)
+    );
+    assert_ne!(
+        signature,
+        &tollgate_gateway::escalate::signature(b"another secret of 16+", at, body)
+    );
+
+    let (status, _) = h.verdict(DANA, &name, "Approve").await;
+    assert_eq!(status, StatusCode::OK);
+    let decided = notices(&received, "approval.decided", 2).await;
+    let chat = decided.iter().find(|(t, ..)| t == "chat").unwrap();
+    let text = chat.3["text"].as_str().unwrap();
+    assert!(
+        text.contains(&format!("default/{name}")) && text.contains("approved by dana"),
+        "{text}"
+    );
+    let hook = decided.iter().find(|(t, ..)| t == "hook").unwrap();
+    assert_eq!(hook.3["phase"], "Approved");
+    assert_eq!(hook.3["decisions"][0]["user"], "dana");
+    h.audit().await;
+}
+
+#[tokio::test]
+async fn an_undecided_request_is_reminded_before_it_expires_and_its_expiry_told() {
+    let (url, received) = receiver().await;
+    let h = harness_notifying(
+        |s| notifying(s).replace("timeoutSeconds: 300", "timeoutSeconds: 10"),
+        None,
+        targets(&url),
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let (_, asked) = h
+        .call(
+            json!({"runId": "n2", "tool": "send_customer_email", "arguments": email("late"),
+                     "wait": false}),
+        )
+        .await;
+    let name = asked["approvalRequest"]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let reminded = notices(&received, "approval.reminder", 2).await;
+    let elapsed = started.elapsed();
+    assert!(
+        (Duration::from_secs(7)..Duration::from_secs(10)).contains(&elapsed),
+        "a reminder when a fifth of the 10 s is left: {elapsed:?}"
+    );
+    let chat = reminded.iter().find(|(t, ..)| t == "chat").unwrap();
+    let text = chat.3["text"].as_str().unwrap();
+    assert!(
+        text.contains("still undecided (0 of 1 approval(s))") && text.contains(&name),
+        "{text}"
+    );
+    let expired = notices(&received, "approval.decided", 2).await;
+    assert!(started.elapsed() >= Duration::from_secs(10));
+    let chat = expired.iter().find(|(t, ..)| t == "chat").unwrap();
+    assert!(
+        chat.3["text"]
+            .as_str()
+            .unwrap()
+            .contains("expired undecided"),
+        "{}",
+        chat.3
+    );
+    // Created, reminded, decided: once each per target (the hook's refused first try aside).
+    let kinds: Vec<String> = received
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(target, ..)| target == "chat")
+        .map(|(_, kind, ..)| kind.clone())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["approval.created", "approval.reminder", "approval.decided"]
     );
 }
