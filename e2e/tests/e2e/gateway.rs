@@ -1347,3 +1347,122 @@ async fn every_task_waiting_for_the_watches_to_sync_is_woken() {
         }
     }
 }
+
+#[tokio::test]
+async fn approvers_in_a_cluster_hear_of_a_request_and_of_who_approved_it() {
+    let cp = control_plane();
+    install_crds();
+    webhook();
+    let admin = cp.client(User::Admin).await;
+    let ns = tollgate_e2e::admission::namespace("notify").await;
+    let sample = std::fs::read_to_string(repo_root().join("config/samples/support-agent.yaml"))
+        .unwrap()
+        .replace("groups: [support-leads]", "groups: [tollgate-approvers]")
+        .replacen(
+            "          onTimeout: Deny",
+            "          onTimeout: Deny\n          notify: [leads-chat]",
+            1,
+        );
+    let manifest = repo_root().join(format!("target/e2e-runs/notify-{ns}.yaml"));
+    std::fs::write(&manifest, &sample).unwrap();
+    run(cp
+        .kubectl(User::Admin)
+        .args(["apply", "-n", &ns, "-f"])
+        .arg(&manifest));
+    let token = support_agent_token(&ns);
+
+    // A Slack-compatible receiver, named in the notification Secret of the gateway's namespace.
+    let received: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let sink = {
+        let received = received.clone();
+        axum::Router::new().route(
+            "/chat",
+            axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
+                let received = received.clone();
+                async move {
+                    received
+                        .lock()
+                        .unwrap()
+                        .push(body["text"].as_str().unwrap_or_default().to_owned());
+                    "ok"
+                }
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/chat", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, sink).await.unwrap() });
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
+        "metadata": {"name": gateway::escalate::NOTIFY_SECRET},
+        "stringData": {"leads-chat": url}
+    }))
+    .unwrap();
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(admin.clone(), &ns)
+        .create(&kube::api::PostParams::default(), &secret)
+        .await
+        .unwrap();
+
+    let view = WatchedView::start(admin.clone(), "tollgate-system");
+    view.ready().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path().join("audit.db")).unwrap());
+    let (log, _) = AuditLog::open(store, WriterConfig::new("gw-notify"))
+        .await
+        .unwrap();
+    let as_gateway = cp.client_as(GATEWAY).await;
+    let gateway = Gateway::new(
+        gateway::Policies::Cluster(ClusterPolicies::new(Arc::new(view), as_gateway.clone())),
+        TokenReviewer::new(admin.clone()),
+        log,
+        Redactor::default(),
+    )
+    .with_escalation(gateway::Escalation::cluster(as_gateway, &ns));
+    let gateway_url = tollgate_e2e::serve_gateway(gateway).await;
+
+    let http = reqwest::Client::new();
+    let (status, asked) = post_decide(
+        &http,
+        &gateway_url,
+        &token,
+        json!({"runId": "run-n", "tool": "send_customer_email", "arguments": email("notified"),
+               "wait": false}),
+    )
+    .await;
+    assert_eq!(status, 202, "{asked}");
+    let name = asked["approvalRequest"]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let texts = || received.lock().unwrap().clone();
+    let created = eventually(
+        "the request is announced",
+        Duration::from_secs(20),
+        || async {
+            texts()
+                .into_iter()
+                .find(|t| t.contains("waits for approval"))
+        },
+    )
+    .await;
+    for words in [
+        format!("agent {ns}/support-agent-v2 waits for approval to call send_customer_email"),
+        format!("kubectl tollgate approve {name} -n {ns}"),
+        format!("kubectl tollgate deny {name} -n {ns}"),
+        "groups tollgate-approvers".to_owned(),
+    ] {
+        assert!(created.contains(&words), "{words:?} not in {created}");
+    }
+    // Alice decides with the command the message names; admission stamps her, and the outcome
+    // names her.
+    alice_approves(&ns, &name, "ok").await;
+    let decided = eventually(
+        "the outcome is announced",
+        Duration::from_secs(20),
+        || async { texts().into_iter().find(|t| t.contains("approved by")) },
+    )
+    .await;
+    assert!(
+        decided.contains(&format!("{ns}/{name}")) && decided.contains("approved by alice"),
+        "{decided}"
+    );
+}
