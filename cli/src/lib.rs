@@ -6,10 +6,12 @@
 //! `decide` (what would the policy answer to this call), and `audit replay|verify|export|what-if`
 //! reading the audit store directly (or through the gateway's read API), and the cluster
 //! commands `approve`, `deny`, `kill` and `unkill`, each one write as the kubeconfig's user, and
-//! `doctor`, which reads the installation and says what does not hold.
+//! `doctor`, which reads the installation and says what does not hold (with `--checklist`, the
+//! ten pre-production items per agent).
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod checklist;
 pub mod doctor;
 pub mod offline;
 pub mod people;

@@ -84,6 +84,14 @@ enum Command {
         /// The namespace Tollgate runs in.
         #[arg(long, env = "TOLLGATE_NAMESPACE", default_value = "tollgate-system")]
         tollgate_namespace: String,
+        /// Print the ten pre-production items per agent (pass, FAIL or unknown, and why)
+        /// instead; exits 1 when an item fails.
+        #[arg(long)]
+        checklist: bool,
+        /// With --checklist: read the agents from these manifests (files or directories)
+        /// instead of a cluster; what only a cluster can say is unknown.
+        #[arg(long = "from", requires = "checklist")]
+        from: Vec<PathBuf>,
     },
     /// Read the audit trail: replay a run, verify the hash chain, export, what-if, drift.
     Audit {
@@ -291,8 +299,37 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Doctor {
+            checklist: true,
             namespace,
             tollgate_namespace,
+            from,
+        } => {
+            let now = jiff::Timestamp::now();
+            let lists = if from.is_empty() {
+                block_on(async {
+                    let (client, _) = people::client(None).await?;
+                    kubectl_tollgate::checklist::in_cluster(
+                        client,
+                        &tollgate_namespace,
+                        namespace.as_deref(),
+                        now,
+                    )
+                    .await
+                })?
+            } else {
+                kubectl_tollgate::checklist::offline(&from, now)?
+            };
+            print!("{}", lists.text());
+            Ok(if lists.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Doctor {
+            namespace,
+            tollgate_namespace,
+            ..
         } => block_on(async {
             let (client, _) = people::client(None).await?;
             let report = kubectl_tollgate::doctor::run(

@@ -62,3 +62,15 @@ pub const GLOBAL_KILL_SWITCH: &str = "tollgate-kill-switch";
 pub const GLOBAL_KILL_SWITCH_KEY: &str = "engaged";
 /// The ConfigMap key holding why the global switch was engaged.
 pub const GLOBAL_KILL_SWITCH_REASON_KEY: &str = "reason";
+
+/// A person to reach, and how: escalation names people, not only channels.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Contact {
+    /// Who: a person, such as `Alice Ng (support lead)`.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// How to reach them now: an e-mail address, a phone number, a pager handle.
+    #[schemars(length(min = 1, max = 253))]
+    pub reach: String,
+}

@@ -551,6 +551,10 @@ pub struct ApprovalRule {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "crate::schema::name_set")]
     pub notify: Vec<String>,
+    /// The people to reach when a request waits too long or nobody can decide it (at most 16).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub contacts: Vec<crate::common::Contact>,
 }
 
 fn default_min_approvals() -> i32 {
@@ -634,6 +638,11 @@ pub struct BudgetBreach {
     /// Also engage the agent's kill switch.
     #[serde(default)]
     pub engage_kill_switch: bool,
+    /// The people who answer a breach, by name with how to reach them (at most 16): a channel
+    /// alone is not an escalation path.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub contacts: Vec<crate::common::Contact>,
 }
 
 /// What a budget breach does.

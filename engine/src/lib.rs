@@ -18,6 +18,7 @@ pub mod approval;
 pub mod budget;
 pub mod canonical;
 mod cel;
+pub mod checklist;
 pub mod children;
 pub mod compile;
 pub mod decision;
