@@ -2,11 +2,11 @@
 //! reason. `kubectl tollgate doctor --checklist` gathers what a cluster says ([`Observed`]); from
 //! manifests alone, what only a cluster can say is unknown, never assumed.
 //!
-//! 1. a dedicated ServiceAccount; 2. scope documented and limited (a description, rules and tools
-//! without wildcards, drift empty or explained); 3. a blocked list; 4. the enforcement point in
-//! the path (agent pods admitted with the gateway URL, egress confined); 5. execution bounds;
-//! 6. approval on every irreversible tool; 7. audit on; 8. the kill switch drilled within 30
-//! days; 9. drift audited; 10. escalation naming people.
+//! The items: a dedicated ServiceAccount; scope documented and limited (a description, rules
+//! and tools without wildcards, drift empty or explained); a blocked list; the enforcement point
+//! in the path (agent pods admitted with the gateway URL, egress confined); execution bounds;
+//! approval on every irreversible tool; audit on; the kill switch drilled within 30 days; drift
+//! audited; escalation naming people.
 
 use jiff::{SignedDuration, Timestamp};
 use tollgate_crds::{AgentIdentity, AgentPolicy};
