@@ -13,5 +13,6 @@
 pub mod audit;
 pub mod checklist;
 pub mod doctor;
+pub mod drill;
 pub mod offline;
 pub mod people;

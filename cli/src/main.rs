@@ -49,6 +49,27 @@ enum Command {
         #[command(flatten)]
         switch: Switch,
     },
+    /// Drill an agent's kill switch: engage it, check each plane holds (the gateway refuses,
+    /// the RoleBinding is gone, egress is denied, writes are refused) and how fast, release it,
+    /// check each is restored, and record the drill in status.lastKillSwitchDrill. Exits 1 when
+    /// a plane did not hold or was not restored (the switch is released either way).
+    Drill {
+        /// The agent's AgentIdentity.
+        name: String,
+        /// Its namespace (default: the kubeconfig context's).
+        #[arg(short, long)]
+        namespace: Option<String>,
+        /// The gateway as this machine reaches it (say through `kubectl port-forward`), to check
+        /// that it refuses the agent's calls.
+        #[arg(long, env = "TOLLGATE_GATEWAY")]
+        gateway: Option<String>,
+        /// A PEM bundle to trust for the gateway's TLS.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// How long each plane may take to hold, and to be restored.
+        #[arg(long, default_value = "60s", value_parser = seconds)]
+        timeout: std::time::Duration,
+    },
     /// Release an agent's kill switch (or with --all the global one).
     Unkill {
         #[command(flatten)]
@@ -271,6 +292,32 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", people::table(&listed, all, jiff::Timestamp::now()));
             Ok(ExitCode::SUCCESS)
         }
+        Command::Drill {
+            name,
+            namespace,
+            gateway,
+            ca,
+            timeout,
+        } => block_on(async {
+            let config = kube::Config::infer().await.map_err(|e| {
+                anyhow::anyhow!("no usable kubeconfig (set KUBECONFIG, or run in a pod): {e}")
+            })?;
+            let namespace = namespace.unwrap_or_else(|| config.default_namespace.clone());
+            let drill = kubectl_tollgate::drill::Drill {
+                namespace,
+                name,
+                gateway,
+                ca,
+                timeout,
+            };
+            let report = kubectl_tollgate::drill::run(config, &drill).await?;
+            print!("{}", report.text());
+            Ok(if report.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }),
         Command::Kill { switch } => {
             print!("{}", block_on(kill(switch, true))?);
             Ok(ExitCode::SUCCESS)
@@ -468,4 +515,13 @@ async fn kill(switch: Switch, engaged: bool) -> anyhow::Result<String> {
         switch.reason.as_deref(),
     )
     .await
+}
+
+/// A duration such as `60s`, `2m` or `1h`.
+fn seconds(text: &str) -> Result<std::time::Duration, String> {
+    let duration = tollgate_engine::duration::parse(text)?;
+    if duration.is_zero() {
+        return Err("must be longer than zero".to_owned());
+    }
+    Ok(duration)
 }

@@ -257,13 +257,17 @@ impl ControlPlane {
 
     /// A kube client authenticated as `user`. Create it inside the test's own runtime.
     pub async fn client(&self, user: User) -> kube::Client {
+        kube::Client::try_from(self.config(user).await)
+            .expect("a client can be built from the kubeconfig")
+    }
+
+    /// The client configuration of `user`, as a kubeconfig gives it.
+    pub async fn config(&self, user: User) -> kube::Config {
         let kubeconfig = Kubeconfig::read_from(self.kubeconfig(user))
             .expect("the harness wrote a valid kubeconfig");
-        let config =
-            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-                .await
-                .expect("the kubeconfig loads");
-        kube::Client::try_from(config).expect("a client can be built from the kubeconfig")
+        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            .await
+            .expect("the kubeconfig loads")
     }
 
     /// A kube client authenticated as `user` that reaches the apiserver through `addr` (a

@@ -962,3 +962,162 @@ async fn doctor_names_what_does_not_hold() {
         assert!(text.contains(&line), "missing {line:?} in:\n{text}");
     }
 }
+
+#[tokio::test]
+async fn a_kill_switch_drill_checks_every_plane_releases_the_switch_and_is_recorded() {
+    let cp = control_plane();
+    webhook();
+    let admin = cp.client(User::Admin).await;
+    let ns = tollgate_e2e::admission::namespace("drill").await;
+    let operator = Operator::start(&ns, Options::default());
+    // The sample agent, which may also create ConfigMaps: a write for the drill to see refused.
+    let sample = std::fs::read_to_string(repo_root().join("config/samples/support-agent.yaml"))
+        .unwrap()
+        .replace("verbs: [get, list]", "verbs: [get, list, create]");
+    apply_text(&ns, &sample);
+    let identities: Api<AgentIdentity> = Api::namespaced(admin.clone(), &ns);
+    identity_where(&identities, AGENT, "the identity to be Ready", ready).await;
+    let checklist = |now| {
+        let (admin, ns) = (admin.clone(), ns.clone());
+        async move {
+            kubectl_tollgate::checklist::in_cluster(admin, "tollgate-system", Some(&ns), now)
+                .await
+                .unwrap()
+        }
+    };
+    let before = checklist(Timestamp::now()).await;
+    let item8 = |lists: &kubectl_tollgate::checklist::Checklists| lists.agents[0].1[7].clone();
+    assert_eq!(
+        item8(&before).mark,
+        tollgate_engine::checklist::Mark::Fail,
+        "{}",
+        before.text()
+    );
+    assert!(
+        item8(&before).why.contains("never drilled"),
+        "{}",
+        before.text()
+    );
+
+    // A gateway over the cluster, for the drill to call as the agent.
+    let view = tollgate_runtime::cluster::WatchedView::start(admin.clone(), "tollgate-system");
+    view.ready().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(
+        tollgate_audit::SqliteStore::open(dir.path().join("audit.db")).unwrap(),
+    );
+    let (log, _) = tollgate_audit::AuditLog::open(
+        store.clone(),
+        tollgate_audit::WriterConfig::new("gw-drill"),
+    )
+    .await
+    .unwrap();
+    let gateway = tollgate_gateway::Gateway::new(
+        tollgate_gateway::Policies::Cluster(tollgate_gateway::ClusterPolicies::new(
+            std::sync::Arc::new(view),
+            cp.client_as(GATEWAY).await,
+        )),
+        tollgate_gateway::TokenReviewer::new(admin.clone()),
+        log,
+        tollgate_audit::Redactor::default(),
+    );
+    let url = tollgate_e2e::serve_gateway(gateway).await;
+
+    let drill = kubectl_tollgate::drill::Drill {
+        namespace: ns.clone(),
+        name: AGENT.to_owned(),
+        gateway: Some(url),
+        ca: None,
+        timeout: WAIT,
+    };
+    let report = kubectl_tollgate::drill::run(cp.config(User::Admin).await, &drill)
+        .await
+        .unwrap();
+    eprintln!("{}", report.text());
+    assert!(report.ok(), "{}", report.text());
+    let names: Vec<&str> = report.planes.iter().map(|p| p.name).collect();
+    assert_eq!(
+        names,
+        [
+            "gateway refuses its calls",
+            "its RoleBinding is removed",
+            "its egress is denied",
+            "its writes are refused"
+        ]
+    );
+    for plane in &report.planes {
+        assert!(
+            plane.held.is_some() && plane.restored.is_some(),
+            "{plane:?}"
+        );
+    }
+    assert!(
+        report.planes[0].note.contains("answered KillSwitch"),
+        "{:?}",
+        report.planes[0]
+    );
+    assert!(
+        report.planes[0]
+            .note
+            .contains("after release: answered ToolNotAllowed"),
+        "{:?}",
+        report.planes[0]
+    );
+    // Released, and recorded where the checklist reads it.
+    let identity = identities.get(AGENT).await.unwrap();
+    assert!(
+        !identity.spec.kill_switch.engaged,
+        "the drill released the switch"
+    );
+    assert!(
+        identity
+            .status
+            .as_ref()
+            .and_then(|s| s.last_kill_switch_drill.as_ref())
+            .is_some(),
+        "{:?}",
+        identity.status
+    );
+    let after = checklist(Timestamp::now()).await;
+    assert_eq!(
+        item8(&after).mark,
+        tollgate_engine::checklist::Mark::Pass,
+        "{}",
+        after.text()
+    );
+    // The operator's next status write keeps the record.
+    identities
+        .patch(
+            AGENT,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"description": "Answers tickets (drilled)"}})),
+        )
+        .await
+        .unwrap();
+    let kept = identity_where(&identities, AGENT, "the identity Ready again", ready).await;
+    assert!(
+        kept.status.unwrap().last_kill_switch_drill.is_some(),
+        "the operator keeps lastKillSwitchDrill"
+    );
+    // The gateway recorded the drill's probe calls.
+    let records = tollgate_audit::Store::query(store.as_ref(), &tollgate_audit::Query::default())
+        .await
+        .unwrap();
+    let probes: Vec<String> = records
+        .iter()
+        .map(|r| r.entry().unwrap())
+        .filter(|e| {
+            e.run
+                .as_deref()
+                .is_some_and(|r| r.starts_with("tollgate-drill-"))
+        })
+        .filter_map(|e| {
+            e.decision
+                .as_ref()
+                .and_then(|d| d.deny_code())
+                .map(|c| format!("{c:?}"))
+        })
+        .collect();
+    assert!(probes.iter().any(|c| c == "KillSwitch"), "{probes:?}");
+    operator.stop().unwrap();
+}
