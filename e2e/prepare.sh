@@ -40,6 +40,8 @@ echo "== control plane (cached under ~/.cache/tollgate/controlplane)"
 bash e2e/controlplane/build.sh
 echo "== node: kubelet, kube-scheduler, kube-proxy, kube-router, CoreDNS, helm (cached under ~/.cache/tollgate/node)"
 bash e2e/node/build.sh
+echo "== kstatus, the health computation Flux uses (cached under ~/.cache/tollgate/kstatus)"
+bash e2e/kstatus/build.sh >/dev/null
 echo "== official SDKs for the tests (PyPI; cached under ~/.cache/tollgate/sdk, linked at target/sdk-venv)"
 bash e2e/sdk/install.sh
 echo "== images (release binaries, daemonless; target/images)"

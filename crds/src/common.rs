@@ -15,6 +15,10 @@ pub mod condition {
     pub const KILL_SWITCH_ENGAGED: &str = "KillSwitchEngaged";
     /// The policy's identityRef names an AgentIdentity that exists.
     pub const IDENTITY_BOUND: &str = "IdentityBound";
+    /// kstatus' abnormal-true condition: present (True) only while the object cannot be put in
+    /// force until a person fixes its spec, so GitOps health checks (Flux, kstatus) fail it
+    /// instead of waiting; absent otherwise.
+    pub const STALLED: &str = "Stalled";
 }
 
 /// A reference to an object of a known kind in the same namespace.

@@ -388,6 +388,43 @@ fn build() -> Result<PathBuf> {
     Ok(PathBuf::from(dir))
 }
 
+/// What kstatus (the health computation Flux uses; `e2e/kstatus`, built by `e2e/prepare.sh`)
+/// says of each of `objects`: (kind/name, status, message), such as `Current` or `Failed`.
+pub fn kstatus(objects: &[serde_json::Value]) -> Vec<(String, String, String)> {
+    let script = repo_root().join("e2e/kstatus/build.sh");
+    let output = Command::new("bash")
+        .arg(&script)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("run e2e/kstatus/build.sh");
+    assert!(output.status.success(), "{} failed", script.display());
+    let dir = String::from_utf8(output.stdout).unwrap();
+    let dir = dir.lines().last().expect("build.sh printed no directory");
+    let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": objects});
+    let output = with_input(
+        &mut Command::new(Path::new(dir).join("kstatus")),
+        &list.to_string(),
+    );
+    assert!(
+        output.status.success(),
+        "kstatus: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let s = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
+            (
+                format!("{}/{}", s("kind"), s("name")),
+                s("status"),
+                s("message"),
+            )
+        })
+        .collect()
+}
+
 pub(crate) use tollgate_testkit::free_port;
 
 pub(crate) fn http_get_ok(port: u16, path: &str) -> bool {

@@ -97,6 +97,34 @@ pub fn set_condition(
     }
 }
 
+/// Sets `Stalled` (True, with Ready's reason and message) when Ready is False for one of
+/// `stalling` reasons, which only a change of the spec ends; removes it otherwise, as kstatus
+/// reads an absent abnormal-true condition as False.
+fn stall(
+    conditions: &mut Vec<Condition>,
+    stalling: &[&str],
+    generation: Option<i64>,
+    now: Timestamp,
+) {
+    let stalled = conditions
+        .iter()
+        .find(|c| c.type_ == condition::READY && c.status == "False")
+        .filter(|ready| stalling.contains(&ready.reason.as_str()))
+        .map(|ready| (ready.reason.clone(), ready.message.clone()));
+    match stalled {
+        Some((reason, message)) => set_condition(
+            conditions,
+            condition::STALLED,
+            true,
+            &reason,
+            message,
+            generation,
+            now,
+        ),
+        None => conditions.retain(|c| c.type_ != condition::STALLED),
+    }
+}
+
 /// Whether the condition `type_` is True.
 pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
     conditions
@@ -283,6 +311,7 @@ pub fn identity_status(
             reason: stop.reason().map(str::to_owned),
         }
     });
+    stall(&mut conditions, &["RulesRefused"], generation, now);
     AgentIdentityStatus {
         service_account_name: Some(service_account.clone()),
         username: Some(format!(
@@ -377,6 +406,12 @@ pub fn policy_status(
             None
         }
     };
+    stall(
+        &mut conditions,
+        &["CompileFailed", "IdentityNotFound"],
+        generation,
+        now,
+    );
     AgentPolicyStatus {
         observed_generation: generation,
         policy_hash,

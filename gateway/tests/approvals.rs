@@ -456,8 +456,8 @@ async fn the_kill_switch_ends_a_waiting_call_and_no_one_can_approve_it() {
         std::fs::write(
             &h.policy,
             text.replacen(
-                "killSwitch:\n    engaged: false",
-                "killSwitch:\n    engaged: true",
+                "\n  credentials:",
+                "\n  killSwitch: {engaged: true}\n  credentials:",
                 1,
             ),
         )

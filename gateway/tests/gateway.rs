@@ -597,7 +597,11 @@ async fn a_broken_policy_denies_with_its_reason_and_edits_take_effect_on_reload(
     // The kill switch engaged in the file: the next call is denied.
     std::fs::write(
         dir.path().join("support.yaml"),
-        sample.replace("engaged: false", "engaged: true"),
+        sample.replacen(
+            "\n  credentials:",
+            "\n  killSwitch: {engaged: true}\n  credentials:",
+            1,
+        ),
     )
     .unwrap();
     wait_for(&h, "r2", |d| d["code"] == "KillSwitch").await;
@@ -1128,9 +1132,10 @@ async fn a_breach_halts_notifies_once_and_engages_the_kill_switch_when_the_polic
     // again: the gateway held it only until the source of truth caught up.
     std::fs::write(
         policies.path().join("support.yaml"),
-        sample.replace(
-            "killSwitch:\n    engaged: false",
-            "killSwitch:\n    engaged: true",
+        sample.replacen(
+            "\n  credentials:",
+            "\n  killSwitch: {engaged: true}\n  credentials:",
+            1,
         ),
     )
     .unwrap();

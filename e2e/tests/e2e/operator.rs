@@ -834,7 +834,7 @@ async fn a_policy_that_does_not_compile_or_names_no_identity_says_why() {
     let policies: Api<AgentPolicy> = Api::namespaced(admin.clone(), &ns);
     let status = eventually("the policy status", WAIT, || async {
         let status = policies.get(AGENT).await.ok()?.status?;
-        (status.conditions.len() == 2).then_some(status)
+        (status.conditions.len() == 3).then_some(status)
     })
     .await;
     let find = |t: &str| {
@@ -866,6 +866,12 @@ async fn a_policy_that_does_not_compile_or_names_no_identity_says_why() {
         ready.message.contains("update_order_status") || ready.message.contains("when"),
         "{}",
         ready.message
+    );
+    // kstatus' abnormal-true condition, so GitOps health checks fail it instead of waiting.
+    let stalled = find("Stalled");
+    assert_eq!(
+        (stalled.status.as_str(), stalled.reason.as_str()),
+        ("True", "CompileFailed")
     );
     assert!(status.policy_hash.is_none());
     event_for(&admin, &ns, AGENT, "CompileFailed").await;
@@ -1119,5 +1125,94 @@ async fn a_kill_switch_drill_checks_every_plane_releases_the_switch_and_is_recor
         })
         .collect();
     assert!(probes.iter().any(|c| c == "KillSwitch"), "{probes:?}");
+    operator.stop().unwrap();
+}
+
+/// Flux's health checks (kstatus, the real library) read Tollgate's conditions: Current when in
+/// force, Failed while only a spec change helps (a policy that does not compile: never waiting
+/// for ever on a broken object), InProgress with the reason while a kill switch stops the agent.
+#[tokio::test]
+async fn flux_health_checks_read_tollgates_conditions_through_kstatus() {
+    let cp = control_plane();
+    let admin = cp.client(User::Admin).await;
+    // No admission here, so the apiserver stores a policy only the engine can refuse (as it
+    // would with admission off, or with a policy applied before the webhook was).
+    let ns = cp.namespace("kstatus").await;
+    let operator = Operator::start(&ns, Options::default());
+    apply_sample(&ns);
+    let identities: Api<AgentIdentity> = Api::namespaced(admin.clone(), &ns);
+    let policies: Api<AgentPolicy> = Api::namespaced(admin.clone(), &ns);
+    identity_where(&identities, AGENT, "the identity to be Ready", ready).await;
+    let policy_ready = |p: &AgentPolicy| {
+        p.status.as_ref().is_some_and(|s| {
+            s.observed_generation == p.metadata.generation
+                && s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+        })
+    };
+    eventually("the policy to be Ready", WAIT, || async {
+        policies.get(AGENT).await.ok().filter(policy_ready)
+    })
+    .await;
+    let health = || async {
+        let identity = serde_json::to_value(identities.get(AGENT).await.unwrap()).unwrap();
+        let policy = serde_json::to_value(policies.get(AGENT).await.unwrap()).unwrap();
+        tollgate_e2e::kstatus(&[identity, policy])
+    };
+    let statuses = |found: Vec<(String, String, String)>| -> Vec<(String, String)> {
+        found
+            .into_iter()
+            .map(|(what, status, _)| (what, status))
+            .collect()
+    };
+    let current = vec![
+        (format!("AgentIdentity/{AGENT}"), "Current".to_owned()),
+        (format!("AgentPolicy/{AGENT}"), "Current".to_owned()),
+    ];
+    assert_eq!(statuses(health().await), current);
+
+    // A policy that no longer compiles: Failed, with the compiler's words.
+    let broken = json!({"spec": {"tools": {"allowed": [{"name": "read_customer_record",
+        "upstream": "crm", "when": "args.("}]}}});
+    policies
+        .patch(AGENT, &PatchParams::default(), &Patch::Merge(&broken))
+        .await
+        .unwrap();
+    let found = eventually("kstatus to fail the policy", WAIT, || async {
+        let found = health().await;
+        (found[1].1 == "Failed").then_some(found)
+    })
+    .await;
+    assert!(found[1].2.contains("when"), "{found:?}");
+
+    // Fixed again: Current.
+    apply_sample(&ns);
+    eventually("the policy to be Ready again", WAIT, || async {
+        policies.get(AGENT).await.ok().filter(policy_ready)
+    })
+    .await;
+    identities
+        .patch(
+            AGENT,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"killSwitch": {"engaged": true, "reason": "drill"}}})),
+        )
+        .await
+        .unwrap();
+    identity_where(&identities, AGENT, "the switch to be reconciled", |i| {
+        condition(i, "KillSwitchEngaged").is_some_and(|c| c.0 == "True")
+            && i.status.as_ref().and_then(|s| s.observed_generation) == i.metadata.generation
+    })
+    .await;
+    // A stopped agent is not Ready, and not failed: Flux holds its health check with the reason
+    // (and Argo CD shows it Suspended), so nobody takes a kill switch for a healthy agent.
+    let found = health().await;
+    assert_eq!(
+        (found[0].1.as_str(), found[1].1.as_str()),
+        ("InProgress", "Current"),
+        "{found:?}"
+    );
+    assert!(found[0].2.contains("the agent is stopped"), "{found:?}");
     operator.stop().unwrap();
 }

@@ -178,6 +178,22 @@ fn rules_that_would_escalate_leave_the_agent_unbound_and_say_which() {
         ready.message
     );
     assert_eq!(cond(&status, condition::RBAC_APPLIED).status, "False");
+    assert_eq!(cond(&status, condition::STALLED).reason, "RulesRefused");
+    // A kill switch is a deliberate stop, not a stall.
+    let killed = self::identity(
+        serde_json::from_str(CONFIGMAPS).unwrap(),
+        json!({"engaged": true, "reason": "incident"}),
+        Some("alice"),
+    );
+    let stop = Stop::of_agent(&killed);
+    let status = reconcile(&killed, stop.as_ref(), now());
+    assert_eq!(cond(&status, condition::READY).status, "False");
+    assert!(
+        status
+            .conditions
+            .iter()
+            .all(|c| c.type_ != condition::STALLED)
+    );
 }
 
 #[test]
@@ -302,6 +318,32 @@ fn policy_status_says_compiled_bound_or_exactly_why_not() {
         ready.message
     );
     assert!(status.policy_hash.is_none());
+    // kstatus: Stalled while only a spec change helps, gone once it compiles again.
+    let stalled = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == condition::STALLED)
+        .unwrap();
+    assert_eq!(
+        (stalled.status.as_str(), stalled.reason.as_str()),
+        ("True", "CompileFailed")
+    );
+    let mut fixed = good.clone();
+    fixed.status = Some(status);
+    let status = policy_status(
+        &fixed,
+        CompiledPolicy::compile(&good).as_ref(),
+        Some(&identity),
+        now(),
+    );
+    assert!(
+        status
+            .conditions
+            .iter()
+            .all(|c| c.type_ != condition::STALLED),
+        "{:?}",
+        status.conditions
+    );
 }
 
 fn request(min: i32, decisions: Value, status: Value) -> ApprovalRequest {
