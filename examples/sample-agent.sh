@@ -99,3 +99,6 @@ tollgate audit replay --run "$run"
 echo
 echo "== the support agent's track record and unused rights (graduation and drift)"
 tollgate audit drift --policy config/samples/support-agent.yaml
+echo
+echo "== every agent now, from the audit trail (kubectl tollgate top; without --once it refreshes in place)"
+tollgate top --once --policies config/samples

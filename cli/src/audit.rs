@@ -313,6 +313,43 @@ fn parse_head(text: &str) -> Result<(String, Head)> {
     ))
 }
 
+/// Every record since `since` at `location`, as entries, oldest first (for `top`).
+pub async fn entries_since(
+    location: &Location,
+    since: Timestamp,
+) -> Result<Vec<tollgate_audit::Entry>> {
+    let query = Query {
+        since_us: Some(since.as_microsecond()),
+        ..Query::default()
+    };
+    let records = match location {
+        Location::Sqlite(path) => {
+            if !path.exists() {
+                bail!(
+                    "audit store {} does not exist (give --store or TOLLGATE_AUDIT_STORE)",
+                    path.display()
+                );
+            }
+            SqliteStore::open(path)
+                .with_context(|| format!("open audit store {}", path.display()))?
+                .records(query)
+                .await?
+        }
+        Location::Postgres(url) => {
+            PostgresStore::connect(url)
+                .await
+                .context("connect to the PostgreSQL audit store")?
+                .records(query)
+                .await?
+        }
+        Location::Gateway(remote) => remote.client()?.records(query).await?,
+    };
+    records
+        .iter()
+        .map(|r| r.entry().map_err(anyhow::Error::from))
+        .collect()
+}
+
 async fn read(source: &impl Source, query: Query) -> Result<Vec<Step>> {
     let records = source.records(query).await?;
     Ok(replay::steps(&records)?)

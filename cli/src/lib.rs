@@ -16,3 +16,4 @@ pub mod doctor;
 pub mod drill;
 pub mod offline;
 pub mod people;
+pub mod top;

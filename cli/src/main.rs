@@ -114,6 +114,33 @@ enum Command {
         #[arg(long = "from", requires = "checklist")]
         from: Vec<PathBuf>,
     },
+    /// What every agent is doing now, from the audit trail, refreshing in place: calls per
+    /// minute, calls and refusals this hour, tokens and cost against its ceilings, halted runs,
+    /// approvals waiting, kill switch.
+    Top {
+        /// The audit store: a SQLite file, a PostgreSQL URL, or the gateway's read API.
+        #[arg(
+            long,
+            env = "TOLLGATE_AUDIT_STORE",
+            default_value = "tollgate-audit.db"
+        )]
+        store: audit::Location,
+        /// Bearer token for the gateway's read API.
+        #[arg(long, env = "TOLLGATE_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// A PEM bundle that signs the gateway's certificate.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// AgentPolicy manifests (files or directories) whose ceilings to show.
+        #[arg(long)]
+        policies: Vec<PathBuf>,
+        /// How often to refresh.
+        #[arg(long, default_value = "2s", value_parser = seconds)]
+        interval: std::time::Duration,
+        /// Print one table and exit (for scripts).
+        #[arg(long)]
+        once: bool,
+    },
     /// Read the audit trail: replay a run, verify the hash chain, export, what-if, drift.
     Audit {
         /// The audit store: a SQLite file (`sqlite:PATH` or a path), a PostgreSQL URL, or the
@@ -393,6 +420,51 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }),
+        Command::Top {
+            mut store,
+            token,
+            ca,
+            policies,
+            interval,
+            once,
+        } => {
+            if let audit::Location::Gateway(remote) = &mut store {
+                remote.token = token;
+                remote.ca = ca;
+            }
+            let policies = kubectl_tollgate::offline::policies(&policies)?;
+            let shown = match &store {
+                audit::Location::Sqlite(path) => path.display().to_string(),
+                audit::Location::Postgres(_) => "PostgreSQL".to_owned(),
+                audit::Location::Gateway(remote) => remote.url.clone(),
+            };
+            block_on(async {
+                loop {
+                    let now = jiff::Timestamp::now();
+                    let entries =
+                        audit::entries_since(&store, now - kubectl_tollgate::top::WINDOW).await?;
+                    let rows = kubectl_tollgate::top::rows(&entries, now);
+                    let heading = format!(
+                        "tollgate top · {shown} · {} · the last hour{}",
+                        now.round(jiff::Unit::Second).unwrap_or(now),
+                        if once { "" } else { " · ^C to quit" }
+                    );
+                    let table = kubectl_tollgate::top::table(&rows, &policies, &heading);
+                    if once {
+                        print!("{table}");
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    // Home and clear, then the table: it refreshes in place.
+                    print!("\x1b[H\x1b[2J{table}");
+                    use std::io::Write as _;
+                    std::io::stdout().flush()?;
+                    tokio::select! {
+                        _ = tokio::time::sleep(interval) => {}
+                        _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
+                    }
+                }
+            })
+        }
         Command::Audit {
             mut store,
             token,

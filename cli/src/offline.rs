@@ -151,6 +151,24 @@ fn result_field_warnings(
         .collect()
 }
 
+/// Every AgentPolicy in the manifests under `paths` (none for no paths).
+pub fn policies(paths: &[PathBuf]) -> Result<Vec<tollgate_crds::AgentPolicy>> {
+    let mut found = Vec::new();
+    if paths.is_empty() {
+        return Ok(found);
+    }
+    for file in yaml_files(paths)? {
+        let content =
+            std::fs::read_to_string(&file).with_context(|| format!("read {}", file.display()))?;
+        for object in manifest::parse(&content) {
+            if let Object::Policy(policy) = object.with_context(|| file.display().to_string())? {
+                found.push(*policy);
+            }
+        }
+    }
+    Ok(found)
+}
+
 /// Loads the single AgentPolicy of a file.
 pub fn load_policy(file: &Path) -> Result<CompiledPolicy> {
     let content =

@@ -118,6 +118,7 @@ fn the_readme_main_command_shows_every_gate_including_an_approval_granted_and_on
             .find(|at| {
                 rest[at + 4..].starts_with(|c: char| c.is_ascii_digit())
                     || rest[at + 4..].starts_with("replay")
+                    || rest[at + 4..].starts_with("every agent")
             })
             .map_or(rest.len(), |at| at + 1);
         rest[..end].to_owned()
@@ -168,6 +169,16 @@ fn the_readme_main_command_shows_every_gate_including_an_approval_granted_and_on
         "11. ",
         &[r#""decision":"halt""#, "spec.execution.maxTokensPerRun"],
     );
+    // `top` shows the support agent's hour: its refusals, the run over its token ceiling, the
+    // halt, against the sample policy's ceilings.
+    let top = section("every agent now");
+    let support = top
+        .lines()
+        .find(|l| l.starts_with("default/support-agent-v2"))
+        .unwrap_or_else(|| panic!("{top}"));
+    let cells: Vec<&str> = support.split_whitespace().collect();
+    assert_eq!(cells[7], "61200/50000", "{top}");
+    assert_eq!((cells[6], cells[8]), ("$50.00/1h", "1"), "{top}");
     // The replay shows who decided, and the trail verifies.
     assert!(out.contains("Decided by dana"), "{out}");
     assert!(out.contains("Decided by lee"), "{out}");
