@@ -42,6 +42,8 @@ echo "== node: kubelet, kube-scheduler, kube-proxy, kube-router, CoreDNS, helm (
 bash e2e/node/build.sh
 echo "== kstatus, the health computation Flux uses (cached under ~/.cache/tollgate/kstatus)"
 bash e2e/kstatus/build.sh >/dev/null
+echo "== Prometheus and promtool, for the alert rules and the dashboard (cached under ~/.cache/tollgate/prometheus)"
+bash e2e/prometheus/build.sh >/dev/null
 echo "== official SDKs for the tests (PyPI; cached under ~/.cache/tollgate/sdk, linked at target/sdk-venv)"
 bash e2e/sdk/install.sh
 echo "== images (release binaries, daemonless; target/images)"

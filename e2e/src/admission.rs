@@ -183,13 +183,19 @@ pub fn admission_trail() -> std::path::PathBuf {
     control_plane().dir().join("webhook/admission-audit.db")
 }
 
-/// Starts the webhook once for this process and registers it with the apiserver.
-pub fn webhook() {
-    static STARTED: OnceLock<()> = OnceLock::new();
-    STARTED.get_or_init(|| {
+/// Starts the webhook once for this process and registers it with the apiserver; returns its
+/// probe port (/metrics).
+pub fn webhook() -> u16 {
+    static STARTED: OnceLock<u16> = OnceLock::new();
+    *STARTED.get_or_init(|| {
         install_crds();
         let cp = control_plane();
-        let Running { port, ca_pem, .. } = start(
+        let Running {
+            port,
+            probe,
+            ca_pem,
+            ..
+        } = start(
             "webhook",
             Trail::Admission(format!("sqlite:{}", admission_trail().display())),
         );
@@ -225,7 +231,8 @@ pub fn webhook() {
             "granting approvers RBAC failed: {}",
             String::from_utf8_lossy(&output.stderr)
         );
-    });
+        probe
+    })
 }
 
 /// Approvers (and carol, who is not one) may patch ApprovalRequests as far as RBAC goes; the

@@ -185,6 +185,11 @@ impl Operator {
         }
     }
 
+    /// The probe port: /healthz, /readyz, /metrics.
+    pub fn probe(&self) -> u16 {
+        self.probe
+    }
+
     /// The text of GET `path` on the probe port.
     pub fn get(&self, path: &str) -> String {
         crate::http_get(self.probe, path)

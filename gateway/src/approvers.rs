@@ -286,7 +286,11 @@ async fn record_refusal(
         "{ROUTE}/{full_name}: {}: {}",
         refusal.code, refusal.message
     ));
-    gateway.metrics.refusals.with_label_values(&["api"]).inc();
+    gateway
+        .metrics
+        .refusals
+        .with_label_values(&["api", refusal.code.as_str()])
+        .inc();
     match gateway.audit.append(entry).await {
         Ok(_) => refusal,
         Err(e) => {

@@ -367,7 +367,10 @@ impl Gateway {
             anonymous::Note::Record => false,
             anonymous::Note::Counted => {
                 let face = if route == "/mcp" { "mcp" } else { "api" };
-                self.metrics.refusals.with_label_values(&[face]).inc();
+                self.metrics
+                    .refusals
+                    .with_label_values(&[face, refusal.code.as_str()])
+                    .inc();
                 true
             }
         }
@@ -871,9 +874,15 @@ impl Gateway {
             Ok(appended) => appended,
             Err(e) => return Err(audit_unavailable(e)),
         };
+        let (namespace, name) = holder
+            .agent
+            .split_once('/')
+            .unwrap_or(("", holder.agent.as_str()));
         self.metrics
             .decisions
             .with_label_values(&[
+                namespace,
+                name,
                 decision_kind(&decision),
                 decision.deny_code().map_or("", |c| c.as_str()),
             ])
@@ -911,7 +920,10 @@ impl Gateway {
         entry.agent = caller.map(|c| c.agent.clone());
         entry.tool = tool.map(str::to_owned);
         entry.error = Some(format!("{path}: {}: {}", refusal.code, refusal.message));
-        self.metrics.refusals.with_label_values(&["api"]).inc();
+        self.metrics
+            .refusals
+            .with_label_values(&["api", refusal.code.as_str()])
+            .inc();
         match self.audit.append(entry).await {
             Ok(_) => refusal,
             Err(e) => {

@@ -1167,9 +1167,9 @@ async fn metrics_count_decisions_by_kind_and_refusals() {
     let recorded = h.audit().await.len();
     assert!(recorded >= 3, "{recorded}");
     for line in [
-        "tollgate_gateway_decisions_total{code=\"\",decision=\"allow\"} 2".to_owned(),
-        format!("tollgate_gateway_decisions_total{{code=\"{code}\",decision=\"deny\"}} 1"),
-        "tollgate_gateway_refusals_total{surface=\"api\"} 1".to_owned(),
+        "tollgate_gateway_decisions_total{agent=\"support-agent-v2\",code=\"\",decision=\"allow\",namespace=\"default\"} 2".to_owned(),
+        format!("tollgate_gateway_decisions_total{{agent=\"support-agent-v2\",code=\"{code}\",decision=\"deny\",namespace=\"default\"}} 1"),
+        "tollgate_gateway_refusals_total{code=\"Unauthenticated\",surface=\"api\"} 1".to_owned(),
         "tollgate_gateway_decision_duration_seconds_count 3".to_owned(),
         "tollgate_gateway_approvals_waiting 0".to_owned(),
         format!("tollgate_audit_batch_records_sum {recorded}"),

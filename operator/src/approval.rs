@@ -105,6 +105,17 @@ async fn reconcile_request(request: &ApprovalRequest, context: &Context) -> Resu
         }
         ApprovalStep::Write(new) => {
             apply_status(&api, &name, &new).await?;
+            if let (Some(created), Some(decided)) = (
+                request.metadata.creation_timestamp.as_ref(),
+                new.decided_at.as_ref(),
+            ) {
+                let seconds = decided.0.duration_since(created.0).as_secs_f64().max(0.0);
+                context
+                    .metrics
+                    .approval_decision
+                    .with_label_values(&[&format!("{:?}", new.phase)])
+                    .observe(seconds);
+            }
             let message = new
                 .conditions
                 .iter()
@@ -128,7 +139,8 @@ async fn reconcile_request(request: &ApprovalRequest, context: &Context) -> Resu
     }
 }
 
-/// Counts requests by phase for the `tollgate_operator_approvals` gauge.
+/// Counts requests by phase for the `tollgate_operator_approvals` gauge, and notes when the
+/// first pending one expires.
 pub fn gauge(requests: &Store<DeserializeGuard<ApprovalRequest>>, metrics: &crate::Metrics) {
     let mut counts = [0i64; 5];
     let phases = [
@@ -138,14 +150,20 @@ pub fn gauge(requests: &Store<DeserializeGuard<ApprovalRequest>>, metrics: &crat
         Phase::Expired,
         Phase::Cancelled,
     ];
+    let mut soonest: Option<i64> = None;
     for guard in requests.state() {
         if let Ok(request) = &guard.0 {
             let phase = request.status.as_ref().map(|s| s.phase).unwrap_or_default();
             if let Some(i) = phases.iter().position(|p| *p == phase) {
                 counts[i] += 1;
             }
+            if phase == Phase::Pending {
+                let expires = request.spec.expires_at.0.as_second();
+                soonest = Some(soonest.map_or(expires, |s| s.min(expires)));
+            }
         }
     }
+    metrics.approval_soonest_expiry.set(soonest.unwrap_or(0));
     for (phase, count) in phases.iter().zip(counts) {
         metrics
             .approvals

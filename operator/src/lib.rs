@@ -469,6 +469,7 @@ pub async fn run(
         }
     }
     readiness.standby.store(false, Ordering::SeqCst);
+    metrics.leader.set(1);
 
     let (switch, switch_changed) = switch_changes(client.clone(), &settings.namespace);
     let switch_changed = switch_changed.boxed().fuse();

@@ -1,7 +1,8 @@
 //! The operator's metrics: one registry, names `tollgate_operator_*`, labels from closed sets.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// Operator metrics. Gauges are refreshed from the watch caches when scraped.
@@ -18,6 +19,12 @@ pub struct Metrics {
     pub agents: IntGaugeVec,
     /// ApprovalRequests by phase.
     pub approvals: IntGaugeVec,
+    /// 1 while this replica holds the Lease and reconciles.
+    pub leader: IntGauge,
+    /// When the first pending ApprovalRequest expires, in seconds since the epoch (0: none).
+    pub approval_soonest_expiry: IntGauge,
+    /// Time from an ApprovalRequest's creation to its final phase, by phase.
+    pub approval_decision: HistogramVec,
 }
 
 impl Default for Metrics {
@@ -60,8 +67,33 @@ impl Default for Metrics {
             &["phase"],
         )
         .expect("a valid metric");
+        let leader = IntGauge::new(
+            "tollgate_operator_leader",
+            "1 while this replica holds the operator's Lease and reconciles, else 0",
+        )
+        .expect("a valid metric");
+        let approval_soonest_expiry = IntGauge::new(
+            "tollgate_operator_approval_soonest_expiry_timestamp_seconds",
+            "When the first pending ApprovalRequest expires, in seconds since the epoch; 0 when none waits",
+        )
+        .expect("a valid metric");
+        let approval_decision = HistogramVec::new(
+            HistogramOpts::new(
+                "tollgate_operator_approval_decision_seconds",
+                "Time from an ApprovalRequest's creation to its final phase (Approved, Denied, Expired, Cancelled)",
+            )
+            .buckets(vec![
+                1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 900.0, 1800.0, 3600.0, 14400.0,
+                86400.0,
+            ]),
+            &["phase"],
+        )
+        .expect("a valid metric");
         for collector in [
             Box::new(reconciliations.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(approval_decision.clone()),
+            Box::new(leader.clone()),
+            Box::new(approval_soonest_expiry.clone()),
             Box::new(errors.clone()),
             Box::new(duration.clone()),
             Box::new(agents.clone()),
@@ -76,6 +108,9 @@ impl Default for Metrics {
             duration,
             agents,
             approvals,
+            leader,
+            approval_soonest_expiry,
+            approval_decision,
         }
     }
 }

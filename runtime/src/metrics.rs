@@ -14,11 +14,12 @@ pub struct Metrics {
     pub reviews: IntCounterVec,
     /// Time to answer a review, by endpoint.
     pub duration: HistogramVec,
-    /// Gateway decisions, by decision (allow, deny, requireApproval, halt) and deny code.
+    /// Gateway decisions, by agent (its namespace and name), decision (allow, deny,
+    /// requireApproval, halt) and deny code.
     pub decisions: IntCounterVec,
     /// Time to decide and record one call, before any approval wait.
     pub decision_duration: prometheus::Histogram,
-    /// Requests the gateway refused before deciding, by path kind (api, mcp).
+    /// Requests the gateway refused before deciding, by path kind (api, mcp) and refusal code.
     pub refusals: IntCounterVec,
     /// Calls waiting for people now.
     pub waiting: IntGauge,
@@ -80,7 +81,7 @@ impl Default for Metrics {
         .expect("a valid metric");
         let decisions = IntCounterVec::new(
             Opts::new("tollgate_gateway_decisions_total", "Tool calls decided"),
-            &["decision", "code"],
+            &["namespace", "agent", "decision", "code"],
         )
         .expect("a valid metric");
         let decision_duration = histogram(
@@ -91,9 +92,9 @@ impl Default for Metrics {
         let refusals = IntCounterVec::new(
             Opts::new(
                 "tollgate_gateway_refusals_total",
-                "Requests refused before a decision (unauthenticated, malformed, oversized)",
+                "Requests refused before a decision (unauthenticated, malformed, oversized, audit unavailable), by surface and refusal code",
             ),
-            &["surface"],
+            &["surface", "code"],
         )
         .expect("a valid metric");
         let waiting = IntGauge::new(

@@ -15,7 +15,54 @@ pub fn tests() -> Vec<Test> {
             name: "the_chart_takes_the_store_url_from_a_secret_and_writes_it_nowhere",
             run: the_chart_takes_the_store_url_from_a_secret_and_writes_it_nowhere,
         },
+        Test {
+            name: "the_chart_installs_alerts_and_the_dashboard_when_asked",
+            run: the_chart_installs_alerts_and_the_dashboard_when_asked,
+        },
     ]
+}
+
+fn the_chart_installs_alerts_and_the_dashboard_when_asked() {
+    // Off by default: a cluster without the Prometheus Operator's CRDs installs as before.
+    let plain = render(&[]).unwrap();
+    assert!(!plain.contains("kind: PrometheusRule") && !plain.contains("tollgate-dashboard"));
+    let manifests = render(&[
+        "monitoring.prometheusRule.enabled=true",
+        "monitoring.prometheusRule.labels.release=kube-prometheus-stack",
+        "monitoring.grafanaDashboard.enabled=true",
+    ])
+    .unwrap();
+    let documents: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&manifests)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect();
+    let rule = documents
+        .iter()
+        .find(|d| d["kind"] == "PrometheusRule")
+        .expect("a PrometheusRule");
+    assert_eq!(
+        rule["metadata"]["labels"]["release"],
+        "kube-prometheus-stack"
+    );
+    // The rules are the ones promtool tests, untouched by the template.
+    let shipped: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(
+            tollgate_e2e::repo_root().join("charts/tollgate/files/alerts.yaml"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(rule["spec"]["groups"], shipped["groups"]);
+    let dashboard = documents
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == "tollgate-dashboard")
+        .expect("the dashboard ConfigMap");
+    assert_eq!(dashboard["metadata"]["labels"]["grafana_dashboard"], "1");
+    let json: serde_json::Value =
+        serde_json::from_str(dashboard["data"]["tollgate.json"].as_str().unwrap()).unwrap();
+    assert_eq!(json["uid"], "tollgate");
+    // A misspelt key is named.
+    let refused = render(&["monitoring.prometheusRule.enbled=true"]).unwrap_err();
+    assert!(refused.contains("enbled"), "{refused}");
 }
 
 /// `helm template` of the chart with `sets`: the manifests, or helm's error.

@@ -44,7 +44,7 @@ async fn call(
 }
 
 /// `body` to the decision API as the holder of `token`: the status and the answer.
-async fn post_decide(
+pub(crate) async fn post_decide(
     client: &reqwest::Client,
     url: &str,
     token: &str,
@@ -141,7 +141,7 @@ pub(crate) async fn sample_agent(prefix: &str) -> (String, String) {
 /// A gateway in this process over `view`, acting as the gateway's ServiceAccount (admission
 /// accepts ApprovalRequests from nobody else), reviewing tokens as the admin, its trail `chain`
 /// in a fresh SQLite store; returns its URL, the store, and the directory that holds it.
-async fn gateway_over(
+pub(crate) async fn gateway_over(
     view: Arc<dyn tollgate_runtime::cluster::ClusterView>,
     chain: &str,
 ) -> (String, Arc<SqliteStore>, tempfile::TempDir) {
@@ -161,7 +161,7 @@ async fn gateway_over(
 }
 
 /// Alice approves ApprovalRequest `ticket` with `kubectl tollgate approve`; what it printed.
-async fn alice_approves(ns: &str, ticket: &str, comment: &str) -> String {
+pub(crate) async fn alice_approves(ns: &str, ticket: &str, comment: &str) -> String {
     kubectl_tollgate::people::decide(
         control_plane().client(User::Alice).await,
         ns,
@@ -188,7 +188,7 @@ fn engage_kill_switch(ns: &str, reason: &str) {
     ]));
 }
 
-fn email(subject: &str) -> Value {
+pub(crate) fn email(subject: &str) -> Value {
     json!({"customer_id": "C000042", "subject": subject, "body": "Your refund is on its way."})
 }
 
@@ -1292,10 +1292,14 @@ async fn the_shipped_cluster_gateway_answers_agents_over_tls_and_counts_on_the_p
     let metrics = tollgate_e2e::http_get(running.probe, "/metrics");
     let allows = sample(
         &metrics,
-        "tollgate_gateway_decisions_total{code=\"\",decision=\"allow\"}",
+        &format!(
+            "tollgate_gateway_decisions_total{{agent=\"support-agent-v2\",code=\"\",decision=\"allow\",namespace=\"{ns}\"}}"
+        ),
     );
     assert!(allows >= Some(1.0), "{metrics}");
-    let denials = format!("tollgate_gateway_decisions_total{{code=\"{code}\",decision=\"deny\"}}");
+    let denials = format!(
+        "tollgate_gateway_decisions_total{{agent=\"support-agent-v2\",code=\"{code}\",decision=\"deny\",namespace=\"{ns}\"}}"
+    );
     assert_eq!(sample(&metrics, &denials), Some(1.0), "{metrics}");
     // Every record in the trail was counted in a committed batch.
     let recorded: i64 = rusqlite::Connection::open(&audit)

@@ -5,5 +5,6 @@ mod audit;
 mod crds;
 mod gateway;
 mod healing;
+mod monitoring;
 mod operator;
 mod replicas;

@@ -139,7 +139,11 @@ impl Gateway {
         } else {
             format!("/mcp/{upstream}: {error}")
         });
-        self.metrics.refusals.with_label_values(&["mcp"]).inc();
+        // The code is not kept apart here: the reason is in words.
+        self.metrics
+            .refusals
+            .with_label_values(&["mcp", "Rejected"])
+            .inc();
         self.audit
             .append(entry)
             .await
