@@ -343,6 +343,10 @@ pub struct Entry {
     /// Time spent deciding or calling, in microseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_us: Option<u64>,
+    /// The OpenTelemetry trace the request ran in (32 hex digits), when the gateway exports
+    /// traces: from a trace to the record and back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
     /// For checkpoints: what was pruned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<Checkpoint>,
@@ -375,6 +379,7 @@ impl Entry {
             error: None,
             not_run: false,
             latency_us: None,
+            trace_id: None,
             checkpoint: None,
         }
     }

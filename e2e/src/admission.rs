@@ -121,6 +121,7 @@ pub fn start(name: &str, trail: Trail) -> Running {
                         standing: None,
                         prices: tollgate_gateway::default_prices(),
                         mcp: Default::default(),
+                        traced: false,
                     };
                     let (client, metrics, handle) =
                         (client.clone(), metrics.clone(), handle.clone());

@@ -37,6 +37,7 @@ mod runs;
 pub mod shared;
 pub mod standing;
 pub mod stdio;
+pub mod trace;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -251,6 +252,8 @@ pub struct Gateway {
     pub(crate) desk: Arc<desk::LocalDesk>,
     /// Standalone: the URL approvers reach this gateway at, for the commands notifications carry.
     approval_url: Option<String>,
+    /// Whether spans are exported (OTLP).
+    pub(crate) traced: bool,
 }
 
 /// The price table built in: what the models most agents use cost, as of its date. Override or
@@ -333,7 +336,47 @@ impl Gateway {
             approval_watch: std::sync::OnceLock::new(),
             desk: Arc::default(),
             approval_url: None,
+            traced: false,
         }
+    }
+
+    /// Appends `entry` to the trail and waits until it is durable; traced, the record carries the
+    /// trace id and the wait is a span of its own.
+    pub(crate) async fn record(
+        &self,
+        mut entry: Entry,
+    ) -> Result<tollgate_audit::Appended, tollgate_audit::AppendError> {
+        if !self.traced {
+            return self.audit.append(entry).await;
+        }
+        use tracing::Instrument as _;
+        entry.trace_id = trace::current_trace_id();
+        let span = tracing::info_span!(
+            target: "tollgate::audit",
+            "audit",
+            otel.name = "audit commit",
+            otel.kind = "internal",
+            otel.status = tracing::field::Empty,
+            tollgate.audit.event = entry.event.as_str(),
+            tollgate.audit.seq = tracing::field::Empty,
+        );
+        let appended = self.audit.append(entry).instrument(span.clone()).await;
+        match &appended {
+            Ok(appended) => {
+                span.record("tollgate.audit.seq", appended.seq);
+            }
+            Err(_) => {
+                span.record("otel.status", "error");
+            }
+        }
+        appended
+    }
+
+    /// Exports spans of every request, decision, audit commit, upstream and model call (the
+    /// tracing subscriber must hold a [`trace::OtlpLayer`]).
+    pub fn with_tracing(mut self) -> Self {
+        self.traced = true;
+        self
     }
 
     /// Summarizes refusals of requests that proved no identity every `interval` (default 10 s):
@@ -763,6 +806,53 @@ impl Gateway {
         arguments: &Value,
         started: Instant,
     ) -> Result<Decided, Refusal> {
+        if !self.traced {
+            return self
+                .decide_untraced(holder, run, tool, arguments, started)
+                .await;
+        }
+        use tracing::Instrument as _;
+        let span = tracing::info_span!(
+            target: "tollgate::decide",
+            "decide",
+            otel.name = %format!("decide {tool}"),
+            otel.kind = "internal",
+            otel.status = tracing::field::Empty,
+            gen_ai.tool.name = tool,
+            tollgate.agent = %holder.agent,
+            tollgate.run = run,
+            tollgate.decision = tracing::field::Empty,
+            tollgate.code = tracing::field::Empty,
+            tollgate.audit.seq = tracing::field::Empty,
+        );
+        let decided = self
+            .decide_untraced(holder, run, tool, arguments, started)
+            .instrument(span.clone())
+            .await;
+        match &decided {
+            Ok(decided) => {
+                span.record("tollgate.decision", decision_kind(&decided.decision));
+                if let Some(code) = decided.decision.deny_code() {
+                    span.record("tollgate.code", code.as_str());
+                }
+                span.record("tollgate.audit.seq", decided.audit.seq);
+            }
+            Err(refusal) => {
+                span.record("tollgate.code", refusal.code.as_str());
+                span.record("otel.status", "error");
+            }
+        }
+        decided
+    }
+
+    async fn decide_untraced(
+        &self,
+        holder: &Caller,
+        run: &str,
+        tool: &str,
+        arguments: &Value,
+        started: Instant,
+    ) -> Result<Decided, Refusal> {
         let identity = identity_of(Some(holder));
         let now = (self.now)();
         let run = run.to_owned();
@@ -870,7 +960,7 @@ impl Gateway {
         if let Decision::Halt { ceiling, .. } = &decision {
             entry.ceiling = Some(ceiling.clone());
         }
-        let appended = match self.audit.append(entry).await {
+        let appended = match self.record(entry).await {
             Ok(appended) => appended,
             Err(e) => return Err(audit_unavailable(e)),
         };
@@ -937,6 +1027,46 @@ impl Gateway {
 /// no metrics: in a cluster those are on the probe port (share them with
 /// [`Gateway::with_metrics`]).
 pub fn router(gateway: Arc<Gateway>) -> Router {
+    let traced = gateway.traced;
+    let router = routes(gateway);
+    if traced {
+        router.layer(axum::middleware::from_fn(trace_request))
+    } else {
+        router
+    }
+}
+
+/// A server span per request, joined to the caller's trace when it sends a W3C `traceparent`.
+async fn trace_request(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use tracing::Instrument as _;
+    let method = request.method().as_str().to_owned();
+    let path = request.uri().path().to_owned();
+    let parent = request
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let span = tracing::info_span!(
+        target: "tollgate::http",
+        "request",
+        otel.name = %format!("{method} {path}"),
+        otel.kind = "server",
+        otel.status = tracing::field::Empty,
+        http.request.method = %method,
+        url.path = %path,
+        http.response.status_code = tracing::field::Empty,
+        traceparent = %parent,
+    );
+    let response = next.run(request).instrument(span.clone()).await;
+    span.record("http.response.status_code", response.status().as_u16());
+    if response.status().is_server_error() {
+        span.record("otel.status", "error");
+    }
+    response
+}
+
+fn routes(gateway: Arc<Gateway>) -> Router {
     Router::new()
         .route("/v1/decide", post(api::decide))
         .route("/v1/report", post(api::report))

@@ -32,6 +32,19 @@ struct Args {
     /// Tollgate's own namespace (the global kill switch, the notification Secret).
     #[arg(long, env = "TOLLGATE_NAMESPACE", default_value = "tollgate-system")]
     namespace: String,
+    /// Export traces (a span per request, decision, audit commit, upstream MCP call and model
+    /// call) over OTLP/HTTP to this collector, such as http://otel-collector:4318. Off when
+    /// unset.
+    #[arg(long, global = true, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// The service name traces carry.
+    #[arg(
+        long,
+        global = true,
+        env = "OTEL_SERVICE_NAME",
+        default_value = "tollgate-gateway"
+    )]
+    otel_service_name: String,
     /// The audit store: a SQLite file or a PostgreSQL URL (several replicas need PostgreSQL).
     #[arg(
         long,
@@ -184,13 +197,32 @@ fn variable(text: &str) -> Result<(String, String), String> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .json()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
     let args = Args::parse();
+    {
+        use tracing_subscriber::Layer as _;
+        use tracing_subscriber::layer::SubscriberExt as _;
+        use tracing_subscriber::util::SubscriberInitExt as _;
+        let logs = tracing_subscriber::fmt::layer().json().with_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        );
+        let traces = match &args.otlp_endpoint {
+            Some(endpoint) if !endpoint.trim().is_empty() => {
+                let (layer, send) =
+                    tollgate_gateway::trace::exporter(endpoint, &args.otel_service_name)?;
+                tokio::spawn(send);
+                Some(layer)
+            }
+            _ => None,
+        };
+        tracing_subscriber::registry()
+            .with(logs)
+            .with(traces)
+            .init();
+    }
+    let traced = args
+        .otlp_endpoint
+        .as_deref()
+        .is_some_and(|e| !e.trim().is_empty());
     let mcp = tollgate_gateway::McpLimits {
         call_timeout: args.mcp_call_timeout,
         answer_limit: args.mcp_answer_limit,
@@ -254,6 +286,7 @@ async fn main() -> anyhow::Result<()> {
             notify,
             prices,
             mcp,
+            traced,
         };
         return run::standalone(config, trail, metrics, shutdown).await;
     }
@@ -280,6 +313,7 @@ async fn main() -> anyhow::Result<()> {
         }),
         prices,
         mcp,
+        traced,
     };
     run::in_cluster(client, config, trail, metrics, handle).await
 }

@@ -81,6 +81,8 @@ pub struct InCluster {
     pub prices: tollgate_engine::llm::Prices,
     /// The MCP proxy's upstream timeout and answer limit.
     pub mcp: crate::McpLimits,
+    /// Export spans (the process's subscriber holds a [`crate::trace::OtlpLayer`]).
+    pub traced: bool,
 }
 
 /// Runs the gateway in a cluster until a server stops or `handle` shuts it down (draining
@@ -119,6 +121,9 @@ pub async fn in_cluster(
     ));
     if let Some(shared) = trail.shared {
         gateway = gateway.with_shared(shared);
+    }
+    if config.traced {
+        gateway = gateway.with_tracing();
     }
     if let Some(schedule) = config.standing {
         let writer = standing::StatusWriter::new(
@@ -164,6 +169,8 @@ pub struct Standalone {
     pub prices: tollgate_engine::llm::Prices,
     /// The MCP proxy's upstream timeout and answer limit.
     pub mcp: crate::McpLimits,
+    /// Export spans (the process's subscriber holds a [`crate::trace::OtlpLayer`]).
+    pub traced: bool,
 }
 
 /// Runs the gateway standalone until `shutdown` completes: policies from a directory (in force
@@ -201,6 +208,9 @@ pub async fn standalone(
     }
     if let Some(secrets) = config.secrets {
         gateway = gateway.with_secrets(secrets);
+    }
+    if config.traced {
+        gateway = gateway.with_tracing();
     }
     let listener = tokio::net::TcpListener::bind(listen).await?;
     tracing::info!(%listen, "tollgate gateway (standalone) listening");

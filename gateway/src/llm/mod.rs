@@ -132,6 +132,8 @@ struct Call {
     stream: bool,
     started: Instant,
     arguments: Value,
+    /// The call's span (disabled unless traces are exported).
+    span: tracing::Span,
 }
 
 /// How a model call ended, for its charge and record.
@@ -323,7 +325,39 @@ pub(crate) async fn proxy(
     }
     wire::ask_usage(endpoint, &mut body);
     let outgoing = serde_json::to_vec(&body).unwrap_or_default();
+    // The GenAI semantic conventions' client span: `{operation} {model}`.
+    let span = if gateway.traced {
+        let operation = match endpoint {
+            wire::Endpoint::Embeddings => "embeddings",
+            _ => "chat",
+        };
+        tracing::info_span!(
+            target: "tollgate::llm",
+            "model call",
+            otel.name = %format!("{operation} {model}"),
+            otel.kind = "client",
+            otel.status = tracing::field::Empty,
+            gen_ai.operation.name = operation,
+            gen_ai.provider.name = match api {
+                LlmApi::OpenAI => "openai",
+                LlmApi::Anthropic => "anthropic",
+            },
+            gen_ai.request.model = %model,
+            gen_ai.request.max_tokens = grant.output_cap,
+            gen_ai.usage.input_tokens = tracing::field::Empty,
+            gen_ai.usage.output_tokens = tracing::field::Empty,
+            gen_ai.response.finish_reasons = tracing::field::Empty,
+            tollgate.agent = %holder.agent,
+            tollgate.run = %run,
+            tollgate.upstream = %upstream,
+            tollgate.cut = tracing::field::Empty,
+            http.response.status_code = tracing::field::Empty,
+        )
+    } else {
+        tracing::Span::none()
+    };
     let call = Call {
+        span: span.clone(),
         agent: holder.agent.clone(),
         holder,
         run,
@@ -344,7 +378,10 @@ pub(crate) async fn proxy(
     // From here the call holds a reservation: it is forwarded, charged and recorded in a task
     // of its own, so an agent that goes away (or a handler dropped with it) leaks nothing and
     // leaves no call without its record.
-    let forwarding = tokio::spawn(forward(gateway, call, url, headers, outgoing));
+    let forwarding = tokio::spawn(tracing::Instrument::instrument(
+        forward(gateway, call, url, headers, outgoing),
+        span,
+    ));
     forwarding.await.unwrap_or_else(|e| {
         tracing::error!(error = %e, "a model call's forwarding task failed");
         answer(
@@ -1061,6 +1098,22 @@ impl Gateway {
             first_token_us: ending.first_token.map(|d| d.as_micros() as u64),
             duration_us: call.started.elapsed().as_micros() as u64,
         });
+        if self.traced {
+            entry.trace_id = call.span.in_scope(crate::trace::current_trace_id);
+            call.span
+                .record("gen_ai.usage.input_tokens", tokens.input_tokens)
+                .record("gen_ai.usage.output_tokens", tokens.output_tokens);
+            if let Some(finish) = &ending.finish {
+                call.span
+                    .record("gen_ai.response.finish_reasons", finish.as_str());
+            }
+            if let Some(status) = ending.status {
+                call.span.record("http.response.status_code", status);
+            }
+            if let Some(cut) = ending.cut {
+                call.span.record("tollgate.cut", tracing::field::debug(cut));
+            }
+        }
         self.audit.append(entry).await.map_err(audit_unavailable)?;
 
         let labels = [call.agent.as_str(), call.model.as_str()];

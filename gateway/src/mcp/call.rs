@@ -364,7 +364,41 @@ pub(super) async fn call_tool(
         entry: Some(report),
         started,
     };
-    let outcome = send(gateway, holder, url, upstream, headers, &forwarded, relay).await;
+    let outcome = if gateway.traced {
+        // The MCP semantic conventions' client span: `tools/call {tool}`.
+        let span = tracing::info_span!(
+            target: "tollgate::mcp",
+            "upstream call",
+            otel.name = %format!("tools/call {tool}"),
+            otel.kind = "client",
+            otel.status = tracing::field::Empty,
+            mcp.method.name = "tools/call",
+            gen_ai.operation.name = "execute_tool",
+            gen_ai.tool.name = %tool,
+            jsonrpc.request.id = %id,
+            mcp.session.id = tracing::field::Empty,
+            tollgate.upstream = %upstream,
+            error.type = tracing::field::Empty,
+        );
+        if let Some(session) = headers
+            .get(super::SESSION_HEADER)
+            .and_then(|v| v.to_str().ok())
+        {
+            span.record("mcp.session.id", session);
+        }
+        let outcome = tracing::Instrument::instrument(
+            send(gateway, holder, url, upstream, headers, &forwarded, relay),
+            span.clone(),
+        )
+        .await;
+        if let Err(e) = &outcome {
+            span.record("error.type", tracing::field::display(e));
+            span.record("otel.status", "error");
+        }
+        outcome
+    } else {
+        send(gateway, holder, url, upstream, headers, &forwarded, relay).await
+    };
     let mut entry = unfinished.entry.take().expect("taken only here");
     entry.time = (gateway.now)();
     entry.latency_us = Some(started.elapsed().as_micros() as u64);
