@@ -214,6 +214,26 @@ impl CompiledPolicy {
         self.budget.window
     }
 
+    /// The ceilings the policy sets, for dashboards: `maxSteps`, `maxTokensPerRun`,
+    /// `maxCostUSDPerRun`, `maxRunsPerWindow` and `maxCostUSDPerWindow`, those it sets.
+    pub fn ceilings(&self) -> Vec<(&'static str, f64)> {
+        use rust_decimal::prelude::ToPrimitive as _;
+        let b = &self.budget;
+        [
+            ("maxSteps", b.max_steps.map(|v| v as f64)),
+            ("maxTokensPerRun", b.max_tokens.map(|v| v as f64)),
+            ("maxCostUSDPerRun", b.max_cost.and_then(|v| v.to_f64())),
+            ("maxRunsPerWindow", b.window_max_runs.map(|v| v as f64)),
+            (
+                "maxCostUSDPerWindow",
+                b.window_max_cost.and_then(|v| v.to_f64()),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| value.map(|v| (name, v)))
+        .collect()
+    }
+
     /// The AgentIdentity (in the policy's namespace) this policy governs.
     pub fn identity(&self) -> &str {
         &self.identity

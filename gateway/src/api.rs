@@ -488,6 +488,9 @@ pub(crate) async fn report(
     if let Err(e) = gateway.audit.append(entry).await {
         return audit_unavailable(e).into_response();
     }
+    if !policy.meters_models() {
+        gateway.count_charged(&holder.agent, "reported", usage.tokens, usage.cost);
+    }
     let mut body = json!({
         "runId": run,
         "result": visible,

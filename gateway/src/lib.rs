@@ -152,6 +152,8 @@ struct AgentState {
     follower: tollgate_audit::replay::Follower,
     /// Per run, what its model calls in flight have reserved of its ceilings.
     reserved: HashMap<String, tollgate_engine::llm::Reserved>,
+    /// The hash of the policy whose ceilings the metrics show.
+    ceilings_of: Option<String>,
 }
 
 impl AgentState {
@@ -163,6 +165,7 @@ impl AgentState {
             position: None,
             follower: Default::default(),
             reserved: HashMap::new(),
+            ceilings_of: None,
         }
     }
 }
@@ -370,6 +373,54 @@ impl Gateway {
             }
         }
         appended
+    }
+
+    /// Sets the ceiling gauges of `agent` to what `policy` sets (and removes those it no longer
+    /// sets).
+    fn show_ceilings(&self, agent: &str, policy: &CompiledPolicy) {
+        let (namespace, name) = agent.split_once('/').unwrap_or(("", agent));
+        let set = policy.ceilings();
+        for ceiling in [
+            "maxSteps",
+            "maxTokensPerRun",
+            "maxCostUSDPerRun",
+            "maxRunsPerWindow",
+            "maxCostUSDPerWindow",
+        ] {
+            match set.iter().find(|(n, _)| *n == ceiling) {
+                Some((_, value)) => self
+                    .metrics
+                    .agent_ceiling
+                    .with_label_values(&[namespace, name, ceiling])
+                    .set(*value),
+                None => {
+                    let _ = self
+                        .metrics
+                        .agent_ceiling
+                        .remove_label_values(&[namespace, name, ceiling]);
+                }
+            }
+        }
+    }
+
+    /// Counts what was charged to `agent`'s runs, `source` `reported` or `metered`.
+    pub(crate) fn count_charged(
+        &self,
+        agent: &str,
+        source: &str,
+        tokens: u64,
+        cost: rust_decimal::Decimal,
+    ) {
+        let (namespace, name) = agent.split_once('/').unwrap_or(("", agent));
+        self.metrics
+            .charged_tokens
+            .with_label_values(&[namespace, name, source])
+            .inc_by(tokens);
+        let micro = (cost * rust_decimal::Decimal::from(1_000_000u32)).trunc();
+        self.metrics
+            .charged_cost_microusd
+            .with_label_values(&[namespace, name, source])
+            .inc_by(u64::try_from(micro).unwrap_or(0));
     }
 
     /// Exports spans of every request, decision, audit commit, upstream and model call (the
@@ -871,6 +922,10 @@ impl Gateway {
             Some((agent, Ok(policy))) => 'decided: {
                 let state = self.agent_state(&agent.id);
                 let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+                if state.ceilings_of.as_deref() != Some(policy.hash()) {
+                    self.show_ceilings(&agent.id, policy);
+                    state.ceilings_of = Some(policy.hash().to_owned());
+                }
                 let AgentState { window, runs, .. } = &mut *state;
                 let run_state = if self.history.is_some() {
                     // Held by `hydrate` just now; gone only if, in between, thousands of other

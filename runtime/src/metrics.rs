@@ -21,6 +21,14 @@ pub struct Metrics {
     pub decision_duration: prometheus::Histogram,
     /// Requests the gateway refused before deciding, by path kind (api, mcp) and refusal code.
     pub refusals: IntCounterVec,
+    /// Tokens charged to agents' runs, by agent and source (`reported` by the agent, `metered`
+    /// by the LLM proxy).
+    pub charged_tokens: IntCounterVec,
+    /// Cost charged to agents' runs in millionths of a US dollar, by agent and source.
+    pub charged_cost_microusd: IntCounterVec,
+    /// The ceilings of each agent's policy in force (`maxTokensPerRun`, `maxCostUSDPerWindow`,
+    /// …), for dashboards to draw beside what was charged.
+    pub agent_ceiling: prometheus::GaugeVec,
     /// Calls waiting for people now.
     pub waiting: IntGauge,
     /// Runs whose budget state the gateway holds in memory now (bounded per agent; the rest are
@@ -95,6 +103,30 @@ impl Default for Metrics {
                 "Requests refused before a decision (unauthenticated, malformed, oversized, audit unavailable), by surface and refusal code",
             ),
             &["surface", "code"],
+        )
+        .expect("a valid metric");
+        let charged_tokens = IntCounterVec::new(
+            Opts::new(
+                "tollgate_gateway_charged_tokens_total",
+                "Tokens charged to agents' runs, by source: reported by the agent, or metered by the LLM proxy",
+            ),
+            &["namespace", "agent", "source"],
+        )
+        .expect("a valid metric");
+        let charged_cost_microusd = IntCounterVec::new(
+            Opts::new(
+                "tollgate_gateway_charged_cost_microusd_total",
+                "Cost charged to agents' runs, in millionths of a US dollar, by source",
+            ),
+            &["namespace", "agent", "source"],
+        )
+        .expect("a valid metric");
+        let agent_ceiling = prometheus::GaugeVec::new(
+            Opts::new(
+                "tollgate_gateway_agent_ceiling",
+                "The ceilings of each agent's policy in force (steps and tokens per run, US dollars per run and per window, runs per window)",
+            ),
+            &["namespace", "agent", "ceiling"],
         )
         .expect("a valid metric");
         let waiting = IntGauge::new(
@@ -178,6 +210,9 @@ impl Default for Metrics {
             Box::new(reviews.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(duration.clone()),
             Box::new(decisions.clone()),
+            Box::new(charged_tokens.clone()),
+            Box::new(charged_cost_microusd.clone()),
+            Box::new(agent_ceiling.clone()),
             Box::new(decision_duration.clone()),
             Box::new(refusals.clone()),
             Box::new(waiting.clone()),
@@ -199,6 +234,9 @@ impl Default for Metrics {
             reviews,
             duration,
             decisions,
+            charged_tokens,
+            charged_cost_microusd,
+            agent_ceiling,
             decision_duration,
             refusals,
             waiting,

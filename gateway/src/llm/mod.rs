@@ -1116,6 +1116,7 @@ impl Gateway {
         }
         self.audit.append(entry).await.map_err(audit_unavailable)?;
 
+        self.count_charged(&call.agent, "metered", usage.tokens, usage.cost);
         let labels = [call.agent.as_str(), call.model.as_str()];
         let m = &self.metrics;
         m.model_tokens
