@@ -6,7 +6,11 @@
 //! apiserver has seen) and what the schema cannot (regular expressions, CEL programs, selector
 //! operators). It reports every problem at once, each with its field path and a hint.
 
-use std::collections::{HashMap, HashSet};
+/// The maps a decision reads: foldhash, seeded at random per process. Their keys are the
+/// policy's own (tool and field names); what an agent sends is only ever looked up, never
+/// inserted, so it cannot crowd a bucket.
+pub(crate) type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+pub(crate) type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -416,7 +420,7 @@ impl CompiledPolicy {
             );
         }
 
-        let mut upstreams = HashSet::new();
+        let mut upstreams = HashSet::default();
         let mut llm_routes = std::collections::BTreeMap::new();
         for (i, upstream) in spec.upstreams.iter().enumerate() {
             if !upstreams.insert(upstream.name.as_str()) {
@@ -450,7 +454,7 @@ impl CompiledPolicy {
             }
         }
 
-        let mut blocked = HashSet::new();
+        let mut blocked = HashSet::default();
         for (i, tool) in spec.tools.blocked.iter().enumerate() {
             if !is_valid_tool_name(tool) {
                 errors.push(format!("spec.tools.blocked[{i}]"), format!("{tool:?} is not a valid tool name"), "tool names use ASCII letters, digits, '_', '-' and '.', at most 128 characters");
@@ -458,7 +462,7 @@ impl CompiledPolicy {
             blocked.insert(tool.clone());
         }
 
-        let mut tools = HashMap::new();
+        let mut tools = HashMap::default();
         for (i, tool) in spec.tools.allowed.iter().enumerate() {
             let path = format!("spec.tools.allowed[{i}]");
             if blocked.contains(&tool.name) {
@@ -731,7 +735,7 @@ fn compile_tool(path: &str, tool: &AllowedTool, errors: &mut Errors) -> Option<C
         );
     }
 
-    let mut fields = HashMap::new();
+    let mut fields = HashMap::default();
     let mut required = Vec::new();
     for (field, constraint) in &tool.arguments.fields {
         let field_path = format!("{path}.arguments.fields.{field}");

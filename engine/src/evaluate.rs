@@ -81,7 +81,13 @@ impl CompiledPolicy {
         let clause = clause.into();
         let clause = match tool {
             Some(tool) if !clause.starts_with("spec.") => {
-                Cow::Owned(format!("spec.tools.allowed[{}].{clause}", tool.name))
+                // Concatenated, not format!ted: every refusal of a tool's own rules passes here.
+                let mut path = String::with_capacity(21 + tool.name.len() + clause.len());
+                path.push_str("spec.tools.allowed[");
+                path.push_str(&tool.name);
+                path.push_str("].");
+                path.push_str(&clause);
+                Cow::Owned(path)
             }
             _ => clause,
         };
@@ -522,7 +528,7 @@ fn check_arguments(tool: &CompiledTool, args: &Map<String, Value>) -> Result<(),
     }
     for (field, value) in args {
         match tool.fields.get(field) {
-            Some(check) => check_field(field, check, value)?,
+            Some(check) => check_field(FieldPath::Field(field), check, value)?,
             None if tool.additional == AdditionalFields::Deny => {
                 return Err((
                     DenyCode::UnknownArgument,
@@ -536,14 +542,53 @@ fn check_arguments(tool: &CompiledTool, args: &Map<String, Value>) -> Result<(),
     Ok(())
 }
 
-fn check_field(field: &str, check: &FieldCheck, value: &Value) -> Result<(), Refusal> {
-    let refuse = |message: String| {
-        Err((
-            DenyCode::ArgumentConstraint,
-            Cow::Borrowed("arguments.fields"),
-            format!("argument {field:?} {message}"),
-        ))
-    };
+/// Where a checked value sits in the arguments: a field, or an item of an array of one, as in
+/// `order_ids[3]`. Only written out when a value is refused, so an allowed call allocates nothing
+/// for it.
+#[derive(Clone, Copy)]
+enum FieldPath<'a> {
+    Field(&'a str),
+    Item(&'a FieldPath<'a>, usize),
+}
+
+impl std::fmt::Display for FieldPath<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FieldPath::Field(name) => write!(f, "{}", name.escape_debug()),
+            FieldPath::Item(parent, i) => write!(f, "{parent}[{i}]"),
+        }
+    }
+}
+
+/// The refusal of the value at `path`, its message formatted once.
+fn refuse(path: FieldPath<'_>, message: std::fmt::Arguments<'_>) -> Result<(), Refusal> {
+    use std::fmt::Write as _;
+    // One buffer big enough for most messages, instead of format!'s growth from a guess.
+    let mut text = String::with_capacity(96);
+    let _ = write!(text, "argument \"{path}\" {message}");
+    Err((
+        DenyCode::ArgumentConstraint,
+        Cow::Borrowed("arguments.fields"),
+        text,
+    ))
+}
+
+/// The allowed values of an enum, comma-separated, written without a joined copy.
+struct OneOf<'a>(&'a [String]);
+
+impl std::fmt::Display for OneOf<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, value) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            f.write_str(value)?;
+        }
+        Ok(())
+    }
+}
+
+fn check_field(path: FieldPath<'_>, check: &FieldCheck, value: &Value) -> Result<(), Refusal> {
     if let Some(expected) = check.type_ {
         let matches = match expected {
             JsonType::String => value.is_string(),
@@ -560,49 +605,60 @@ fn check_field(field: &str, check: &FieldCheck, value: &Value) -> Result<(), Ref
             JsonType::Object => value.is_object(),
         };
         if !matches {
-            return refuse(format!("must be of type {}", json_type_name(expected)));
+            return refuse(
+                path,
+                format_args!("must be of type {}", json_type_name(expected)),
+            );
         }
     }
     if let Some(allowed) = &check.enum_ {
         match value.as_str() {
             Some(s) if allowed.iter().any(|a| a == s) => {}
-            _ => return refuse(format!("must be one of {}", allowed.join(", "))),
+            _ => return refuse(path, format_args!("must be one of {}", OneOf(allowed))),
         }
     }
     if let Some((regex, source)) = &check.pattern {
         match value.as_str() {
             Some(s) if regex.is_match(s) => {}
-            _ => return refuse(format!("must match {source}")),
+            _ => return refuse(path, format_args!("must match {source}")),
         }
     }
     if check.minimum.is_some() || check.maximum.is_some() {
         let Some(number) = value.as_f64() else {
-            return refuse("must be a number".to_owned());
+            return refuse(path, format_args!("must be a number"));
         };
         if let Some(min) = check.minimum
             && number < min
         {
-            return refuse(format!("must be at least {min}"));
+            return refuse(path, format_args!("must be at least {min}"));
         }
         if let Some(max) = check.maximum
             && number > max
         {
-            return refuse(format!("must be at most {max}"));
+            return refuse(path, format_args!("must be at most {max}"));
         }
     }
     if let Some(max) = check.max_length {
         match value.as_str() {
             Some(s) if s.chars().count() as u64 <= max => {}
-            _ => return refuse(format!("must be a string of at most {max} characters")),
+            _ => {
+                return refuse(
+                    path,
+                    format_args!("must be a string of at most {max} characters"),
+                );
+            }
         }
     }
     if let Some(max) = check.max_items {
         match value.as_array() {
             Some(items) if leaf_count(items) <= max => {}
             _ => {
-                return refuse(format!(
-                    "must be an array of at most {max} items (items of nested arrays count one by one)"
-                ));
+                return refuse(
+                    path,
+                    format_args!(
+                        "must be an array of at most {max} items (items of nested arrays count one by one)"
+                    ),
+                );
             }
         }
     }
@@ -610,7 +666,7 @@ fn check_field(field: &str, check: &FieldCheck, value: &Value) -> Result<(), Ref
         && let Some(items) = value.as_array()
     {
         for (i, item) in items.iter().enumerate() {
-            check_field(&format!("{field}[{i}]"), item_check, item)?;
+            check_field(FieldPath::Item(&path, i), item_check, item)?;
         }
     }
     Ok(())
