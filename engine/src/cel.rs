@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use cel::{Context, Env, Program, Value};
 
+mod native;
+
 /// The variables a condition may use.
 pub const VARIABLES: [&str; 3] = ["args", "run", "agent"];
 
@@ -17,6 +19,9 @@ pub(crate) struct Condition {
     // condition, at compile time, and shared by every evaluation.
     env: Arc<Env>,
     uses: [bool; 3],
+    /// The same condition evaluated natively over the JSON, when it has only shapes that path
+    /// knows; the interpreter answers whatever it does not.
+    native: Option<native::Native>,
 }
 
 impl std::fmt::Debug for Condition {
@@ -52,11 +57,13 @@ impl Condition {
                 unknown.join(", ")
             ));
         }
+        let native = native::Native::compile(program.expression());
         Ok(Self {
             program,
             source: source.into(),
             env,
             uses,
+            native,
         })
     }
 
@@ -76,6 +83,30 @@ impl Condition {
 
     /// Evaluates to a bool; any other result or an error is an `Err` with the reason.
     pub(crate) fn evaluate(
+        &self,
+        args: &serde_json::Value,
+        run: &serde_json::Value,
+        agent: &serde_json::Value,
+    ) -> Result<bool, String> {
+        if let Some(answer) = self
+            .native
+            .as_ref()
+            .and_then(|native| native.evaluate([args, run, agent]))
+        {
+            return Ok(answer);
+        }
+        self.interpret(args, run, agent)
+    }
+
+    /// Whether the condition has a native form (for tests and benchmarks).
+    #[cfg(test)]
+    pub(crate) fn is_native(&self) -> bool {
+        self.native.is_some()
+    }
+
+    /// The interpreter's answer: the reference the native path must agree with, and the one
+    /// that words every error.
+    pub(crate) fn interpret(
         &self,
         args: &serde_json::Value,
         run: &serde_json::Value,

@@ -1,7 +1,8 @@
 //! `tollgate-perf`: how many instructions each of Tollgate's hot paths costs per call, counted by
 //! valgrind (callgrind), which does not care how busy or noisy the machine is. Each path runs
-//! after its setup, once with no calls and once with [`CALLS`]; the difference over the calls is
-//! its cost per call.
+//! [`CALLS`] times after its setup, inside `measured_calls`, the only function valgrind counts
+//! (setup costs vary with the per-process hash seed); the count over the calls is its cost per
+//! call.
 //!
 //! - `tollgate-perf check`: counts every path and compares it with `perf/baseline.json`; exits 1
 //!   naming every path that grew past the baseline's margin.
@@ -74,6 +75,15 @@ fn wide_policy(n: usize) -> CompiledPolicy {
     CompiledPolicy::compile(&policy).expect("the wide policy compiles")
 }
 
+/// Where every measured call runs: valgrind counts only what runs inside it (see [`count`]),
+/// so setup, whose cost depends on the per-process hash seed, is never part of the figure.
+#[inline(never)]
+fn measured_calls(calls: u64, mut call: impl FnMut(u64)) {
+    for i in 0..calls {
+        call(i);
+    }
+}
+
 /// Runs `path` `calls` times after its setup, checking that it decides what it should.
 fn run(path: &str, calls: u64) -> anyhow::Result<()> {
     let now = jiff::Timestamp::from_second(1_790_000_000)?;
@@ -91,9 +101,9 @@ fn run(path: &str, calls: u64) -> anyhow::Result<()> {
             allowed,
             "{path}"
         );
-        for _ in 0..calls {
+        measured_calls(calls, |_| {
             black_box(policy.evaluate(&AGENT, black_box(&call), &run, &window, now));
-        }
+        });
     };
     match path {
         "engine/allow" => decide(
@@ -120,19 +130,38 @@ fn run(path: &str, calls: u64) -> anyhow::Result<()> {
             json!({"status": "refunded", "order_ids": ["O-1", "O-2"]}),
             true,
         ),
-        "engine/allow-500-tools" => decide(
-            &wide_policy(500),
-            "tool_0499",
-            json!({"id": "C123456", "mode": "b"}),
-            true,
-        ),
+        "engine/allow-500-tools" => {
+            // Every tool in turn: the table is keyed at random per process, so one tool's
+            // probe length varies from run to run while the average over all of them does not.
+            let policy = wide_policy(500);
+            let names: Vec<String> = (0..500).map(|i| format!("tool_{i:04}")).collect();
+            let arguments = json!({"id": "C123456", "mode": "b"});
+            let (run, window) = (RunState::default(), WindowState::default());
+            let call = |tool| ToolCall {
+                run_id: "run-1",
+                tool,
+                arguments: &arguments,
+            };
+            for name in &names {
+                assert!(
+                    policy
+                        .evaluate(&AGENT, &call(name), &run, &window, now)
+                        .is_allowed(),
+                    "{path}"
+                );
+            }
+            measured_calls(calls, |i| {
+                let name = &names[i as usize % names.len()];
+                black_box(policy.evaluate(&AGENT, black_box(&call(name)), &run, &window, now));
+            });
+        }
         "canonical/digest" => {
             let arguments = json!({"customer_id": "C000042", "subject": "Your refund",
                 "body": "Hello Ada, your refund of 42.00 EUR was sent today. ".repeat(12),
                 "cc": ["support@example.com"], "priority": 2, "tags": {"b": true, "a": null}});
-            for _ in 0..calls {
+            measured_calls(calls, |_| {
                 black_box(tollgate_engine::canonical::digest(black_box(&arguments)));
-            }
+            });
         }
         "audit/seal" => {
             let body = json!({"time": "2026-12-07T12:00:00Z", "event": "decide",
@@ -141,14 +170,14 @@ fn run(path: &str, calls: u64) -> anyhow::Result<()> {
                 "arguments": {"customer_id": "C000042"}, "decision": {"decision": "allow"}})
             .to_string();
             let prev = "ab".repeat(32);
-            for seq in 0..calls {
+            measured_calls(calls, |seq| {
                 black_box(tollgate_audit::record::seal(
                     "gateway-0",
                     black_box(seq),
                     &prev,
                     black_box(&body),
                 ));
-            }
+            });
         }
         other => bail!("unknown path {other:?}; the paths are {PATHS:?}"),
     }
@@ -159,7 +188,11 @@ fn run(path: &str, calls: u64) -> anyhow::Result<()> {
 fn count(path: &str, calls: u64) -> anyhow::Result<u64> {
     let this = std::env::current_exe()?;
     let output = Command::new("valgrind")
-        .args(["--tool=callgrind", "--callgrind-out-file=/dev/null"])
+        .args([
+            "--tool=callgrind",
+            "--callgrind-out-file=/dev/null",
+            "--toggle-collect=tollgate_perf::measured_calls*",
+        ])
         .arg(&this)
         .args(["run", path, &calls.to_string()])
         .output()
@@ -181,9 +214,7 @@ fn count(path: &str, calls: u64) -> anyhow::Result<u64> {
 
 /// Instructions per call of `path`.
 fn per_call(path: &str) -> anyhow::Result<u64> {
-    let setup = count(path, 0)?;
-    let with_calls = count(path, CALLS)?;
-    Ok(with_calls.saturating_sub(setup) / CALLS)
+    Ok(count(path, CALLS)? / CALLS)
 }
 
 fn baseline_file() -> PathBuf {
