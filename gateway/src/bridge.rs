@@ -155,7 +155,7 @@ async fn message(State(bridge): State<Arc<Bridge>>, headers: HeaderMap, body: Bo
     };
     let answer = bridge
         .sessions
-        .request(&session, HOLDER, HOLDER, &message, config.timeout)
+        .request(&session, HOLDER, HOLDER, &message, config.timeout, None)
         .await;
     let mut response = match answer {
         Ok(Some(answer)) => (StatusCode::OK, axum::Json(answer)).into_response(),

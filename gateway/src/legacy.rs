@@ -8,7 +8,8 @@
 //! the agent's credential anywhere else. A session ends on the client's `DELETE`, when idle, when
 //! the stream ends, when the agent's kill switch is engaged or its policy changes, and with the
 //! gateway; an agent holds at most `per_agent` at a time. Requests the server sends the client are
-//! answered with an error at once; its notifications are dropped.
+//! answered with an error at once; its progress and log notifications reach the client in the
+//! answer stream of the call they are about ([`Relays`]); other notifications are dropped.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -17,7 +18,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
-use crate::stdio::StdioError as SessionError;
+use crate::mcp::Relay;
+use crate::stdio::{Relays, StdioError as SessionError};
 
 /// The answers awaited on one stream, by JSON-RPC id.
 type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<Value>>>>;
@@ -31,7 +33,10 @@ struct Session {
     post: reqwest::Url,
     /// The agent's credential header for this upstream.
     credential: Option<(String, String)>,
+    /// The client the session's messages are POSTed with (the gateway's).
+    http: reqwest::Client,
     pending: Pending,
+    relays: Arc<Relays>,
     last_used: Mutex<Instant>,
     /// The task reading the stream; aborted (the stream closed) with the session.
     reader: tokio::task::JoinHandle<()>,
@@ -172,9 +177,11 @@ impl SseSessions {
             )));
         }
         let pending: Pending = Arc::default();
+        let relays: Arc<Relays> = Arc::default();
         let reader = tokio::spawn(read_answers(
             events,
             pending.clone(),
+            relays.clone(),
             http.clone(),
             post.clone(),
             credential.clone(),
@@ -196,7 +203,9 @@ impl SseSessions {
                 url: url.to_owned(),
                 post,
                 credential,
+                http: http.clone(),
                 pending,
+                relays,
                 last_used: Mutex::new(Instant::now()),
                 reader,
             }),
@@ -210,12 +219,12 @@ impl SseSessions {
     /// stream (none for a notification).
     pub(crate) async fn request(
         &self,
-        http: &reqwest::Client,
         id: &str,
         agent: &str,
         upstream: &str,
         message: &Value,
         timeout: Duration,
+        relay: Option<&Relay>,
     ) -> Result<Option<Value>, SessionError> {
         let session = self
             .lock()
@@ -224,6 +233,7 @@ impl SseSessions {
             .cloned()
             .ok_or(SessionError::UnknownSession)?;
         *session.last_used.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        let _followed = session.relays.follow(message, relay);
         let waiting = message.get("id").map(|request| {
             let (tx, rx) = oneshot::channel();
             session
@@ -240,7 +250,8 @@ impl SseSessions {
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(key);
         };
-        let mut post = http
+        let mut post = session
+            .http
             .post(session.post.clone())
             .header("content-type", "application/json")
             .timeout(timeout)
@@ -342,11 +353,13 @@ fn sse_events(
     )
 }
 
-/// Hands each answer on the stream to the request waiting for it; answers the server's own
-/// requests with an error; drops the rest. The end of the stream fails every waiting request.
+/// Hands each answer on the stream to the request waiting for it and each progress or log
+/// notification to the call it is about; answers the server's own requests with an error; drops
+/// the rest. The end of the stream fails every waiting request.
 async fn read_answers(
     mut events: std::pin::Pin<Box<impl futures::Stream<Item = (String, String)>>>,
     pending: Pending,
+    relays: Arc<Relays>,
     http: reqwest::Client,
     post: reqwest::Url,
     credential: Option<(String, String)>,
@@ -382,6 +395,7 @@ async fn read_answers(
                 }
                 let _ = answer.send().await;
             }
+            (None, Some(_), false) => relays.deliver(&message),
             _ => {}
         }
     }

@@ -12,8 +12,10 @@
 //!   killed sees its stdin close, which ends MCP stdio servers).
 //! - An agent holds at most `per_agent` processes; one more is refused (`SessionLimit`).
 //! - Requests the server sends to the client (sampling, elicitation, roots) are answered with
-//!   an error at once, so the server never waits for an answer that cannot come; its
-//!   notifications are logged and dropped, as on the HTTP transport.
+//!   an error at once, so the server never waits for an answer that cannot come. Its progress
+//!   and log notifications reach the client in the answer stream of the call they are about
+//!   (progress by its token, a log message to a call in flight: [`Relays`]), as on the HTTP
+//!   transport; other notifications are dropped.
 
 use std::collections::HashMap;
 use std::process::Stdio;
@@ -26,6 +28,8 @@ use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::oneshot;
 use tollgate_crds::policy::StdioServer;
 
+use crate::mcp::{RELAYED, Relay};
+
 /// How long a session may go without a request before its process is ended.
 pub const DEFAULT_IDLE: Duration = Duration::from_secs(600);
 /// How many stdio processes one agent may hold at a time.
@@ -35,6 +39,69 @@ const STDERR_LINE: usize = 4096;
 
 /// The answers awaited from one process, by JSON-RPC id.
 type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<Value>>>>;
+
+/// The calls in flight of one session the gateway holds (a stdio process, an HTTP+SSE stream)
+/// whose client takes what the server says besides the answer, each with the progress token
+/// its request carries: the server's progress notifications go to the call whose token they
+/// name, its log messages to a call in flight (a held session says nothing of which).
+#[derive(Default)]
+pub(crate) struct Relays(Mutex<Vec<(u64, Option<String>, Relay)>>);
+
+/// A call [`Relays`] follows until this is dropped.
+pub(crate) struct Followed<'a> {
+    relays: &'a Relays,
+    key: u64,
+}
+
+impl Drop for Followed<'_> {
+    fn drop(&mut self) {
+        self.relays.lock().retain(|(key, _, _)| *key != self.key);
+    }
+}
+
+impl Relays {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(u64, Option<String>, Relay)>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Follows the call `message` (a request) while the guard lives, when its client takes
+    /// relayed messages.
+    pub(crate) fn follow(&self, message: &Value, relay: Option<&Relay>) -> Option<Followed<'_>> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let relay = relay?.clone();
+        message.get("id")?;
+        let token = message
+            .pointer("/params/_meta/progressToken")
+            .map(Value::to_string);
+        let key = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.lock().push((key, token, relay));
+        Some(Followed { relays: self, key })
+    }
+
+    /// Hands `notification` of the server to the call it is about, if one follows it: progress
+    /// by its token, a log message to the call in flight longest. A client too slow to take it
+    /// loses it, never its answer.
+    pub(crate) fn deliver(&self, notification: &Value) {
+        let method = notification.get("method").and_then(Value::as_str);
+        if !method.is_some_and(|m| RELAYED.contains(&m)) {
+            return;
+        }
+        let relays = self.lock();
+        let to = if method == Some("notifications/progress") {
+            let token = notification
+                .pointer("/params/progressToken")
+                .map(Value::to_string);
+            relays
+                .iter()
+                .find(|(_, t, _)| token.is_some() && *t == token)
+        } else {
+            relays.first()
+        };
+        if let Some((_, _, relay)) = to {
+            let _ = relay.try_send(notification.clone());
+        }
+    }
+}
 
 /// Why a stdio session could not answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,6 +123,7 @@ struct Session {
     server: StdioServer,
     stdin: tokio::sync::Mutex<ChildStdin>,
     pending: Pending,
+    relays: Arc<Relays>,
     last_used: Mutex<Instant>,
     /// Killed when the session is dropped (`kill_on_drop`).
     child: Mutex<Child>,
@@ -215,12 +283,14 @@ impl StdioSessions {
             ))
         })?;
         let pending: Pending = Arc::default();
+        let relays: Arc<Relays> = Arc::default();
         let session = Arc::new(Session {
             agent: agent.to_owned(),
             upstream: upstream.to_owned(),
             server: server.clone(),
             stdin: tokio::sync::Mutex::new(stdin),
             pending: pending.clone(),
+            relays: relays.clone(),
             last_used: Mutex::new(Instant::now()),
             child: Mutex::new(child),
         });
@@ -233,6 +303,7 @@ impl StdioSessions {
         tokio::spawn(read_answers(
             BufReader::new(stdout),
             pending,
+            relays,
             Arc::downgrade(&session),
             answer_limit,
             upstream_name,
@@ -243,7 +314,7 @@ impl StdioSessions {
     }
 
     /// Sends `message` in `agent`'s session `id` at `upstream` and waits for its answer (none for
-    /// a notification).
+    /// a notification); what the server says about the call meanwhile goes to `relay`.
     pub(crate) async fn request(
         &self,
         id: &str,
@@ -251,6 +322,7 @@ impl StdioSessions {
         upstream: &str,
         message: &Value,
         timeout: Duration,
+        relay: Option<&Relay>,
     ) -> Result<Option<Value>, StdioError> {
         let session = self
             .lock()
@@ -259,6 +331,7 @@ impl StdioSessions {
             .cloned()
             .ok_or(StdioError::UnknownSession)?;
         *session.last_used.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        let _followed = session.relays.follow(message, relay);
         let waiting = match message.get("id") {
             Some(request) => {
                 let (tx, rx) = oneshot::channel();
@@ -408,12 +481,14 @@ async fn read_line<R: AsyncBufRead + Unpin>(
     }
 }
 
-/// Hands each answer on stdout to the request waiting for it; answers the server's own requests
-/// with an error; logs the rest. A line over the limit fails every waiting request (the gateway
+/// Hands each answer on stdout to the request waiting for it and each progress or log
+/// notification to the call it is about; answers the server's own requests with an error; logs
+/// the rest. A line over the limit fails every waiting request (the gateway
 /// cannot tell whose it was); the end of stdout fails them all.
 async fn read_answers<R: AsyncBufRead + Unpin>(
     mut stdout: R,
     pending: Pending,
+    relays: Arc<Relays>,
     session: Weak<Session>,
     limit: usize,
     upstream: String,
@@ -454,7 +529,8 @@ async fn read_answers<R: AsyncBufRead + Unpin>(
                     let _ = stdin.flush().await;
                 }
             }
-            _ => tracing::debug!(%upstream, "stdio MCP server notification dropped"),
+            (None, Some(_), false) => relays.deliver(&message),
+            _ => tracing::debug!(%upstream, "stdio MCP server message dropped"),
         }
     }
     pending.lock().unwrap_or_else(|e| e.into_inner()).clear();

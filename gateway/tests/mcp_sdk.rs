@@ -858,12 +858,19 @@ async fn in_a_cluster_a_stdio_server_runs_behind_the_bridge_and_gets_the_credent
 async fn progress_passes(sdk: Sdk, server: Server) {
     let upstream = start(server).await;
     let tollgate = tollgate(&upstream.url).await;
+    progress_passes_to(sdk, Some(&upstream.url), &tollgate).await;
+}
+
+/// [`progress_passes`] through `tollgate`, and directly to `direct` when the SDK can reach it.
+async fn progress_passes_to(sdk: Sdk, direct: Option<&str>, tollgate: &Tollgate) {
     let calls = json!([{"name": "trigger-long-running-operation",
                         "arguments": {"duration": 3, "steps": 6},
                         "progress": true, "timeout_ms": 1500}]);
-    let direct = sdk
-        .session(json!({"url": upstream.url, "calls": calls}))
-        .await;
+    let mut outcomes = Vec::new();
+    if let Some(direct) = direct {
+        let outcome = sdk.session(json!({"url": direct, "calls": calls})).await;
+        outcomes.push(("directly", outcome));
+    }
     let through = sdk
         .session(json!({
             "url": tollgate.url,
@@ -871,12 +878,37 @@ async fn progress_passes(sdk: Sdk, server: Server) {
             "headers": {"Authorization": format!("Bearer {KEY}"), "Tollgate-Run-Id": "run-long"},
         }))
         .await;
-    for (how, outcome) in [("directly", &direct), ("through Tollgate", &through)] {
+    outcomes.push(("through Tollgate", through));
+    for (how, outcome) in &outcomes {
         let call = &outcome["calls"][0];
         assert!(call.get("exception").is_none(), "{sdk:?} {how}: {call}");
         assert!(text(call).contains("completed"), "{sdk:?} {how}: {call}");
         assert_eq!(call["tollgate_progress"], 6, "{sdk:?} {how}: {call}");
     }
+}
+
+#[tokio::test]
+async fn progress_of_a_stdio_server_reaches_each_sdk_as_it_comes() {
+    // The gateway holds the process: it hands the server's progress to the call whose token it
+    // names. The TypeScript client's 1.5 s timeout lives through the 3 s call on them.
+    for (sdk, server) in [
+        (Sdk::TypeScript, Server::Everything),
+        (Sdk::Python2, Server::Python),
+    ] {
+        let tollgate = tollgate_with(&stdio_mcp(server), |g| g).await;
+        progress_passes_to(sdk, None, &tollgate).await;
+    }
+}
+
+#[tokio::test]
+async fn progress_of_an_http_sse_server_reaches_the_typescript_sdk_as_it_comes() {
+    let upstream = start_sse().await;
+    let tollgate = tollgate_with(
+        &format!("{{url: \"{}\", transport: Sse}}", upstream.url),
+        |g| g,
+    )
+    .await;
+    progress_passes_to(Sdk::TypeScript, None, &tollgate).await;
 }
 
 #[tokio::test]

@@ -54,8 +54,8 @@ pub(crate) use headers::{check_routing, modern_protocol};
 pub(crate) use oauth::resource_metadata;
 use oauth::*;
 pub(crate) use session::{end_session, listen};
-pub(crate) use upstream::event_end;
 use upstream::*;
+pub(crate) use upstream::{RELAYED, Relay, event_end};
 
 /// JSON-RPC error codes the proxy answers with: the four standard ones for protocol faults, and
 /// two of Tollgate's own outside JSON-RPC's reserved range (-32768 to -32000), where MCP and its

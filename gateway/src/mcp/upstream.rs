@@ -59,11 +59,11 @@ pub(super) async fn send(
     let (timeout, whose) = call_timeout(gateway, url);
     let url = match (&url.url, &url.stdio) {
         (Some(_), _) if url.transport == Some(McpTransport::Sse) => {
-            return send_held(gateway, holder, upstream, headers, message, true, timeout).await;
+            return send_held(gateway, holder, url, upstream, headers, message, relay).await;
         }
         (Some(url), _) => url,
         (None, Some(_)) => {
-            return send_held(gateway, holder, upstream, headers, message, false, timeout).await;
+            return send_held(gateway, holder, url, upstream, headers, message, relay).await;
         }
         (None, None) => {
             return Err(SendError::NotSent(format!(
@@ -179,31 +179,33 @@ pub(super) async fn send(
 }
 
 /// [`send`] in a session the gateway holds itself (a stdio process, or an HTTP+SSE stream): the
-/// one the client names, which must be this agent's at this upstream.
+/// one the client names, which must be this agent's at this upstream. The upstream's call timeout
+/// bounds it.
 pub(super) async fn send_held(
     gateway: &Gateway,
     holder: &Caller,
+    url: &McpUpstream,
     upstream: &str,
     headers: &HeaderMap,
     message: &Value,
-    stream: bool,
-    timeout: Duration,
+    relay: Option<&Relay>,
 ) -> Result<(Option<Value>, Option<HeaderValue>), SendError> {
+    let (timeout, _) = call_timeout(gateway, url);
     let Some(session) = headers.get(SESSION_HEADER).cloned() else {
         return Err(SendError::SessionGone(format!(
             "upstream {upstream:?} needs a session the gateway holds for it: initialize first"
         )));
     };
     let id = session.to_str().unwrap_or_default();
-    let answer = if stream {
+    let answer = if url.transport == Some(McpTransport::Sse) {
         gateway
             .streams
-            .request(&gateway.http, id, &holder.agent, upstream, message, timeout)
+            .request(id, &holder.agent, upstream, message, timeout, relay)
             .await
     } else {
         gateway
             .stdio
-            .request(id, &holder.agent, upstream, message, timeout)
+            .request(id, &holder.agent, upstream, message, timeout, relay)
             .await
     };
     match answer {
@@ -261,7 +263,7 @@ pub(crate) type Relay = tokio::sync::mpsc::Sender<Value>;
 /// The server-to-client notifications relayed to the client while its call runs: progress (a
 /// client's request timeout restarts on it) and log messages. Anything else the server sends
 /// inside a call's answer (requests for sampling or elicitation, other notifications) is not.
-pub(super) const RELAYED: [&str; 2] = ["notifications/progress", "notifications/message"];
+pub(crate) const RELAYED: [&str; 2] = ["notifications/progress", "notifications/message"];
 
 /// The JSON-RPC messages of the complete events of an SSE `body` after byte `from`, and how far
 /// it read.
