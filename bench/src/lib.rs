@@ -109,3 +109,39 @@ pub fn machine_reference() -> String {
         copy_bytes_per_s / 1e9
     )
 }
+
+/// Which way a figure is better, for the summary table.
+#[derive(Debug, Clone, Copy)]
+pub enum Better {
+    Lower,
+    Higher,
+}
+
+/// One row of bench/README.md's summary: Tollgate's figure beside its peer's or floor's from the
+/// same run. `bench/run` sets `TOLLGATE_BENCH_REPORT` to a file and each benchmark appends its
+/// rows there as JSON lines; without it, nothing is written.
+pub fn report(
+    benchmark: &str,
+    what: &str,
+    tollgate: f64,
+    beside: &str,
+    peer: f64,
+    unit: &str,
+    better: Better,
+) {
+    let Ok(path) = std::env::var("TOLLGATE_BENCH_REPORT") else {
+        return;
+    };
+    let row = json!({
+        "benchmark": benchmark, "what": what, "tollgate": tollgate, "beside": beside,
+        "peer": peer, "unit": unit,
+        "better": match better { Better::Lower => "lower", Better::Higher => "higher" },
+    });
+    use std::io::Write as _;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("open {path}: {e}"));
+    writeln!(file, "{row}").unwrap_or_else(|e| panic!("write {path}: {e}"));
+}

@@ -1,8 +1,7 @@
 //! `tollgate-perf`: how many instructions each of Tollgate's hot paths costs per call, counted by
 //! valgrind (callgrind), which does not care how busy or noisy the machine is. Each path runs
 //! [`CALLS`] times after its setup, inside `measured_calls`, the only function valgrind counts
-//! (setup costs vary with the per-process hash seed); the count over the calls is its cost per
-//! call.
+//! (setup costs vary from run to run); the count over the calls is its cost per call.
 //!
 //! - `tollgate-perf check`: counts every path and compares it with `perf/baseline.json`; exits 1
 //!   naming every path that grew past the baseline's margin.
@@ -76,7 +75,8 @@ fn wide_policy(n: usize) -> CompiledPolicy {
 }
 
 /// Where every measured call runs: valgrind counts only what runs inside it (see [`count`]),
-/// so setup, whose cost depends on the per-process hash seed, is never part of the figure.
+/// so setup, whose cost varies from run to run (hash seeds of the maps it builds), is never
+/// part of the figure.
 #[inline(never)]
 fn measured_calls(calls: u64, mut call: impl FnMut(u64)) {
     for i in 0..calls {
@@ -131,8 +131,8 @@ fn run(path: &str, calls: u64) -> anyhow::Result<()> {
             true,
         ),
         "engine/allow-500-tools" => {
-            // Every tool in turn: the table is keyed at random per process, so one tool's
-            // probe length varies from run to run while the average over all of them does not.
+            // Every tool in turn: what a lookup costs depends on where its key falls in the table,
+            // and the average over all of them is what a busy agent pays.
             let policy = wide_policy(500);
             let names: Vec<String> = (0..500).map(|i| format!("tool_{i:04}")).collect();
             let arguments = json!({"id": "C123456", "mode": "b"});

@@ -353,7 +353,7 @@ fn in_memory_verify(records: u64) -> f64 {
     records as f64 / start.elapsed().as_secs_f64()
 }
 
-fn report(name: &str, a: &Appends, floor: f64) {
+fn report(name: &str, a: &Appends, floor: f64, writers: u64, window: Duration) {
     println!(
         "{name:<40} {:>9.0} appends/s  p50 {:>7.2} ms  p99 {:>7.2} ms  {:>6.1} records/commit  written {:>5.1} KB/record{}  (plain batched INSERT: {:>9.0} rows/s, ratio {:.2})",
         a.per_second,
@@ -368,6 +368,19 @@ fn report(name: &str, a: &Appends, floor: f64) {
         floor,
         a.per_second / floor
     );
+    if window.is_zero() {
+        let store = name.split(',').next().unwrap_or(name);
+        let store = if store == "sqlite" { "SQLite" } else { "PostgreSQL" };
+        tollgate_bench::report(
+            "audit-throughput",
+            &format!("Audit appends, {store}, {writers} tasks: appends/s"),
+            a.per_second,
+            "the same rows by batched INSERT",
+            floor,
+            "/s",
+            tollgate_bench::Better::Higher,
+        );
+    }
 }
 
 /// (commit window, concurrent appending tasks) measured on each store.
@@ -430,6 +443,8 @@ async fn main() {
     println!("{records} records per run; every append is acknowledged only once durable\n");
 
     let dir = tempfile::tempdir().unwrap();
+    // Verification rates, reported beside the chain check in memory once that ran.
+    let mut verified: Vec<(&str, f64)> = Vec::new();
     if run("sqlite") {
         let floor_store = SqliteStore::open(dir.path().join("floor.db")).unwrap();
         let sqlite_floor = floor(&floor_store, "gw-0", records).await;
@@ -449,6 +464,8 @@ async fn main() {
                 &format!("sqlite, {writers} tasks, window {window:?}"),
                 &a,
                 sqlite_floor,
+                writers,
+                window,
             );
             if i == 0 {
                 let (n, rate) = verify_rate(store.as_ref()).await;
@@ -456,6 +473,7 @@ async fn main() {
                     "{:<40} {rate:>9.0} records/s ({n} records)",
                     "sqlite verify"
                 );
+                verified.push(("SQLite", rate));
             }
         }
     }
@@ -465,12 +483,14 @@ async fn main() {
         // must be recorded before it is answered).
         // Then on tmpfs, where fsync returns at once: the writer's own share of that latency.
         let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+        let mut one_at_a_time = None;
         for (name, dir) in [
             ("sqlite, one append at a time", dir.path()),
             ("the same on tmpfs (fsync returns at once)", shm.path()),
         ] {
             let store = Arc::new(SqliteStore::open(dir.join("sequential.db")).unwrap());
             let a = appends(store, "gw-0", 2000, Duration::ZERO, 1, Processes::Own).await;
+            one_at_a_time.get_or_insert(a.p50);
             println!(
                 "{name:<40} p50 {:>7.3} ms  p99 {:>7.3} ms",
                 a.p50.as_secs_f64() * 1e3,
@@ -479,6 +499,17 @@ async fn main() {
         }
         // The disk alone: what any durable commit on it waits for at least.
         let (p50, p99) = disk_sync(&dir.path().join("sync.probe"), 2000);
+        if let Some(one) = &one_at_a_time {
+            tollgate_bench::report(
+                "audit-throughput",
+                "One durable append at a time, SQLite: p50",
+                one.as_secs_f64() * 1e3,
+                "4 KiB written + fdatasync on the same disk",
+                p50.as_secs_f64() * 1e3,
+                "ms",
+                tollgate_bench::Better::Lower,
+            );
+        }
         println!(
             "{:<40} p50 {:>7.3} ms  p99 {:>7.3} ms",
             "the disk: 4 KiB written + fdatasync",
@@ -502,6 +533,8 @@ async fn main() {
                 &format!("postgres, {writers} tasks, window {window:?}"),
                 &a,
                 postgres_floor,
+                writers,
+                window,
             );
             if i == 0 {
                 let (n, rate) = verify_rate(store.as_ref()).await;
@@ -509,6 +542,7 @@ async fn main() {
                     "{:<40} {rate:>9.0} records/s ({n} records)",
                     "postgres verify"
                 );
+                verified.push(("PostgreSQL", rate));
             }
         }
     }
@@ -565,5 +599,16 @@ async fn main() {
             "{:<40} {rate:>9.0} records/s",
             "verify, chain check in memory"
         );
+        for (store, verified) in verified {
+            tollgate_bench::report(
+                "audit-throughput",
+                &format!("Audit verification, {store}: records/s"),
+                verified,
+                "the chain check in memory",
+                rate,
+                "/s",
+                tollgate_bench::Better::Higher,
+            );
+        }
     }
 }

@@ -16,6 +16,7 @@
 //! the gateway's runtime N worker threads (2 unless set); `AGENTS=N` gives the gateway N agents
 //! with the same policy, client `w` calling as agent `w % N` (1 unless set).
 
+use tollgate_bench::{Better, report};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -720,6 +721,14 @@ async fn bench() {
             tollgate.p50.as_secs_f64() / opa_load.p50.as_secs_f64(),
             tollgate.p99.as_secs_f64() / opa_load.p99.as_secs_f64()
         );
+        let what = format!("`/v1/decide`, {connections} connections, every decision durable");
+        let beside = "OPA 1.22.3 REST, no decision log";
+        report("gateway-load", &format!("{what}: decisions/s"), tollgate.rate, beside, opa_load.rate, "/s", Better::Higher);
+        report("gateway-load", &format!("{what}: p99"), tollgate.p99.as_secs_f64() * 1e3, beside, opa_load.p99.as_secs_f64() * 1e3, "ms", Better::Lower);
+        if let (Some(t), Some(o)) = (tollgate.cpu, opa_load.cpu) {
+            let per = |cpu: Duration, l: &Load| cpu.as_secs_f64() * 1e6 / l.count as f64;
+            report("gateway-load", &format!("{what}: CPU per decision"), per(t, &tollgate), beside, per(o, &opa_load), "µs", Better::Lower);
+        }
     }
 
     let calls = 2000;
@@ -746,6 +755,16 @@ async fn bench() {
     let bare = serve(bare_proxy(format!("{upstream}/mcp"))).await;
     let bare = mcp_calls(&bare, None, calls).await;
     row("through a bare proxy (no decision, no audit)", &bare);
+    let added = |v: &[Duration]| p(v, 50).saturating_sub(p(&direct, 50)).as_secs_f64() * 1e3;
+    report(
+        "gateway-load",
+        "MCP `tools/call` added at p50 (two durable records)",
+        added(&proxied),
+        "a bare proxy",
+        added(&bare),
+        "ms",
+        Better::Lower,
+    );
 }
 
 /// The least any HTTP proxy in front of the upstream costs here: axum in, the same reqwest

@@ -545,6 +545,17 @@ async fn bench(calls: usize, seconds: u64, connections: usize) {
             added(&rows[2]) / added(&rows[1]).max(1e-9),
         );
     }
+    use tollgate_bench::{Better, report};
+    let ms_added = |row: &Row| added(row) * 1e3;
+    report("llm-proxy", "LLM proxy, added p50", ms_added(&rows[2]), "a bare streaming proxy", ms_added(&rows[1]), "ms", Better::Lower);
+    if let Some(litellm) = rows.get(3) {
+        report("llm-proxy", "LLM proxy, added p50", ms_added(&rows[2]), "LiteLLM 1.108.7", ms_added(litellm), "ms", Better::Lower);
+        let p99 = |row: &Row| row.p99.saturating_sub(direct.p99).as_secs_f64() * 1e3;
+        report("llm-proxy", "LLM proxy, added p99", p99(&rows[2]), "LiteLLM 1.108.7", p99(litellm), "ms", Better::Lower);
+        if let (Some(t), Some(l)) = (rows[2].rss, litellm.rss) {
+            report("llm-proxy", "LLM proxy, peak RSS", t, "LiteLLM 1.108.7", l, "MiB", Better::Lower);
+        }
+    }
     println!(
         "A stream from a provider that ignores the cap: {events} output event(s) relayed against a cap of {cap} ({} past it; target: at most 1)",
         events.saturating_sub(cap)
