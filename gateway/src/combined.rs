@@ -1,7 +1,9 @@
 //! `/mcp`: one MCP endpoint for every MCP upstream of the agent's policy, for clients that take
 //! one server. Tool names carry their upstream, `<upstream>__<tool>` (a name an OpenAI-style
-//! function may have), and each request goes, renamed, through the upstream's own path
-//! (`/mcp/<upstream>`): decided, recorded and cut exactly as there.
+//! function may have; the separator is the gateway's `--mcp-tool-separator`), and each request
+//! goes, renamed, through the upstream's own path (`/mcp/<upstream>`): decided, recorded and cut
+//! exactly as there. A name is split at the upstream it starts with, never at the first
+//! separator, so upstream names may hold the separator's characters.
 //!
 //! A session here is the gateway's own: `initialize` opens one session at each upstream and
 //! answers with an id that names them all; every later request finds its upstream's session
@@ -22,8 +24,47 @@ use serde_json::{Map, Value, json};
 use crate::mcp::{self, SESSION_HEADER, codes};
 use crate::{Gateway, MAX_BODY, RUN_HEADER, Refusal, RefusalCode};
 
-/// Between an upstream's name and its tool's in a tool name at `/mcp`.
+/// Between an upstream's name and its tool's in a tool name at `/mcp`, unless the gateway is
+/// given another ([`check_separator`]).
 pub const SEPARATOR: &str = "__";
+
+/// Whether `separator` may stand between an upstream's name and a tool's at `/mcp`: one to eight
+/// of `_`, `-`, `.` and `:` (so a prefixed name stays a valid MCP tool name; clients whose
+/// function names allow only `[A-Za-z0-9_-]`, as OpenAI's, need `_` or `-`).
+pub fn check_separator(separator: &str) -> Result<(), String> {
+    if separator.is_empty() || separator.len() > 8 {
+        return Err(format!(
+            "the tool separator {separator:?} must be 1 to 8 characters long"
+        ));
+    }
+    if let Some(c) = separator
+        .chars()
+        .find(|c| !matches!(c, '_' | '-' | '.' | ':'))
+    {
+        return Err(format!(
+            "the tool separator {separator:?} may hold only '_', '-', '.' and ':', not {c:?}"
+        ));
+    }
+    Ok(())
+}
+
+/// The upstream of `sessions` a tool name at `/mcp` starts with (the longest, when one upstream's
+/// name begins another's), and the tool's own name after the separator.
+fn split_name<'a, V>(
+    name: &'a str,
+    separator: &str,
+    sessions: &'a BTreeMap<String, V>,
+) -> Option<(&'a str, &'a str)> {
+    sessions
+        .keys()
+        .filter_map(|upstream| {
+            let tool = name
+                .strip_prefix(upstream.as_str())?
+                .strip_prefix(separator)?;
+            (!tool.is_empty()).then_some((upstream.as_str(), tool))
+        })
+        .max_by_key(|(upstream, _)| upstream.len())
+}
 /// How many sessions at `/mcp` one agent may hold.
 pub const PER_AGENT: usize = 8;
 /// How long a session at `/mcp` lives without a request.
@@ -248,7 +289,7 @@ pub(crate) async fn proxy(
                     .unwrap_or_default()
                 {
                     if let Some(name) = tool.get("name").and_then(Value::as_str) {
-                        tool["name"] = json!(format!("{upstream}{SEPARATOR}{name}"));
+                        tool["name"] = json!(format!("{upstream}{}{name}", gateway.tool_separator));
                         tools.push(tool);
                     }
                 }
@@ -261,13 +302,12 @@ pub(crate) async fn proxy(
                 .and_then(Value::as_str)
                 .unwrap_or_default()
                 .to_owned();
-            let target = name
-                .split_once(SEPARATOR)
-                .filter(|(upstream, _)| sessions.contains_key(*upstream));
+            let target = split_name(&name, &gateway.tool_separator, &sessions);
             let Some((upstream, tool)) = target else {
                 let problem = format!(
                     "tool {name:?} names no upstream of this session: tools at /mcp are \
-                     <upstream>{SEPARATOR}<tool>, of {}",
+                     <upstream>{}<tool>, of {}",
+                    gateway.tool_separator,
                     upstreams.join(", ")
                 );
                 if let Err(refusal) = gateway.reject(Some(&holder), "", problem.clone()).await {
@@ -396,8 +436,9 @@ async fn initialize(
         "capabilities": {"tools": {}},
         "serverInfo": {"name": "tollgate", "version": env!("CARGO_PKG_VERSION")},
         "instructions": format!(
-            "The tools of {} through Tollgate, each named <upstream>{SEPARATOR}<tool>.",
-            upstreams.join(", ")
+            "The tools of {} through Tollgate, each named <upstream>{}<tool>.",
+            upstreams.join(", "),
+            gateway.tool_separator
         ),
     });
     with_session(ok(id, result), &session)
@@ -465,5 +506,44 @@ pub(crate) async fn end(State(gateway): State<Arc<Gateway>>, headers: HeaderMap)
             StatusCode::NO_CONTENT.into_response()
         }
         None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_name_is_split_at_the_upstream_it_starts_with() {
+        let sessions: BTreeMap<String, ()> = ["crm", "crm__eu", "db-prod"]
+            .into_iter()
+            .map(|u| (u.to_owned(), ()))
+            .collect();
+        assert_eq!(
+            split_name("crm__eu__lookup", "__", &sessions),
+            Some(("crm__eu", "lookup"))
+        );
+        assert_eq!(
+            split_name("crm__lookup", "__", &sessions),
+            Some(("crm", "lookup"))
+        );
+        assert_eq!(
+            split_name("db-prod-query", "-", &sessions),
+            Some(("db-prod", "query"))
+        );
+        assert_eq!(split_name("crm__", "__", &sessions), None);
+        assert_eq!(split_name("other__lookup", "__", &sessions), None);
+        assert_eq!(split_name("crmlookup", "__", &sessions), None);
+    }
+
+    #[test]
+    fn separators_are_short_runs_of_punctuation() {
+        for good in ["__", "_", "-", ".", "::", "--"] {
+            assert_eq!(check_separator(good), Ok(()), "{good}");
+        }
+        assert!(check_separator("").unwrap_err().contains("1 to 8"));
+        assert!(check_separator("_________").unwrap_err().contains("1 to 8"));
+        assert!(check_separator("/").unwrap_err().contains("not '/'"));
+        assert!(check_separator("a").unwrap_err().contains("not 'a'"));
     }
 }

@@ -238,6 +238,8 @@ pub struct Gateway {
     pub(crate) upstream_limit: usize,
     /// How long the MCP proxy waits for an upstream's answer.
     pub(crate) upstream_timeout: std::time::Duration,
+    /// Between an upstream's name and its tool's at `/mcp`.
+    pub(crate) tool_separator: String,
     /// The stdio MCP servers this gateway started, by session.
     pub(crate) stdio: stdio::StdioSessions,
     /// The streams of HTTP+SSE MCP servers this gateway holds, by session.
@@ -276,12 +278,15 @@ pub const DEFAULT_UPSTREAM_TIMEOUT: std::time::Duration = std::time::Duration::f
 
 /// The MCP proxy's limits on what an upstream may take and send (`--mcp-call-timeout`,
 /// `--mcp-answer-limit`).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct McpLimits {
     /// How long one upstream request may take, from sending it to the end of its answer.
     pub call_timeout: std::time::Duration,
     /// The most bytes of an answer read.
     pub answer_limit: usize,
+    /// Between an upstream's name and its tool's at `/mcp` (checked by
+    /// [`combined::check_separator`]; default [`combined::SEPARATOR`]).
+    pub tool_separator: String,
 }
 
 impl Default for McpLimits {
@@ -289,6 +294,7 @@ impl Default for McpLimits {
         Self {
             call_timeout: DEFAULT_UPSTREAM_TIMEOUT,
             answer_limit: DEFAULT_UPSTREAM_LIMIT,
+            tool_separator: combined::SEPARATOR.to_owned(),
         }
     }
 }
@@ -331,6 +337,7 @@ impl Gateway {
             run_limit: runs::DEFAULT_LIMIT,
             upstream_limit: DEFAULT_UPSTREAM_LIMIT,
             upstream_timeout: DEFAULT_UPSTREAM_TIMEOUT,
+            tool_separator: combined::SEPARATOR.to_owned(),
             stdio: stdio::StdioSessions::default(),
             streams: legacy::SseSessions::default(),
             combined: combined::CombinedSessions::default(),
@@ -506,10 +513,14 @@ impl Gateway {
         self.stdio.pids()
     }
 
-    /// The MCP proxy's upstream timeout (default 10 minutes) and answer limit.
+    /// The MCP proxy's upstream timeout (default 10 minutes), answer limit and `/mcp` tool
+    /// separator (one that [`combined::check_separator`] refuses keeps the default).
     pub fn with_mcp_limits(mut self, limits: McpLimits) -> Self {
         self.upstream_timeout = limits.call_timeout;
         self.upstream_limit = limits.answer_limit;
+        if combined::check_separator(&limits.tool_separator).is_ok() {
+            self.tool_separator = limits.tool_separator;
+        }
         self
     }
 

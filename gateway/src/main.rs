@@ -75,6 +75,14 @@ struct Args {
     /// apart (1 MiB).
     #[arg(long, global = true, env = "TOLLGATE_MCP_ANSWER_LIMIT", default_value_t = tollgate_gateway::DEFAULT_UPSTREAM_LIMIT)]
     mcp_answer_limit: usize,
+    /// What stands between an upstream's name and its tool's in tool names at `/mcp`: one to
+    /// eight of `_`, `-`, `.` and `:` (`<upstream>__<tool>` by default).
+    #[arg(long, global = true, env = "TOLLGATE_MCP_TOOL_SEPARATOR", default_value = tollgate_gateway::combined::SEPARATOR, value_parser = tool_separator)]
+    mcp_tool_separator: String,
+}
+
+fn tool_separator(text: &str) -> Result<String, String> {
+    tollgate_gateway::combined::check_separator(text).map(|()| text.to_owned())
 }
 
 /// The standalone demo's price table, used when it exists and no --prices is given.
@@ -226,6 +234,7 @@ async fn main() -> anyhow::Result<()> {
     let mcp = tollgate_gateway::McpLimits {
         call_timeout: args.mcp_call_timeout,
         answer_limit: args.mcp_answer_limit,
+        tool_separator: args.mcp_tool_separator.clone(),
     };
     // First: a SIGTERM while the stores open must not be lost (see shutdown_signal).
     let shutdown = server::shutdown_signal();

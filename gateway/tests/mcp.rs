@@ -1455,7 +1455,7 @@ async fn delete_ends_the_upstream_session_and_a_session_the_upstream_lost_is_a_4
 async fn an_upstream_slower_than_the_call_timeout_is_named_and_the_call_recorded() {
     let limits = gateway::McpLimits {
         call_timeout: std::time::Duration::from_millis(300),
-        answer_limit: gateway::DEFAULT_UPSTREAM_LIMIT,
+        ..gateway::McpLimits::default()
     };
     let (h, seen) = bare_harness(
         StatusCode::OK,

@@ -1144,6 +1144,49 @@ async fn one_endpoint_serves_every_upstream_with_tool_names_that_say_which() {
 }
 
 #[tokio::test]
+async fn the_separator_at_one_endpoint_is_the_gateways_to_choose() {
+    // `--mcp-tool-separator -`, for clients whose function names allow no more than
+    // [A-Za-z0-9_-]: names are split at the upstream they start with, so a tool whose own name
+    // holds the separator (get-sum) is still found.
+    let everything = start(Server::Everything).await;
+    let tollgate = tollgate_with(&format!("{{url: \"{}\"}}", everything.url), |g| {
+        g.with_mcp_limits(gateway::McpLimits {
+            tool_separator: "-".to_owned(),
+            ..gateway::McpLimits::default()
+        })
+    })
+    .await;
+    let all = tollgate.url.trim_end_matches("/everything").to_owned();
+    let outcome = Sdk::TypeScript
+        .session(json!({
+            "url": all,
+            "headers": {"Authorization": format!("Bearer {KEY}")},
+            "calls": [
+                {"name": "everything-echo", "arguments": {"message": "hello"}},
+                {"name": "everything-get-sum", "arguments": {"a": 2, "b": 40}},
+                {"name": "everything__echo", "arguments": {"message": "hello"}},
+            ],
+        }))
+        .await;
+    let tools = &outcome["tools"];
+    assert!(
+        tools
+            .as_array()
+            .unwrap()
+            .contains(&json!("everything-echo")),
+        "{tools}"
+    );
+    let calls = &outcome["calls"];
+    assert_eq!(text(&calls[0]), "Echo: hello", "{calls}");
+    assert!(text(&calls[1]).contains("42"), "{calls}");
+    assert_eq!(calls[2]["isError"], true, "{calls}");
+    assert!(
+        text(&calls[2]).contains("<upstream>-<tool>"),
+        "the refusal says how names are made: {calls}"
+    );
+}
+
+#[tokio::test]
 async fn resources_and_prompts_are_listed_read_and_refused_as_the_policy_says() {
     // The reference server serves documents, dynamic text and blob resources, and four prompts;
     // the policy lists the dynamic text resources and one prompt.
