@@ -1,5 +1,6 @@
 //! `/mcp`: one MCP endpoint for every MCP upstream of the agent's policy, for clients that take
-//! one server. Tool names carry their upstream, `<upstream>__<tool>` (a name an OpenAI-style
+//! one server. Resources keep their URIs (a read goes to the upstream the policy lets the agent
+//! read it from); tool and prompt names carry their upstream, `<upstream>__<tool>` (a name an OpenAI-style
 //! function may have; the separator is the gateway's `--mcp-tool-separator`), and each request
 //! goes, renamed, through the upstream's own path (`/mcp/<upstream>`): decided, recorded and cut
 //! exactly as there. A name is split at the upstream it starts with, never at the first
@@ -322,23 +323,105 @@ pub(crate) async fn proxy(
                     json!({"decision": "deny", "code": "ToolNotAllowed", "message": problem}),
                 );
             };
-            let mut forwarded = message.clone();
-            forwarded["params"]["name"] = json!(tool);
-            let mut headers = for_upstream(&headers, sessions[upstream].as_ref(), &session);
-            if headers.contains_key(mcp::NAME_HEADER)
-                && let Ok(value) = HeaderValue::from_str(tool)
-            {
-                headers.insert(mcp::NAME_HEADER, value);
+            let headers = for_upstream(&headers, sessions[upstream].as_ref(), &session);
+            renamed(&gateway, upstream, headers, &message, Some(tool), &session).await
+        }
+        "resources/list" | "resources/templates/list" | "prompts/list" => {
+            // Every upstream's list as its own path cuts it: prompts renamed as tools are,
+            // resources under their own URIs (a URI names its server already).
+            let key = match method.as_str() {
+                "resources/list" => "resources",
+                "resources/templates/list" => "resourceTemplates",
+                _ => "prompts",
+            };
+            let mut items = Vec::new();
+            for (upstream, upstream_session) in &sessions {
+                let headers = for_upstream(&headers, upstream_session.as_ref(), &session);
+                let (status, _, body) = through(&gateway, upstream, &headers, &message).await;
+                if !status.is_success() || body.get("error").is_some() {
+                    return with_session(
+                        (status, axum::Json(name_upstream(body, upstream))).into_response(),
+                        &session,
+                    );
+                }
+                let listed = body.pointer(&format!("/result/{key}"));
+                for mut item in listed
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default()
+                {
+                    if key == "prompts" {
+                        let Some(name) = item.get("name").and_then(Value::as_str) else {
+                            continue;
+                        };
+                        item["name"] = json!(format!("{upstream}{}{name}", gateway.tool_separator));
+                    }
+                    items.push(item);
+                }
             }
-            // Streamed or not, as the client asked: the answer passes as it is.
-            let response = mcp::proxy(
-                State(gateway.clone()),
-                Path(upstream.to_owned()),
+            with_session(ok(id, json!({key: items})), &session)
+        }
+        "prompts/get" => {
+            let name = message
+                .pointer("/params/name")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned();
+            let Some((upstream, prompt)) = split_name(&name, &gateway.tool_separator, &sessions)
+            else {
+                let problem = format!(
+                    "prompt {name:?} names no upstream of this session: prompts at /mcp are \
+                     <upstream>{}<prompt>, of {}",
+                    gateway.tool_separator,
+                    upstreams.join(", ")
+                );
+                if let Err(refusal) = gateway.reject(Some(&holder), "", problem.clone()).await {
+                    return mcp::rpc_refusal(id, &refusal);
+                }
+                let decision =
+                    json!({"decision": "deny", "code": "ContentNotAllowed", "message": problem});
+                return mcp::rpc_error(
+                    StatusCode::OK,
+                    id,
+                    codes::CONTENT_REFUSED,
+                    problem,
+                    Some(decision),
+                );
+            };
+            let headers = for_upstream(&headers, sessions[upstream].as_ref(), &session);
+            renamed(
+                &gateway,
+                upstream,
                 headers,
-                Body::from(forwarded.to_string()),
+                &message,
+                Some(prompt),
+                &session,
             )
-            .await;
-            with_session(response, &session)
+            .await
+        }
+        "resources/read" => {
+            // To the upstream the policy lets the agent read this URI from; when none does, to
+            // the first, whose own path refuses it and records why.
+            let uri = message
+                .pointer("/params/uri")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            let policy = gateway
+                .policies
+                .agent(&holder.agent)
+                .and_then(|agent| agent.policy.as_ref().ok().cloned());
+            let upstream = sessions
+                .keys()
+                .find(|u| {
+                    policy
+                        .as_ref()
+                        .is_some_and(|p| p.reads_resource(u, uri).is_some())
+                })
+                .or_else(|| sessions.keys().next())
+                .cloned()
+                .unwrap_or_default();
+            let headers = for_upstream(&headers, sessions[&upstream].as_ref(), &session);
+            renamed(&gateway, &upstream, headers, &message, None, &session).await
         }
         other => {
             refuse(
@@ -350,6 +433,36 @@ pub(crate) async fn proxy(
             .await
         }
     }
+}
+
+/// `message` through `upstream`'s own path, with `name` (a tool's or prompt's own name, its
+/// upstream taken off) in place of the one the client gave; streamed or not, as the client asked,
+/// the answer passes as it is.
+async fn renamed(
+    gateway: &Arc<Gateway>,
+    upstream: &str,
+    mut headers: HeaderMap,
+    message: &Value,
+    name: Option<&str>,
+    session: &str,
+) -> Response {
+    let mut forwarded = message.clone();
+    if let Some(name) = name {
+        forwarded["params"]["name"] = json!(name);
+        if headers.contains_key(mcp::NAME_HEADER)
+            && let Ok(value) = HeaderValue::from_str(name)
+        {
+            headers.insert(mcp::NAME_HEADER, value);
+        }
+    }
+    let response = mcp::proxy(
+        State(gateway.clone()),
+        Path(upstream.to_owned()),
+        headers,
+        Body::from(forwarded.to_string()),
+    )
+    .await;
+    with_session(response, session)
 }
 
 /// An upstream's error answer, its message naming the upstream.
@@ -431,12 +544,26 @@ async fn initialize(
         return session_limit(gateway, holder, id).await;
     }
     let requested = message.pointer("/params/protocolVersion").cloned();
+    // Resources and prompts only when the policy lists some from an upstream.
+    let policy = gateway
+        .policies
+        .agent(&holder.agent)
+        .and_then(|agent| agent.policy.as_ref().ok().cloned());
+    let mut capabilities = json!({"tools": {}});
+    if let Some(policy) = &policy {
+        if upstreams.iter().any(|u| policy.offers_resources(u)) {
+            capabilities["resources"] = json!({});
+        }
+        if upstreams.iter().any(|u| policy.offers_prompts(u)) {
+            capabilities["prompts"] = json!({});
+        }
+    }
     let result = json!({
         "protocolVersion": version.or(requested).unwrap_or(json!("2025-11-25")),
-        "capabilities": {"tools": {}},
+        "capabilities": capabilities,
         "serverInfo": {"name": "tollgate", "version": env!("CARGO_PKG_VERSION")},
         "instructions": format!(
-            "The tools of {} through Tollgate, each named <upstream>{}<tool>.",
+            "The tools and prompts of {} through Tollgate, each named <upstream>{}<name>.",
             upstreams.join(", "),
             gateway.tool_separator
         ),

@@ -1358,3 +1358,84 @@ async fn an_upstreams_own_timeout_bounds_its_calls_and_is_named() {
     assert!(message.contains("did not answer within 1s"), "{message}");
     assert!(message.contains("mcp.timeoutSeconds"), "{message}");
 }
+
+#[tokio::test]
+async fn resources_and_prompts_are_served_at_the_one_endpoint_as_at_their_upstream() {
+    // At /mcp: prompts named <upstream>__<prompt>, resources under their own URIs, each read and
+    // get decided at its upstream exactly as there; a prompt naming no upstream is refused and
+    // recorded.
+    let upstream = start(Server::Everything).await;
+    let tollgate = tollgate(&upstream.url).await;
+    let all = tollgate.url.trim_end_matches("/everything").to_owned();
+    let through = Sdk::TypeScript
+        .session(json!({
+            "url": all,
+            "headers": {"Authorization": format!("Bearer {KEY}")},
+            "content": {
+                "reads": ["demo://resource/dynamic/text/1", "demo://resource/dynamic/blob/1"],
+                "gets": ["everything__simple-prompt", "everything__args-prompt", "nowhere__simple-prompt"],
+            },
+        }))
+        .await;
+    let t = &through["content"];
+    assert_eq!(
+        t["prompts"],
+        json!([
+            "everything__completable-prompt",
+            "everything__simple-prompt"
+        ]),
+        "{t}"
+    );
+    // The reference server serves dynamic text through a template; the policy lists those.
+    assert_eq!(
+        t["templates"],
+        json!(["demo://resource/dynamic/text/{resourceId}"]),
+        "{t}"
+    );
+    for uri in t["resources"].as_array().unwrap() {
+        assert!(
+            uri.as_str()
+                .unwrap()
+                .starts_with("demo://resource/dynamic/text/"),
+            "{t}"
+        );
+    }
+    assert!(t["reads"][0].get("exception").is_none(), "{t}");
+    assert!(
+        t["reads"][0]["contents"][0]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("Resource 1:"),
+        "{t}"
+    );
+    assert!(t["gets"][0].get("exception").is_none(), "{t}");
+    for refused in [&t["reads"][1], &t["gets"][1], &t["gets"][2]] {
+        assert_eq!(refused["code"], mcp::codes::CONTENT_REFUSED, "{refused}");
+        assert_eq!(refused["data"]["code"], "ContentNotAllowed", "{refused}");
+    }
+    let records = tollgate.store.query(&Query::default()).await.unwrap();
+    let decided: Vec<(String, bool)> = records
+        .iter()
+        .filter(|r| r.index.event == "resource")
+        .map(|r| {
+            let entry = r.entry().unwrap();
+            (entry.tool.unwrap(), entry.decision.unwrap().is_allowed())
+        })
+        .collect();
+    assert_eq!(
+        decided,
+        [
+            ("resources/read".to_owned(), true),
+            ("resources/read".to_owned(), false),
+            ("prompts/get".to_owned(), true),
+            ("prompts/get".to_owned(), false),
+        ]
+    );
+    assert!(
+        records
+            .iter()
+            .filter_map(|r| r.entry().unwrap().error)
+            .any(|e| e.contains("prompt \"nowhere__simple-prompt\" names no upstream")),
+        "the prompt naming no upstream is recorded"
+    );
+}
