@@ -305,12 +305,7 @@ pub(crate) async fn proxy(
                 .to_owned();
             let target = split_name(&name, &gateway.tool_separator, &sessions);
             let Some((upstream, tool)) = target else {
-                let problem = format!(
-                    "tool {name:?} names no upstream of this session: tools at /mcp are \
-                     <upstream>{}<tool>, of {}",
-                    gateway.tool_separator,
-                    upstreams.join(", ")
-                );
+                let problem = no_upstream("tool", &name, &gateway.tool_separator, &upstreams);
                 if let Err(refusal) = gateway.reject(Some(&holder), "", problem.clone()).await {
                     return mcp::rpc_refusal(id, &refusal);
                 }
@@ -323,8 +318,18 @@ pub(crate) async fn proxy(
                     json!({"decision": "deny", "code": "ToolNotAllowed", "message": problem}),
                 );
             };
+            let mut forwarded = message.clone();
+            forwarded["params"]["name"] = json!(tool);
             let headers = for_upstream(&headers, sessions[upstream].as_ref(), &session);
-            renamed(&gateway, upstream, headers, &message, Some(tool), &session).await
+            renamed(
+                &gateway,
+                upstream,
+                headers,
+                &forwarded,
+                Some(tool),
+                &session,
+            )
+            .await
         }
         "resources/list" | "resources/templates/list" | "prompts/list" => {
             // Every upstream's list as its own path cuts it: prompts renamed as tools are,
@@ -361,65 +366,71 @@ pub(crate) async fn proxy(
             }
             with_session(ok(id, json!({key: items})), &session)
         }
-        "prompts/get" => {
-            let name = message
-                .pointer("/params/name")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_owned();
-            let Some((upstream, prompt)) = split_name(&name, &gateway.tool_separator, &sessions)
-            else {
-                let problem = format!(
-                    "prompt {name:?} names no upstream of this session: prompts at /mcp are \
-                     <upstream>{}<prompt>, of {}",
-                    gateway.tool_separator,
-                    upstreams.join(", ")
-                );
-                if let Err(refusal) = gateway.reject(Some(&holder), "", problem.clone()).await {
-                    return mcp::rpc_refusal(id, &refusal);
-                }
-                let decision =
-                    json!({"decision": "deny", "code": "ContentNotAllowed", "message": problem});
-                return mcp::rpc_error(
-                    StatusCode::OK,
-                    id,
-                    codes::CONTENT_REFUSED,
-                    problem,
-                    Some(decision),
-                );
+        "prompts/get" | "completion/complete" => {
+            // A prompt (to get, or to complete an argument of) names its upstream as a tool
+            // does; a resource template to complete goes where a read of it would.
+            let field = if method == "prompts/get" {
+                "/params/name"
+            } else {
+                "/params/ref/name"
             };
-            let headers = for_upstream(&headers, sessions[upstream].as_ref(), &session);
+            let by_uri = method == "completion/complete"
+                && message.pointer("/params/ref/type").and_then(Value::as_str)
+                    == Some("ref/resource");
+            let (upstream, forwarded, name) = if by_uri {
+                let uri = message
+                    .pointer("/params/ref/uri")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
+                (
+                    reader_of(&gateway, &holder, &sessions, uri),
+                    message.clone(),
+                    None,
+                )
+            } else {
+                let name = message
+                    .pointer(field)
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
+                let Some((upstream, prompt)) = split_name(name, &gateway.tool_separator, &sessions)
+                else {
+                    let problem = no_upstream("prompt", name, &gateway.tool_separator, &upstreams);
+                    if let Err(refusal) = gateway.reject(Some(&holder), "", problem.clone()).await {
+                        return mcp::rpc_refusal(id, &refusal);
+                    }
+                    let decision = json!({"decision": "deny", "code": "ContentNotAllowed",
+                        "message": problem});
+                    return mcp::rpc_error(
+                        StatusCode::OK,
+                        id,
+                        codes::CONTENT_REFUSED,
+                        problem,
+                        Some(decision),
+                    );
+                };
+                let mut forwarded = message.clone();
+                if let Some(slot) = forwarded.pointer_mut(field) {
+                    *slot = json!(prompt);
+                }
+                (upstream.to_owned(), forwarded, Some(prompt.to_owned()))
+            };
+            let headers = for_upstream(&headers, sessions[&upstream].as_ref(), &session);
             renamed(
                 &gateway,
-                upstream,
+                &upstream,
                 headers,
-                &message,
-                Some(prompt),
+                &forwarded,
+                name.as_deref(),
                 &session,
             )
             .await
         }
         "resources/read" => {
-            // To the upstream the policy lets the agent read this URI from; when none does, to
-            // the first, whose own path refuses it and records why.
             let uri = message
                 .pointer("/params/uri")
                 .and_then(Value::as_str)
                 .unwrap_or_default();
-            let policy = gateway
-                .policies
-                .agent(&holder.agent)
-                .and_then(|agent| agent.policy.as_ref().ok().cloned());
-            let upstream = sessions
-                .keys()
-                .find(|u| {
-                    policy
-                        .as_ref()
-                        .is_some_and(|p| p.reads_resource(u, uri).is_some())
-                })
-                .or_else(|| sessions.keys().next())
-                .cloned()
-                .unwrap_or_default();
+            let upstream = reader_of(&gateway, &holder, &sessions, uri);
             let headers = for_upstream(&headers, sessions[&upstream].as_ref(), &session);
             renamed(&gateway, &upstream, headers, &message, None, &session).await
         }
@@ -435,25 +446,22 @@ pub(crate) async fn proxy(
     }
 }
 
-/// `message` through `upstream`'s own path, with `name` (a tool's or prompt's own name, its
-/// upstream taken off) in place of the one the client gave; streamed or not, as the client asked,
-/// the answer passes as it is.
+/// `forwarded` through `upstream`'s own path, `name` (a tool's or prompt's own name, its upstream
+/// taken off) in the 2026 `Mcp-Name` header where the client sent one; streamed or not, as the
+/// client asked, the answer passes as it is.
 async fn renamed(
     gateway: &Arc<Gateway>,
     upstream: &str,
     mut headers: HeaderMap,
-    message: &Value,
+    forwarded: &Value,
     name: Option<&str>,
     session: &str,
 ) -> Response {
-    let mut forwarded = message.clone();
-    if let Some(name) = name {
-        forwarded["params"]["name"] = json!(name);
-        if headers.contains_key(mcp::NAME_HEADER)
-            && let Ok(value) = HeaderValue::from_str(name)
-        {
-            headers.insert(mcp::NAME_HEADER, value);
-        }
+    if let Some(name) = name
+        && headers.contains_key(mcp::NAME_HEADER)
+        && let Ok(value) = HeaderValue::from_str(name)
+    {
+        headers.insert(mcp::NAME_HEADER, value);
     }
     let response = mcp::proxy(
         State(gateway.clone()),
@@ -463,6 +471,39 @@ async fn renamed(
     )
     .await;
     with_session(response, session)
+}
+
+/// Why a tool or prompt name at `/mcp` is refused when it starts with no upstream of the session.
+fn no_upstream(what: &str, name: &str, separator: &str, upstreams: &[String]) -> String {
+    format!(
+        "{what} {name:?} names no upstream of this session: {what}s at /mcp are \
+         <upstream>{separator}<{what}>, of {}",
+        upstreams.join(", ")
+    )
+}
+
+/// The upstream a read of `uri` goes to: the first the policy lets the agent read it (or complete
+/// its template) from; when none does, the first, whose own path refuses it and records why.
+fn reader_of<V>(
+    gateway: &Gateway,
+    holder: &crate::Caller,
+    sessions: &BTreeMap<String, V>,
+    uri: &str,
+) -> String {
+    let policy = gateway
+        .policies
+        .agent(&holder.agent)
+        .and_then(|agent| agent.policy.as_ref().ok().cloned());
+    sessions
+        .keys()
+        .find(|u| {
+            policy
+                .as_ref()
+                .is_some_and(|p| p.reads_resource(u, uri).is_some() || p.serves_template(u, uri))
+        })
+        .or_else(|| sessions.keys().next())
+        .cloned()
+        .unwrap_or_default()
 }
 
 /// An upstream's error answer, its message naming the upstream.
@@ -544,7 +585,7 @@ async fn initialize(
         return session_limit(gateway, holder, id).await;
     }
     let requested = message.pointer("/params/protocolVersion").cloned();
-    // Resources and prompts only when the policy lists some from an upstream.
+    // Resources, prompts and their completion only when the policy lists some from an upstream.
     let policy = gateway
         .policies
         .agent(&holder.agent)
@@ -556,6 +597,9 @@ async fn initialize(
         }
         if upstreams.iter().any(|u| policy.offers_prompts(u)) {
             capabilities["prompts"] = json!({});
+        }
+        if capabilities.get("resources").is_some() || capabilities.get("prompts").is_some() {
+            capabilities["completions"] = json!({});
         }
     }
     let result = json!({

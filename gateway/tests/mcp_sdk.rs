@@ -1361,9 +1361,9 @@ async fn an_upstreams_own_timeout_bounds_its_calls_and_is_named() {
 
 #[tokio::test]
 async fn resources_and_prompts_are_served_at_the_one_endpoint_as_at_their_upstream() {
-    // At /mcp: prompts named <upstream>__<prompt>, resources under their own URIs, each read and
-    // get decided at its upstream exactly as there; a prompt naming no upstream is refused and
-    // recorded.
+    // At /mcp: prompts named <upstream>__<prompt>, resources under their own URIs, each read, get
+    // and completion decided at its upstream exactly as there; a prompt naming no upstream is
+    // refused and recorded.
     let upstream = start(Server::Everything).await;
     let tollgate = tollgate(&upstream.url).await;
     let all = tollgate.url.trim_end_matches("/everything").to_owned();
@@ -1374,6 +1374,14 @@ async fn resources_and_prompts_are_served_at_the_one_endpoint_as_at_their_upstre
             "content": {
                 "reads": ["demo://resource/dynamic/text/1", "demo://resource/dynamic/blob/1"],
                 "gets": ["everything__simple-prompt", "everything__args-prompt", "nowhere__simple-prompt"],
+                "complete": [
+                    {"ref": {"type": "ref/prompt", "name": "everything__completable-prompt"},
+                     "argument": {"name": "department", "value": "E"}},
+                    {"ref": {"type": "ref/prompt", "name": "everything__args-prompt"},
+                     "argument": {"name": "city", "value": "P"}},
+                    {"ref": {"type": "ref/resource", "uri": "demo://resource/dynamic/text/{resourceId}"},
+                     "argument": {"name": "resourceId", "value": "1"}},
+                ],
             },
         }))
         .await;
@@ -1409,6 +1417,20 @@ async fn resources_and_prompts_are_served_at_the_one_endpoint_as_at_their_upstre
         "{t}"
     );
     assert!(t["gets"][0].get("exception").is_none(), "{t}");
+    // Completion of a listed prompt's argument and of a listed template's, as at the upstream;
+    // of a prompt the policy does not list, refused.
+    assert!(
+        t["completions"][0]["completion"]["values"]
+            .as_array()
+            .is_some_and(|v| !v.is_empty()),
+        "{t}"
+    );
+    assert!(t["completions"][2].get("exception").is_none(), "{t}");
+    assert_eq!(
+        t["completions"][1]["code"],
+        mcp::codes::CONTENT_REFUSED,
+        "{t}"
+    );
     for refused in [&t["reads"][1], &t["gets"][1], &t["gets"][2]] {
         assert_eq!(refused["code"], mcp::codes::CONTENT_REFUSED, "{refused}");
         assert_eq!(refused["data"]["code"], "ContentNotAllowed", "{refused}");
