@@ -272,31 +272,6 @@ pub(crate) async fn proxy(
             }
             StatusCode::ACCEPTED.into_response()
         }
-        "tools/list" => {
-            let mut tools = Vec::new();
-            for (upstream, upstream_session) in &sessions {
-                let headers = for_upstream(&headers, upstream_session.as_ref(), &session);
-                let (status, _, body) = through(&gateway, upstream, &headers, &message).await;
-                if !status.is_success() || body.get("error").is_some() {
-                    return with_session(
-                        (status, axum::Json(name_upstream(body, upstream))).into_response(),
-                        &session,
-                    );
-                }
-                for mut tool in body
-                    .pointer("/result/tools")
-                    .and_then(Value::as_array)
-                    .cloned()
-                    .unwrap_or_default()
-                {
-                    if let Some(name) = tool.get("name").and_then(Value::as_str) {
-                        tool["name"] = json!(format!("{upstream}{}{name}", gateway.tool_separator));
-                        tools.push(tool);
-                    }
-                }
-            }
-            with_session(ok(id, json!({"tools": tools})), &session)
-        }
         "tools/call" => {
             let name = message
                 .pointer("/params/name")
@@ -331,10 +306,12 @@ pub(crate) async fn proxy(
             )
             .await
         }
-        "resources/list" | "resources/templates/list" | "prompts/list" => {
-            // Every upstream's list as its own path cuts it: prompts renamed as tools are,
-            // resources under their own URIs (a URI names its server already).
+        "tools/list" | "resources/list" | "resources/templates/list" | "prompts/list" => {
+            // Every upstream's list as its own path cuts it: tools and prompts renamed
+            // <upstream><separator><name>, resources under their own URIs (a URI names its
+            // server already).
             let key = match method.as_str() {
+                "tools/list" => "tools",
                 "resources/list" => "resources",
                 "resources/templates/list" => "resourceTemplates",
                 _ => "prompts",
@@ -355,7 +332,7 @@ pub(crate) async fn proxy(
                     .cloned()
                     .unwrap_or_default()
                 {
-                    if key == "prompts" {
+                    if key == "tools" || key == "prompts" {
                         let Some(name) = item.get("name").and_then(Value::as_str) else {
                             continue;
                         };
