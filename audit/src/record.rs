@@ -62,6 +62,14 @@ pub enum Event {
     /// (`resources/read`, `prompts/get`), `arguments` what it named, `decision` whether it was
     /// let through and by which rule, `result` (redacted) what came back.
     Resource,
+    /// An MCP server asked the agent's client something (`tool` is the method:
+    /// `elicitation/create`, `sampling/createMessage`, `roots/list`) in the stream of a call,
+    /// and the gateway relayed it: `arguments` (redacted) is what it asked.
+    ServerRequest,
+    /// The client's answer to a [`Event::ServerRequest`], passed back to the server: `result`
+    /// (redacted) is what the person or model answered (an elicitation's `action` and content
+    /// is the person's confirmation), `error` the client's refusal.
+    ClientAnswer,
 }
 
 impl Event {
@@ -78,6 +86,8 @@ impl Event {
             Event::Admission => "admission",
             Event::Model => "model",
             Event::Resource => "resource",
+            Event::ServerRequest => "serverRequest",
+            Event::ClientAnswer => "clientAnswer",
         }
     }
 }

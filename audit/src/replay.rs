@@ -139,6 +139,8 @@ pub fn timeline(steps: &[Step]) -> String {
         let what = match (e.event, &e.tool) {
             (Event::Decide, Some(tool)) => format!("call {tool}"),
             (Event::Report, Some(tool)) => format!("result of {tool}"),
+            (Event::ServerRequest, Some(method)) => format!("server asked {method}"),
+            (Event::ClientAnswer, Some(method)) => format!("client answered {method}"),
             (Event::Admission, _) => format!("kubernetes {}", write_of(e.arguments.as_ref())),
             (Event::Model, _) => match &e.model {
                 Some(m) => format!("model {} via {} {}", m.model, m.upstream, m.endpoint),

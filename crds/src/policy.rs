@@ -202,6 +202,57 @@ pub struct McpUpstream {
     /// own and name its url instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stdio: Option<StdioServer>,
+    /// The requests this server may make of the agent's MCP client, relayed to it in the
+    /// stream of the call they belong to and its answer back, both recorded: Elicitation (it
+    /// asks the person at the client, whose answer becomes part of the audit trail), Sampling
+    /// (it asks the agent's model, spending its tokens and context on the server's behalf),
+    /// Roots (it asks which directories the client exposes). None by default: the client's
+    /// capabilities for them are withheld from the server, and a request made anyway is
+    /// answered with an error at once.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 3))]
+    #[x_kube(validation = Rule::new("self.all(x, self.exists_one(y, y == x))")
+        .message("names each kind of server request once"))]
+    pub server_requests: Vec<ServerRequest>,
+}
+
+/// A kind of request an MCP server makes of its client.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum ServerRequest {
+    /// `elicitation/create`: the server asks the person at the client for input or a
+    /// confirmation.
+    Elicitation,
+    /// `sampling/createMessage`: the server asks the client's model for a completion.
+    Sampling,
+    /// `roots/list`: the server asks which filesystem roots the client exposes.
+    Roots,
+}
+
+impl ServerRequest {
+    /// The kind of the request named `method`, if it is one.
+    pub fn of_method(method: &str) -> Option<Self> {
+        [Self::Elicitation, Self::Sampling, Self::Roots]
+            .into_iter()
+            .find(|kind| kind.method() == method)
+    }
+
+    /// The method of these requests.
+    pub fn method(self) -> &'static str {
+        match self {
+            Self::Elicitation => "elicitation/create",
+            Self::Sampling => "sampling/createMessage",
+            Self::Roots => "roots/list",
+        }
+    }
+
+    /// The client capability that tells a server it may make these requests.
+    pub fn capability(self) -> &'static str {
+        match self {
+            Self::Elicitation => "elicitation",
+            Self::Sampling => "sampling",
+            Self::Roots => "roots",
+        }
+    }
 }
 
 /// The HTTP transport of an MCP server.

@@ -212,6 +212,18 @@ pub(crate) async fn proxy(
             .await;
         }
     };
+    if mcp::is_answer(&message) {
+        // The client answers a request one of the session's servers made during a call.
+        let sessions = headers
+            .get(SESSION_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|session| sessions_of(&gateway, &holder.agent, session))
+            .unwrap_or_default();
+        return mcp::answer_server(&gateway, &holder, "", &headers, message, |at, asked| {
+            sessions.get(at).is_some_and(|held| held.as_ref() == asked)
+        })
+        .await;
+    }
     let id = message.get("id").cloned().unwrap_or(Value::Null);
     let method = match mcp::check_shape(&message) {
         Ok(method) => method,

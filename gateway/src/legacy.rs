@@ -7,9 +7,11 @@
 //! The endpoint must be on the stream's own origin (scheme, host and port): a server cannot send
 //! the agent's credential anywhere else. A session ends on the client's `DELETE`, when idle, when
 //! the stream ends, when the agent's kill switch is engaged or its policy changes, and with the
-//! gateway; an agent holds at most `per_agent` at a time. Requests the server sends the client are
-//! answered with an error at once; its progress and log notifications reach the client in the
-//! answer stream of the call they are about ([`Relays`]); other notifications are dropped.
+//! gateway; an agent holds at most `per_agent` at a time. Its progress and log notifications reach
+//! the client in the answer stream of the call they are about ([`Relays`]), and its requests of
+//! the client the stream of the call in flight, which lets them through or refuses them by
+//! policy; a request no call takes is answered with an error at once. Other notifications are
+//! dropped.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -234,15 +236,20 @@ impl SseSessions {
             .ok_or(SessionError::UnknownSession)?;
         *session.last_used.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
         let _followed = session.relays.follow(message, relay);
-        let waiting = message.get("id").map(|request| {
-            let (tx, rx) = oneshot::channel();
-            session
-                .pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(request.to_string(), tx);
-            (request.to_string(), rx)
-        });
+        // A request waits for its answer; a notification, or the client's answer to the
+        // server's own request, does not.
+        let waiting = message
+            .get("id")
+            .filter(|_| message.get("method").is_some())
+            .map(|request| {
+                let (tx, rx) = oneshot::channel();
+                session
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(request.to_string(), tx);
+                (request.to_string(), rx)
+            });
         let forget = |key: &str| {
             session
                 .pending
@@ -383,6 +390,7 @@ async fn read_answers(
                     let _ = waiting.send(message);
                 }
             }
+            (Some(_), Some(_), false) if relays.ask(&message) => {}
             (Some(id), Some(method), false) => {
                 let refusal = json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32601,
                     "message": format!("Tollgate does not relay {method} to the client")}});

@@ -246,6 +246,8 @@ pub struct Gateway {
     pub(crate) streams: legacy::SseSessions,
     /// The sessions of `/mcp`, each a session at every upstream.
     pub(crate) combined: combined::CombinedSessions,
+    /// Requests MCP servers made of agents' clients, waiting for their answers.
+    pub(crate) asks: mcp::Asks,
     /// What models cost, for the LLM proxy's metering.
     pub(crate) prices: tollgate_engine::llm::Prices,
     /// Refusals of requests that proved no identity, summarized per interval.
@@ -341,6 +343,7 @@ impl Gateway {
             stdio: stdio::StdioSessions::default(),
             streams: legacy::SseSessions::default(),
             combined: combined::CombinedSessions::default(),
+            asks: mcp::Asks::default(),
             prices: default_prices(),
             anonymous: Arc::new(anonymous::Anonymous::new(anonymous::DEFAULT_INTERVAL)),
             approval_watch: std::sync::OnceLock::new(),

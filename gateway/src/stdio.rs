@@ -11,11 +11,12 @@
 //!   gateway (every process is killed when the registry is dropped; a process whose gateway was
 //!   killed sees its stdin close, which ends MCP stdio servers).
 //! - An agent holds at most `per_agent` processes; one more is refused (`SessionLimit`).
-//! - Requests the server sends to the client (sampling, elicitation, roots) are answered with
-//!   an error at once, so the server never waits for an answer that cannot come. Its progress
-//!   and log notifications reach the client in the answer stream of the call they are about
-//!   (progress by its token, a log message to a call in flight: [`Relays`]), as on the HTTP
-//!   transport; other notifications are dropped.
+//! - Its progress and log notifications reach the client in the answer stream of the call they
+//!   are about (progress by its token, a log message to a call in flight: [`Relays`]), as on the
+//!   HTTP transport; other notifications are dropped. Its requests of the client (sampling,
+//!   elicitation, roots) go to the stream of the call in flight, which lets them through or
+//!   refuses them by policy; without one they are answered with an error at once, so the server
+//!   never waits for an answer that cannot come.
 
 use std::collections::HashMap;
 use std::process::Stdio;
@@ -100,6 +101,14 @@ impl Relays {
         if let Some((_, _, relay)) = to {
             let _ = relay.try_send(notification.clone());
         }
+    }
+
+    /// Hands `request`, the server's of the client, to the call in flight longest, whose
+    /// stream lets it through or refuses it by policy; false when no call takes it.
+    pub(crate) fn ask(&self, request: &Value) -> bool {
+        self.lock()
+            .first()
+            .is_some_and(|(_, _, relay)| relay.try_send(request.clone()).is_ok())
     }
 }
 
@@ -332,7 +341,12 @@ impl StdioSessions {
             .ok_or(StdioError::UnknownSession)?;
         *session.last_used.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
         let _followed = session.relays.follow(message, relay);
-        let waiting = match message.get("id") {
+        // A request waits for its answer; a notification, or the client's answer to the
+        // server's own request, does not.
+        let waiting = match message
+            .get("id")
+            .filter(|_| message.get("method").is_some())
+        {
             Some(request) => {
                 let (tx, rx) = oneshot::channel();
                 session
@@ -519,8 +533,9 @@ async fn read_answers<R: AsyncBufRead + Unpin>(
                     let _ = waiting.send(message);
                 }
             }
+            (Some(_), Some(_), false) if relays.ask(&message) => {}
             (Some(id), Some(method), false) => {
-                // A request to the client that cannot reach it: refused at once.
+                // A request to the client that no call's stream takes: refused at once.
                 let refusal = json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32601,
                     "message": format!("Tollgate does not relay {method} to the client")}});
                 if let Some(session) = session.upgrade() {

@@ -20,7 +20,7 @@ use rmcp::{ErrorData, RoleServer, ServerHandler};
 use serde_json::{Value, json};
 use tollgate_audit::{AuditLog, Query, Redactor, SqliteStore, Store, WriterConfig, verify};
 use tollgate_gateway::keys::Keys;
-use tollgate_gateway::policies::{PolicySet, WatchedDir};
+use tollgate_gateway::policies::WatchedDir;
 use tollgate_gateway::{self as gateway, Gateway, mcp};
 use tower::ServiceExt;
 
@@ -183,6 +183,17 @@ async fn harness_on(
     delay: Arc<std::sync::atomic::AtomicU64>,
     configure: impl FnOnce(Gateway) -> Gateway,
 ) -> Harness {
+    harness_of(&url, "", calls, delay, configure).await
+}
+
+/// [`harness_on`] with `more` YAML in the upstreams' `mcp:` besides the url.
+async fn harness_of(
+    url: &str,
+    more: &str,
+    calls: Calls,
+    delay: Arc<std::sync::atomic::AtomicU64>,
+    configure: impl FnOnce(Gateway) -> Gateway,
+) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let samples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/samples");
     let policies = dir.path().join("policies");
@@ -196,7 +207,10 @@ async fn harness_on(
                 "    - name: crm\n      mcp: {url: \"http://crm-mcp.support.svc:8080/mcp\"}",
                 "    - name: crm\n      mcp: {url: \"http://crm-mcp.support.svc:8080/mcp\"}\n    - name: payments\n      mcp: {url: \"http://crm-mcp.support.svc:8080/mcp\"}",
             )
-            .replace("http://crm-mcp.support.svc:8080/mcp", &url),
+            .replace(
+                "{url: \"http://crm-mcp.support.svc:8080/mcp\"}",
+                &format!("{{url: \"{url}\"{more}}}"),
+            ),
     )
     .unwrap();
     let secrets = dir.path().join("secrets/default/crm-token");
@@ -218,7 +232,8 @@ async fn harness_on(
     ))
     .unwrap();
     let gateway = Gateway::new(
-        WatchedDir::fixed(PolicySet::load(&policies)),
+        // Reloaded on change, as a standalone gateway does (a test may engage the kill switch).
+        WatchedDir::start(policies.clone(), std::time::Duration::from_millis(50)),
         keys,
         log,
         Redactor::default(),
@@ -1713,7 +1728,7 @@ async fn the_get_stream_passes_the_servers_notifications_and_answers_its_request
         answer["error"]["message"]
             .as_str()
             .unwrap()
-            .contains("does not relay")
+            .contains("only in the stream of a call")
     );
     assert_eq!(headers[mcp::SESSION_HEADER], "s-1");
     assert_eq!(
@@ -1739,4 +1754,501 @@ async fn the_get_stream_passes_the_servers_notifications_and_answers_its_request
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+}
+
+/// An upstream that asks its client during calls: in the stream of a call (to 2025-11-25, a
+/// sampling request and then an elicitation, whose answer it waits for and returns), or in an
+/// input-required result (2026-07-28: C000001 asks for an elicitation, C000002 for a sample,
+/// and a retry gets back the answers it carries). It records every message it receives.
+async fn asking_upstream() -> (String, Seen) {
+    use axum::response::IntoResponse;
+    let seen: Seen = Arc::default();
+    let answered = Arc::new(tokio::sync::Notify::new());
+    let (recorded, notify) = (seen.clone(), answered.clone());
+    let handler = move |headers: axum::http::HeaderMap, body: String| {
+        let (recorded, answered) = (recorded.clone(), notify.clone());
+        async move {
+            let message: Value = serde_json::from_str(&body).unwrap();
+            recorded
+                .lock()
+                .unwrap()
+                .push(("POST".into(), headers, message.clone()));
+            let id = message["id"].clone();
+            let reply = |result: Value| {
+                axum::Json(json!({"jsonrpc": "2.0", "id": id, "result": result})).into_response()
+            };
+            match message["method"].as_str() {
+                None => {
+                    if message["id"] == "srv-e" {
+                        answered.notify_one();
+                    }
+                    StatusCode::ACCEPTED.into_response()
+                }
+                Some("initialize") => {
+                    let mut response = reply(json!({"protocolVersion": "2025-06-18",
+                        "capabilities": {"tools": {}}, "serverInfo": {"name": "asking", "version": "1"}}));
+                    response
+                        .headers_mut()
+                        .insert(mcp::SESSION_HEADER, "asking-1".parse().unwrap());
+                    response
+                }
+                Some("tools/call") => {
+                    let params = &message["params"];
+                    if let Some(answers) = params.get("inputResponses") {
+                        // In the one field the policy lets the agent see of this tool.
+                        let echo = json!({"answers": answers, "state": params["requestState"]});
+                        return reply(json!({"content": [{"type": "text",
+                            "text": json!({"customer_id": echo.to_string()}).to_string()}]}));
+                    }
+                    let asked = match params["arguments"]["customer_id"].as_str() {
+                        Some("C000001") => json!({"method": "elicitation/create",
+                            "params": {"message": "Export every customer?", "requestedSchema": {"type": "object"}}}),
+                        Some("C000002") => json!({"method": "sampling/createMessage",
+                            "params": {"messages": [], "maxTokens": 5}}),
+                        _ => Value::Null,
+                    };
+                    if !asked.is_null() {
+                        // With a field the tool's resultFields hide, riding along.
+                        return reply(json!({"resultType": "input_required",
+                            "inputRequests": {"q": asked}, "requestState": "state-1",
+                            "structuredContent": {"ssn": "123-45-6789"},
+                            "content": [{"type": "text", "text": "{\"ssn\":\"123-45-6789\"}"}]}));
+                    }
+                    let (events, rx) = tokio::sync::mpsc::channel::<String>(4);
+                    tokio::spawn(async move {
+                        let event = |m: Value| format!("event: message\ndata: {m}\n\n");
+                        for asked in [
+                            json!({"jsonrpc": "2.0", "id": "srv-s", "method": "sampling/createMessage",
+                                   "params": {"messages": [], "maxTokens": 5}}),
+                            json!({"jsonrpc": "2.0", "id": "srv-e", "method": "elicitation/create",
+                                   "params": {"message": "Delete the record?", "requestedSchema": {"type": "object"}}}),
+                        ] {
+                            events.send(event(asked)).await.unwrap();
+                        }
+                        answered.notified().await;
+                        let done = json!({"jsonrpc": "2.0", "id": id, "result": {
+                            "content": [{"type": "text", "text": "{\"customer_id\":\"C000042\"}"}]}});
+                        let _ = events.send(event(done)).await;
+                    });
+                    let body = futures::stream::unfold(rx, |mut rx| async move {
+                        rx.recv()
+                            .await
+                            .map(|e| (Ok::<_, std::convert::Infallible>(e), rx))
+                    });
+                    (
+                        [("content-type", "text/event-stream")],
+                        Body::from_stream(body),
+                    )
+                        .into_response()
+                }
+                Some(_) => StatusCode::ACCEPTED.into_response(),
+            }
+        }
+    };
+    let app = axum::Router::new().route("/mcp", axum::routing::post(handler));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/mcp", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, seen)
+}
+
+/// The trail's records of what servers asked and clients answered: (event, method, record).
+async fn asks_in(store: &SqliteStore) -> Vec<(String, String, tollgate_audit::Entry)> {
+    store
+        .query(&Query::default())
+        .await
+        .unwrap()
+        .iter()
+        .filter(|r| matches!(r.index.event.as_str(), "serverRequest" | "clientAnswer"))
+        .map(|r| {
+            let entry = r.entry().unwrap();
+            (
+                r.index.event.clone(),
+                entry.tool.clone().unwrap_or_default(),
+                entry,
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_servers_request_reaches_only_the_session_it_was_made_in_and_is_answered_once() {
+    let (url, seen) = asking_upstream().await;
+    let h = harness_of(
+        &url,
+        ", serverRequests: [Elicitation]",
+        Calls::default(),
+        Arc::default(),
+        |g| g,
+    )
+    .await;
+    // The server learns of the one capability the policy names, not of the client's others.
+    let init = h
+        .rpc(
+            None,
+            json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+                "protocolVersion": "2025-06-18",
+                "capabilities": {"elicitation": {}, "sampling": {}, "roots": {"listChanged": true}},
+                "clientInfo": {"name": "tollgate-test", "version": "1"}}}),
+        )
+        .await;
+    let session = init.session.expect("a session");
+    assert_eq!(
+        seen.lock().unwrap()[0].2["params"]["capabilities"],
+        json!({"elicitation": {}})
+    );
+    // An answer nobody asked for: refused before the server sees it, and recorded.
+    let forged = json!({"jsonrpc": "2.0", "id": "tollgate-ask-000000000000000000000000",
+                        "result": {"action": "accept", "content": {}}});
+    let reply = h.rpc(Some(&session), forged.clone()).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
+    assert_eq!(reply.body["error"]["code"], mcp::codes::INVALID_REQUEST);
+    assert!(
+        reply.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("answers no request a server made in this session"),
+        "{}",
+        reply.body
+    );
+
+    // The call streams: the sampling request (not in the policy) never reaches the client, the
+    // elicitation does, under the gateway's id.
+    let response = h
+        .app
+        .clone()
+        .oneshot(
+            Request::post("/mcp/crm")
+                .header("content-type", "application/json")
+                .header("accept", "application/json, text/event-stream")
+                .header("authorization", format!("Bearer {KEY}"))
+                .header(mcp::SESSION_HEADER, &session)
+                .body(Body::from(call(
+                    7,
+                    "read_customer_record",
+                    json!({"customer_id": "C000042"}),
+                )))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut body = response.into_body();
+    let mut text = String::new();
+    while !text.contains("elicitation/create") {
+        let frame = body.frame().await.expect("the stream goes on").unwrap();
+        if let Ok(data) = frame.into_data() {
+            text.push_str(std::str::from_utf8(&data).unwrap());
+        }
+    }
+    assert!(!text.contains("sampling/createMessage"), "{text}");
+    let asked: Value = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str::<Value>(d).unwrap())
+        .find(|m| m["method"] == "elicitation/create")
+        .unwrap();
+    let ask_id = asked["id"].as_str().unwrap().to_owned();
+    assert!(ask_id.starts_with("tollgate-ask-"), "{asked}");
+    assert_eq!(asked["params"]["message"], "Delete the record?");
+
+    // Answered from another session, or by another agent's key: refused, and it still waits.
+    let answer = json!({"jsonrpc": "2.0", "id": ask_id,
+                        "result": {"action": "accept", "content": {"confirm": true}}});
+    let elsewhere = h.rpc(Some("another-session"), answer.clone()).await;
+    assert_eq!(
+        elsewhere.status,
+        StatusCode::BAD_REQUEST,
+        "{}",
+        elsewhere.body
+    );
+    // Answered in its session: passed to the server under its own id; the call finishes.
+    let passed = h.rpc(Some(&session), answer.clone()).await;
+    assert_eq!(passed.status, StatusCode::ACCEPTED, "{}", passed.body);
+    let rest = body.collect().await.unwrap().to_bytes();
+    text.push_str(std::str::from_utf8(&rest).unwrap());
+    let last: Value = serde_json::from_str(
+        text.lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("data: "))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (&last["id"], &last["result"]["content"][0]["text"]),
+        (&json!(7), &json!("{\"customer_id\":\"C000042\"}")),
+        "{text}"
+    );
+    // Once only.
+    let again = h.rpc(Some(&session), answer).await;
+    assert_eq!(again.status, StatusCode::BAD_REQUEST, "{}", again.body);
+
+    let seen = seen.lock().unwrap().clone();
+    let answers: Vec<&Value> = seen
+        .iter()
+        .map(|(_, _, m)| m)
+        .filter(|m| m.get("method").is_none())
+        .collect();
+    assert_eq!(answers.len(), 2, "{answers:?}");
+    assert_eq!(answers[0]["id"], "srv-s");
+    assert!(
+        answers[0]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("does not let upstream \"crm\" make it"),
+        "{}",
+        answers[0]
+    );
+    assert_eq!(
+        answers[1],
+        &json!({"jsonrpc": "2.0", "id": "srv-e", "result": {"action": "accept", "content": {"confirm": true}}})
+    );
+    let trail = asks_in(&h.store).await;
+    let kinds: Vec<(&str, &str)> = trail
+        .iter()
+        .map(|(e, m, _)| (e.as_str(), m.as_str()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("serverRequest", "elicitation/create"),
+            ("clientAnswer", "elicitation/create")
+        ]
+    );
+    assert_eq!(
+        trail[1].2.result,
+        Some(json!({"action": "accept", "content": {"confirm": true}}))
+    );
+    let refused = rejections(&h.store).await;
+    assert!(
+        refused
+            .iter()
+            .any(|e| e.contains("answers no request a server made")),
+        "{refused:?}"
+    );
+    assert!(
+        refused.iter().any(|e| e.contains("sampling/createMessage")),
+        "{refused:?}"
+    );
+    verify(h.store.as_ref(), true, &BTreeMap::new())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn an_input_required_round_of_2026_passes_only_what_the_policy_lets_the_server_ask() {
+    let (url, seen) = asking_upstream().await;
+    let h = harness_of(
+        &url,
+        ", serverRequests: [Elicitation]",
+        Calls::default(),
+        Arc::default(),
+        |g| g,
+    )
+    .await;
+    let run = [("tollgate-run-id", "run-mrtr")];
+    let ask = |customer: &str| call(1, "read_customer_record", json!({"customer_id": customer}));
+    // The elicitation the policy names passes in the result, and is recorded.
+    let asked = h.send_with(None, &run, ask("C000001")).await;
+    assert_eq!(
+        asked.body["result"]["resultType"], "input_required",
+        "{}",
+        asked.body
+    );
+    assert_eq!(
+        asked.body["result"]["inputRequests"]["q"]["method"],
+        "elicitation/create"
+    );
+    assert!(!asked.body.to_string().contains("ssn"), "{}", asked.body);
+    // The retry carries the answer and the server's state back, exactly.
+    let retry = |answers: Value| {
+        json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
+            "name": "read_customer_record", "arguments": {"customer_id": "C000001"},
+            "inputResponses": answers, "requestState": "state-1"}})
+        .to_string()
+        .into_bytes()
+    };
+    let accepted = json!({"q": {"action": "accept", "content": {"confirm": true}}});
+    let done = h.send_with(None, &run, retry(accepted.clone())).await;
+    let said: Value =
+        serde_json::from_str(done.body["result"]["content"][0]["text"].as_str().unwrap()).unwrap();
+    let said: Value = serde_json::from_str(said["customer_id"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        said,
+        json!({"answers": accepted, "state": "state-1"}),
+        "{}",
+        done.body
+    );
+    // Answers to requests the policy does not let the server make, or that answer nothing:
+    // refused before the server sees them.
+    for (answers, problem) in [
+        (
+            json!({"q": {"role": "assistant", "model": "m", "content": {"type": "text", "text": "x"}}}),
+            "Sampling, which the policy does not let upstream \"crm\" make",
+        ),
+        (json!({"q": {"roots": []}}), "Roots, which the policy"),
+        (json!({"q": {"anything": 1}}), "is no answer to"),
+        (json!(["q"]), "must be an object"),
+    ] {
+        let before = seen.lock().unwrap().len();
+        let reply = h.send_with(None, &run, retry(answers.clone())).await;
+        assert_eq!(
+            reply.body["error"]["code"],
+            mcp::codes::INVALID_PARAMS,
+            "{answers}: {}",
+            reply.body
+        );
+        assert!(
+            reply.body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(problem),
+            "{answers}: {}",
+            reply.body
+        );
+        assert_eq!(seen.lock().unwrap().len(), before, "{answers}");
+    }
+    // A round that asks for a sample the policy does not name is withheld from the client.
+    let withheld = h.send_with(None, &run, ask("C000002")).await;
+    let result = &withheld.body["result"];
+    assert_eq!(result["isError"], true, "{}", withheld.body);
+    assert!(result.get("inputRequests").is_none(), "{result}");
+    assert!(
+        result["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("(sampling/createMessage) is not one the policy lets upstream \"crm\" make"),
+        "{result}"
+    );
+    let trail = asks_in(&h.store).await;
+    let kinds: Vec<(&str, &str)> = trail
+        .iter()
+        .map(|(e, m, _)| (e.as_str(), m.as_str()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("serverRequest", "elicitation/create"),
+            ("clientAnswer", "elicitation/create")
+        ]
+    );
+    assert_eq!(trail[0].2.arguments.as_ref().unwrap()["inputRequest"], "q");
+    assert_eq!(
+        trail[1].2.result,
+        Some(json!({"action": "accept", "content": {"confirm": true}}))
+    );
+    assert_eq!(trail[1].2.run.as_deref(), Some("run-mrtr"));
+}
+
+#[tokio::test]
+async fn an_answer_to_a_server_is_not_passed_once_the_kill_switch_is_engaged() {
+    let (url, seen) = asking_upstream().await;
+    let h = harness_of(
+        &url,
+        ", serverRequests: [Elicitation]",
+        Calls::default(),
+        Arc::default(),
+        |g| g,
+    )
+    .await;
+    let session = h.session().await;
+    let response = h
+        .app
+        .clone()
+        .oneshot(
+            Request::post("/mcp/crm")
+                .header("content-type", "application/json")
+                .header("accept", "application/json, text/event-stream")
+                .header("authorization", format!("Bearer {KEY}"))
+                .header(mcp::SESSION_HEADER, &session)
+                .body(Body::from(call(
+                    8,
+                    "read_customer_record",
+                    json!({"customer_id": "C000042"}),
+                )))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut body = response.into_body();
+    let mut text = String::new();
+    while !text.contains("elicitation/create") {
+        let frame = body.frame().await.expect("the stream goes on").unwrap();
+        if let Ok(data) = frame.into_data() {
+            text.push_str(std::str::from_utf8(&data).unwrap());
+        }
+    }
+    let ask_id = text
+        .split("\"id\":\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap()
+        .to_owned();
+    // Someone engages the agent's kill switch while the person is being asked.
+    let file = h._dir.path().join("policies/support.yaml");
+    let policy = std::fs::read_to_string(&file).unwrap().replace(
+        "  # No killSwitch here",
+        "  killSwitch: {engaged: true}\n  # No killSwitch here",
+    );
+    std::fs::write(&file, policy).unwrap();
+    let answer =
+        json!({"jsonrpc": "2.0", "id": ask_id, "result": {"action": "accept", "content": {}}});
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let refused = loop {
+        // Before the change is read the answer would pass; it is sent only once it is refused.
+        if h.gateway_killed().await {
+            break h.rpc(Some(&session), answer.clone()).await;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the edit was not read"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(refused.status, StatusCode::FORBIDDEN, "{}", refused.body);
+    assert!(
+        refused.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("kill switch is engaged"),
+        "{}",
+        refused.body
+    );
+    // The server was told no, under its own id: nothing of the person's answer reached it.
+    let seen = seen.lock().unwrap().clone();
+    let told = seen
+        .iter()
+        .map(|(_, _, m)| m)
+        .find(|m| m["id"] == "srv-e")
+        .expect("the server's request was answered");
+    assert!(told.get("result").is_none(), "{told}");
+    assert!(
+        told["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("kill switch is engaged"),
+        "{told}"
+    );
+    let trail = asks_in(&h.store).await;
+    assert!(
+        trail.iter().all(|(event, _, _)| event == "serverRequest"),
+        "no answer was recorded as passed: {trail:?}"
+    );
+}
+
+impl Harness {
+    /// Whether the gateway reads the agent's kill switch as engaged (a call is refused with it).
+    async fn gateway_killed(&self) -> bool {
+        let reply = self
+            .send_with(
+                None,
+                &[("tollgate-run-id", "probe")],
+                call(
+                    99,
+                    "read_customer_record",
+                    json!({"customer_id": "C000001"}),
+                ),
+            )
+            .await;
+        reply.body["result"]["_meta"][mcp::DECISION_META]["code"] == "KillSwitch"
+    }
 }

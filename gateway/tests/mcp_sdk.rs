@@ -219,6 +219,12 @@ spec:
             location: {{type: string, required: true, enum: [Chicago]}}
       - name: trigger-elicitation-request
         upstream: everything
+      - name: trigger-sampling-request
+        upstream: everything
+        arguments:
+          fields:
+            prompt: {{type: string, required: true, maxLength: 64}}
+            maxTokens: {{type: integer, maximum: 100}}
       - name: trigger-long-running-operation
         upstream: everything
         arguments:
@@ -279,12 +285,13 @@ impl Sdk {
 }
 
 /// The tools the policy allows.
-const ALLOWED: [&str; 5] = [
+const ALLOWED: [&str; 6] = [
     "echo",
     "get-structured-content",
     "get-sum",
     "trigger-elicitation-request",
     "trigger-long-running-operation",
+    "trigger-sampling-request",
 ];
 
 /// The calls every scenario makes: two allowed, one with an output schema, one blocked, and two
@@ -923,10 +930,12 @@ async fn progress_reaches_the_python_sdk_as_it_comes() {
 
 #[tokio::test]
 async fn a_servers_elicitation_never_reaches_past_tollgate_and_never_hangs_the_call() {
-    // Directly, the server asks the person at the client (who accepts); through Tollgate the
-    // server is told the client cannot be asked (its capabilities emptied) and, asking all
-    // the same, is answered with an error at once: the call ends, nobody was asked, and the
-    // refused request is in the trail.
+    // Directly, the server asks the person at the client (who accepts). Through Tollgate, whose
+    // policy lets this server ask nothing, the server is told the client cannot be asked (its
+    // capabilities cut) and so does not ask: the call ends at once with the server's own error,
+    // and nobody was asked. (A server that asks all the same is answered with an error and
+    // recorded: `a_servers_request_reaches_only_the_session_it_was_made_in_and_is_answered_once`
+    // in mcp.rs.)
     let upstream = start(Server::Python).await;
     let tollgate = tollgate(&upstream.url).await;
     let calls = json!([{"name": "trigger-elicitation-request", "arguments": {}}]);
@@ -946,17 +955,172 @@ async fn a_servers_elicitation_never_reaches_past_tollgate_and_never_hangs_the_c
     assert_eq!(through["elicited"], 0, "{through}");
     let call = &through["calls"][0];
     assert!(
+        call.to_string().contains("elicitation"),
+        "the tool says it could not ask: {call}"
+    );
+    assert!(
         call.get("exception").is_some() || call["isError"] == true,
         "the tool could not ask: {call}"
     );
+    assert!(asked_and_answered(&tollgate).await.is_empty());
+}
+
+/// What the servers asked of the client and what it answered, as the trail holds them:
+/// (event, method, what was asked or answered).
+async fn asked_and_answered(tollgate: &Tollgate) -> Vec<(String, String, Value)> {
     let records = tollgate.store.query(&Query::default()).await.unwrap();
-    assert!(
-        records
-            .iter()
-            .filter_map(|r| r.entry().unwrap().error)
-            .any(|e| e.contains("elicitation/create was answered with an error")),
-        "the refused request is recorded"
+    records
+        .iter()
+        .filter(|r| matches!(r.index.event.as_str(), "serverRequest" | "clientAnswer"))
+        .map(|r| {
+            let entry = r.entry().unwrap();
+            let said = if r.index.event == "serverRequest" {
+                entry.arguments
+            } else {
+                entry.result
+            };
+            let said = said.unwrap_or_else(|| json!(entry.error));
+            (r.index.event.clone(), entry.tool.unwrap_or_default(), said)
+        })
+        .collect()
+}
+
+/// The upstream at `url` with the server requests its policy lets through.
+fn asking(url: &str, kinds: &str) -> String {
+    format!("{{url: \"{url}\", serverRequests: [{kinds}]}}")
+}
+
+#[tokio::test]
+async fn an_elicitation_the_policy_lets_through_reaches_the_person_and_their_answer_is_recorded() {
+    // The server asks the person at the client to confirm, in the stream of the call; the SDK's
+    // person accepts, the server reads the answer, and the trail holds both, in order.
+    let upstream = start(Server::Python).await;
+    let tollgate = tollgate_with(&asking(&upstream.url, "Elicitation"), |g| g).await;
+    let calls = json!([{"name": "trigger-elicitation-request", "arguments": {}}]);
+    for sdk in [Sdk::Python1, Sdk::TypeScript, Sdk::Python2] {
+        // Python 2.x speaks 2026-07-28 to this server: no session, so the run is named.
+        let through = sdk
+            .session(json!({
+                "url": tollgate.url,
+                "calls": calls,
+                "elicit": true,
+                "headers": {"Authorization": format!("Bearer {KEY}"), "Tollgate-Run-Id": "run-elicit"},
+            }))
+            .await;
+        assert_eq!(through["elicited"], 1, "{sdk:?}: {through}");
+        assert_eq!(
+            text(&through["calls"][0]),
+            "elicitation accept",
+            "{sdk:?}: {through}"
+        );
+    }
+    // At the one endpoint too, where the server's request comes through its upstream's session.
+    let all = tollgate.url.trim_end_matches("/everything").to_owned();
+    let through = Sdk::Python1
+        .session(json!({
+            "url": all,
+            "calls": [{"name": "everything__trigger-elicitation-request", "arguments": {}}],
+            "elicit": true,
+            "headers": {"Authorization": format!("Bearer {KEY}")},
+        }))
+        .await;
+    assert_eq!(through["elicited"], 1, "/mcp: {through}");
+    assert_eq!(
+        text(&through["calls"][0]),
+        "elicitation accept",
+        "/mcp: {through}"
     );
+    // Python 2.x at 2026-07-28 is asked in an input-required result and answers on retry
+    // (inputResponses); the others in the call's stream. The trail reads the same.
+    let trail = asked_and_answered(&tollgate).await;
+    assert_eq!(trail.len(), 8, "{trail:?}");
+    for pair in trail.chunks(2) {
+        let [(asked, method, question), (answered, again, answer)] = pair else {
+            unreachable!()
+        };
+        assert_eq!(
+            (asked.as_str(), answered.as_str()),
+            ("serverRequest", "clientAnswer")
+        );
+        assert_eq!(
+            (method.as_str(), again.as_str()),
+            ("elicitation/create", "elicitation/create")
+        );
+        assert_eq!(question["message"], "Delete the record?", "{question}");
+        assert_eq!(answer["action"], "accept", "{answer}");
+        assert_eq!(answer["content"]["confirm"], true, "{answer}");
+    }
+}
+
+#[tokio::test]
+async fn a_sampling_request_reaches_the_agents_model_only_where_the_policy_says() {
+    // The reference server offers its sampling tool to clients that can be asked. Let through,
+    // the client's model answers and the server returns what it said; where the policy names
+    // only elicitation, the server never learns the client can sample, so it offers no such tool.
+    let upstream = start(Server::Everything).await;
+    let spec = |url: &str| {
+        json!({
+            "url": url,
+            "calls": [{"name": "trigger-sampling-request", "arguments": {"prompt": "name a colour", "maxTokens": 10}}],
+            "sample": true,
+            "headers": {"Authorization": format!("Bearer {KEY}")},
+        })
+    };
+    let tollgate = tollgate_with(&asking(&upstream.url, "Sampling"), |g| g).await;
+    for sdk in [Sdk::TypeScript, Sdk::Python2] {
+        let through = sdk.session(spec(&tollgate.url)).await;
+        assert_eq!(through["sampled"], 1, "{sdk:?}: {through}");
+        assert!(
+            text(&through["calls"][0])
+                .contains("sampled: Resource trigger-sampling-request context: name a colour"),
+            "{sdk:?}: {through}"
+        );
+    }
+    let trail = asked_and_answered(&tollgate).await;
+    assert_eq!(trail.len(), 4, "{trail:?}");
+    assert!(
+        trail
+            .iter()
+            .all(|(_, method, _)| method == "sampling/createMessage"),
+        "{trail:?}"
+    );
+    assert_eq!(trail[1].2["model"], "tollgate-test-model", "{trail:?}");
+
+    let elicitation_only = tollgate_with(&asking(&upstream.url, "Elicitation"), |g| g).await;
+    let through = Sdk::TypeScript.session(spec(&elicitation_only.url)).await;
+    assert!(
+        !through["tools"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("trigger-sampling-request")),
+        "{through}"
+    );
+    assert_eq!(through["sampled"], 0, "{through}");
+    assert!(asked_and_answered(&elicitation_only).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_stdio_servers_elicitation_reaches_the_person_through_the_call_in_flight() {
+    let mut mcp: Value = serde_json::from_str(&stdio_mcp(Server::Python)).unwrap();
+    mcp["serverRequests"] = json!(["Elicitation"]);
+    let tollgate = tollgate_with(&mcp.to_string(), |g| g).await;
+    let through = Sdk::Python1
+        .session(json!({
+            "url": tollgate.url,
+            "calls": [{"name": "trigger-elicitation-request", "arguments": {}}],
+            "elicit": true,
+            "headers": {"Authorization": format!("Bearer {KEY}")},
+        }))
+        .await;
+    assert_eq!(through["elicited"], 1, "{through}");
+    assert_eq!(
+        text(&through["calls"][0]),
+        "elicitation accept",
+        "{through}"
+    );
+    let trail = asked_and_answered(&tollgate).await;
+    let events: Vec<&str> = trail.iter().map(|(e, _, _)| e.as_str()).collect();
+    assert_eq!(events, ["serverRequest", "clientAnswer"], "{trail:?}");
 }
 
 /// The reference server over the HTTP+SSE transport of 2024-11-05 (its `sse` mode), at /sse.

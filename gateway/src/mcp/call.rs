@@ -147,6 +147,29 @@ pub(super) async fn call_tool_streaming(
     // The answer holds at most the upstream's (cut) and its framing.
     let limit = gateway.upstream_limit.saturating_mul(2).max(MAX_BODY);
     let (relay, mut relayed) = tokio::sync::mpsc::channel(64);
+    // What the server says meanwhile passes through asks::pass, with the call's route.
+    let asker = Arc::new((
+        gateway.clone(),
+        holder.clone(),
+        url.clone(),
+        upstream.clone(),
+        headers.clone(),
+    ));
+    let passed = async |asker: &Asker, event: Value| {
+        let (gateway, holder, url, upstream, headers) = asker;
+        let route = Route {
+            gateway,
+            holder,
+            url,
+            upstream,
+            headers,
+        };
+        match asks::pass(route, event).await {
+            Some(message) => event_data(&message),
+            // A refused request of the server: the client sees nothing of it.
+            None => ": \n\n".to_owned(),
+        }
+    };
     let mut pending = Box::pin(async move {
         let route = Route {
             gateway: &gateway,
@@ -171,9 +194,13 @@ pub(super) async fn call_tool_streaming(
     if first.is_some() {
         ticks.reset();
     }
-    let first = first.map(|event| event_data(&event));
+    let first = match first {
+        Some(event) => Some(passed(&asker, event).await),
+        None => None,
+    };
     let stream = futures::stream::unfold(Some((call, ticks, relayed, first)), move |state| {
         let id = id.clone();
+        let asker = asker.clone();
         async move {
             let (mut call, mut ticks, mut relayed, first) = state?;
             if let Some(first) = first {
@@ -182,7 +209,7 @@ pub(super) async fn call_tool_streaming(
             tokio::select! {
                 biased;
                 Some(event) = relayed.recv() => {
-                    Some((event_data(&event), Some((call, ticks, relayed, None))))
+                    Some((passed(&asker, event).await, Some((call, ticks, relayed, None))))
                 }
                 finished = &mut call.0 => {
                     let event = match finished {
@@ -209,6 +236,9 @@ pub(super) async fn call_tool_streaming(
     );
     response
 }
+
+/// A streamed call's route, owned by its stream.
+type Asker = (Arc<Gateway>, Caller, McpUpstream, String, HeaderMap);
 
 pub(super) fn event_data(message: &Value) -> String {
     format!("event: message\ndata: {message}\n\n")
@@ -270,9 +300,10 @@ pub(super) async fn call_tool(
             Some(Value::Object(a)) => Value::Object(a.clone()),
             Some(_) => return Err("params.arguments must be an object".to_owned()),
         };
-        Ok((tool.clone(), arguments, run_of(headers)?))
+        let retry = asks::retry_of(&params, url, upstream)?;
+        Ok((tool.clone(), arguments, run_of(headers)?, retry))
     })();
-    let (tool, arguments, run) = match checked {
+    let (tool, arguments, run, retry) = match checked {
         Ok(checked) => checked,
         Err(problem) => {
             return refuse(
@@ -348,13 +379,24 @@ pub(super) async fn call_tool(
     if let Some(meta) = params.get("_meta") {
         forwarded["params"]["_meta"] = meta.clone();
     }
+    // A 2026-07-28 retry: the client's answers to the server's input requests go back with the
+    // server's state, each recorded first.
+    if let Some(responses) = &retry.responses {
+        if let Err(e) = asks::record_answers(gateway, holder, &run, responses).await {
+            return rpc_refusal(id, &audit_unavailable(e));
+        }
+        forwarded["params"]["inputResponses"] = Value::Object(responses.clone());
+    }
+    if let Some(state) = retry.state {
+        forwarded["params"]["requestState"] = state;
+    }
     // The proxy reports this step itself: an agent cannot report another result for it.
     if let Some(step) = decided.step {
         gateway.take_report(&holder.agent, &run, step);
     }
     let mut report = Entry::new((gateway.now)(), Event::Report, identity_of(Some(holder)));
     report.agent = Some(holder.agent.clone());
-    report.run = Some(run);
+    report.run = Some(run.clone());
     report.step = decided.step;
     report.tool = Some(tool.clone());
     // If the client goes away while the upstream works, this handler is dropped here: the guard
@@ -407,12 +449,28 @@ pub(super) async fn call_tool(
             if let Some(result) = body.get("result") {
                 entry.set_result(&gateway.redactor, result);
             }
+            // 2026-07-28: the server needs the client's input before it can finish. Such a
+            // result holds the server's questions, none of the tool's fields.
+            let asks_input = body.pointer("/result/resultType").and_then(Value::as_str)
+                == Some("input_required");
+            if asks_input
+                && let Some(result) = body.get_mut("result")
+                && let Err(why) = asks::input_required(route, &run, result).await
+            {
+                let why = format!("Tollgate withheld the server's request for input: {why}");
+                entry.error = Some(why.clone());
+                *result = json!({"isError": true, "content": [{"type": "text", "text": why}]});
+                if modern {
+                    result["resultType"] = json!("complete");
+                }
+            }
             if let Some(error) = body.get("error") {
                 // The server refused the call (a JSON-RPC error, not a tool's own error result).
                 entry.error = Some(error.to_string());
                 entry.not_run = true;
             }
             if let Some(fields) = policy.as_ref().and_then(|p| p.result_fields(tool))
+                && !asks_input
                 && let Some(result) = body.get_mut("result")
             {
                 match cut_result(result, fields) {

@@ -11,15 +11,18 @@
 //!   `isError: true`, its reason in text for the model and the decision under `_meta`
 //!   ([`DECISION_META`]); JSON-RPC errors are for protocol faults ([`codes`]).
 //! - `DELETE` ends the session upstream too.
+//! - A request the server makes of the client during a call (elicitation, sampling, roots)
+//!   reaches a client that takes the call's stream when the upstream's policy names it
+//!   (`mcp.serverRequests`), and the client's answer goes back; both are recorded ([`asks`]).
 //!
 //! A `tools/call` from a client that accepts `text/event-stream` is answered as an SSE stream: `: keep-alive` comments while the call waits (for approval, or for the upstream),
 //! then one `message` event with the JSON-RPC response, so proxies with idle timeouts do not cut
 //! a call that waits for people.
 //!
 //! Everything else is refused without reaching the upstream: batches (removed from MCP in
-//! 2025-06-18, and a way to slip a second call behind a first), other methods (resources,
-//! prompts, sampling replies), JSON-RPC responses, routing headers (2026-07-28) that disagree
-//! with the body, and anything malformed. Method names match exactly, so `Tools/Call` or
+//! 2025-06-18, and a way to slip a second call behind a first), methods the gateway does not
+//! serve, responses that answer no request a server made, routing headers (2026-07-28) that
+//! disagree with the body, and anything malformed. Method names match exactly, so `Tools/Call` or
 //! `tools/call ` is an unknown method, not a call.
 
 use std::sync::Arc;
@@ -40,6 +43,7 @@ use super::{
 };
 use crate::stdio::StdioError;
 
+mod asks;
 mod call;
 mod content;
 mod headers;
@@ -47,6 +51,7 @@ mod oauth;
 mod session;
 mod upstream;
 
+pub(crate) use asks::{Asks, answer as answer_server, is_answer};
 use call::*;
 pub use call::{cut_output_schema, cut_result};
 use headers::*;
@@ -362,6 +367,19 @@ pub(crate) async fn proxy(
             .await;
         }
     };
+    if is_answer(&message) {
+        // The client answers a request its server made during a call (elicitation, sampling).
+        let session = headers.get(SESSION_HEADER);
+        return answer_server(
+            &gateway,
+            &holder,
+            &upstream,
+            &headers,
+            message,
+            |at, asked| at == upstream && asked == session,
+        )
+        .await;
+    }
     let id = message.get("id").cloned();
     let reply_id = id.clone().unwrap_or(Value::Null);
     let shape = check_shape(&message);
@@ -508,7 +526,7 @@ pub(crate) fn check_shape(message: &Map<String, Value>) -> Result<String, String
     }
     let Some(method) = message.get("method") else {
         return Err(
-            "JSON-RPC responses are not accepted: the gateway sends no requests to clients"
+            "a JSON-RPC message without a method must be a response, with a result or an error"
                 .to_owned(),
         );
     };

@@ -55,7 +55,7 @@ pub(super) async fn send(
     message: &Value,
     relay: Option<&Relay>,
 ) -> Result<(Option<Value>, Option<HeaderValue>), SendError> {
-    let message = &without_client_capabilities(message);
+    let message = &asks::without_client_capabilities(message, &url.server_requests);
     let (timeout, whose) = call_timeout(gateway, url);
     let url = match (&url.url, &url.stdio) {
         (Some(_), _) if url.transport == Some(McpTransport::Sse) => {
@@ -238,25 +238,6 @@ pub(super) fn call_timeout(gateway: &Gateway, url: &McpUpstream) -> (Duration, &
     }
 }
 
-/// `message` as the upstream may see it: the client's capabilities (in `initialize`, and in the
-/// `_meta` of a 2026-07-28 request) emptied, since Tollgate relays no server requests to the
-/// client (sampling, elicitation, roots): a server told the client can answer them would ask,
-/// and wait.
-pub(super) fn without_client_capabilities(message: &Value) -> Value {
-    let mut message = message.clone();
-    if message.get("method").and_then(Value::as_str) == Some("initialize")
-        && let Some(capabilities) = message.pointer_mut("/params/capabilities")
-    {
-        *capabilities = json!({});
-    }
-    if let Some(capabilities) =
-        message.pointer_mut("/params/_meta/io.modelcontextprotocol~1clientCapabilities")
-    {
-        *capabilities = json!({});
-    }
-    message
-}
-
 /// Where a call's stream sends what its upstream says before the answer.
 pub(crate) type Relay = tokio::sync::mpsc::Sender<Value>;
 
@@ -287,9 +268,10 @@ pub(super) fn complete_events(body: &[u8], from: usize) -> (usize, Vec<Value>) {
 }
 
 /// What the server says inside its answer besides the answer: notifications of [`RELAYED`] go
-/// to the client's stream (a client too slow to take them loses some, never the answer); a
-/// request to the client (sampling, elicitation, roots), which Tollgate does not relay, is
-/// answered with an error at once, so the call never hangs waiting for it, and recorded.
+/// to the client's stream (a client too slow to take them loses some, never the answer), and so
+/// do its requests of the client (sampling, elicitation, roots), which the stream lets through
+/// or refuses by policy ([`asks::pass`]); without a stream to take it, a request is answered
+/// with an error at once, so the call never hangs waiting for it, and recorded.
 pub(super) async fn server_message(
     gateway: &Gateway,
     holder: &Caller,
@@ -306,10 +288,15 @@ pub(super) async fn server_message(
                 let _ = relay.try_send(message.clone());
             }
         }
+        (Some(_), Some(_))
+            if relay.is_some_and(|relay| relay.try_send(message.clone()).is_ok()) =>
+        {
+            // The call's stream decides whether the client may be asked (asks::pass).
+        }
         (Some(id), Some(method)) => {
             let why = format!(
-                "the server's request {method} was answered with an error: Tollgate does not \
-                 relay sampling, elicitation or roots requests to the client"
+                "the server's request {method} was answered with an error: Tollgate relays \
+                 requests of servers only in the stream of a call whose client takes one"
             );
             let refusal = json!({"jsonrpc": "2.0", "id": id, "error": {
                 "code": codes::METHOD_NOT_FOUND, "message": why}});

@@ -14,7 +14,29 @@ const { version } = JSON.parse(
   await (await import("node:fs/promises")).readFile(join(sdk, "package.json"), "utf8"),
 );
 
-const client = new Client({ name: "tollgate-test", version: "1" });
+// With "elicit": a person who accepts every elicitation; with "sample": a model that answers
+// every sampling request; each counted.
+const capabilities = {};
+if (spec.elicit) capabilities.elicitation = {};
+if (spec.sample) capabilities.sampling = {};
+const client = new Client({ name: "tollgate-test", version: "1" }, { capabilities });
+const asked = { elicited: 0, sampled: 0 };
+if (spec.elicit || spec.sample) {
+  const { ElicitRequestSchema, CreateMessageRequestSchema } = await load("types.js");
+  if (spec.elicit) {
+    client.setRequestHandler(ElicitRequestSchema, async () => {
+      asked.elicited += 1;
+      return { action: "accept", content: { confirm: true } };
+    });
+  }
+  if (spec.sample) {
+    client.setRequestHandler(CreateMessageRequestSchema, async (request) => {
+      asked.sampled += 1;
+      const said = request.params.messages.map((m) => m.content.text ?? "").join(" ");
+      return { model: "tollgate-test-model", role: "assistant", content: { type: "text", text: `sampled: ${said}` } };
+    });
+  }
+}
 const transport = new StreamableHTTPClientTransport(new URL(spec.url), {
   requestInit: { headers: spec.headers ?? {} },
 });
@@ -62,5 +84,5 @@ if (spec.content) {
 }
 await transport.terminateSession().catch(() => {});
 await client.close();
-const capabilities = Object.keys(client.getServerCapabilities() ?? {}).sort();
-console.log(JSON.stringify({ sdk: version, capabilities, tools, calls, content }));
+const served = Object.keys(client.getServerCapabilities() ?? {}).sort();
+console.log(JSON.stringify({ sdk: version, capabilities: served, tools, calls, content, ...asked }));

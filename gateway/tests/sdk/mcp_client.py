@@ -4,7 +4,8 @@ agent would run it; prints what the SDK handed back as one JSON line.
 Usage: mcp_client.py SPEC, where SPEC is JSON:
   {"url": ..., "headers": {...}, "mode": "auto" | "legacy" (2.x only),
    "calls": [{"name": ..., "arguments": {...}, "progress": true (count progress)}, ...],
-   "elicit": true (a person who accepts every elicitation, counted)}
+   "elicit": true (a person who accepts every elicitation, counted),
+   "sample": true (a model that answers every sampling request, counted)}
 Output: {"sdk": VERSION, "capabilities": [the server's, by name], "tools": [names],
          "calls": [result as on the wire | {"exception": ...}]}
 A call the SDK raises on is reported as an exception, not a result: that is the difference a
@@ -61,9 +62,26 @@ async def on_elicitation(context, params):
     return ElicitResult(action="accept", content={"confirm": True})
 
 
+SAMPLED = []
+
+
+async def on_sampling(context, params):
+    """A model that answers whatever it is asked, counted."""
+    said = " ".join(getattr(m.content, "text", "") for m in params.messages)
+    SAMPLED.append(said)
+    if SDK.startswith("1."):
+        from mcp.types import CreateMessageResult, TextContent
+    else:
+        from mcp_types import CreateMessageResult, TextContent
+    return CreateMessageResult(role="assistant", model="tollgate-test-model",
+                               content=TextContent(type="text", text=f"sampled: {said}"))
+
+
 async def main():
     headers = SPEC.get("headers", {})
     callbacks = {"elicitation_callback": on_elicitation} if SPEC.get("elicit") else {}
+    if SPEC.get("sample"):
+        callbacks["sampling_callback"] = on_sampling
     if SDK.startswith("1."):
         from mcp import ClientSession
         from mcp.client.streamable_http import streamablehttp_client
@@ -82,7 +100,7 @@ async def main():
         async with Client(transport, mode=SPEC.get("mode", "auto"), **callbacks) as client:
             tools, calls, capabilities = await run_calls(client, client.server_capabilities)
     print(json.dumps({"sdk": SDK, "capabilities": capabilities, "tools": tools, "calls": calls,
-                      "elicited": len(ELICITED)}))
+                      "elicited": len(ELICITED), "sampled": len(SAMPLED)}))
 
 
 asyncio.run(asyncio.wait_for(main(), 60))

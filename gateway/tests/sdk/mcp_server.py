@@ -7,8 +7,9 @@ Usage: mcp_server.py http PORT | mcp_server.py stdio
 
 import os
 import sys
+from typing import Annotated
 
-from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver import Context, Elicit, ElicitationResult, MCPServer, Resolve
 from pydantic import BaseModel
 
 server = MCPServer("tollgate-test-python-server")
@@ -54,11 +55,15 @@ class Confirmation(BaseModel):
     confirm: bool
 
 
+def ask_to_confirm():
+    return Elicit("Delete the record?", Confirmation)
+
+
 @server.tool(name="trigger-elicitation-request")
-async def elicitation(ctx: Context) -> str:
-    """Asks the person at the client to confirm, through an elicitation"""
-    result = await ctx.elicit("Delete the record?", Confirmation)
-    return f"elicitation {result.action}"
+async def elicitation(answer: Annotated[ElicitationResult[Confirmation], Resolve(ask_to_confirm)]) -> str:
+    """Asks the person at the client to confirm, through an elicitation: a request in the call's
+    stream to 2025-11-25, an input-required result the client answers on retry from 2026-07-28"""
+    return f"elicitation {answer.action}"
 
 
 @server.tool(name="get-env")
