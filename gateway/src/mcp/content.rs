@@ -1,6 +1,8 @@
 //! Resources and prompts: listed as the policy lets the agent see them (`spec.resources`,
 //! `spec.prompts`; none without them, and then not even asked of the server), and each read or
-//! get decided first, recorded, and forwarded only when allowed, as a tool call is.
+//! get decided first, recorded, and forwarded only when allowed, as a tool call is; so is a
+//! subscription, and a resource's update reaches the client only when it may read the resource
+//! ([`notification_passes`]).
 
 use super::*;
 
@@ -62,7 +64,8 @@ pub(super) async fn list(
     answer(StatusCode::OK, Some(body), session)
 }
 
-/// `resources/read` and `prompts/get`: decided (the kill switch, then the policy's lists),
+/// `resources/read`, `resources/subscribe`, `resources/unsubscribe` and `prompts/get`: decided
+/// (the kill switch, then the policy's lists: a subscription to what the agent may read),
 /// recorded durably, and only then forwarded with exactly what was decided; what came back is
 /// recorded too. A refusal is a JSON-RPC error ([`codes::CONTENT_REFUSED`]) whose `data` is the
 /// decision: there is no result shape for a refused read.
@@ -82,7 +85,7 @@ pub(super) async fn get(
         .unwrap_or_default()
         .to_owned();
     let params = message.get("params").cloned().unwrap_or_else(|| json!({}));
-    let key = if method == "resources/read" {
+    let key = if method.starts_with("resources/") {
         "uri"
     } else {
         "name"
@@ -235,4 +238,38 @@ pub(super) async fn complete(
     )
     .await
     .unwrap_or_else(|e| e)
+}
+
+/// Whether the server's notification `message` (no id) may reach the agent's client on the
+/// session's stream: progress, log messages and that the tool list changed always; that a
+/// resource changed only when the policy lets the agent read it (its URI names it), and that
+/// the resource or prompt list changed only when the policy lists some of this upstream's.
+pub(crate) fn notification_passes(
+    policy: Option<&tollgate_engine::CompiledPolicy>,
+    upstream: &str,
+    message: &Value,
+) -> bool {
+    let Some(method) = message.get("method").and_then(Value::as_str) else {
+        return false;
+    };
+    if message.get("id").is_some() {
+        return false;
+    }
+    match method {
+        "notifications/progress" | "notifications/message" | "notifications/tools/list_changed" => {
+            true
+        }
+        "notifications/resources/updated" => message
+            .pointer("/params/uri")
+            .and_then(Value::as_str)
+            .zip(policy)
+            .is_some_and(|(uri, policy)| policy.reads_resource(upstream, uri).is_some()),
+        "notifications/resources/list_changed" => {
+            policy.is_some_and(|policy| policy.offers_resources(upstream))
+        }
+        "notifications/prompts/list_changed" => {
+            policy.is_some_and(|policy| policy.offers_prompts(upstream))
+        }
+        _ => false,
+    }
 }

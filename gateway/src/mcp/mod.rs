@@ -460,7 +460,10 @@ pub(crate) async fn proxy(
         )
         .await
         .unwrap_or_else(|e| e),
-        ("resources/read" | "prompts/get", true) => {
+        (
+            "resources/read" | "resources/subscribe" | "resources/unsubscribe" | "prompts/get",
+            true,
+        ) => {
             content::get(
                 &gateway, &holder, &url, &upstream, &headers, message, started,
             )
@@ -741,9 +744,20 @@ async fn initialize(
             .into_iter()
             .filter(|kind| offers(kind))
             .collect();
+        // Subscriptions are served where the server takes them (decided as reads).
+        let subscribe = capabilities
+            .get("resources")
+            .and_then(|r| r.get("subscribe"))
+            .and_then(Value::as_bool)
+            == Some(true);
         capabilities.clear();
         for kind in served {
-            capabilities.insert(kind.to_owned(), json!({}));
+            let offered = if kind == "resources" && subscribe {
+                json!({"subscribe": true})
+            } else {
+                json!({})
+            };
+            capabilities.insert(kind.to_owned(), offered);
         }
     }
     answer(StatusCode::OK, Some(body), session)

@@ -88,16 +88,10 @@ pub(crate) async fn end_session(
     }
 }
 
-/// The server-to-client notifications the GET stream passes on: those of a call (progress, log
-/// messages) and that the tool list changed (the client lists again, and sees it cut again).
-pub(super) const STREAMED: [&str; 3] = [
-    "notifications/progress",
-    "notifications/message",
-    "notifications/tools/list_changed",
-];
-
 /// `GET /mcp/{upstream}`: the server's stream of messages outside any call, for the session the
-/// client names. What passes is [`STREAMED`]; a request the server makes of the client is
+/// client names. What passes is what [`content::notification_passes`] lets through (progress,
+/// log messages, list changes, updates of resources the agent may read); a request the server
+/// makes of the client is
 /// answered with an error at once and recorded, as inside a call. Each event keeps its `id`, so
 /// a client that reconnects with `Last-Event-ID` resumes where the server lets it. Servers
 /// without a stream answer 405, passed on; a session the gateway holds itself (stdio, HTTP+SSE)
@@ -186,12 +180,10 @@ pub(crate) async fn listen(
                         }
                     }
                     let message = serde_json::from_str::<Value>(&data.join("\n")).ok();
-                    let method = message
-                        .as_ref()
-                        .and_then(|m| m.get("method"))
-                        .and_then(Value::as_str);
-                    let passes = message.as_ref().is_some_and(|m| m.get("id").is_none())
-                        && method.is_some_and(|m| STREAMED.contains(&m));
+                    let policy = policy_of(&gateway, &holder);
+                    let passes = message.as_ref().is_some_and(|m| {
+                        content::notification_passes(policy.as_deref(), &upstream, m)
+                    });
                     if passes && let Some(message) = &message {
                         out.push_str(&format!("event: message\ndata: {message}\n\n"));
                         let state = (response, buffer, gateway, holder, url, upstream, headers);

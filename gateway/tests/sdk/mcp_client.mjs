@@ -82,7 +82,33 @@ if (spec.content) {
   for (const request of spec.content.complete ?? []) content.completions.push(await attempt(() => client.complete(request)));
   if (spec.content.logLevel) content.logLevel = await attempt(() => client.setLoggingLevel(spec.content.logLevel));
 }
+// With "subscribe": {"uris": [...], "toggle": tool, "wait_ms": n}: subscribe to each URI (each
+// outcome kept), call the tool that starts the server's updates, and count the updates that
+// arrive within wait_ms, by URI.
+let subscribed;
+if (spec.subscribe) {
+  const { ResourceUpdatedNotificationSchema } = await load("types.js");
+  const updates = {};
+  client.setNotificationHandler(ResourceUpdatedNotificationSchema, (n) => {
+    updates[n.params.uri] = (updates[n.params.uri] ?? 0) + 1;
+  });
+  const outcomes = [];
+  for (const uri of spec.subscribe.uris) {
+    try {
+      outcomes.push(await client.subscribeResource({ uri }));
+    } catch (e) {
+      outcomes.push({ exception: e.constructor.name, message: String(e.message ?? e), code: e.code });
+    }
+  }
+  if (spec.subscribe.toggle) await client.callTool({ name: spec.subscribe.toggle, arguments: {} });
+  const deadline = Date.now() + (spec.subscribe.wait_ms ?? 0);
+  while (Date.now() < deadline && Object.keys(updates).length === 0) {
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+  subscribed = { outcomes, updates };
+}
 await transport.terminateSession().catch(() => {});
 await client.close();
 const served = Object.keys(client.getServerCapabilities() ?? {}).sort();
-console.log(JSON.stringify({ sdk: version, capabilities: served, tools, calls, content, ...asked }));
+const resources = client.getServerCapabilities()?.resources;
+console.log(JSON.stringify({ sdk: version, capabilities: served, resources, tools, calls, content, subscribed, ...asked }));
