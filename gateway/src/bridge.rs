@@ -12,7 +12,10 @@
 //!
 //! The processes are managed as the standalone gateway manages its own ([`crate::stdio`]): a
 //! clean environment, stderr to the log, ended on `DELETE`, when idle, when they exit, and with
-//! the bridge; at most `--max-sessions` at a time.
+//! the bridge; at most `--max-sessions` at a time. A request whose client takes a stream (the
+//! gateway's do) is answered as one when the server says something first: its progress and log
+//! messages, and its requests of the client, which the gateway lets through or refuses by the
+//! agent's policy; the client's answer to such a request comes back as a POST like any message.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -153,10 +156,31 @@ async fn message(State(bridge): State<Arc<Bridge>>, headers: HeaderMap, body: Bo
             );
         }
     };
-    let answer = bridge
-        .sessions
-        .request(&session, HOLDER, HOLDER, &message, config.timeout, None)
-        .await;
+    // A request whose client takes a stream gets what the server says while it works
+    // (progress, log messages, its own requests of the client) before the answer.
+    let streams = message.get("method").is_some()
+        && message.get("id").is_some()
+        && headers
+            .get_all(axum::http::header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.contains("text/event-stream"));
+    let answer = if streams {
+        match streamed(bridge.clone(), session.clone(), message.clone()).await {
+            Ok(answer) => answer,
+            Err(mut stream) => {
+                if let Ok(value) = HeaderValue::from_str(&session) {
+                    stream.headers_mut().insert(SESSION_HEADER, value);
+                }
+                return stream;
+            }
+        }
+    } else {
+        bridge
+            .sessions
+            .request(&session, HOLDER, HOLDER, &message, config.timeout, None)
+            .await
+    };
     let mut response = match answer {
         Ok(Some(answer)) => (StatusCode::OK, axum::Json(answer)).into_response(),
         Ok(None) => StatusCode::ACCEPTED.into_response(),
@@ -185,6 +209,68 @@ async fn message(State(bridge): State<Arc<Bridge>>, headers: HeaderMap, body: Bo
         response.headers_mut().insert(SESSION_HEADER, value);
     }
     response
+}
+
+/// `message` (a request) in `session`: its answer, when it comes before the server says anything
+/// else; otherwise (`Err`) an SSE stream of what the server says, its answer last.
+async fn streamed(
+    bridge: Arc<Bridge>,
+    session: String,
+    message: Value,
+) -> Result<Result<Option<Value>, StdioError>, Response> {
+    use futures::StreamExt;
+    let id = message.get("id").cloned().unwrap_or(Value::Null);
+    let (relay, mut relayed) = tokio::sync::mpsc::channel(64);
+    let timeout = bridge.config.timeout;
+    let mut call = Box::pin(async move {
+        bridge
+            .sessions
+            .request(&session, HOLDER, HOLDER, &message, timeout, Some(&relay))
+            .await
+    });
+    let first = tokio::select! {
+        biased;
+        answer = &mut call => return Ok(answer),
+        Some(said) = relayed.recv() => said,
+    };
+    let call = tokio::spawn(call);
+    let event = |message: &Value| format!("event: message\ndata: {message}\n\n");
+    let stream = futures::stream::unfold(
+        (Some(call), relayed, Some(first)),
+        move |(call, mut relayed, first)| {
+            let id = id.clone();
+            async move {
+                if let Some(first) = first {
+                    return Some((event(&first), (call, relayed, None)));
+                }
+                let mut call = call?;
+                tokio::select! {
+                    biased;
+                    Some(said) = relayed.recv() => Some((event(&said), (Some(call), relayed, None))),
+                    answer = &mut call => {
+                        let last = match answer {
+                            Ok(Ok(Some(answer))) => answer,
+                            Ok(Err(StdioError::NotSent(why) | StdioError::Unanswered(why))) => {
+                                json!({"jsonrpc": "2.0", "id": id, "error": {
+                                    "code": crate::mcp::codes::UPSTREAM, "message": why}})
+                            }
+                            _ => json!({"jsonrpc": "2.0", "id": id, "error": {
+                                "code": crate::mcp::codes::UPSTREAM,
+                                "message": "the session ended before the server answered"}}),
+                        };
+                        Some((event(&last), (None, relayed, None)))
+                    }
+                }
+            }
+        },
+    );
+    let mut response =
+        Body::from_stream(stream.map(Ok::<_, std::convert::Infallible>)).into_response();
+    response.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    Err(response)
 }
 
 async fn end(State(bridge): State<Arc<Bridge>>, headers: HeaderMap) -> StatusCode {

@@ -776,10 +776,9 @@ fn children(parent: u32) -> Vec<u32> {
         .collect()
 }
 
-#[tokio::test]
-async fn in_a_cluster_a_stdio_server_runs_behind_the_bridge_and_gets_the_credential_from_it() {
-    // The bridge as its own process (in a cluster: the server's own pod), the gateway in front
-    // of it as of any MCP server over HTTP, adding the agent's credential as a header.
+/// `tollgate-gateway stdio-bridge` in front of the Python SDK server over stdio, handing the
+/// `X-Tool-Token` header to it as TOOL_TOKEN: its URL, and the bridge (stopped when dropped).
+async fn start_bridge() -> (String, tokio::process::Child) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -805,7 +804,6 @@ async fn in_a_cluster_a_stdio_server_runs_behind_the_bridge_and_gets_the_credent
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let bridge_pid = bridge.id().unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -817,7 +815,42 @@ async fn in_a_cluster_a_stdio_server_runs_behind_the_bridge_and_gets_the_credent
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let bridge_url = format!("http://127.0.0.1:{port}/mcp");
+    (format!("http://127.0.0.1:{port}/mcp"), bridge)
+}
+
+#[tokio::test]
+async fn behind_the_bridge_progress_and_elicitation_reach_the_client_as_they_come() {
+    // The bridge streams what the server says while a call runs; the gateway relays it as from
+    // any server, the elicitation only because the policy names it.
+    let (bridge_url, _bridge) = start_bridge().await;
+    let tollgate = tollgate(&bridge_url).await;
+    progress_passes_to(Sdk::TypeScript, None, &tollgate).await;
+    let tollgate = tollgate_with(&asking(&bridge_url, "Elicitation"), |g| g).await;
+    let through = Sdk::Python1
+        .session(json!({
+            "url": tollgate.url,
+            "calls": [{"name": "trigger-elicitation-request", "arguments": {}}],
+            "elicit": true,
+            "headers": {"Authorization": format!("Bearer {KEY}")},
+        }))
+        .await;
+    assert_eq!(through["elicited"], 1, "{through}");
+    assert_eq!(
+        text(&through["calls"][0]),
+        "elicitation accept",
+        "{through}"
+    );
+    let trail = asked_and_answered(&tollgate).await;
+    let events: Vec<&str> = trail.iter().map(|(e, _, _)| e.as_str()).collect();
+    assert_eq!(events, ["serverRequest", "clientAnswer"], "{trail:?}");
+}
+
+#[tokio::test]
+async fn in_a_cluster_a_stdio_server_runs_behind_the_bridge_and_gets_the_credential_from_it() {
+    // The bridge as its own process (in a cluster: the server's own pod), the gateway in front
+    // of it as of any MCP server over HTTP, adding the agent's credential as a header.
+    let (bridge_url, bridge) = start_bridge().await;
+    let bridge_pid = bridge.id().unwrap();
 
     for sdk in [Sdk::Python1, Sdk::Python2, Sdk::TypeScript] {
         let tollgate = tollgate(&bridge_url).await;
