@@ -1628,10 +1628,10 @@ async fn a_401_names_the_resource_metadata_that_says_how_to_get_a_credential() {
     assert!(response.headers().get("www-authenticate").is_none());
 }
 
-#[tokio::test]
-async fn the_get_stream_passes_the_servers_notifications_and_answers_its_requests() {
-    // An upstream whose GET stream sends a progress notification, a sampling request, a
-    // resource notification and a tools/list_changed, each with an event id.
+/// An upstream whose GET stream sends a progress notification, a sampling request, a resource
+/// notification and a tools/list_changed, each with an event id: its URL, what was POSTed to it,
+/// and the Last-Event-ID its stream was opened with.
+async fn streaming_upstream() -> (String, Seen, Arc<Mutex<Option<String>>>) {
     use axum::response::IntoResponse;
     let posted: Seen = Arc::default();
     let last_event: Arc<Mutex<Option<String>>> = Arc::default();
@@ -1684,8 +1684,13 @@ async fn the_get_stream_passes_the_servers_notifications_and_answers_its_request
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/mcp", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    let h = harness_on(url, Calls::default(), Arc::default(), |g| g).await;
+    (url, posted, last_event)
+}
 
+#[tokio::test]
+async fn the_get_stream_passes_the_servers_notifications_and_answers_its_requests() {
+    let (url, posted, last_event) = streaming_upstream().await;
+    let h = harness_on(url, Calls::default(), Arc::default(), |g| g).await;
     let response = h
         .app
         .clone()
@@ -1728,7 +1733,7 @@ async fn the_get_stream_passes_the_servers_notifications_and_answers_its_request
         answer["error"]["message"]
             .as_str()
             .unwrap()
-            .contains("only in the stream of a call")
+            .contains("does not let upstream \"crm\" make it of the client")
     );
     assert_eq!(headers[mcp::SESSION_HEADER], "s-1");
     assert_eq!(
@@ -2251,4 +2256,60 @@ impl Harness {
             .await;
         reply.body["result"]["_meta"][mcp::DECISION_META]["code"] == "KillSwitch"
     }
+}
+
+#[tokio::test]
+async fn a_request_on_the_get_stream_passes_where_the_policy_names_it_and_is_answered_back() {
+    let (url, posted, _) = streaming_upstream().await;
+    let h = harness_of(
+        &url,
+        ", serverRequests: [Sampling]",
+        Calls::default(),
+        Arc::default(),
+        |g| g,
+    )
+    .await;
+    let response = h
+        .app
+        .clone()
+        .oneshot(
+            Request::get("/mcp/crm")
+                .header("authorization", format!("Bearer {KEY}"))
+                .header("accept", "text/event-stream")
+                .header(mcp::SESSION_HEADER, "s-1")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let text = String::from_utf8(
+        response
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    let asked: Value = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str::<Value>(d).unwrap())
+        .find(|m| m["method"] == "sampling/createMessage")
+        .unwrap_or_else(|| panic!("the request passes: {text}"));
+    let ask_id = asked["id"].as_str().unwrap();
+    assert!(ask_id.starts_with("tollgate-ask-"), "{asked}");
+    assert!(posted.lock().unwrap().is_empty(), "nothing answered yet");
+    let answer = json!({"jsonrpc": "2.0", "id": ask_id, "result": {
+        "role": "assistant", "model": "m", "content": {"type": "text", "text": "hi"}}});
+    let passed = h.rpc(Some("s-1"), answer).await;
+    assert_eq!(passed.status, StatusCode::ACCEPTED, "{}", passed.body);
+    let posted = posted.lock().unwrap().clone();
+    assert_eq!(posted.len(), 1, "{posted:?}");
+    assert_eq!(posted[0].2["id"], 77);
+    assert_eq!(posted[0].2["result"]["model"], "m");
+    let trail = asks_in(&h.store).await;
+    let kinds: Vec<&str> = trail.iter().map(|(e, _, _)| e.as_str()).collect();
+    assert_eq!(kinds, ["serverRequest", "clientAnswer"]);
 }

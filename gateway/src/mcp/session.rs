@@ -91,8 +91,8 @@ pub(crate) async fn end_session(
 /// `GET /mcp/{upstream}`: the server's stream of messages outside any call, for the session the
 /// client names. What passes is what [`content::notification_passes`] lets through (progress,
 /// log messages, list changes, updates of resources the agent may read); a request the server
-/// makes of the client is
-/// answered with an error at once and recorded, as inside a call. Each event keeps its `id`, so
+/// makes of the client passes or is answered with an error at once as the policy says, recorded
+/// either way, as inside a call ([`asks::pass`]). Each event keeps its `id`, so
 /// a client that reconnects with `Last-Event-ID` resumes where the server lets it. Servers
 /// without a stream answer 405, passed on; a session the gateway holds itself (stdio, HTTP+SSE)
 /// has none (405).
@@ -114,12 +114,12 @@ pub(crate) async fn listen(
         Err(response) => return response,
     };
     let session = &session;
-    let (Some(stream_url), None) = (url.url.clone(), url.transport) else {
+    let (Some(stream_url), None) = (url.url.as_deref(), url.transport) else {
         return StatusCode::METHOD_NOT_ALLOWED.into_response();
     };
     let mut request = gateway
         .http
-        .get(&stream_url)
+        .get(stream_url)
         .header("accept", "text/event-stream")
         .header(SESSION_HEADER, session);
     for name in [PROTOCOL_HEADER, "last-event-id"] {
@@ -160,7 +160,7 @@ pub(crate) async fn listen(
             Vec::<u8>::new(),
             gateway,
             holder,
-            stream_url,
+            url,
             upstream,
             headers,
         ),
@@ -189,10 +189,21 @@ pub(crate) async fn listen(
                         let state = (response, buffer, gateway, holder, url, upstream, headers);
                         return Some((out, state));
                     }
-                    if let Some(message) = &message {
-                        // A request of the client, or a notification that does not pass.
-                        server_message(&gateway, &holder, &url, &upstream, &headers, message, None)
-                            .await;
+                    if let Some(message) = message.filter(|m| m.get("id").is_some()) {
+                        // A request of the client: let through under the gateway's id as the
+                        // policy says, or answered with an error (both recorded).
+                        let route = Route {
+                            gateway: &gateway,
+                            holder: &holder,
+                            url: &url,
+                            upstream: &upstream,
+                            headers: &headers,
+                        };
+                        if let Some(asked) = asks::pass(route, message).await {
+                            out.push_str(&format!("event: message\ndata: {asked}\n\n"));
+                            let state = (response, buffer, gateway, holder, url, upstream, headers);
+                            return Some((out, state));
+                        }
                     }
                     if !out.is_empty() {
                         // Keep the event id, so a reconnect resumes after it.
