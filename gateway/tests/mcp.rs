@@ -183,13 +183,15 @@ async fn harness_on(
     delay: Arc<std::sync::atomic::AtomicU64>,
     configure: impl FnOnce(Gateway) -> Gateway,
 ) -> Harness {
-    harness_of(&url, "", calls, delay, configure).await
+    harness_of(&url, "", "", calls, delay, configure).await
 }
 
-/// [`harness_on`] with `more` YAML in the upstreams' `mcp:` besides the url.
+/// [`harness_on`] with `more` YAML in the upstreams' `mcp:` besides the url, and `spec` lines
+/// in the policy's spec.
 async fn harness_of(
     url: &str,
     more: &str,
+    spec: &str,
     calls: Calls,
     delay: Arc<std::sync::atomic::AtomicU64>,
     configure: impl FnOnce(Gateway) -> Gateway,
@@ -210,7 +212,8 @@ async fn harness_of(
             .replace(
                 "{url: \"http://crm-mcp.support.svc:8080/mcp\"}",
                 &format!("{{url: \"{url}\"{more}}}"),
-            ),
+            )
+            .replace("  tools:\n    allowed:\n", &format!("{spec}  tools:\n    allowed:\n")),
     )
     .unwrap();
     let secrets = dir.path().join("secrets/default/crm-token");
@@ -1846,6 +1849,23 @@ async fn asking_upstream() -> (String, Seen) {
                     )
                         .into_response()
                 }
+                Some("resources/read") => {
+                    let params = &message["params"];
+                    if let Some(answers) = params.get("inputResponses") {
+                        return reply(json!({"contents": [{"uri": params["uri"], "text":
+                            json!({"answers": answers, "state": params["requestState"]}).to_string()}]}));
+                    }
+                    let asked = if params["uri"] == "crm://sample" {
+                        json!({"method": "sampling/createMessage", "params": {"messages": [], "maxTokens": 5}})
+                    } else {
+                        json!({"method": "elicitation/create", "params": {"message": "Read it?",
+                            "requestedSchema": {"type": "object"}}})
+                    };
+                    reply(
+                        json!({"resultType": "input_required", "inputRequests": {"r": asked},
+                        "requestState": "state-r", "contents": [{"uri": "crm://secret", "text": "ssn"}]}),
+                    )
+                }
                 Some(_) => StatusCode::ACCEPTED.into_response(),
             }
         }
@@ -1882,6 +1902,7 @@ async fn a_servers_request_reaches_only_the_session_it_was_made_in_and_is_answer
     let h = harness_of(
         &url,
         ", serverRequests: [Elicitation]",
+        "",
         Calls::default(),
         Arc::default(),
         |g| g,
@@ -2045,6 +2066,7 @@ async fn an_input_required_round_of_2026_passes_only_what_the_policy_lets_the_se
     let h = harness_of(
         &url,
         ", serverRequests: [Elicitation]",
+        "",
         Calls::default(),
         Arc::default(),
         |g| g,
@@ -2150,6 +2172,7 @@ async fn an_answer_to_a_server_is_not_passed_once_the_kill_switch_is_engaged() {
     let h = harness_of(
         &url,
         ", serverRequests: [Elicitation]",
+        "",
         Calls::default(),
         Arc::default(),
         |g| g,
@@ -2264,6 +2287,7 @@ async fn a_request_on_the_get_stream_passes_where_the_policy_names_it_and_is_ans
     let h = harness_of(
         &url,
         ", serverRequests: [Sampling]",
+        "",
         Calls::default(),
         Arc::default(),
         |g| g,
@@ -2312,4 +2336,77 @@ async fn a_request_on_the_get_stream_passes_where_the_policy_names_it_and_is_ans
     let trail = asks_in(&h.store).await;
     let kinds: Vec<&str> = trail.iter().map(|(e, _, _)| e.as_str()).collect();
     assert_eq!(kinds, ["serverRequest", "clientAnswer"]);
+}
+
+#[tokio::test]
+async fn a_read_of_2026_that_asks_for_input_passes_as_a_call_does() {
+    let (url, seen) = asking_upstream().await;
+    let h = harness_of(
+        &url,
+        ", serverRequests: [Elicitation]",
+        "  resources:\n    allowed:\n      - {upstream: crm, uris: [\"crm://*\"]}\n",
+        Calls::default(),
+        Arc::default(),
+        |g| g,
+    )
+    .await;
+    let run = [("tollgate-run-id", "run-read")];
+    let read = |uri: &str, retry: Option<Value>| {
+        let mut params = json!({"uri": uri});
+        if let Some(answers) = retry {
+            params["inputResponses"] = answers;
+            params["requestState"] = json!("state-r");
+        }
+        json!({"jsonrpc": "2.0", "id": 5, "method": "resources/read", "params": params})
+            .to_string()
+            .into_bytes()
+    };
+    // The question passes, with nothing else of the round.
+    let asked = h.send_with(None, &run, read("crm://notes", None)).await;
+    let result = &asked.body["result"];
+    assert_eq!(result["resultType"], "input_required", "{}", asked.body);
+    assert_eq!(result["inputRequests"]["r"]["method"], "elicitation/create");
+    assert!(result.get("contents").is_none(), "{result}");
+    // The retry carries the answer and the state back, recorded.
+    let answers = json!({"r": {"action": "accept", "content": {}}});
+    let done = h
+        .send_with(None, &run, read("crm://notes", Some(answers.clone())))
+        .await;
+    let said: Value =
+        serde_json::from_str(done.body["result"]["contents"][0]["text"].as_str().unwrap()).unwrap();
+    assert_eq!(said, json!({"answers": answers, "state": "state-r"}));
+    // A question the policy does not let the server ask: the read is refused, and an answer of
+    // that kind never reaches the server.
+    let withheld = h.send_with(None, &run, read("crm://sample", None)).await;
+    assert_eq!(
+        withheld.body["error"]["code"],
+        mcp::codes::CONTENT_REFUSED,
+        "{}",
+        withheld.body
+    );
+    let before = seen.lock().unwrap().len();
+    let sampled = json!({"r": {"role": "assistant", "model": "m", "content": {}}});
+    let refused = h
+        .send_with(None, &run, read("crm://sample", Some(sampled)))
+        .await;
+    assert_eq!(
+        refused.body["error"]["code"],
+        mcp::codes::INVALID_PARAMS,
+        "{}",
+        refused.body
+    );
+    assert_eq!(seen.lock().unwrap().len(), before);
+    let trail = asks_in(&h.store).await;
+    let kinds: Vec<(&str, &str)> = trail
+        .iter()
+        .map(|(e, m, _)| (e.as_str(), m.as_str()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("serverRequest", "elicitation/create"),
+            ("clientAnswer", "elicitation/create")
+        ]
+    );
+    assert_eq!(trail[1].2.run.as_deref(), Some("run-read"));
 }

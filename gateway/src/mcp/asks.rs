@@ -282,7 +282,7 @@ pub(super) fn retry_of(params: &Value, url: &McpUpstream, upstream: &str) -> Res
 pub(super) async fn record_answers(
     gateway: &Gateway,
     holder: &Caller,
-    run: &str,
+    run: Option<&str>,
     responses: &Map<String, Value>,
 ) -> Result<(), tollgate_audit::AppendError> {
     for (key, answer) in responses {
@@ -292,7 +292,7 @@ pub(super) async fn record_answers(
             identity_of(Some(holder)),
         );
         entry.agent = Some(holder.agent.clone());
-        entry.run = Some(run.to_owned());
+        entry.run = run.map(str::to_owned);
         entry.tool = answered(answer).map(|kind| kind.method().to_owned());
         entry.set_arguments(&gateway.redactor, &json!({"inputResponse": key}));
         entry.set_result(&gateway.redactor, answer);
@@ -308,7 +308,7 @@ pub(super) async fn record_answers(
 /// Otherwise the reason, and the result must not pass.
 pub(super) async fn input_required(
     route: Route<'_>,
-    run: &str,
+    run: Option<&str>,
     result: &mut Value,
 ) -> Result<(), String> {
     if let Some(result) = result.as_object_mut() {
@@ -358,7 +358,7 @@ pub(super) async fn input_required(
             identity_of(Some(holder)),
         );
         entry.agent = Some(holder.agent.clone());
-        entry.run = Some(run.to_owned());
+        entry.run = run.map(str::to_owned);
         entry.tool = request
             .get("method")
             .and_then(Value::as_str)

@@ -382,7 +382,7 @@ pub(super) async fn call_tool(
     // A 2026-07-28 retry: the client's answers to the server's input requests go back with the
     // server's state, each recorded first.
     if let Some(responses) = &retry.responses {
-        if let Err(e) = asks::record_answers(gateway, holder, &run, responses).await {
+        if let Err(e) = asks::record_answers(gateway, holder, Some(&run), responses).await {
             return rpc_refusal(id, &audit_unavailable(e));
         }
         forwarded["params"]["inputResponses"] = Value::Object(responses.clone());
@@ -455,7 +455,7 @@ pub(super) async fn call_tool(
                 == Some("input_required");
             if asks_input
                 && let Some(result) = body.get_mut("result")
-                && let Err(why) = asks::input_required(route, &run, result).await
+                && let Err(why) = asks::input_required(route, Some(&run), result).await
             {
                 let why = format!("Tollgate withheld the server's request for input: {why}");
                 entry.error = Some(why.clone());

@@ -126,6 +126,23 @@ pub(super) async fn get(
         decided["arguments"] = arguments.clone();
     }
     let run = run_of(headers).ok();
+    // A 2026-07-28 retry carries the answers to the server's input requests back (checked as
+    // for a tool call).
+    let retry = match asks::retry_of(&params, url, upstream) {
+        Ok(retry) => retry,
+        Err(problem) => {
+            return refuse(
+                gateway,
+                Some(holder),
+                upstream,
+                StatusCode::OK,
+                id,
+                codes::INVALID_PARAMS,
+                problem,
+            )
+            .await;
+        }
+    };
     let record = |event: Event| {
         let mut entry = Entry::new((gateway.now)(), event, identity_of(Some(holder)));
         entry.agent = Some(holder.agent.clone());
@@ -154,14 +171,41 @@ pub(super) async fn get(
     if let Some(meta) = params.get("_meta") {
         decided["_meta"] = meta.clone();
     }
+    if let Some(responses) = &retry.responses {
+        if let Err(e) = asks::record_answers(gateway, holder, run.as_deref(), responses).await {
+            return rpc_refusal(id, &audit_unavailable(e));
+        }
+        decided["inputResponses"] = Value::Object(responses.clone());
+    }
+    if let Some(state) = retry.state {
+        decided["requestState"] = state;
+    }
     let forwarded = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": decided});
     let outcome = send(gateway, holder, url, upstream, headers, &forwarded, None).await;
     let mut report = record(Event::Report);
     report.latency_us = Some(started.elapsed().as_micros() as u64);
     let response = match outcome {
-        Ok((Some(body), session)) => {
+        Ok((Some(mut body), session)) => {
             if let Some(result) = body.get("result") {
                 report.set_result(&gateway.redactor, result);
+            }
+            // 2026-07-28: the server needs the client's input first; its questions pass only
+            // as the policy says (asks::input_required), else the read is refused.
+            let route = Route {
+                gateway,
+                holder,
+                url,
+                upstream,
+                headers,
+            };
+            if body.pointer("/result/resultType").and_then(Value::as_str) == Some("input_required")
+                && let Some(result) = body.get_mut("result")
+                && let Err(why) = asks::input_required(route, run.as_deref(), result).await
+            {
+                let why = format!("Tollgate withheld the server's request for input: {why}");
+                report.error = Some(why.clone());
+                body = json!({"jsonrpc": "2.0", "id": id, "error": {
+                    "code": codes::CONTENT_REFUSED, "message": why}});
             }
             if let Some(error) = body.get("error") {
                 report.error = Some(error.to_string());
