@@ -10,8 +10,14 @@
 //! e2e-agent connect HOST:PORT [--timeout-ms N]
 //! e2e-agent until HOST:PORT --connected|--refused [--timeout-ms N]
 //! e2e-agent upstream --listen ADDR --credential VALUE [--allowed-host HOST]...
+//! e2e-agent stdio-upstream --credential VALUE [--credential-env NAME]
+//! e2e-agent install PATH
 //! e2e-agent fake-llm [--listen ADDR]
 //! ```
+//!
+//! `stdio-upstream` is the same tool server over stdio (behind `tollgate-gateway stdio-bridge`),
+//! taking its credential from the environment variable the bridge sets; `install` copies this
+//! program to PATH (an init container puts it where the bridge's container runs it).
 //!
 //! `fake-llm` serves the FAKE model provider of `gateway/examples/fake_llm.rs` (OpenAI and
 //! Anthropic wire formats, key `sk-fake-provider`), for the LLM proxy's tests on the node.
@@ -96,6 +102,16 @@ enum Cmd {
         #[arg(long, default_value_t = 30_000)]
         timeout_ms: u64,
     },
+    /// Serve the CRM tools over stdio, answering only calls whose process got the credential in
+    /// `credential_env`.
+    StdioUpstream {
+        #[arg(long)]
+        credential: String,
+        #[arg(long, default_value = "TOOL_TOKEN")]
+        credential_env: String,
+    },
+    /// Copy this program to a path (mode 0755).
+    Install { to: String },
     /// Serve an MCP server (streamable HTTP at /mcp) with CRM tools.
     Upstream {
         #[arg(long, default_value = "0.0.0.0:8080")]
@@ -208,6 +224,29 @@ async fn main() -> Result<()> {
             credential,
             allowed_hosts,
         } => upstream(&listen, credential, allowed_hosts).await,
+        Cmd::StdioUpstream {
+            credential,
+            credential_env,
+        } => {
+            use rmcp::ServiceExt as _;
+            let handler = Crm {
+                credential: credential.into(),
+                presented: std::env::var(&credential_env).ok().map(Into::into),
+            };
+            handler
+                .serve(rmcp::transport::stdio())
+                .await?
+                .waiting()
+                .await?;
+            Ok(())
+        }
+        Cmd::Install { to } => {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::copy(std::env::current_exe()?, &to)
+                .with_context(|| format!("copy to {to}"))?;
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755))?;
+            Ok(())
+        }
     }
 }
 
@@ -265,6 +304,8 @@ async fn http(
 #[derive(Clone)]
 struct Crm {
     credential: Arc<str>,
+    /// Over stdio, the credential the process was given (over HTTP, each call's header).
+    presented: Option<Arc<str>>,
 }
 
 impl ServerHandler for Crm {
@@ -287,6 +328,7 @@ impl ServerHandler for Crm {
                 "update_order_status",
                 "send_customer_email",
                 "delete_customer_record",
+                "lookup_order",
             ]
             .into_iter()
             .map(|name| Tool::new(name, "a CRM tool", schema.clone()))
@@ -299,12 +341,14 @@ impl ServerHandler for Crm {
         request: CallToolRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
-        let auth = context
-            .extensions
-            .get::<axum::http::request::Parts>()
-            .and_then(|parts| parts.headers.get("authorization"))
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        let auth = self.presented.as_deref().map(str::to_owned).or_else(|| {
+            context
+                .extensions
+                .get::<axum::http::request::Parts>()
+                .and_then(|parts| parts.headers.get("authorization"))
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        });
         eprintln!(
             "tools/call {} authorization={}",
             request.name,
@@ -334,6 +378,7 @@ impl ServerHandler for Crm {
 async fn upstream(listen: &str, credential: String, allowed_hosts: Vec<String>) -> Result<()> {
     let handler = Crm {
         credential: credential.into(),
+        presented: None,
     };
     let service: StreamableHttpService<Crm, LocalSessionManager> = StreamableHttpService::new(
         move || Ok(handler.clone()),

@@ -37,6 +37,10 @@ pub fn tests() -> Vec<Test> {
             run: an_agent_pod_reaches_its_tool_server_only_through_the_gateway_which_adds_the_credential,
         },
         Test {
+            name: "a_stdio_server_runs_as_a_pod_behind_the_bridge_for_the_gateway_alone",
+            run: a_stdio_server_runs_as_a_pod_behind_the_bridge_for_the_gateway_alone,
+        },
+        Test {
             name: "only_agent_pods_reach_the_gateways_api",
             run: only_agent_pods_reach_the_gateways_api,
         },
@@ -583,4 +587,191 @@ fn an_agent_pod_reaches_its_tool_server_only_through_the_gateway_which_adds_the_
         "the tool server did not see the gateway's credential:\n{logs}"
     );
     assert!(!logs.contains("missing-or-wrong"), "{logs}");
+}
+
+/// The stdio pattern of docs/gateway.md on the node: the shipped gateway image runs
+/// `tollgate-gateway stdio-bridge` in a pod of its own, starting the tool server (`e2e-agent
+/// stdio-upstream`, put there by an init container) per session; a NetworkPolicy admits only
+/// the gateway's pods. The policy names the bridge's Service as an ordinary MCP upstream, and the
+/// identity's credential for it travels as a header the bridge hands the process as a variable.
+fn a_stdio_server_runs_as_a_pod_behind_the_bridge_for_the_gateway_alone() {
+    support();
+    let gateway_image = tollgate_e2e::image::reference("tollgate-gateway");
+    apply(&format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: crm-stdio, namespace: {NS}}}
+spec:
+  selector: {{matchLabels: {{app: crm-stdio}}}}
+  template:
+    metadata: {{labels: {{app: crm-stdio}}}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      volumes: [{{name: tools, emptyDir: {{}}}}]
+      initContainers:
+      - name: tool
+        image: {AGENT_IMAGE}
+        imagePullPolicy: Never
+        args: [install, /tools/e2e-agent]
+        volumeMounts: [{{name: tools, mountPath: /tools}}]
+      containers:
+      - name: bridge
+        image: {gateway_image}
+        imagePullPolicy: Never
+        args: [stdio-bridge, --listen=0.0.0.0:8080, --credential-header=X-Tool-Token,
+          --credential-env=TOOL_TOKEN, --, /tools/e2e-agent, stdio-upstream, --credential={CREDENTIAL}]
+        securityContext: {{readOnlyRootFilesystem: true, allowPrivilegeEscalation: false}}
+        volumeMounts: [{{name: tools, mountPath: /tools, readOnly: true}}]
+        ports: [{{containerPort: 8080}}]
+        readinessProbe: {{httpGet: {{path: /healthz, port: 8080}}, periodSeconds: 1}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: crm-stdio, namespace: {NS}}}
+spec:
+  selector: {{app: crm-stdio}}
+  ports: [{{port: 8080}}]
+---
+# The bridge decides nothing: only the gateway may reach it (kube-router lets the node's own
+# kubelet probe it).
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: crm-stdio, namespace: {NS}}}
+spec:
+  podSelector: {{matchLabels: {{app: crm-stdio}}}}
+  policyTypes: [Ingress]
+  ingress:
+  - from:
+    - namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {SYSTEM}}}}}
+      podSelector: {{matchLabels: {{app.kubernetes.io/name: tollgate-gateway}}}}
+    ports: [{{protocol: TCP, port: 8080}}]
+"#
+    ));
+    support::wait_ready(NS, "app=crm-stdio");
+    // The sample, with the bridge as a second MCP upstream serving one more tool, and the
+    // identity's credential for it sent as the header the bridge reads.
+    let sample = std::fs::read_to_string(
+        tollgate_e2e::repo_root().join("config/samples/support-agent.yaml"),
+    )
+    .unwrap()
+    .replace(
+        "approvers: {groups: [support-leads], users: []}",
+        "approvers: {groups: [tollgate-approvers], users: []}",
+    )
+    .replace(
+        "      format: \"Bearer {}\"\n",
+        "      format: \"Bearer {}\"\n    - upstream: crm-stdio\n      secretRef: {name: crm-token, key: token}\n      header: X-Tool-Token\n      format: \"{}\"\n",
+    )
+    .replace(
+        "      mcp: {url: \"http://crm-mcp.support.svc:8080/mcp\"}\n",
+        &format!(
+            "      mcp: {{url: \"http://crm-mcp.support.svc:8080/mcp\"}}\n    - name: crm-stdio\n      mcp: {{url: \"http://crm-stdio.{NS}.svc:8080/mcp\"}}\n"
+        ),
+    )
+    .replace(
+        "  tools:\n    allowed:\n",
+        "  tools:\n    allowed:\n      - {name: lookup_order, upstream: crm-stdio, arguments: {fields: {customer_id: {type: string, required: true}}}}\n",
+    );
+    assert!(sample.contains("crm-stdio.support.svc"), "{sample}");
+    let output = tollgate_e2e::with_input(
+        support_kubectl().args(["apply", "-n", NS, "-f", "-"]),
+        &sample,
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let mcp = |body: Value, session: Option<&str>| -> Value {
+        let mut args = vec![
+            "http".to_owned(),
+            "$TOLLGATE_URL/mcp/crm-stdio".to_owned(),
+            "--token-file".to_owned(),
+            TOKEN.to_owned(),
+            "--ca".to_owned(),
+            CA.to_owned(),
+            "--header".to_owned(),
+            "accept: application/json, text/event-stream".to_owned(),
+            "--body".to_owned(),
+            body.to_string(),
+        ];
+        if let Some(session) = session {
+            args.push("--header".to_owned());
+            args.push(format!("mcp-session-id: {session}"));
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (answer, code) = in_agent(AGENT_POD, &args);
+        assert_eq!(code, 0, "{answer}");
+        answer
+    };
+    let initialize = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {},
+        "clientInfo": {"name": "e2e-agent", "version": "1"}}});
+    // Once the gateway has read the new policy, the bridge starts a process for the session.
+    let session = eventually(
+        "the gateway serves crm-stdio",
+        Duration::from_secs(60),
+        || {
+            let init = mcp(initialize.clone(), None);
+            (init["status"] == 200)
+                .then(|| {
+                    init["headers"]["mcp-session-id"]
+                        .as_str()
+                        .map(str::to_owned)
+                })
+                .flatten()
+        },
+        || kubectl_out(&["-n", NS, "get", "agentpolicy", AGENT, "-o", "yaml"]),
+    );
+    mcp(
+        json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+        Some(&session),
+    );
+    let listed = mcp(
+        json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}),
+        Some(&session),
+    );
+    let names: Vec<&str> = listed["body"]["result"]["tools"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{listed}"))
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    assert_eq!(names, ["lookup_order"], "{listed}");
+    let called = mcp(
+        json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {
+            "name": "lookup_order", "arguments": {"customer_id": "C000042"}}}),
+        Some(&session),
+    );
+    assert!(called.to_string().contains("C000042"), "{called}");
+    assert_ne!(called["body"]["result"]["isError"], true, "{called}");
+    let logs = kubectl(&["-n", NS, "logs", "deployment/crm-stdio"]);
+    assert!(
+        logs.contains("tools/call lookup_order authorization=expected"),
+        "the process did not get the gateway's credential:\n{logs}"
+    );
+    // The bridge is the gateway's alone: neither the agent nor another pod reaches it.
+    bystander(NS, "bystander");
+    for pod in [AGENT_POD, "bystander"] {
+        let (direct, code) = in_agent(pod, &["connect", &format!("crm-stdio.{NS}.svc:8080")]);
+        assert_eq!(code, 1, "{pod} reached the bridge directly: {direct}");
+    }
+    // Ending the session ends the process.
+    let ended = in_agent(
+        AGENT_POD,
+        &[
+            "http",
+            "$TOLLGATE_URL/mcp/crm-stdio",
+            "--method",
+            "DELETE",
+            "--token-file",
+            TOKEN,
+            "--ca",
+            CA,
+            "--header",
+            &format!("mcp-session-id: {session}"),
+        ],
+    );
+    assert_eq!(ended.0["status"], 204, "{ended:?}");
 }
