@@ -1940,32 +1940,7 @@ async fn a_servers_request_reaches_only_the_session_it_was_made_in_and_is_answer
 
     // The call streams: the sampling request (not in the policy) never reaches the client, the
     // elicitation does, under the gateway's id.
-    let response = h
-        .app
-        .clone()
-        .oneshot(
-            Request::post("/mcp/crm")
-                .header("content-type", "application/json")
-                .header("accept", "application/json, text/event-stream")
-                .header("authorization", format!("Bearer {KEY}"))
-                .header(mcp::SESSION_HEADER, &session)
-                .body(Body::from(call(
-                    7,
-                    "read_customer_record",
-                    json!({"customer_id": "C000042"}),
-                )))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let mut body = response.into_body();
-    let mut text = String::new();
-    while !text.contains("elicitation/create") {
-        let frame = body.frame().await.expect("the stream goes on").unwrap();
-        if let Ok(data) = frame.into_data() {
-            text.push_str(std::str::from_utf8(&data).unwrap());
-        }
-    }
+    let (mut text, body) = h.asked_in_call(&session, 7).await;
     assert!(!text.contains("sampling/createMessage"), "{text}");
     let asked: Value = text
         .lines()
@@ -2179,32 +2154,7 @@ async fn an_answer_to_a_server_is_not_passed_once_the_kill_switch_is_engaged() {
     )
     .await;
     let session = h.session().await;
-    let response = h
-        .app
-        .clone()
-        .oneshot(
-            Request::post("/mcp/crm")
-                .header("content-type", "application/json")
-                .header("accept", "application/json, text/event-stream")
-                .header("authorization", format!("Bearer {KEY}"))
-                .header(mcp::SESSION_HEADER, &session)
-                .body(Body::from(call(
-                    8,
-                    "read_customer_record",
-                    json!({"customer_id": "C000042"}),
-                )))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let mut body = response.into_body();
-    let mut text = String::new();
-    while !text.contains("elicitation/create") {
-        let frame = body.frame().await.expect("the stream goes on").unwrap();
-        if let Ok(data) = frame.into_data() {
-            text.push_str(std::str::from_utf8(&data).unwrap());
-        }
-    }
+    let (text, _stream) = h.asked_in_call(&session, 8).await;
     let ask_id = text
         .split("\"id\":\"")
         .nth(1)
@@ -2264,6 +2214,39 @@ async fn an_answer_to_a_server_is_not_passed_once_the_kill_switch_is_engaged() {
 }
 
 impl Harness {
+    /// Starts a streamed call (id `id`) of read_customer_record in `session` at the asking
+    /// upstream and reads its stream until the server's elicitation arrives: what was read, and
+    /// the rest of the stream.
+    async fn asked_in_call(&self, session: &str, id: u64) -> (String, Body) {
+        let response = self
+            .app
+            .clone()
+            .oneshot(
+                Request::post("/mcp/crm")
+                    .header("content-type", "application/json")
+                    .header("accept", "application/json, text/event-stream")
+                    .header("authorization", format!("Bearer {KEY}"))
+                    .header(mcp::SESSION_HEADER, session)
+                    .body(Body::from(call(
+                        id,
+                        "read_customer_record",
+                        json!({"customer_id": "C000042"}),
+                    )))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let mut body = response.into_body();
+        let mut text = String::new();
+        while !text.contains("elicitation/create") {
+            let frame = body.frame().await.expect("the stream goes on").unwrap();
+            if let Ok(data) = frame.into_data() {
+                text.push_str(std::str::from_utf8(&data).unwrap());
+            }
+        }
+        (text, body)
+    }
+
     /// Whether the gateway reads the agent's kill switch as engaged (a call is refused with it).
     async fn gateway_killed(&self) -> bool {
         let reply = self

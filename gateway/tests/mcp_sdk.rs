@@ -826,23 +826,7 @@ async fn behind_the_bridge_progress_and_elicitation_reach_the_client_as_they_com
     let tollgate = tollgate(&bridge_url).await;
     progress_passes_to(Sdk::TypeScript, None, &tollgate).await;
     let tollgate = tollgate_with(&asking(&bridge_url, "Elicitation"), |g| g).await;
-    let through = Sdk::Python1
-        .session(json!({
-            "url": tollgate.url,
-            "calls": [{"name": "trigger-elicitation-request", "arguments": {}}],
-            "elicit": true,
-            "headers": {"Authorization": format!("Bearer {KEY}")},
-        }))
-        .await;
-    assert_eq!(through["elicited"], 1, "{through}");
-    assert_eq!(
-        text(&through["calls"][0]),
-        "elicitation accept",
-        "{through}"
-    );
-    let trail = asked_and_answered(&tollgate).await;
-    let events: Vec<&str> = trail.iter().map(|(e, _, _)| e.as_str()).collect();
-    assert_eq!(events, ["serverRequest", "clientAnswer"], "{trail:?}");
+    the_person_is_asked_once_through(&tollgate).await;
 }
 
 #[tokio::test]
@@ -1341,6 +1325,28 @@ async fn asked_and_answered(tollgate: &Tollgate) -> Vec<(String, String, Value)>
         .collect()
 }
 
+/// One Python SDK 1.x session through `tollgate` calling the elicitation tool: the person is
+/// asked once, the tool reads the answer, and the trail holds the question and the answer.
+async fn the_person_is_asked_once_through(tollgate: &Tollgate) {
+    let through = Sdk::Python1
+        .session(json!({
+            "url": tollgate.url,
+            "calls": [{"name": "trigger-elicitation-request", "arguments": {}}],
+            "elicit": true,
+            "headers": {"Authorization": format!("Bearer {KEY}")},
+        }))
+        .await;
+    assert_eq!(through["elicited"], 1, "{through}");
+    assert_eq!(
+        text(&through["calls"][0]),
+        "elicitation accept",
+        "{through}"
+    );
+    let trail = asked_and_answered(tollgate).await;
+    let events: Vec<&str> = trail.iter().map(|(e, _, _)| e.as_str()).collect();
+    assert_eq!(events, ["serverRequest", "clientAnswer"], "{trail:?}");
+}
+
 /// The upstream at `url` with the server requests its policy lets through.
 fn asking(url: &str, kinds: &str) -> String {
     format!("{{url: \"{url}\", serverRequests: [{kinds}]}}")
@@ -1460,23 +1466,7 @@ async fn a_stdio_servers_elicitation_reaches_the_person_through_the_call_in_flig
     let mut mcp: Value = serde_json::from_str(&stdio_mcp(Server::Python)).unwrap();
     mcp["serverRequests"] = json!(["Elicitation"]);
     let tollgate = tollgate_with(&mcp.to_string(), |g| g).await;
-    let through = Sdk::Python1
-        .session(json!({
-            "url": tollgate.url,
-            "calls": [{"name": "trigger-elicitation-request", "arguments": {}}],
-            "elicit": true,
-            "headers": {"Authorization": format!("Bearer {KEY}")},
-        }))
-        .await;
-    assert_eq!(through["elicited"], 1, "{through}");
-    assert_eq!(
-        text(&through["calls"][0]),
-        "elicitation accept",
-        "{through}"
-    );
-    let trail = asked_and_answered(&tollgate).await;
-    let events: Vec<&str> = trail.iter().map(|(e, _, _)| e.as_str()).collect();
-    assert_eq!(events, ["serverRequest", "clientAnswer"], "{trail:?}");
+    the_person_is_asked_once_through(&tollgate).await;
 }
 
 /// The reference server over the HTTP+SSE transport of 2024-11-05 (its `sse` mode), at /sse.

@@ -533,28 +533,7 @@ fn an_agent_pod_reaches_its_tool_server_only_through_the_gateway_which_adds_the_
     );
 
     // Through the gateway's MCP proxy: the call goes, with the credential the gateway adds.
-    let mcp = |body: Value, session: Option<&str>| -> Value {
-        let mut args = vec![
-            "http".to_owned(),
-            "$TOLLGATE_URL/mcp/crm".to_owned(),
-            "--token-file".to_owned(),
-            TOKEN.to_owned(),
-            "--ca".to_owned(),
-            CA.to_owned(),
-            "--header".to_owned(),
-            "accept: application/json, text/event-stream".to_owned(),
-            "--body".to_owned(),
-            body.to_string(),
-        ];
-        if let Some(session) = session {
-            args.push("--header".to_owned());
-            args.push(format!("mcp-session-id: {session}"));
-        }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (answer, code) = in_agent(AGENT_POD, &args);
-        assert_eq!(code, 0, "{answer}");
-        answer
-    };
+    let mcp = |body: Value, session: Option<&str>| mcp_from_agent("crm", &body, session);
     let init = mcp(
         json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
             "protocolVersion": "2025-06-18", "capabilities": {},
@@ -587,6 +566,32 @@ fn an_agent_pod_reaches_its_tool_server_only_through_the_gateway_which_adds_the_
         "the tool server did not see the gateway's credential:\n{logs}"
     );
     assert!(!logs.contains("missing-or-wrong"), "{logs}");
+}
+
+/// POSTs the MCP message `body` to `$TOLLGATE_URL/mcp/<upstream>` from the agent's pod with its
+/// projected token, in `session` when given; the answer as `e2e-agent http` prints it.
+fn mcp_from_agent(upstream: &str, body: &Value, session: Option<&str>) -> Value {
+    let url = format!("$TOLLGATE_URL/mcp/{upstream}");
+    let body = body.to_string();
+    let session = session.map(|s| format!("mcp-session-id: {s}"));
+    let mut args = vec![
+        "http",
+        &url,
+        "--token-file",
+        TOKEN,
+        "--ca",
+        CA,
+        "--header",
+        "accept: application/json, text/event-stream",
+        "--body",
+        &body,
+    ];
+    if let Some(session) = &session {
+        args.extend(["--header", session]);
+    }
+    let (answer, code) = in_agent(AGENT_POD, &args);
+    assert_eq!(code, 0, "{answer}");
+    answer
 }
 
 /// The stdio pattern of docs/gateway.md on the node: the shipped gateway image runs
@@ -683,28 +688,7 @@ spec:
         String::from_utf8_lossy(&output.stderr)
     );
 
-    let mcp = |body: Value, session: Option<&str>| -> Value {
-        let mut args = vec![
-            "http".to_owned(),
-            "$TOLLGATE_URL/mcp/crm-stdio".to_owned(),
-            "--token-file".to_owned(),
-            TOKEN.to_owned(),
-            "--ca".to_owned(),
-            CA.to_owned(),
-            "--header".to_owned(),
-            "accept: application/json, text/event-stream".to_owned(),
-            "--body".to_owned(),
-            body.to_string(),
-        ];
-        if let Some(session) = session {
-            args.push("--header".to_owned());
-            args.push(format!("mcp-session-id: {session}"));
-        }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (answer, code) = in_agent(AGENT_POD, &args);
-        assert_eq!(code, 0, "{answer}");
-        answer
-    };
+    let mcp = |body: Value, session: Option<&str>| mcp_from_agent("crm-stdio", &body, session);
     let initialize = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
         "protocolVersion": "2025-06-18", "capabilities": {},
         "clientInfo": {"name": "e2e-agent", "version": "1"}}});
