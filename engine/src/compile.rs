@@ -23,6 +23,7 @@ use tollgate_crds::AgentPolicy;
 use tollgate_crds::common::Approvers;
 use tollgate_crds::policy::{
     AdditionalFields, AllowedTool, Autonomy, FieldConstraint, JsonType, MAX_TOOL_NAME, Operation,
+    ServerRequest,
 };
 
 use crate::canonical;
@@ -89,6 +90,8 @@ pub struct CompiledPolicy {
     pub(crate) resources: std::collections::BTreeMap<String, Vec<UriRule>>,
     /// MCP prompts the agent may get, by upstream.
     pub(crate) prompts: std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+    /// The requests each MCP upstream may make of the agent's client (`mcp.serverRequests`).
+    pub(crate) server_requests: std::collections::BTreeMap<String, Vec<ServerRequest>>,
 }
 
 /// One entry of `spec.resources.allowed[].uris`.
@@ -395,6 +398,25 @@ impl CompiledPolicy {
         self.prompts.contains_key(upstream)
     }
 
+    /// Whether MCP upstream `upstream` may make the request `method` of the agent's client
+    /// (`elicitation/create`, `sampling/createMessage`, `roots/list`): only what its
+    /// `mcp.serverRequests` names.
+    pub fn lets_server_ask(&self, upstream: &str, method: &str) -> bool {
+        ServerRequest::of_method(method).is_some_and(|kind| {
+            self.server_requests
+                .get(upstream)
+                .is_some_and(|kinds| kinds.contains(&kind))
+        })
+    }
+
+    /// The kinds of request `upstream` may make of the agent's client, for the client
+    /// capabilities the server may learn of.
+    pub fn server_requests(&self, upstream: &str) -> &[ServerRequest] {
+        self.server_requests
+            .get(upstream)
+            .map_or(&[], Vec::as_slice)
+    }
+
     /// The result fields an allowed tool may return, if it restricts them.
     pub fn result_fields(&self, tool: &str) -> Option<&[String]> {
         self.tools.get(tool)?.result_fields.as_deref()
@@ -423,6 +445,7 @@ impl CompiledPolicy {
 
         let mut upstreams = HashSet::default();
         let mut llm_routes = std::collections::BTreeMap::new();
+        let mut server_requests = std::collections::BTreeMap::new();
         for (i, upstream) in spec.upstreams.iter().enumerate() {
             if !upstreams.insert(upstream.name.as_str()) {
                 errors.push(
@@ -433,6 +456,12 @@ impl CompiledPolicy {
             }
             if let Some(mcp) = &upstream.mcp {
                 check_mcp_upstream(i, mcp, &mut errors);
+                if !mcp.server_requests.is_empty() {
+                    let mut kinds = mcp.server_requests.clone();
+                    kinds.sort_by_key(|kind| kind.method());
+                    kinds.dedup();
+                    server_requests.insert(upstream.name.clone(), kinds);
+                }
             }
             if let Some(llm) = &upstream.llm {
                 if upstream.mcp.is_some() {
@@ -582,6 +611,7 @@ impl CompiledPolicy {
             llm: llm_routes,
             resources,
             prompts,
+            server_requests,
         })
     }
 }

@@ -155,6 +155,47 @@ fn an_mcp_upstream_is_a_url_or_a_stdio_command_each_well_formed() {
 }
 
 #[test]
+fn a_server_may_ask_the_client_only_what_its_upstream_names() {
+    let policy = policy_with(json!({
+        "upstreams": [
+            {"name": "tickets", "mcp": {"url": "http://tickets/mcp",
+                                        "serverRequests": ["Sampling", "Elicitation", "Elicitation"]}},
+            {"name": "crm", "mcp": {"url": "http://crm/mcp"}}]
+    }))
+    .unwrap();
+    assert!(policy.lets_server_ask("tickets", "elicitation/create"));
+    assert!(policy.lets_server_ask("tickets", "sampling/createMessage"));
+    for (upstream, method) in [
+        ("tickets", "roots/list"),
+        ("tickets", "Elicitation/Create"),
+        ("tickets", "tools/call"),
+        ("crm", "elicitation/create"),
+        ("nowhere", "sampling/createMessage"),
+    ] {
+        assert!(
+            !policy.lets_server_ask(upstream, method),
+            "{upstream} {method}"
+        );
+    }
+    use tollgate_crds::policy::ServerRequest;
+    assert_eq!(
+        policy.server_requests("tickets"),
+        [ServerRequest::Elicitation, ServerRequest::Sampling]
+    );
+    assert!(policy.server_requests("crm").is_empty());
+    // An unknown kind never reaches the engine: the policy does not parse, and says why.
+    let unknown = serde_json::from_value::<tollgate_crds::policy::McpUpstream>(
+        json!({"url": "http://t/mcp", "serverRequests": ["Everything"]}),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        unknown.contains("unknown variant `Everything`, expected one of `Elicitation`"),
+        "{unknown}"
+    );
+}
+
+#[test]
 fn resources_and_prompts_are_read_only_as_listed_and_never_past_a_prefix() {
     let policy = policy_with(json!({
         "upstreams": [{"name": "docs", "mcp": {"url": "http://docs/mcp"}},

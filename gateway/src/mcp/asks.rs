@@ -144,8 +144,7 @@ pub(super) async fn pass(route: Route<'_>, mut message: Value) -> Option<Value> 
         upstream,
         headers,
     } = route;
-    let allowed =
-        ServerRequest::of_method(&method).is_some_and(|kind| url.server_requests.contains(&kind));
+    let allowed = policy_of(gateway, holder).is_some_and(|p| p.lets_server_ask(upstream, &method));
     let opened = if !allowed {
         Err(format!(
             "the policy does not let upstream {upstream:?} make it of the client \
@@ -240,8 +239,12 @@ fn answered(answer: &Value) -> Option<ServerRequest> {
     }
 }
 
-/// The retry fields of a call's `params` for upstream `upstream` at `url`, checked.
-pub(super) fn retry_of(params: &Value, url: &McpUpstream, upstream: &str) -> Result<Retry, String> {
+/// The retry fields of a call's `params` for `upstream`, checked against `policy`.
+pub(super) fn retry_of(
+    params: &Value,
+    policy: Option<&tollgate_engine::CompiledPolicy>,
+    upstream: &str,
+) -> Result<Retry, String> {
     let mut retry = Retry::default();
     match params.get("requestState") {
         None => {}
@@ -266,7 +269,7 @@ pub(super) fn retry_of(params: &Value, url: &McpUpstream, upstream: &str) -> Res
                  roots request"
             ));
         };
-        if !url.server_requests.contains(&kind) {
+        if !policy.is_some_and(|p| p.lets_server_ask(upstream, kind.method())) {
             return Err(format!(
                 "params.inputResponses.{key} answers a request of kind {kind:?}, which the \
                  policy does not let upstream {upstream:?} make of the client (mcp.serverRequests)"
@@ -322,7 +325,6 @@ pub(super) async fn input_required(
     let Route {
         gateway,
         holder,
-        url,
         upstream,
         ..
     } = route;
@@ -337,10 +339,12 @@ pub(super) async fn input_required(
             requests.len()
         ));
     }
+    let policy = policy_of(gateway, holder);
     for (key, request) in requests {
         let method = request.get("method").and_then(Value::as_str).unwrap_or("");
-        let allowed = ServerRequest::of_method(method)
-            .is_some_and(|kind| url.server_requests.contains(&kind));
+        let allowed = policy
+            .as_ref()
+            .is_some_and(|p| p.lets_server_ask(upstream, method));
         if !allowed {
             return Err(format!(
                 "the server's input request {key:?} ({method}) is not one the policy lets \
@@ -483,8 +487,8 @@ pub(crate) async fn answer(
         upstream,
         headers: &headers,
     };
-    let still_allowed = ServerRequest::of_method(&ask.method)
-        .is_some_and(|kind| url.server_requests.contains(&kind));
+    let still_allowed =
+        policy_of(gateway, holder).is_some_and(|p| p.lets_server_ask(upstream, &ask.method));
     let withheld = if killed(gateway, holder) {
         Some(format!(
             "agent {}'s kill switch is engaged: its client's answer was not passed on",

@@ -300,7 +300,7 @@ pub(super) async fn call_tool(
             Some(Value::Object(a)) => Value::Object(a.clone()),
             Some(_) => return Err("params.arguments must be an object".to_owned()),
         };
-        let retry = asks::retry_of(&params, url, upstream)?;
+        let retry = asks::retry_of(&params, policy_of(gateway, holder).as_deref(), upstream)?;
         Ok((tool.clone(), arguments, run_of(headers)?, retry))
     })();
     let (tool, arguments, run, retry) = match checked {

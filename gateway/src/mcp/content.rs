@@ -128,7 +128,7 @@ pub(super) async fn get(
     let run = run_of(headers).ok();
     // A 2026-07-28 retry carries the answers to the server's input requests back (checked as
     // for a tool call).
-    let retry = match asks::retry_of(&params, url, upstream) {
+    let retry = match asks::retry_of(&params, Some(&*policy), upstream) {
         Ok(retry) => retry,
         Err(problem) => {
             return refuse(

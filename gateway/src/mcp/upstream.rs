@@ -55,7 +55,11 @@ pub(super) async fn send(
     message: &Value,
     relay: Option<&Relay>,
 ) -> Result<(Option<Value>, Option<HeaderValue>), SendError> {
-    let message = &asks::without_client_capabilities(message, &url.server_requests);
+    let asked = policy_of(gateway, holder);
+    let asked = asked
+        .as_ref()
+        .map_or(&[][..], |p| p.server_requests(upstream));
+    let message = &asks::without_client_capabilities(message, asked);
     let (timeout, whose) = call_timeout(gateway, url);
     let url = match (&url.url, &url.stdio) {
         (Some(_), _) if url.transport == Some(McpTransport::Sse) => {
