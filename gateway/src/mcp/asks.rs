@@ -3,8 +3,9 @@
 //!
 //! - The client's capabilities for them reach the server only when the policy names them
 //!   ([`without_client_capabilities`]), so a server asks only what it may.
-//! - A request the server makes inside a call's answer stream (streamable HTTP, stdio, HTTP+SSE)
-//!   goes to the client in the stream of the call it belongs to, under an id of the gateway's
+//! - A request the server makes inside a call's answer stream (streamable HTTP, stdio, HTTP+SSE,
+//!   the stdio bridge) goes to the client in the stream of the call it belongs to (or on the
+//!   session's GET stream, where the server sent it there), under an id of the gateway's
 //!   (random, bound to the agent, upstream and session), so no client can answer a request it
 //!   was not asked and two upstreams' ids never meet at `/mcp`. It is recorded
 //!   (`serverRequest`: what the server asked).
@@ -13,8 +14,14 @@
 //!   still lets the server ask; it is recorded (`clientAnswer`: what the person or the model
 //!   said) and passed to the server under the server's own id.
 //! - Anything else is answered with an error at once, so the server never waits for an answer
-//!   that cannot come, and recorded: a request the policy does not let through, one made outside
-//!   a call or to a client that takes no stream, one past the agent's bound ([`PER_AGENT`]).
+//!   that cannot come, and recorded: a request the policy does not let through, one made to a
+//!   client that takes no stream, one past the agent's bound ([`PER_AGENT`]).
+//! - At 2026-07-28 the server asks in an `input_required` result instead, and the client answers
+//!   in its retry's `inputResponses`: both pass by the same policy ([`input_required`],
+//!   [`retry_of`]) and are recorded alike.
+//!
+//! Which kinds an upstream may ask is the compiled policy's to say
+//! (`CompiledPolicy::lets_server_ask`).
 
 use super::*;
 
