@@ -222,6 +222,8 @@ spec:
         upstream: everything
       - name: toggle-subscriber-updates
         upstream: everything
+      - name: get-roots-list
+        upstream: everything
       - name: trigger-sampling-request
         upstream: everything
         arguments:
@@ -288,8 +290,9 @@ impl Sdk {
 }
 
 /// The tools the policy allows.
-const ALLOWED: [&str; 7] = [
+const ALLOWED: [&str; 8] = [
     "echo",
+    "get-roots-list",
     "get-structured-content",
     "get-sum",
     "toggle-subscriber-updates",
@@ -984,6 +987,47 @@ async fn a_servers_elicitation_never_reaches_past_tollgate_and_never_hangs_the_c
         "the tool could not ask: {call}"
     );
     assert!(asked_and_answered(&tollgate).await.is_empty());
+}
+
+#[tokio::test]
+async fn the_clients_roots_reach_the_server_on_the_sessions_stream_where_the_policy_names_them() {
+    // The reference server asks for the client's roots once the session is initialized, outside
+    // any call (on the session's GET stream), and its get-roots-list tool shows what it got.
+    let upstream = start(Server::Everything).await;
+    let spec = |url: &str| {
+        json!({
+            "url": url,
+            "roots": [{"uri": "file:///work/project", "name": "project"}],
+            "calls": [{"name": "get-roots-list", "arguments": {}}],
+            "headers": {"Authorization": format!("Bearer {KEY}")},
+        })
+    };
+    let named = tollgate_with(&asking(&upstream.url, "Roots"), |g| g).await;
+    let through = Sdk::TypeScript.session(spec(&named.url)).await;
+    assert!(through["rooted"].as_u64().unwrap_or(0) >= 1, "{through}");
+    assert!(
+        text(&through["calls"][0]).contains("file:///work/project"),
+        "{through}"
+    );
+    let trail = asked_and_answered(&named).await;
+    assert!(
+        trail
+            .iter()
+            .any(|(event, method, _)| event == "clientAnswer" && method == "roots/list"),
+        "{trail:?}"
+    );
+    // Where the policy does not name roots, the server never learns the client has any.
+    let unnamed = tollgate(&upstream.url).await;
+    let through = Sdk::TypeScript.session(spec(&unnamed.url)).await;
+    assert_eq!(through["rooted"], 0, "{through}");
+    assert!(
+        !through["tools"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("get-roots-list")),
+        "{through}"
+    );
+    assert!(asked_and_answered(&unnamed).await.is_empty());
 }
 
 #[tokio::test]

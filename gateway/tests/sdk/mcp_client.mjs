@@ -19,10 +19,18 @@ const { version } = JSON.parse(
 const capabilities = {};
 if (spec.elicit) capabilities.elicitation = {};
 if (spec.sample) capabilities.sampling = {};
+// With "roots": the client's roots, given to a server that asks (counted).
+if (spec.roots) capabilities.roots = {};
 const client = new Client({ name: "tollgate-test", version: "1" }, { capabilities });
-const asked = { elicited: 0, sampled: 0 };
-if (spec.elicit || spec.sample) {
-  const { ElicitRequestSchema, CreateMessageRequestSchema } = await load("types.js");
+const asked = { elicited: 0, sampled: 0, rooted: 0 };
+if (spec.elicit || spec.sample || spec.roots) {
+  const { ElicitRequestSchema, CreateMessageRequestSchema, ListRootsRequestSchema } = await load("types.js");
+  if (spec.roots) {
+    client.setRequestHandler(ListRootsRequestSchema, async () => {
+      asked.rooted += 1;
+      return { roots: spec.roots };
+    });
+  }
   if (spec.elicit) {
     client.setRequestHandler(ElicitRequestSchema, async () => {
       asked.elicited += 1;
